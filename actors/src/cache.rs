@@ -1,0 +1,332 @@
+//! The Cache actor: completed results by idempotency key (LRU + TTL), and single-flight
+//! for keys in flight.
+//!
+//! Only operations with an idempotency key come here (the Router sends them). A fresh
+//! completed result answers at once (`cached: true`); an operation whose key is already
+//! running joins that run; the rest are marked in flight and go on to the Scheduler.
+//! When a keyed operation completes, its [`Reply`](crate::job::Reply) tells the Cache,
+//! which stores a success and answers every operation that joined.
+//!
+//! [`ResultCache`] is the pure core (time passed in); [`Cache`] owns it and the mailbox.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde::Serialize;
+
+use crate::job::Job;
+use crate::node::NodeShared;
+use crate::op::{OpOutcome, OpStatus, OpType};
+use crate::scheduler::SchedulerMsg;
+
+/// A result's identity: the operation type and its idempotency key.
+pub type CacheKey = (OpType, Box<str>);
+
+/// Counters of the cache, readable while it runs.
+#[derive(Default)]
+pub struct CacheCounters {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub joined: AtomicU64,
+    pub evictions: AtomicU64,
+    pub expirations: AtomicU64,
+    pub size: AtomicUsize,
+}
+
+/// A snapshot of the cache counters.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CacheStats {
+    /// Answered without running: a stored result, or joined a run in flight.
+    pub hits: u64,
+    pub misses: u64,
+    /// Of the hits, how many joined a run in flight.
+    pub joined: u64,
+    /// Results pushed out by newer ones (LRU).
+    pub evictions: u64,
+    /// Results found too old (TTL) and dropped.
+    pub expirations: u64,
+    pub size: usize,
+    pub hit_rate: f64,
+}
+
+impl CacheCounters {
+    pub fn snapshot(&self) -> CacheStats {
+        let hits = self.hits.load(Ordering::Relaxed);
+        let misses = self.misses.load(Ordering::Relaxed);
+        CacheStats {
+            hits,
+            misses,
+            joined: self.joined.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            expirations: self.expirations.load(Ordering::Relaxed),
+            size: self.size.load(Ordering::Relaxed),
+            hit_rate: if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
+        }
+    }
+}
+
+/// What the cache decided for one keyed operation.
+#[derive(Debug, PartialEq)]
+pub enum Lookup<W> {
+    /// A fresh stored result; the waiter is handed back to be answered with it.
+    Hit(W, OpOutcome),
+    /// Joined the run in flight; the waiter is kept until it completes.
+    Joined,
+    /// Nothing known: the caller runs it; the key is now in flight.
+    Miss(W),
+}
+
+/// LRU + TTL store of successful results, plus the waiters of keys in flight. Generic
+/// over the waiter so it is tested without actors.
+pub struct ResultCache<W> {
+    done: LruCache<CacheKey, (OpOutcome, Instant)>,
+    in_flight: HashMap<CacheKey, Vec<W>>,
+    ttl: Duration,
+    counters: Arc<CacheCounters>,
+}
+
+impl<W> ResultCache<W> {
+    pub fn new(capacity: NonZeroUsize, ttl: Duration, counters: Arc<CacheCounters>) -> Self {
+        counters.size.store(0, Ordering::Relaxed);
+        ResultCache {
+            done: LruCache::new(capacity),
+            in_flight: HashMap::new(),
+            ttl,
+            counters,
+        }
+    }
+
+    /// Looks `key` up for `waiter` at time `now`.
+    pub fn lookup(&mut self, key: CacheKey, waiter: W, now: Instant) -> Lookup<W> {
+        let c = &self.counters;
+        if let Some((outcome, at)) = self.done.get(&key) {
+            if now.duration_since(*at) < self.ttl {
+                c.hits.fetch_add(1, Ordering::Relaxed);
+                return Lookup::Hit(waiter, outcome.clone());
+            }
+            self.done.pop(&key);
+            c.expirations.fetch_add(1, Ordering::Relaxed);
+            c.size.store(self.done.len(), Ordering::Relaxed);
+        }
+        if let Some(waiters) = self.in_flight.get_mut(&key) {
+            waiters.push(waiter);
+            c.hits.fetch_add(1, Ordering::Relaxed);
+            c.joined.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Joined;
+        }
+        c.misses.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.insert(key, Vec::new());
+        Lookup::Miss(waiter)
+    }
+
+    /// Records the outcome of the run for `key`; returns the waiters that joined it.
+    /// Only successes are stored: a failed run is not an answer to reuse.
+    pub fn complete(&mut self, key: CacheKey, outcome: &OpOutcome, now: Instant) -> Vec<W> {
+        let waiters = self.in_flight.remove(&key).unwrap_or_default();
+        if outcome.status == OpStatus::Succeeded {
+            if let Some((old_key, _)) = self.done.push(key.clone(), (outcome.clone(), now)) {
+                if old_key != key {
+                    self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.counters.size.store(self.done.len(), Ordering::Relaxed);
+        }
+        waiters
+    }
+
+    pub fn len(&self) -> usize {
+        self.done.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty()
+    }
+}
+
+/// Messages of the [`Cache`] actor.
+pub enum CacheMsg {
+    /// Keyed operations from the Router, in arrival order.
+    Admit(Vec<Job>),
+    /// A keyed operation finished.
+    Completed { key: CacheKey, outcome: OpOutcome },
+}
+
+pub struct Cache;
+
+pub struct CacheArgs {
+    pub shared: Arc<NodeShared>,
+}
+
+pub struct CacheState {
+    shared: Arc<NodeShared>,
+    cache: ResultCache<Job>,
+}
+
+fn answer_from_cache(job: Job, outcome: &OpOutcome) {
+    let mut o = outcome.clone();
+    o.cached = true;
+    o.attempts = 0;
+    job.reply.finish(o);
+}
+
+impl Actor for Cache {
+    type Msg = CacheMsg;
+    type State = CacheState;
+    type Arguments = CacheArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<CacheMsg>,
+        args: CacheArgs,
+    ) -> Result<CacheState, ActorProcessingErr> {
+        let cfg = &args.shared.config.cache;
+        let cache = ResultCache::new(cfg.capacity, cfg.ttl, args.shared.cache_counters.clone());
+        Ok(CacheState {
+            shared: args.shared,
+            cache,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<CacheMsg>,
+        msg: CacheMsg,
+        state: &mut CacheState,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = Instant::now();
+        match msg {
+            CacheMsg::Admit(jobs) => {
+                let mut misses = Vec::new();
+                for mut job in jobs {
+                    let Some(ik) = job.op.idempotency_key.as_deref() else {
+                        misses.push(job);
+                        continue;
+                    };
+                    let key: CacheKey = (job.op.op_type.clone(), ik.into());
+                    match state.cache.lookup(key.clone(), job, now) {
+                        Lookup::Hit(j, outcome) => answer_from_cache(j, &outcome),
+                        Lookup::Joined => {}
+                        Lookup::Miss(j) => {
+                            job = j;
+                            job.reply.cache_key = Some(key);
+                            misses.push(job);
+                        }
+                    }
+                }
+                if !misses.is_empty() {
+                    state.shared.send_scheduler(SchedulerMsg::Enqueue(misses));
+                }
+            }
+            CacheMsg::Completed { key, outcome } => {
+                for job in state.cache.complete(key, &outcome, now) {
+                    answer_from_cache(job, &outcome);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::OpId;
+
+    fn outcome(status: OpStatus) -> OpOutcome {
+        OpOutcome {
+            id: OpId::new(),
+            status,
+            result: None,
+            error: None,
+            cached: false,
+            executed_by: None,
+            attempts: 1,
+            trace_id: None,
+        }
+    }
+
+    fn key(k: &str) -> CacheKey {
+        ("t".into(), k.into())
+    }
+
+    fn cache(cap: usize, ttl_ms: u64) -> ResultCache<u32> {
+        ResultCache::new(
+            NonZeroUsize::new(cap).unwrap(),
+            Duration::from_millis(ttl_ms),
+            Arc::new(CacheCounters::default()),
+        )
+    }
+
+    #[test]
+    fn miss_then_join_then_hit() {
+        let t0 = Instant::now();
+        let mut c = cache(10, 1000);
+        assert_eq!(c.lookup(key("a"), 1, t0), Lookup::Miss(1));
+        assert_eq!(c.lookup(key("a"), 2, t0), Lookup::Joined);
+        assert_eq!(c.lookup(key("a"), 3, t0), Lookup::Joined);
+        let ok = outcome(OpStatus::Succeeded);
+        assert_eq!(c.complete(key("a"), &ok, t0), vec![2, 3]);
+        match c.lookup(key("a"), 4, t0 + Duration::from_millis(10)) {
+            Lookup::Hit(4, o) => assert_eq!(o.id, ok.id),
+            other => panic!("{other:?}"),
+        }
+        let s = c.counters.snapshot();
+        assert_eq!((s.hits, s.misses, s.joined, s.size), (3, 1, 2, 1));
+        assert!((s.hit_rate - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn failures_are_not_stored_and_ttl_expires() {
+        let t0 = Instant::now();
+        let mut c = cache(10, 100);
+        assert_eq!(c.lookup(key("a"), 1, t0), Lookup::Miss(1));
+        assert!(c.complete(key("a"), &outcome(OpStatus::Failed), t0).is_empty());
+        assert_eq!(c.lookup(key("a"), 2, t0), Lookup::Miss(2));
+        c.complete(key("a"), &outcome(OpStatus::Succeeded), t0);
+        assert!(matches!(c.lookup(key("a"), 3, t0 + Duration::from_millis(50)), Lookup::Hit(3, _)));
+        assert_eq!(c.lookup(key("a"), 4, t0 + Duration::from_millis(150)), Lookup::Miss(4));
+        assert_eq!(c.counters.snapshot().expirations, 1);
+    }
+
+    #[test]
+    fn lru_evicts_the_least_recently_used() {
+        let t0 = Instant::now();
+        let mut c = cache(2, 10_000);
+        for (i, k) in ["a", "b"].iter().enumerate() {
+            c.lookup(key(k), i as u32, t0);
+            c.complete(key(k), &outcome(OpStatus::Succeeded), t0);
+        }
+        assert!(matches!(c.lookup(key("a"), 9, t0), Lookup::Hit(..)));
+        c.lookup(key("c"), 3, t0);
+        c.complete(key("c"), &outcome(OpStatus::Succeeded), t0);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.counters.snapshot().evictions, 1);
+        assert!(matches!(c.lookup(key("a"), 9, t0), Lookup::Hit(..)));
+        assert_eq!(c.lookup(key("b"), 9, t0), Lookup::Miss(9));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn size_never_exceeds_capacity(cap in 1usize..16, keys in proptest::collection::vec(0u8..40, 0..200)) {
+            let t0 = Instant::now();
+            let mut c = cache(cap, 10_000);
+            for k in keys {
+                let k = key(&k.to_string());
+                if let Lookup::Miss(_) = c.lookup(k.clone(), 0, t0) {
+                    c.complete(k, &outcome(OpStatus::Succeeded), t0);
+                }
+                proptest::prop_assert!(c.len() <= cap);
+                proptest::prop_assert_eq!(c.counters.snapshot().size, c.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The Executor actor: runs batches of operations through their handlers.
+//!
+//! Each batch runs in a task of its own, its operations concurrently, so a slow handler
+//! never holds the mailbox. Every operation runs under its deadline with its type's
+//! retry policy (exponential backoff with jitter, retryable errors only); blocking
+//! handlers go to the blocking pool; a handler that panics fails its operation, not the
+//! node. A finished operation frees its running slot at once, waking the Scheduler if it
+//! waits for one.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::handler::{HandlerError, HandlerKind};
+use crate::job::Job;
+use crate::node::NodeShared;
+use crate::op::{OpOutcome, OpStatus};
+
+/// Messages of the [`Executor`] actor.
+pub enum ExecutorMsg {
+    /// A batch the Scheduler counted as running.
+    Run(Vec<Job>),
+}
+
+pub struct Executor;
+
+pub struct ExecutorArgs {
+    pub shared: Arc<NodeShared>,
+}
+
+pub struct ExecutorState {
+    shared: Arc<NodeShared>,
+}
+
+impl Actor for Executor {
+    type Msg = ExecutorMsg;
+    type State = ExecutorState;
+    type Arguments = ExecutorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ExecutorMsg>,
+        args: ExecutorArgs,
+    ) -> Result<ExecutorState, ActorProcessingErr> {
+        Ok(ExecutorState {
+            shared: args.shared,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ExecutorMsg>,
+        msg: ExecutorMsg,
+        state: &mut ExecutorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ExecutorMsg::Run(batch) => {
+                let shared = state.shared.clone();
+                tokio::spawn(run_batch(shared, batch));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn run_batch(shared: Arc<NodeShared>, batch: Vec<Job>) {
+    if batch.len() == 1 {
+        let job = batch.into_iter().next().expect("one job");
+        run_one(&shared, job).await;
+        return;
+    }
+    let mut running: FuturesUnordered<_> = batch.into_iter().map(|j| run_one(&shared, j)).collect();
+    while running.next().await.is_some() {}
+}
+
+/// Runs one operation to its end and completes it.
+async fn run_one(shared: &Arc<NodeShared>, job: Job) {
+    let Job { op, deadline, reply } = job;
+    reply.mark_running();
+    let entry = reply.entry.clone();
+    let mut attempts = 0u32;
+    let outcome = loop {
+        attempts += 1;
+        let call = match &entry.handler {
+            HandlerKind::Async(h) => {
+                let fut = AssertUnwindSafe(h.call(op.clone())).catch_unwind();
+                tokio::time::timeout_at(deadline.into(), fut).await
+            }
+            HandlerKind::Blocking(f) => {
+                let f = f.clone();
+                let o = op.clone();
+                let task = tokio::task::spawn_blocking(move || f(o));
+                tokio::time::timeout_at(deadline.into(), task)
+                    .await
+                    .map(|r| r.map_err(|e| e.into_panic()))
+            }
+        };
+        let err = match call {
+            Ok(Ok(Ok(result))) => break (OpStatus::Succeeded, Some(result), None),
+            Ok(Ok(Err(e))) => e,
+            Ok(Err(panic)) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(op.id = %op.id, op.type = %op.op_type, "handler panicked: {what}");
+                break (
+                    OpStatus::Failed,
+                    None,
+                    Some(format!("handler panicked: {what}")),
+                );
+            }
+            Err(_) => {
+                break (
+                    OpStatus::Expired,
+                    None,
+                    Some(format!("deadline passed while the handler ran (attempt {attempts})")),
+                )
+            }
+        };
+        if !entry.retry.should_retry(attempts, &err) {
+            break (OpStatus::Failed, None, Some(final_error(&err, attempts)));
+        }
+        let wait = entry.retry.backoff(attempts, rand::random::<f64>());
+        if Instant::now() + wait >= deadline {
+            break (
+                OpStatus::Failed,
+                None,
+                Some(format!(
+                    "{} (attempt {attempts}; no time left before the deadline to retry)",
+                    err.message
+                )),
+            );
+        }
+        entry.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(op.id = %op.id, attempt = attempts, ?wait, "retrying: {}", err.message);
+        tokio::time::sleep(wait).await;
+    };
+    shared.slot_freed();
+    let (status, result, error) = outcome;
+    reply.finish(OpOutcome {
+        id: op.id,
+        status,
+        result,
+        error,
+        cached: false,
+        executed_by: Some(shared.node_id.clone()),
+        attempts,
+        trace_id: None,
+    });
+}
+
+fn final_error(err: &HandlerError, attempts: u32) -> String {
+    if attempts > 1 {
+        format!("{} (after {attempts} attempts)", err.message)
+    } else {
+        err.message.clone()
+    }
+}

@@ -1,0 +1,273 @@
+//! Handlers: the code an operation type runs, and the registry that maps a type to its
+//! handler, retry policy and per-type counters.
+//!
+//! The Executor looks a type up here; the node's submit path looks it up too, to refuse
+//! an unknown type or a full queue before the operation is accepted.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::TypeMetrics;
+use crate::op::{Json, OpType, Operation};
+
+/// Why a handler did not produce a result.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    pub message: String,
+    /// Whether running the operation again may succeed. Only retryable errors are retried.
+    pub retryable: bool,
+}
+
+impl HandlerError {
+    /// An error worth retrying (a timeout, an unavailable dependency).
+    pub fn retryable(message: impl Into<String>) -> Self {
+        HandlerError {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    /// An error that running again will not fix (bad payload).
+    pub fn fatal(message: impl Into<String>) -> Self {
+        HandlerError {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
+
+/// What a handler returns.
+pub type HandlerResult = Result<Json, HandlerError>;
+
+/// The boxed future an async handler returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'static>>;
+
+/// Runs operations of one type. Implemented for any
+/// `Fn(Operation) -> impl Future<Output = HandlerResult>`.
+///
+/// A handler must not block its thread: register blocking work with
+/// [`HandlerRegistry::register_blocking`] (or the node builder's `blocking_handler`), which
+/// runs it on the blocking pool.
+pub trait Handler: Send + Sync + 'static {
+    fn call(&self, op: Operation) -> HandlerFuture;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Operation) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    fn call(&self, op: Operation) -> HandlerFuture {
+        Box::pin((self)(op))
+    }
+}
+
+/// A handler that blocks (CPU-heavy work, blocking I/O); run on the blocking pool.
+pub type BlockingFn = dyn Fn(Operation) -> HandlerResult + Send + Sync + 'static;
+
+/// How a type's handler runs.
+#[derive(Clone)]
+pub enum HandlerKind {
+    Async(Arc<dyn Handler>),
+    Blocking(Arc<BlockingFn>),
+}
+
+/// Exponential backoff with jitter for one operation type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Total runs, the first included (1 = no retry).
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub multiplier: f64,
+    /// Fraction (0..=1) of the backoff that is randomised: the wait is drawn uniformly from
+    /// `[backoff * (1 - jitter), backoff]`.
+    pub jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before run number `attempt + 1`, after `attempt` failed runs (1-based).
+    /// `unit` is a uniform random number in `[0, 1)`, passed in so the decision is pure.
+    pub fn backoff(&self, attempt: u32, unit: f64) -> Duration {
+        let exp = self.multiplier.max(1.0).powi(attempt.saturating_sub(1) as i32);
+        let base = (self.initial_backoff.as_secs_f64() * exp).min(self.max_backoff.as_secs_f64());
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        let wait = base * (1.0 - jitter * unit.clamp(0.0, 1.0));
+        Duration::from_secs_f64(wait.max(0.0))
+    }
+
+    /// Whether another run is allowed after `attempt` failed runs.
+    pub fn should_retry(&self, attempt: u32, err: &HandlerError) -> bool {
+        err.retryable && attempt < self.max_attempts
+    }
+}
+
+/// Everything the engine knows about one local operation type.
+pub struct TypeEntry {
+    pub name: OpType,
+    pub handler: HandlerKind,
+    pub retry: RetryPolicy,
+    /// Operations accepted and not yet handed to an executor; bounded by the queue
+    /// capacity at the door.
+    pub(crate) queued: AtomicUsize,
+    pub metrics: TypeMetrics,
+}
+
+impl TypeEntry {
+    /// How many operations of this type wait in the scheduler's queue.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Reserves a queue slot, failing when `capacity` are taken.
+    pub(crate) fn try_reserve(&self, capacity: usize) -> bool {
+        let prev = self.queued.fetch_add(1, Ordering::AcqRel);
+        if prev >= capacity {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            false
+        } else {
+            true
+        }
+    }
+
+    pub(crate) fn release(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// The handlers of a node by type. Built once, before the node starts; read without locks.
+#[derive(Clone, Default)]
+pub struct HandlerRegistry {
+    types: HashMap<OpType, Arc<TypeEntry>>,
+}
+
+impl HandlerRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers an async handler for `op_type` with `retry`. A second registration of
+    /// the same type replaces the first.
+    pub fn register(&mut self, op_type: &str, handler: impl Handler, retry: RetryPolicy) {
+        self.insert(op_type, HandlerKind::Async(Arc::new(handler)), retry);
+    }
+
+    /// Registers a blocking handler, run on the blocking thread pool.
+    pub fn register_blocking<F>(&mut self, op_type: &str, f: F, retry: RetryPolicy)
+    where
+        F: Fn(Operation) -> HandlerResult + Send + Sync + 'static,
+    {
+        self.insert(op_type, HandlerKind::Blocking(Arc::new(f)), retry);
+    }
+
+    fn insert(&mut self, op_type: &str, handler: HandlerKind, retry: RetryPolicy) {
+        let name: OpType = op_type.into();
+        self.types.insert(
+            name.clone(),
+            Arc::new(TypeEntry {
+                name,
+                handler,
+                retry,
+                queued: AtomicUsize::new(0),
+                metrics: TypeMetrics::default(),
+            }),
+        );
+    }
+
+    pub fn get(&self, op_type: &str) -> Option<&Arc<TypeEntry>> {
+        self.types.get(op_type)
+    }
+
+    pub fn types(&self) -> impl Iterator<Item = &Arc<TypeEntry>> {
+        self.types.values()
+    }
+
+    pub fn type_names(&self) -> Vec<OpType> {
+        let mut v: Vec<OpType> = self.types.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn backoff_grows_then_caps() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            multiplier: 2.0,
+            jitter: 0.0,
+        };
+        assert_eq!(p.backoff(1, 0.5), Duration::from_millis(10));
+        assert_eq!(p.backoff(2, 0.5), Duration::from_millis(20));
+        assert_eq!(p.backoff(3, 0.5), Duration::from_millis(40));
+        assert_eq!(p.backoff(4, 0.5), Duration::from_millis(50));
+        assert_eq!(p.backoff(30, 0.5), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn only_retryable_errors_within_attempts_are_retried() {
+        let p = RetryPolicy::default();
+        assert!(p.should_retry(1, &HandlerError::retryable("x")));
+        assert!(!p.should_retry(3, &HandlerError::retryable("x")));
+        assert!(!p.should_retry(1, &HandlerError::fatal("x")));
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_stays_within_jitter_bounds(
+            attempt in 1u32..40,
+            unit in 0.0f64..1.0,
+            jitter in 0.0f64..1.0,
+            initial_ms in 1u64..1000,
+            mult in 1.0f64..4.0,
+        ) {
+            let p = RetryPolicy {
+                max_attempts: 50,
+                initial_backoff: Duration::from_millis(initial_ms),
+                max_backoff: Duration::from_secs(5),
+                multiplier: mult,
+                jitter,
+            };
+            let nominal = p.backoff(attempt, 0.0);
+            let got = p.backoff(attempt, unit);
+            prop_assert!(got <= nominal);
+            prop_assert!(got.as_secs_f64() >= nominal.as_secs_f64() * (1.0 - jitter) - 1e-9);
+            prop_assert!(nominal <= p.max_backoff);
+            // Never shrinks as attempts grow.
+            prop_assert!(p.backoff(attempt + 1, 0.0) >= nominal);
+        }
+
+        #[test]
+        fn queue_reservations_never_exceed_capacity(cap in 0usize..50, tries in 0usize..100) {
+            let mut reg = HandlerRegistry::new();
+            reg.register("t", |_op: Operation| async { Ok(Json::null()) }, RetryPolicy::default());
+            let e = reg.get("t").unwrap();
+            let ok = (0..tries).filter(|_| e.try_reserve(cap)).count();
+            prop_assert_eq!(ok, tries.min(cap));
+            prop_assert_eq!(e.queued(), tries.min(cap));
+        }
+    }
+}

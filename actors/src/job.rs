@@ -1,0 +1,289 @@
+//! An accepted operation on its way through the actors ([`Job`]), the handle that
+//! completes it exactly once ([`Reply`]), the caller's side of that ([`Ticket`]), and the
+//! bounded record of recent operations that `GET /v1/ops/{id}` reads ([`OpStore`]).
+//!
+//! The guarantee that no accepted operation is silently dropped lives here: a `Reply`
+//! that is dropped without having been completed (its actor crashed, the node shut
+//! down) completes the operation as failed, with the reason, on its way out.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::cache::CacheKey;
+use crate::handler::TypeEntry;
+use crate::node::NodeShared;
+use crate::op::{OpId, OpOutcome, OpStatus, Operation};
+
+/// An accepted operation travelling Router → (Cache) → Scheduler → Executor.
+pub struct Job {
+    pub op: Operation,
+    /// The effective deadline (the operation's own or the node default).
+    pub deadline: Instant,
+    pub reply: Reply,
+}
+
+/// Completes one operation: answers the waiting caller, updates its tracked record,
+/// counters and the result cache. Completing twice is impossible (it is consumed);
+/// dropping it uncompleted fails the operation with a reason.
+pub struct Reply {
+    id: OpId,
+    trace_id: Option<Box<str>>,
+    tx: Option<oneshot::Sender<OpOutcome>>,
+    tracked: Option<Arc<Tracked>>,
+    pub(crate) entry: Arc<TypeEntry>,
+    pub(crate) shared: Arc<NodeShared>,
+    /// Set for an operation with an idempotency key that runs (is not answered from the
+    /// cache): its outcome is stored and handed to operations that joined it.
+    pub(crate) cache_key: Option<CacheKey>,
+    /// Whether this operation still holds a slot of its type's queue.
+    pub(crate) queued: bool,
+    pub(crate) accepted_at: Instant,
+    done: bool,
+}
+
+impl Reply {
+    pub(crate) fn new(
+        op: &Operation,
+        entry: Arc<TypeEntry>,
+        shared: Arc<NodeShared>,
+        tracked: Option<Arc<Tracked>>,
+        accepted_at: Instant,
+    ) -> (Self, oneshot::Receiver<OpOutcome>) {
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply {
+            id: op.id,
+            trace_id: op.trace_context.as_ref().map(|t| t.trace_id().into()),
+            tx: Some(tx),
+            tracked,
+            entry,
+            shared,
+            cache_key: None,
+            queued: true,
+            accepted_at,
+            done: false,
+        };
+        (reply, rx)
+    }
+
+    pub fn id(&self) -> OpId {
+        self.id
+    }
+
+    pub(crate) fn mark_running(&self) {
+        if let Some(t) = &self.tracked {
+            t.status.store(OpStatus::Running.to_u8(), Ordering::Release);
+        }
+    }
+
+    /// Completes the operation with `outcome` (whose id is set to this operation's).
+    pub(crate) fn finish(mut self, mut outcome: OpOutcome) {
+        outcome.id = self.id;
+        if outcome.trace_id.is_none() {
+            outcome.trace_id = self.trace_id.as_deref().map(str::to_owned);
+        }
+        self.complete(outcome);
+    }
+
+    /// Completes the operation as failed or expired with `reason`.
+    pub(crate) fn fail(self, status: OpStatus, reason: impl Into<String>) {
+        let outcome = self.failure(status, reason.into());
+        self.finish(outcome);
+    }
+
+    fn failure(&self, status: OpStatus, reason: String) -> OpOutcome {
+        OpOutcome {
+            id: self.id,
+            status,
+            result: None,
+            error: Some(reason),
+            cached: false,
+            executed_by: None,
+            attempts: 0,
+            trace_id: self.trace_id.as_deref().map(str::to_owned),
+        }
+    }
+
+    fn complete(&mut self, outcome: OpOutcome) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if self.queued {
+            self.queued = false;
+            self.entry.release(1);
+        }
+        let latency = self.accepted_at.elapsed();
+        self.entry.metrics.count(outcome.status);
+        self.entry
+            .metrics
+            .record_latencies(&[latency.as_micros() as u64]);
+        let m = &self.shared.metrics;
+        m.completed(outcome.status);
+        if let Some(key) = self.cache_key.take() {
+            self.shared.cache_completed(key, outcome.clone());
+        }
+        if let Some(t) = self.tracked.take() {
+            t.finish(outcome.clone());
+        }
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(outcome);
+        }
+        m.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if !self.done {
+            let reason = if self.shared.is_stopping() {
+                "node shut down before the operation finished"
+            } else {
+                "operation lost: the engine actor holding it stopped (it was restarted)"
+            };
+            let outcome = self.failure(OpStatus::Failed, reason.to_owned());
+            tracing::warn!(op.id = %self.id, reason, "operation failed on drop");
+            self.complete(outcome);
+        }
+    }
+}
+
+/// The caller's handle on an accepted operation: a future of its outcome.
+pub struct Ticket {
+    pub id: OpId,
+    rx: oneshot::Receiver<OpOutcome>,
+}
+
+impl Ticket {
+    pub(crate) fn new(id: OpId, rx: oneshot::Receiver<OpOutcome>) -> Self {
+        Ticket { id, rx }
+    }
+}
+
+impl Future for Ticket {
+    type Output = OpOutcome;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<OpOutcome> {
+        let id = self.id;
+        Pin::new(&mut self.rx).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| OpOutcome {
+                id,
+                status: OpStatus::Failed,
+                result: None,
+                error: Some("operation lost: its reply channel closed".into()),
+                cached: false,
+                executed_by: None,
+                attempts: 0,
+                trace_id: None,
+            })
+        })
+    }
+}
+
+/// The live record of a tracked operation, readable while it runs and for a while after.
+pub struct Tracked {
+    pub id: OpId,
+    pub op_type: Arc<str>,
+    status: AtomicU8,
+    outcome: OnceLock<OpOutcome>,
+    finished_at: OnceLock<Instant>,
+}
+
+impl Tracked {
+    pub(crate) fn new(op: &Operation) -> Self {
+        Tracked {
+            id: op.id,
+            op_type: op.op_type.clone(),
+            status: AtomicU8::new(OpStatus::Queued.to_u8()),
+            outcome: OnceLock::new(),
+            finished_at: OnceLock::new(),
+        }
+    }
+
+    fn finish(&self, outcome: OpOutcome) {
+        self.status
+            .store(outcome.status.to_u8(), Ordering::Release);
+        let _ = self.outcome.set(outcome);
+        let _ = self.finished_at.set(Instant::now());
+    }
+
+    pub fn status(&self) -> OpStatus {
+        OpStatus::from_u8(self.status.load(Ordering::Acquire))
+    }
+
+    /// The outcome, once the operation has finished.
+    pub fn outcome(&self) -> Option<&OpOutcome> {
+        self.outcome.get()
+    }
+
+    fn finished_before(&self, t: Instant) -> bool {
+        self.finished_at.get().is_some_and(|f| *f < t)
+    }
+}
+
+/// Recent tracked operations by id: every one in flight, and finished ones for
+/// `retention` or until `max_finished` newer ones push them out.
+pub struct OpStore {
+    map: DashMap<OpId, Arc<Tracked>>,
+    order: Mutex<VecDeque<Arc<Tracked>>>,
+    retention: Duration,
+    max_entries: usize,
+}
+
+impl OpStore {
+    pub fn new(retention: Duration, max_entries: usize) -> Self {
+        OpStore {
+            map: DashMap::new(),
+            order: Mutex::new(VecDeque::new()),
+            retention,
+            max_entries: max_entries.max(1),
+        }
+    }
+
+    pub(crate) fn insert(&self, t: Arc<Tracked>) {
+        self.map.insert(t.id, t.clone());
+        let mut order = self.order.lock();
+        order.push_back(t);
+        self.evict(&mut order, Instant::now());
+    }
+
+    /// Drops finished records that are too old, or too many. Records in flight are kept:
+    /// they are bounded by the queue capacity.
+    fn evict(&self, order: &mut VecDeque<Arc<Tracked>>, now: Instant) {
+        let cutoff = now.checked_sub(self.retention).unwrap_or(now);
+        // Look at a bounded number of records per call so inserts stay cheap.
+        for _ in 0..8 {
+            let Some(front) = order.front() else { break };
+            let over = order.len() > self.max_entries;
+            if front.finished_before(cutoff) || (over && front.status().is_final()) {
+                let t = order.pop_front().expect("front exists");
+                self.map.remove(&t.id);
+            } else if over && !front.status().is_final() {
+                // Still running: move it behind the others and look further.
+                let t = order.pop_front().expect("front exists");
+                order.push_back(t);
+            } else {
+                break;
+            }
+        }
+    }
+
+    pub fn get(&self, id: &OpId) -> Option<Arc<Tracked>> {
+        self.map.get(id).map(|e| e.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}

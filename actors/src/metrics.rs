@@ -1,0 +1,229 @@
+//! Counters and latency histograms the engine records as operations finish.
+//!
+//! Recording is cheap and lock-light: counters are atomics, and the executor records a
+//! whole batch's latencies under one short lock. Readers (`/v1/metrics`, the bench) take
+//! snapshots.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::op::OpStatus;
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 1 hour at 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid")
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        Latency {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.50),
+            p95_us: h.value_at_quantile(0.95),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: if h.is_empty() { 0.0 } else { h.mean() },
+        }
+    }
+}
+
+/// Counters of one operation type.
+pub struct TypeMetrics {
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    pub expired: AtomicU64,
+    pub retries: AtomicU64,
+    latency: Mutex<Histogram<u64>>,
+}
+
+impl Default for TypeMetrics {
+    fn default() -> Self {
+        TypeMetrics {
+            succeeded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            latency: Mutex::new(new_histogram()),
+        }
+    }
+}
+
+/// A point-in-time view of one type's counters.
+#[derive(Clone, Debug, Serialize)]
+pub struct TypeStats {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub expired: u64,
+    pub retries: u64,
+    pub queued: usize,
+    pub latency: Latency,
+}
+
+impl TypeMetrics {
+    pub(crate) fn count(&self, status: OpStatus) {
+        let c = match status {
+            OpStatus::Succeeded => &self.succeeded,
+            OpStatus::Failed => &self.failed,
+            OpStatus::Expired => &self.expired,
+            _ => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_latencies(&self, micros: &[u64]) {
+        if micros.is_empty() {
+            return;
+        }
+        let mut h = self.latency.lock();
+        for &us in micros {
+            h.saturating_record(us.max(1));
+        }
+    }
+
+    pub fn snapshot(&self, queued: usize) -> TypeStats {
+        TypeStats {
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            queued,
+            latency: Latency::of(&self.latency.lock()),
+        }
+    }
+
+    pub(crate) fn merge_latency_into(&self, into: &mut Histogram<u64>) {
+        let _ = into.add(&*self.latency.lock());
+    }
+}
+
+/// Node-wide counters.
+pub struct NodeMetrics {
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub completed: AtomicU64,
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    pub expired: AtomicU64,
+    /// Operations accepted and not yet completed.
+    pub in_flight: AtomicUsize,
+    /// Operations whose handler is running now.
+    pub running: AtomicUsize,
+    pub actor_restarts: AtomicU64,
+    pub batches: AtomicU64,
+    throughput: Mutex<ThroughputWindow>,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        NodeMetrics {
+            accepted: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            actor_restarts: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            throughput: Mutex::new(ThroughputWindow::new(Instant::now())),
+        }
+    }
+}
+
+impl NodeMetrics {
+    pub(crate) fn completed(&self, status: OpStatus) {
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        let c = match status {
+            OpStatus::Succeeded => &self.succeeded,
+            OpStatus::Failed => &self.failed,
+            _ => &self.expired,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Completions per second over the recent window (about the last ten seconds).
+    pub fn throughput(&self, now: Instant) -> f64 {
+        let total = self.completed.load(Ordering::Relaxed);
+        self.throughput.lock().observe(now, total)
+    }
+}
+
+/// Completions per second, from samples of the completion counter taken when asked.
+/// Keeps the samples of the last `WINDOW`, so the rate follows the recent load.
+struct ThroughputWindow {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+const WINDOW: Duration = Duration::from_secs(10);
+
+impl ThroughputWindow {
+    fn new(now: Instant) -> Self {
+        let mut samples = std::collections::VecDeque::new();
+        samples.push_back((now, 0));
+        ThroughputWindow { samples }
+    }
+
+    fn observe(&mut self, now: Instant, total: u64) -> f64 {
+        self.samples.push_back((now, total));
+        while self.samples.len() > 2
+            && now.duration_since(self.samples[1].0) >= WINDOW
+        {
+            self.samples.pop_front();
+        }
+        let (t0, c0) = self.samples[0];
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs <= 0.0 {
+            0.0
+        } else {
+            (total.saturating_sub(c0)) as f64 / secs
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throughput_follows_the_recent_window() {
+        let t0 = Instant::now();
+        let mut w = ThroughputWindow::new(t0);
+        assert_eq!(w.observe(t0 + Duration::from_secs(1), 100), 100.0);
+        assert_eq!(w.observe(t0 + Duration::from_secs(2), 300), 150.0);
+        // Long after, only the recent samples count.
+        let r = w.observe(t0 + Duration::from_secs(30), 300);
+        assert!(r < 20.0, "{r}");
+        let r = w.observe(t0 + Duration::from_secs(31), 1300);
+        assert!(r > 0.0);
+    }
+
+    #[test]
+    fn latency_percentiles_come_from_recorded_values() {
+        let m = TypeMetrics::default();
+        let values: Vec<u64> = (1..=1000).collect();
+        m.record_latencies(&values);
+        let s = m.snapshot(0).latency;
+        assert_eq!(s.count, 1000);
+        assert!((495..=505).contains(&s.p50_us), "{s:?}");
+        assert!((985..=995).contains(&s.p99_us), "{s:?}");
+        assert_eq!(s.max_us, 1000);
+    }
+}

@@ -1,0 +1,527 @@
+//! The operation model: what a client submits ([`Operation`]), what it gets back
+//! ([`OpOutcome`]), and the checks an operation passes before the engine accepts it.
+//!
+//! Everything here is plain data. The api turns a request into an `Operation`; the
+//! engine validates it against [`Limits`] at the door, so every later stage may rely on
+//! a well-formed operation.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// The name of an operation type (`"echo"`, `"resize"`). Cheap to clone.
+pub type OpType = Arc<str>;
+
+/// The id of a node in the cluster. Cheap to clone.
+pub type NodeId = Arc<str>;
+
+/// A unique operation id, shown as a UUID-formatted string.
+///
+/// Ids are made of a random per-process prefix and a counter, so making one costs an
+/// atomic increment, and ids from different processes do not collide.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OpId(pub u128);
+
+impl OpId {
+    /// A fresh id, unique within this process and, with overwhelming probability, across
+    /// processes.
+    pub fn new() -> Self {
+        static PREFIX: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(1);
+        let prefix = *PREFIX.get_or_init(rand::random::<u64>);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        OpId(((prefix as u128) << 64) | n as u128)
+    }
+}
+
+impl Default for OpId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for OpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        uuid::Uuid::from_u128(self.0).hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for OpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for OpId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        uuid::Uuid::parse_str(s).map(|u| OpId(u.as_u128()))
+    }
+}
+
+impl Serialize for OpId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for OpId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A JSON document held as its encoded text: payloads and results travel through the
+/// engine without being parsed again. Always valid JSON.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Json(Bytes);
+
+impl Json {
+    /// JSON `null`.
+    pub fn null() -> Self {
+        Json(Bytes::from_static(b"null"))
+    }
+
+    /// Encodes a serializable value.
+    pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
+        serde_json::to_vec(value).map(|v| Json(Bytes::from(v)))
+    }
+
+    /// Checks that `bytes` hold one JSON document and wraps them.
+    pub fn from_bytes(bytes: impl Into<Bytes>) -> Result<Self, serde_json::Error> {
+        let bytes = bytes.into();
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)?;
+        Ok(Json(bytes))
+    }
+
+    /// Wraps bytes the caller knows to be valid JSON (for example a `RawValue`'s text).
+    pub fn from_trusted(bytes: impl Into<Bytes>) -> Self {
+        Json(bytes.into())
+    }
+
+    /// Decodes the document into a typed value.
+    pub fn decode<'a, T: Deserialize<'a>>(&'a self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.0)
+    }
+
+    /// The encoded text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The encoded text as a `str` (valid JSON is valid UTF-8).
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("null")
+    }
+
+    /// The size of the encoded text in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the encoded text is empty (never true for a valid document).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Json {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Json {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match serde_json::from_str::<&serde_json::value::RawValue>(self.as_str()) {
+            Ok(raw) => raw.serialize(s),
+            Err(e) => Err(serde::ser::Error::custom(e)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        Ok(Json(Bytes::from(String::from(Box::<str>::from(raw)))))
+    }
+}
+
+/// W3C trace context carried with an operation, so spans on every node join one trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    /// The `traceparent` value: `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
+    pub traceparent: String,
+}
+
+impl TraceContext {
+    /// Parses and checks a `traceparent` header value; `None` when malformed.
+    pub fn parse(traceparent: &str) -> Option<Self> {
+        let parts: Vec<&str> = traceparent.trim().split('-').collect();
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let ok = parts.len() == 4
+            && hex(parts[0], 2)
+            && parts[0] != "ff"
+            && hex(parts[1], 32)
+            && parts[1].bytes().any(|b| b != b'0')
+            && hex(parts[2], 16)
+            && parts[2].bytes().any(|b| b != b'0')
+            && hex(parts[3], 2);
+        ok.then(|| TraceContext {
+            traceparent: traceparent.trim().to_ascii_lowercase(),
+        })
+    }
+
+    /// A new root context with a random trace id and span id, sampled.
+    pub fn new_root() -> Self {
+        let trace: u128 = rand::random::<u128>() | 1;
+        let span: u64 = rand::random::<u64>() | 1;
+        TraceContext {
+            traceparent: format!("00-{trace:032x}-{span:016x}-01"),
+        }
+    }
+
+    /// The 32-hex-digit trace id.
+    pub fn trace_id(&self) -> &str {
+        &self.traceparent[3..35]
+    }
+}
+
+/// One unit of work: a type, an optional key, a JSON payload, and how to run it.
+#[derive(Clone, Debug)]
+pub struct Operation {
+    pub id: OpId,
+    pub op_type: OpType,
+    /// Routing key: operations with the same key go to the same node under
+    /// consistent hashing, which gives cache affinity.
+    pub key: Option<String>,
+    pub payload: Json,
+    pub metadata: BTreeMap<String, String>,
+    /// Higher runs first within a type's queue.
+    pub priority: i32,
+    /// When the operation stops being worth running. `None`: the node's default.
+    pub deadline: Option<Instant>,
+    /// Operations with the same type and idempotency key run once; later ones get the
+    /// cached result, and ones that arrive while it runs join it.
+    pub idempotency_key: Option<String>,
+    pub trace_context: Option<TraceContext>,
+}
+
+impl Operation {
+    /// A new operation of `op_type` with `payload`, a fresh id and default settings.
+    pub fn new(op_type: impl Into<OpType>, payload: Json) -> Self {
+        Operation {
+            id: OpId::new(),
+            op_type: op_type.into(),
+            key: None,
+            payload,
+            metadata: BTreeMap::new(),
+            priority: 0,
+            deadline: None,
+            idempotency_key: None,
+            trace_context: None,
+        }
+    }
+
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets the deadline `timeout` from now.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.deadline = Some(Instant::now() + timeout);
+        self
+    }
+
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn with_trace_context(mut self, ctx: TraceContext) -> Self {
+        self.trace_context = Some(ctx);
+        self
+    }
+}
+
+/// Where an operation is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum OpStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Expired,
+}
+
+impl OpStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpStatus::Queued => "queued",
+            OpStatus::Running => "running",
+            OpStatus::Succeeded => "succeeded",
+            OpStatus::Failed => "failed",
+            OpStatus::Expired => "expired",
+        }
+    }
+
+    pub(crate) fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    pub(crate) fn from_u8(v: u8) -> Self {
+        match v {
+            0 => OpStatus::Queued,
+            1 => OpStatus::Running,
+            2 => OpStatus::Succeeded,
+            3 => OpStatus::Failed,
+            _ => OpStatus::Expired,
+        }
+    }
+
+    /// Whether the operation has finished (succeeded, failed or expired).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            OpStatus::Succeeded | OpStatus::Failed | OpStatus::Expired
+        )
+    }
+}
+
+/// The end of an operation: what it returned or why it did not.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpOutcome {
+    pub id: OpId,
+    pub status: OpStatus,
+    pub result: Option<Json>,
+    pub error: Option<String>,
+    /// Answered from the result cache (or by joining an identical operation in flight).
+    pub cached: bool,
+    pub executed_by: Option<NodeId>,
+    /// How many times the handler ran (0 when answered from the cache or expired early).
+    pub attempts: u32,
+    pub trace_id: Option<String>,
+}
+
+impl OpOutcome {
+    pub fn is_success(&self) -> bool {
+        self.status == OpStatus::Succeeded
+    }
+}
+
+/// Size bounds every operation is checked against before it is accepted.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_type_len: usize,
+    pub max_payload_bytes: usize,
+    pub max_metadata_entries: usize,
+    pub max_metadata_bytes: usize,
+    pub max_key_len: usize,
+    /// Used when an operation has no deadline of its own.
+    pub default_deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_type_len: 128,
+            max_payload_bytes: 1 << 20,
+            max_metadata_entries: 32,
+            max_metadata_bytes: 8 << 10,
+            max_key_len: 512,
+            default_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why an operation was not accepted. Every variant names what was wrong.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("field `{field}` is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("payload is {size} bytes, over the limit of {limit} bytes")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("deadline has already passed")]
+    DeadlineInPast,
+    #[error("no handler and no route for operation type `{op_type}`")]
+    NoRoute { op_type: String },
+    #[error("queue for type `{op_type}` is full ({capacity} operations); retry after {retry_after:?}")]
+    Overloaded {
+        op_type: String,
+        capacity: usize,
+        retry_after: Duration,
+    },
+    #[error("node is shutting down and accepts no new operations")]
+    ShuttingDown,
+}
+
+/// Whether `name` is a valid operation type name: 1 to `max` characters from
+/// `[A-Za-z0-9_.:/-]`.
+pub fn validate_type_name(name: &str, max: usize) -> Result<(), SubmitError> {
+    if name.is_empty() {
+        return Err(SubmitError::Invalid {
+            field: "type",
+            reason: "must not be empty".into(),
+        });
+    }
+    if name.len() > max {
+        return Err(SubmitError::Invalid {
+            field: "type",
+            reason: format!("is {} characters, longer than the limit of {max}", name.len()),
+        });
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/')))
+    {
+        return Err(SubmitError::Invalid {
+            field: "type",
+            reason: format!("contains {c:?}; allowed are letters, digits and _ - . : /"),
+        });
+    }
+    Ok(())
+}
+
+impl Limits {
+    /// Checks an operation against these limits.
+    pub fn check(&self, op: &Operation, now: Instant) -> Result<(), SubmitError> {
+        validate_type_name(&op.op_type, self.max_type_len)?;
+        if op.payload.len() > self.max_payload_bytes {
+            return Err(SubmitError::PayloadTooLarge {
+                size: op.payload.len(),
+                limit: self.max_payload_bytes,
+            });
+        }
+        for (field, value) in [("key", &op.key), ("idempotency_key", &op.idempotency_key)] {
+            if let Some(v) = value {
+                if v.is_empty() || v.len() > self.max_key_len {
+                    return Err(SubmitError::Invalid {
+                        field,
+                        reason: format!(
+                            "must be 1 to {} bytes, got {}",
+                            self.max_key_len,
+                            v.len()
+                        ),
+                    });
+                }
+            }
+        }
+        if op.metadata.len() > self.max_metadata_entries {
+            return Err(SubmitError::Invalid {
+                field: "metadata",
+                reason: format!(
+                    "has {} entries, over the limit of {}",
+                    op.metadata.len(),
+                    self.max_metadata_entries
+                ),
+            });
+        }
+        let meta_bytes: usize = op.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if meta_bytes > self.max_metadata_bytes {
+            return Err(SubmitError::Invalid {
+                field: "metadata",
+                reason: format!(
+                    "is {meta_bytes} bytes, over the limit of {}",
+                    self.max_metadata_bytes
+                ),
+            });
+        }
+        if let Some(d) = op.deadline {
+            if d <= now {
+                return Err(SubmitError::DeadlineInPast);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_ids_are_unique_and_round_trip() {
+        let a = OpId::new();
+        let b = OpId::new();
+        assert_ne!(a, b);
+        let parsed: OpId = a.to_string().parse().unwrap();
+        assert_eq!(a, parsed);
+        assert!("not-an-id".parse::<OpId>().is_err());
+    }
+
+    #[test]
+    fn json_rejects_invalid_text_and_keeps_valid_text() {
+        assert!(Json::from_bytes(&b"{\"a\":"[..]).is_err());
+        let j = Json::from_bytes(&b"{\"a\":[1,2]}"[..]).unwrap();
+        assert_eq!(serde_json::to_string(&j).unwrap(), "{\"a\":[1,2]}");
+        let v: serde_json::Value = j.decode().unwrap();
+        assert_eq!(v["a"][1], 2);
+    }
+
+    #[test]
+    fn traceparent_parsing() {
+        let ok = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .unwrap();
+        assert_eq!(ok.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(TraceContext::parse(bad).is_none(), "{bad}");
+        }
+        let root = TraceContext::new_root();
+        assert!(TraceContext::parse(&root.traceparent).is_some());
+    }
+
+    #[test]
+    fn limits_name_the_field() {
+        let limits = Limits::default();
+        let now = Instant::now();
+        let mut op = Operation::new("", Json::null());
+        assert!(matches!(limits.check(&op, now), Err(SubmitError::Invalid { field: "type", .. })));
+        op.op_type = "a".repeat(129).into();
+        assert!(matches!(limits.check(&op, now), Err(SubmitError::Invalid { field: "type", .. })));
+        op.op_type = "bad type".into();
+        assert!(matches!(limits.check(&op, now), Err(SubmitError::Invalid { field: "type", .. })));
+        op.op_type = "echo".into();
+        assert!(limits.check(&op, now).is_ok());
+        op.payload = Json::encode(&"x".repeat(2 << 20)).unwrap();
+        assert!(matches!(limits.check(&op, now), Err(SubmitError::PayloadTooLarge { .. })));
+        op.payload = Json::null();
+        op.idempotency_key = Some(String::new());
+        assert!(matches!(
+            limits.check(&op, now),
+            Err(SubmitError::Invalid { field: "idempotency_key", .. })
+        ));
+        op.idempotency_key = None;
+        for i in 0..33 {
+            op.metadata.insert(format!("k{i}"), "v".into());
+        }
+        assert!(matches!(limits.check(&op, now), Err(SubmitError::Invalid { field: "metadata", .. })));
+        op.metadata.clear();
+        op.deadline = Some(now);
+        assert_eq!(limits.check(&op, now), Err(SubmitError::DeadlineInPast));
+    }
+}

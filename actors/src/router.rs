@@ -1,0 +1,167 @@
+//! The Router actor: picks the owner node of each accepted operation and passes it on.
+//!
+//! Submissions land in the Router's [`Intake`], a mailbox that coalesces: the first
+//! operation after a drain sends one `Drain` message, and the Router takes everything
+//! that arrived by then in one go. Under load, one message carries hundreds of
+//! operations, which is how four actor hops cost a fraction of one each.
+//!
+//! Each operation's owner comes from [`routing::pick`] on the current routing-table
+//! snapshot. Local ones go to the Cache (those with an idempotency key) or straight to
+//! the Scheduler; remote ones go to the [`Forwarder`], which the cluster layer provides.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::cache::CacheMsg;
+use crate::job::Job;
+use crate::node::NodeShared;
+use crate::op::{NodeId, OpStatus};
+use crate::routing::pick;
+use crate::scheduler::SchedulerMsg;
+
+/// Sends operations owned by other nodes to them. Implemented by the cluster layer; a
+/// single node has none, and every operation is local.
+pub trait Forwarder: Send + Sync + 'static {
+    /// Hands `jobs` to `node`. The forwarder owns them from here on and must complete
+    /// each one (with the remote outcome, or failed with a reason).
+    fn forward(&self, node: &NodeId, jobs: Vec<Job>);
+}
+
+/// The Router's coalescing mailbox.
+#[derive(Default)]
+pub struct Intake {
+    inner: Mutex<IntakeInner>,
+}
+
+#[derive(Default)]
+struct IntakeInner {
+    jobs: Vec<Job>,
+    /// A `Drain` is on its way; no need to send another.
+    scheduled: bool,
+}
+
+impl Intake {
+    /// Adds jobs; returns whether the caller must send the Router a `Drain`.
+    pub(crate) fn push(&self, jobs: impl IntoIterator<Item = Job>) -> bool {
+        let mut g = self.inner.lock();
+        g.jobs.extend(jobs);
+        !std::mem::replace(&mut g.scheduled, true)
+    }
+
+    pub(crate) fn take(&self) -> Vec<Job> {
+        let mut g = self.inner.lock();
+        g.scheduled = false;
+        std::mem::take(&mut g.jobs)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.inner.lock().jobs.len()
+    }
+}
+
+/// Messages of the [`Router`] actor.
+pub enum RouterMsg {
+    /// Operations wait in the intake.
+    Drain,
+}
+
+pub struct Router;
+
+pub struct RouterArgs {
+    pub shared: Arc<NodeShared>,
+}
+
+pub struct RouterState {
+    shared: Arc<NodeShared>,
+    rr: u64,
+}
+
+impl Actor for Router {
+    type Msg = RouterMsg;
+    type State = RouterState;
+    type Arguments = RouterArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<RouterMsg>,
+        args: RouterArgs,
+    ) -> Result<RouterState, ActorProcessingErr> {
+        Ok(RouterState {
+            shared: args.shared,
+            rr: 0,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<RouterMsg>,
+        state: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        // After a restart, a `Drain` may have been lost with the old mailbox.
+        if state.shared.intake.len() > 0 {
+            myself.cast(RouterMsg::Drain)?;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<RouterMsg>,
+        msg: RouterMsg,
+        state: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RouterMsg::Drain => route(state),
+        }
+        Ok(())
+    }
+}
+
+fn route(state: &mut RouterState) {
+    let shared = &state.shared;
+    let jobs = shared.intake.take();
+    if jobs.is_empty() {
+        return;
+    }
+    let table = shared.routes.snapshot();
+    let mut to_scheduler = Vec::with_capacity(jobs.len());
+    let mut to_cache = Vec::new();
+    let mut remote: Vec<(NodeId, Vec<Job>)> = Vec::new();
+    for job in jobs {
+        match pick(&table, &job.op.op_type, job.op.key.as_deref(), &mut state.rr) {
+            Ok(node) if node == shared.node_id => {
+                if job.op.idempotency_key.is_some() {
+                    to_cache.push(job);
+                } else {
+                    to_scheduler.push(job);
+                }
+            }
+            Ok(node) => match remote.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, v)) => v.push(job),
+                None => remote.push((node, vec![job])),
+            },
+            Err(e) => job.reply.fail(OpStatus::Failed, e.to_string()),
+        }
+    }
+    if !to_cache.is_empty() {
+        shared.send_cache(CacheMsg::Admit(to_cache));
+    }
+    if !to_scheduler.is_empty() {
+        shared.send_scheduler(SchedulerMsg::Enqueue(to_scheduler));
+    }
+    for (node, jobs) in remote {
+        match &shared.forwarder {
+            Some(f) => f.forward(&node, jobs),
+            None => {
+                for job in jobs {
+                    job.reply.fail(
+                        OpStatus::Failed,
+                        format!("operation routed to node `{node}`, but this node has no cluster links"),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The routing table and the pure logic that picks an operation's owner node.
+//!
+//! The Router reads an immutable [`RoutingTable`] snapshot, swapped atomically when the
+//! table changes (directly on a single node; through Raft in a cluster), so a lookup
+//! never waits for a message. [`pick`] is a plain function of the table, the operation's
+//! key and a round-robin counter.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::op::{NodeId, OpType};
+
+/// How the owner of an operation type is chosen among the candidate nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    RoundRobin,
+    LeastLoaded,
+    /// Rendezvous hashing on the operation key: the same key lands on the same node while
+    /// it is healthy, and removing a node moves only the keys it owned.
+    ConsistentHash,
+    /// The first healthy node of the route's list; the next one takes over when it fails.
+    Pinned,
+}
+
+impl Strategy {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "round_robin" => Some(Strategy::RoundRobin),
+            "least_loaded" => Some(Strategy::LeastLoaded),
+            "consistent_hash" => Some(Strategy::ConsistentHash),
+            "pinned" => Some(Strategy::Pinned),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::LeastLoaded => "least_loaded",
+            Strategy::ConsistentHash => "consistent_hash",
+            Strategy::Pinned => "pinned",
+        }
+    }
+}
+
+/// An explicit route for one type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub strategy: Strategy,
+    /// The nodes that may run the type, in preference order for `Pinned`. Empty: every
+    /// healthy node that serves the type.
+    #[serde(default)]
+    pub nodes: Vec<NodeId>,
+}
+
+/// What the routing table knows of one node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub healthy: bool,
+    /// The operation types this node has handlers for.
+    pub serves: Vec<OpType>,
+    /// Operations in flight on the node, as last reported; used by `LeastLoaded`.
+    pub load: u64,
+}
+
+impl NodeView {
+    pub fn serves(&self, op_type: &str) -> bool {
+        self.serves.iter().any(|t| &**t == op_type)
+    }
+}
+
+/// One immutable version of the routing state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoutingTable {
+    /// Increases with every change.
+    pub version: u64,
+    pub routes: BTreeMap<OpType, Route>,
+    pub nodes: Vec<NodeView>,
+}
+
+/// Why a pick found no node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PickError {
+    #[error("no node serves operation type `{0}`")]
+    NoNodeServes(String),
+    #[error("every node routed for operation type `{0}` is down")]
+    NoHealthyNode(String),
+}
+
+fn rendezvous_score(key: &str, node: &str) -> u64 {
+    // FxHash-like mixing over std's SipHash would also do; SipHash keyed with zeros is
+    // stable across processes, which consistent hashing needs.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    key.hash(&mut h);
+    node.hash(&mut h);
+    h.finish()
+}
+
+impl RoutingTable {
+    /// The nodes that may run `op_type`, in route order (or node order), healthy or not.
+    fn candidates<'a>(&'a self, op_type: &str, route: Option<&'a Route>) -> Vec<&'a NodeView> {
+        match route {
+            Some(r) if !r.nodes.is_empty() => r
+                .nodes
+                .iter()
+                .filter_map(|id| self.nodes.iter().find(|n| n.id == *id))
+                .collect(),
+            _ => self.nodes.iter().filter(|n| n.serves(op_type)).collect(),
+        }
+    }
+
+    /// Whether any node, healthy or not, could run `op_type` under this table.
+    pub fn knows(&self, op_type: &str) -> bool {
+        self.routes.contains_key(op_type) || self.nodes.iter().any(|n| n.serves(op_type))
+    }
+}
+
+/// Picks the node that runs an operation of `op_type` with routing `key`.
+///
+/// Only healthy nodes are picked. With no explicit route, operations with a key use
+/// consistent hashing (cache affinity) and the others round robin. `rr` is the caller's
+/// round-robin counter; it is advanced when used.
+pub fn pick(
+    table: &RoutingTable,
+    op_type: &str,
+    key: Option<&str>,
+    rr: &mut u64,
+) -> Result<NodeId, PickError> {
+    let route = table.routes.get(op_type);
+    let all = table.candidates(op_type, route);
+    if all.is_empty() {
+        return Err(PickError::NoNodeServes(op_type.to_owned()));
+    }
+    let healthy: Vec<&NodeView> = all.iter().copied().filter(|n| n.healthy).collect();
+    if healthy.is_empty() {
+        return Err(PickError::NoHealthyNode(op_type.to_owned()));
+    }
+    let strategy = match (route, key) {
+        (Some(r), _) => r.strategy,
+        (None, Some(_)) => Strategy::ConsistentHash,
+        (None, None) => Strategy::RoundRobin,
+    };
+    let chosen = match (strategy, key) {
+        (Strategy::Pinned, _) => healthy[0],
+        (Strategy::LeastLoaded, _) => healthy
+            .iter()
+            .copied()
+            .min_by(|a, b| a.load.cmp(&b.load).then_with(|| a.id.cmp(&b.id)))
+            .expect("healthy is not empty"),
+        (Strategy::ConsistentHash, Some(k)) => healthy
+            .iter()
+            .copied()
+            .max_by_key(|n| (rendezvous_score(k, &n.id), n.id.clone()))
+            .expect("healthy is not empty"),
+        (Strategy::RoundRobin, _) | (Strategy::ConsistentHash, None) => {
+            let i = (*rr % healthy.len() as u64) as usize;
+            *rr = rr.wrapping_add(1);
+            healthy[i]
+        }
+    };
+    Ok(chosen.id.clone())
+}
+
+/// Why a route change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("field `{field}` is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("unknown node `{0}` in field `nodes`")]
+    UnknownNode(String),
+    #[error("no route for operation type `{0}`")]
+    NotFound(String),
+    #[error("route change failed: {0}")]
+    Unavailable(String),
+}
+
+/// Where the routing table lives and how it changes. On a single node, in memory
+/// ([`LocalRoutes`]); in a cluster, replicated by Raft.
+pub trait RouteStore: Send + Sync + 'static {
+    /// The current snapshot; cheap, never waits.
+    fn snapshot(&self) -> Arc<RoutingTable>;
+    /// Sets the route of `op_type`; returns the new table version.
+    fn set_route(&self, op_type: OpType, route: Route) -> Result<u64, RouteError>;
+    /// Removes the route of `op_type`; returns the new table version.
+    fn remove_route(&self, op_type: &str) -> Result<u64, RouteError>;
+}
+
+/// The routing table of a node that is alone: changes apply at once, in memory.
+pub struct LocalRoutes {
+    table: ArcSwap<RoutingTable>,
+    write: Mutex<()>,
+}
+
+impl LocalRoutes {
+    pub fn new(table: RoutingTable) -> Self {
+        LocalRoutes {
+            table: ArcSwap::from_pointee(table),
+            write: Mutex::new(()),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut RoutingTable) -> Result<(), RouteError>) -> Result<u64, RouteError> {
+        let _guard = self.write.lock();
+        let mut next = RoutingTable::clone(&self.table.load());
+        f(&mut next)?;
+        next.version += 1;
+        let v = next.version;
+        self.table.store(Arc::new(next));
+        Ok(v)
+    }
+}
+
+/// Checks a route against the table's node registry.
+pub fn validate_route(table: &RoutingTable, route: &Route) -> Result<(), RouteError> {
+    for n in &route.nodes {
+        if !table.nodes.iter().any(|v| v.id == *n) {
+            return Err(RouteError::UnknownNode(n.to_string()));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for n in &route.nodes {
+        if !seen.insert(n) {
+            return Err(RouteError::Invalid {
+                field: "nodes",
+                reason: format!("node `{n}` is listed twice"),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl RouteStore for LocalRoutes {
+    fn snapshot(&self) -> Arc<RoutingTable> {
+        self.table.load_full()
+    }
+
+    fn set_route(&self, op_type: OpType, route: Route) -> Result<u64, RouteError> {
+        self.update(|t| {
+            validate_route(t, &route)?;
+            t.routes.insert(op_type, route);
+            Ok(())
+        })
+    }
+
+    fn remove_route(&self, op_type: &str) -> Result<u64, RouteError> {
+        self.update(|t| match t.routes.remove(op_type) {
+            Some(_) => Ok(()),
+            None => Err(RouteError::NotFound(op_type.to_owned())),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(id: &str, healthy: bool, load: u64) -> NodeView {
+        NodeView {
+            id: id.into(),
+            healthy,
+            serves: vec!["echo".into()],
+            load,
+        }
+    }
+
+    fn table(nodes: Vec<NodeView>) -> RoutingTable {
+        RoutingTable {
+            version: 1,
+            routes: BTreeMap::new(),
+            nodes,
+        }
+    }
+
+    #[test]
+    fn single_node_picks_itself() {
+        let t = table(vec![node("a", true, 0)]);
+        let mut rr = 0;
+        assert_eq!(&*pick(&t, "echo", None, &mut rr).unwrap(), "a");
+        assert_eq!(&*pick(&t, "echo", Some("k"), &mut rr).unwrap(), "a");
+        assert_eq!(
+            pick(&t, "nope", None, &mut rr),
+            Err(PickError::NoNodeServes("nope".into()))
+        );
+    }
+
+    #[test]
+    fn round_robin_cycles_over_healthy_nodes() {
+        let t = table(vec![node("a", true, 0), node("b", false, 0), node("c", true, 0)]);
+        let mut rr = 0;
+        let picks: Vec<String> = (0..4)
+            .map(|_| pick(&t, "echo", None, &mut rr).unwrap().to_string())
+            .collect();
+        assert_eq!(picks, ["a", "c", "a", "c"]);
+    }
+
+    #[test]
+    fn least_loaded_and_pinned() {
+        let mut t = table(vec![node("a", true, 9), node("b", true, 2), node("c", true, 5)]);
+        t.routes.insert(
+            "echo".into(),
+            Route {
+                strategy: Strategy::LeastLoaded,
+                nodes: vec![],
+            },
+        );
+        let mut rr = 0;
+        assert_eq!(&*pick(&t, "echo", None, &mut rr).unwrap(), "b");
+        t.routes.insert(
+            "echo".into(),
+            Route {
+                strategy: Strategy::Pinned,
+                nodes: vec!["c".into(), "a".into()],
+            },
+        );
+        assert_eq!(&*pick(&t, "echo", None, &mut rr).unwrap(), "c");
+        t.nodes[2].healthy = false;
+        assert_eq!(&*pick(&t, "echo", None, &mut rr).unwrap(), "a");
+        t.nodes[0].healthy = false;
+        assert_eq!(
+            pick(&t, "echo", None, &mut rr),
+            Err(PickError::NoHealthyNode("echo".into()))
+        );
+    }
+
+    #[test]
+    fn local_routes_version_and_validate() {
+        let r = LocalRoutes::new(table(vec![node("a", true, 0)]));
+        let v = r
+            .set_route(
+                "echo".into(),
+                Route {
+                    strategy: Strategy::Pinned,
+                    nodes: vec!["a".into()],
+                },
+            )
+            .unwrap();
+        assert_eq!(v, 2);
+        assert_eq!(r.snapshot().routes["echo"].strategy, Strategy::Pinned);
+        assert_eq!(
+            r.set_route(
+                "echo".into(),
+                Route {
+                    strategy: Strategy::Pinned,
+                    nodes: vec!["zz".into()]
+                }
+            ),
+            Err(RouteError::UnknownNode("zz".into()))
+        );
+        assert_eq!(r.remove_route("echo"), Ok(3));
+        assert_eq!(r.remove_route("echo"), Err(RouteError::NotFound("echo".into())));
+    }
+
+    proptest! {
+        #[test]
+        fn picks_are_always_healthy_candidates(
+            health in proptest::collection::vec(any::<bool>(), 1..8),
+            key in proptest::option::of("[a-z]{1,8}"),
+            strategy in 0usize..4,
+            rr0 in any::<u64>(),
+        ) {
+            let nodes: Vec<NodeView> = health.iter().enumerate()
+                .map(|(i, h)| node(&format!("n{i}"), *h, i as u64)).collect();
+            let mut t = table(nodes);
+            let s = [Strategy::RoundRobin, Strategy::LeastLoaded, Strategy::ConsistentHash, Strategy::Pinned][strategy];
+            t.routes.insert("echo".into(), Route { strategy: s, nodes: vec![] });
+            let mut rr = rr0;
+            match pick(&t, "echo", key.as_deref(), &mut rr) {
+                Ok(id) => prop_assert!(t.nodes.iter().any(|n| n.id == id && n.healthy)),
+                Err(e) => {
+                    prop_assert!(health.iter().all(|h| !h));
+                    prop_assert_eq!(e, PickError::NoHealthyNode("echo".into()));
+                }
+            }
+        }
+
+        #[test]
+        fn consistent_hash_moves_only_keys_of_the_removed_node(
+            n in 2usize..8,
+            down in 0usize..8,
+            keys in proptest::collection::vec("[a-z0-9]{1,12}", 1..64),
+        ) {
+            let down = down % n;
+            let nodes: Vec<NodeView> = (0..n).map(|i| node(&format!("n{i}"), true, 0)).collect();
+            let before = table(nodes.clone());
+            let mut after = table(nodes);
+            after.nodes[down].healthy = false;
+            let mut rr = 0;
+            for k in &keys {
+                let a = pick(&before, "echo", Some(k), &mut rr).unwrap();
+                let b = pick(&after, "echo", Some(k), &mut rr).unwrap();
+                // Stable for the same table.
+                prop_assert_eq!(&a, &pick(&before, "echo", Some(k), &mut rr).unwrap());
+                if *a != *format!("n{down}") {
+                    prop_assert_eq!(a, b);
+                } else {
+                    prop_assert_ne!(b, a);
+                }
+            }
+        }
+
+        #[test]
+        fn round_robin_is_even(n in 1usize..6, rounds in 1usize..20) {
+            let t = table((0..n).map(|i| node(&format!("n{i}"), true, 0)).collect());
+            let mut rr = 0;
+            let mut counts = std::collections::HashMap::new();
+            for _ in 0..n * rounds {
+                *counts.entry(pick(&t, "echo", None, &mut rr).unwrap()).or_insert(0usize) += 1;
+            }
+            prop_assert_eq!(counts.len(), n);
+            prop_assert!(counts.values().all(|&c| c == rounds));
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The handlers the `opmesh` binary ships: `echo` (returns the payload), `sleep`
+//! (`{"ms": N}`, for tests and benchmarks) and `http` (POSTs the payload to a URL, for
+//! webhooks), registered on a [`NodeBuilder`] from the configuration.
+
+use std::time::Duration;
+
+use opmesh_actors::{HandlerError, Json, NodeBuilder, Operation, RetryPolicy};
+use serde::Deserialize;
+
+/// The most a `sleep` operation may ask for.
+pub const MAX_SLEEP_MS: u64 = 3_600_000;
+
+/// A type served by POSTing the payload to `url`.
+#[derive(Clone, Debug)]
+pub struct HttpTarget {
+    pub op_type: String,
+    pub url: String,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// `echo`: answers with the payload it was given.
+pub async fn echo(op: Operation) -> Result<Json, HandlerError> {
+    Ok(op.payload)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SleepArgs {
+    ms: u64,
+}
+
+/// `sleep`: waits `{"ms": N}` milliseconds, then answers `{"slept_ms": N}`.
+pub async fn sleep(op: Operation) -> Result<Json, HandlerError> {
+    let args: SleepArgs = op
+        .payload
+        .decode()
+        .map_err(|e| HandlerError::fatal(format!("sleep expects {{\"ms\": N}}: {e}")))?;
+    if args.ms > MAX_SLEEP_MS {
+        return Err(HandlerError::fatal(format!(
+            "sleep `ms` is {}, over the limit of {MAX_SLEEP_MS}",
+            args.ms
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(args.ms)).await;
+    Json::encode(&serde_json::json!({ "slept_ms": args.ms }))
+        .map_err(|e| HandlerError::fatal(e.to_string()))
+}
+
+/// Registers `echo`, `sleep` and every configured `http` target on `builder`.
+pub fn register_builtins(mut builder: NodeBuilder, http: &[HttpTarget]) -> NodeBuilder {
+    builder = builder.handler("echo", echo).handler("sleep", sleep);
+    if !http.is_empty() {
+        let client = reqwest::Client::builder()
+            .build()
+            .expect("an HTTP client with default settings builds");
+        for t in http {
+            let client = client.clone();
+            let url = t.url.clone();
+            let timeout = t.timeout;
+            builder = builder.handler_with_retry(
+                &t.op_type,
+                move |op: Operation| post(client.clone(), url.clone(), timeout, op),
+                t.retry.clone(),
+            );
+        }
+    }
+    builder
+}
+
+/// POSTs the payload as JSON; a 2xx answer's body (JSON, or text wrapped as a JSON
+/// string) is the result. Timeouts, connection errors and 5xx are retryable; 4xx is not.
+async fn post(
+    client: reqwest::Client,
+    url: String,
+    timeout: Duration,
+    op: Operation,
+) -> Result<Json, HandlerError> {
+    let resp = client
+        .post(&url)
+        .timeout(timeout)
+        .header("content-type", "application/json")
+        .header("x-opmesh-op-id", op.id.to_string())
+        .header("x-opmesh-op-type", &*op.op_type)
+        .body(op.payload.as_bytes().to_vec())
+        .send()
+        .await
+        .map_err(|e| {
+            if e.is_timeout() {
+                HandlerError::retryable(format!("POST {url} timed out after {timeout:?}"))
+            } else {
+                HandlerError::retryable(format!("POST {url} failed: {e}"))
+            }
+        })?;
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| HandlerError::retryable(format!("reading the answer of {url}: {e}")))?;
+    if status.is_server_error() {
+        return Err(HandlerError::retryable(format!("POST {url} answered {status}")));
+    }
+    if !status.is_success() {
+        return Err(HandlerError::fatal(format!("POST {url} answered {status}")));
+    }
+    if body.is_empty() {
+        return Ok(Json::null());
+    }
+    Json::from_bytes(body.clone()).or_else(|_| {
+        Json::encode(&String::from_utf8_lossy(&body)).map_err(|e| HandlerError::fatal(e.to_string()))
+    })
+}

@@ -1,0 +1,17 @@
+//! opmesh: an actor-based cluster runtime for operations.
+//!
+//! This crate is the facade and the binary's wiring: the engine comes from
+//! [`opmesh_actors`] (re-exported here, so `opmesh::Node::builder()` is the library
+//! entry point); [`config`] loads and validates settings; [`api`] serves HTTP;
+//! [`handlers`] holds the built-in handlers; [`bench`] is the load generator; [`cli`]
+//! parses commands.
+
+#![forbid(unsafe_code)]
+
+pub use opmesh_actors::*;
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod handlers;
