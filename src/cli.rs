@@ -1,1 +1,303 @@
-//! placeholder
+//! The command line: `opmesh serve`, `submit`, `get`, `routes`, `health`, `metrics` and
+//! `bench`. Client commands talk to a running node over HTTP (`--target`, default the
+//! local node); every read command has `--json` for the server's answer as is.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::bench::BenchArgs;
+
+#[derive(Parser, Debug)]
+#[command(name = "opmesh", version, about = "An actor-based cluster runtime for operations")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node: the engine, the HTTP api and the dashboard.
+    Serve(ServeArgs),
+    /// Submit one operation to a running node.
+    Submit(SubmitArgs),
+    /// Show an operation's status and result.
+    Get(GetArgs),
+    /// List, show, set or delete routes.
+    #[command(subcommand)]
+    Routes(RoutesCmd),
+    /// Show a node's health.
+    Health(ReadArgs),
+    /// Show a node's metrics.
+    Metrics(ReadArgs),
+    /// Generate load and report throughput and latency.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address of the HTTP api and dashboard [default: 127.0.0.1:7070]
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    /// This node's id [default: node-1]
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// A workload profile: read-heavy, write-heavy, streaming, low-latency, throughput
+    #[arg(long, env = "OPMESH_PROFILE")]
+    pub profile: Option<String>,
+    /// A TOML file layered over the defaults and the profile
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// The node to talk to
+    #[arg(long, env = "OPMESH_TARGET", default_value = "http://127.0.0.1:7070")]
+    pub target: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Print the server's JSON answer
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SubmitArgs {
+    /// The operation type, e.g. echo
+    #[arg(value_name = "TYPE")]
+    pub op_type: String,
+    /// The payload, as JSON [default: null]
+    pub payload: Option<String>,
+    /// Wait for the result
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long)]
+    pub key: Option<String>,
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    #[arg(long)]
+    pub priority: Option<i32>,
+    #[arg(long)]
+    pub deadline_ms: Option<i64>,
+    #[command(flatten)]
+    pub target: Target,
+    /// Print the server's JSON answer
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GetArgs {
+    /// The operation id
+    pub id: String,
+    #[command(flatten)]
+    pub target: Target,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum RoutesCmd {
+    /// List every route.
+    List(ReadArgs),
+    /// Show the route of one type.
+    Get {
+        #[arg(value_name = "TYPE")]
+        op_type: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Set the route of one type.
+    Set {
+        #[arg(value_name = "TYPE")]
+        op_type: String,
+        /// round_robin, least_loaded, consistent_hash or pinned
+        #[arg(long)]
+        strategy: String,
+        /// Node ids, comma separated; none: every node that serves the type
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Delete the route of one type.
+    Delete {
+        #[arg(value_name = "TYPE")]
+        op_type: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("an HTTP client with default settings builds")
+}
+
+/// Sends a request and returns the JSON answer; a refusal becomes an error naming the
+/// server's code and message.
+async fn call(req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
+    let resp = req.send().await.with_context(|| format!("{what}: could not reach the node"))?;
+    let status = resp.status();
+    let body: Value = resp
+        .json()
+        .await
+        .with_context(|| format!("{what}: the node's answer is not JSON"))?;
+    if !status.is_success() {
+        let code = body["error"].as_str().unwrap_or("error");
+        let msg = body["message"].as_str().unwrap_or("");
+        bail!("{what}: {status} {code}: {msg}");
+    }
+    Ok(body)
+}
+
+fn url(t: &Target, path: &str) -> String {
+    format!("{}{}", t.target.trim_end_matches('/'), path)
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn print_op(v: &Value) {
+    println!("id:          {}", v["id"].as_str().unwrap_or("-"));
+    println!("status:      {}", v["status"].as_str().unwrap_or("-"));
+    if let Some(t) = v["type"].as_str() {
+        println!("type:        {t}");
+    }
+    if !v["result"].is_null() {
+        println!("result:      {}", v["result"]);
+    }
+    if let Some(e) = v["error"].as_str() {
+        println!("error:       {e}");
+    }
+    println!("cached:      {}", v["cached"]);
+    if let Some(n) = v["executed_by"].as_str() {
+        println!("executed_by: {n}");
+    }
+    if let Some(t) = v["trace_id"].as_str() {
+        println!("trace_id:    {t}");
+    }
+}
+
+/// Runs a client command.
+pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
+    let c = client();
+    match cmd {
+        Command::Submit(a) => {
+            let payload: Value = match &a.payload {
+                Some(p) => serde_json::from_str(p).context("PAYLOAD is not valid JSON")?,
+                None => Value::Null,
+            };
+            let mut body = serde_json::json!({ "type": a.op_type, "payload": payload });
+            for (k, v) in [("key", &a.key), ("idempotency_key", &a.idempotency_key)] {
+                if let Some(v) = v {
+                    body[k] = Value::from(v.as_str());
+                }
+            }
+            if let Some(p) = a.priority {
+                body["priority"] = p.into();
+            }
+            if let Some(d) = a.deadline_ms {
+                body["deadline_ms"] = d.into();
+            }
+            let path = if a.wait { "/v1/ops?wait=true" } else { "/v1/ops" };
+            let v = call(c.post(url(&a.target, path)).json(&body), "submit").await?;
+            if a.json { print_json(&v) } else { print_op(&v) }
+        }
+        Command::Get(a) => {
+            let v = call(c.get(url(&a.target, &format!("/v1/ops/{}", a.id))), "get").await?;
+            if a.json { print_json(&v) } else { print_op(&v) }
+        }
+        Command::Health(a) => {
+            let v = call(c.get(url(&a.target, "/v1/health")), "health").await?;
+            if a.json {
+                print_json(&v)
+            } else {
+                println!("node:      {}", v["nodeId"].as_str().unwrap_or("-"));
+                println!("status:    {}", v["status"].as_str().unwrap_or("-"));
+                println!("active:    {}", v["activeOperations"]);
+                println!("queued:    {}", v["queuedOperations"]);
+                println!("completed: {}", v["completedOperations"]);
+                println!("cache:     {}", v["cacheStats"]);
+            }
+        }
+        Command::Metrics(a) => {
+            let v = call(c.get(url(&a.target, "/v1/metrics")), "metrics").await?;
+            if a.json {
+                print_json(&v)
+            } else {
+                println!("node:         {}", v["nodeId"].as_str().unwrap_or("-"));
+                println!("operations:   {} accepted, {} completed, success rate {:.4}",
+                    v["totalOperations"], v["completedOperations"], v["successRate"].as_f64().unwrap_or(0.0));
+                println!("throughput:   {:.1} ops/s", v["throughput"].as_f64().unwrap_or(0.0));
+                let l = &v["latency"];
+                println!("latency (µs): p50 {} p95 {} p99 {} max {}", l["p50_us"], l["p95_us"], l["p99_us"], l["max_us"]);
+                println!("cache:        hit rate {:.4}", v["cacheHitRate"].as_f64().unwrap_or(0.0));
+                if let Some(types) = v["perType"].as_object() {
+                    for (t, s) in types {
+                        println!("  {t:<16} ok {} failed {} expired {} queued {} p99 {} µs",
+                            s["succeeded"], s["failed"], s["expired"], s["queued"], s["latency"]["p99_us"]);
+                    }
+                }
+            }
+        }
+        Command::Routes(r) => routes(&c, r).await?,
+        Command::Serve(_) | Command::Bench(_) => unreachable!("not client commands"),
+    }
+    Ok(())
+}
+
+async fn routes(c: &reqwest::Client, cmd: RoutesCmd) -> anyhow::Result<()> {
+    let (v, json) = match cmd {
+        RoutesCmd::List(a) => (call(c.get(url(&a.target, "/v1/routes")), "routes list").await?, a.json),
+        RoutesCmd::Get { op_type, read } => (
+            call(c.get(url(&read.target, &format!("/v1/routes/{op_type}"))), "routes get").await?,
+            read.json,
+        ),
+        RoutesCmd::Set { op_type, strategy, nodes, read } => {
+            let body = serde_json::json!({ "strategy": strategy, "nodes": nodes });
+            (
+                call(c.put(url(&read.target, &format!("/v1/routes/{op_type}"))).json(&body), "routes set").await?,
+                read.json,
+            )
+        }
+        RoutesCmd::Delete { op_type, read } => (
+            call(c.delete(url(&read.target, &format!("/v1/routes/{op_type}"))), "routes delete").await?,
+            read.json,
+        ),
+    };
+    if json {
+        print_json(&v);
+    } else if let Some(routes) = v["routes"].as_object() {
+        println!("version {}", v["version"]);
+        if routes.is_empty() {
+            println!("(no explicit routes: every type goes to the nodes that serve it)");
+        }
+        for (t, r) in routes {
+            println!("{t:<20} {:<16} {}", r["strategy"].as_str().unwrap_or("-"), nodes_text(&r["nodes"]));
+        }
+    } else if let Some(r) = v.get("route") {
+        println!("{:<20} {:<16} {}  (version {})", v["type"].as_str().unwrap_or("-"),
+            r["strategy"].as_str().unwrap_or("-"), nodes_text(&r["nodes"]), v["version"]);
+    } else {
+        println!("deleted {} (version {})", v["type"].as_str().unwrap_or("-"), v["version"]);
+    }
+    Ok(())
+}
+
+fn nodes_text(v: &Value) -> String {
+    match v.as_array() {
+        Some(a) if !a.is_empty() => a.iter().filter_map(|n| n.as_str()).collect::<Vec<_>>().join(","),
+        _ => "(every node serving it)".into(),
+    }
+}

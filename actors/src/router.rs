@@ -113,7 +113,13 @@ impl Actor for Router {
         state: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RouterMsg::Drain => route(state),
+            RouterMsg::Drain => {
+                // Let the submitters that are ready run first, so one drain takes all they
+                // add: without this, tokio runs a woken task next and each drain would
+                // carry a single operation.
+                tokio::task::yield_now().await;
+                route(state)
+            }
         }
         Ok(())
     }
