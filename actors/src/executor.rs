@@ -86,19 +86,30 @@ async fn run_one(shared: &Arc<NodeShared>, job: Job) {
     let mut attempts = 0u32;
     let outcome = loop {
         attempts += 1;
-        let call = match &entry.handler {
-            HandlerKind::Async(h) => {
-                let fut = AssertUnwindSafe(h.call(op.clone())).catch_unwind();
-                tokio::time::timeout_at(deadline.into(), fut).await
+        let run = async {
+            match &entry.handler {
+                HandlerKind::Async(h) => {
+                    let fut = AssertUnwindSafe(h.call(op.clone())).catch_unwind();
+                    tokio::time::timeout_at(deadline.into(), fut).await
+                }
+                HandlerKind::Blocking(f) => {
+                    let f = f.clone();
+                    let o = op.clone();
+                    let task = tokio::task::spawn_blocking(move || f(o));
+                    tokio::time::timeout_at(deadline.into(), task)
+                        .await
+                        .map(|r| r.map_err(|e| e.into_panic()))
+                }
             }
-            HandlerKind::Blocking(f) => {
-                let f = f.clone();
-                let o = op.clone();
-                let task = tokio::task::spawn_blocking(move || f(o));
-                tokio::time::timeout_at(deadline.into(), task)
-                    .await
-                    .map(|r| r.map_err(|e| e.into_panic()))
-            }
+        };
+        let call = tokio::select! {
+            biased;
+            r = run => r,
+            _ = shared.stopped.cancelled() => break (
+                OpStatus::Failed,
+                None,
+                Some("node shut down while the operation ran".to_owned()),
+            ),
         };
         let err = match call {
             Ok(Ok(Ok(result))) => break (OpStatus::Succeeded, Some(result), None),

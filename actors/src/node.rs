@@ -99,6 +99,8 @@ pub struct NodeShared {
     pub(crate) refs: Refs,
     accepting: AtomicBool,
     stopping: AtomicBool,
+    /// Cancelled when the grace period is over: running handlers are abandoned.
+    pub(crate) stopped: tokio_util::sync::CancellationToken,
     started: Instant,
 }
 
@@ -232,6 +234,7 @@ impl NodeBuilder {
             refs: Refs::default(),
             accepting: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
+            stopped: tokio_util::sync::CancellationToken::new(),
             started: Instant::now(),
         });
         let (sup, join) = Actor::spawn(None, NodeSupervisor, shared.clone())
@@ -552,6 +555,7 @@ impl Node {
         self.drain(grace).await;
         let left = self.in_flight();
         self.shared.stopping.store(true, Ordering::Release);
+        self.shared.stopped.cancel();
         self.supervisor.stop(Some("node shutdown".into()));
         let join = self.join.lock().take();
         if let Some(j) = join {

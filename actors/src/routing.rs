@@ -261,7 +261,8 @@ impl RouteStore for LocalRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
+    use proptest::prelude::{any, prop_assert, prop_assert_eq, prop_assert_ne, proptest};
+    use super::Strategy;
 
     fn node(id: &str, healthy: bool, load: u64) -> NodeView {
         NodeView {

@@ -402,7 +402,7 @@ mod tests {
         }
         let d = q.dispatch(t0, 1);
         assert_eq!(ids(&d), vec![vec![0, 1]]);
-        assert!(!d.blocked_on_slots);
+        assert!(d.blocked_on_slots, "three still wait for a slot");
         let d = q.dispatch(t0, 3);
         assert!(d.batches.is_empty());
         assert!(d.blocked_on_slots);

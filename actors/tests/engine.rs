@@ -1,0 +1,495 @@
+//! The single-node engine end to end through its library API: handlers, retries,
+//! deadlines, the result cache, back-pressure, priorities, supervision and shutdown.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opmesh_actors::{
+    BatchPolicy, ChildKind, EngineConfig, HandlerError, Json, Node, OpStatus, Operation,
+    RetryPolicy, SubmitError,
+};
+
+/// Waits until `cond` holds, failing the test after `deadline`.
+async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn json(v: serde_json::Value) -> Json {
+    Json::encode(&v).unwrap()
+}
+
+async fn echo(op: Operation) -> Result<Json, HandlerError> {
+    Ok(op.payload)
+}
+
+async fn sleepy(op: Operation) -> Result<Json, HandlerError> {
+    let ms: u64 = op.payload.decode().unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(op.payload)
+}
+
+fn small(max_concurrent: usize, queue_capacity: usize) -> EngineConfig {
+    EngineConfig {
+        batch: BatchPolicy {
+            batch_size: 16,
+            batch_flush: Duration::ZERO,
+            max_concurrent,
+        },
+        queue_capacity,
+        ..EngineConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_runs_and_reports_who_ran_it() {
+    let node = Node::builder().node_id("n1").handler("echo", echo).start().await.unwrap();
+    let o = node
+        .submit(Operation::new("echo", json(serde_json::json!({"a": 1}))))
+        .await
+        .unwrap();
+    assert_eq!(o.status, OpStatus::Succeeded);
+    assert_eq!(o.result.unwrap().as_str(), r#"{"a":1}"#);
+    assert_eq!(o.executed_by.as_deref(), Some("n1"));
+    assert_eq!(o.attempts, 1);
+    assert!(!o.cached);
+    let s = node.stats();
+    assert_eq!((s.total_operations, s.completed_operations, s.succeeded_operations), (1, 1, 1));
+    assert_eq!(s.per_type["echo"].succeeded, 1);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_operations_all_complete() {
+    let node = Node::builder().handler("echo", echo).start().await.unwrap();
+    let mut tickets = Vec::new();
+    for i in 0..20_000 {
+        tickets.push(node.enqueue(Operation::new("echo", json(i.into()))).unwrap());
+    }
+    for (i, t) in tickets.into_iter().enumerate() {
+        let o = t.await;
+        assert_eq!(o.status, OpStatus::Succeeded);
+        assert_eq!(o.result.unwrap().as_str(), i.to_string());
+    }
+    let s = node.stats();
+    assert_eq!(s.completed_operations, 20_000);
+    assert!(s.batches < 20_000, "operations should travel in batches, got {}", s.batches);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_errors_are_retried_with_backoff_and_fatal_ones_are_not() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let flaky = move |op: Operation| {
+        let c = c.clone();
+        async move {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            if op.payload.as_str() == "\"fatal\"" {
+                return Err(HandlerError::fatal("bad input"));
+            }
+            if n < 2 {
+                Err(HandlerError::retryable(format!("try {n} failed")))
+            } else {
+                Ok(Json::null())
+            }
+        }
+    };
+    let retry = RetryPolicy {
+        max_attempts: 4,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(100),
+        multiplier: 2.0,
+        jitter: 0.0,
+    };
+    let node = Node::builder()
+        .handler_with_retry("flaky", flaky, retry)
+        .start()
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let o = node.submit(Operation::new("flaky", Json::null())).await.unwrap();
+    assert_eq!(o.status, OpStatus::Succeeded, "{o:?}");
+    assert_eq!(o.attempts, 3);
+    // Two backoffs: 20 ms then 40 ms.
+    assert!(t0.elapsed() >= Duration::from_millis(60), "{:?}", t0.elapsed());
+    assert_eq!(node.stats().per_type["flaky"].retries, 2);
+
+    let before = calls.load(Ordering::SeqCst);
+    let o = node
+        .submit(Operation::new("flaky", json("fatal".into())))
+        .await
+        .unwrap();
+    assert_eq!(o.status, OpStatus::Failed);
+    assert_eq!(o.error.as_deref(), Some("bad input"));
+    assert_eq!(calls.load(Ordering::SeqCst), before + 1);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_at_max_attempts_and_name_the_count() {
+    let node = Node::builder()
+        .handler_with_retry(
+            "down",
+            |_op: Operation| async { Err::<Json, _>(HandlerError::retryable("dependency down")) },
+            RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(2),
+                multiplier: 2.0,
+                jitter: 0.5,
+            },
+        )
+        .start()
+        .await
+        .unwrap();
+    let o = node.submit(Operation::new("down", Json::null())).await.unwrap();
+    assert_eq!(o.status, OpStatus::Failed);
+    assert_eq!(o.attempts, 3);
+    assert!(o.error.unwrap().contains("after 3 attempts"));
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_expire_running_operations_and_refuse_past_ones() {
+    let node = Node::builder().handler("sleep", sleepy).start().await.unwrap();
+    let o = node
+        .submit(Operation::new("sleep", json(2000.into())).with_timeout(Duration::from_millis(50)))
+        .await
+        .unwrap();
+    assert_eq!(o.status, OpStatus::Expired);
+    assert!(o.error.unwrap().contains("deadline"));
+    let mut op = Operation::new("sleep", json(0.into()));
+    op.deadline = Some(Instant::now() - Duration::from_millis(1));
+    assert_eq!(node.submit(op).await.unwrap_err(), SubmitError::DeadlineInPast);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_operations_expire_with_a_reason() {
+    // One slot, held by a long operation: the next one waits in the queue past its deadline.
+    let node = Node::builder()
+        .config(small(1, 100))
+        .handler("sleep", sleepy)
+        .start()
+        .await
+        .unwrap();
+    let long = node.enqueue(Operation::new("sleep", json(400.into()))).unwrap();
+    wait_for("the long operation to run", Duration::from_secs(5), || node.stats().active_operations == 1).await;
+    let o = node
+        .submit(Operation::new("sleep", json(0.into())).with_timeout(Duration::from_millis(50)))
+        .await
+        .unwrap();
+    assert_eq!(o.status, OpStatus::Expired);
+    assert!(o.error.unwrap().contains("waited in the queue"));
+    assert_eq!(long.await.status, OpStatus::Succeeded);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_its_operation_not_the_node() {
+    let node = Node::builder()
+        .handler("boom", |_op: Operation| async { panic!("kaboom") })
+        .handler("echo", echo)
+        .start()
+        .await
+        .unwrap();
+    let o = node.submit(Operation::new("boom", Json::null())).await.unwrap();
+    assert_eq!(o.status, OpStatus::Failed);
+    assert!(o.error.unwrap().contains("kaboom"));
+    let o = node.submit(Operation::new("echo", Json::null())).await.unwrap();
+    assert_eq!(o.status, OpStatus::Succeeded);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn blocking_handlers_do_not_block_async_ones() {
+    let node = Node::builder()
+        .blocking_handler("cpu", |op: Operation| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(op.payload)
+        })
+        .handler("echo", echo)
+        .start()
+        .await
+        .unwrap();
+    let slow = node.enqueue(Operation::new("cpu", Json::null())).unwrap();
+    let t0 = Instant::now();
+    let fast = node.submit(Operation::new("echo", Json::null())).await.unwrap();
+    assert_eq!(fast.status, OpStatus::Succeeded);
+    assert!(t0.elapsed() < Duration::from_millis(250), "echo waited for the blocking handler");
+    assert_eq!(slow.await.status, OpStatus::Succeeded);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_answers_from_cache_and_joins_in_flight() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let counted = move |op: Operation| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(op.payload)
+        }
+    };
+    let node = Node::builder().handler("work", counted).start().await.unwrap();
+    // Ten at once with one key: one run, everyone gets its result.
+    let tickets: Vec<_> = (0..10)
+        .map(|i| {
+            node.enqueue(Operation::new("work", json(i.into())).with_idempotency_key("k"))
+                .unwrap()
+        })
+        .collect();
+    let mut results = Vec::new();
+    let mut cached = 0;
+    for t in tickets {
+        let id = t.id;
+        let o = t.await;
+        assert_eq!(o.status, OpStatus::Succeeded);
+        assert_eq!(o.id, id, "each caller gets its own operation id");
+        cached += o.cached as usize;
+        results.push(o.result.unwrap());
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(cached, 9);
+    assert!(results.iter().all(|r| *r == results[0]));
+    // Later: answered from the stored result.
+    let o = node
+        .submit(Operation::new("work", json(99.into())).with_idempotency_key("k"))
+        .await
+        .unwrap();
+    assert!(o.cached);
+    assert_eq!(o.attempts, 0);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Another key runs.
+    node.submit(Operation::new("work", json(1.into())).with_idempotency_key("other"))
+        .await
+        .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    // The cache stores a result when its completion message arrives, just after the answer.
+    wait_for("the second result stored", Duration::from_secs(5), || node.cache_stats().size == 2).await;
+    let c = node.cache_stats();
+    assert_eq!((c.hits, c.misses, c.joined, c.size), (10, 2, 9, 2));
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_not_cached() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let node = Node::builder()
+        .handler_with_retry(
+            "fails",
+            move |_op: Operation| {
+                r.fetch_add(1, Ordering::SeqCst);
+                async { Err::<Json, _>(HandlerError::fatal("no")) }
+            },
+            RetryPolicy::default(),
+        )
+        .start()
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let o = node
+            .submit(Operation::new("fails", Json::null()).with_idempotency_key("k"))
+            .await
+            .unwrap();
+        assert_eq!(o.status, OpStatus::Failed);
+        assert!(!o.cached);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_pushes_back_and_frees_up() {
+    let node = Node::builder()
+        .config(small(1, 3))
+        .handler("sleep", sleepy)
+        .start()
+        .await
+        .unwrap();
+    let running = node.enqueue(Operation::new("sleep", json(300.into()))).unwrap();
+    wait_for("the first to run", Duration::from_secs(5), || node.stats().active_operations == 1).await;
+    let queued: Vec<_> = (0..3)
+        .map(|_| node.enqueue(Operation::new("sleep", json(0.into()))).unwrap())
+        .collect();
+    match node.enqueue(Operation::new("sleep", json(0.into()))) {
+        Err(SubmitError::Overloaded { op_type, capacity, retry_after }) => {
+            assert_eq!((op_type.as_str(), capacity), ("sleep", 3));
+            assert!(retry_after > Duration::ZERO);
+        }
+        other => panic!("expected Overloaded, got {:?}", other.map(|t| t.id)),
+    }
+    assert_eq!(running.await.status, OpStatus::Succeeded);
+    for t in queued {
+        assert_eq!(t.await.status, OpStatus::Succeeded);
+    }
+    // Room again.
+    let o = node.submit(Operation::new("sleep", json(0.into()))).await.unwrap();
+    assert_eq!(o.status, OpStatus::Succeeded);
+    assert_eq!(node.stats().rejected_operations, 1);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_types_and_bad_operations_are_refused() {
+    let node = Node::builder().handler("echo", echo).start().await.unwrap();
+    assert_eq!(
+        node.submit(Operation::new("nope", Json::null())).await.unwrap_err(),
+        SubmitError::NoRoute { op_type: "nope".into() }
+    );
+    assert!(matches!(
+        node.submit(Operation::new("", Json::null())).await.unwrap_err(),
+        SubmitError::Invalid { field: "type", .. }
+    ));
+    let big = Json::encode(&"x".repeat(2 << 20)).unwrap();
+    assert!(matches!(
+        node.submit(Operation::new("echo", big)).await.unwrap_err(),
+        SubmitError::PayloadTooLarge { .. }
+    ));
+    let answers = node.enqueue_batch(
+        vec![Operation::new("echo", json(1.into())), Operation::new("nope", Json::null()), Operation::new("echo", json(3.into()))],
+        false,
+    );
+    assert!(answers[1].is_err());
+    let mut oks = Vec::new();
+    for a in answers.into_iter().flatten() {
+        oks.push(a.await.result.unwrap().as_str().to_owned());
+    }
+    assert_eq!(oks, ["1", "3"]);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_runs_first() {
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let o2 = order.clone();
+    let record = move |op: Operation| {
+        let o = o2.clone();
+        async move {
+            o.lock().push(op.priority);
+            tokio::time::sleep(Duration::from_millis(if op.priority == 100 { 200 } else { 1 })).await;
+            Ok(Json::null())
+        }
+    };
+    let node = Node::builder()
+        .config(small(1, 100))
+        .handler("p", record)
+        .start()
+        .await
+        .unwrap();
+    // A blocker holds the only slot while the others queue up.
+    let blocker = node.enqueue(Operation::new("p", Json::null()).with_priority(100)).unwrap();
+    wait_for("the blocker to run", Duration::from_secs(5), || node.stats().active_operations == 1).await;
+    let ts: Vec<_> = [1, 5, -3, 5, 9]
+        .iter()
+        .map(|p| node.enqueue(Operation::new("p", Json::null()).with_priority(*p)).unwrap())
+        .collect();
+    blocker.await;
+    for t in ts {
+        t.await;
+    }
+    assert_eq!(*order.lock(), vec![100, 9, 5, 5, 1, -3]);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_is_never_exceeded() {
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (n2, p2) = (now.clone(), peak.clone());
+    let h = move |_op: Operation| {
+        let (n, p) = (n2.clone(), p2.clone());
+        async move {
+            let c = n.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(c, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            n.fetch_sub(1, Ordering::SeqCst);
+            Ok(Json::null())
+        }
+    };
+    let node = Node::builder().config(small(4, 10_000)).handler("h", h).start().await.unwrap();
+    let ts: Vec<_> = (0..200).map(|_| node.enqueue(Operation::new("h", Json::null())).unwrap()).collect();
+    for t in ts {
+        assert_eq!(t.await.status, OpStatus::Succeeded);
+    }
+    assert_eq!(peak.load(Ordering::SeqCst), 4);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_operations_show_their_progress() {
+    let node = Node::builder().handler("sleep", sleepy).start().await.unwrap();
+    let t = node.enqueue_tracked(Operation::new("sleep", json(200.into()))).unwrap();
+    let id = t.id;
+    wait_for("running", Duration::from_secs(5), || {
+        node.status(&id).unwrap().status() == OpStatus::Running
+    })
+    .await;
+    assert!(node.status(&id).unwrap().outcome().is_none());
+    t.await;
+    let rec = node.status(&id).unwrap();
+    assert_eq!(rec.status(), OpStatus::Succeeded);
+    assert_eq!(rec.outcome().unwrap().result.as_ref().unwrap().as_str(), "200");
+    assert!(node.status(&opmesh_actors::OpId::new()).is_none());
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_actors_are_restarted_and_counted() {
+    let node = Node::builder().handler("echo", echo).handler("sleep", sleepy).start().await.unwrap();
+    for kind in [ChildKind::Router, ChildKind::Scheduler, ChildKind::Cache, ChildKind::Executor] {
+        // Work held by the actor when it dies completes (failed with a reason) or runs.
+        let held: Vec<_> = (0..50)
+            .map(|i| node.enqueue(Operation::new("sleep", json(20.into())).with_idempotency_key(format!("{kind:?}{i}"))).unwrap())
+            .collect();
+        let before = node.stats().actor_restarts;
+        node.kill_actor(kind);
+        wait_for("the restart", Duration::from_secs(5), || node.stats().actor_restarts == before + 1).await;
+        for t in held {
+            let o = tokio::time::timeout(Duration::from_secs(10), t).await.expect("no operation hangs");
+            assert!(
+                o.status == OpStatus::Succeeded || o.error.as_deref().is_some_and(|e| e.contains("lost")),
+                "{kind:?}: {o:?}"
+            );
+        }
+        // And the node works afterwards.
+        let mut ok = false;
+        for _ in 0..100 {
+            if node.submit(Operation::new("echo", Json::null())).await.unwrap().is_success() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(ok, "{kind:?}: node works after the restart");
+    }
+    assert_eq!(node.stats().actor_restarts, 4);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_then_fails_what_is_left_with_a_reason() {
+    let node = Node::builder().handler("sleep", sleepy).start().await.unwrap();
+    let short = node.enqueue(Operation::new("sleep", json(100.into()))).unwrap();
+    let long = node.enqueue(Operation::new("sleep", json(5000.into()))).unwrap();
+    let n2 = node.clone();
+    let stop = tokio::spawn(async move { n2.shutdown(Duration::from_millis(400)).await });
+    wait_for("draining", Duration::from_secs(5), || !node.is_accepting()).await;
+    assert_eq!(
+        node.submit(Operation::new("sleep", json(0.into()))).await.unwrap_err(),
+        SubmitError::ShuttingDown
+    );
+    assert_eq!(short.await.status, OpStatus::Succeeded);
+    let o = long.await;
+    assert_eq!(o.status, OpStatus::Failed);
+    assert!(o.error.unwrap().contains("shut down"), "reason given");
+    assert_eq!(stop.await.unwrap(), 1, "one operation was left at the end of the grace period");
+}
