@@ -213,8 +213,15 @@ impl ApiError {
         }
     }
 
-    fn from_json(e: serde_json::Error, what: &str) -> Self {
+    fn from_json(e: serde_path_to_error::Error<serde_json::Error>, what: &str) -> Self {
         use serde_json::error::Category;
+        let path = e.path().to_string();
+        let e = e.into_inner();
+        let what = if path.is_empty() || path == "." {
+            what.to_owned()
+        } else {
+            format!("{what}: field `{path}`")
+        };
         match e.classify() {
             Category::Syntax | Category::Eof | Category::Io => ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -294,6 +301,15 @@ impl From<RouteError> for ApiError {
 
 // ---------------------------------------------------------------------------------------
 // Request → operation
+
+/// Parses JSON, naming the field at fault in the error.
+fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v = serde_path_to_error::deserialize(&mut de).map_err(|e| ApiError::from_json(e, what))?;
+    de.end()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("{what} is not valid JSON: {e}")))?;
+    Ok(v)
+}
 
 struct AppState {
     node: Node,
@@ -395,7 +411,7 @@ async fn submit(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let bytes = read_body(body, st.max_body_bytes).await?;
-    let r: OpRequest = serde_json::from_slice(&bytes).map_err(|e| ApiError::from_json(e, "request body"))?;
+    let r: OpRequest = parse(&bytes, "request body")?;
     let trace = trace_from(&req);
     let op = to_operation(r, trace.clone(), Instant::now())?;
     let ticket = st.node.enqueue_tracked(op)?;
@@ -421,7 +437,7 @@ async fn submit_batch(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let bytes = read_body(body, st.max_body_bytes).await?;
-    let b: BatchRequest = serde_json::from_slice(&bytes).map_err(|e| ApiError::from_json(e, "request body"))?;
+    let b: BatchRequest = parse(&bytes, "request body")?;
     if b.ops.len() > MAX_BATCH {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -442,8 +458,7 @@ async fn submit_batch(
     let mut slots: Vec<Result<usize, ErrorBody>> = Vec::with_capacity(b.ops.len());
     let mut ops = Vec::with_capacity(b.ops.len());
     for (i, raw) in b.ops.iter().enumerate() {
-        let parsed = serde_json::from_str::<OpRequest>(raw.get())
-            .map_err(|e| ApiError::from_json(e, &format!("ops[{i}]")))
+        let parsed = parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]"))
             .and_then(|r| {
                 let trace = parent.clone().unwrap_or_else(TraceContext::new_root);
                 to_operation(r, trace, now)
@@ -546,7 +561,7 @@ async fn put_route(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let bytes = read_body(body, st.max_body_bytes).await?;
-    let r: RouteRequest = serde_json::from_slice(&bytes).map_err(|e| ApiError::from_json(e, "request body"))?;
+    let r: RouteRequest = parse(&bytes, "request body")?;
     let strategy = Strategy::parse(&r.strategy).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
