@@ -49,13 +49,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_idempotency_key("photo-42")
         .with_timeout(Duration::from_secs(5));
     let first = node.submit(op).await?;
-    println!("first:  {:?} {:?} cached={}", first.status, first.result, first.cached);
+    println!(
+        "first:  {:?} {:?} cached={}",
+        first.status, first.result, first.cached
+    );
 
     // The same idempotency key answers from the cache without running again.
     let again = node
         .submit(Operation::new("resize", payload).with_idempotency_key("photo-42"))
         .await?;
-    println!("again:  {:?} {:?} cached={}", again.status, again.result, again.cached);
+    println!(
+        "again:  {:?} {:?} cached={}",
+        again.status, again.result, again.cached
+    );
 
     // A bad payload fails with the handler's reason; nothing panics.
     let bad = node

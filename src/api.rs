@@ -263,9 +263,11 @@ impl From<SubmitError> for ApiError {
             SubmitError::Invalid { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", msg)
             }
-            SubmitError::PayloadTooLarge { .. } => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("field `payload`: {msg}"))
-            }
+            SubmitError::PayloadTooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("field `payload`: {msg}"),
+            ),
             SubmitError::DeadlineInPast => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "deadline_in_past",
@@ -290,7 +292,9 @@ impl From<RouteError> for ApiError {
             RouteError::Invalid { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", msg)
             }
-            RouteError::UnknownNode(_) => ApiError::new(StatusCode::BAD_REQUEST, "unknown_node", msg),
+            RouteError::UnknownNode(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "unknown_node", msg)
+            }
             RouteError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", msg),
             RouteError::Unavailable(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)
@@ -306,8 +310,13 @@ impl From<RouteError> for ApiError {
 fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let v = serde_path_to_error::deserialize(&mut de).map_err(|e| ApiError::from_json(e, what))?;
-    de.end()
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("{what} is not valid JSON: {e}")))?;
+    de.end().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("{what} is not valid JSON: {e}"),
+        )
+    })?;
     Ok(v)
 }
 
@@ -320,7 +329,11 @@ async fn read_body(mut body: web::Payload, limit: usize) -> Result<web::Bytes, A
     let mut buf = web::BytesMut::new();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "bad_body", format!("reading the request body: {e}"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("reading the request body: {e}"),
+            )
         })?;
         if buf.len() + chunk.len() > limit {
             return Err(ApiError::new(
@@ -383,11 +396,13 @@ fn to_operation(r: OpRequest, trace: TraceContext, now: Instant) -> Result<Opera
 
 fn with_op_headers(mut r: HttpResponse, id: &str, trace: Option<&TraceContext>) -> HttpResponse {
     if let Ok(v) = HeaderValue::from_str(id) {
-        r.headers_mut().insert(header::HeaderName::from_static(OP_ID_HEADER), v);
+        r.headers_mut()
+            .insert(header::HeaderName::from_static(OP_ID_HEADER), v);
     }
     if let Some(t) = trace {
         if let Ok(v) = HeaderValue::from_str(&t.traceparent) {
-            r.headers_mut().insert(header::HeaderName::from_static("traceparent"), v);
+            r.headers_mut()
+                .insert(header::HeaderName::from_static("traceparent"), v);
         }
     }
     r
@@ -420,7 +435,10 @@ async fn submit(
         let outcome = ticket.await;
         HttpResponse::Ok().json(OpAnswer::from_outcome(&outcome))
     } else {
-        HttpResponse::Accepted().json(OpAnswer::queued(ticket.id, Some(trace.trace_id().to_owned())))
+        HttpResponse::Accepted().json(OpAnswer::queued(
+            ticket.id,
+            Some(trace.trace_id().to_owned()),
+        ))
     };
     Ok(with_op_headers(resp, &id, Some(&trace)))
 }
@@ -442,7 +460,10 @@ async fn submit_batch(
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
-            format!("field `ops` has {} operations, over the limit of {MAX_BATCH}", b.ops.len()),
+            format!(
+                "field `ops` has {} operations, over the limit of {MAX_BATCH}",
+                b.ops.len()
+            ),
         ));
     }
     if !st.node.is_accepting() {
@@ -458,11 +479,10 @@ async fn submit_batch(
     let mut slots: Vec<Result<usize, ErrorBody>> = Vec::with_capacity(b.ops.len());
     let mut ops = Vec::with_capacity(b.ops.len());
     for (i, raw) in b.ops.iter().enumerate() {
-        let parsed = parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]"))
-            .and_then(|r| {
-                let trace = parent.clone().unwrap_or_else(TraceContext::new_root);
-                to_operation(r, trace, now)
-            });
+        let parsed = parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]")).and_then(|r| {
+            let trace = parent.clone().unwrap_or_else(TraceContext::new_root);
+            to_operation(r, trace, now)
+        });
         match parsed {
             Ok(op) => {
                 slots.push(Ok(ops.len()));
@@ -474,7 +494,8 @@ async fn submit_batch(
     let tickets = st.node.enqueue_batch(ops, true);
     let mut answers: Vec<Option<serde_json::Value>> = Vec::with_capacity(slots.len());
     let mut pending: Vec<(usize, Ticket)> = Vec::new();
-    let mut tickets: Vec<Option<Result<Ticket, SubmitError>>> = tickets.into_iter().map(Some).collect();
+    let mut tickets: Vec<Option<Result<Ticket, SubmitError>>> =
+        tickets.into_iter().map(Some).collect();
     for (pos, slot) in slots.into_iter().enumerate() {
         match slot {
             Err(body) => answers.push(Some(to_value(&body))),
@@ -492,8 +513,15 @@ async fn submit_batch(
         let outcome = t.await;
         answers[pos] = Some(to_value(&OpAnswer::from_outcome(&outcome)));
     }
-    let results = answers.into_iter().map(|a| a.unwrap_or(serde_json::Value::Null)).collect();
-    let status = if q.wait { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let results = answers
+        .into_iter()
+        .map(|a| a.unwrap_or(serde_json::Value::Null))
+        .collect();
+    let status = if q.wait {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     Ok(HttpResponse::build(status).json(BatchAnswer { results }))
 }
 
@@ -506,7 +534,11 @@ fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
     responses((status = 200, body = OpAnswer), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn get_op(st: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let op_id: OpId = id.parse().map_err(|_| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", format!("`{id}` is not an operation id (a UUID)"))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            format!("`{id}` is not an operation id (a UUID)"),
+        )
     })?;
     let t = st.node.status(&op_id).ok_or_else(|| {
         ApiError::new(
@@ -523,7 +555,11 @@ async fn get_op(st: web::Data<AppState>, id: web::Path<String>) -> Result<HttpRe
         },
     };
     answer.op_type = Some(t.op_type.to_string());
-    Ok(with_op_headers(HttpResponse::Ok().json(answer), &op_id.to_string(), None))
+    Ok(with_op_headers(
+        HttpResponse::Ok().json(answer),
+        &op_id.to_string(),
+        None,
+    ))
 }
 
 /// The routing table.
@@ -531,7 +567,11 @@ async fn get_op(st: web::Data<AppState>, id: web::Path<String>) -> Result<HttpRe
 async fn list_routes(st: web::Data<AppState>) -> HttpResponse {
     let t = st.node.routes();
     HttpResponse::Ok().json(RoutesAnswer {
-        routes: t.routes.iter().map(|(k, r)| (k.to_string(), RouteView::of(r))).collect(),
+        routes: t
+            .routes
+            .iter()
+            .map(|(k, r)| (k.to_string(), RouteView::of(r)))
+            .collect(),
         version: t.version,
     })
 }
@@ -539,7 +579,10 @@ async fn list_routes(st: web::Data<AppState>) -> HttpResponse {
 /// The route of one type.
 #[utoipa::path(get, path = "/v1/routes/{type}", params(("type" = String, Path)),
     responses((status = 200, body = RouteAnswer), (status = 404, body = ErrorBody)))]
-async fn get_route(st: web::Data<AppState>, ty: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn get_route(
+    st: web::Data<AppState>,
+    ty: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let t = st.node.routes();
     let r = t
         .routes
@@ -574,7 +617,12 @@ async fn put_route(
     })?;
     let route = Route {
         strategy,
-        nodes: r.nodes.unwrap_or_default().into_iter().map(Into::into).collect(),
+        nodes: r
+            .nodes
+            .unwrap_or_default()
+            .into_iter()
+            .map(Into::into)
+            .collect(),
     };
     let version = st.node.set_route(&ty, route.clone())?;
     Ok(HttpResponse::Ok().json(RouteAnswer {
@@ -587,7 +635,10 @@ async fn put_route(
 /// Removes the route of one type (it goes back to every node that serves it).
 #[utoipa::path(delete, path = "/v1/routes/{type}", params(("type" = String, Path)),
     responses((status = 200, description = "removed; answers the new version"), (status = 404, body = ErrorBody)))]
-async fn delete_route(st: web::Data<AppState>, ty: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn delete_route(
+    st: web::Data<AppState>,
+    ty: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let version = st.node.remove_route(&ty)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "type": ty.as_str(), "version": version })))
 }
@@ -660,11 +711,35 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "opmesh", description = "Run operations across an opmesh cluster."),
-    paths(submit, submit_batch, get_op, list_routes, get_route, put_route, delete_route,
-          health, metrics, healthz, readyz, hello),
-    components(schemas(OpRequest, BatchRequest, OpAnswer, BatchAnswer, ErrorBody, RouteRequest,
-                       RouteView, RoutesAnswer, RouteAnswer))
+    info(
+        title = "opmesh",
+        description = "Run operations across an opmesh cluster."
+    ),
+    paths(
+        submit,
+        submit_batch,
+        get_op,
+        list_routes,
+        get_route,
+        put_route,
+        delete_route,
+        health,
+        metrics,
+        healthz,
+        readyz,
+        hello
+    ),
+    components(schemas(
+        OpRequest,
+        BatchRequest,
+        OpAnswer,
+        BatchAnswer,
+        ErrorBody,
+        RouteRequest,
+        RouteView,
+        RoutesAnswer,
+        RouteAnswer
+    ))
 )]
 pub struct ApiDoc;
 
@@ -692,11 +767,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 fn query_error(e: actix_web::error::QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", format!("query string: {e}")).into()
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        format!("query string: {e}"),
+    )
+    .into()
 }
 
 fn path_error(e: actix_web::error::PathError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", format!("path: {e}")).into()
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        format!("path: {e}"),
+    )
+    .into()
 }
 
 /// A bound, running HTTP server.
@@ -752,7 +837,10 @@ pub async fn run_until(
     node.stop_accepting();
     let drained = node.drain(grace).await;
     if !drained {
-        tracing::warn!(left = node.in_flight(), "grace period over with operations unfinished");
+        tracing::warn!(
+            left = node.in_flight(),
+            "grace period over with operations unfinished"
+        );
     }
     server.handle.stop(true).await;
     let left = node.shutdown(Duration::ZERO).await;

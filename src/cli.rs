@@ -11,7 +11,11 @@ use serde_json::Value;
 use crate::bench::BenchArgs;
 
 #[derive(Parser, Debug)]
-#[command(name = "opmesh", version, about = "An actor-based cluster runtime for operations")]
+#[command(
+    name = "opmesh",
+    version,
+    about = "An actor-based cluster runtime for operations"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -146,7 +150,10 @@ fn client() -> reqwest::Client {
 /// Sends a request and returns the JSON answer; a refusal becomes an error naming the
 /// server's code and message.
 async fn call(req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
-    let resp = req.send().await.with_context(|| format!("{what}: could not reach the node"))?;
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("{what}: could not reach the node"))?;
     let status = resp.status();
     let body: Value = resp
         .json()
@@ -210,13 +217,25 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
             if let Some(d) = a.deadline_ms {
                 body["deadline_ms"] = d.into();
             }
-            let path = if a.wait { "/v1/ops?wait=true" } else { "/v1/ops" };
+            let path = if a.wait {
+                "/v1/ops?wait=true"
+            } else {
+                "/v1/ops"
+            };
             let v = call(c.post(url(&a.target, path)).json(&body), "submit").await?;
-            if a.json { print_json(&v) } else { print_op(&v) }
+            if a.json {
+                print_json(&v)
+            } else {
+                print_op(&v)
+            }
         }
         Command::Get(a) => {
             let v = call(c.get(url(&a.target, &format!("/v1/ops/{}", a.id))), "get").await?;
-            if a.json { print_json(&v) } else { print_op(&v) }
+            if a.json {
+                print_json(&v)
+            } else {
+                print_op(&v)
+            }
         }
         Command::Health(a) => {
             let v = call(c.get(url(&a.target, "/v1/health")), "health").await?;
@@ -237,16 +256,35 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
                 print_json(&v)
             } else {
                 println!("node:         {}", v["nodeId"].as_str().unwrap_or("-"));
-                println!("operations:   {} accepted, {} completed, success rate {:.4}",
-                    v["totalOperations"], v["completedOperations"], v["successRate"].as_f64().unwrap_or(0.0));
-                println!("throughput:   {:.1} ops/s", v["throughput"].as_f64().unwrap_or(0.0));
+                println!(
+                    "operations:   {} accepted, {} completed, success rate {:.4}",
+                    v["totalOperations"],
+                    v["completedOperations"],
+                    v["successRate"].as_f64().unwrap_or(0.0)
+                );
+                println!(
+                    "throughput:   {:.1} ops/s",
+                    v["throughput"].as_f64().unwrap_or(0.0)
+                );
                 let l = &v["latency"];
-                println!("latency (µs): p50 {} p95 {} p99 {} max {}", l["p50_us"], l["p95_us"], l["p99_us"], l["max_us"]);
-                println!("cache:        hit rate {:.4}", v["cacheHitRate"].as_f64().unwrap_or(0.0));
+                println!(
+                    "latency (µs): p50 {} p95 {} p99 {} max {}",
+                    l["p50_us"], l["p95_us"], l["p99_us"], l["max_us"]
+                );
+                println!(
+                    "cache:        hit rate {:.4}",
+                    v["cacheHitRate"].as_f64().unwrap_or(0.0)
+                );
                 if let Some(types) = v["perType"].as_object() {
                     for (t, s) in types {
-                        println!("  {t:<16} ok {} failed {} expired {} queued {} p99 {} µs",
-                            s["succeeded"], s["failed"], s["expired"], s["queued"], s["latency"]["p99_us"]);
+                        println!(
+                            "  {t:<16} ok {} failed {} expired {} queued {} p99 {} µs",
+                            s["succeeded"],
+                            s["failed"],
+                            s["expired"],
+                            s["queued"],
+                            s["latency"]["p99_us"]
+                        );
                     }
                 }
             }
@@ -259,20 +297,41 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
 
 async fn routes(c: &reqwest::Client, cmd: RoutesCmd) -> anyhow::Result<()> {
     let (v, json) = match cmd {
-        RoutesCmd::List(a) => (call(c.get(url(&a.target, "/v1/routes")), "routes list").await?, a.json),
+        RoutesCmd::List(a) => (
+            call(c.get(url(&a.target, "/v1/routes")), "routes list").await?,
+            a.json,
+        ),
         RoutesCmd::Get { op_type, read } => (
-            call(c.get(url(&read.target, &format!("/v1/routes/{op_type}"))), "routes get").await?,
+            call(
+                c.get(url(&read.target, &format!("/v1/routes/{op_type}"))),
+                "routes get",
+            )
+            .await?,
             read.json,
         ),
-        RoutesCmd::Set { op_type, strategy, nodes, read } => {
+        RoutesCmd::Set {
+            op_type,
+            strategy,
+            nodes,
+            read,
+        } => {
             let body = serde_json::json!({ "strategy": strategy, "nodes": nodes });
             (
-                call(c.put(url(&read.target, &format!("/v1/routes/{op_type}"))).json(&body), "routes set").await?,
+                call(
+                    c.put(url(&read.target, &format!("/v1/routes/{op_type}")))
+                        .json(&body),
+                    "routes set",
+                )
+                .await?,
                 read.json,
             )
         }
         RoutesCmd::Delete { op_type, read } => (
-            call(c.delete(url(&read.target, &format!("/v1/routes/{op_type}"))), "routes delete").await?,
+            call(
+                c.delete(url(&read.target, &format!("/v1/routes/{op_type}"))),
+                "routes delete",
+            )
+            .await?,
             read.json,
         ),
     };
@@ -284,20 +343,37 @@ async fn routes(c: &reqwest::Client, cmd: RoutesCmd) -> anyhow::Result<()> {
             println!("(no explicit routes: every type goes to the nodes that serve it)");
         }
         for (t, r) in routes {
-            println!("{t:<20} {:<16} {}", r["strategy"].as_str().unwrap_or("-"), nodes_text(&r["nodes"]));
+            println!(
+                "{t:<20} {:<16} {}",
+                r["strategy"].as_str().unwrap_or("-"),
+                nodes_text(&r["nodes"])
+            );
         }
     } else if let Some(r) = v.get("route") {
-        println!("{:<20} {:<16} {}  (version {})", v["type"].as_str().unwrap_or("-"),
-            r["strategy"].as_str().unwrap_or("-"), nodes_text(&r["nodes"]), v["version"]);
+        println!(
+            "{:<20} {:<16} {}  (version {})",
+            v["type"].as_str().unwrap_or("-"),
+            r["strategy"].as_str().unwrap_or("-"),
+            nodes_text(&r["nodes"]),
+            v["version"]
+        );
     } else {
-        println!("deleted {} (version {})", v["type"].as_str().unwrap_or("-"), v["version"]);
+        println!(
+            "deleted {} (version {})",
+            v["type"].as_str().unwrap_or("-"),
+            v["version"]
+        );
     }
     Ok(())
 }
 
 fn nodes_text(v: &Value) -> String {
     match v.as_array() {
-        Some(a) if !a.is_empty() => a.iter().filter_map(|n| n.as_str()).collect::<Vec<_>>().join(","),
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .filter_map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
         _ => "(every node serving it)".into(),
     }
 }

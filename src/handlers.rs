@@ -98,7 +98,9 @@ async fn post(
         .await
         .map_err(|e| HandlerError::retryable(format!("reading the answer of {url}: {e}")))?;
     if status.is_server_error() {
-        return Err(HandlerError::retryable(format!("POST {url} answered {status}")));
+        return Err(HandlerError::retryable(format!(
+            "POST {url} answered {status}"
+        )));
     }
     if !status.is_success() {
         return Err(HandlerError::fatal(format!("POST {url} answered {status}")));
@@ -107,6 +109,7 @@ async fn post(
         return Ok(Json::null());
     }
     Json::from_bytes(body.clone()).or_else(|_| {
-        Json::encode(&String::from_utf8_lossy(&body)).map_err(|e| HandlerError::fatal(e.to_string()))
+        Json::encode(&String::from_utf8_lossy(&body))
+            .map_err(|e| HandlerError::fatal(e.to_string()))
     })
 }

@@ -85,7 +85,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     println!("opmesh listening on http://{}", server.addr);
     tracing::info!(node = %cfg.node_id, addr = %server.addr, profile = ?cfg.profile, "serving");
     let left = api::run_until(node, server, cfg.shutdown_grace, shutdown_signal()).await?;
-    Ok(if left == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if left == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 #[tokio::main]
@@ -95,7 +99,9 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve(a).await,
         Command::Bench(a) => opmesh::bench::run(a).await.map(|_| ExitCode::SUCCESS),
-        other => opmesh::cli::run_client(other).await.map(|_| ExitCode::SUCCESS),
+        other => opmesh::cli::run_client(other)
+            .await
+            .map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

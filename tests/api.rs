@@ -39,7 +39,10 @@ async fn submit_and_wait_returns_the_result_with_id_and_trace() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let header_id = r.headers()["x-opmesh-op-id"].to_str().unwrap().to_owned();
-    assert!(r.headers()["traceparent"].to_str().unwrap().contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+    assert!(r.headers()["traceparent"]
+        .to_str()
+        .unwrap()
+        .contains("4bf92f3577b34da6a3ce929d0e0e4736"));
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["status"], "succeeded");
     assert_eq!(v["result"], json!({"hello": [1, 2, 3]}));
@@ -52,7 +55,12 @@ async fn submit_and_wait_returns_the_result_with_id_and_trace() {
 #[tokio::test]
 async fn submit_without_wait_is_accepted_then_readable() {
     let s = Server::start(&[], &[]);
-    let (status, v, h) = post(&s, "/v1/ops", &json!({"type": "sleep", "payload": {"ms": 200}})).await;
+    let (status, v, h) = post(
+        &s,
+        "/v1/ops",
+        &json!({"type": "sleep", "payload": {"ms": 200}}),
+    )
+    .await;
     assert_eq!(status, 202);
     assert_eq!(v["status"], "queued");
     let id = v["id"].as_str().unwrap().to_owned();
@@ -63,9 +71,11 @@ async fn submit_without_wait_is_accepted_then_readable() {
         get(&s, &path).await.1["status"] == "running"
     })
     .await;
-    wait_until("the operation to finish", Duration::from_secs(10), || async {
-        get(&s, &path).await.1["status"] == "succeeded"
-    })
+    wait_until(
+        "the operation to finish",
+        Duration::from_secs(10),
+        || async { get(&s, &path).await.1["status"] == "succeeded" },
+    )
     .await;
     let (status, v) = get(&s, &path).await;
     assert_eq!(status, 200);
@@ -82,9 +92,11 @@ async fn a_repeated_idempotency_key_is_answered_from_the_cache() {
     assert_eq!(a["cached"], false);
     let again = json!({"type": "echo", "payload": "second", "idempotency_key": "order-7"});
     // The first result is stored when its completion reaches the cache: wait for it.
-    wait_until("the cache to hold the result", Duration::from_secs(5), || async {
-        get(&s, "/v1/metrics").await.1["cacheStats"]["size"] == 1
-    })
+    wait_until(
+        "the cache to hold the result",
+        Duration::from_secs(5),
+        || async { get(&s, "/v1/metrics").await.1["cacheStats"]["size"] == 1 },
+    )
     .await;
     let (_, b, _) = post(&s, "/v1/ops?wait=true", &again).await;
     assert_eq!(b["cached"], true);
@@ -110,13 +122,21 @@ async fn batches_answer_in_order_with_per_item_errors() {
     assert_eq!(status, 200);
     let r = v["results"].as_array().unwrap();
     assert_eq!(r.len(), 5);
-    assert_eq!((r[0]["status"].clone(), r[0]["result"].clone()), (json!("succeeded"), json!(1)));
+    assert_eq!(
+        (r[0]["status"].clone(), r[0]["result"].clone()),
+        (json!("succeeded"), json!(1))
+    );
     assert_error(&r[1], "invalid_field", "type");
     assert_error(&r[2], "no_route", "nope");
     assert_error(&r[3], "invalid_field", "bogus");
     assert_eq!(r[4]["result"], 5);
     // Without wait: all queued, then readable.
-    let (status, v, _) = post(&s, "/v1/ops/batch", &json!({"ops": [{"type": "echo", "payload": 9}]})).await;
+    let (status, v, _) = post(
+        &s,
+        "/v1/ops/batch",
+        &json!({"ops": [{"type": "echo", "payload": 9}]}),
+    )
+    .await;
     assert_eq!(status, 202);
     let id = v["results"][0]["id"].as_str().unwrap().to_owned();
     wait_until("the batch op to finish", Duration::from_secs(5), || async {
@@ -141,7 +161,10 @@ async fn routes_can_be_set_read_and_deleted() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["version"], 2);
     let (_, v) = get(&s, "/v1/routes").await;
-    assert_eq!(v["routes"]["echo"], json!({"strategy": "pinned", "nodes": ["n1"]}));
+    assert_eq!(
+        v["routes"]["echo"],
+        json!({"strategy": "pinned", "nodes": ["n1"]})
+    );
     let (_, v) = get(&s, "/v1/routes/echo").await;
     assert_eq!(v["route"]["strategy"], "pinned");
     // Still runs, on the pinned node.
@@ -155,7 +178,11 @@ async fn routes_can_be_set_read_and_deleted() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = client().delete(s.url("/v1/routes/echo")).send().await.unwrap();
+    let r = client()
+        .delete(s.url("/v1/routes/echo"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let (status, v) = get(&s, "/v1/routes/echo").await;
     assert_eq!(status, 404);
@@ -179,7 +206,11 @@ async fn bad_routes_are_refused_naming_the_field() {
     let (st, v) = put("/v1/routes/echo", json!({"strategy": "fastest"})).await;
     assert_eq!(st, 400);
     assert_error(&v, "invalid_field", "strategy");
-    let (st, v) = put("/v1/routes/echo", json!({"strategy": "pinned", "nodes": ["ghost"]})).await;
+    let (st, v) = put(
+        "/v1/routes/echo",
+        json!({"strategy": "pinned", "nodes": ["ghost"]}),
+    )
+    .await;
     assert_eq!(st, 400);
     assert_error(&v, "unknown_node", "ghost");
     let (st, v) = put("/v1/routes/echo", json!({"strategy": "pinned", "extra": 1})).await;
@@ -188,7 +219,11 @@ async fn bad_routes_are_refused_naming_the_field() {
     let (st, v) = put("/v1/routes/bad%20type", json!({"strategy": "pinned"})).await;
     assert_eq!(st, 400);
     assert_error(&v, "invalid_field", "type");
-    let r = client().delete(s.url("/v1/routes/never-set")).send().await.unwrap();
+    let r = client()
+        .delete(s.url("/v1/routes/never-set"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
 }
 
@@ -196,19 +231,53 @@ async fn bad_routes_are_refused_naming_the_field() {
 async fn health_metrics_and_probes_carry_the_documented_fields() {
     let s = Server::start(&["--node-id", "m1"], &[]);
     for i in 0..20 {
-        post(&s, "/v1/ops?wait=true", &json!({"type": "echo", "payload": i})).await;
+        post(
+            &s,
+            "/v1/ops?wait=true",
+            &json!({"type": "echo", "payload": i}),
+        )
+        .await;
     }
-    post(&s, "/v1/ops?wait=true", &json!({"type": "sleep", "payload": {"ms": "x"}})).await;
+    post(
+        &s,
+        "/v1/ops?wait=true",
+        &json!({"type": "sleep", "payload": {"ms": "x"}}),
+    )
+    .await;
     let (status, h) = get(&s, "/v1/health").await;
     assert_eq!(status, 200);
-    for k in ["nodeId", "isRunning", "activeOperations", "queuedOperations", "completedOperations", "totalProcessed", "cacheStats", "timestamp"] {
+    for k in [
+        "nodeId",
+        "isRunning",
+        "activeOperations",
+        "queuedOperations",
+        "completedOperations",
+        "totalProcessed",
+        "cacheStats",
+        "timestamp",
+    ] {
         assert!(h.get(k).is_some(), "health lacks {k}: {h}");
     }
     assert_eq!(h["nodeId"], "m1");
     assert_eq!(h["isRunning"], true);
     let (status, m) = get(&s, "/v1/metrics").await;
     assert_eq!(status, 200);
-    for k in ["nodeId", "isRunning", "activeOperations", "queuedOperations", "completedOperations", "totalProcessed", "cacheStats", "timestamp", "totalOperations", "successRate", "throughput", "cacheHitRate", "latency", "perType"] {
+    for k in [
+        "nodeId",
+        "isRunning",
+        "activeOperations",
+        "queuedOperations",
+        "completedOperations",
+        "totalProcessed",
+        "cacheStats",
+        "timestamp",
+        "totalOperations",
+        "successRate",
+        "throughput",
+        "cacheHitRate",
+        "latency",
+        "perType",
+    ] {
         assert!(m.get(k).is_some(), "metrics lack {k}: {m}");
     }
     assert_eq!(m["totalOperations"], 21);
@@ -232,13 +301,26 @@ async fn openapi_and_dashboard_are_served() {
     let s = Server::start(&[], &[]);
     let (status, doc) = get(&s, "/openapi.json").await;
     assert_eq!(status, 200);
-    for p in ["/v1/ops", "/v1/ops/batch", "/v1/ops/{id}", "/v1/routes", "/v1/routes/{type}", "/v1/health", "/v1/metrics", "/healthz", "/readyz"] {
+    for p in [
+        "/v1/ops",
+        "/v1/ops/batch",
+        "/v1/ops/{id}",
+        "/v1/routes",
+        "/v1/routes/{type}",
+        "/v1/health",
+        "/v1/metrics",
+        "/healthz",
+        "/readyz",
+    ] {
         assert!(doc["paths"].get(p).is_some(), "openapi lacks {p}");
     }
     assert!(doc["components"]["schemas"].get("OpRequest").is_some());
     let r = client().get(s.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
     assert!(r.text().await.unwrap().contains("/v1/metrics"));
 }
 
@@ -250,7 +332,13 @@ async fn bad_input_gets_a_json_error_naming_what_was_wrong() {
         let c = c.clone();
         let url = s.url("/v1/ops");
         async move {
-            let r = c.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+            let r = c
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     };
@@ -273,7 +361,12 @@ async fn bad_input_gets_a_json_error_naming_what_was_wrong() {
     let (st, v, _) = post(&s, "/v1/ops", &json!({"type": "x".repeat(200)})).await;
     assert_eq!(st, 400);
     assert_error(&v, "invalid_field", "type");
-    let (st, v, _) = post(&s, "/v1/ops", &json!({"type": "echo", "payload": "x".repeat(1_100_000)})).await;
+    let (st, v, _) = post(
+        &s,
+        "/v1/ops",
+        &json!({"type": "echo", "payload": "x".repeat(1_100_000)}),
+    )
+    .await;
     assert_eq!(st, 413);
     assert_error(&v, "payload_too_large", "payload");
     let (st, v, _) = post(&s, "/v1/ops", &json!({"type": "echo", "deadline_ms": -5})).await;
@@ -282,7 +375,12 @@ async fn bad_input_gets_a_json_error_naming_what_was_wrong() {
     let (st, v, _) = post(&s, "/v1/ops", &json!({"type": "resize"})).await;
     assert_eq!(st, 404);
     assert_error(&v, "no_route", "resize");
-    let (st, v, _) = post(&s, "/v1/ops", &json!({"type": "echo", "metadata": {"a": {"nested": 1}}})).await;
+    let (st, v, _) = post(
+        &s,
+        "/v1/ops",
+        &json!({"type": "echo", "metadata": {"a": {"nested": 1}}}),
+    )
+    .await;
     assert_eq!(st, 400);
     assert_error(&v, "invalid_field", "metadata.a");
     let (st, v, _) = post(&s, "/v1/ops", &json!({"type": "echo", "priority": "high"})).await;
@@ -304,9 +402,19 @@ async fn bad_input_gets_a_json_error_naming_what_was_wrong() {
     assert_eq!(st, 400);
     assert_error(&v, "invalid_field", "ops");
     // Garbage bytes, then the node still serves.
-    let r = c.post(s.url("/v1/ops")).body(vec![0xff, 0x00, 0x13, 0x37]).send().await.unwrap();
+    let r = c
+        .post(s.url("/v1/ops"))
+        .body(vec![0xff, 0x00, 0x13, 0x37])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
-    let (st, v, _) = post(&s, "/v1/ops?wait=true", &json!({"type": "echo", "payload": 1})).await;
+    let (st, v, _) = post(
+        &s,
+        "/v1/ops?wait=true",
+        &json!({"type": "echo", "payload": 1}),
+    )
+    .await;
     assert_eq!((st, v["status"].clone()), (200, json!("succeeded")));
 }
 
@@ -314,16 +422,29 @@ async fn bad_input_gets_a_json_error_naming_what_was_wrong() {
 async fn a_full_queue_answers_429_with_retry_after() {
     let s = Server::start(
         &[],
-        &[("OPMESH_ENGINE__MAX_CONCURRENT", "1"), ("OPMESH_ENGINE__QUEUE_CAPACITY", "2")],
+        &[
+            ("OPMESH_ENGINE__MAX_CONCURRENT", "1"),
+            ("OPMESH_ENGINE__QUEUE_CAPACITY", "2"),
+        ],
     );
-    let (st, _, _) = post(&s, "/v1/ops", &json!({"type": "sleep", "payload": {"ms": 1000}})).await;
+    let (st, _, _) = post(
+        &s,
+        "/v1/ops",
+        &json!({"type": "sleep", "payload": {"ms": 1000}}),
+    )
+    .await;
     assert_eq!(st, 202);
     wait_until("the first op to run", Duration::from_secs(5), || async {
         get(&s, "/v1/metrics").await.1["activeOperations"] == 1
     })
     .await;
     for _ in 0..2 {
-        let (st, _, _) = post(&s, "/v1/ops", &json!({"type": "sleep", "payload": {"ms": 1}})).await;
+        let (st, _, _) = post(
+            &s,
+            "/v1/ops",
+            &json!({"type": "sleep", "payload": {"ms": 1}}),
+        )
+        .await;
         assert_eq!(st, 202);
     }
     let r = client()
@@ -333,7 +454,14 @@ async fn a_full_queue_answers_429_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
-    assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert!(
+        r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
     let v: Value = r.json().await.unwrap();
     assert_error(&v, "overloaded", "sleep");
 }

@@ -13,7 +13,15 @@ fn json_of(out: &str) -> Value {
 #[test]
 fn submit_get_and_wait_through_the_cli() {
     let s = Server::start(&["--node-id", "cli-1"], &[]);
-    let (code, out, err) = cli(&["submit", "echo", r#"{"n": 7}"#, "--wait", "--json", "--target", &s.base]);
+    let (code, out, err) = cli(&[
+        "submit",
+        "echo",
+        r#"{"n": 7}"#,
+        "--wait",
+        "--json",
+        "--target",
+        &s.base,
+    ]);
     assert_eq!(code, 0, "{err}");
     let v = json_of(&out);
     assert_eq!(v["status"], "succeeded");
@@ -29,7 +37,17 @@ fn submit_get_and_wait_through_the_cli() {
     assert!(out.contains("status:      succeeded"), "{out}");
     // An idempotency key repeats from the cache.
     for expect_cached in [false, true] {
-        let (_, out, _) = cli(&["submit", "echo", "2", "--wait", "--json", "--idempotency-key", "k1", "--target", &s.base]);
+        let (_, out, _) = cli(&[
+            "submit",
+            "echo",
+            "2",
+            "--wait",
+            "--json",
+            "--idempotency-key",
+            "k1",
+            "--target",
+            &s.base,
+        ]);
         let v = json_of(&out);
         if expect_cached {
             // The stored result may still be on its way to the cache: then it joins.
@@ -41,7 +59,18 @@ fn submit_get_and_wait_through_the_cli() {
 #[test]
 fn routes_through_the_cli() {
     let s = Server::start(&["--node-id", "cli-2"], &[]);
-    let (code, out, err) = cli(&["routes", "set", "echo", "--strategy", "pinned", "--nodes", "cli-2", "--json", "--target", &s.base]);
+    let (code, out, err) = cli(&[
+        "routes",
+        "set",
+        "echo",
+        "--strategy",
+        "pinned",
+        "--nodes",
+        "cli-2",
+        "--json",
+        "--target",
+        &s.base,
+    ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(json_of(&out)["route"]["nodes"][0], "cli-2");
     let (code, out, _) = cli(&["routes", "list", "--json", "--target", &s.base]);
@@ -50,7 +79,15 @@ fn routes_through_the_cli() {
     assert_eq!(v["routes"]["echo"]["strategy"], "pinned");
     let (_, out, _) = cli(&["routes", "list", "--target", &s.base]);
     assert!(out.contains("echo") && out.contains("pinned"), "{out}");
-    let (code, _, err) = cli(&["routes", "set", "echo", "--strategy", "bogus", "--target", &s.base]);
+    let (code, _, err) = cli(&[
+        "routes",
+        "set",
+        "echo",
+        "--strategy",
+        "bogus",
+        "--target",
+        &s.base,
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("strategy"), "{err}");
     let (code, _, _) = cli(&["routes", "delete", "echo", "--target", &s.base]);
@@ -77,7 +114,13 @@ fn health_and_metrics_through_the_cli() {
 
 #[test]
 fn client_errors_are_clear() {
-    let (code, _, err) = cli(&["submit", "echo", "{not json", "--target", "http://127.0.0.1:9"]);
+    let (code, _, err) = cli(&[
+        "submit",
+        "echo",
+        "{not json",
+        "--target",
+        "http://127.0.0.1:9",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("PAYLOAD is not valid JSON"), "{err}");
     let (code, _, err) = cli(&["health", "--target", "http://127.0.0.1:9"]);
@@ -94,7 +137,10 @@ fn serve_stops_on_invalid_configuration_naming_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("engine.max_concurrent") && err.contains("allowed"), "{err}");
+    assert!(
+        err.contains("engine.max_concurrent") && err.contains("allowed"),
+        "{err}"
+    );
     let (code, _, err) = cli(&["serve", "--profile", "fastest"]);
     assert_eq!(code, 2);
     assert!(err.contains("read-heavy"), "{err}");
@@ -107,7 +153,9 @@ fn serve_stops_on_invalid_configuration_naming_the_key() {
 fn every_profile_starts() {
     for p in opmesh::config::PROFILES {
         let s = Server::start(&["--profile", p], &[]);
-        let (code, out, _) = cli(&["submit", "echo", "1", "--wait", "--json", "--target", &s.base]);
+        let (code, out, _) = cli(&[
+            "submit", "echo", "1", "--wait", "--json", "--target", &s.base,
+        ]);
         assert_eq!(code, 0, "profile {p}");
         assert_eq!(json_of(&out)["status"], "succeeded", "profile {p}");
     }

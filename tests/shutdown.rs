@@ -16,27 +16,53 @@ async fn drain_on(sig: &str) {
         let c = c.clone();
         let url = s.url("/v1/ops?wait=true");
         async move {
-            let r = c.post(url).json(&json!({"type": "sleep", "payload": {"ms": 1200}})).send().await.unwrap();
+            let r = c
+                .post(url)
+                .json(&json!({"type": "sleep", "payload": {"ms": 1200}}))
+                .send()
+                .await
+                .unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     });
     for _ in 0..10 {
-        let r = c.post(s.url("/v1/ops")).json(&json!({"type": "sleep", "payload": {"ms": 800}})).send().await.unwrap();
+        let r = c
+            .post(s.url("/v1/ops"))
+            .json(&json!({"type": "sleep", "payload": {"ms": 800}}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
     }
     wait_until("all eleven in flight", Duration::from_secs(5), || async {
-        let m: Value = c.get(s.url("/v1/metrics")).send().await.unwrap().json().await.unwrap();
+        let m: Value = c
+            .get(s.url("/v1/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         m["inFlightOperations"] == 11
     })
     .await;
     s.signal(sig);
     wait_until("readyz to turn 503", Duration::from_secs(5), || async {
-        c.get(s.url("/readyz")).send().await.map(|r| r.status() == 503).unwrap_or(false)
+        c.get(s.url("/readyz"))
+            .send()
+            .await
+            .map(|r| r.status() == 503)
+            .unwrap_or(false)
     })
     .await;
     // Liveness stays true while draining; new work is refused.
     assert_eq!(c.get(s.url("/healthz")).send().await.unwrap().status(), 200);
-    let r = c.post(s.url("/v1/ops")).json(&json!({"type": "echo"})).send().await.unwrap();
+    let r = c
+        .post(s.url("/v1/ops"))
+        .json(&json!({"type": "echo"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "shutting_down");
@@ -61,7 +87,12 @@ async fn ctrl_c_drains_too() {
 async fn operations_left_after_the_grace_period_fail_and_the_exit_code_says_so() {
     let mut s = Server::start(&[], &[("OPMESH_SHUTDOWN__GRACE_SECS", "1")]);
     let c = client();
-    let r = c.post(s.url("/v1/ops")).json(&json!({"type": "sleep", "payload": {"ms": 60000}})).send().await.unwrap();
+    let r = c
+        .post(s.url("/v1/ops"))
+        .json(&json!({"type": "sleep", "payload": {"ms": 60000}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     s.signal("TERM");
     assert_eq!(s.wait_exit(Duration::from_secs(15)), Some(1));

@@ -289,11 +289,19 @@ mod tests {
         let t0 = Instant::now();
         let mut c = cache(10, 100);
         assert_eq!(c.lookup(key("a"), 1, t0), Lookup::Miss(1));
-        assert!(c.complete(key("a"), &outcome(OpStatus::Failed), t0).is_empty());
+        assert!(c
+            .complete(key("a"), &outcome(OpStatus::Failed), t0)
+            .is_empty());
         assert_eq!(c.lookup(key("a"), 2, t0), Lookup::Miss(2));
         c.complete(key("a"), &outcome(OpStatus::Succeeded), t0);
-        assert!(matches!(c.lookup(key("a"), 3, t0 + Duration::from_millis(50)), Lookup::Hit(3, _)));
-        assert_eq!(c.lookup(key("a"), 4, t0 + Duration::from_millis(150)), Lookup::Miss(4));
+        assert!(matches!(
+            c.lookup(key("a"), 3, t0 + Duration::from_millis(50)),
+            Lookup::Hit(3, _)
+        ));
+        assert_eq!(
+            c.lookup(key("a"), 4, t0 + Duration::from_millis(150)),
+            Lookup::Miss(4)
+        );
         assert_eq!(c.counters.snapshot().expirations, 1);
     }
 

@@ -80,7 +80,11 @@ async fn run_batch(shared: Arc<NodeShared>, batch: Vec<Job>) {
 
 /// Runs one operation to its end and completes it.
 async fn run_one(shared: &Arc<NodeShared>, job: Job) {
-    let Job { op, deadline, reply } = job;
+    let Job {
+        op,
+        deadline,
+        reply,
+    } = job;
     reply.mark_running();
     let entry = reply.entry.clone();
     let mut attempts = 0u32;
@@ -131,7 +135,9 @@ async fn run_one(shared: &Arc<NodeShared>, job: Job) {
                 break (
                     OpStatus::Expired,
                     None,
-                    Some(format!("deadline passed while the handler ran (attempt {attempts})")),
+                    Some(format!(
+                        "deadline passed while the handler ran (attempt {attempts})"
+                    )),
                 )
             }
         };

@@ -106,7 +106,10 @@ impl RetryPolicy {
     /// The wait before run number `attempt + 1`, after `attempt` failed runs (1-based).
     /// `unit` is a uniform random number in `[0, 1)`, passed in so the decision is pure.
     pub fn backoff(&self, attempt: u32, unit: f64) -> Duration {
-        let exp = self.multiplier.max(1.0).powi(attempt.saturating_sub(1) as i32);
+        let exp = self
+            .multiplier
+            .max(1.0)
+            .powi(attempt.saturating_sub(1) as i32);
         let base = (self.initial_backoff.as_secs_f64() * exp).min(self.max_backoff.as_secs_f64());
         let jitter = self.jitter.clamp(0.0, 1.0);
         let wait = base * (1.0 - jitter * unit.clamp(0.0, 1.0));

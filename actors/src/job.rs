@@ -208,8 +208,7 @@ impl Tracked {
     }
 
     fn finish(&self, outcome: OpOutcome) {
-        self.status
-            .store(outcome.status.to_u8(), Ordering::Release);
+        self.status.store(outcome.status.to_u8(), Ordering::Release);
         let _ = self.outcome.set(outcome);
         let _ = self.finished_at.set(Instant::now());
     }

@@ -30,7 +30,9 @@ pub use cache::CacheStats;
 pub use handler::{Handler, HandlerError, HandlerRegistry, HandlerResult, RetryPolicy};
 pub use job::{Ticket, Tracked};
 pub use node::{CacheConfig, EngineConfig, Node, NodeBuilder, NodeStats, StartError};
-pub use op::{Json, Limits, NodeId, OpId, OpOutcome, OpStatus, OpType, Operation, SubmitError, TraceContext};
+pub use op::{
+    Json, Limits, NodeId, OpId, OpOutcome, OpStatus, OpType, Operation, SubmitError, TraceContext,
+};
 pub use routing::{Route, RouteError, RoutingTable, Strategy};
 pub use scheduler::BatchPolicy;
 pub use supervisor::ChildKind;

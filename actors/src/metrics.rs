@@ -183,9 +183,7 @@ impl ThroughputWindow {
 
     fn observe(&mut self, now: Instant, total: u64) -> f64 {
         self.samples.push_back((now, total));
-        while self.samples.len() > 2
-            && now.duration_since(self.samples[1].0) >= WINDOW
-        {
+        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= WINDOW {
             self.samples.pop_front();
         }
         let (t0, c0) = self.samples[0];

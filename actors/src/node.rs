@@ -392,7 +392,9 @@ impl Node {
             t
         });
         let (reply, rx) = Reply::new(&op, entry, s.clone(), tracked, now);
-        let deadline = op.deadline.unwrap_or(now + s.config.limits.default_deadline);
+        let deadline = op
+            .deadline
+            .unwrap_or(now + s.config.limits.default_deadline);
         let ticket = Ticket::new(op.id, rx);
         Ok((
             Job {

@@ -364,7 +364,9 @@ pub enum SubmitError {
     DeadlineInPast,
     #[error("no handler and no route for operation type `{op_type}`")]
     NoRoute { op_type: String },
-    #[error("queue for type `{op_type}` is full ({capacity} operations); retry after {retry_after:?}")]
+    #[error(
+        "queue for type `{op_type}` is full ({capacity} operations); retry after {retry_after:?}"
+    )]
     Overloaded {
         op_type: String,
         capacity: usize,
@@ -386,7 +388,10 @@ pub fn validate_type_name(name: &str, max: usize) -> Result<(), SubmitError> {
     if name.len() > max {
         return Err(SubmitError::Invalid {
             field: "type",
-            reason: format!("is {} characters, longer than the limit of {max}", name.len()),
+            reason: format!(
+                "is {} characters, longer than the limit of {max}",
+                name.len()
+            ),
         });
     }
     if let Some(c) = name
@@ -416,11 +421,7 @@ impl Limits {
                 if v.is_empty() || v.len() > self.max_key_len {
                     return Err(SubmitError::Invalid {
                         field,
-                        reason: format!(
-                            "must be 1 to {} bytes, got {}",
-                            self.max_key_len,
-                            v.len()
-                        ),
+                        reason: format!("must be 1 to {} bytes, got {}", self.max_key_len, v.len()),
                     });
                 }
             }
@@ -479,8 +480,8 @@ mod tests {
 
     #[test]
     fn traceparent_parsing() {
-        let ok = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-            .unwrap();
+        let ok =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
         assert_eq!(ok.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         for bad in [
             "",
@@ -500,26 +501,47 @@ mod tests {
         let limits = Limits::default();
         let now = Instant::now();
         let mut op = Operation::new("", Json::null());
-        assert!(matches!(limits.check(&op, now), Err(SubmitError::Invalid { field: "type", .. })));
+        assert!(matches!(
+            limits.check(&op, now),
+            Err(SubmitError::Invalid { field: "type", .. })
+        ));
         op.op_type = "a".repeat(129).into();
-        assert!(matches!(limits.check(&op, now), Err(SubmitError::Invalid { field: "type", .. })));
+        assert!(matches!(
+            limits.check(&op, now),
+            Err(SubmitError::Invalid { field: "type", .. })
+        ));
         op.op_type = "bad type".into();
-        assert!(matches!(limits.check(&op, now), Err(SubmitError::Invalid { field: "type", .. })));
+        assert!(matches!(
+            limits.check(&op, now),
+            Err(SubmitError::Invalid { field: "type", .. })
+        ));
         op.op_type = "echo".into();
         assert!(limits.check(&op, now).is_ok());
         op.payload = Json::encode(&"x".repeat(2 << 20)).unwrap();
-        assert!(matches!(limits.check(&op, now), Err(SubmitError::PayloadTooLarge { .. })));
+        assert!(matches!(
+            limits.check(&op, now),
+            Err(SubmitError::PayloadTooLarge { .. })
+        ));
         op.payload = Json::null();
         op.idempotency_key = Some(String::new());
         assert!(matches!(
             limits.check(&op, now),
-            Err(SubmitError::Invalid { field: "idempotency_key", .. })
+            Err(SubmitError::Invalid {
+                field: "idempotency_key",
+                ..
+            })
         ));
         op.idempotency_key = None;
         for i in 0..33 {
             op.metadata.insert(format!("k{i}"), "v".into());
         }
-        assert!(matches!(limits.check(&op, now), Err(SubmitError::Invalid { field: "metadata", .. })));
+        assert!(matches!(
+            limits.check(&op, now),
+            Err(SubmitError::Invalid {
+                field: "metadata",
+                ..
+            })
+        ));
         op.metadata.clear();
         op.deadline = Some(now);
         assert_eq!(limits.check(&op, now), Err(SubmitError::DeadlineInPast));

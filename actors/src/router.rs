@@ -136,7 +136,12 @@ fn route(state: &mut RouterState) {
     let mut to_cache = Vec::new();
     let mut remote: Vec<(NodeId, Vec<Job>)> = Vec::new();
     for job in jobs {
-        match pick(&table, &job.op.op_type, job.op.key.as_deref(), &mut state.rr) {
+        match pick(
+            &table,
+            &job.op.op_type,
+            job.op.key.as_deref(),
+            &mut state.rr,
+        ) {
             Ok(node) if node == shared.node_id => {
                 if job.op.idempotency_key.is_some() {
                     to_cache.push(job);
@@ -164,7 +169,9 @@ fn route(state: &mut RouterState) {
                 for job in jobs {
                     job.reply.fail(
                         OpStatus::Failed,
-                        format!("operation routed to node `{node}`, but this node has no cluster links"),
+                        format!(
+                            "operation routed to node `{node}`, but this node has no cluster links"
+                        ),
                     );
                 }
             }

@@ -207,7 +207,10 @@ impl LocalRoutes {
         }
     }
 
-    fn update(&self, f: impl FnOnce(&mut RoutingTable) -> Result<(), RouteError>) -> Result<u64, RouteError> {
+    fn update(
+        &self,
+        f: impl FnOnce(&mut RoutingTable) -> Result<(), RouteError>,
+    ) -> Result<u64, RouteError> {
         let _guard = self.write.lock();
         let mut next = RoutingTable::clone(&self.table.load());
         f(&mut next)?;
@@ -260,9 +263,9 @@ impl RouteStore for LocalRoutes {
 
 #[cfg(test)]
 mod tests {
+    use super::Strategy;
     use super::*;
     use proptest::prelude::{any, prop_assert, prop_assert_eq, prop_assert_ne, proptest};
-    use super::Strategy;
 
     fn node(id: &str, healthy: bool, load: u64) -> NodeView {
         NodeView {
@@ -295,7 +298,11 @@ mod tests {
 
     #[test]
     fn round_robin_cycles_over_healthy_nodes() {
-        let t = table(vec![node("a", true, 0), node("b", false, 0), node("c", true, 0)]);
+        let t = table(vec![
+            node("a", true, 0),
+            node("b", false, 0),
+            node("c", true, 0),
+        ]);
         let mut rr = 0;
         let picks: Vec<String> = (0..4)
             .map(|_| pick(&t, "echo", None, &mut rr).unwrap().to_string())
@@ -305,7 +312,11 @@ mod tests {
 
     #[test]
     fn least_loaded_and_pinned() {
-        let mut t = table(vec![node("a", true, 9), node("b", true, 2), node("c", true, 5)]);
+        let mut t = table(vec![
+            node("a", true, 9),
+            node("b", true, 2),
+            node("c", true, 5),
+        ]);
         t.routes.insert(
             "echo".into(),
             Route {
@@ -357,7 +368,10 @@ mod tests {
             Err(RouteError::UnknownNode("zz".into()))
         );
         assert_eq!(r.remove_route("echo"), Ok(3));
-        assert_eq!(r.remove_route("echo"), Err(RouteError::NotFound("echo".into())));
+        assert_eq!(
+            r.remove_route("echo"),
+            Err(RouteError::NotFound("echo".into()))
+        );
     }
 
     proptest! {

@@ -240,9 +240,7 @@ impl Scheduler {
         let running = &shared.metrics.running;
         loop {
             let now = Instant::now();
-            let d = state
-                .queues
-                .dispatch(now, running.load(Ordering::Acquire));
+            let d = state.queues.dispatch(now, running.load(Ordering::Acquire));
             for job in d.expired {
                 job.reply.fail(
                     OpStatus::Expired,
@@ -406,7 +404,10 @@ mod tests {
         let d = q.dispatch(t0, 3);
         assert!(d.batches.is_empty());
         assert!(d.blocked_on_slots);
-        assert!(d.wake_at.is_some(), "a blocked queue still sweeps deadlines");
+        assert!(
+            d.wake_at.is_some(),
+            "a blocked queue still sweeps deadlines"
+        );
         let d = q.dispatch(t0, 0);
         assert_eq!(ids(&d), vec![vec![2, 3, 4]]);
     }
@@ -434,7 +435,15 @@ mod tests {
         let t0 = Instant::now();
         let mut q = Queues::new(policy(10, 0, 100));
         let a: OpType = "a".into();
-        q.push(&a, Item { id: 1, prio: 0, deadline: t0 + Duration::from_millis(1) }, t0);
+        q.push(
+            &a,
+            Item {
+                id: 1,
+                prio: 0,
+                deadline: t0 + Duration::from_millis(1),
+            },
+            t0,
+        );
         q.push(&a, item(2, 0, t0), t0);
         let d = q.dispatch(t0 + Duration::from_millis(2), 0);
         assert_eq!(d.expired.iter().map(|i| i.id).collect::<Vec<_>>(), vec![1]);

@@ -47,7 +47,12 @@ fn small(max_concurrent: usize, queue_capacity: usize) -> EngineConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_runs_and_reports_who_ran_it() {
-    let node = Node::builder().node_id("n1").handler("echo", echo).start().await.unwrap();
+    let node = Node::builder()
+        .node_id("n1")
+        .handler("echo", echo)
+        .start()
+        .await
+        .unwrap();
     let o = node
         .submit(Operation::new("echo", json(serde_json::json!({"a": 1}))))
         .await
@@ -58,7 +63,14 @@ async fn echo_runs_and_reports_who_ran_it() {
     assert_eq!(o.attempts, 1);
     assert!(!o.cached);
     let s = node.stats();
-    assert_eq!((s.total_operations, s.completed_operations, s.succeeded_operations), (1, 1, 1));
+    assert_eq!(
+        (
+            s.total_operations,
+            s.completed_operations,
+            s.succeeded_operations
+        ),
+        (1, 1, 1)
+    );
     assert_eq!(s.per_type["echo"].succeeded, 1);
     node.shutdown(Duration::from_secs(1)).await;
 }
@@ -68,7 +80,10 @@ async fn many_concurrent_operations_all_complete() {
     let node = Node::builder().handler("echo", echo).start().await.unwrap();
     let mut tickets = Vec::new();
     for i in 0..20_000 {
-        tickets.push(node.enqueue(Operation::new("echo", json(i.into()))).unwrap());
+        tickets.push(
+            node.enqueue(Operation::new("echo", json(i.into())))
+                .unwrap(),
+        );
     }
     for (i, t) in tickets.into_iter().enumerate() {
         let o = t.await;
@@ -77,7 +92,11 @@ async fn many_concurrent_operations_all_complete() {
     }
     let s = node.stats();
     assert_eq!(s.completed_operations, 20_000);
-    assert!(s.batches < 20_000, "operations should travel in batches, got {}", s.batches);
+    assert!(
+        s.batches < 20_000,
+        "operations should travel in batches, got {}",
+        s.batches
+    );
     node.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -112,11 +131,18 @@ async fn retryable_errors_are_retried_with_backoff_and_fatal_ones_are_not() {
         .await
         .unwrap();
     let t0 = Instant::now();
-    let o = node.submit(Operation::new("flaky", Json::null())).await.unwrap();
+    let o = node
+        .submit(Operation::new("flaky", Json::null()))
+        .await
+        .unwrap();
     assert_eq!(o.status, OpStatus::Succeeded, "{o:?}");
     assert_eq!(o.attempts, 3);
     // Two backoffs: 20 ms then 40 ms.
-    assert!(t0.elapsed() >= Duration::from_millis(60), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(60),
+        "{:?}",
+        t0.elapsed()
+    );
     assert_eq!(node.stats().per_type["flaky"].retries, 2);
 
     let before = calls.load(Ordering::SeqCst);
@@ -147,7 +173,10 @@ async fn retries_stop_at_max_attempts_and_name_the_count() {
         .start()
         .await
         .unwrap();
-    let o = node.submit(Operation::new("down", Json::null())).await.unwrap();
+    let o = node
+        .submit(Operation::new("down", Json::null()))
+        .await
+        .unwrap();
     assert_eq!(o.status, OpStatus::Failed);
     assert_eq!(o.attempts, 3);
     assert!(o.error.unwrap().contains("after 3 attempts"));
@@ -156,7 +185,11 @@ async fn retries_stop_at_max_attempts_and_name_the_count() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_expire_running_operations_and_refuse_past_ones() {
-    let node = Node::builder().handler("sleep", sleepy).start().await.unwrap();
+    let node = Node::builder()
+        .handler("sleep", sleepy)
+        .start()
+        .await
+        .unwrap();
     let o = node
         .submit(Operation::new("sleep", json(2000.into())).with_timeout(Duration::from_millis(50)))
         .await
@@ -165,7 +198,10 @@ async fn deadlines_expire_running_operations_and_refuse_past_ones() {
     assert!(o.error.unwrap().contains("deadline"));
     let mut op = Operation::new("sleep", json(0.into()));
     op.deadline = Some(Instant::now() - Duration::from_millis(1));
-    assert_eq!(node.submit(op).await.unwrap_err(), SubmitError::DeadlineInPast);
+    assert_eq!(
+        node.submit(op).await.unwrap_err(),
+        SubmitError::DeadlineInPast
+    );
     node.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -178,8 +214,13 @@ async fn queued_operations_expire_with_a_reason() {
         .start()
         .await
         .unwrap();
-    let long = node.enqueue(Operation::new("sleep", json(400.into()))).unwrap();
-    wait_for("the long operation to run", Duration::from_secs(5), || node.stats().active_operations == 1).await;
+    let long = node
+        .enqueue(Operation::new("sleep", json(400.into())))
+        .unwrap();
+    wait_for("the long operation to run", Duration::from_secs(5), || {
+        node.stats().active_operations == 1
+    })
+    .await;
     let o = node
         .submit(Operation::new("sleep", json(0.into())).with_timeout(Duration::from_millis(50)))
         .await
@@ -198,10 +239,16 @@ async fn a_panicking_handler_fails_its_operation_not_the_node() {
         .start()
         .await
         .unwrap();
-    let o = node.submit(Operation::new("boom", Json::null())).await.unwrap();
+    let o = node
+        .submit(Operation::new("boom", Json::null()))
+        .await
+        .unwrap();
     assert_eq!(o.status, OpStatus::Failed);
     assert!(o.error.unwrap().contains("kaboom"));
-    let o = node.submit(Operation::new("echo", Json::null())).await.unwrap();
+    let o = node
+        .submit(Operation::new("echo", Json::null()))
+        .await
+        .unwrap();
     assert_eq!(o.status, OpStatus::Succeeded);
     node.shutdown(Duration::from_secs(1)).await;
 }
@@ -219,9 +266,15 @@ async fn blocking_handlers_do_not_block_async_ones() {
         .unwrap();
     let slow = node.enqueue(Operation::new("cpu", Json::null())).unwrap();
     let t0 = Instant::now();
-    let fast = node.submit(Operation::new("echo", Json::null())).await.unwrap();
+    let fast = node
+        .submit(Operation::new("echo", Json::null()))
+        .await
+        .unwrap();
     assert_eq!(fast.status, OpStatus::Succeeded);
-    assert!(t0.elapsed() < Duration::from_millis(250), "echo waited for the blocking handler");
+    assert!(
+        t0.elapsed() < Duration::from_millis(250),
+        "echo waited for the blocking handler"
+    );
     assert_eq!(slow.await.status, OpStatus::Succeeded);
     node.shutdown(Duration::from_secs(1)).await;
 }
@@ -238,7 +291,11 @@ async fn idempotency_key_answers_from_cache_and_joins_in_flight() {
             Ok(op.payload)
         }
     };
-    let node = Node::builder().handler("work", counted).start().await.unwrap();
+    let node = Node::builder()
+        .handler("work", counted)
+        .start()
+        .await
+        .unwrap();
     // Ten at once with one key: one run, everyone gets its result.
     let tickets: Vec<_> = (0..10)
         .map(|i| {
@@ -273,7 +330,10 @@ async fn idempotency_key_answers_from_cache_and_joins_in_flight() {
         .unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     // The cache stores a result when its completion message arrives, just after the answer.
-    wait_for("the second result stored", Duration::from_secs(5), || node.cache_stats().size == 2).await;
+    wait_for("the second result stored", Duration::from_secs(5), || {
+        node.cache_stats().size == 2
+    })
+    .await;
     let c = node.cache_stats();
     assert_eq!((c.hits, c.misses, c.joined, c.size), (10, 2, 9, 2));
     node.shutdown(Duration::from_secs(1)).await;
@@ -315,13 +375,25 @@ async fn a_full_queue_pushes_back_and_frees_up() {
         .start()
         .await
         .unwrap();
-    let running = node.enqueue(Operation::new("sleep", json(300.into()))).unwrap();
-    wait_for("the first to run", Duration::from_secs(5), || node.stats().active_operations == 1).await;
+    let running = node
+        .enqueue(Operation::new("sleep", json(300.into())))
+        .unwrap();
+    wait_for("the first to run", Duration::from_secs(5), || {
+        node.stats().active_operations == 1
+    })
+    .await;
     let queued: Vec<_> = (0..3)
-        .map(|_| node.enqueue(Operation::new("sleep", json(0.into()))).unwrap())
+        .map(|_| {
+            node.enqueue(Operation::new("sleep", json(0.into())))
+                .unwrap()
+        })
         .collect();
     match node.enqueue(Operation::new("sleep", json(0.into()))) {
-        Err(SubmitError::Overloaded { op_type, capacity, retry_after }) => {
+        Err(SubmitError::Overloaded {
+            op_type,
+            capacity,
+            retry_after,
+        }) => {
             assert_eq!((op_type.as_str(), capacity), ("sleep", 3));
             assert!(retry_after > Duration::ZERO);
         }
@@ -332,7 +404,10 @@ async fn a_full_queue_pushes_back_and_frees_up() {
         assert_eq!(t.await.status, OpStatus::Succeeded);
     }
     // Room again.
-    let o = node.submit(Operation::new("sleep", json(0.into()))).await.unwrap();
+    let o = node
+        .submit(Operation::new("sleep", json(0.into())))
+        .await
+        .unwrap();
     assert_eq!(o.status, OpStatus::Succeeded);
     assert_eq!(node.stats().rejected_operations, 1);
     node.shutdown(Duration::from_secs(1)).await;
@@ -342,11 +417,17 @@ async fn a_full_queue_pushes_back_and_frees_up() {
 async fn unknown_types_and_bad_operations_are_refused() {
     let node = Node::builder().handler("echo", echo).start().await.unwrap();
     assert_eq!(
-        node.submit(Operation::new("nope", Json::null())).await.unwrap_err(),
-        SubmitError::NoRoute { op_type: "nope".into() }
+        node.submit(Operation::new("nope", Json::null()))
+            .await
+            .unwrap_err(),
+        SubmitError::NoRoute {
+            op_type: "nope".into()
+        }
     );
     assert!(matches!(
-        node.submit(Operation::new("", Json::null())).await.unwrap_err(),
+        node.submit(Operation::new("", Json::null()))
+            .await
+            .unwrap_err(),
         SubmitError::Invalid { field: "type", .. }
     ));
     let big = Json::encode(&"x".repeat(2 << 20)).unwrap();
@@ -355,7 +436,11 @@ async fn unknown_types_and_bad_operations_are_refused() {
         SubmitError::PayloadTooLarge { .. }
     ));
     let answers = node.enqueue_batch(
-        vec![Operation::new("echo", json(1.into())), Operation::new("nope", Json::null()), Operation::new("echo", json(3.into()))],
+        vec![
+            Operation::new("echo", json(1.into())),
+            Operation::new("nope", Json::null()),
+            Operation::new("echo", json(3.into())),
+        ],
         false,
     );
     assert!(answers[1].is_err());
@@ -375,7 +460,12 @@ async fn higher_priority_runs_first() {
         let o = o2.clone();
         async move {
             o.lock().push(op.priority);
-            tokio::time::sleep(Duration::from_millis(if op.priority == 100 { 200 } else { 1 })).await;
+            tokio::time::sleep(Duration::from_millis(if op.priority == 100 {
+                200
+            } else {
+                1
+            }))
+            .await;
             Ok(Json::null())
         }
     };
@@ -386,11 +476,19 @@ async fn higher_priority_runs_first() {
         .await
         .unwrap();
     // A blocker holds the only slot while the others queue up.
-    let blocker = node.enqueue(Operation::new("p", Json::null()).with_priority(100)).unwrap();
-    wait_for("the blocker to run", Duration::from_secs(5), || node.stats().active_operations == 1).await;
+    let blocker = node
+        .enqueue(Operation::new("p", Json::null()).with_priority(100))
+        .unwrap();
+    wait_for("the blocker to run", Duration::from_secs(5), || {
+        node.stats().active_operations == 1
+    })
+    .await;
     let ts: Vec<_> = [1, 5, -3, 5, 9]
         .iter()
-        .map(|p| node.enqueue(Operation::new("p", Json::null()).with_priority(*p)).unwrap())
+        .map(|p| {
+            node.enqueue(Operation::new("p", Json::null()).with_priority(*p))
+                .unwrap()
+        })
         .collect();
     blocker.await;
     for t in ts {
@@ -415,8 +513,15 @@ async fn max_concurrent_is_never_exceeded() {
             Ok(Json::null())
         }
     };
-    let node = Node::builder().config(small(4, 10_000)).handler("h", h).start().await.unwrap();
-    let ts: Vec<_> = (0..200).map(|_| node.enqueue(Operation::new("h", Json::null())).unwrap()).collect();
+    let node = Node::builder()
+        .config(small(4, 10_000))
+        .handler("h", h)
+        .start()
+        .await
+        .unwrap();
+    let ts: Vec<_> = (0..200)
+        .map(|_| node.enqueue(Operation::new("h", Json::null())).unwrap())
+        .collect();
     for t in ts {
         assert_eq!(t.await.status, OpStatus::Succeeded);
     }
@@ -426,8 +531,14 @@ async fn max_concurrent_is_never_exceeded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracked_operations_show_their_progress() {
-    let node = Node::builder().handler("sleep", sleepy).start().await.unwrap();
-    let t = node.enqueue_tracked(Operation::new("sleep", json(200.into()))).unwrap();
+    let node = Node::builder()
+        .handler("sleep", sleepy)
+        .start()
+        .await
+        .unwrap();
+    let t = node
+        .enqueue_tracked(Operation::new("sleep", json(200.into())))
+        .unwrap();
     let id = t.id;
     wait_for("running", Duration::from_secs(5), || {
         node.status(&id).unwrap().status() == OpStatus::Running
@@ -437,33 +548,63 @@ async fn tracked_operations_show_their_progress() {
     t.await;
     let rec = node.status(&id).unwrap();
     assert_eq!(rec.status(), OpStatus::Succeeded);
-    assert_eq!(rec.outcome().unwrap().result.as_ref().unwrap().as_str(), "200");
+    assert_eq!(
+        rec.outcome().unwrap().result.as_ref().unwrap().as_str(),
+        "200"
+    );
     assert!(node.status(&opmesh_actors::OpId::new()).is_none());
     node.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_actors_are_restarted_and_counted() {
-    let node = Node::builder().handler("echo", echo).handler("sleep", sleepy).start().await.unwrap();
-    for kind in [ChildKind::Router, ChildKind::Scheduler, ChildKind::Cache, ChildKind::Executor] {
+    let node = Node::builder()
+        .handler("echo", echo)
+        .handler("sleep", sleepy)
+        .start()
+        .await
+        .unwrap();
+    for kind in [
+        ChildKind::Router,
+        ChildKind::Scheduler,
+        ChildKind::Cache,
+        ChildKind::Executor,
+    ] {
         // Work held by the actor when it dies completes (failed with a reason) or runs.
         let held: Vec<_> = (0..50)
-            .map(|i| node.enqueue(Operation::new("sleep", json(20.into())).with_idempotency_key(format!("{kind:?}{i}"))).unwrap())
+            .map(|i| {
+                node.enqueue(
+                    Operation::new("sleep", json(20.into()))
+                        .with_idempotency_key(format!("{kind:?}{i}")),
+                )
+                .unwrap()
+            })
             .collect();
         let before = node.stats().actor_restarts;
         node.kill_actor(kind);
-        wait_for("the restart", Duration::from_secs(5), || node.stats().actor_restarts == before + 1).await;
+        wait_for("the restart", Duration::from_secs(5), || {
+            node.stats().actor_restarts == before + 1
+        })
+        .await;
         for t in held {
-            let o = tokio::time::timeout(Duration::from_secs(10), t).await.expect("no operation hangs");
+            let o = tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("no operation hangs");
             assert!(
-                o.status == OpStatus::Succeeded || o.error.as_deref().is_some_and(|e| e.contains("lost")),
+                o.status == OpStatus::Succeeded
+                    || o.error.as_deref().is_some_and(|e| e.contains("lost")),
                 "{kind:?}: {o:?}"
             );
         }
         // And the node works afterwards.
         let mut ok = false;
         for _ in 0..100 {
-            if node.submit(Operation::new("echo", Json::null())).await.unwrap().is_success() {
+            if node
+                .submit(Operation::new("echo", Json::null()))
+                .await
+                .unwrap()
+                .is_success()
+            {
                 ok = true;
                 break;
             }
@@ -477,19 +618,33 @@ async fn crashed_actors_are_restarted_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_then_fails_what_is_left_with_a_reason() {
-    let node = Node::builder().handler("sleep", sleepy).start().await.unwrap();
-    let short = node.enqueue(Operation::new("sleep", json(100.into()))).unwrap();
-    let long = node.enqueue(Operation::new("sleep", json(5000.into()))).unwrap();
+    let node = Node::builder()
+        .handler("sleep", sleepy)
+        .start()
+        .await
+        .unwrap();
+    let short = node
+        .enqueue(Operation::new("sleep", json(100.into())))
+        .unwrap();
+    let long = node
+        .enqueue(Operation::new("sleep", json(5000.into())))
+        .unwrap();
     let n2 = node.clone();
     let stop = tokio::spawn(async move { n2.shutdown(Duration::from_millis(400)).await });
     wait_for("draining", Duration::from_secs(5), || !node.is_accepting()).await;
     assert_eq!(
-        node.submit(Operation::new("sleep", json(0.into()))).await.unwrap_err(),
+        node.submit(Operation::new("sleep", json(0.into())))
+            .await
+            .unwrap_err(),
         SubmitError::ShuttingDown
     );
     assert_eq!(short.await.status, OpStatus::Succeeded);
     let o = long.await;
     assert_eq!(o.status, OpStatus::Failed);
     assert!(o.error.unwrap().contains("shut down"), "reason given");
-    assert_eq!(stop.await.unwrap(), 1, "one operation was left at the end of the grace period");
+    assert_eq!(
+        stop.await.unwrap(),
+        1,
+        "one operation was left at the end of the grace period"
+    );
 }

@@ -71,7 +71,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().expect("try_wait works") {
                 return status.code();
             }
-            assert!(Instant::now() < until, "opmesh did not exit within {deadline:?}");
+            assert!(
+                Instant::now() < until,
+                "opmesh did not exit within {deadline:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -102,7 +105,10 @@ where
         if cond().await {
             return;
         }
-        assert!(Instant::now() < until, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
