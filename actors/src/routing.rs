@@ -6,7 +6,6 @@
 //! key and a round-robin counter.
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -94,26 +93,58 @@ pub enum PickError {
     NoHealthyNode(String),
 }
 
-fn rendezvous_score(key: &str, node: &str) -> u64 {
-    // FxHash-like mixing over std's SipHash would also do; SipHash keyed with zeros is
-    // stable across processes, which consistent hashing needs.
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
-    key.hash(&mut h);
-    node.hash(&mut h);
-    h.finish()
+/// FNV-1a: a tiny, stable hash (the same in every process and version), which
+/// consistent hashing needs so every node maps a key to the same owner.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// SplitMix64's finaliser: spreads the bits of a combined hash evenly.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The rendezvous weight of `node` for a key whose hash is `key_hash`.
+fn rendezvous_score(key_hash: u64, node: &str) -> u64 {
+    mix(key_hash ^ fnv1a(node.as_bytes()).rotate_left(17))
+}
+
+/// The nodes that may run a type: the route's list (in its order) or every node that
+/// serves the type. Iterated without allocating; picks run once per operation.
+enum Candidates<'a> {
+    Listed(&'a RoutingTable, std::slice::Iter<'a, NodeId>),
+    Serving(&'a str, std::slice::Iter<'a, NodeView>),
+}
+
+impl<'a> Iterator for Candidates<'a> {
+    type Item = &'a NodeView;
+    fn next(&mut self) -> Option<&'a NodeView> {
+        match self {
+            Candidates::Listed(t, ids) => {
+                for id in ids.by_ref() {
+                    if let Some(n) = t.nodes.iter().find(|n| n.id == *id) {
+                        return Some(n);
+                    }
+                }
+                None
+            }
+            Candidates::Serving(op_type, nodes) => nodes.by_ref().find(|n| n.serves(op_type)),
+        }
+    }
 }
 
 impl RoutingTable {
-    /// The nodes that may run `op_type`, in route order (or node order), healthy or not.
-    fn candidates<'a>(&'a self, op_type: &str, route: Option<&'a Route>) -> Vec<&'a NodeView> {
+    fn candidates<'a>(&'a self, op_type: &'a str, route: Option<&'a Route>) -> Candidates<'a> {
         match route {
-            Some(r) if !r.nodes.is_empty() => r
-                .nodes
-                .iter()
-                .filter_map(|id| self.nodes.iter().find(|n| n.id == *id))
-                .collect(),
-            _ => self.nodes.iter().filter(|n| n.serves(op_type)).collect(),
+            Some(r) if !r.nodes.is_empty() => Candidates::Listed(self, r.nodes.iter()),
+            _ => Candidates::Serving(op_type, self.nodes.iter()),
         }
     }
 
@@ -135,35 +166,37 @@ pub fn pick(
     rr: &mut u64,
 ) -> Result<NodeId, PickError> {
     let route = table.routes.get(op_type);
-    let all = table.candidates(op_type, route);
-    if all.is_empty() {
-        return Err(PickError::NoNodeServes(op_type.to_owned()));
-    }
-    let healthy: Vec<&NodeView> = all.iter().copied().filter(|n| n.healthy).collect();
-    if healthy.is_empty() {
-        return Err(PickError::NoHealthyNode(op_type.to_owned()));
-    }
+    let healthy = || table.candidates(op_type, route).filter(|n| n.healthy);
+    let Some(first) = healthy().next() else {
+        return Err(if table.candidates(op_type, route).next().is_none() {
+            PickError::NoNodeServes(op_type.to_owned())
+        } else {
+            PickError::NoHealthyNode(op_type.to_owned())
+        });
+    };
     let strategy = match (route, key) {
         (Some(r), _) => r.strategy,
         (None, Some(_)) => Strategy::ConsistentHash,
         (None, None) => Strategy::RoundRobin,
     };
     let chosen = match (strategy, key) {
-        (Strategy::Pinned, _) => healthy[0],
-        (Strategy::LeastLoaded, _) => healthy
-            .iter()
-            .copied()
+        (Strategy::Pinned, _) => first,
+        (Strategy::LeastLoaded, _) => healthy()
             .min_by(|a, b| a.load.cmp(&b.load).then_with(|| a.id.cmp(&b.id)))
-            .expect("healthy is not empty"),
-        (Strategy::ConsistentHash, Some(k)) => healthy
-            .iter()
-            .copied()
-            .max_by_key(|n| (rendezvous_score(k, &n.id), n.id.clone()))
-            .expect("healthy is not empty"),
+            .unwrap_or(first),
+        (Strategy::ConsistentHash, Some(k)) => {
+            let kh = fnv1a(k.as_bytes());
+            healthy()
+                .map(|n| (rendezvous_score(kh, &n.id), n))
+                .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| a.id.cmp(&b.id)))
+                .map(|(_, n)| n)
+                .unwrap_or(first)
+        }
         (Strategy::RoundRobin, _) | (Strategy::ConsistentHash, None) => {
-            let i = (*rr % healthy.len() as u64) as usize;
+            let count = healthy().count() as u64;
+            let i = (*rr % count) as usize;
             *rr = rr.wrapping_add(1);
-            healthy[i]
+            healthy().nth(i).unwrap_or(first)
         }
     };
     Ok(chosen.id.clone())

@@ -1,0 +1,130 @@
+//! Microbenchmarks of the engine's pure cores: the routing pick, the result cache and the
+//! scheduler's queues. Prints nanoseconds per operation; run with
+//! `cargo bench --bench micro`.
+
+use std::hint::black_box;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opmesh::cache::{CacheCounters, Lookup, ResultCache};
+use opmesh::routing::{pick, NodeView, Route, RoutingTable, Strategy};
+use opmesh::scheduler::{BatchPolicy, Queued, Queues};
+use opmesh::{OpId, OpOutcome, OpStatus, OpType};
+
+fn measure(name: &str, n: u64, mut f: impl FnMut(u64)) {
+    // Warm up, then time.
+    for i in 0..n / 10 {
+        f(i);
+    }
+    let t = Instant::now();
+    for i in 0..n {
+        f(i);
+    }
+    let ns = t.elapsed().as_nanos() as f64 / n as f64;
+    println!("{name:<44} {ns:>8.1} ns/op");
+}
+
+fn table(n: usize, strategy: Option<Strategy>) -> RoutingTable {
+    let mut t = RoutingTable {
+        version: 1,
+        routes: Default::default(),
+        nodes: (0..n)
+            .map(|i| NodeView {
+                id: format!("node-{i}").into(),
+                healthy: true,
+                serves: vec!["echo".into()],
+                load: i as u64,
+            })
+            .collect(),
+    };
+    if let Some(s) = strategy {
+        t.routes.insert(
+            "echo".into(),
+            Route {
+                strategy: s,
+                nodes: vec![],
+            },
+        );
+    }
+    t
+}
+
+struct Item(Instant);
+
+impl Queued for Item {
+    fn priority(&self) -> i32 {
+        0
+    }
+    fn deadline(&self) -> Instant {
+        self.0
+    }
+}
+
+fn main() {
+    let keys: Vec<String> = (0..1024).map(|i| format!("user-{i}")).collect();
+    for (label, s) in [
+        ("round_robin", Strategy::RoundRobin),
+        ("least_loaded", Strategy::LeastLoaded),
+        ("consistent_hash", Strategy::ConsistentHash),
+        ("pinned", Strategy::Pinned),
+    ] {
+        for nodes in [1, 5] {
+            let t = table(nodes, Some(s));
+            let mut rr = 0;
+            measure(
+                &format!("routing pick {label}, {nodes} node(s)"),
+                2_000_000,
+                |i| {
+                    black_box(pick(&t, "echo", Some(&keys[(i & 1023) as usize]), &mut rr).ok());
+                },
+            );
+        }
+    }
+
+    let counters = Arc::new(CacheCounters::default());
+    let mut cache: ResultCache<u64> = ResultCache::new(
+        NonZeroUsize::new(100_000).unwrap(),
+        Duration::from_secs(300),
+        counters,
+    );
+    let now = Instant::now();
+    let ty: OpType = "echo".into();
+    let outcome = OpOutcome {
+        id: OpId::new(),
+        status: OpStatus::Succeeded,
+        result: None,
+        error: None,
+        cached: false,
+        executed_by: None,
+        attempts: 1,
+        trace_id: None,
+    };
+    for k in &keys {
+        let key = (ty.clone(), k.as_str().into());
+        if let Lookup::Miss(_) = cache.lookup(key, 0, now) {
+            cache.complete((ty.clone(), k.as_str().into()), &outcome, now);
+        }
+    }
+    measure("cache lookup, hit", 2_000_000, |i| {
+        let key = (ty.clone(), keys[(i & 1023) as usize].as_str().into());
+        black_box(matches!(cache.lookup(key, i, now), Lookup::Hit(..)));
+    });
+
+    let mut q: Queues<Item> = Queues::new(BatchPolicy {
+        batch_size: 256,
+        batch_flush: Duration::ZERO,
+        max_concurrent: 1 << 20,
+    });
+    let far = now + Duration::from_secs(3600);
+    measure(
+        "scheduler push + dispatch (batches of 256)",
+        2_000_000,
+        |i| {
+            q.push(&ty, Item(far), now);
+            if i % 256 == 255 {
+                black_box(q.dispatch(now, 0).batches.len());
+            }
+        },
+    );
+}
