@@ -135,7 +135,22 @@ pub struct ErrorBody {
 #[derive(Serialize, ToSchema)]
 pub struct BatchAnswer {
     #[schema(value_type = Vec<Object>)]
-    pub results: Vec<serde_json::Value>,
+    pub results: Vec<BatchItem>,
+}
+
+/// One entry of a [`BatchAnswer`].
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum BatchItem {
+    Answer(OpAnswer),
+    Refused(ErrorBody),
+}
+
+/// A batch whose entries all parse: the fast path.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypedBatch {
+    ops: Vec<OpRequest>,
 }
 
 /// A route as `PUT /v1/routes/{type}` takes it.
@@ -455,17 +470,6 @@ async fn submit_batch(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let bytes = read_body(body, st.max_body_bytes).await?;
-    let b: BatchRequest = parse(&bytes, "request body")?;
-    if b.ops.len() > MAX_BATCH {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "batch_too_large",
-            format!(
-                "field `ops` has {} operations, over the limit of {MAX_BATCH}",
-                b.ops.len()
-            ),
-        ));
-    }
     if !st.node.is_accepting() {
         return Err(SubmitError::ShuttingDown.into());
     }
@@ -475,48 +479,60 @@ async fn submit_batch(
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
     let now = Instant::now();
-    // Parse every entry; refused ones keep their place with an error.
-    let mut slots: Vec<Result<usize, ErrorBody>> = Vec::with_capacity(b.ops.len());
-    let mut ops = Vec::with_capacity(b.ops.len());
-    for (i, raw) in b.ops.iter().enumerate() {
-        let parsed = parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]")).and_then(|r| {
-            let trace = parent.clone().unwrap_or_else(TraceContext::new_root);
-            to_operation(r, trace, now)
-        });
-        match parsed {
-            Ok(op) => {
-                slots.push(Ok(ops.len()));
-                ops.push(op);
-            }
-            Err(e) => slots.push(Err(e.body())),
+    let trace = || parent.clone().unwrap_or_else(TraceContext::new_root);
+    // Each entry keeps its place: the index of its operation, or why it was refused.
+    let mut slots: Vec<Result<usize, ErrorBody>> = Vec::new();
+    let mut ops = Vec::new();
+    let mut add = |parsed: Result<Operation, ApiError>| match parsed {
+        Ok(op) => {
+            slots.push(Ok(ops.len()));
+            ops.push(op);
+        }
+        Err(e) => slots.push(Err(e.body())),
+    };
+    // Fast path: every entry is well formed, parsed in one pass. Otherwise parse entry by
+    // entry so each refusal names its own field.
+    if let Ok(b) = serde_json::from_slice::<TypedBatch>(&bytes) {
+        check_batch_len(b.ops.len())?;
+        for r in b.ops {
+            add(to_operation(r, trace(), now));
+        }
+    } else {
+        let b: BatchRequest = parse(&bytes, "request body")?;
+        check_batch_len(b.ops.len())?;
+        for (i, raw) in b.ops.iter().enumerate() {
+            add(
+                parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]"))
+                    .and_then(|r| to_operation(r, trace(), now)),
+            );
         }
     }
-    let tickets = st.node.enqueue_batch(ops, true);
-    let mut answers: Vec<Option<serde_json::Value>> = Vec::with_capacity(slots.len());
+    let mut tickets: Vec<Option<Result<Ticket, SubmitError>>> = st
+        .node
+        .enqueue_batch(ops, true)
+        .into_iter()
+        .map(Some)
+        .collect();
+    let mut results = Vec::with_capacity(slots.len());
     let mut pending: Vec<(usize, Ticket)> = Vec::new();
-    let mut tickets: Vec<Option<Result<Ticket, SubmitError>>> =
-        tickets.into_iter().map(Some).collect();
     for (pos, slot) in slots.into_iter().enumerate() {
-        match slot {
-            Err(body) => answers.push(Some(to_value(&body))),
+        results.push(match slot {
+            Err(body) => BatchItem::Refused(body),
             Ok(i) => match tickets[i].take().expect("each ticket is used once") {
-                Err(e) => answers.push(Some(to_value(&ApiError::from(e).body()))),
-                Ok(t) if q.wait => {
-                    answers.push(None);
-                    pending.push((pos, t));
+                Err(e) => BatchItem::Refused(ApiError::from(e).body()),
+                Ok(t) => {
+                    let queued = OpAnswer::queued(t.id, None);
+                    if q.wait {
+                        pending.push((pos, t));
+                    }
+                    BatchItem::Answer(queued)
                 }
-                Ok(t) => answers.push(Some(to_value(&OpAnswer::queued(t.id, None)))),
             },
-        }
+        });
     }
     for (pos, t) in pending {
-        let outcome = t.await;
-        answers[pos] = Some(to_value(&OpAnswer::from_outcome(&outcome)));
+        results[pos] = BatchItem::Answer(OpAnswer::from_outcome(&t.await));
     }
-    let results = answers
-        .into_iter()
-        .map(|a| a.unwrap_or(serde_json::Value::Null))
-        .collect();
     let status = if q.wait {
         StatusCode::OK
     } else {
@@ -525,8 +541,15 @@ async fn submit_batch(
     Ok(HttpResponse::build(status).json(BatchAnswer { results }))
 }
 
-fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+fn check_batch_len(n: usize) -> Result<(), ApiError> {
+    if n > MAX_BATCH {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("field `ops` has {n} operations, over the limit of {MAX_BATCH}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The status of an operation, and its result once it finished.

@@ -401,6 +401,10 @@ async fn bad_input_gets_a_json_error_naming_what_was_wrong() {
     let (st, v, _) = post(&s, "/v1/ops/batch", &json!({"ops": "no"})).await;
     assert_eq!(st, 400);
     assert_error(&v, "invalid_field", "ops");
+    let many: Vec<Value> = (0..100_001).map(|_| json!({"type": "echo"})).collect();
+    let (st, v, _) = post(&s, "/v1/ops/batch", &json!({ "ops": many })).await;
+    assert_eq!(st, 413);
+    assert_error(&v, "batch_too_large", "ops");
     // Garbage bytes, then the node still serves.
     let r = c
         .post(s.url("/v1/ops"))
