@@ -415,7 +415,7 @@ fn with_op_headers(mut r: HttpResponse, id: &str, trace: Option<&TraceContext>) 
             .insert(header::HeaderName::from_static(OP_ID_HEADER), v);
     }
     if let Some(t) = trace {
-        if let Ok(v) = HeaderValue::from_str(&t.traceparent) {
+        if let Ok(v) = HeaderValue::from_str(&t.traceparent()) {
             r.headers_mut()
                 .insert(header::HeaderName::from_static("traceparent"), v);
         }
@@ -443,17 +443,14 @@ async fn submit(
     let bytes = read_body(body, st.max_body_bytes).await?;
     let r: OpRequest = parse(&bytes, "request body")?;
     let trace = trace_from(&req);
-    let op = to_operation(r, trace.clone(), Instant::now())?;
+    let op = to_operation(r, trace, Instant::now())?;
     let ticket = st.node.enqueue_tracked(op)?;
     let id = ticket.id.to_string();
     let resp = if q.wait {
         let outcome = ticket.await;
         HttpResponse::Ok().json(OpAnswer::from_outcome(&outcome))
     } else {
-        HttpResponse::Accepted().json(OpAnswer::queued(
-            ticket.id,
-            Some(trace.trace_id().to_owned()),
-        ))
+        HttpResponse::Accepted().json(OpAnswer::queued(ticket.id, Some(trace.trace_id_hex())))
     };
     Ok(with_op_headers(resp, &id, Some(&trace)))
 }
@@ -479,7 +476,7 @@ async fn submit_batch(
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
     let now = Instant::now();
-    let trace = || parent.clone().unwrap_or_else(TraceContext::new_root);
+    let trace = || parent.unwrap_or_else(TraceContext::new_root);
     // Each entry keeps its place: the index of its operation, or why it was refused.
     let mut slots: Vec<Result<usize, ErrorBody>> = Vec::new();
     let mut ops = Vec::new();

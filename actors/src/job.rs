@@ -36,7 +36,7 @@ pub struct Job {
 /// dropping it uncompleted fails the operation with a reason.
 pub struct Reply {
     id: OpId,
-    trace_id: Option<Box<str>>,
+    trace_id: Option<u128>,
     tx: Option<oneshot::Sender<OpOutcome>>,
     tracked: Option<Arc<Tracked>>,
     pub(crate) entry: Arc<TypeEntry>,
@@ -61,7 +61,7 @@ impl Reply {
         let (tx, rx) = oneshot::channel();
         let reply = Reply {
             id: op.id,
-            trace_id: op.trace_context.as_ref().map(|t| t.trace_id().into()),
+            trace_id: op.trace_context.map(|t| t.trace_id),
             tx: Some(tx),
             tracked,
             entry,
@@ -88,7 +88,7 @@ impl Reply {
     pub(crate) fn finish(mut self, mut outcome: OpOutcome) {
         outcome.id = self.id;
         if outcome.trace_id.is_none() {
-            outcome.trace_id = self.trace_id.as_deref().map(str::to_owned);
+            outcome.trace_id = self.trace_id.map(|t| format!("{t:032x}"));
         }
         self.complete(outcome);
     }
@@ -108,7 +108,7 @@ impl Reply {
             cached: false,
             executed_by: None,
             attempts: 0,
-            trace_id: self.trace_id.as_deref().map(str::to_owned),
+            trace_id: self.trace_id.map(|t| format!("{t:032x}")),
         }
     }
 

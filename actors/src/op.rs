@@ -155,42 +155,57 @@ impl<'de> Deserialize<'de> for Json {
 }
 
 /// W3C trace context carried with an operation, so spans on every node join one trace.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Plain numbers: copying it costs nothing, and the `traceparent` text is made on demand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TraceContext {
-    /// The `traceparent` value: `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
-    pub traceparent: String,
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub flags: u8,
 }
 
 impl TraceContext {
-    /// Parses and checks a `traceparent` header value; `None` when malformed.
+    /// Parses and checks a `traceparent` header value
+    /// (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`); `None` when malformed.
     pub fn parse(traceparent: &str) -> Option<Self> {
         let parts: Vec<&str> = traceparent.trim().split('-').collect();
         let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-        let ok = parts.len() == 4
-            && hex(parts[0], 2)
-            && parts[0] != "ff"
-            && hex(parts[1], 32)
-            && parts[1].bytes().any(|b| b != b'0')
-            && hex(parts[2], 16)
-            && parts[2].bytes().any(|b| b != b'0')
-            && hex(parts[3], 2);
-        ok.then(|| TraceContext {
-            traceparent: traceparent.trim().to_ascii_lowercase(),
-        })
+        if parts.len() != 4
+            || !hex(parts[0], 2)
+            || parts[0].eq_ignore_ascii_case("ff")
+            || !hex(parts[1], 32)
+            || !hex(parts[2], 16)
+            || !hex(parts[3], 2)
+        {
+            return None;
+        }
+        let ctx = TraceContext {
+            trace_id: u128::from_str_radix(parts[1], 16).ok()?,
+            span_id: u64::from_str_radix(parts[2], 16).ok()?,
+            flags: u8::from_str_radix(parts[3], 16).ok()?,
+        };
+        (ctx.trace_id != 0 && ctx.span_id != 0).then_some(ctx)
     }
 
     /// A new root context with a random trace id and span id, sampled.
     pub fn new_root() -> Self {
-        let trace: u128 = rand::random::<u128>() | 1;
-        let span: u64 = rand::random::<u64>() | 1;
         TraceContext {
-            traceparent: format!("00-{trace:032x}-{span:016x}-01"),
+            trace_id: rand::random::<u128>() | 1,
+            span_id: rand::random::<u64>() | 1,
+            flags: 1,
         }
     }
 
     /// The 32-hex-digit trace id.
-    pub fn trace_id(&self) -> &str {
-        &self.traceparent[3..35]
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The `traceparent` header value.
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        )
     }
 }
 
@@ -480,9 +495,10 @@ mod tests {
 
     #[test]
     fn traceparent_parsing() {
-        let ok =
-            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
-        assert_eq!(ok.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ok = TraceContext::parse(tp).unwrap();
+        assert_eq!(ok.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(ok.traceparent(), tp);
         for bad in [
             "",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
@@ -493,7 +509,7 @@ mod tests {
             assert!(TraceContext::parse(bad).is_none(), "{bad}");
         }
         let root = TraceContext::new_root();
-        assert!(TraceContext::parse(&root.traceparent).is_some());
+        assert_eq!(TraceContext::parse(&root.traceparent()), Some(root));
     }
 
     #[test]
