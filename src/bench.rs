@@ -870,6 +870,28 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn as_many_slots_as_ops_put_every_op_in_flight_at_once() {
+        let args = parse(&[
+            "--in-process",
+            "--type",
+            "sleep",
+            "--payload",
+            r#"{"ms":300}"#,
+            "--ops",
+            "400",
+            "--concurrency",
+            "400",
+            "--warmup",
+            "0",
+        ]);
+        let r = run_report(&args).await.unwrap();
+        assert_eq!((r.ops, r.errors), (400, 0));
+        // One wave of 300 ms, not two: no driver held back operations it had no slot for.
+        assert!(r.seconds < 0.55, "{r:?}");
+        assert!(r.p50_us >= 300_000, "{r:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn open_loop_keeps_to_the_rate() {
         let args = parse(&[
             "--in-process",

@@ -118,13 +118,17 @@ impl PhaseShared {
     }
 
     /// The operation count of this driver's next request, 0 when there is none left.
-    fn claim(&self, left: &mut u64) -> u32 {
+    /// `room` is how many requests the driver could issue right now: it claims no more
+    /// than that from the shared counter, so that no driver sits on operations that
+    /// another one, with free slots, could start (think 10,000 two-second sleeps split
+    /// between two drivers).
+    fn claim(&self, left: &mut u64, room: u64) -> u32 {
         if self.abort.load(Ordering::Relaxed) {
             return 0;
         }
         let want = u64::from(self.per_request);
         if *left == 0 {
-            let chunk = CLAIM_CHUNK.div_ceil(want) * want;
+            let chunk = CLAIM_CHUNK.div_ceil(want).min(room.max(1)) * want;
             let start = self.next.fetch_add(chunk, Ordering::Relaxed);
             if start >= self.total {
                 return 0;
@@ -223,23 +227,24 @@ pub(crate) async fn drive<L: Load>(
             }
         };
         let mut finished = 0u64;
-        let mut issue = |left: &mut u64, exhausted: &mut bool, due: &mut u64| -> Option<L::Fut> {
-            if *exhausted || *due == 0 {
-                return None;
-            }
-            let n = shared.claim(left);
-            if n == 0 {
-                *exhausted = true;
-                return None;
-            }
-            *due -= 1;
-            if let Some(s) = schedule.as_mut() {
-                s.issued += 1;
-            }
-            Some(load.issue(n))
-        };
+        let mut issue =
+            |left: &mut u64, exhausted: &mut bool, due: &mut u64, room: usize| -> Option<L::Fut> {
+                if *exhausted || *due == 0 {
+                    return None;
+                }
+                let n = shared.claim(left, (*due).min(room as u64));
+                if n == 0 {
+                    *exhausted = true;
+                    return None;
+                }
+                *due -= 1;
+                if let Some(s) = schedule.as_mut() {
+                    s.issued += 1;
+                }
+                Some(load.issue(n))
+            };
         loop {
-            inflight.poll_ready(cx, |idx, mut done| {
+            let whole = inflight.poll_ready(cx, |idx, mut done| {
                 let now = Instant::now();
                 let us = now.saturating_duration_since(issued_at[idx]).as_micros() as u64;
                 let n = u64::from(done.ok + done.failed);
@@ -249,18 +254,23 @@ pub(crate) async fn drive<L: Load>(
                 out.requests += 1;
                 finished += n;
                 shared.note(&mut done);
-                let next = issue(&mut left, &mut exhausted, &mut due);
+                let next = issue(&mut left, &mut exhausted, &mut due, usize::MAX);
                 if next.is_some() {
                     issued_at[idx] = now;
                 }
                 next
             });
+            if !whole {
+                // Out of budget: the task is woken to go on later.
+                break;
+            }
             let mut put = false;
             while due > 0 && !exhausted {
+                let room = inflight.free_len();
                 let Some(idx) = inflight.take_free() else {
                     break;
                 };
-                match issue(&mut left, &mut exhausted, &mut due) {
+                match issue(&mut left, &mut exhausted, &mut due, room) {
                     Some(fut) => {
                         issued_at[idx] = Instant::now();
                         inflight.put(idx, fut);
@@ -274,7 +284,7 @@ pub(crate) async fn drive<L: Load>(
             }
         }
         if let Some(s) = schedule.as_mut() {
-            if due > 0 && !exhausted {
+            if due > 0 && !exhausted && inflight.free_len() == 0 {
                 // Due, but every slot is busy: the in-flight cap holds them back.
                 let due_upto = s.issued + due;
                 out.delayed_requests += due_upto - s.delayed_upto.max(s.issued);

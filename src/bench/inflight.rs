@@ -56,6 +56,8 @@ pub(crate) struct InFlight<F> {
     /// Empty slots, to be handed out by [`take_free`](Self::take_free).
     free: Vec<usize>,
     active: usize,
+    /// The bitmap word the next scan starts at.
+    cursor: usize,
 }
 
 impl<F: Future + Unpin> InFlight<F> {
@@ -80,12 +82,18 @@ impl<F: Future + Unpin> InFlight<F> {
             set,
             free: (0..capacity).rev().collect(),
             active: 0,
+            cursor: 0,
         }
     }
 
     /// Futures in flight.
     pub(crate) fn active(&self) -> usize {
         self.active
+    }
+
+    /// Empty slots.
+    pub(crate) fn free_len(&self) -> usize {
+        self.free.len()
     }
 
     /// An empty slot, now reserved for the caller's next [`put`](Self::put).
@@ -113,16 +121,29 @@ impl<F: Future + Unpin> InFlight<F> {
     ///
     /// The owner's waker is registered first, so a wake-up that lands after a slot was
     /// looked at schedules another call; the caller returns `Pending` when it has nothing
-    /// else to do.
+    /// else to do. When the task's cooperative budget (tokio's) runs out, the scan stops,
+    /// the task is woken to go on where it stopped, and `false` is returned.
     pub(crate) fn poll_ready(
         &mut self,
         cx: &mut Context<'_>,
         mut on_done: impl FnMut(usize, F::Output) -> Option<F>,
-    ) {
+    ) -> bool {
         self.set.owner.register(cx.waker());
-        for w in 0..self.set.bits.len() {
+        let words = self.set.bits.len();
+        // Each scan starts one word further than the last, and a scan cut short by the
+        // budget is resumed where it stopped: no slot is served first every time.
+        let start = self.cursor;
+        self.cursor = if start + 1 < words { start + 1 } else { 0 };
+        for w in (start..words).chain(0..start) {
             let mut bits = self.set.bits[w].swap(0, Ordering::AcqRel);
             while bits != 0 {
+                if !tokio::task::coop::has_budget_remaining() {
+                    // Polling now would only fail and wake the slot again.
+                    self.set.bits[w].fetch_or(bits, Ordering::AcqRel);
+                    self.cursor = w;
+                    cx.waker().wake_by_ref();
+                    return false;
+                }
                 let idx = w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 let mut slot_cx = Context::from_waker(&self.wakers[idx]);
@@ -141,6 +162,7 @@ impl<F: Future + Unpin> InFlight<F> {
                 }
             }
         }
+        true
     }
 }
 
