@@ -966,6 +966,7 @@ mod tests {
             tokio::spawn(async move {
                 while let Ok((stream, _)) = listener.accept().await {
                     conns.fetch_add(1, Ordering::Relaxed);
+                    stream.set_nodelay(true).unwrap();
                     let (ops, hello, batches) = (ops.clone(), hello.clone(), batches.clone());
                     tokio::spawn(async move {
                         let (r, mut w) = stream.into_split();
@@ -1024,13 +1025,13 @@ mod tests {
                                 }
                                 _ => ("404 Not Found", r#"{"error":"not_found"}"#.to_owned()),
                             };
-                            let head = format!(
-                                "HTTP/1.1 {code}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            // One write: head and body in one segment, as a real server
+                            // sends them (two small writes would wait on Nagle).
+                            let reply = format!(
+                                "HTTP/1.1 {code}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
                                 answer.len()
                             );
-                            if w.write_all(head.as_bytes()).await.is_err()
-                                || w.write_all(answer.as_bytes()).await.is_err()
-                            {
+                            if w.write_all(reply.as_bytes()).await.is_err() {
                                 return;
                             }
                         }
@@ -1084,8 +1085,11 @@ mod tests {
         assert_ordered(&r);
         assert_eq!(server.ops.load(Ordering::Relaxed), 2100);
         let conns = server.connections.load(Ordering::Relaxed);
+        // reqwest's pool may open a few more connections than requests in flight (a request
+        // issued just before the last one's connection went back to the pool); without
+        // keep-alive there would be one per request.
         assert!(
-            conns <= 32,
+            conns <= 64,
             "{conns} connections for 16 in flight: no keep-alive?"
         );
     }
