@@ -1,0 +1,304 @@
+//! What the bench drives: an embedded [`Node`] through the library API ([`InProcess`]),
+//! or a running node's HTTP api ([`Http`]: single operations, batches, or the plain hello
+//! route used as a baseline).
+//!
+//! Everything a request needs that does not change (the operation type, the payload, the
+//! encoded request body) is built once and cloned cheaply per request.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use opmesh_actors::{Json, Node, OpType, Operation, Ticket};
+use serde::Deserialize;
+
+use super::driver::{Done, Load};
+
+/// Drives an embedded node: one `Node::enqueue` per request, its ticket awaited in a slot.
+pub(crate) struct InProcess {
+    pub node: Node,
+    pub op_type: OpType,
+    pub payload: Json,
+}
+
+/// A request to the embedded node: waiting for its outcome, or refused at the door.
+pub(crate) enum InProcessFut {
+    Waiting(Ticket),
+    Refused(Option<String>),
+}
+
+impl Future for InProcessFut {
+    type Output = Done;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Done> {
+        match self.get_mut() {
+            InProcessFut::Waiting(ticket) => Pin::new(ticket).poll(cx).map(|outcome| {
+                if outcome.is_success() {
+                    Done::ok(1)
+                } else {
+                    let why = outcome.error.unwrap_or_default();
+                    Done::failed(1, format!("operation {}: {why}", outcome.status.as_str()))
+                }
+            }),
+            InProcessFut::Refused(why) => Poll::Ready(Done::failed(
+                1,
+                format!("refused: {}", why.take().unwrap_or_default()),
+            )),
+        }
+    }
+}
+
+impl Load for InProcess {
+    type Fut = InProcessFut;
+
+    fn issue(&self, _ops: u32) -> InProcessFut {
+        let op = Operation::new(self.op_type.clone(), self.payload.clone());
+        match self.node.enqueue(op) {
+            Ok(ticket) => InProcessFut::Waiting(ticket),
+            Err(e) => InProcessFut::Refused(Some(e.to_string())),
+        }
+    }
+}
+
+/// How long one HTTP request may take before it counts as failed. Generous: the engine's
+/// default deadline is 30 s, and a run must end by itself even if the server hangs.
+pub(crate) const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Which route an [`Http`] load posts to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// `POST /v1/ops?wait=true`, one operation per request.
+    Single,
+    /// `POST /v1/ops/batch?wait=true`, up to `--batch` operations per request.
+    Batch,
+    /// `POST /v1/bench/hello`: answered without the engine, the same bodies as the real
+    /// run (single or batch), for a baseline.
+    Hello { batch: bool },
+}
+
+/// Drives a running node over HTTP/1.1 with keep-alive (reqwest pools the connections).
+pub(crate) struct Http {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    route: Route,
+    /// `{"type":…,"payload":…}`, the one operation every request carries.
+    op: Bytes,
+    /// The body of a full request: `op` itself, or a batch of `batch` of them.
+    body: Bytes,
+    batch: u32,
+}
+
+/// Builds the HTTP client every HTTP load of one run shares.
+pub(crate) fn http_client(concurrency: usize) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(HTTP_TIMEOUT)
+        .build()
+}
+
+impl Http {
+    /// `base` is the target without a trailing slash (`http://host:port`).
+    pub(crate) fn new(
+        client: reqwest::Client,
+        base: &reqwest::Url,
+        route: Route,
+        op_type: &str,
+        payload: &Json,
+        batch: u32,
+    ) -> anyhow::Result<Self> {
+        let path = match route {
+            Route::Single => "v1/ops?wait=true",
+            Route::Batch => "v1/ops/batch?wait=true",
+            Route::Hello { .. } => "v1/bench/hello",
+        };
+        let url = base.join(path)?;
+        let op = Bytes::from(format!(
+            r#"{{"type":{},"payload":{}}}"#,
+            serde_json::to_string(op_type)?,
+            payload.as_str()
+        ));
+        let batched = matches!(route, Route::Batch | Route::Hello { batch: true });
+        let body = if batched {
+            batch_body(&op, batch)
+        } else {
+            op.clone()
+        };
+        Ok(Http {
+            client,
+            url,
+            route,
+            op,
+            body,
+            batch: if batched { batch } else { 1 },
+        })
+    }
+}
+
+fn batch_body(op: &[u8], n: u32) -> Bytes {
+    let mut body = Vec::with_capacity(10 + (op.len() + 1) * n as usize);
+    body.extend_from_slice(br#"{"ops":["#);
+    for i in 0..n {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(op);
+    }
+    body.extend_from_slice(b"]}");
+    Bytes::from(body)
+}
+
+/// The part of an operation answer the bench reads.
+#[derive(Deserialize)]
+struct Answer<'a> {
+    #[serde(borrow)]
+    status: Cow<'a, str>,
+    #[serde(default, borrow)]
+    error: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct BatchAnswer<'a> {
+    #[serde(borrow)]
+    results: Vec<Answer<'a>>,
+}
+
+impl Answer<'_> {
+    fn failure(&self) -> Option<String> {
+        (self.status != "succeeded").then(|| match &self.error {
+            Some(e) => format!("operation {}: {e}", self.status),
+            None => format!("operation {}", self.status),
+        })
+    }
+}
+
+/// Reads a 2xx answer to a request of `ops` operations.
+fn judge(route: Route, ops: u32, body: &[u8]) -> Done {
+    match route {
+        Route::Hello { .. } => Done::ok(ops),
+        Route::Single => match serde_json::from_slice::<Answer<'_>>(body) {
+            Ok(a) => match a.failure() {
+                None => Done::ok(ops),
+                Some(e) => Done::failed(ops, e),
+            },
+            Err(e) => Done::failed(ops, format!("unreadable answer: {e}: {}", snippet(body))),
+        },
+        Route::Batch => match serde_json::from_slice::<BatchAnswer<'_>>(body) {
+            Ok(b) if b.results.len() == ops as usize => {
+                let mut done = Done::ok(0);
+                for a in &b.results {
+                    match a.failure() {
+                        None => done.ok += 1,
+                        Some(e) => {
+                            done.failed += 1;
+                            done.error.get_or_insert(e);
+                        }
+                    }
+                }
+                done
+            }
+            Ok(b) => Done::failed(
+                ops,
+                format!("batch of {ops} answered with {} results", b.results.len()),
+            ),
+            Err(e) => Done::failed(ops, format!("unreadable answer: {e}: {}", snippet(body))),
+        },
+    }
+}
+
+fn snippet(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    s.trim().to_owned()
+}
+
+/// An error with its causes: reqwest's own message rarely says what went wrong.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+impl Load for Http {
+    type Fut = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+    fn issue(&self, ops: u32) -> Self::Fut {
+        let body = if ops == self.batch {
+            self.body.clone()
+        } else {
+            // The last, short batch of a run.
+            batch_body(&self.op, ops)
+        };
+        let req = self
+            .client
+            .post(self.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let route = self.route;
+        Box::pin(async move {
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => return Done::failed(ops, chain(&e)),
+            };
+            let status = resp.status();
+            let body = match resp.bytes().await {
+                Ok(b) => b,
+                Err(e) => return Done::failed(ops, format!("reading the answer: {}", chain(&e))),
+            };
+            if !status.is_success() {
+                return Done::failed(ops, format!("HTTP {status}: {}", snippet(&body)));
+            }
+            judge(route, ops, &body)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_judged_by_status() {
+        let ok = judge(
+            Route::Single,
+            1,
+            br#"{"id":"x","status":"succeeded","result":1}"#,
+        );
+        assert_eq!((ok.ok, ok.failed), (1, 0));
+        let bad = judge(
+            Route::Single,
+            1,
+            br#"{"id":"x","status":"failed","error":"boom"}"#,
+        );
+        assert_eq!((bad.ok, bad.failed), (0, 1));
+        assert_eq!(bad.error.as_deref(), Some("operation failed: boom"));
+        let garbage = judge(Route::Single, 1, b"<html>");
+        assert_eq!(garbage.failed, 1);
+        let batch = judge(
+            Route::Batch,
+            3,
+            br#"{"results":[{"status":"succeeded"},{"status":"expired"},{"status":"succeeded"}]}"#,
+        );
+        assert_eq!((batch.ok, batch.failed), (2, 1));
+        let short = judge(Route::Batch, 3, br#"{"results":[{"status":"succeeded"}]}"#);
+        assert_eq!((short.ok, short.failed), (0, 3));
+        let hello = judge(Route::Hello { batch: true }, 5, br#"{"hello":"world"}"#);
+        assert_eq!((hello.ok, hello.failed), (5, 0));
+    }
+
+    #[test]
+    fn batch_bodies_are_valid_json() {
+        let body = batch_body(br#"{"type":"echo","payload":"x"}"#, 3);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["ops"].as_array().unwrap().len(), 3);
+        assert_eq!(v["ops"][2]["type"], "echo");
+    }
+}
