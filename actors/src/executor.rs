@@ -29,6 +29,9 @@ pub enum ExecutorMsg {
 
 pub struct Executor;
 
+/// Operations one task runs; a larger batch is split over several tasks.
+const TASK_CHUNK: usize = 32;
+
 pub struct ExecutorArgs {
     pub shared: Arc<NodeShared>,
 }
@@ -59,9 +62,14 @@ impl Actor for Executor {
         state: &mut ExecutorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ExecutorMsg::Run(batch) => {
-                let shared = state.shared.clone();
-                tokio::spawn(run_batch(shared, batch));
+            ExecutorMsg::Run(mut batch) => {
+                // A batch runs as several tasks so every worker thread can take a share.
+                while batch.len() > TASK_CHUNK {
+                    let rest = batch.split_off(TASK_CHUNK);
+                    tokio::spawn(run_batch(state.shared.clone(), batch));
+                    batch = rest;
+                }
+                tokio::spawn(run_batch(state.shared.clone(), batch));
             }
         }
         Ok(())

@@ -50,7 +50,25 @@ pub struct TypeMetrics {
     pub failed: AtomicU64,
     pub expired: AtomicU64,
     pub retries: AtomicU64,
-    latency: Mutex<Histogram<u64>>,
+    /// Sharded by thread, so executors on different workers rarely share a lock.
+    latency: [Mutex<Histogram<u64>>; SHARDS],
+}
+
+const SHARDS: usize = 4;
+
+/// This thread's shard: threads take shards in turn as they first record.
+fn shard() -> usize {
+    use std::cell::Cell;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    SHARD.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
+        }
+        s.get()
+    })
 }
 
 impl Default for TypeMetrics {
@@ -60,7 +78,7 @@ impl Default for TypeMetrics {
             failed: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             retries: AtomicU64::new(0),
-            latency: Mutex::new(new_histogram()),
+            latency: std::array::from_fn(|_| Mutex::new(new_histogram())),
         }
     }
 }
@@ -91,7 +109,7 @@ impl TypeMetrics {
         if micros.is_empty() {
             return;
         }
-        let mut h = self.latency.lock();
+        let mut h = self.latency[shard()].lock();
         for &us in micros {
             h.saturating_record(us.max(1));
         }
@@ -104,12 +122,18 @@ impl TypeMetrics {
             expired: self.expired.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             queued,
-            latency: Latency::of(&self.latency.lock()),
+            latency: {
+                let mut all = new_histogram();
+                self.merge_latency_into(&mut all);
+                Latency::of(&all)
+            },
         }
     }
 
     pub(crate) fn merge_latency_into(&self, into: &mut Histogram<u64>) {
-        let _ = into.add(&*self.latency.lock());
+        for h in &self.latency {
+            let _ = into.add(&*h.lock());
+        }
     }
 }
 
