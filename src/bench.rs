@@ -359,8 +359,16 @@ async fn phase<L: Load>(
         seconds: 0.0,
         first_error: None,
     };
-    for task in tasks {
-        let out = task.await.context("a bench driver task failed")?;
+    let outs = futures::future::join_all(tasks).await;
+    result.seconds = start.elapsed().as_secs_f64();
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    for out in outs {
+        let out = out.context("a bench driver task failed")?;
         result
             .hist
             .add(&out.hist)
@@ -369,13 +377,6 @@ async fn phase<L: Load>(
         result.errors += out.errors;
         result.requests += out.requests;
         result.delayed_requests += out.delayed_requests;
-    }
-    result.seconds = start.elapsed().as_secs_f64();
-    if let Some(t) = ticker {
-        t.abort();
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
     }
     result.first_error = shared.first_error().cloned();
     let first = result.first_error.as_deref().unwrap_or("no error recorded");
