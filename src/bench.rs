@@ -47,6 +47,9 @@ mod targets;
 /// How often the in-process memory sampler reads the RSS.
 const RSS_EVERY: Duration = Duration::from_millis(10);
 
+/// How often the progress bar is updated (with the rate over that interval).
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
 /// How long the embedded node may take to finish its work after a run.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -326,10 +329,15 @@ async fn phase<L: Load>(
     let ticker = bar.clone().map(|bar| {
         let shared = shared.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_millis(100));
+            let mut every = tokio::time::interval(PROGRESS_EVERY);
+            let (mut last_at, mut last) = (Instant::now(), 0);
             loop {
                 every.tick().await;
-                bar.set_position(shared.finished.load(Ordering::Relaxed));
+                let (now, done) = (Instant::now(), shared.finished.load(Ordering::Relaxed));
+                let rate = (done - last) as f64 / now.duration_since(last_at).as_secs_f64();
+                bar.set_message(format!("{} ops/s", group(rate as u64)));
+                bar.set_position(done);
+                (last_at, last) = (now, done);
             }
         })
     });
@@ -351,8 +359,16 @@ async fn phase<L: Load>(
         seconds: 0.0,
         first_error: None,
     };
-    for task in tasks {
-        let out = task.await.context("a bench driver task failed")?;
+    let outs = futures::future::join_all(tasks).await;
+    result.seconds = start.elapsed().as_secs_f64();
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    for out in outs {
+        let out = out.context("a bench driver task failed")?;
         result
             .hist
             .add(&out.hist)
@@ -361,13 +377,6 @@ async fn phase<L: Load>(
         result.errors += out.errors;
         result.requests += out.requests;
         result.delayed_requests += out.delayed_requests;
-    }
-    result.seconds = start.elapsed().as_secs_f64();
-    if let Some(t) = ticker {
-        t.abort();
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
     }
     result.first_error = shared.first_error().cloned();
     let first = result.first_error.as_deref().unwrap_or("no error recorded");
@@ -385,7 +394,7 @@ async fn phase<L: Load>(
 
 fn progress_bar(label: &'static str, len: u64) -> ProgressBar {
     let style = ProgressStyle::with_template(
-        "{prefix:>8} [{bar:40}] {pos}/{len} ops  {per_sec}  {elapsed_precise}",
+        "{prefix:>8} [{wide_bar}] {human_pos}/{human_len} ops  {msg:>15}  {elapsed}",
     )
     .expect("static template is valid")
     .progress_chars("=> ");
