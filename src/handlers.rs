@@ -31,20 +31,31 @@ struct SleepArgs {
 }
 
 /// `sleep`: waits `{"ms": N}` milliseconds, then answers `{"slept_ms": N}`.
-pub async fn sleep(op: Operation) -> Result<Json, HandlerError> {
-    let args: SleepArgs = op
+///
+/// The payload is read before the returned future is made, so the future holds only the
+/// duration while it waits (a few bytes per sleeping operation, not the whole operation).
+pub fn sleep(op: Operation) -> impl std::future::Future<Output = Result<Json, HandlerError>> {
+    let ms = op
         .payload
-        .decode()
-        .map_err(|e| HandlerError::fatal(format!("sleep expects {{\"ms\": N}}: {e}")))?;
-    if args.ms > MAX_SLEEP_MS {
-        return Err(HandlerError::fatal(format!(
-            "sleep `ms` is {}, over the limit of {MAX_SLEEP_MS}",
-            args.ms
-        )));
+        .decode::<SleepArgs>()
+        .map_err(|e| HandlerError::fatal(format!("sleep expects {{\"ms\": N}}: {e}")))
+        .and_then(|a| {
+            if a.ms > MAX_SLEEP_MS {
+                Err(HandlerError::fatal(format!(
+                    "sleep `ms` is {}, over the limit of {MAX_SLEEP_MS}",
+                    a.ms
+                )))
+            } else {
+                Ok(a.ms)
+            }
+        });
+    drop(op);
+    async move {
+        let ms = ms?;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Json::encode(&serde_json::json!({ "slept_ms": ms }))
+            .map_err(|e| HandlerError::fatal(e.to_string()))
     }
-    tokio::time::sleep(Duration::from_millis(args.ms)).await;
-    Json::encode(&serde_json::json!({ "slept_ms": args.ms }))
-        .map_err(|e| HandlerError::fatal(e.to_string()))
 }
 
 /// Registers `echo`, `sleep` and every configured `http` target on `builder`.
