@@ -575,7 +575,7 @@ impl Node {
             cell.stop(Some("node shutdown".into()));
         }
         // Whatever never reached an actor fails here, with the reason, on drop.
-        drop(self.shared.intake.take());
+        drop(self.shared.intake.take(Vec::new()));
         left
     }
 

@@ -50,10 +50,12 @@ impl Intake {
         !std::mem::replace(&mut g.scheduled, true)
     }
 
-    pub(crate) fn take(&self) -> Vec<Job> {
+    /// Takes every waiting job, leaving `spare` (empty, with capacity) in its place, so
+    /// the intake does not grow a new buffer from nothing after every drain.
+    pub(crate) fn take(&self, spare: Vec<Job>) -> Vec<Job> {
         let mut g = self.inner.lock();
         g.scheduled = false;
-        std::mem::take(&mut g.jobs)
+        std::mem::replace(&mut g.jobs, spare)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -76,6 +78,8 @@ pub struct RouterArgs {
 pub struct RouterState {
     shared: Arc<NodeShared>,
     rr: u64,
+    /// The buffer of the previous drain, handed back to the intake on the next one.
+    spare: Vec<Job>,
 }
 
 impl Actor for Router {
@@ -91,6 +95,7 @@ impl Actor for Router {
         Ok(RouterState {
             shared: args.shared,
             rr: 0,
+            spare: Vec::new(),
         })
     }
 
@@ -127,15 +132,16 @@ impl Actor for Router {
 
 fn route(state: &mut RouterState) {
     let shared = &state.shared;
-    let jobs = shared.intake.take();
+    let mut jobs = shared.intake.take(std::mem::take(&mut state.spare));
     if jobs.is_empty() {
+        state.spare = jobs;
         return;
     }
     let table = shared.routes.snapshot();
     let mut to_scheduler = Vec::with_capacity(jobs.len());
     let mut to_cache = Vec::new();
     let mut remote: Vec<(NodeId, Vec<Job>)> = Vec::new();
-    for job in jobs {
+    for job in jobs.drain(..) {
         match pick(
             &table,
             &job.op.op_type,
@@ -156,6 +162,7 @@ fn route(state: &mut RouterState) {
             Err(e) => job.reply.fail(OpStatus::Failed, e.to_string()),
         }
     }
+    state.spare = jobs;
     if !to_cache.is_empty() {
         shared.send_cache(CacheMsg::Admit(to_cache));
     }
