@@ -504,9 +504,11 @@ async fn submit_batch(
             );
         }
     }
+    // A waited batch gets its results in the answer; only a batch that does not wait is
+    // kept for `GET /v1/ops/{id}` (tracking costs about a tenth of a batch's time).
     let mut tickets: Vec<Option<Result<Ticket, SubmitError>>> = st
         .node
-        .enqueue_batch(ops, true)
+        .enqueue_batch(ops, !q.wait)
         .into_iter()
         .map(Some)
         .collect();
