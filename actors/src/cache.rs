@@ -155,7 +155,7 @@ impl<W> ResultCache<W> {
 /// Messages of the [`Cache`] actor.
 pub enum CacheMsg {
     /// Keyed operations from the Router, in arrival order.
-    Admit(Vec<Job>),
+    Admit(Vec<Box<Job>>),
     /// A keyed operation finished.
     Completed { key: CacheKey, outcome: OpOutcome },
 }
@@ -168,10 +168,10 @@ pub struct CacheArgs {
 
 pub struct CacheState {
     shared: Arc<NodeShared>,
-    cache: ResultCache<Job>,
+    cache: ResultCache<Box<Job>>,
 }
 
-fn answer_from_cache(job: Job, outcome: &OpOutcome) {
+fn answer_from_cache(job: Box<Job>, outcome: &OpOutcome) {
     let mut o = outcome.clone();
     o.cached = true;
     o.attempts = 0;

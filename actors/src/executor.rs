@@ -24,7 +24,7 @@ use crate::op::{OpOutcome, OpStatus};
 /// Messages of the [`Executor`] actor.
 pub enum ExecutorMsg {
     /// A batch the Scheduler counted as running.
-    Run(Vec<Job>),
+    Run(Vec<Box<Job>>),
 }
 
 pub struct Executor;
@@ -76,7 +76,7 @@ impl Actor for Executor {
     }
 }
 
-async fn run_batch(shared: Arc<NodeShared>, batch: Vec<Job>) {
+async fn run_batch(shared: Arc<NodeShared>, batch: Vec<Box<Job>>) {
     if batch.len() == 1 {
         let job = batch.into_iter().next().expect("one job");
         run_one(&shared, job).await;
@@ -87,12 +87,12 @@ async fn run_batch(shared: Arc<NodeShared>, batch: Vec<Job>) {
 }
 
 /// Runs one operation to its end and completes it.
-async fn run_one(shared: &Arc<NodeShared>, job: Job) {
+async fn run_one(shared: &Arc<NodeShared>, job: Box<Job>) {
     let Job {
         op,
         deadline,
         reply,
-    } = job;
+    } = *job;
     reply.mark_running();
     let entry = reply.entry.clone();
     let mut attempts = 0u32;

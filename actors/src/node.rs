@@ -374,7 +374,7 @@ impl Node {
         op: Operation,
         track: bool,
         now: Instant,
-    ) -> Result<(Job, Ticket), SubmitError> {
+    ) -> Result<(Box<Job>, Ticket), SubmitError> {
         let s = &self.shared;
         let r = self.check(&op, now);
         let entry = match r {
@@ -397,11 +397,11 @@ impl Node {
             .unwrap_or(now + s.config.limits.default_deadline);
         let ticket = Ticket::new(op.id, rx);
         Ok((
-            Job {
+            Box::new(Job {
                 op,
                 deadline,
                 reply,
-            },
+            }),
             ticket,
         ))
     }
@@ -432,7 +432,7 @@ impl Node {
         Ok(entry.clone())
     }
 
-    fn hand_to_router(&self, jobs: impl IntoIterator<Item = Job>) {
+    fn hand_to_router(&self, jobs: impl IntoIterator<Item = Box<Job>>) {
         if self.shared.intake.push(jobs) {
             send(&self.shared.refs.router, RouterMsg::Drain);
         }
@@ -483,8 +483,7 @@ impl Node {
         let s = &self.shared;
         let m = &s.metrics;
         let now = Instant::now();
-        let mut overall = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
-            .expect("static histogram bounds are valid");
+        let mut overall = crate::metrics::new_histogram();
         let mut per_type = BTreeMap::new();
         let mut queued = 0;
         for e in s.registry.types() {

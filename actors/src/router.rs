@@ -26,7 +26,7 @@ use crate::scheduler::SchedulerMsg;
 pub trait Forwarder: Send + Sync + 'static {
     /// Hands `jobs` to `node`. The forwarder owns them from here on and must complete
     /// each one (with the remote outcome, or failed with a reason).
-    fn forward(&self, node: &NodeId, jobs: Vec<Job>);
+    fn forward(&self, node: &NodeId, jobs: Vec<Box<Job>>);
 }
 
 /// The Router's coalescing mailbox.
@@ -37,14 +37,14 @@ pub struct Intake {
 
 #[derive(Default)]
 struct IntakeInner {
-    jobs: Vec<Job>,
+    jobs: Vec<Box<Job>>,
     /// A `Drain` is on its way; no need to send another.
     scheduled: bool,
 }
 
 impl Intake {
     /// Adds jobs; returns whether the caller must send the Router a `Drain`.
-    pub(crate) fn push(&self, jobs: impl IntoIterator<Item = Job>) -> bool {
+    pub(crate) fn push(&self, jobs: impl IntoIterator<Item = Box<Job>>) -> bool {
         let mut g = self.inner.lock();
         g.jobs.extend(jobs);
         !std::mem::replace(&mut g.scheduled, true)
@@ -52,7 +52,7 @@ impl Intake {
 
     /// Takes every waiting job, leaving `spare` (empty, with capacity) in its place, so
     /// the intake does not grow a new buffer from nothing after every drain.
-    pub(crate) fn take(&self, spare: Vec<Job>) -> Vec<Job> {
+    pub(crate) fn take(&self, spare: Vec<Box<Job>>) -> Vec<Box<Job>> {
         let mut g = self.inner.lock();
         g.scheduled = false;
         std::mem::replace(&mut g.jobs, spare)
@@ -79,7 +79,7 @@ pub struct RouterState {
     shared: Arc<NodeShared>,
     rr: u64,
     /// The buffer of the previous drain, handed back to the intake on the next one.
-    spare: Vec<Job>,
+    spare: Vec<Box<Job>>,
 }
 
 impl Actor for Router {
@@ -140,7 +140,7 @@ fn route(state: &mut RouterState) {
     let table = shared.routes.snapshot();
     let mut to_scheduler = Vec::with_capacity(jobs.len());
     let mut to_cache = Vec::new();
-    let mut remote: Vec<(NodeId, Vec<Job>)> = Vec::new();
+    let mut remote: Vec<(NodeId, Vec<Box<Job>>)> = Vec::new();
     for job in jobs.drain(..) {
         match pick(
             &table,

@@ -25,6 +25,15 @@ pub trait Queued {
     fn deadline(&self) -> Instant;
 }
 
+impl<T: Queued> Queued for Box<T> {
+    fn priority(&self) -> i32 {
+        (**self).priority()
+    }
+    fn deadline(&self) -> Instant {
+        (**self).deadline()
+    }
+}
+
 impl Queued for Job {
     fn priority(&self) -> i32 {
         self.op.priority
@@ -215,7 +224,7 @@ fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 /// Messages of the [`Scheduler`] actor.
 pub enum SchedulerMsg {
     /// Operations to queue (from the Router or the Cache).
-    Enqueue(Vec<Job>),
+    Enqueue(Vec<Box<Job>>),
     /// Executors finished operations while work waited for a slot.
     SlotsFreed,
     /// A flush or deadline timer fired.
@@ -230,7 +239,7 @@ pub struct SchedulerArgs {
 
 pub struct SchedulerState {
     shared: Arc<NodeShared>,
-    queues: Queues<Job>,
+    queues: Queues<Box<Job>>,
     timer_at: Option<Instant>,
 }
 
