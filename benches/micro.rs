@@ -90,16 +90,7 @@ fn main() {
     );
     let now = Instant::now();
     let ty: OpType = "echo".into();
-    let outcome = OpOutcome {
-        id: OpId::new(),
-        status: OpStatus::Succeeded,
-        result: None,
-        error: None,
-        cached: false,
-        executed_by: None,
-        attempts: 1,
-        trace_id: None,
-    };
+    let outcome = OpOutcome::new(OpId::new(), OpStatus::Succeeded);
     for k in &keys {
         let key = (ty.clone(), k.as_str().into());
         if let Lookup::Miss(_) = cache.lookup(key, 0, now) {

@@ -107,6 +107,19 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// The keys every `--json` report has, each a number: a contract other tools read.
+pub const REPORT_KEYS: [&str; 9] = [
+    "ops",
+    "errors",
+    "seconds",
+    "ops_per_sec",
+    "p50_us",
+    "p95_us",
+    "p99_us",
+    "p999_us",
+    "max_us",
+];
+
 /// What a run measured. `--json` prints it; the first nine fields are the contract.
 #[derive(Serialize, Debug, Clone)]
 pub struct BenchReport {
@@ -646,18 +659,6 @@ mod tests {
             .args
     }
 
-    const REQUIRED: [&str; 9] = [
-        "ops",
-        "errors",
-        "seconds",
-        "ops_per_sec",
-        "p50_us",
-        "p95_us",
-        "p99_us",
-        "p999_us",
-        "max_us",
-    ];
-
     const EXTRAS: [&str; 15] = [
         "mode",
         "target",
@@ -678,7 +679,7 @@ mod tests {
 
     fn assert_report_shape(v: &serde_json::Value) {
         let obj = v.as_object().expect("the report is a JSON object");
-        for k in REQUIRED {
+        for k in REPORT_KEYS {
             assert!(
                 obj.get(k).is_some_and(|x| x.is_number()),
                 "`{k}` is missing or not a number in {v}"
@@ -686,7 +687,7 @@ mod tests {
         }
         for k in obj.keys() {
             assert!(
-                REQUIRED.contains(&k.as_str()) || EXTRAS.contains(&k.as_str()),
+                REPORT_KEYS.contains(&k.as_str()) || EXTRAS.contains(&k.as_str()),
                 "undocumented key `{k}`"
             );
         }

@@ -6,25 +6,13 @@ mod common;
 use common::{cli, Server};
 use serde_json::Value;
 
-const KEYS: [&str; 9] = [
-    "ops",
-    "errors",
-    "seconds",
-    "ops_per_sec",
-    "p50_us",
-    "p95_us",
-    "p99_us",
-    "p999_us",
-    "max_us",
-];
-
 fn last_json(out: &str) -> Value {
     let line = out.lines().last().expect("bench printed something");
     serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
 
 fn check(v: &Value, ops: u64) {
-    for k in KEYS {
+    for k in opmesh::bench::REPORT_KEYS {
         assert!(v[k].is_number(), "{k} missing or not a number: {v}");
     }
     assert_eq!(v["ops"], ops);

@@ -242,16 +242,7 @@ mod tests {
     use crate::op::OpId;
 
     fn outcome(status: OpStatus) -> OpOutcome {
-        OpOutcome {
-            id: OpId::new(),
-            status,
-            result: None,
-            error: None,
-            cached: false,
-            executed_by: None,
-            attempts: 1,
-            trace_id: None,
-        }
+        OpOutcome::new(OpId::new(), status)
     }
 
     fn key(k: &str) -> CacheKey {

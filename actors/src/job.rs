@@ -101,14 +101,8 @@ impl Reply {
 
     fn failure(&self, status: OpStatus, reason: String) -> OpOutcome {
         OpOutcome {
-            id: self.id,
-            status,
-            result: None,
-            error: Some(reason),
-            cached: false,
-            executed_by: None,
-            attempts: 0,
             trace_id: self.trace_id.map(|t| format!("{t:032x}")),
+            ..OpOutcome::failure(self.id, status, reason)
         }
     }
 
@@ -173,15 +167,12 @@ impl Future for Ticket {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<OpOutcome> {
         let id = self.id;
         Pin::new(&mut self.rx).poll(cx).map(|r| {
-            r.unwrap_or_else(|_| OpOutcome {
-                id,
-                status: OpStatus::Failed,
-                result: None,
-                error: Some("operation lost: its reply channel closed".into()),
-                cached: false,
-                executed_by: None,
-                attempts: 0,
-                trace_id: None,
+            r.unwrap_or_else(|_| {
+                OpOutcome::failure(
+                    id,
+                    OpStatus::Failed,
+                    "operation lost: its reply channel closed",
+                )
             })
         })
     }

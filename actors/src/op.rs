@@ -338,6 +338,28 @@ pub struct OpOutcome {
 }
 
 impl OpOutcome {
+    /// An outcome of `status` with nothing else set (no result, error or runner).
+    pub fn new(id: OpId, status: OpStatus) -> Self {
+        OpOutcome {
+            id,
+            status,
+            result: None,
+            error: None,
+            cached: false,
+            executed_by: None,
+            attempts: 0,
+            trace_id: None,
+        }
+    }
+
+    /// A failed (or expired) outcome with its reason.
+    pub fn failure(id: OpId, status: OpStatus, reason: impl Into<String>) -> Self {
+        OpOutcome {
+            error: Some(reason.into()),
+            ..OpOutcome::new(id, status)
+        }
+    }
+
     pub fn is_success(&self) -> bool {
         self.status == OpStatus::Succeeded
     }
