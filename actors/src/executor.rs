@@ -77,13 +77,15 @@ impl Actor for Executor {
 }
 
 async fn run_batch(shared: Arc<NodeShared>, batch: Vec<Box<Job>>) {
-    if batch.len() == 1 {
-        let job = batch.into_iter().next().expect("one job");
-        run_one(&shared, job).await;
-        return;
-    }
     let mut running: FuturesUnordered<_> = batch.into_iter().map(|j| run_one(&shared, j)).collect();
-    while running.next().await.is_some() {}
+    tokio::select! {
+        biased;
+        _ = async { while running.next().await.is_some() {} } => {}
+        // The shutdown grace period is over: dropping the operations still running fails
+        // each with the reason (a dropped `Reply` does that). One wait per task, not one
+        // per operation.
+        _ = shared.stopped.cancelled() => {}
+    }
 }
 
 /// Runs one operation to its end and completes it.
@@ -98,30 +100,19 @@ async fn run_one(shared: &Arc<NodeShared>, job: Box<Job>) {
     let mut attempts = 0u32;
     let outcome = loop {
         attempts += 1;
-        let run = async {
-            match &entry.handler {
-                HandlerKind::Async(h) => {
-                    let fut = AssertUnwindSafe(h.call(op.clone())).catch_unwind();
-                    tokio::time::timeout_at(deadline.into(), fut).await
-                }
-                HandlerKind::Blocking(f) => {
-                    let f = f.clone();
-                    let o = op.clone();
-                    let task = tokio::task::spawn_blocking(move || f(o));
-                    tokio::time::timeout_at(deadline.into(), task)
-                        .await
-                        .map(|r| r.map_err(|e| e.into_panic()))
-                }
+        let call = match &entry.handler {
+            HandlerKind::Async(h) => {
+                let fut = AssertUnwindSafe(h.call(op.clone())).catch_unwind();
+                tokio::time::timeout_at(deadline.into(), fut).await
             }
-        };
-        let call = tokio::select! {
-            biased;
-            r = run => r,
-            _ = shared.stopped.cancelled() => break (
-                OpStatus::Failed,
-                None,
-                Some("node shut down while the operation ran".to_owned()),
-            ),
+            HandlerKind::Blocking(f) => {
+                let f = f.clone();
+                let o = op.clone();
+                let task = tokio::task::spawn_blocking(move || f(o));
+                tokio::time::timeout_at(deadline.into(), task)
+                    .await
+                    .map(|r| r.map_err(|e| e.into_panic()))
+            }
         };
         let err = match call {
             Ok(Ok(Ok(result))) => break (OpStatus::Succeeded, Some(result), None),

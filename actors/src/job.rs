@@ -85,25 +85,24 @@ impl Reply {
     }
 
     /// Completes the operation with `outcome` (whose id is set to this operation's).
-    pub(crate) fn finish(mut self, mut outcome: OpOutcome) {
-        outcome.id = self.id;
-        if outcome.trace_id.is_none() {
-            outcome.trace_id = self.trace_id.map(|t| format!("{t:032x}"));
-        }
+    pub(crate) fn finish(mut self, outcome: OpOutcome) {
+        let outcome = self.stamp(outcome);
         self.complete(outcome);
     }
 
     /// Completes the operation as failed or expired with `reason`.
     pub(crate) fn fail(self, status: OpStatus, reason: impl Into<String>) {
-        let outcome = self.failure(status, reason.into());
-        self.finish(outcome);
+        let id = self.id;
+        self.finish(OpOutcome::failure(id, status, reason));
     }
 
-    fn failure(&self, status: OpStatus, reason: String) -> OpOutcome {
-        OpOutcome {
-            trace_id: self.trace_id.map(|t| format!("{t:032x}")),
-            ..OpOutcome::failure(self.id, status, reason)
+    /// Gives `outcome` this operation's id and, unless it has one, its trace id.
+    fn stamp(&self, mut outcome: OpOutcome) -> OpOutcome {
+        outcome.id = self.id;
+        if outcome.trace_id.is_none() {
+            outcome.trace_id = self.trace_id.map(|t| format!("{t:032x}"));
         }
+        outcome
     }
 
     fn complete(&mut self, outcome: OpOutcome) {
@@ -143,7 +142,7 @@ impl Drop for Reply {
             } else {
                 "operation lost: the engine actor holding it stopped (it was restarted)"
             };
-            let outcome = self.failure(OpStatus::Failed, reason.to_owned());
+            let outcome = self.stamp(OpOutcome::failure(self.id, OpStatus::Failed, reason));
             tracing::warn!(op.id = %self.id, reason, "operation failed on drop");
             self.complete(outcome);
         }
