@@ -573,7 +573,7 @@ async fn get_op(st: web::Data<AppState>, id: web::Path<String>) -> Result<HttpRe
         Some(o) => OpAnswer::from_outcome(o),
         None => OpAnswer {
             status: t.status().as_str(),
-            ..OpAnswer::queued(op_id, None)
+            ..OpAnswer::queued(op_id, t.trace_id.map(|id| format!("{id:032x}")))
         },
     };
     answer.op_type = Some(t.op_type.to_string());

@@ -71,6 +71,11 @@ async fn submit_without_wait_is_accepted_then_readable() {
         get(&s, &path).await.1["status"] == "running"
     })
     .await;
+    assert_eq!(
+        get(&s, &path).await.1["trace_id"],
+        v["trace_id"],
+        "a running operation shows its trace"
+    );
     wait_until(
         "the operation to finish",
         Duration::from_secs(10),

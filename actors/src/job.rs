@@ -181,6 +181,8 @@ impl Future for Ticket {
 pub struct Tracked {
     pub id: OpId,
     pub op_type: Arc<str>,
+    /// The operation's trace id, when it carries a trace context.
+    pub trace_id: Option<u128>,
     status: AtomicU8,
     outcome: OnceLock<OpOutcome>,
     finished_at: OnceLock<Instant>,
@@ -191,6 +193,7 @@ impl Tracked {
         Tracked {
             id: op.id,
             op_type: op.op_type.clone(),
+            trace_id: op.trace_context.map(|t| t.trace_id),
             status: AtomicU8::new(OpStatus::Queued.to_u8()),
             outcome: OnceLock::new(),
             finished_at: OnceLock::new(),
