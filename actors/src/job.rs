@@ -74,10 +74,6 @@ impl Reply {
         (reply, rx)
     }
 
-    pub fn id(&self) -> OpId {
-        self.id
-    }
-
     pub(crate) fn mark_running(&self) {
         if let Some(t) = &self.tracked {
             t.status.store(OpStatus::Running.to_u8(), Ordering::Release);
@@ -118,7 +114,7 @@ impl Reply {
         self.entry.metrics.count(outcome.status);
         self.entry
             .metrics
-            .record_latencies(&[latency.as_micros() as u64]);
+            .record_latency(latency.as_micros() as u64);
         let m = &self.shared.metrics;
         m.completed(outcome.status);
         if let Some(key) = self.cache_key.take() {

@@ -332,15 +332,17 @@ impl Node {
 
     /// Accepts `op` and returns a ticket to await its outcome.
     pub fn enqueue(&self, op: Operation) -> Result<Ticket, SubmitError> {
-        let (job, ticket) = self.admit(op, false, Instant::now())?;
-        self.hand_to_router([job]);
-        Ok(ticket)
+        self.enqueue_one(op, false)
     }
 
     /// Like [`enqueue`](Self::enqueue), and keeps the operation readable through
     /// [`status`](Self::status) while it runs and for the retention period after.
     pub fn enqueue_tracked(&self, op: Operation) -> Result<Ticket, SubmitError> {
-        let (job, ticket) = self.admit(op, true, Instant::now())?;
+        self.enqueue_one(op, true)
+    }
+
+    fn enqueue_one(&self, op: Operation, track: bool) -> Result<Ticket, SubmitError> {
+        let (job, ticket) = self.admit(op, track, Instant::now())?;
         self.hand_to_router([job]);
         Ok(ticket)
     }

@@ -147,11 +147,6 @@ impl RoutingTable {
             _ => Candidates::Serving(op_type, self.nodes.iter()),
         }
     }
-
-    /// Whether any node, healthy or not, could run `op_type` under this table.
-    pub fn knows(&self, op_type: &str) -> bool {
-        self.routes.contains_key(op_type) || self.nodes.iter().any(|n| n.serves(op_type))
-    }
 }
 
 /// Picks the node that runs an operation of `op_type` with routing `key`.
