@@ -314,6 +314,9 @@ impl From<RouteError> for ApiError {
             RouteError::Unavailable(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)
             }
+            RouteError::NoQuorum { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_quorum", msg)
+            }
         }
     }
 }
@@ -646,7 +649,7 @@ async fn put_route(
             .map(Into::into)
             .collect(),
     };
-    let version = st.node.set_route(&ty, route.clone())?;
+    let version = st.node.set_route(&ty, route.clone()).await?;
     Ok(HttpResponse::Ok().json(RouteAnswer {
         op_type: ty.to_string(),
         route: RouteView::of(&route),
@@ -661,7 +664,7 @@ async fn delete_route(
     st: web::Data<AppState>,
     ty: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let version = st.node.remove_route(&ty)?;
+    let version = st.node.remove_route(&ty).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "type": ty.as_str(), "version": version })))
 }
 

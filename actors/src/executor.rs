@@ -112,6 +112,16 @@ async fn run_one(shared: &Arc<NodeShared>, job: Box<Job>) {
                     .await
                     .map(|r| r.map_err(|e| e.into_panic()))
             }
+            HandlerKind::Remote => {
+                break (
+                    OpStatus::Failed,
+                    None,
+                    Some(format!(
+                        "node `{}` has no handler for operation type `{}`",
+                        shared.node_id, op.op_type
+                    )),
+                )
+            }
         };
         let err = match call {
             Ok(Ok(Ok(result))) => break (OpStatus::Succeeded, Some(result), None),

@@ -75,6 +75,9 @@ pub type BlockingFn = dyn Fn(Operation) -> HandlerResult + Send + Sync + 'static
 pub enum HandlerKind {
     Async(Arc<dyn Handler>),
     Blocking(Arc<BlockingFn>),
+    /// No handler here: the type runs on other nodes of the cluster, and this entry only
+    /// bounds and measures the operations this node forwards.
+    Remote,
 }
 
 /// Exponential backoff with jitter for one operation type.
@@ -134,6 +137,16 @@ pub struct TypeEntry {
 }
 
 impl TypeEntry {
+    pub(crate) fn new(name: OpType, handler: HandlerKind, retry: RetryPolicy) -> Self {
+        TypeEntry {
+            name,
+            handler,
+            retry,
+            queued: AtomicUsize::new(0),
+            metrics: TypeMetrics::default(),
+        }
+    }
+
     /// How many operations of this type wait in the scheduler's queue.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
@@ -181,17 +194,8 @@ impl HandlerRegistry {
     }
 
     fn insert(&mut self, op_type: &str, handler: HandlerKind, retry: RetryPolicy) {
-        let name: OpType = op_type.into();
-        self.types.insert(
-            name.clone(),
-            Arc::new(TypeEntry {
-                name,
-                handler,
-                retry,
-                queued: AtomicUsize::new(0),
-                metrics: TypeMetrics::default(),
-            }),
-        );
+        let entry = TypeEntry::new(op_type.into(), handler, retry);
+        self.types.insert(entry.name.clone(), Arc::new(entry));
     }
 
     pub fn get(&self, op_type: &str) -> Option<&Arc<TypeEntry>> {

@@ -81,13 +81,13 @@ impl Reply {
     }
 
     /// Completes the operation with `outcome` (whose id is set to this operation's).
-    pub(crate) fn finish(mut self, outcome: OpOutcome) {
+    pub fn finish(mut self, outcome: OpOutcome) {
         let outcome = self.stamp(outcome);
         self.complete(outcome);
     }
 
     /// Completes the operation as failed or expired with `reason`.
-    pub(crate) fn fail(self, status: OpStatus, reason: impl Into<String>) {
+    pub fn fail(self, status: OpStatus, reason: impl Into<String>) {
         let id = self.id;
         self.finish(OpOutcome::failure(id, status, reason));
     }

@@ -12,17 +12,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
 use parking_lot::Mutex;
 use ractor::{Actor, ActorRef};
 use serde::Serialize;
 
 use crate::cache::{CacheCounters, CacheKey, CacheMsg, CacheStats};
 use crate::executor::ExecutorMsg;
-use crate::handler::{Handler, HandlerRegistry, HandlerResult, RetryPolicy};
+use crate::handler::{Handler, HandlerKind, HandlerRegistry, HandlerResult, RetryPolicy, TypeEntry};
 use crate::job::{Job, OpStore, Reply, Ticket, Tracked};
 use crate::metrics::{Latency, NodeMetrics, TypeStats};
-use crate::op::{Limits, NodeId, OpId, OpOutcome, Operation, SubmitError};
-use crate::router::{Forwarder, Intake, RouterMsg};
+use crate::op::{Limits, NodeId, OpId, OpOutcome, OpType, Operation, SubmitError};
+use crate::router::{dispatch_local, Forwarder, Intake, RouterMsg};
 use crate::routing::{LocalRoutes, NodeView, Route, RouteError, RouteStore, RoutingTable};
 use crate::scheduler::{BatchPolicy, SchedulerMsg};
 use crate::supervisor::{ChildKind, NodeSupervisor};
@@ -92,6 +93,8 @@ pub struct NodeShared {
     pub cache_counters: Arc<CacheCounters>,
     pub routes: Arc<dyn RouteStore>,
     pub forwarder: Option<Arc<dyn Forwarder>>,
+    /// Types this node accepts and forwards but has no handler for (cluster only).
+    pub(crate) remote_types: DashMap<OpType, Arc<TypeEntry>>,
     pub store: OpStore,
     pub(crate) intake: Intake,
     /// The Scheduler waits for a running slot; the next finished operation wakes it.
@@ -134,6 +137,13 @@ impl NodeShared {
     pub(crate) fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
+}
+
+/// Whether an operation may be routed to another node, or must run here.
+#[derive(Clone, Copy)]
+enum Admit {
+    Routed,
+    Here,
 }
 
 /// Builds a [`Node`].
@@ -229,6 +239,7 @@ impl NodeBuilder {
             cache_counters: Arc::new(CacheCounters::default()),
             routes,
             forwarder: self.forwarder,
+            remote_types: DashMap::new(),
             intake: Intake::default(),
             slots_wanted: AtomicBool::new(false),
             refs: Refs::default(),
@@ -342,7 +353,7 @@ impl Node {
     }
 
     fn enqueue_one(&self, op: Operation, track: bool) -> Result<Ticket, SubmitError> {
-        let (job, ticket) = self.admit(op, track, Instant::now())?;
+        let (job, ticket) = self.admit(op, track, Admit::Routed, Instant::now())?;
         self.hand_to_router([job]);
         Ok(ticket)
     }
@@ -359,7 +370,7 @@ impl Node {
         let tickets = ops
             .into_iter()
             .map(|op| {
-                self.admit(op, track, now).map(|(job, t)| {
+                self.admit(op, track, Admit::Routed, now).map(|(job, t)| {
                     jobs.push(job);
                     t
                 })
@@ -371,14 +382,42 @@ impl Node {
         tickets
     }
 
+    /// Runs operations that another node routed here: they are checked against this
+    /// node's handlers and queues and go straight to its Cache/Scheduler, never routed
+    /// again (the origin already chose this node). Answers in the same order.
+    pub fn enqueue_forwarded(&self, ops: Vec<Operation>) -> Vec<Result<Ticket, SubmitError>> {
+        let now = Instant::now();
+        let mut jobs = Vec::with_capacity(ops.len());
+        let tickets = ops
+            .into_iter()
+            .map(|op| {
+                self.admit(op, false, Admit::Here, now).map(|(job, t)| {
+                    jobs.push(job);
+                    t
+                })
+            })
+            .collect();
+        dispatch_local(&self.shared, jobs);
+        tickets
+    }
+
+    /// Routes accepted operations again: the cluster layer hands back what it had
+    /// forwarded to a node that went down. They keep their ids, deadlines and waiters.
+    pub fn reroute(&self, jobs: Vec<Box<Job>>) {
+        if !jobs.is_empty() {
+            self.hand_to_router(jobs);
+        }
+    }
+
     fn admit(
         &self,
         op: Operation,
         track: bool,
+        how: Admit,
         now: Instant,
     ) -> Result<(Box<Job>, Ticket), SubmitError> {
         let s = &self.shared;
-        let r = self.check(&op, now);
+        let r = self.check(&op, how, now);
         let entry = match r {
             Ok(e) => e,
             Err(e) => {
@@ -408,22 +447,21 @@ impl Node {
         ))
     }
 
-    fn check(
-        &self,
-        op: &Operation,
-        now: Instant,
-    ) -> Result<Arc<crate::handler::TypeEntry>, SubmitError> {
+    fn check(&self, op: &Operation, how: Admit, now: Instant) -> Result<Arc<TypeEntry>, SubmitError> {
         let s = &self.shared;
         if !s.accepting.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
         }
         s.config.limits.check(op, now)?;
-        let entry = s
-            .registry
-            .get(&op.op_type)
-            .ok_or_else(|| SubmitError::NoRoute {
-                op_type: op.op_type.to_string(),
-            })?;
+        let entry = match (s.registry.get(&op.op_type), how) {
+            (Some(e), _) => e.clone(),
+            (None, Admit::Routed) => self.remote_entry(&op.op_type)?,
+            (None, Admit::Here) => {
+                return Err(SubmitError::NoRoute {
+                    op_type: op.op_type.to_string(),
+                })
+            }
+        };
         if !entry.try_reserve(s.config.queue_capacity) {
             return Err(SubmitError::Overloaded {
                 op_type: op.op_type.to_string(),
@@ -431,6 +469,31 @@ impl Node {
                 retry_after: s.config.overload_retry_after,
             });
         }
+        Ok(entry)
+    }
+
+    /// The entry of a type this node has no handler for, if the cluster routes it
+    /// somewhere: an explicit route, or a node that serves it.
+    fn remote_entry(&self, op_type: &OpType) -> Result<Arc<TypeEntry>, SubmitError> {
+        let s = &self.shared;
+        if let Some(e) = s.remote_types.get(op_type) {
+            return Ok(e.clone());
+        }
+        let table = s.routes.snapshot();
+        let routed = table.routes.contains_key(op_type)
+            || table.nodes.iter().any(|n| n.serves(op_type));
+        if s.forwarder.is_none() || !routed {
+            return Err(SubmitError::NoRoute {
+                op_type: op_type.to_string(),
+            });
+        }
+        let entry = s.remote_types.entry(op_type.clone()).or_insert_with(|| {
+            Arc::new(TypeEntry::new(
+                op_type.clone(),
+                HandlerKind::Remote,
+                s.config.retry.clone(),
+            ))
+        });
         Ok(entry.clone())
     }
 
@@ -450,7 +513,8 @@ impl Node {
         self.shared.routes.snapshot()
     }
 
-    pub fn set_route(&self, op_type: &str, route: Route) -> Result<u64, RouteError> {
+    /// Sets the route of `op_type`. In a cluster this waits until Raft commits it.
+    pub async fn set_route(&self, op_type: &str, route: Route) -> Result<u64, RouteError> {
         crate::op::validate_type_name(op_type, self.shared.config.limits.max_type_len).map_err(
             |e| RouteError::Invalid {
                 field: "type",
@@ -460,11 +524,12 @@ impl Node {
                 },
             },
         )?;
-        self.shared.routes.set_route(op_type.into(), route)
+        self.shared.routes.set_route(op_type.into(), route).await
     }
 
-    pub fn remove_route(&self, op_type: &str) -> Result<u64, RouteError> {
-        self.shared.routes.remove_route(op_type)
+    /// Removes the route of `op_type`. In a cluster this waits until Raft commits it.
+    pub async fn remove_route(&self, op_type: &str) -> Result<u64, RouteError> {
+        self.shared.routes.remove_route(op_type.into()).await
     }
 
     pub fn cache_stats(&self) -> CacheStats {
@@ -488,7 +553,8 @@ impl Node {
         let mut overall = crate::metrics::new_histogram();
         let mut per_type = BTreeMap::new();
         let mut queued = 0;
-        for e in s.registry.types() {
+        let remote: Vec<Arc<TypeEntry>> = s.remote_types.iter().map(|e| e.value().clone()).collect();
+        for e in s.registry.types().chain(remote.iter()) {
             e.metrics.merge_latency_into(&mut overall);
             queued += e.queued();
             per_type.insert(e.name.to_string(), e.metrics.snapshot(e.queued()));

@@ -130,6 +130,24 @@ impl Actor for Router {
     }
 }
 
+/// Hands jobs that run on this node on: those with an idempotency key to the Cache (it
+/// answers or admits them), the others to the Scheduler.
+pub(crate) fn dispatch_local(shared: &NodeShared, jobs: Vec<Box<Job>>) {
+    let (to_cache, to_scheduler) = jobs
+        .into_iter()
+        .partition(|j| j.op.idempotency_key.is_some());
+    send_local(shared, to_cache, to_scheduler);
+}
+
+fn send_local(shared: &NodeShared, to_cache: Vec<Box<Job>>, to_scheduler: Vec<Box<Job>>) {
+    if !to_cache.is_empty() {
+        shared.send_cache(CacheMsg::Admit(to_cache));
+    }
+    if !to_scheduler.is_empty() {
+        shared.send_scheduler(SchedulerMsg::Enqueue(to_scheduler));
+    }
+}
+
 fn route(state: &mut RouterState) {
     let shared = &state.shared;
     let mut jobs = shared.intake.take(std::mem::take(&mut state.spare));
@@ -163,12 +181,7 @@ fn route(state: &mut RouterState) {
         }
     }
     state.spare = jobs;
-    if !to_cache.is_empty() {
-        shared.send_cache(CacheMsg::Admit(to_cache));
-    }
-    if !to_scheduler.is_empty() {
-        shared.send_scheduler(SchedulerMsg::Enqueue(to_scheduler));
-    }
+    send_local(shared, to_cache, to_scheduler);
     for (node, jobs) in remote {
         match &shared.forwarder {
             Some(f) => f.forward(&node, jobs),

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -208,18 +210,24 @@ pub enum RouteError {
     NotFound(String),
     #[error("route change failed: {0}")]
     Unavailable(String),
+    /// This node cannot reach a leader that can commit the change.
+    #[error("{message}")]
+    NoQuorum { message: String },
 }
 
 /// Where the routing table lives and how it changes. On a single node, in memory
-/// ([`LocalRoutes`]); in a cluster, replicated by Raft.
+/// ([`LocalRoutes`]); in a cluster, replicated by Raft (a write waits for the commit).
 pub trait RouteStore: Send + Sync + 'static {
     /// The current snapshot; cheap, never waits.
     fn snapshot(&self) -> Arc<RoutingTable>;
-    /// Sets the route of `op_type`; returns the new table version.
-    fn set_route(&self, op_type: OpType, route: Route) -> Result<u64, RouteError>;
-    /// Removes the route of `op_type`; returns the new table version.
-    fn remove_route(&self, op_type: &str) -> Result<u64, RouteError>;
+    /// Sets the route of `op_type`; resolves to the new table version.
+    fn set_route(&self, op_type: OpType, route: Route) -> BoxFuture<'static, RouteResult>;
+    /// Removes the route of `op_type`; resolves to the new table version.
+    fn remove_route(&self, op_type: OpType) -> BoxFuture<'static, RouteResult>;
 }
+
+/// The answer to a route change: the table version that has it, or why it was refused.
+pub type RouteResult = Result<u64, RouteError>;
 
 /// The routing table of a node that is alone: changes apply at once, in memory.
 pub struct LocalRoutes {
@@ -273,19 +281,21 @@ impl RouteStore for LocalRoutes {
         self.table.load_full()
     }
 
-    fn set_route(&self, op_type: OpType, route: Route) -> Result<u64, RouteError> {
-        self.update(|t| {
+    fn set_route(&self, op_type: OpType, route: Route) -> BoxFuture<'static, RouteResult> {
+        let r = self.update(|t| {
             validate_route(t, &route)?;
             t.routes.insert(op_type, route);
             Ok(())
-        })
+        });
+        futures::future::ready(r).boxed()
     }
 
-    fn remove_route(&self, op_type: &str) -> Result<u64, RouteError> {
-        self.update(|t| match t.routes.remove(op_type) {
+    fn remove_route(&self, op_type: OpType) -> BoxFuture<'static, RouteResult> {
+        let r = self.update(|t| match t.routes.remove(&op_type) {
             Some(_) => Ok(()),
-            None => Err(RouteError::NotFound(op_type.to_owned())),
-        })
+            None => Err(RouteError::NotFound(op_type.to_string())),
+        });
+        futures::future::ready(r).boxed()
     }
 }
 
