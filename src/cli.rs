@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::bench::BenchArgs;
+use crate::config::Secret;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,6 +55,20 @@ pub struct ServeArgs {
     /// A TOML file layered over the defaults and the profile
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
+    /// Where this node listens for other nodes, IP:port [default: none, a single node]
+    #[arg(long, value_name = "ADDR")]
+    pub cluster_addr: Option<String>,
+    /// A cluster node to join, host:port; repeat it or separate with commas [default:
+    /// none, bootstrap a new cluster]
+    #[arg(long, value_name = "ADDR", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// The secret every node of the cluster shares, at least 16 bytes. Other users can
+    /// see flags in the process list: prefer OPMESH_CLUSTER_SECRET
+    #[arg(long, value_name = "SECRET")]
+    pub cluster_secret: Option<Secret>,
+    /// Where the Raft log, vote and snapshots live [default: in memory]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

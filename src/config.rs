@@ -4,12 +4,13 @@
 //! Settings are layered, later wins: the built-in `config/default.toml`, then a
 //! workload profile (built in too, chosen by `--profile` or `OPMESH_PROFILE`), then an
 //! optional user file (`--config`), then `OPMESH_<SECTION>__<KEY>` environment
-//! variables (plus the short forms `OPMESH_NODE_ID` and `OPMESH_HTTP_ADDR`), then flags.
-//! [`load`] merges them, rejects unknown keys, checks every value against its range and
-//! converts it to a type with its unit (`Duration`, `NonZeroUsize`, `SocketAddr`).
-//! Nothing downstream checks these values again. Every error names the key, the value
-//! and where it was set, so a bad setting stops start-up with a message a reader can act
-//! on.
+//! variables (plus short forms such as `OPMESH_NODE_ID` and `OPMESH_CLUSTER_ADDR`), then
+//! flags. [`load`] merges them, rejects unknown keys, checks every value against its
+//! range and converts it to a type with its unit (`Duration`, `NonZeroUsize`,
+//! `SocketAddr`). Nothing downstream checks these values again. Every error names the
+//! key, the value and where it was set, so a bad setting stops start-up with a message a
+//! reader can act on; the one exception is the cluster secret, which no error, log or
+//! `Debug` output ever shows.
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 use figment::error::Kind;
 use figment::providers::{Env, Format, Serialized, Toml};
-use figment::value::{Dict, Map};
+use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::Deserialize;
 
@@ -56,15 +57,38 @@ fn profile_toml(name: &str) -> Option<&'static str> {
 /// The environment variable that chooses a profile when no `--profile` flag does.
 pub const PROFILE_ENV: &str = "OPMESH_PROFILE";
 
-/// Keys whose value is a string that may look like a number (`node.id = "007"`). Their
-/// environment variables are read as given, not parsed into a TOML value: the short
-/// forms first, then the `SECTION__KEY` forms, which win.
+/// Keys whose value is a string that may look like a number (`node.id = "007"`, a
+/// secret of digits). Their environment variables are read as given, not parsed into a
+/// TOML value: the short forms first, then the `SECTION__KEY` forms, which win.
 const STRING_ENV: &[(&str, &str)] = &[
     ("OPMESH_NODE_ID", "node.id"),
     ("OPMESH_HTTP_ADDR", "http.addr"),
+    ("OPMESH_CLUSTER_ADDR", "cluster.addr"),
+    ("OPMESH_CLUSTER_SECRET", "cluster.secret"),
+    ("OPMESH_DATA_DIR", "cluster.data_dir"),
     ("OPMESH_NODE__ID", "node.id"),
     ("OPMESH_HTTP__ADDR", "http.addr"),
+    ("OPMESH_CLUSTER__ADDR", "cluster.addr"),
+    ("OPMESH_CLUSTER__ADVERTISE", "cluster.advertise"),
+    ("OPMESH_CLUSTER__ID", "cluster.id"),
+    ("OPMESH_CLUSTER__SECRET", "cluster.secret"),
+    ("OPMESH_CLUSTER__DATA_DIR", "cluster.data_dir"),
 ];
+
+/// Keys whose value is a list of strings. Their environment variables hold the items
+/// comma separated (`OPMESH_JOIN=10.0.0.5:7071,10.0.0.6:7071`), each trimmed and empty
+/// ones dropped, so an empty variable sets an empty list. Short form first, as above.
+const LIST_ENV: &[(&str, &str)] = &[
+    ("OPMESH_JOIN", "cluster.join"),
+    ("OPMESH_CLUSTER__JOIN", "cluster.join"),
+    ("OPMESH_CLUSTER__SERVES", "cluster.serves"),
+];
+
+/// What stands for the cluster secret wherever a value would be shown.
+const REDACTED: &str = "<redacted>";
+
+/// The shortest cluster secret accepted, in bytes.
+const MIN_SECRET_BYTES: usize = 16;
 
 /// The settings the binary runs with, validated: every value is in its range.
 #[derive(Clone, Debug)]
@@ -78,6 +102,9 @@ pub struct Config {
     pub http_handlers: Vec<HttpTarget>,
     /// The profile that was applied, if any.
     pub profile: Option<String>,
+    /// `None` when `cluster.addr` is empty: a single node, with no network beyond HTTP
+    /// and nothing on disk.
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// HTTP server settings.
@@ -91,9 +118,76 @@ pub struct HttpConfig {
     pub keep_alive: Duration,
 }
 
+/// How this node takes part in a cluster. Every value is in its range, and the
+/// relations between them hold (`down_after > 2 * heartbeat`).
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// Where the cluster port listens.
+    pub addr: SocketAddr,
+    /// `host:port` other nodes dial to reach this node; `addr` when none was set.
+    pub advertise: String,
+    /// Seed addresses (`host:port`) to join; empty: bootstrap a new cluster when there
+    /// is no state.
+    pub join: Vec<String>,
+    /// The cluster's name; nodes with another are refused.
+    pub id: String,
+    /// Shared by every node of the cluster; at least 16 bytes.
+    pub secret: Secret,
+    /// Where the Raft log, vote and snapshots live; `None`: in memory.
+    pub data_dir: Option<PathBuf>,
+    /// The operation types to advertise, each with a handler on this node, none twice;
+    /// empty: every type this node has a handler for.
+    pub serves: Vec<String>,
+    /// How often cluster links send heartbeats, for the failure detector.
+    pub heartbeat: Duration,
+    /// Silence after which the leader marks a node down; more than twice `heartbeat`.
+    pub down_after: Duration,
+    /// How long a route write waits for its commit before failing.
+    pub write_timeout: Duration,
+    /// Raft's shortest election timeout; the longest is twice it, and Raft heartbeats
+    /// go out every third of it.
+    pub election_timeout: Duration,
+    /// How many nodes vote in Raft: 1, 3 or 5. The others are learners.
+    pub voters: usize,
+    /// A link writes once this many bytes are buffered.
+    pub flush_bytes: usize,
+    /// How long a link waits for more to send before writing what it has.
+    pub linger: Duration,
+    /// Largest frame between nodes, in bytes.
+    pub max_frame: usize,
+}
+
+/// The shared cluster secret. Its `Debug` shows `"<redacted>"` and it has no `Display`,
+/// so printing a [`Config`], a [`LoadOptions`] or a [`ConfigError`] never reveals it.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Secret(bytes.into())
+    }
+
+    /// The secret's bytes, for authenticating cluster links; never log or print them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Debug::fmt(REDACTED, f)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s.into_bytes())
+    }
+}
+
 /// What the command line contributes: the profile, the user file and the flags that
-/// override single keys. All `None` (the default) loads the built-in defaults and the
-/// environment.
+/// override single keys. All `None` or empty (the default) loads the built-in defaults
+/// and the environment.
 #[derive(Default, Clone, Debug)]
 pub struct LoadOptions {
     /// A name from [`PROFILES`]; `None` falls back to `OPMESH_PROFILE`.
@@ -104,6 +198,14 @@ pub struct LoadOptions {
     pub http_addr: Option<String>,
     /// `--node-id`: overrides `node.id`.
     pub node_id: Option<String>,
+    /// `--cluster-addr`: overrides `cluster.addr`.
+    pub cluster_addr: Option<String>,
+    /// `--join`: overrides `cluster.join` unless empty.
+    pub join: Vec<String>,
+    /// `--cluster-secret`: overrides `cluster.secret`.
+    pub cluster_secret: Option<Secret>,
+    /// `--data-dir`: overrides `cluster.data_dir`.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Why the settings could not be loaded. Each is fatal: the node must not start.
@@ -148,6 +250,19 @@ pub enum ConfigError {
         allowed: String,
         origin: Option<String>,
     },
+
+    /// A key left empty that the value of another key requires; `origin` is where that
+    /// other key (`needed_by`) was set, `hint` how to set `key`.
+    #[error(
+        "`{key}` must be set because `{needed_by}` is set{}: {hint}",
+        origin.as_deref().map(|o| format!(" in {o}")).unwrap_or_default()
+    )]
+    Missing {
+        key: String,
+        needed_by: String,
+        origin: Option<String>,
+        hint: String,
+    },
 }
 
 /// Merges the layers chosen by `opts` and the environment, and validates the result.
@@ -174,6 +289,11 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
             path: path.clone(),
             error,
         })?;
+        // Parsed here first, not only by figment, whose message would quote the
+        // offending line: that line may hold the cluster secret.
+        if let Err(e) = Toml::from_str::<Dict>(&text) {
+            return Err(ConfigError::syntax(path, &text, &e));
+        }
         figment = figment.merge(Layer::fixed(
             Toml::string(&text),
             format!("config file `{}`", path.display()),
@@ -184,6 +304,21 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
         if let Some(value) = std::env::var_os(var) {
             figment = figment.merge(Layer::fixed(
                 Serialized::default(key, value.to_string_lossy().into_owned()),
+                format!("environment variable `{var}`"),
+            ));
+        }
+    }
+    for &(var, key) in LIST_ENV {
+        if let Some(value) = std::env::var_os(var) {
+            let items: Vec<String> = value
+                .to_string_lossy()
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect();
+            figment = figment.merge(Layer::fixed(
+                Serialized::default(key, items),
                 format!("environment variable `{var}`"),
             ));
         }
@@ -202,6 +337,33 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
             "flag `--node-id`".into(),
         ));
     }
+    if let Some(addr) = &opts.cluster_addr {
+        figment = figment.merge(Layer::fixed(
+            Serialized::default("cluster.addr", addr.clone()),
+            "flag `--cluster-addr`".into(),
+        ));
+    }
+    if !opts.join.is_empty() {
+        figment = figment.merge(Layer::fixed(
+            Serialized::default("cluster.join", opts.join.clone()),
+            "flag `--join`".into(),
+        ));
+    }
+    if let Some(secret) = &opts.cluster_secret {
+        figment = figment.merge(Layer::fixed(
+            Serialized::default(
+                "cluster.secret",
+                String::from_utf8_lossy(secret.expose()).into_owned(),
+            ),
+            "flag `--cluster-secret`".into(),
+        ));
+    }
+    if let Some(dir) = &opts.data_dir {
+        figment = figment.merge(Layer::fixed(
+            Serialized::default("cluster.data_dir", dir.to_string_lossy().into_owned()),
+            "flag `--data-dir`".into(),
+        ));
+    }
 
     let raw: Raw = figment
         .extract()
@@ -218,6 +380,7 @@ fn env_layer() -> Layer<Env> {
             key.contains("__")
                 && !STRING_ENV
                     .iter()
+                    .chain(LIST_ENV)
                     .any(|(var, _)| var["OPMESH_".len()..].eq_ignore_ascii_case(key))
         })
         .split("__");
@@ -274,6 +437,23 @@ fn origin_of(metadata: &Metadata, path: &[String]) -> String {
 }
 
 impl ConfigError {
+    /// A user file that is not TOML: where and why, without the parser's excerpt of the
+    /// line.
+    fn syntax(path: &std::path::Path, text: &str, error: &<Toml as Format>::Error) -> Self {
+        let mut message = format!("config file `{}`: TOML parse error", path.display());
+        if let Some(span) = error.span() {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            message.push_str(&format!(" at line {line}, column {column}"));
+        }
+        message.push_str(&format!(": {}", error.message().trim_end()));
+        ConfigError::Parse {
+            error: Box::new(figment::Error::from(message.clone())),
+            message,
+        }
+    }
+
     fn from_figment(error: figment::Error, figment: &Figment) -> Self {
         if let Kind::UnknownField(field, expected) = &error.kind {
             let mut path = error.path.clone();
@@ -334,6 +514,7 @@ struct Raw {
     cache: RawCache,
     retry: RawRetry,
     shutdown: RawShutdown,
+    cluster: RawCluster,
     #[serde(default)]
     handlers: RawHandlers,
 }
@@ -394,6 +575,28 @@ struct RawShutdown {
     grace_secs: u64,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    addr: String,
+    advertise: String,
+    join: Vec<String>,
+    id: String,
+    /// Any type: one of the wrong type is reported by `validate`, redacted, rather than
+    /// by figment, whose message would quote it.
+    secret: Value,
+    data_dir: String,
+    serves: Vec<String>,
+    heartbeat_ms: u64,
+    down_after_ms: u64,
+    write_timeout_ms: u64,
+    election_timeout_ms: u64,
+    voters: u64,
+    flush_bytes: u64,
+    linger_us: u64,
+    max_frame_bytes: u64,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHandlers {
@@ -415,6 +618,7 @@ struct RawHttpTarget {
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
 
 const WORKERS: RangeInclusive<u64> = 1..=256;
 const MAX_ATTEMPTS: RangeInclusive<u64> = 1..=100;
@@ -428,18 +632,31 @@ struct Check<'a> {
 
 impl Check<'_> {
     fn invalid(&self, key: &str, value: impl Debug, allowed: impl Into<String>) -> ConfigError {
-        // `handlers.http[0].url` was set by whoever set the `handlers.http` array.
-        let lookup = key.split('[').next().unwrap_or(key);
-        let path: Vec<String> = lookup.split('.').map(str::to_owned).collect();
-        let origin = self
-            .figment
-            .find_metadata(lookup)
-            .map(|md| origin_of(md, &path));
         ConfigError::Invalid {
             key: key.to_owned(),
             value: format!("{value:?}"),
             allowed: allowed.into(),
-            origin,
+            origin: self.origin(key),
+        }
+    }
+
+    /// Where `key` was set.
+    fn origin(&self, key: &str) -> Option<String> {
+        // `handlers.http[0].url` was set by whoever set the `handlers.http` array.
+        let lookup = key.split('[').next().unwrap_or(key);
+        let path: Vec<String> = lookup.split('.').map(str::to_owned).collect();
+        self.figment
+            .find_metadata(lookup)
+            .map(|md| origin_of(md, &path))
+    }
+
+    /// `key` must be set because `needed_by` is.
+    fn missing(&self, key: &str, needed_by: &str, hint: impl Into<String>) -> ConfigError {
+        ConfigError::Missing {
+            key: key.to_owned(),
+            needed_by: needed_by.to_owned(),
+            origin: self.origin(needed_by),
+            hint: hint.into(),
         }
     }
 
@@ -527,6 +744,30 @@ fn is_node_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// `host:port` another node can dial: an IP address and port (`10.0.0.5:7071`,
+/// `[fd00::5]:7071`) or a DNS name and port (`opmesh-0.opmesh:7071`). Port 0 is not one.
+fn is_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p != 0);
+    port_ok && (s.parse::<SocketAddr>().is_ok() || is_dns_name(host))
+}
+
+fn is_dns_name(host: &str) -> bool {
+    (1..=253).contains(&host.len())
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 fn is_http_url(url: &str) -> bool {
     let rest = ["http://", "https://"].iter().find_map(|scheme| {
         url.get(..scheme.len())
@@ -547,6 +788,7 @@ impl Raw {
             cache,
             retry,
             shutdown,
+            cluster,
             handlers,
         } = self;
 
@@ -729,6 +971,13 @@ impl Raw {
             });
         }
 
+        let handled: Vec<&str> = BUILTIN_TYPES
+            .iter()
+            .copied()
+            .chain(http_handlers.iter().map(|h| h.op_type.as_str()))
+            .collect();
+        let cluster = cluster.validate(check, max_type_len, &handled)?;
+
         Ok(Config {
             node_id: node.id,
             http,
@@ -736,7 +985,186 @@ impl Raw {
             shutdown_grace,
             http_handlers,
             profile,
+            cluster,
         })
+    }
+}
+
+impl RawCluster {
+    /// `handled`: the types this node has a handler for, which `serves` may name.
+    fn validate(
+        self,
+        check: &Check<'_>,
+        max_type_len: usize,
+        handled: &[&str],
+    ) -> Result<Option<ClusterSettings>, ConfigError> {
+        if self.addr.is_empty() {
+            if !self.join.is_empty() {
+                return Err(check.missing(
+                    "cluster.addr",
+                    "cluster.join",
+                    "--join needs --cluster-addr (or OPMESH_CLUSTER_ADDR), the address this \
+                     node listens on for the cluster",
+                ));
+            }
+            return Ok(None);
+        }
+
+        let addr: SocketAddr = self.addr.parse().map_err(|_| {
+            check.invalid(
+                "cluster.addr",
+                &self.addr,
+                "empty (no cluster) or an IP address and port, such as 10.0.0.5:7071 or \
+                 [::]:7071",
+            )
+        })?;
+
+        let secret = match self.secret {
+            Value::String(_, s) if s.is_empty() => {
+                return Err(check.missing(
+                    "cluster.secret",
+                    "cluster.addr",
+                    format!(
+                        "every node of a cluster needs the same secret, at least \
+                         {MIN_SECRET_BYTES} bytes; pass it with --cluster-secret or the \
+                         environment variable OPMESH_CLUSTER_SECRET"
+                    ),
+                ))
+            }
+            Value::String(_, s) if s.len() >= MIN_SECRET_BYTES => Secret::from(s),
+            Value::String(_, s) => {
+                return Err(check.invalid(
+                    "cluster.secret",
+                    REDACTED,
+                    format!(
+                        "at least {MIN_SECRET_BYTES} bytes; this one has {}",
+                        s.len()
+                    ),
+                ))
+            }
+            _ => {
+                return Err(check.invalid(
+                    "cluster.secret",
+                    REDACTED,
+                    format!("a string of at least {MIN_SECRET_BYTES} bytes"),
+                ))
+            }
+        };
+
+        let advertise = if self.advertise.is_empty() {
+            if addr.ip().is_unspecified() {
+                return Err(check.invalid(
+                    "cluster.advertise",
+                    &self.advertise,
+                    format!(
+                        "host:port other nodes can dial; required because cluster.addr \
+                         ({addr}) listens on every interface"
+                    ),
+                ));
+            }
+            addr.to_string()
+        } else if is_host_port(&self.advertise) {
+            self.advertise
+        } else {
+            return Err(check.invalid(
+                "cluster.advertise",
+                &self.advertise,
+                "empty (cluster.addr) or host:port, such as 10.0.0.5:7071 or \
+                 opmesh-0.opmesh:7071",
+            ));
+        };
+
+        for (i, seed) in self.join.iter().enumerate() {
+            if !is_host_port(seed) {
+                return Err(check.invalid(
+                    &format!("cluster.join[{i}]"),
+                    seed,
+                    "host:port, such as 10.0.0.5:7071 or opmesh-0.opmesh:7071",
+                ));
+            }
+        }
+
+        if !is_node_id(&self.id) {
+            return Err(check.invalid(
+                "cluster.id",
+                &self.id,
+                "1 to 64 characters from A-Z a-z 0-9 _ . -",
+            ));
+        }
+
+        for (i, op_type) in self.serves.iter().enumerate() {
+            let key = format!("cluster.serves[{i}]");
+            if validate_type_name(op_type, max_type_len).is_err() {
+                return Err(check.invalid(
+                    &key,
+                    op_type,
+                    format!(
+                        "1 to engine.max_type_len ({max_type_len}) characters from \
+                         A-Z a-z 0-9 _ - . : /"
+                    ),
+                ));
+            }
+            if !handled.contains(&op_type.as_str()) || self.serves[..i].contains(op_type) {
+                return Err(check.invalid(
+                    &key,
+                    op_type,
+                    format!(
+                        "a type this node has a handler for, listed once: {}",
+                        handled.join(", ")
+                    ),
+                ));
+            }
+        }
+
+        let heartbeat_ms = check.range("cluster.heartbeat_ms", self.heartbeat_ms, 10..=10_000)?;
+        let down_after_ms =
+            check.range("cluster.down_after_ms", self.down_after_ms, 50..=600_000)?;
+        if down_after_ms <= 2 * heartbeat_ms {
+            return Err(check.invalid(
+                "cluster.down_after_ms",
+                down_after_ms,
+                format!(
+                    "{}..=600000, more than twice cluster.heartbeat_ms ({heartbeat_ms})",
+                    2 * heartbeat_ms + 1
+                ),
+            ));
+        }
+        let voters = match self.voters {
+            n @ (1 | 3 | 5) => n as usize,
+            n => return Err(check.invalid("cluster.voters", n, "1, 3 or 5")),
+        };
+
+        Ok(Some(ClusterSettings {
+            addr,
+            advertise,
+            join: self.join,
+            id: self.id,
+            secret,
+            data_dir: (!self.data_dir.is_empty()).then(|| PathBuf::from(self.data_dir)),
+            serves: self.serves,
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            down_after: Duration::from_millis(down_after_ms),
+            write_timeout: check.millis(
+                "cluster.write_timeout_ms",
+                self.write_timeout_ms,
+                100..=600_000,
+            )?,
+            election_timeout: check.millis(
+                "cluster.election_timeout_ms",
+                self.election_timeout_ms,
+                50..=60_000,
+            )?,
+            voters,
+            flush_bytes: check.count("cluster.flush_bytes", self.flush_bytes, KIB..=16 * MIB)?,
+            linger: check
+                .range("cluster.linger_us", self.linger_us, 0..=100_000)
+                .map(Duration::from_micros)?,
+            max_frame: check.count(
+                "cluster.max_frame_bytes",
+                self.max_frame_bytes,
+                64 * KIB..=GIB,
+            )?,
+        }))
     }
 }
 
@@ -871,6 +1299,7 @@ mod tests {
         );
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert!(c.http_handlers.is_empty());
+        assert!(c.cluster.is_none(), "a single node by default");
     }
 
     #[test]
@@ -900,7 +1329,7 @@ mod tests {
             previous = line;
         }
         assert_eq!(
-            keys, 26,
+            keys, 41,
             "a key was added or removed: document it and update this count"
         );
     }
@@ -1297,5 +1726,374 @@ mod tests {
         let file = user_file("[[handlers.http]]\ntype = \"a\"\ntimeout_ms = 1\n");
         let msg = load_err(&with_file(&file)).to_string();
         assert!(msg.contains("missing field `url`"), "{msg}");
+    }
+    const SECRET: &str = "correct-horse-battery-staple";
+
+    fn cluster_flags() -> LoadOptions {
+        LoadOptions {
+            cluster_addr: Some("127.0.0.1:7071".into()),
+            cluster_secret: Some(Secret::from(SECRET.to_owned())),
+            ..LoadOptions::default()
+        }
+    }
+
+    fn cluster_of(opts: &LoadOptions) -> ClusterSettings {
+        load_ok(opts).cluster.expect("a cluster")
+    }
+
+    #[test]
+    fn cluster_flags_set_a_cluster_with_the_documented_defaults() {
+        let _env = EnvGuard::new();
+        let c = cluster_of(&cluster_flags());
+        assert_eq!(c.addr, "127.0.0.1:7071".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.advertise, "127.0.0.1:7071");
+        assert!(c.join.is_empty());
+        assert_eq!(c.id, "opmesh");
+        assert_eq!(c.secret.expose(), SECRET.as_bytes());
+        assert_eq!(c.data_dir, None);
+        assert!(c.serves.is_empty());
+        assert_eq!(c.heartbeat, Duration::from_millis(100));
+        assert_eq!(c.down_after, Duration::from_secs(1));
+        assert_eq!(c.write_timeout, Duration::from_secs(3));
+        assert_eq!(c.election_timeout, Duration::from_millis(300));
+        assert_eq!(c.voters, 3);
+        assert_eq!(c.flush_bytes, 64 * 1024);
+        assert_eq!(c.linger, Duration::ZERO);
+        assert_eq!(c.max_frame, 16 * 1024 * 1024);
+
+        let c = cluster_of(&LoadOptions {
+            join: vec!["10.0.0.5:7071".into(), "opmesh-0.opmesh.svc:7071".into()],
+            data_dir: Some("/var/lib/opmesh".into()),
+            ..cluster_flags()
+        });
+        assert_eq!(c.join, ["10.0.0.5:7071", "opmesh-0.opmesh.svc:7071"]);
+        assert_eq!(c.data_dir, Some(PathBuf::from("/var/lib/opmesh")));
+    }
+
+    #[test]
+    fn cluster_keys_load_from_a_file() {
+        let _env = EnvGuard::new();
+        let file = user_file(&format!(
+            r#"
+            [cluster]
+            addr = "0.0.0.0:7071"
+            advertise = "opmesh-1.opmesh.default.svc.cluster.local:7071"
+            join = ["[fd00::5]:7071"]
+            id = "prod.eu-1"
+            secret = "{SECRET}"
+            data_dir = "data"
+            serves = ["echo"]
+            heartbeat_ms = 50
+            down_after_ms = 101
+            write_timeout_ms = 100
+            election_timeout_ms = 1000
+            voters = 5
+            flush_bytes = 1024
+            linger_us = 250
+            max_frame_bytes = 65536
+            "#
+        ));
+        let c = cluster_of(&with_file(&file));
+        assert_eq!(c.addr, "0.0.0.0:7071".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            c.advertise,
+            "opmesh-1.opmesh.default.svc.cluster.local:7071"
+        );
+        assert_eq!(c.join, ["[fd00::5]:7071"]);
+        assert_eq!(c.id, "prod.eu-1");
+        assert_eq!(c.data_dir, Some(PathBuf::from("data")));
+        assert_eq!(c.serves, ["echo"]);
+        assert_eq!(c.heartbeat, Duration::from_millis(50));
+        assert_eq!(c.down_after, Duration::from_millis(101));
+        assert_eq!(c.write_timeout, Duration::from_millis(100));
+        assert_eq!(c.election_timeout, Duration::from_secs(1));
+        assert_eq!(c.voters, 5);
+        assert_eq!(c.flush_bytes, 1024);
+        assert_eq!(c.linger, Duration::from_micros(250));
+        assert_eq!(c.max_frame, 65536);
+    }
+
+    #[test]
+    fn cluster_keys_other_than_addr_are_ignored_without_a_cluster() {
+        let _env = EnvGuard::new();
+        let file = user_file("[cluster]\nvoters = 4\nsecret = \"short\"\n");
+        assert!(load_ok(&with_file(&file)).cluster.is_none());
+    }
+
+    #[test]
+    fn cluster_short_env_forms_are_read_as_written() {
+        let mut env = EnvGuard::new();
+        env.set("OPMESH_CLUSTER_ADDR", "[::1]:7071");
+        // Digits only: parsed as TOML it would be a number.
+        env.set("OPMESH_CLUSTER_SECRET", "1234567890123456789");
+        env.set("OPMESH_DATA_DIR", "/data/007");
+        env.set("OPMESH_JOIN", " 10.0.0.5:7071, opmesh-0.opmesh:7071 ,");
+        let c = cluster_of(&LoadOptions::default());
+        assert_eq!(c.addr, "[::1]:7071".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.advertise, "[::1]:7071");
+        assert_eq!(c.secret.expose(), b"1234567890123456789");
+        assert_eq!(c.data_dir, Some(PathBuf::from("/data/007")));
+        assert_eq!(c.join, ["10.0.0.5:7071", "opmesh-0.opmesh:7071"]);
+
+        // The two-underscore forms win; lists are comma separated there too.
+        env.set("OPMESH_CLUSTER__JOIN", "10.0.0.6:7071");
+        env.set("OPMESH_CLUSTER__ID", "42");
+        env.set("OPMESH_CLUSTER__SERVES", "echo,sleep");
+        let c = cluster_of(&LoadOptions::default());
+        assert_eq!(c.join, ["10.0.0.6:7071"]);
+        assert_eq!(c.id, "42");
+        assert_eq!(c.serves, ["echo", "sleep"]);
+
+        // An empty list variable clears the list; flags win over the environment.
+        env.set("OPMESH_CLUSTER__JOIN", "");
+        assert!(cluster_of(&LoadOptions::default()).join.is_empty());
+        let c = cluster_of(&LoadOptions {
+            join: vec!["10.0.0.7:7071".into()],
+            cluster_addr: Some("127.0.0.1:9000".into()),
+            ..LoadOptions::default()
+        });
+        assert_eq!(c.join, ["10.0.0.7:7071"]);
+        assert_eq!(c.addr.port(), 9000);
+    }
+
+    #[test]
+    fn cluster_without_a_secret_names_cluster_secret_and_how_to_set_it() {
+        let _env = EnvGuard::new();
+        let err = load_err(&LoadOptions {
+            cluster_addr: Some("127.0.0.1:7071".into()),
+            ..LoadOptions::default()
+        });
+        assert!(
+            matches!(err, ConfigError::Missing { ref key, .. } if key == "cluster.secret"),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(
+                "`cluster.secret` must be set because `cluster.addr` is set in flag \
+                 `--cluster-addr`"
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("--cluster-secret"), "{msg}");
+        assert!(msg.contains("OPMESH_CLUSTER_SECRET"), "{msg}");
+    }
+
+    #[test]
+    fn short_secret_is_rejected() {
+        let mut env = EnvGuard::new();
+        env.set("OPMESH_CLUSTER_SECRET", "fifteen-bytes!!");
+        let msg = load_err(&LoadOptions {
+            cluster_addr: Some("127.0.0.1:7071".into()),
+            ..LoadOptions::default()
+        })
+        .to_string();
+        assert_eq!(
+            msg,
+            "invalid value for `cluster.secret`: \"<redacted>\" (allowed: at least 16 bytes; \
+             this one has 15) in environment variable `OPMESH_CLUSTER_SECRET`"
+        );
+    }
+
+    #[test]
+    fn voters_must_be_one_three_or_five() {
+        let mut env = EnvGuard::new();
+        for ok in [1, 3, 5] {
+            env.set("OPMESH_CLUSTER__VOTERS", &ok.to_string());
+            assert_eq!(cluster_of(&cluster_flags()).voters, ok);
+        }
+        for bad in [0, 2, 4, 7] {
+            env.set("OPMESH_CLUSTER__VOTERS", &bad.to_string());
+            let msg = load_err(&cluster_flags()).to_string();
+            assert_eq!(
+                msg,
+                format!(
+                    "invalid value for `cluster.voters`: {bad} (allowed: 1, 3 or 5) in \
+                     environment variable `OPMESH_CLUSTER__VOTERS`"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn join_without_cluster_addr_is_rejected() {
+        let mut env = EnvGuard::new();
+        let err = load_err(&LoadOptions {
+            join: vec!["10.0.0.5:7071".into()],
+            ..LoadOptions::default()
+        });
+        assert!(
+            matches!(err, ConfigError::Missing { ref key, .. } if key == "cluster.addr"),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("set in flag `--join`"), "{msg}");
+        assert!(msg.contains("--join needs --cluster-addr"), "{msg}");
+
+        env.set("OPMESH_JOIN", "10.0.0.5:7071");
+        let msg = load_err(&LoadOptions::default()).to_string();
+        assert!(
+            msg.contains("in environment variable `OPMESH_JOIN`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn down_after_must_exceed_twice_the_heartbeat() {
+        let mut env = EnvGuard::new();
+        env.set("OPMESH_CLUSTER__HEARTBEAT_MS", "500");
+        let msg = load_err(&cluster_flags()).to_string();
+        assert!(
+            msg.starts_with(
+                "invalid value for `cluster.down_after_ms`: 1000 (allowed: 1001..=600000, \
+                 more than twice cluster.heartbeat_ms (500))"
+            ),
+            "{msg}"
+        );
+        env.set("OPMESH_CLUSTER__DOWN_AFTER_MS", "1001");
+        assert_eq!(
+            cluster_of(&cluster_flags()).down_after,
+            Duration::from_millis(1001)
+        );
+    }
+
+    #[test]
+    fn bad_cluster_values_are_rejected_naming_the_key() {
+        let _env = EnvGuard::new();
+        let cases = [
+            (
+                "addr = \"opmesh-0:7071\"",
+                "`cluster.addr`: \"opmesh-0:7071\"",
+            ),
+            (
+                "addr = \"0.0.0.0:7071\"",
+                "`cluster.advertise`: \"\" (allowed: host:port other nodes can dial",
+            ),
+            (
+                "advertise = \"opmesh-0\"",
+                "`cluster.advertise`: \"opmesh-0\"",
+            ),
+            (
+                "advertise = \"-bad-:7071\"",
+                "`cluster.advertise`: \"-bad-:7071\"",
+            ),
+            ("join = [\"a:1\", \"a:0\"]", "`cluster.join[1]`: \"a:0\""),
+            ("join = [\"::1:7071\"]", "`cluster.join[0]`: \"::1:7071\""),
+            ("id = \"\"", "`cluster.id`: \"\""),
+            ("serves = [\"a b\"]", "`cluster.serves[0]`: \"a b\""),
+            ("serves = [\"webhook\"]", "`cluster.serves[0]`: \"webhook\""),
+            (
+                "serves = [\"echo\", \"echo\"]",
+                "`cluster.serves[1]`: \"echo\" (allowed: a type this node has a handler \
+                 for, listed once: echo, sleep)",
+            ),
+            (
+                "heartbeat_ms = 9",
+                "`cluster.heartbeat_ms`: 9 (allowed: 10..=10000)",
+            ),
+            (
+                "write_timeout_ms = 99",
+                "`cluster.write_timeout_ms`: 99 (allowed: 100..=600000)",
+            ),
+            (
+                "election_timeout_ms = 60001",
+                "`cluster.election_timeout_ms`: 60001 (allowed: 50..=60000)",
+            ),
+            (
+                "flush_bytes = 1023",
+                "`cluster.flush_bytes`: 1023 (allowed: 1024..=16777216)",
+            ),
+            (
+                "linger_us = 100001",
+                "`cluster.linger_us`: 100001 (allowed: 0..=100000)",
+            ),
+            (
+                "max_frame_bytes = 65535",
+                "`cluster.max_frame_bytes`: 65535 (allowed: 65536..=1073741824)",
+            ),
+        ];
+        for (line, expected) in cases {
+            // A valid cluster, the case's line replacing the key it names.
+            let key = line.split(' ').next().unwrap_or_default();
+            let mut lines = vec![
+                "addr = \"127.0.0.1:7071\"".to_owned(),
+                format!("secret = \"{SECRET}\""),
+            ];
+            lines.retain(|l| !l.starts_with(&format!("{key} ")));
+            lines.push(line.to_owned());
+            let file = user_file(&format!("[cluster]\n{}\n", lines.join("\n")));
+            let msg = load_err(&with_file(&file)).to_string();
+            assert!(msg.contains(expected), "{line:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn secret_never_shows_in_debug_output_or_error_messages() {
+        let _env = EnvGuard::new();
+        let opts = LoadOptions {
+            join: vec!["10.0.0.5:7071".into()],
+            ..cluster_flags()
+        };
+        assert!(!format!("{opts:?}").contains(SECRET), "{opts:?}");
+        let c = load_ok(&opts);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(SECRET), "{shown}");
+        assert!(shown.contains("secret: \"<redacted>\""), "{shown}");
+
+        // Errors while a secret is set, or about the secret itself.
+        let mut errors = vec![
+            load_err(&LoadOptions {
+                cluster_secret: Some(Secret::from("correct-horse".to_owned())),
+                ..opts.clone()
+            }),
+            load_err(&LoadOptions {
+                cluster_addr: None,
+                ..opts.clone()
+            }),
+            load_err(&LoadOptions {
+                cluster_addr: Some("127.0.0.1".into()),
+                ..opts.clone()
+            }),
+        ];
+        for contents in [
+            // Of the wrong type: figment would quote the value.
+            "[cluster]\naddr = \"127.0.0.1:7071\"\nsecret = 1234567890123456789\n".to_owned(),
+            format!("[cluster]\nsecret = [\"{SECRET}\"]\naddr = \"127.0.0.1:7071\"\n"),
+            // Not TOML, on the secret's line: the parser would quote the line.
+            format!("[cluster]\nsecret = \"{SECRET}\n"),
+            format!("[cluster]\nsecret = {SECRET}\n"),
+            format!("[cluster]\nsecret = \"{SECRET}\"\nsecret = \"{SECRET}\"\n"),
+            // Another key wrong beside it.
+            format!("[cluster]\naddr = \"127.0.0.1:7071\"\nsecret = \"{SECRET}\"\nvoters = 2\n"),
+        ] {
+            let file = user_file(&contents);
+            errors.push(load_err(&with_file(&file)));
+        }
+        let digits = "1234567890123456789";
+        for err in errors {
+            for shown in [err.to_string(), format!("{err:?}")] {
+                assert!(
+                    !shown.contains(SECRET)
+                        && !shown.contains(digits)
+                        && !shown.contains("correct-horse"),
+                    "{shown}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_user_file_reports_line_and_column_without_quoting_it() {
+        let _env = EnvGuard::new();
+        let file = user_file("[engine]\nbatch_size = 3\nqueue_capacity = = 4\n");
+        let err = load_err(&with_file(&file));
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.starts_with("config file `"), "{msg}");
+        assert!(
+            msg.contains("TOML parse error at line 3, column 18: "),
+            "{msg}"
+        );
+        assert!(!msg.contains("queue_capacity"), "{msg}");
     }
 }

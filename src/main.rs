@@ -54,6 +54,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config_file: args.config,
         http_addr: args.http_addr,
         node_id: args.node_id,
+        cluster_addr: args.cluster_addr,
+        join: args.join,
+        cluster_secret: args.cluster_secret,
+        data_dir: args.data_dir,
     }) {
         Ok(c) => c,
         Err(e) => {
