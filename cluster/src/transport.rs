@@ -485,6 +485,8 @@ impl Backoff {
 enum LinkEnd {
     /// The writer was told to stop.
     Stopped,
+    /// The peer has a new address: dial it now.
+    Moved,
     Lost(String),
 }
 
@@ -521,6 +523,7 @@ async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
                 shared.inbound.on_link(&peer.name, false);
                 match end {
                     LinkEnd::Stopped => break,
+                    LinkEnd::Moved => continue,
                     LinkEnd::Lost(reason) => {
                         warn!(addr = %addr, reason = %reason, "link lost");
                         peer.record_error(&reason);
@@ -636,7 +639,7 @@ async fn pump(
         tokio::select! {
             biased;
             _ = peer.stop.cancelled() => return LinkEnd::Stopped,
-            _ = peer.redial.notified() => return LinkEnd::Lost("address changed".into()),
+            _ = peer.redial.notified() => return LinkEnd::Moved,
             r = rd.read(&mut probe) => return LinkEnd::Lost(match r {
                 Ok(0) => "closed by peer".into(),
                 Ok(_) => "peer wrote on a send-only link".into(),
