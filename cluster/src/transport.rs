@@ -172,7 +172,7 @@ pub enum SendError {
 }
 
 /// What a link has done, for metrics and the admin API.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LinkStats {
     pub peer: String,
     pub addr: String,
