@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{self, HeaderValue};
@@ -19,6 +20,7 @@ use opmesh_actors::{
     Json, Node, OpId, OpOutcome, OpStatus, Operation, Route, RouteError, Strategy, SubmitError,
     Ticket, TraceContext,
 };
+use opmesh_cluster::Cluster;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::{OpenApi, ToSchema};
@@ -340,7 +342,12 @@ fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, ApiEr
 
 struct AppState {
     node: Node,
+    cluster: Option<Cluster>,
     max_body_bytes: usize,
+    shutdown_grace: Duration,
+    /// Fired when the node has left its cluster (`POST /v1/cluster/leave`): the process
+    /// then shuts down.
+    left: Arc<tokio::sync::Notify>,
 }
 
 async fn read_body(mut body: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
@@ -703,11 +710,93 @@ async fn healthz() -> HttpResponse {
 /// Readiness: the node accepts operations (503 while draining).
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "draining")))]
 async fn readyz(st: web::Data<AppState>) -> HttpResponse {
-    if st.node.is_accepting() {
-        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
-    } else {
+    if !st.node.is_accepting() {
         HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "draining" }))
+    } else if st.cluster.as_ref().is_some_and(|c| !c.is_ready()) {
+        HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "joining" }))
+    } else {
+        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
     }
+}
+
+/// The cluster as this node sees it: nodes, roles, the leader, term, last applied index,
+/// links and per-node load. A node without a cluster port shows itself alone.
+#[utoipa::path(get, path = "/v1/cluster", responses((status = 200, description = "cluster status")))]
+async fn cluster_status(st: web::Data<AppState>) -> HttpResponse {
+    match &st.cluster {
+        Some(c) => HttpResponse::Ok().json(c.status()),
+        None => {
+            let s = st.node.stats();
+            HttpResponse::Ok().json(serde_json::json!({
+                "cluster_id": null,
+                "node": s.node_id,
+                "leader": s.node_id,
+                "term": 0,
+                "last_applied_index": null,
+                "version": st.node.routes().version,
+                "raft_state": "single",
+                "nodes": [{
+                    "id": s.node_id,
+                    "http_addr": null,
+                    "cluster_addr": null,
+                    "status": if s.is_accepting { "up" } else { "leaving" },
+                    "role": "voter",
+                    "serves": st.node.handler_types(),
+                    "load": s.in_flight_operations,
+                    "link": "self",
+                }],
+                "forwarded_waiting": 0,
+                "links": [],
+            }))
+        }
+    }
+}
+
+fn no_cluster() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "not_clustered",
+        "this node runs alone (no cluster.addr / --cluster-addr)",
+    )
+}
+
+/// Hands off and leaves the cluster: routes move away from this node, its operations
+/// finish (up to the shutdown grace period), it leaves the registry and the Raft group,
+/// and then the process shuts down.
+#[utoipa::path(post, path = "/v1/cluster/leave", responses((status = 200, description = "left; the node shuts down"), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn cluster_leave(st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let c = st.cluster.as_ref().ok_or_else(no_cluster)?;
+    c.leave(st.shutdown_grace)
+        .await
+        .map_err(|m| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "leave_failed", m))?;
+    st.left.notify_one();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "node": c.name(), "left": true })))
+}
+
+/// Where to join.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct JoinRequest {
+    /// A cluster address of any member (host:port).
+    seed: String,
+}
+
+/// Joins this node to the cluster a seed belongs to. Only a node that belongs to no
+/// cluster yet (started with `--join` and still waiting) can; a node that bootstrapped
+/// its own cluster holds a log that cannot merge into another one.
+#[utoipa::path(post, path = "/v1/cluster/join", request_body = JoinRequest, responses((status = 200, description = "joined"), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn cluster_join(st: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let c = st.cluster.as_ref().ok_or_else(no_cluster)?;
+    let req: JoinRequest = parse(&body, "join request")?;
+    c.join(&req.seed).await.map_err(|e| match e {
+        opmesh_cluster::JoinError::AlreadyMember(m) => {
+            ApiError::new(StatusCode::CONFLICT, "already_member", m)
+        }
+        opmesh_cluster::JoinError::Failed(m) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "join_failed", m)
+        }
+    })?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "node": c.name(), "joined": req.seed })))
 }
 
 /// A plain route that does no work, to compare the engine's cost with actix-web's own.
@@ -755,6 +844,9 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
         metrics,
         healthz,
         readyz,
+        cluster_status,
+        cluster_leave,
+        cluster_join,
         hello
     ),
     components(schemas(
@@ -766,7 +858,8 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
         RouteRequest,
         RouteView,
         RoutesAnswer,
-        RouteAnswer
+        RouteAnswer,
+        JoinRequest
     ))
 )]
 pub struct ApiDoc;
@@ -789,6 +882,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/metrics", web::get().to(metrics))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
+        .route("/v1/cluster", web::get().to(cluster_status))
+        .route("/v1/cluster/leave", web::post().to(cluster_leave))
+        .route("/v1/cluster/join", web::post().to(cluster_join))
         .route("/v1/bench/hello", web::post().to(hello))
         .route("/openapi.json", web::get().to(openapi_json))
         .route("/", web::get().to(dashboard));
@@ -815,16 +911,27 @@ fn path_error(e: actix_web::error::PathError, _: &HttpRequest) -> actix_web::Err
 /// A bound, running HTTP server.
 pub struct Server {
     pub addr: SocketAddr,
+    cluster: Option<Cluster>,
+    left: Arc<tokio::sync::Notify>,
     handle: actix_web::dev::ServerHandle,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 /// Binds the api for `node` and starts serving. The caller decides when to stop (see
 /// [`run_until`]).
-pub fn start(node: Node, settings: &ApiSettings) -> std::io::Result<Server> {
+pub fn start(
+    node: Node,
+    cluster: Option<Cluster>,
+    listener: std::net::TcpListener,
+    settings: &ApiSettings,
+) -> std::io::Result<Server> {
+    let left = Arc::new(tokio::sync::Notify::new());
     let state = web::Data::new(AppState {
         node,
+        cluster: cluster.clone(),
         max_body_bytes: settings.max_body_bytes,
+        shutdown_grace: settings.shutdown_grace,
+        left: left.clone(),
     });
     let server = HttpServer::new(move || {
         App::new()
@@ -838,7 +945,7 @@ pub fn start(node: Node, settings: &ApiSettings) -> std::io::Result<Server> {
     .keep_alive(settings.keep_alive)
     .disable_signals()
     .shutdown_timeout(settings.shutdown_grace.as_secs().max(1))
-    .bind(settings.addr)?;
+    .listen(listener)?;
     let addr = server
         .addrs()
         .first()
@@ -847,7 +954,13 @@ pub fn start(node: Node, settings: &ApiSettings) -> std::io::Result<Server> {
     let server = server.run();
     let handle = server.handle();
     let task = tokio::spawn(server);
-    Ok(Server { addr, handle, task })
+    Ok(Server {
+        addr,
+        handle,
+        task,
+        cluster,
+        left,
+    })
 }
 
 /// Serves until `signal` completes, then shuts down gracefully: readiness turns false
@@ -860,7 +973,16 @@ pub async fn run_until(
     grace: Duration,
     signal: impl Future<Output = ()>,
 ) -> std::io::Result<usize> {
-    signal.await;
+    let left_cluster = tokio::select! {
+        _ = signal => false,
+        _ = server.left.notified() => true,
+    };
+    if let (Some(c), false) = (&server.cluster, left_cluster) {
+        // A clean exit hands this node's work off first.
+        if let Err(e) = c.leave(grace).await {
+            tracing::warn!("could not leave the cluster cleanly: {e}");
+        }
+    }
     tracing::info!(?grace, "shutting down: draining accepted operations");
     node.stop_accepting();
     let drained = node.drain(grace).await;
@@ -872,6 +994,9 @@ pub async fn run_until(
     }
     server.handle.stop(true).await;
     let left = node.shutdown(Duration::ZERO).await;
+    if let Some(c) = &server.cluster {
+        c.shutdown().await;
+    }
     match server.task.await {
         Ok(r) => r?,
         Err(e) => return Err(std::io::Error::other(e)),

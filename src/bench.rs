@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use opmesh_actors::{Json, Node, OpType};
+use opmesh_cluster::{Cluster, ClusterConfig};
 use serde::Serialize;
 
 use self::driver::{drive, new_histogram, Arrivals, Load, PhaseShared, EARLY_FAILURES};
@@ -105,6 +106,12 @@ pub struct BenchArgs {
     /// Print one JSON object on the last line of stdout, and no progress bar.
     #[arg(long)]
     pub json: bool,
+
+    /// With --in-process: run two embedded nodes joined over loopback cluster links, the
+    /// type pinned to the second, and submit to the first (every operation crosses a link
+    /// and back).
+    #[arg(long, requires = "in_process")]
+    pub remote: bool,
 }
 
 /// The keys every `--json` report has, each a number: a contract other tools read.
@@ -223,6 +230,7 @@ struct Plan {
     batch: Option<u32>,
     baseline: bool,
     warmup: u64,
+    remote: bool,
 }
 
 impl BenchArgs {
@@ -275,6 +283,7 @@ impl BenchArgs {
             batch,
             baseline: self.baseline,
             warmup: self.warmup.unwrap_or((self.ops / 10).min(10_000)),
+            remote: self.remote,
         })
     }
 }
@@ -424,11 +433,62 @@ async fn execute(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport
     }
 }
 
+/// Two embedded nodes joined over loopback links, `op_type` pinned to the second.
+/// Returns the first (where operations are submitted) and both for shutdown.
+async fn remote_pair(op_type: &str) -> anyhow::Result<(Node, Vec<(Cluster, Node)>)> {
+    let mut pair = Vec::new();
+    let mut seed: Option<String> = None;
+    for name in ["bench-a", "bench-b"] {
+        let mut cfg = ClusterConfig::new(name, b"opmesh-bench-loopback-secret");
+        cfg.join = seed.iter().cloned().collect();
+        let cluster = Cluster::start(cfg)
+            .await
+            .context("starting a cluster node")?;
+        let builder = crate::handlers::register_builtins(Node::builder().node_id(name), &[]);
+        let node = builder
+            .route_store(cluster.route_store())
+            .forwarder(cluster.forwarder())
+            .start()
+            .await
+            .context("starting an embedded node")?;
+        cluster.attach(node.clone());
+        seed.get_or_insert_with(|| cluster.cluster_addr().to_owned());
+        pair.push((cluster, node));
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    while !pair
+        .iter()
+        .all(|(c, _)| c.is_ready() && c.state().nodes.len() == 2)
+    {
+        if Instant::now() > until {
+            bail!("the two embedded nodes did not form a cluster within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a = pair[0].1.clone();
+    a.set_route(
+        op_type,
+        opmesh_actors::Route {
+            strategy: opmesh_actors::Strategy::Pinned,
+            nodes: vec!["bench-b".into()],
+        },
+    )
+    .await
+    .map_err(|e| anyhow!("pinning {op_type} to the second node: {e}"))?;
+    Ok((a, pair))
+}
+
 async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> {
-    let node = crate::handlers::register_builtins(Node::builder(), &[])
-        .start()
-        .await
-        .context("starting the embedded node")?;
+    let (node, pair) = if plan.remote {
+        let (a, pair) = remote_pair(&plan.op_type).await?;
+        (a, pair)
+    } else {
+        let node = crate::handlers::register_builtins(Node::builder(), &[])
+            .start()
+            .await
+            .context("starting the embedded node")?;
+        (node, Vec::new())
+    };
     let load = Arc::new(InProcess {
         node: node.clone(),
         op_type: OpType::from(plan.op_type.as_str()),
@@ -447,7 +507,16 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
     let peak = sampler.map(rss::PeakSampler::finish);
     drop(load);
     node.shutdown(SHUTDOWN_GRACE).await;
-    let mut report = report(plan, "in-process", None, &measured?);
+    for (c, n) in &pair {
+        n.shutdown(SHUTDOWN_GRACE).await;
+        c.shutdown().await;
+    }
+    let mode = if plan.remote {
+        "in-process-remote"
+    } else {
+        "in-process"
+    };
+    let mut report = report(plan, mode, None, &measured?);
     report.rss_idle_bytes = idle;
     report.rss_peak_bytes = peak;
     report.rss_delta_bytes = idle.zip(peak).map(|(i, p)| p.saturating_sub(i));

@@ -33,6 +33,9 @@ pub enum Command {
     /// List, show, set or delete routes.
     #[command(subcommand)]
     Routes(RoutesCmd),
+    /// Show the cluster, join a node to one, or make a node leave.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Show a node's health.
     Health(ReadArgs),
     /// Show a node's metrics.
@@ -153,6 +156,22 @@ pub enum RoutesCmd {
         #[command(flatten)]
         read: ReadArgs,
     },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum ClusterCmd {
+    /// Show the nodes, their roles and health, the leader, term and links.
+    Status(ReadArgs),
+    /// Make the target node (started with --join, not yet a member) join via a seed.
+    Join {
+        /// A member's cluster address, host:port
+        #[arg(value_name = "SEED")]
+        seed: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Make the target node hand off its work and leave the cluster (it then exits).
+    Leave(ReadArgs),
 }
 
 fn client() -> reqwest::Client {
@@ -305,6 +324,7 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
             }
         }
         Command::Routes(r) => routes(&c, r).await?,
+        Command::Cluster(r) => cluster(&c, r).await?,
         Command::Serve(_) | Command::Bench(_) => unreachable!("not client commands"),
     }
     Ok(())
@@ -378,6 +398,75 @@ async fn routes(c: &reqwest::Client, cmd: RoutesCmd) -> anyhow::Result<()> {
             v["type"].as_str().unwrap_or("-"),
             v["version"]
         );
+    }
+    Ok(())
+}
+
+async fn cluster(c: &reqwest::Client, cmd: ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Status(a) => {
+            let v = call(c.get(url(&a.target, "/v1/cluster")), "cluster status").await?;
+            if a.json {
+                print_json(&v);
+                return Ok(());
+            }
+            println!(
+                "leader {}  term {}  applied {}  routing version {}  (answered by {}, {})",
+                v["leader"].as_str().unwrap_or("(none)"),
+                v["term"],
+                v["last_applied_index"],
+                v["version"],
+                v["node"].as_str().unwrap_or("-"),
+                v["raft_state"].as_str().unwrap_or("-"),
+            );
+            println!(
+                "{:<12} {:<8} {:<8} {:<13} {:>6}  {:<22} {:<22} serves",
+                "node", "status", "role", "link", "load", "http", "cluster"
+            );
+            for n in v["nodes"].as_array().into_iter().flatten() {
+                let serves: Vec<&str> = n["serves"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_str())
+                    .collect();
+                println!(
+                    "{:<12} {:<8} {:<8} {:<13} {:>6}  {:<22} {:<22} {}",
+                    n["id"].as_str().unwrap_or("-"),
+                    n["status"].as_str().unwrap_or("-"),
+                    n["role"].as_str().unwrap_or("-"),
+                    n["link"].as_str().unwrap_or("-"),
+                    n["load"],
+                    n["http_addr"].as_str().unwrap_or("-"),
+                    n["cluster_addr"].as_str().unwrap_or("-"),
+                    serves.join(","),
+                );
+            }
+        }
+        ClusterCmd::Join { seed, read } => {
+            let v = call(
+                c.post(url(&read.target, "/v1/cluster/join"))
+                    .json(&serde_json::json!({ "seed": seed })),
+                "cluster join",
+            )
+            .await?;
+            if read.json {
+                print_json(&v)
+            } else {
+                println!("{} joined via {seed}", v["node"].as_str().unwrap_or("-"));
+            }
+        }
+        ClusterCmd::Leave(a) => {
+            let v = call(c.post(url(&a.target, "/v1/cluster/leave")), "cluster leave").await?;
+            if a.json {
+                print_json(&v)
+            } else {
+                println!(
+                    "{} left the cluster and is shutting down",
+                    v["node"].as_str().unwrap_or("-")
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -39,7 +39,7 @@ pub const PROFILES: &[&str] = &[
 ];
 
 /// The operation types the binary always registers; an `http` handler may not take them.
-const BUILTIN_TYPES: &[&str] = &["echo", "sleep"];
+const BUILTIN_TYPES: &[&str] = &["echo", "sleep", "resize"];
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -932,7 +932,7 @@ impl Raw {
                 return Err(check.invalid(
                     &key("type"),
                     &t.op_type,
-                    "a type no other handler has (built in: echo, sleep)",
+                    "a type no other handler has (built in: echo, sleep, resize)",
                 ));
             }
             if !is_http_url(&t.url) {
@@ -1985,7 +1985,7 @@ mod tests {
             (
                 "serves = [\"echo\", \"echo\"]",
                 "`cluster.serves[1]`: \"echo\" (allowed: a type this node has a handler \
-                 for, listed once: echo, sleep)",
+                 for, listed once: echo, sleep, resize)",
             ),
             (
                 "heartbeat_ms = 9",

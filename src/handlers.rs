@@ -1,5 +1,6 @@
 //! The handlers the `opmesh` binary ships: `echo` (returns the payload), `sleep`
-//! (`{"ms": N}`, for tests and benchmarks) and `http` (POSTs the payload to a URL, for
+//! (`{"ms": N}`, for tests and benchmarks), `resize` (fits image dimensions in a box: a
+//! small CPU-only type for demos of routing) and `http` (POSTs the payload to a URL, for
 //! webhooks), registered on a [`NodeBuilder`] from the configuration.
 
 use std::time::Duration;
@@ -58,9 +59,48 @@ pub fn sleep(op: Operation) -> impl std::future::Future<Output = Result<Json, Ha
     }
 }
 
-/// Registers `echo`, `sleep` and every configured `http` target on `builder`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeArgs {
+    width: u32,
+    height: u32,
+    /// The box to fit in: the longest side becomes at most this.
+    max: u32,
+}
+
+/// `resize`: `{"width": W, "height": H, "max": M}` → the dimensions that fit in an M×M
+/// box, keeping the aspect ratio (never enlarging): `{"width": w, "height": h}`.
+pub async fn resize(op: Operation) -> Result<Json, HandlerError> {
+    let a: ResizeArgs = op.payload.decode().map_err(|e| {
+        HandlerError::fatal(format!(
+            "resize expects {{\"width\": W, \"height\": H, \"max\": M}}: {e}"
+        ))
+    })?;
+    if a.width == 0 || a.height == 0 || a.max == 0 {
+        return Err(HandlerError::fatal(
+            "resize: `width`, `height` and `max` must be at least 1",
+        ));
+    }
+    let longest = a.width.max(a.height);
+    let (w, h) = if longest <= a.max {
+        (a.width, a.height)
+    } else {
+        let scale = a.max as f64 / longest as f64;
+        (
+            ((a.width as f64 * scale).round() as u32).max(1),
+            ((a.height as f64 * scale).round() as u32).max(1),
+        )
+    };
+    Json::encode(&serde_json::json!({ "width": w, "height": h }))
+        .map_err(|e| HandlerError::fatal(e.to_string()))
+}
+
+/// Registers `echo`, `sleep`, `resize` and every configured `http` target on `builder`.
 pub fn register_builtins(mut builder: NodeBuilder, http: &[HttpTarget]) -> NodeBuilder {
-    builder = builder.handler("echo", echo).handler("sleep", sleep);
+    builder = builder
+        .handler("echo", echo)
+        .handler("sleep", sleep)
+        .handler("resize", resize);
     if !http.is_empty() {
         let client = reqwest::Client::builder()
             .build()

@@ -65,12 +65,70 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    // The HTTP port is bound first: the cluster registry carries its real address.
+    let listener = match std::net::TcpListener::bind(cfg.http.addr) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("opmesh: cannot listen on {}: {e}", cfg.http.addr);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let http_addr = listener.local_addr()?;
     let builder = Node::builder()
         .node_id(cfg.node_id.as_str())
         .config(cfg.engine.clone());
-    let node = handlers::register_builtins(builder, &cfg.http_handlers)
-        .start()
-        .await?;
+    let mut builder = handlers::register_builtins(builder, &cfg.http_handlers);
+    let cluster = match &cfg.cluster {
+        None => None,
+        Some(c) => {
+            let handlers = builder.handler_types();
+            let serves = if c.serves.is_empty() {
+                handlers
+            } else {
+                if let Some(t) = c
+                    .serves
+                    .iter()
+                    .find(|t| !handlers.iter().any(|h| &**h == t.as_str()))
+                {
+                    eprintln!("opmesh: configuration error: cluster.serves lists `{t}`, which has no handler on this node (handlers: {})",
+                        handlers.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", "));
+                    return Ok(ExitCode::from(2));
+                }
+                c.serves.iter().map(|t| t.as_str().into()).collect()
+            };
+            let cc = opmesh_cluster::ClusterConfig {
+                node: cfg.node_id.clone(),
+                cluster_id: c.id.clone(),
+                secret: c.secret.expose().to_vec(),
+                listen: c.addr,
+                advertise: c.advertise.clone(),
+                http_addr: http_addr.to_string(),
+                join: c.join.clone(),
+                data_dir: c.data_dir.clone(),
+                serves,
+                heartbeat: c.heartbeat,
+                down_after: c.down_after,
+                write_timeout: c.write_timeout,
+                election_timeout: c.election_timeout,
+                voters: c.voters,
+                flush_bytes: c.flush_bytes,
+                linger: c.linger,
+                max_frame: c.max_frame,
+            };
+            let cluster = match opmesh_cluster::Cluster::start(cc).await {
+                Ok(cl) => cl,
+                Err(e) => {
+                    eprintln!("opmesh: cannot start the cluster layer: {e}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            builder = builder
+                .route_store(cluster.route_store())
+                .forwarder(cluster.forwarder());
+            Some(cluster)
+        }
+    };
+    let node = builder.start().await?;
     let settings = api::ApiSettings {
         addr: cfg.http.addr,
         workers: cfg.http.workers,
@@ -78,13 +136,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         keep_alive: cfg.http.keep_alive,
         shutdown_grace: cfg.shutdown_grace,
     };
-    let server = match api::start(node.clone(), &settings) {
+    let server = match api::start(node.clone(), cluster.clone(), listener, &settings) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("opmesh: cannot listen on {}: {e}", settings.addr);
             return Ok(ExitCode::from(1));
         }
     };
+    if let Some(c) = &cluster {
+        c.attach(node.clone());
+        // Tests and scripts read this line to learn the bound cluster address.
+        println!("opmesh cluster port {}", c.cluster_addr());
+    }
     // Tests and scripts read this line to learn the bound address.
     println!("opmesh listening on http://{}", server.addr);
     tracing::info!(node = %cfg.node_id, addr = %server.addr, profile = ?cfg.profile, "serving");

@@ -19,7 +19,9 @@ use serde::Serialize;
 
 use crate::cache::{CacheCounters, CacheKey, CacheMsg, CacheStats};
 use crate::executor::ExecutorMsg;
-use crate::handler::{Handler, HandlerKind, HandlerRegistry, HandlerResult, RetryPolicy, TypeEntry};
+use crate::handler::{
+    Handler, HandlerKind, HandlerRegistry, HandlerResult, RetryPolicy, TypeEntry,
+};
 use crate::job::{Job, OpStore, Reply, Ticket, Tracked};
 use crate::metrics::{Latency, NodeMetrics, TypeStats};
 use crate::op::{Limits, NodeId, OpId, OpOutcome, OpType, Operation, SubmitError};
@@ -200,6 +202,11 @@ impl NodeBuilder {
         let retry = self.config.retry.clone();
         self.registry.register_blocking(op_type, f, retry);
         self
+    }
+
+    /// The operation types registered so far.
+    pub fn handler_types(&self) -> Vec<OpType> {
+        self.registry.type_names()
     }
 
     /// Uses `routes` as the routing table (the cluster's replicated one) instead of the
@@ -447,7 +454,12 @@ impl Node {
         ))
     }
 
-    fn check(&self, op: &Operation, how: Admit, now: Instant) -> Result<Arc<TypeEntry>, SubmitError> {
+    fn check(
+        &self,
+        op: &Operation,
+        how: Admit,
+        now: Instant,
+    ) -> Result<Arc<TypeEntry>, SubmitError> {
         let s = &self.shared;
         if !s.accepting.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
@@ -480,8 +492,8 @@ impl Node {
             return Ok(e.clone());
         }
         let table = s.routes.snapshot();
-        let routed = table.routes.contains_key(op_type)
-            || table.nodes.iter().any(|n| n.serves(op_type));
+        let routed =
+            table.routes.contains_key(op_type) || table.nodes.iter().any(|n| n.serves(op_type));
         if s.forwarder.is_none() || !routed {
             return Err(SubmitError::NoRoute {
                 op_type: op_type.to_string(),
@@ -553,7 +565,8 @@ impl Node {
         let mut overall = crate::metrics::new_histogram();
         let mut per_type = BTreeMap::new();
         let mut queued = 0;
-        let remote: Vec<Arc<TypeEntry>> = s.remote_types.iter().map(|e| e.value().clone()).collect();
+        let remote: Vec<Arc<TypeEntry>> =
+            s.remote_types.iter().map(|e| e.value().clone()).collect();
         for e in s.registry.types().chain(remote.iter()) {
             e.metrics.merge_latency_into(&mut overall);
             queued += e.queued();

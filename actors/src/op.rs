@@ -299,11 +299,11 @@ impl OpStatus {
         }
     }
 
-    pub(crate) fn to_u8(self) -> u8 {
+    pub fn to_u8(self) -> u8 {
         self as u8
     }
 
-    pub(crate) fn from_u8(v: u8) -> Self {
+    pub fn from_u8(v: u8) -> Self {
         match v {
             0 => OpStatus::Queued,
             1 => OpStatus::Running,

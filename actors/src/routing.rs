@@ -383,31 +383,21 @@ mod tests {
 
     #[test]
     fn local_routes_version_and_validate() {
+        use futures::executor::block_on;
         let r = LocalRoutes::new(table(vec![node("a", true, 0)]));
-        let v = r
-            .set_route(
-                "echo".into(),
-                Route {
-                    strategy: Strategy::Pinned,
-                    nodes: vec!["a".into()],
-                },
-            )
-            .unwrap();
-        assert_eq!(v, 2);
+        let pinned = |n: &str| Route {
+            strategy: Strategy::Pinned,
+            nodes: vec![n.into()],
+        };
+        assert_eq!(block_on(r.set_route("echo".into(), pinned("a"))), Ok(2));
         assert_eq!(r.snapshot().routes["echo"].strategy, Strategy::Pinned);
         assert_eq!(
-            r.set_route(
-                "echo".into(),
-                Route {
-                    strategy: Strategy::Pinned,
-                    nodes: vec!["zz".into()]
-                }
-            ),
+            block_on(r.set_route("echo".into(), pinned("zz"))),
             Err(RouteError::UnknownNode("zz".into()))
         );
-        assert_eq!(r.remove_route("echo"), Ok(3));
+        assert_eq!(block_on(r.remove_route("echo".into())), Ok(3));
         assert_eq!(
-            r.remove_route("echo"),
+            block_on(r.remove_route("echo".into())),
             Err(RouteError::NotFound("echo".into()))
         );
     }

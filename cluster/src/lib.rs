@@ -12,7 +12,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod codec;
+pub mod network;
+pub mod remote;
 pub mod store;
 pub mod transport;
 pub mod types;
+
+pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterStatus, JoinError};

@@ -13,6 +13,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_opmesh");
 /// A running `opmesh serve` process, killed when dropped.
 pub struct Server {
     pub base: String,
+    /// The cluster port, when the node runs with one.
+    pub cluster_addr: Option<String>,
     pub child: Child,
 }
 
@@ -34,16 +36,24 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
+            let mut cluster = None;
             while let Some(Ok(line)) = lines.next() {
+                if let Some(addr) = line.strip_prefix("opmesh cluster port ") {
+                    cluster = Some(addr.to_owned());
+                }
                 if let Some(addr) = line.strip_prefix("opmesh listening on ") {
-                    let _ = tx.send(addr.to_owned());
+                    let _ = tx.send((addr.to_owned(), cluster.take()));
                 }
             }
         });
-        let base = rx
+        let (base, cluster_addr) = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("opmesh printed its listening address within 30 s");
-        Server { base, child }
+        Server {
+            base,
+            cluster_addr,
+            child,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

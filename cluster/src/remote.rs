@@ -1,0 +1,246 @@
+//! Remote execution: operations whose owner is another node travel there in `OpBatch`
+//! frames and their outcomes come back in `ReplyBatch` frames.
+//!
+//! The origin keeps every operation it forwarded ([`Outbox`]) until its reply comes:
+//! when the link to the owner comes back after a break, what is still waiting is sent
+//! again; when the owner is marked down, it is routed again to a healthy node; when its
+//! deadline passes first, it expires with the reason. Delivery is at least once: an
+//! operation with an idempotency key is answered from the owner's cache on a repeat.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use opmesh_actors::job::Job;
+use opmesh_actors::{
+    Json, NodeId, OpId, OpOutcome, OpStatus, Operation, SubmitError, Ticket, TraceContext,
+};
+use parking_lot::Mutex;
+
+use crate::codec::{WireOp, WireReply, WireTrace};
+
+/// Turns an accepted operation into its wire form; the deadline travels as time left.
+pub fn to_wire(op: &Operation, deadline: Instant, now: Instant) -> WireOp {
+    WireOp {
+        id: op.id.0,
+        op_type: op.op_type.to_string(),
+        key: op.key.clone(),
+        idempotency_key: op.idempotency_key.clone(),
+        payload: op.payload.as_bytes().to_vec(),
+        metadata: op
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        priority: op.priority,
+        remaining_us: Some(deadline.saturating_duration_since(now).as_micros() as u64),
+        trace: op.trace_context.map(|t| WireTrace {
+            trace_id: t.trace_id,
+            span_id: t.span_id,
+            flags: t.flags,
+        }),
+    }
+}
+
+/// Turns a forwarded operation back into an [`Operation`]. The payload is trusted as
+/// JSON: it was validated by the origin and came over an authenticated link.
+pub fn from_wire(w: WireOp, now: Instant) -> Operation {
+    Operation {
+        id: OpId(w.id),
+        op_type: w.op_type.into(),
+        key: w.key,
+        payload: Json::from_trusted(w.payload),
+        metadata: w.metadata.into_iter().collect(),
+        priority: w.priority,
+        deadline: w.remaining_us.map(|us| now + Duration::from_micros(us)),
+        idempotency_key: w.idempotency_key,
+        trace_context: w.trace.map(|t| TraceContext {
+            trace_id: t.trace_id,
+            span_id: t.span_id,
+            flags: t.flags,
+        }),
+    }
+}
+
+/// The wire form of an outcome.
+pub fn reply_to_wire(o: OpOutcome) -> WireReply {
+    WireReply {
+        id: o.id.0,
+        status: o.status.to_u8(),
+        result: o.result.map(|j| j.as_bytes().to_vec()),
+        error: o.error,
+        cached: o.cached,
+        attempts: o.attempts,
+    }
+}
+
+/// The outcome a reply from `peer` carries. Only final statuses are valid on the wire;
+/// anything else fails the operation, naming the fault.
+pub fn reply_from_wire(w: WireReply, peer: &NodeId) -> OpOutcome {
+    let status = OpStatus::from_u8(w.status);
+    let (status, error) = if status.is_final() && w.status <= OpStatus::Expired.to_u8() {
+        (status, w.error)
+    } else {
+        (
+            OpStatus::Failed,
+            Some(format!(
+                "node `{peer}` answered with invalid status {}",
+                w.status
+            )),
+        )
+    };
+    OpOutcome {
+        id: OpId(w.id),
+        status,
+        result: w.result.map(Json::from_trusted),
+        error,
+        cached: w.cached,
+        executed_by: Some(peer.clone()),
+        attempts: w.attempts,
+        trace_id: None,
+    }
+}
+
+/// The answer to a submission the owner refused at its door (full queue, no handler,
+/// shutting down): the operation fails with the owner's reason.
+pub fn refused_reply(id: u128, peer: &NodeId, e: &SubmitError) -> WireReply {
+    WireReply {
+        id,
+        status: OpStatus::Failed.to_u8(),
+        result: None,
+        error: Some(format!("node `{peer}` refused the operation: {e}")),
+        cached: false,
+        attempts: 0,
+    }
+}
+
+/// What the origin forwarded and waits to hear about, by owner.
+#[derive(Default)]
+pub struct Outbox {
+    by_peer: DashMap<NodeId, Mutex<HashMap<u128, Box<Job>>>>,
+}
+
+impl Outbox {
+    /// Keeps `jobs` until `peer` answers them; returns their wire form.
+    pub fn hold(&self, peer: &NodeId, jobs: Vec<Box<Job>>) -> Vec<WireOp> {
+        let now = Instant::now();
+        let wire = jobs
+            .iter()
+            .map(|j| to_wire(&j.op, j.deadline, now))
+            .collect();
+        let slot = self.by_peer.entry(peer.clone()).or_default();
+        let mut held = slot.lock();
+        for j in jobs {
+            held.insert(j.op.id.0, j);
+        }
+        wire
+    }
+
+    /// Completes the operations `peer` answered. Replies to unknown ids (answered
+    /// already: a repeat after a re-send) are ignored.
+    pub fn complete(&self, peer: &NodeId, replies: Vec<WireReply>) {
+        let Some(slot) = self.by_peer.get(peer) else {
+            return;
+        };
+        let jobs: Vec<(Box<Job>, WireReply)> = {
+            let mut held = slot.lock();
+            replies
+                .into_iter()
+                .filter_map(|r| held.remove(&r.id).map(|j| (j, r)))
+                .collect()
+        };
+        drop(slot);
+        for (job, reply) in jobs {
+            let Job { reply: done, .. } = *job;
+            done.finish(reply_from_wire(reply, peer));
+        }
+    }
+
+    /// The wire form of everything still waiting on `peer` (to send again after the
+    /// link came back).
+    pub fn waiting_on(&self, peer: &NodeId) -> Vec<WireOp> {
+        let now = Instant::now();
+        match self.by_peer.get(peer) {
+            Some(slot) => slot
+                .lock()
+                .values()
+                .map(|j| to_wire(&j.op, j.deadline, now))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Takes back everything waiting on `peer` (it is down: route them again).
+    pub fn take(&self, peer: &NodeId) -> Vec<Box<Job>> {
+        match self.by_peer.get(peer) {
+            Some(slot) => slot.lock().drain().map(|(_, j)| j).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The peers something is waiting on.
+    pub fn peers(&self) -> Vec<NodeId> {
+        self.by_peer
+            .iter()
+            .filter(|e| !e.value().lock().is_empty())
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    /// How many operations wait for a reply.
+    pub fn len(&self) -> usize {
+        self.by_peer.iter().map(|e| e.value().lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Expires what waited past its deadline, with the reason.
+    pub fn expire(&self, now: Instant) {
+        for e in self.by_peer.iter() {
+            let overdue: Vec<Box<Job>> = {
+                let mut held = e.value().lock();
+                let ids: Vec<u128> = held
+                    .iter()
+                    .filter(|(_, j)| j.deadline <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.into_iter().filter_map(|id| held.remove(&id)).collect()
+            };
+            for job in overdue {
+                let Job { reply, .. } = *job;
+                reply.fail(
+                    OpStatus::Expired,
+                    format!("deadline passed before node `{}` answered", e.key()),
+                );
+            }
+        }
+    }
+}
+
+/// Waits for the outcomes of operations run here for `peer` and hands them to `send`
+/// in batches: whatever finished together goes in one `ReplyBatch`.
+pub async fn collect_replies(
+    tickets: Vec<Ticket>,
+    mut first: Vec<WireReply>,
+    mut send: impl FnMut(Vec<WireReply>),
+) {
+    if !first.is_empty() {
+        send(std::mem::take(&mut first));
+    }
+    let mut running: FuturesUnordered<Ticket> = tickets.into_iter().collect();
+    while let Some(outcome) = running.next().await {
+        let mut batch = vec![reply_to_wire(outcome)];
+        while let Some(Some(o)) = running.next().now_or_never() {
+            batch.push(reply_to_wire(o));
+        }
+        send(batch);
+    }
+}
+
+/// Shared handle for the origin side.
+pub type SharedOutbox = Arc<Outbox>;

@@ -1,0 +1,551 @@
+//! A cluster of real `opmesh` processes on 127.0.0.1: routes replicated by Raft,
+//! operations run on their owner, and the faults a cluster must survive: the owner killed
+//! under load, the leader killed, a node restarted with its data dir, a node cut off by a
+//! proxy that drops its traffic, garbage on the cluster port, a node leaving.
+//!
+//! Every wait is on a condition with a deadline.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{client, wait_until, Server};
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+const SECRET: &str = "a-test-secret-of-enough-length";
+
+/// A free loopback port (bound, then released; the node binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct NodeSpec<'a> {
+    name: &'a str,
+    cluster_port: u16,
+    join: Option<String>,
+    data_dir: Option<&'a std::path::Path>,
+    /// The address others dial, when it is not the cluster port (a proxy in front).
+    advertise: Option<String>,
+}
+
+fn start(spec: &NodeSpec) -> Server {
+    let addr = format!("127.0.0.1:{}", spec.cluster_port);
+    let mut args = vec![
+        "--node-id".to_string(),
+        spec.name.to_string(),
+        "--cluster-addr".into(),
+        addr,
+    ];
+    if let Some(j) = &spec.join {
+        args.push("--join".into());
+        args.push(j.clone());
+    }
+    if let Some(d) = spec.data_dir {
+        args.push("--data-dir".into());
+        args.push(d.display().to_string());
+    }
+    let mut env = vec![("OPMESH_CLUSTER_SECRET", SECRET.to_string())];
+    if let Some(a) = &spec.advertise {
+        env.push(("OPMESH_CLUSTER__ADVERTISE", a.clone()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Server::start(&args, &env)
+}
+
+async fn get(s: &Server, path: &str) -> Value {
+    client()
+        .get(s.url(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn try_get(s: &Server, path: &str) -> Option<Value> {
+    client()
+        .get(s.url(path))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+/// Whether `s` sees `n` nodes up and a leader.
+async fn sees_up(s: &Server, n: usize) -> bool {
+    let Some(c) = try_get(s, "/v1/cluster").await else {
+        return false;
+    };
+    let up = c["nodes"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|x| x["status"] == "up").count());
+    up == n && c["leader"].is_string()
+}
+
+async fn leader_of(s: &Server) -> Option<String> {
+    try_get(s, "/v1/cluster").await?["leader"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Starts node-1 (bootstraps) and node-2, node-3 (join it); waits until all see three up.
+async fn three_nodes(dirs: Option<&[std::path::PathBuf; 3]>) -> (Vec<Server>, Vec<u16>) {
+    let ports = [free_port(), free_port(), free_port()];
+    let seed = format!("127.0.0.1:{}", ports[0]);
+    let mut servers = Vec::new();
+    for (i, name) in ["node-1", "node-2", "node-3"].iter().enumerate() {
+        servers.push(start(&NodeSpec {
+            name,
+            cluster_port: ports[i],
+            join: (i > 0).then(|| seed.clone()),
+            data_dir: dirs.map(|d| d[i].as_path()),
+            advertise: None,
+        }));
+    }
+    for s in &servers {
+        wait_until(
+            "three nodes up with a leader",
+            Duration::from_secs(20),
+            || sees_up(s, 3),
+        )
+        .await;
+    }
+    (servers, ports.to_vec())
+}
+
+async fn set_route(s: &Server, ty: &str, strategy: &str, nodes: &[&str]) -> reqwest::Response {
+    client()
+        .put(s.url(&format!("/v1/routes/{ty}")))
+        .json(&json!({ "strategy": strategy, "nodes": nodes }))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn submit_wait(s: &Server, body: Value) -> (u16, Value) {
+    let r = client()
+        .post(s.url("/v1/ops?wait=true"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// The route of `ty` as `s` sees it: (strategy, nodes, version).
+async fn route_on(s: &Server, ty: &str) -> Option<(String, Vec<String>)> {
+    let v = try_get(s, &format!("/v1/routes/{ty}")).await?;
+    let r = v.get("route")?;
+    Some((
+        r["strategy"].as_str()?.to_owned(),
+        r["nodes"]
+            .as_array()?
+            .iter()
+            .filter_map(|n| n.as_str().map(str::to_owned))
+            .collect(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_set_on_one_node_is_seen_by_all_and_operations_run_on_the_owner() {
+    let (s, _) = three_nodes(None).await;
+    let c = get(&s[0], "/v1/cluster").await;
+    let roles: Vec<&str> = c["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles.iter().filter(|r| **r == "voter").count(), 3, "{c}");
+    assert!(c["term"].as_u64().unwrap() >= 1);
+    assert!(c["last_applied_index"].as_u64().is_some());
+
+    // Written on node-3 (a follower or the leader: either way it reaches the leader).
+    let r = set_route(&s[2], "echo", "pinned", &["node-2"]).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    for n in &s {
+        wait_until(
+            "the route on every node",
+            Duration::from_secs(5),
+            || async {
+                route_on(n, "echo").await == Some(("pinned".into(), vec!["node-2".into()]))
+            },
+        )
+        .await;
+    }
+    // Submitted to node-1, run by node-2.
+    for _ in 0..20 {
+        let (code, v) = submit_wait(&s[0], json!({"type": "echo", "payload": {"x": 1}})).await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["status"], "succeeded", "{v}");
+        assert_eq!(v["executed_by"], "node-2", "{v}");
+        assert_eq!(v["result"], json!({"x": 1}));
+    }
+    // A batch too.
+    let r = client()
+        .post(s[2].url("/v1/ops/batch?wait=true"))
+        .json(&json!({"operations": (0..100).map(|i| json!({"type": "echo", "payload": i})).collect::<Vec<_>>()}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), 100);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["executed_by"], "node-2", "{r}");
+        assert_eq!(r["result"], json!(i));
+    }
+    // A route naming an unknown node is refused, naming it.
+    let r = set_route(&s[0], "echo", "pinned", &["node-9"]).await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("node-9"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_owner_under_load_moves_its_types_and_every_request_completes() {
+    let (mut s, _) = three_nodes(None).await;
+    let r = set_route(&s[0], "sleep", "pinned", &["node-2", "node-3"]).await;
+    assert_eq!(r.status(), 200);
+    for n in &s {
+        wait_until("the route everywhere", Duration::from_secs(5), || async {
+            route_on(n, "sleep").await.is_some()
+        })
+        .await;
+    }
+    // Load from node-1: operations that take a while on the owner.
+    let base = s[0].base.clone();
+    let mut load = Vec::new();
+    for i in 0..200 {
+        let url = format!("{base}/v1/ops?wait=true");
+        load.push(tokio::spawn(async move {
+            let r = client()
+                .post(url)
+                .json(&json!({"type": "sleep", "payload": {"ms": 300 + i % 200}}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    // Once node-2 runs some of them, kill it.
+    wait_until(
+        "node-2 running operations",
+        Duration::from_secs(10),
+        || async {
+            try_get(&s[1], "/v1/metrics")
+                .await
+                .is_some_and(|m| m["activeOperations"].as_u64().unwrap_or(0) > 0)
+        },
+    )
+    .await;
+    let killed = Instant::now();
+    s[1].signal("KILL");
+    s[1].wait_exit(Duration::from_secs(5));
+
+    let mut by_node = std::collections::BTreeMap::<String, usize>::new();
+    for h in load {
+        let (code, v) = h.await.unwrap();
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(
+            v["status"], "succeeded",
+            "every waiting request completes: {v}"
+        );
+        *by_node
+            .entry(v["executed_by"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert!(
+        by_node.get("node-3").copied().unwrap_or(0) > 0,
+        "{by_node:?}"
+    );
+    // node-2 is marked down everywhere, and new work goes to node-3.
+    for n in [&s[0], &s[2]] {
+        wait_until("node-2 marked down", Duration::from_secs(5), || async {
+            try_get(n, "/v1/cluster").await.is_some_and(|c| {
+                c["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x["id"] == "node-2" && x["status"] == "down")
+            })
+        })
+        .await;
+    }
+    let (code, v) = submit_wait(&s[0], json!({"type": "sleep", "payload": {"ms": 1}})).await;
+    assert_eq!((code, v["executed_by"].as_str()), (200, Some("node-3")));
+    eprintln!(
+        "owner killed: all 200 requests done {:?} after the kill",
+        killed.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_elects_another_and_route_writes_work_again() {
+    let (mut s, _) = three_nodes(None).await;
+    let leader = leader_of(&s[0]).await.unwrap();
+    let idx = ["node-1", "node-2", "node-3"]
+        .iter()
+        .position(|n| *n == leader)
+        .unwrap();
+    s[idx].signal("KILL");
+    s[idx].wait_exit(Duration::from_secs(5));
+    let killed = Instant::now();
+    let other = if idx == 0 { 1 } else { 0 };
+    wait_until(
+        "a route write succeeds",
+        Duration::from_secs(10),
+        || async {
+            set_route(&s[other], "echo", "round_robin", &[])
+                .await
+                .status()
+                == 200
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    let new_leader = leader_of(&s[other]).await.unwrap();
+    assert_ne!(new_leader, leader);
+    eprintln!("leader killed: route writes work again after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_its_data_dir_rejoins_with_its_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = [
+        tmp.path().join("n1"),
+        tmp.path().join("n2"),
+        tmp.path().join("n3"),
+    ];
+    let (mut s, ports) = three_nodes(Some(&dirs)).await;
+    assert_eq!(
+        set_route(&s[0], "echo", "pinned", &["node-1"])
+            .await
+            .status(),
+        200
+    );
+    wait_until(
+        "node-3 has the first route",
+        Duration::from_secs(5),
+        || async { route_on(&s[2], "echo").await.is_some() },
+    )
+    .await;
+    s[2].signal("KILL");
+    s[2].wait_exit(Duration::from_secs(5));
+    // A change while it is away.
+    assert_eq!(
+        set_route(&s[0], "sleep", "round_robin", &[]).await.status(),
+        200
+    );
+    let back = start(&NodeSpec {
+        name: "node-3",
+        cluster_port: ports[2],
+        join: None,
+        data_dir: Some(&dirs[2]),
+        advertise: None,
+    });
+    wait_until(
+        "node-3 has the route set while it was away",
+        Duration::from_secs(10),
+        || async {
+            route_on(&back, "sleep").await.is_some() && route_on(&back, "echo").await.is_some()
+        },
+    )
+    .await;
+    for n in [&s[0], &s[1], &back] {
+        wait_until("three up again", Duration::from_secs(10), || sees_up(n, 3)).await;
+    }
+}
+
+/// A TCP proxy in front of one node's cluster port that can cut it off.
+struct Proxy {
+    port: u16,
+    blocked: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn start(to: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let blocked = Arc::new(AtomicBool::new(false));
+        let b = blocked.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if b.load(Ordering::Acquire) {
+                    let _ = inbound.shutdown().await;
+                    continue;
+                }
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", to)).await else {
+                        return;
+                    };
+                    let (mut ri, mut wi) = inbound.split();
+                    let (mut ro, mut wo) = outbound.split();
+                    let cut = async {
+                        while !b.load(Ordering::Acquire) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut ri, &mut wo) => {}
+                        _ = tokio::io::copy(&mut ro, &mut wi) => {}
+                        _ = cut => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, blocked }
+    }
+
+    fn block(&self, on: bool) {
+        self.blocked.store(on, Ordering::Release);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_node_cannot_change_routes_the_majority_goes_on_and_it_heals() {
+    // node-3 is reached only through a proxy that the test can cut.
+    let ports = [free_port(), free_port(), free_port()];
+    let proxy = Proxy::start(ports[2]).await;
+    let seed = format!("127.0.0.1:{}", ports[0]);
+    let s: Vec<Server> = (0..3)
+        .map(|i| {
+            start(&NodeSpec {
+                name: ["node-1", "node-2", "node-3"][i],
+                cluster_port: ports[i],
+                join: (i > 0).then(|| seed.clone()),
+                data_dir: None,
+                advertise: (i == 2).then(|| format!("127.0.0.1:{}", proxy.port)),
+            })
+        })
+        .collect();
+    for n in &s {
+        wait_until("three up", Duration::from_secs(20), || sees_up(n, 3)).await;
+    }
+    proxy.block(true);
+    // The majority marks node-3 down and keeps changing routes.
+    for n in &s[..2] {
+        wait_until(
+            "node-3 down on the majority",
+            Duration::from_secs(10),
+            || async {
+                try_get(n, "/v1/cluster").await.is_some_and(|c| {
+                    c["nodes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|x| x["id"] == "node-3" && x["status"] == "down")
+                })
+            },
+        )
+        .await;
+    }
+    wait_until(
+        "a write on the majority",
+        Duration::from_secs(10),
+        || async {
+            set_route(&s[0], "echo", "pinned", &["node-2"])
+                .await
+                .status()
+                == 200
+        },
+    )
+    .await;
+    let (code, v) = submit_wait(&s[1], json!({"type": "echo", "payload": 7})).await;
+    assert_eq!((code, v["result"].clone()), (200, json!(7)));
+    // The minority refuses, with a clear error and without hanging.
+    let t = Instant::now();
+    let r = set_route(&s[2], "sleep", "round_robin", &[]).await;
+    let took = t.elapsed();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "no_quorum", "{body}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Healed: node-3 catches up by itself and is up again.
+    proxy.block(false);
+    wait_until(
+        "node-3 has the majority's route",
+        Duration::from_secs(15),
+        || async {
+            route_on(&s[2], "echo").await == Some(("pinned".into(), vec!["node-2".into()]))
+        },
+    )
+    .await;
+    for n in &s {
+        wait_until("three up again", Duration::from_secs(15), || sees_up(n, 3)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_wrong_secrets_on_the_cluster_port_are_refused_and_a_node_leaves_cleanly() {
+    let (mut s, ports) = three_nodes(None).await;
+    // Garbage, an oversized length prefix, and a node with the wrong secret.
+    for bytes in [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        vec![0xff; 64],
+        u32::MAX.to_be_bytes().to_vec(),
+    ] {
+        let mut c = TcpStream::connect(("127.0.0.1", ports[0])).await.unwrap();
+        let _ = c.write_all(&bytes).await;
+    }
+    let wrong = common::Server::start(
+        &[
+            "--node-id",
+            "intruder",
+            "--cluster-addr",
+            "127.0.0.1:0",
+            "--join",
+            &format!("127.0.0.1:{}", ports[0]),
+        ],
+        &[("OPMESH_CLUSTER_SECRET", "another-secret-of-enough-length")],
+    );
+    // The cluster still works and never admits the intruder.
+    assert_eq!(
+        set_route(&s[0], "echo", "round_robin", &[]).await.status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = get(&s[0], "/v1/cluster").await;
+    assert!(!c.to_string().contains("intruder"), "{c}");
+    let ready = client().get(wrong.url("/readyz")).send().await.unwrap();
+    assert_eq!(
+        ready.status(),
+        503,
+        "a node that could not join is not ready"
+    );
+
+    // node-3 leaves: it exits, and the others no longer list it.
+    let r = client()
+        .post(s[2].url("/v1/cluster/leave"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_eq!(s[2].wait_exit(Duration::from_secs(20)), Some(0));
+    for n in &s[..2] {
+        wait_until("two nodes left", Duration::from_secs(10), || async {
+            try_get(n, "/v1/cluster")
+                .await
+                .is_some_and(|c| c["nodes"].as_array().unwrap().len() == 2)
+        })
+        .await;
+    }
+    let (code, _) = submit_wait(&s[0], json!({"type": "echo", "payload": 1})).await;
+    assert_eq!(code, 200);
+}
