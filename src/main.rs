@@ -16,7 +16,9 @@ fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("RUST_LOG")
         .or_else(|_| std::env::var("LOG_LEVEL"))
-        .unwrap_or_else(|_| "info".into());
+        // openraft logs routine events (a vote that changed meanwhile, a peer being
+        // retried) as warnings; they are not the operator's concern unless asked for.
+        .unwrap_or_else(|_| "info,openraft=error".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr);

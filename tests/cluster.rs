@@ -197,7 +197,7 @@ async fn a_route_set_on_one_node_is_seen_by_all_and_operations_run_on_the_owner(
     // A batch too.
     let r = client()
         .post(s[2].url("/v1/ops/batch?wait=true"))
-        .json(&json!({"operations": (0..100).map(|i| json!({"type": "echo", "payload": i})).collect::<Vec<_>>()}))
+        .json(&json!({"ops": (0..100).map(|i| json!({"type": "echo", "payload": i})).collect::<Vec<_>>()}))
         .send()
         .await
         .unwrap();

@@ -25,7 +25,7 @@ impl Server {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--http-addr", "127.0.0.1:0"])
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,openraft=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
@@ -127,7 +127,7 @@ where
 pub fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,openraft=error")
         .output()
         .expect("the opmesh binary runs");
     (
