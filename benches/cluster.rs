@@ -255,6 +255,7 @@ fn main() {
 
     // 3. Owner killed → its type served elsewhere.
     let mut owner_ms = Vec::new();
+    let mut owner_led = Vec::new();
     for r in 0..rounds {
         let owner = (r % 2) + 1; // node-2 or node-3; submissions go to node-1
         let backup = if owner == 1 { 2 } else { 1 };
@@ -273,6 +274,7 @@ fn main() {
             .1["executed_by"]
                 == NAMES[owner]
         });
+        owner_led.push(c.leader() == owner);
         c.kill(owner);
         let t = Instant::now();
         wait("echo served by the backup", Duration::from_secs(30), || {

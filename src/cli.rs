@@ -436,7 +436,7 @@ async fn cluster(c: &reqwest::Client, cmd: ClusterCmd) -> anyhow::Result<()> {
                     n["status"].as_str().unwrap_or("-"),
                     n["role"].as_str().unwrap_or("-"),
                     n["link"].as_str().unwrap_or("-"),
-                    n["load"],
+                    n["load"].as_u64().unwrap_or(0),
                     n["http_addr"].as_str().unwrap_or("-"),
                     n["cluster_addr"].as_str().unwrap_or("-"),
                     serves.join(","),

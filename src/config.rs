@@ -1755,7 +1755,7 @@ mod tests {
         assert_eq!(c.heartbeat, Duration::from_millis(100));
         assert_eq!(c.down_after, Duration::from_secs(1));
         assert_eq!(c.write_timeout, Duration::from_secs(3));
-        assert_eq!(c.election_timeout, Duration::from_millis(300));
+        assert_eq!(c.election_timeout, Duration::from_millis(200));
         assert_eq!(c.voters, 3);
         assert_eq!(c.flush_bytes, 64 * 1024);
         assert_eq!(c.linger, Duration::ZERO);

@@ -89,7 +89,7 @@ impl ClusterConfig {
             heartbeat: Duration::from_millis(100),
             down_after: Duration::from_millis(1000),
             write_timeout: Duration::from_secs(3),
-            election_timeout: Duration::from_millis(300),
+            election_timeout: Duration::from_millis(200),
             voters: 3,
             flush_bytes: 64 * 1024,
             linger: Duration::ZERO,
@@ -920,12 +920,11 @@ impl Inner {
                 if n.name == self.me.name {
                     continue;
                 }
-                let heard = self
-                    .heard
-                    .get(&n.name)
-                    .and_then(|h| h.at)
-                    .unwrap_or(since)
-                    .max(since);
+                // Every node pings every other, so a new leader already knows when it last
+                // heard from each: a node that died with the old leader is marked down
+                // `down_after` after its last answer, not after the election. A node never
+                // heard from gets `down_after` from the start of this leadership.
+                let heard = self.heard.get(&n.name).and_then(|h| h.at).unwrap_or(since);
                 let silent = now.saturating_duration_since(heard);
                 let next = match n.status {
                     NodeStatus::Up if silent > self.cfg.down_after => Some(NodeStatus::Down),
