@@ -9,6 +9,8 @@
 #![forbid(unsafe_code)]
 
 pub use opmesh_actors::*;
+/// The cluster layer: codec, links, Raft store, membership, remote execution.
+pub use opmesh_cluster as cluster;
 
 pub mod api;
 pub mod bench;

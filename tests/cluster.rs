@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{client, wait_until, Server};
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const SECRET: &str = "a-test-secret-of-enough-length";
@@ -369,76 +368,108 @@ async fn a_node_restarted_with_its_data_dir_rejoins_with_its_state() {
     }
 }
 
-/// A TCP proxy in front of one node's cluster port that can cut it off.
-struct Proxy {
-    port: u16,
-    blocked: Arc<AtomicBool>,
+/// TCP proxies in front of every node's cluster port (each node advertises its proxy),
+/// which can cut one node off both ways: a connection is dropped when the node it goes
+/// to, or the node that dialed it (read from its `Hello`), is the isolated one.
+#[derive(Clone, Default)]
+struct Partition {
+    isolated: Arc<parking_lot::Mutex<Option<String>>>,
 }
 
-impl Proxy {
-    async fn start(to: u16) -> Proxy {
+impl Partition {
+    /// A proxy for `target` (a node's name) at its cluster `port`; returns the proxy's port.
+    async fn proxy(&self, target: &'static str, port: u16) -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let blocked = Arc::new(AtomicBool::new(false));
-        let b = blocked.clone();
+        let proxy_port = listener.local_addr().unwrap().port();
+        let this = self.clone();
         tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if b.load(Ordering::Acquire) {
-                    let _ = inbound.shutdown().await;
-                    continue;
-                }
-                let b = b.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", to)).await else {
-                        return;
-                    };
-                    let (mut ri, mut wi) = inbound.split();
-                    let (mut ro, mut wo) = outbound.split();
-                    let cut = async {
-                        while !b.load(Ordering::Acquire) {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy(&mut ri, &mut wo) => {}
-                        _ = tokio::io::copy(&mut ro, &mut wi) => {}
-                        _ = cut => {}
-                    }
-                });
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(this.clone().carry(client, target, port));
             }
         });
-        Proxy { port, blocked }
+        proxy_port
     }
 
-    fn block(&self, on: bool) {
-        self.blocked.store(on, Ordering::Release);
+    fn cut(&self, a: &str, b: Option<&str>) -> bool {
+        let g = self.isolated.lock();
+        g.as_deref().is_some_and(|i| i == a || Some(i) == b)
+    }
+
+    async fn carry(self, mut client: TcpStream, target: &'static str, port: u16) {
+        if self.cut(target, None) {
+            return;
+        }
+        let Ok(mut server) = TcpStream::connect(("127.0.0.1", port)).await else {
+            return;
+        };
+        let (mut cr, mut cw) = client.split();
+        let (mut sr, mut sw) = server.split();
+        // The node's challenge goes to the dialer; the dialer's first frame is its Hello.
+        let handshake = async {
+            let mut prefix = [0u8; 4];
+            cr.read_exact(&mut prefix).await.ok()?;
+            let len = u32::from_le_bytes(prefix) as usize;
+            if len > 65_536 {
+                return None;
+            }
+            let mut body = vec![0u8; len];
+            cr.read_exact(&mut body).await.ok()?;
+            let dialer = match opmesh::cluster::codec::decode(&body) {
+                Ok(opmesh::cluster::codec::Frame::Hello(h)) => h.node,
+                _ => return None,
+            };
+            sw.write_all(&prefix).await.ok()?;
+            sw.write_all(&body).await.ok()?;
+            Some(dialer)
+        };
+        let dialer = tokio::select! {
+            d = handshake => d,
+            _ = tokio::io::copy(&mut sr, &mut cw) => None,
+        };
+        let Some(dialer) = dialer else { return };
+        let watch = async {
+            while !self.cut(target, Some(&dialer)) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            _ = tokio::io::copy(&mut cr, &mut sw) => {}
+            _ = tokio::io::copy(&mut sr, &mut cw) => {}
+            _ = watch => {}
+        }
+    }
+
+    fn isolate(&self, node: Option<&str>) {
+        *self.isolated.lock() = node.map(str::to_owned);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_node_cannot_change_routes_the_majority_goes_on_and_it_heals() {
-    // node-3 is reached only through a proxy that the test can cut.
+    // Every node is reached through a proxy that the test can cut.
+    let names = ["node-1", "node-2", "node-3"];
     let ports = [free_port(), free_port(), free_port()];
-    let proxy = Proxy::start(ports[2]).await;
-    let seed = format!("127.0.0.1:{}", ports[0]);
+    let partition = Partition::default();
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        proxies.push(partition.proxy(names[i], ports[i]).await);
+    }
+    let seed = format!("127.0.0.1:{}", proxies[0]);
     let s: Vec<Server> = (0..3)
         .map(|i| {
             start(&NodeSpec {
-                name: ["node-1", "node-2", "node-3"][i],
+                name: names[i],
                 cluster_port: ports[i],
                 join: (i > 0).then(|| seed.clone()),
                 data_dir: None,
-                advertise: (i == 2).then(|| format!("127.0.0.1:{}", proxy.port)),
+                advertise: Some(format!("127.0.0.1:{}", proxies[i])),
             })
         })
         .collect();
     for n in &s {
         wait_until("three up", Duration::from_secs(20), || sees_up(n, 3)).await;
     }
-    proxy.block(true);
+    partition.isolate(Some("node-3"));
     // The majority marks node-3 down and keeps changing routes.
     for n in &s[..2] {
         wait_until(
@@ -478,7 +509,7 @@ async fn an_isolated_node_cannot_change_routes_the_majority_goes_on_and_it_heals
     assert_eq!(body["error"], "no_quorum", "{body}");
     assert!(took < Duration::from_secs(10), "{took:?}");
     // Healed: node-3 catches up by itself and is up again.
-    proxy.block(false);
+    partition.isolate(None);
     wait_until(
         "node-3 has the majority's route",
         Duration::from_secs(15),
