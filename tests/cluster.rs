@@ -579,4 +579,16 @@ async fn garbage_and_wrong_secrets_on_the_cluster_port_are_refused_and_a_node_le
     }
     let (code, _) = submit_wait(&s[0], json!({"type": "echo", "payload": 1})).await;
     assert_eq!(code, 200);
+
+    // SIGTERM hands off and leaves the same way.
+    s[1].signal("TERM");
+    assert_eq!(s[1].wait_exit(Duration::from_secs(20)), Some(0));
+    wait_until("one node left", Duration::from_secs(10), || async {
+        try_get(&s[0], "/v1/cluster")
+            .await
+            .is_some_and(|c| c["nodes"].as_array().unwrap().len() == 1)
+    })
+    .await;
+    let (code, v) = submit_wait(&s[0], json!({"type": "echo", "payload": 2})).await;
+    assert_eq!((code, v["executed_by"].as_str()), (200, Some("node-1")));
 }
