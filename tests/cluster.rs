@@ -207,6 +207,19 @@ async fn a_route_set_on_one_node_is_seen_by_all_and_operations_run_on_the_owner(
         assert_eq!(r["executed_by"], "node-2", "{r}");
         assert_eq!(r["result"], json!(i));
     }
+    // The CLI against any node.
+    let (code, out, err) = common::cli(&["cluster", "status", "--target", &s[1].base]);
+    assert_eq!(code, 0, "{err}");
+    for n in ["node-1", "node-2", "node-3"] {
+        assert!(out.contains(n), "{out}");
+    }
+    assert!(out.starts_with("leader node-"), "{out}");
+    let (code, out, _) = common::cli(&["routes", "list", "--target", &s[2].base]);
+    assert_eq!(code, 0);
+    assert!(out.contains("echo") && out.contains("node-2"), "{out}");
+    let (code, _, err) = common::cli(&["cluster", "join", "127.0.0.1:1", "--target", &s[0].base]);
+    assert_ne!(code, 0);
+    assert!(err.contains("already_member"), "{err}");
     // A route naming an unknown node is refused, naming it.
     let r = set_route(&s[0], "echo", "pinned", &["node-9"]).await;
     assert_eq!(r.status(), 400);

@@ -8,7 +8,6 @@
 //! operation with an idempotency key is answered from the owner's cache on a repeat.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -241,6 +240,3 @@ pub async fn collect_replies(
         send(batch);
     }
 }
-
-/// Shared handle for the origin side.
-pub type SharedOutbox = Arc<Outbox>;
