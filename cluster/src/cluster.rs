@@ -434,7 +434,7 @@ impl Inner {
         let no_quorum = || {
             refused(
                 format!(
-                    "the change was not committed within {timeout:?}: node `{}` cannot reach a quorum of the cluster",
+                    "the change was not committed within {timeout:?}: node `{}` cannot reach a quorum of the cluster (if one comes back in time it may still be applied; read the route to know)",
                     self.me.name
                 ),
                 None,
