@@ -701,6 +701,21 @@ impl Inner {
             return Err("this node is already leaving".into());
         }
         let name: NodeId = self.me.name.clone();
+        let alone = {
+            let m = self.raft().metrics();
+            let m = m.borrow();
+            let alone = m
+                .membership_config
+                .membership()
+                .nodes()
+                .all(|(id, _)| *id == self.me.raft_id);
+            alone
+        };
+        if alone {
+            // The last node keeps its cluster (and, with a data dir, its state) to restart.
+            tracing::info!(node = %name, "last node of the cluster: not leaving it");
+            return Ok(());
+        }
         tracing::info!(node = %name, "leaving the cluster: handing off");
         let marked = self
             .write(Command::SetStatus {
