@@ -372,9 +372,9 @@ async fn bad_input_gets_a_json_error_naming_what_was_wrong() {
     let (st, v, _) = post(&s, "/v1/ops", &json!({"type": "echo", "deadline_ms": -5})).await;
     assert_eq!(st, 400);
     assert_error(&v, "deadline_in_past", "deadline_ms");
-    let (st, v, _) = post(&s, "/v1/ops", &json!({"type": "resize"})).await;
+    let (st, v, _) = post(&s, "/v1/ops", &json!({"type": "thumbnail"})).await;
     assert_eq!(st, 404);
-    assert_error(&v, "no_route", "resize");
+    assert_error(&v, "no_route", "thumbnail");
     let (st, v, _) = post(
         &s,
         "/v1/ops",
