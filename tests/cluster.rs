@@ -605,3 +605,74 @@ async fn garbage_and_wrong_secrets_on_the_cluster_port_are_refused_and_a_node_le
     let (code, v) = submit_wait(&s[0], json!({"type": "echo", "payload": 2})).await;
     assert_eq!((code, v["executed_by"].as_str()), (200, Some("node-1")));
 }
+
+/// Soak: load runs from node-1 while node-2 and node-3 are killed (`kill -9`) and
+/// restarted in turn, `OPMESH_SOAK_ROUNDS` times (default 10). Every request must succeed.
+/// Run by `scripts/soak`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: run by scripts/soak"]
+async fn soak_owners_killed_and_restarted_under_load() {
+    let rounds: usize = std::env::var("OPMESH_SOAK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let (mut s, ports) = three_nodes(None).await;
+    let seed = format!("127.0.0.1:{}", ports[0]);
+    let stop = Arc::new(parking_lot::Mutex::new(false));
+    let mut load = Vec::new();
+    for w in 0..32 {
+        let base = s[0].base.clone();
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while !*stop.lock() {
+                let r = client()
+                    .post(format!("{base}/v1/ops?wait=true"))
+                    .json(&json!({"type": "sleep", "payload": {"ms": 20}, "key": format!("w{w}-{done}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                let code = r.status().as_u16();
+                let v: Value = r.json().await.unwrap();
+                assert_eq!((code, &v["status"]), (200, &json!("succeeded")), "{v}");
+                done += 1;
+            }
+            done
+        }));
+    }
+    for round in 0..rounds {
+        let i = 1 + round % 2;
+        s[i].signal("KILL");
+        s[i].wait_exit(Duration::from_secs(5));
+        wait_until(
+            "the victim marked down",
+            Duration::from_secs(10),
+            || async {
+                try_get(&s[0], "/v1/cluster").await.is_some_and(|c| {
+                    c["nodes"].as_array().unwrap().iter().any(|x| {
+                        x["id"] == ["node-1", "node-2", "node-3"][i] && x["status"] == "down"
+                    })
+                })
+            },
+        )
+        .await;
+        s[i] = start(&NodeSpec {
+            name: ["node-1", "node-2", "node-3"][i],
+            cluster_port: ports[i],
+            join: Some(seed.clone()),
+            data_dir: None,
+            advertise: None,
+        });
+        for n in &s {
+            wait_until("three up again", Duration::from_secs(20), || sees_up(n, 3)).await;
+        }
+        eprintln!("soak round {} of {rounds} done", round + 1);
+    }
+    *stop.lock() = true;
+    let mut total = 0;
+    for h in load {
+        total += h.await.unwrap();
+    }
+    eprintln!("soak: {total} operations, all succeeded, over {rounds} kills");
+    assert!(total > 0);
+}

@@ -617,16 +617,33 @@ impl Inner {
                 None,
             ));
         }
-        let known = {
+        let (known, voters) = {
             let m = self.raft().metrics();
             let m = m.borrow();
-            m.membership_config
-                .membership()
-                .get_node(&rec.raft_id)
-                .cloned()
+            let mem = m.membership_config.membership();
+            let voters: BTreeSet<RaftId> = mem.voter_ids().collect();
+            (mem.get_node(&rec.raft_id).cloned(), voters)
         };
         let member = Self::member(&rec);
         let raft = self.raft();
+        if known.is_some() && voters.contains(&rec.raft_id) && voters.len() > 1 {
+            // A voter that comes back may have lost its log (no data dir). Until it has
+            // caught up it must not count towards a quorum, or an entry committed with
+            // its old acknowledgement could be lost: it rejoins as a learner, and the
+            // voter upkeep promotes it again once it is up.
+            let rest: BTreeSet<RaftId> = voters
+                .iter()
+                .copied()
+                .filter(|v| *v != rec.raft_id)
+                .collect();
+            tracing::info!(node = %rec.name, "a voter rejoins: demoted to learner until it has caught up");
+            if let Err(e) = raft.change_membership(rest, true).await {
+                return Err(refused(
+                    format!("cannot readmit voter `{}`: {e}", rec.name),
+                    None,
+                ));
+            }
+        }
         let change: Option<BoxFuture<'_, _>> = match known {
             None => Some(raft.add_learner(rec.raft_id, member, true).boxed()),
             // A restart on new addresses: update them.
@@ -758,15 +775,23 @@ impl Inner {
             .filter(|n| n.status == NodeStatus::Up)
             .map(|n| n.raft_id)
             .collect();
+        // Only learners that have caught up with the log (as far as this leader has
+        // replicated to them) may become voters.
+        let last = m.last_log_index;
+        let caught_up = |id: &RaftId| {
+            m.replication.as_ref().is_some_and(|r| {
+                r.get(id).copied().flatten().map(|l| l.index) >= last.map(|l| l.saturating_sub(16))
+            })
+        };
         m.membership_config
             .membership()
             .learner_ids()
-            .filter(|l| up.contains(l))
+            .filter(|l| up.contains(l) && caught_up(l))
             .collect()
     }
 
-    /// On the leader: promotes up learners while there are fewer voters than wanted, and
-    /// replaces voters that are down by up learners.
+    /// On the leader: promotes up, caught-up learners while there are fewer voters than
+    /// wanted, and replaces voters that are down by such learners.
     async fn balance_voters(&self) {
         let state = self.state.load_full();
         let (voters, members) = {
