@@ -146,12 +146,13 @@ impl Cluster {
     fn wait_up(&self, n: usize) {
         let a = agent();
         for i in self.alive() {
-            wait("nodes up", Duration::from_secs(30), || {
+            wait("nodes up and voting", Duration::from_secs(30), || {
                 a.get(&format!("{}/v1/cluster", self.http(i)))
                     .is_some_and(|c| {
                         c["leader"].is_string()
                             && c["nodes"].as_array().is_some_and(|v| {
                                 v.iter().filter(|x| x["status"] == "up").count() == n
+                                    && v.iter().filter(|x| x["role"] == "voter").count() == n
                             })
                     })
             });

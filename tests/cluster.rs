@@ -664,7 +664,23 @@ async fn soak_owners_killed_and_restarted_under_load() {
             advertise: None,
         });
         for n in &s {
-            wait_until("three up again", Duration::from_secs(20), || sees_up(n, 3)).await;
+            wait_until(
+                "three up and voting again",
+                Duration::from_secs(20),
+                || async {
+                    sees_up(n, 3).await
+                        && try_get(n, "/v1/cluster").await.is_some_and(|c| {
+                            c["nodes"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .filter(|x| x["role"] == "voter")
+                                .count()
+                                == 3
+                        })
+                },
+            )
+            .await;
         }
         eprintln!("soak round {} of {rounds} done", round + 1);
     }

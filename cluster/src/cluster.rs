@@ -626,7 +626,8 @@ impl Inner {
         };
         let member = Self::member(&rec);
         let raft = self.raft();
-        if known.is_some() && voters.contains(&rec.raft_id) && voters.len() > 1 {
+        let demoted = known.is_some() && voters.contains(&rec.raft_id) && voters.len() > 1;
+        if demoted {
             // A voter that comes back may have lost its log (no data dir). Until it has
             // caught up it must not count towards a quorum, or an entry committed with
             // its old acknowledgement could be lost: it rejoins as a learner, and the
@@ -674,10 +675,24 @@ impl Inner {
                 }
             }
         }
-        match self.write(Command::NodeJoined(rec)).await? {
-            CommandResult { error: Some(e), .. } => Err(refused(e, None)),
-            _ => Ok(()),
+        let id = rec.raft_id;
+        if let CommandResult { error: Some(e), .. } = self.write(Command::NodeJoined(rec)).await? {
+            return Err(refused(e, None));
         }
+        if demoted {
+            // Give the voter back its vote as soon as it has caught up, so the cluster
+            // tolerates a failure again before the join is answered.
+            let mut metrics = raft.metrics();
+            let until = Instant::now() + self.cfg.write_timeout * 3;
+            while Instant::now() < until {
+                if self.up_learners().contains(&id) {
+                    self.balance_voters().await;
+                    break;
+                }
+                let _ = tokio::time::timeout_at(until.into(), metrics.changed()).await;
+            }
+        }
+        Ok(())
     }
 
     /// On the leader: removes `name` from the registry and from the Raft group.
