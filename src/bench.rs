@@ -445,13 +445,10 @@ async fn remote_pair(op_type: &str) -> anyhow::Result<(Node, Vec<(Cluster, Node)
             .await
             .context("starting a cluster node")?;
         let builder = crate::handlers::register_builtins(Node::builder().node_id(name), &[]);
-        let node = builder
-            .route_store(cluster.route_store())
-            .forwarder(cluster.forwarder())
-            .start()
+        let node = cluster
+            .start_node(builder)
             .await
             .context("starting an embedded node")?;
-        cluster.attach(node.clone());
         seed.get_or_insert_with(|| cluster.cluster_addr().to_owned());
         pair.push((cluster, node));
     }

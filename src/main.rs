@@ -79,7 +79,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let builder = Node::builder()
         .node_id(cfg.node_id.as_str())
         .config(cfg.engine.clone());
-    let mut builder = handlers::register_builtins(builder, &cfg.http_handlers);
+    let builder = handlers::register_builtins(builder, &cfg.http_handlers);
     let cluster = match &cfg.cluster {
         None => None,
         Some(c) => {
@@ -124,13 +124,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(1));
                 }
             };
-            builder = builder
-                .route_store(cluster.route_store())
-                .forwarder(cluster.forwarder());
             Some(cluster)
         }
     };
-    let node = builder.start().await?;
+    let node = match &cluster {
+        Some(c) => c.start_node(builder).await?,
+        None => builder.start().await?,
+    };
     let settings = api::ApiSettings {
         addr: cfg.http.addr,
         workers: cfg.http.workers,
@@ -146,7 +146,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if let Some(c) = &cluster {
-        c.attach(node.clone());
         // Tests and scripts read this line to learn the bound cluster address.
         println!("opmesh cluster port {}", c.cluster_addr());
     }

@@ -1,11 +1,10 @@
 //! One node's membership in a cluster: its links, its Raft replica of the routing table
 //! and node registry, the failure detector, and the remote execution of operations.
 //!
-//! [`Cluster::start`] opens the store, binds the cluster port and starts Raft; the
-//! binary then builds its engine [`Node`] with [`Cluster::route_store`] and
-//! [`Cluster::forwarder`] and hands it back with [`Cluster::attach`], which bootstraps a
-//! cluster of one (no `--join`, no state) or joins the seeds, and starts the background
-//! duties:
+//! [`Cluster::start`] opens the store, binds the cluster port and starts Raft;
+//! [`Cluster::start_node`] then starts the engine [`Node`] on the replicated routing table
+//! and the remote forwarder, bootstraps a cluster of one (no `--join`, no state) or joins
+//! the seeds, and starts the background duties:
 //!
 //! - every heartbeat, each node pings every other (the `Ping` carries its load);
 //! - the leader marks a node down when it has not heard from it for `down_after`, and up
@@ -30,7 +29,9 @@ use openraft::{ChangeMembers, ServerState};
 use opmesh_actors::job::Job;
 use opmesh_actors::router::Forwarder;
 use opmesh_actors::routing::{validate_route, RouteResult, RouteStore};
-use opmesh_actors::{Node, NodeId, OpType, Route, RouteError, RoutingTable};
+use opmesh_actors::{
+    Node, NodeBuilder, NodeId, OpType, Route, RouteError, RoutingTable, StartError,
+};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -260,19 +261,20 @@ impl Cluster {
         &self.inner.me.cluster_addr
     }
 
-    /// The replicated routing table, for [`opmesh_actors::NodeBuilder::route_store`].
-    pub fn route_store(&self) -> Arc<dyn RouteStore> {
-        Arc::new(ClusterRoutes(self.inner.clone()))
+    /// Starts the engine built by `builder` on this cluster's replicated routing table
+    /// and remote forwarder, and starts taking part: bootstraps a cluster of one (no
+    /// seeds, no state) or joins the seeds, then runs the background duties.
+    pub async fn start_node(&self, builder: NodeBuilder) -> Result<Node, StartError> {
+        let node = builder
+            .route_store(Arc::new(ClusterRoutes(self.inner.clone())))
+            .forwarder(Arc::new(ClusterForwarder(self.inner.clone())))
+            .start()
+            .await?;
+        self.attach(node.clone());
+        Ok(node)
     }
 
-    /// The remote forwarder, for [`opmesh_actors::NodeBuilder::forwarder`].
-    pub fn forwarder(&self) -> Arc<dyn Forwarder> {
-        Arc::new(ClusterForwarder(self.inner.clone()))
-    }
-
-    /// Connects the running engine and starts taking part: bootstraps a cluster of one
-    /// (no seeds, no state) or joins the seeds, then runs the background duties.
-    pub fn attach(&self, node: Node) {
+    fn attach(&self, node: Node) {
         let _ = self.inner.node.set(node);
         let inner = self.inner.clone();
         tokio::spawn(async move { inner.watch_state().await });
@@ -863,13 +865,13 @@ impl Inner {
     /// heartbeat), keeps links to every registered node, and routes again what waits on
     /// a node that is no longer up.
     async fn watch_state(self: Arc<Self>) {
-        let mut metrics = self.raft().metrics();
+        let mut versions = self.versions.clone();
         let mut tick = tokio::time::interval(self.cfg.heartbeat);
         let mut seen_version = u64::MAX;
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
-                r = metrics.changed() => if r.is_err() { return },
+                r = versions.changed() => if r.is_err() { return },
                 _ = tick.tick() => {}
             }
             let state = self.state.load_full();

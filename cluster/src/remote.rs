@@ -106,14 +106,11 @@ pub fn reply_from_wire(w: WireReply, peer: &NodeId) -> OpOutcome {
 /// The answer to a submission the owner refused at its door (full queue, no handler,
 /// shutting down): the operation fails with the owner's reason.
 pub fn refused_reply(id: u128, peer: &NodeId, e: &SubmitError) -> WireReply {
-    WireReply {
-        id,
-        status: OpStatus::Failed.to_u8(),
-        result: None,
-        error: Some(format!("node `{peer}` refused the operation: {e}")),
-        cached: false,
-        attempts: 0,
-    }
+    reply_to_wire(OpOutcome::failure(
+        OpId(id),
+        OpStatus::Failed,
+        format!("node `{peer}` refused the operation: {e}"),
+    ))
 }
 
 /// What the origin forwarded and waits to hear about, by owner.

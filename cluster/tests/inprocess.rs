@@ -30,19 +30,14 @@ async fn member(name: &str, join: Option<&str>) -> Member {
     cfg.write_timeout = Duration::from_secs(2);
     cfg.serves = vec!["echo".into(), "slow".into()];
     let cluster = Cluster::start(cfg).await.expect("cluster starts");
-    let node = Node::builder()
+    let builder = Node::builder()
         .node_id(name)
         .handler("echo", |op: Operation| async move { Ok(op.payload) })
         .handler("slow", |op: Operation| async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
             Ok::<_, HandlerError>(op.payload)
-        })
-        .route_store(cluster.route_store())
-        .forwarder(cluster.forwarder())
-        .start()
-        .await
-        .expect("node starts");
-    cluster.attach(node.clone());
+        });
+    let node = cluster.start_node(builder).await.expect("node starts");
     Member { cluster, node }
 }
 
