@@ -21,6 +21,8 @@ use opmesh_actors::{
     Ticket, TraceContext,
 };
 use opmesh_cluster::Cluster;
+
+use crate::telemetry::Telemetry;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::{OpenApi, ToSchema};
@@ -35,6 +37,8 @@ pub struct ApiSettings {
     pub keep_alive: Duration,
     /// How long in-flight operations get to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// The trace pipeline's counters and the dashboard's Jaeger link.
+    pub telemetry: Telemetry,
 }
 
 /// Most operations one batch request may carry.
@@ -348,6 +352,7 @@ struct AppState {
     /// Fired when the node has left its cluster (`POST /v1/cluster/leave`): the process
     /// then shuts down.
     left: Arc<tokio::sync::Notify>,
+    telemetry: Telemetry,
 }
 
 async fn read_body(mut body: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
@@ -372,12 +377,15 @@ async fn read_body(mut body: web::Payload, limit: usize) -> Result<web::Bytes, A
     Ok(buf.freeze())
 }
 
-fn trace_from(req: &HttpRequest) -> TraceContext {
-    req.headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse)
-        .unwrap_or_else(TraceContext::new_root)
+/// The caller's trace context: the parent of the operation's `op.submit` span. A
+/// malformed `traceparent` is ignored (the operation starts a new trace) and counted.
+fn trace_parent(req: &HttpRequest, telemetry: &Telemetry) -> Option<TraceContext> {
+    let v = req.headers().get("traceparent")?;
+    let parsed = v.to_str().ok().and_then(TraceContext::parse);
+    if parsed.is_none() {
+        telemetry.note_invalid_traceparent();
+    }
+    parsed
 }
 
 fn metadata_value(k: &str, v: serde_json::Value) -> Result<String, ApiError> {
@@ -395,12 +403,17 @@ fn metadata_value(k: &str, v: serde_json::Value) -> Result<String, ApiError> {
 
 /// Builds an [`Operation`] from a request; checks that need no node state happen here,
 /// the rest (sizes, type name, handler) in `Node::enqueue`.
-fn to_operation(r: OpRequest, trace: TraceContext, now: Instant) -> Result<Operation, ApiError> {
+fn to_operation(
+    r: OpRequest,
+    parent: Option<TraceContext>,
+    now: Instant,
+) -> Result<Operation, ApiError> {
     let payload = match r.payload {
         Some(raw) => Json::from_trusted(web::Bytes::from(String::from(Box::<str>::from(raw)))),
         None => Json::null(),
     };
-    let mut op = Operation::new(r.op_type, payload).with_trace_context(trace);
+    let mut op = Operation::new(r.op_type, payload);
+    op.trace_context = parent;
     op.key = r.key;
     op.idempotency_key = r.idempotency_key;
     op.priority = r.priority.unwrap_or(0);
@@ -452,17 +465,18 @@ async fn submit(
 ) -> Result<HttpResponse, ApiError> {
     let bytes = read_body(body, st.max_body_bytes).await?;
     let r: OpRequest = parse(&bytes, "request body")?;
-    let trace = trace_from(&req);
-    let op = to_operation(r, trace, Instant::now())?;
+    let parent = trace_parent(&req, &st.telemetry);
+    let op = to_operation(r, parent, Instant::now())?;
     let ticket = st.node.enqueue_tracked(op)?;
     let id = ticket.id.to_string();
+    let trace = ticket.trace;
     let resp = if q.wait {
         let outcome = ticket.await;
         HttpResponse::Ok().json(OpAnswer::from_outcome(&outcome))
     } else {
-        HttpResponse::Accepted().json(OpAnswer::queued(ticket.id, Some(trace.trace_id_hex())))
+        HttpResponse::Accepted().json(OpAnswer::queued(ticket.id, trace.map(|t| t.trace_id_hex())))
     };
-    Ok(with_op_headers(resp, &id, Some(&trace)))
+    Ok(with_op_headers(resp, &id, trace.as_ref()))
 }
 
 /// Submit many operations; answers are in the same order.
@@ -480,13 +494,8 @@ async fn submit_batch(
     if !st.node.is_accepting() {
         return Err(SubmitError::ShuttingDown.into());
     }
-    let parent = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse);
+    let parent = trace_parent(&req, &st.telemetry);
     let now = Instant::now();
-    let trace = || parent.unwrap_or_else(TraceContext::new_root);
     // Each entry keeps its place: the index of its operation, or why it was refused.
     let mut slots: Vec<Result<usize, ErrorBody>> = Vec::new();
     let mut ops = Vec::new();
@@ -502,7 +511,7 @@ async fn submit_batch(
     if let Ok(b) = serde_json::from_slice::<TypedBatch>(&bytes) {
         check_batch_len(b.ops.len())?;
         for r in b.ops {
-            add(to_operation(r, trace(), now));
+            add(to_operation(r, parent, now));
         }
     } else {
         let b: BatchRequest = parse(&bytes, "request body")?;
@@ -510,7 +519,7 @@ async fn submit_batch(
         for (i, raw) in b.ops.iter().enumerate() {
             add(
                 parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]"))
-                    .and_then(|r| to_operation(r, trace(), now)),
+                    .and_then(|r| to_operation(r, parent, now)),
             );
         }
     }
@@ -530,7 +539,7 @@ async fn submit_batch(
             Ok(i) => match tickets[i].take().expect("each ticket is used once") {
                 Err(e) => BatchItem::Refused(ApiError::from(e).body()),
                 Ok(t) => {
-                    let queued = OpAnswer::queued(t.id, None);
+                    let queued = OpAnswer::queued(t.id, t.trace.map(|c| c.trace_id_hex()));
                     if q.wait {
                         pending.push((pos, t));
                     }
@@ -932,6 +941,7 @@ pub fn start(
         max_body_bytes: settings.max_body_bytes,
         shutdown_grace: settings.shutdown_grace,
         left: left.clone(),
+        telemetry: settings.telemetry.clone(),
     });
     let server = HttpServer::new(move || {
         App::new()

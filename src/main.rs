@@ -76,9 +76,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let http_addr = listener.local_addr()?;
+    let telemetry = opmesh::telemetry::Telemetry::disabled();
     let builder = Node::builder()
         .node_id(cfg.node_id.as_str())
-        .config(cfg.engine.clone());
+        .config(cfg.engine.clone())
+        .tracing(telemetry.tracing());
     let builder = handlers::register_builtins(builder, &cfg.http_handlers);
     let cluster = match &cfg.cluster {
         None => None,
@@ -137,6 +139,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_body_bytes: cfg.http.max_body_bytes,
         keep_alive: cfg.http.keep_alive,
         shutdown_grace: cfg.shutdown_grace,
+        telemetry: telemetry.clone(),
     };
     let server = match api::start(node.clone(), cluster.clone(), listener, &settings) {
         Ok(s) => s,

@@ -23,6 +23,7 @@ use crate::job::Job;
 use crate::node::NodeShared;
 use crate::op::{OpOutcome, OpStatus, OpType};
 use crate::scheduler::SchedulerMsg;
+use crate::trace::{CacheVerdict, Stamp};
 
 /// A result's identity: the operation type and its idempotency key.
 pub type CacheKey = (OpType, Box<str>);
@@ -205,22 +206,35 @@ impl Actor for Cache {
         let now = Instant::now();
         match msg {
             CacheMsg::Admit(jobs) => {
+                let cache_in = Stamp::from_instant(now);
                 let mut misses = Vec::new();
                 for mut job in jobs {
+                    job.reply.stamps.cache_in = cache_in;
                     let Some(ik) = job.op.idempotency_key.as_deref() else {
                         misses.push(job);
                         continue;
                     };
                     let key: CacheKey = (job.op.op_type.clone(), ik.into());
+                    // A joined operation waits with the run it joined; its cache span
+                    // lasts until that run's answer.
+                    job.reply.cache_verdict = Some(CacheVerdict::Joined);
                     match state.cache.lookup(key.clone(), job, now) {
-                        Lookup::Hit(j, outcome) => answer_from_cache(j, &outcome),
+                        Lookup::Hit(mut j, outcome) => {
+                            j.reply.cache_verdict = Some(CacheVerdict::Hit);
+                            answer_from_cache(j, &outcome)
+                        }
                         Lookup::Joined => {}
                         Lookup::Miss(j) => {
                             job = j;
                             job.reply.cache_key = Some(key);
+                            job.reply.cache_verdict = Some(CacheVerdict::Miss);
                             misses.push(job);
                         }
                     }
+                }
+                let cache_out = Stamp::now();
+                for j in &mut misses {
+                    j.reply.stamps.cache_out = cache_out;
                 }
                 if !misses.is_empty() {
                     state.shared.send_scheduler(SchedulerMsg::Enqueue(misses));

@@ -19,9 +19,11 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::cache::CacheKey;
+use crate::events::{now_ms, Event, EventKind};
 use crate::handler::TypeEntry;
 use crate::node::NodeShared;
-use crate::op::{OpId, OpOutcome, OpStatus, Operation};
+use crate::op::{NodeId, OpId, OpOutcome, OpStatus, Operation, TraceContext};
+use crate::trace::{CacheVerdict, OpSpans, OpTrace, SpanEvent, Stage, Stamp};
 
 /// An accepted operation travelling Router → (Cache) → Scheduler → Executor.
 pub struct Job {
@@ -31,12 +33,32 @@ pub struct Job {
     pub reply: Reply,
 }
 
+/// When an operation reached each stage on this node (unset: it did not). One clock
+/// read per actor message stamps a whole batch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stamps {
+    pub routed: Stamp,
+    pub routed_end: Stamp,
+    pub cache_in: Stamp,
+    pub cache_out: Stamp,
+    pub queued: Stamp,
+    pub started: Stamp,
+}
+
 /// Completes one operation: answers the waiting caller, updates its tracked record,
-/// counters and the result cache. Completing twice is impossible (it is consumed);
-/// dropping it uncompleted fails the operation with a reason.
+/// counters and the result cache, publishes its event and hands its spans to the
+/// node's span sink. Completing twice is impossible (it is consumed); dropping it
+/// uncompleted fails the operation with a reason.
 pub struct Reply {
     id: OpId,
-    trace_id: Option<u128>,
+    trace: Option<OpTrace>,
+    pub(crate) stamps: Stamps,
+    pub(crate) cache_verdict: Option<CacheVerdict>,
+    /// The owner, when the Router picked another node.
+    pub(crate) target: Option<NodeId>,
+    /// Retries, for the `op.execute` span (allocated only when there is one and the
+    /// operation is traced).
+    pub(crate) retry_events: Vec<SpanEvent>,
     tx: Option<oneshot::Sender<OpOutcome>>,
     tracked: Option<Arc<Tracked>>,
     pub(crate) entry: Arc<TypeEntry>,
@@ -53,6 +75,7 @@ pub struct Reply {
 impl Reply {
     pub(crate) fn new(
         op: &Operation,
+        trace: Option<OpTrace>,
         entry: Arc<TypeEntry>,
         shared: Arc<NodeShared>,
         tracked: Option<Arc<Tracked>>,
@@ -61,7 +84,11 @@ impl Reply {
         let (tx, rx) = oneshot::channel();
         let reply = Reply {
             id: op.id,
-            trace_id: op.trace_context.map(|t| t.trace_id),
+            trace,
+            stamps: Stamps::default(),
+            cache_verdict: None,
+            target: None,
+            retry_events: Vec::new(),
             tx: Some(tx),
             tracked,
             entry,
@@ -74,9 +101,43 @@ impl Reply {
         (reply, rx)
     }
 
-    pub(crate) fn mark_running(&self) {
+    pub(crate) fn mark_running(&mut self, op_type: &crate::op::OpType) {
+        self.stamps.started = Stamp::now();
         if let Some(t) = &self.tracked {
             t.status.store(OpStatus::Running.to_u8(), Ordering::Release);
+        }
+        let shared = &self.shared;
+        shared
+            .events
+            .publish(EventKind::OperationStarted, || Event::OperationStarted {
+                id: self.id,
+                node: shared.node_id.clone(),
+                op_type: op_type.clone(),
+                trace_id: self.trace.as_ref().map(|t| format!("{:032x}", t.trace_id)),
+                timestamp: now_ms(),
+            });
+    }
+
+    /// The trace context of `stage`'s span of this operation (the `op.route` context is
+    /// what travels to a remote owner), when it is traced.
+    pub fn trace_context(&self, stage: Stage) -> Option<TraceContext> {
+        self.trace.as_ref().map(|t| t.context(stage))
+    }
+
+    /// The context a handler runs in: its `op.execute` span.
+    pub(crate) fn execute_context(&self) -> Option<TraceContext> {
+        self.trace_context(Stage::Execute)
+    }
+
+    /// Notes a retry on the `op.execute` span.
+    pub(crate) fn retrying(&mut self, attempt: u32, at: Stamp, message: String) {
+        if self.trace.is_some() {
+            self.retry_events.push(SpanEvent {
+                at,
+                name: "retry",
+                attempt,
+                message,
+            });
         }
     }
 
@@ -96,7 +157,7 @@ impl Reply {
     fn stamp(&self, mut outcome: OpOutcome) -> OpOutcome {
         outcome.id = self.id;
         if outcome.trace_id.is_none() {
-            outcome.trace_id = self.trace_id.map(|t| format!("{t:032x}"));
+            outcome.trace_id = self.trace.as_ref().map(|t| format!("{:032x}", t.trace_id));
         }
         outcome
     }
@@ -110,11 +171,35 @@ impl Reply {
             self.queued = false;
             self.entry.release(1);
         }
-        let latency = self.accepted_at.elapsed();
-        self.entry.metrics.count(outcome.status);
-        self.entry
-            .metrics
-            .record_latency(latency.as_micros() as u64);
+        let now = Instant::now();
+        let end = Stamp::from_instant(now);
+        let latency = now.saturating_duration_since(self.accepted_at);
+        let tm = &self.entry.metrics;
+        tm.count(outcome.status);
+        tm.record_latency(latency.as_micros() as u64);
+        tm.stages.total.record(latency.as_nanos() as u64);
+        let st = self.stamps;
+        if st.started.is_set() {
+            tm.stages
+                .execute
+                .record(end.since(st.started).as_nanos() as u64);
+            if st.queued.is_set() {
+                tm.stages
+                    .queue
+                    .record(st.started.since(st.queued).as_nanos() as u64);
+            }
+        }
+        self.publish_finished(&outcome, latency);
+        let keep = self
+            .trace
+            .as_ref()
+            .is_some_and(|tr| tr.sampled || outcome.status != OpStatus::Succeeded);
+        if keep {
+            let events = std::mem::take(&mut self.retry_events);
+            if let Some(t) = &self.shared.tracing {
+                t.sink.record(self.spans(&outcome, end, events));
+            }
+        }
         let m = &self.shared.metrics;
         m.completed(outcome.status);
         if let Some(key) = self.cache_key.take() {
@@ -127,6 +212,78 @@ impl Reply {
             let _ = tx.send(outcome);
         }
         m.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Reply {
+    fn publish_finished(&self, outcome: &OpOutcome, latency: std::time::Duration) {
+        let kind = if outcome.status == OpStatus::Succeeded {
+            EventKind::OperationSuccess
+        } else {
+            EventKind::OperationFailure
+        };
+        let shared = &self.shared;
+        shared.events.publish(kind, || Event::OperationFinished {
+            id: self.id,
+            node: shared.node_id.clone(),
+            op_type: self.entry.name.clone(),
+            status: outcome.status,
+            error: outcome.error.clone(),
+            cached: outcome.cached,
+            attempts: outcome.attempts,
+            executed_by: outcome.executed_by.clone(),
+            duration_us: latency.as_micros() as u64,
+            trace_id: outcome.trace_id.clone(),
+            timestamp: now_ms(),
+        });
+    }
+
+    /// The spans this operation left on this node, ending at `end`.
+    fn spans(&self, outcome: &OpOutcome, end: Stamp, events: Vec<SpanEvent>) -> OpSpans {
+        let tr = self.trace.as_ref().expect("called for traced operations");
+        let st = self.stamps;
+        let mut spans = Vec::with_capacity(5);
+        if tr.origin {
+            spans.push(tr.span(Stage::Submit, Stamp::from_instant(self.accepted_at), end));
+            if st.routed.is_set() {
+                // A remote owner's route span lasts until its answer came back.
+                let route_end = if self.target.is_some() {
+                    end
+                } else {
+                    st.routed_end
+                };
+                spans.push(tr.span(Stage::Route, st.routed, route_end));
+            }
+        }
+        if st.cache_in.is_set() {
+            let out = if st.cache_out.is_set() {
+                st.cache_out
+            } else {
+                end
+            };
+            spans.push(tr.span(Stage::Cache, st.cache_in, out));
+        }
+        if st.queued.is_set() {
+            let out = if st.started.is_set() { st.started } else { end };
+            spans.push(tr.span(Stage::Queue, st.queued, out));
+        }
+        if st.started.is_set() {
+            spans.push(tr.span(Stage::Execute, st.started, end));
+        }
+        OpSpans {
+            trace_id: tr.trace_id,
+            sampled: tr.sampled,
+            op_id: self.id,
+            op_type: self.entry.name.clone(),
+            node: self.shared.node_id.clone(),
+            target: self.target.clone(),
+            status: outcome.status,
+            error: outcome.error.clone(),
+            cache: self.cache_verdict,
+            attempts: outcome.attempts,
+            spans,
+            events,
+        }
     }
 }
 
@@ -148,12 +305,19 @@ impl Drop for Reply {
 /// The caller's handle on an accepted operation: a future of its outcome.
 pub struct Ticket {
     pub id: OpId,
+    /// The operation's `op.submit` span (what a response's `traceparent` names), when
+    /// it is traced.
+    pub trace: Option<TraceContext>,
     rx: oneshot::Receiver<OpOutcome>,
 }
 
 impl Ticket {
-    pub(crate) fn new(id: OpId, rx: oneshot::Receiver<OpOutcome>) -> Self {
-        Ticket { id, rx }
+    pub(crate) fn new(
+        id: OpId,
+        trace: Option<TraceContext>,
+        rx: oneshot::Receiver<OpOutcome>,
+    ) -> Self {
+        Ticket { id, trace, rx }
     }
 }
 
@@ -185,11 +349,11 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    pub(crate) fn new(op: &Operation) -> Self {
+    pub(crate) fn new(op: &Operation, trace_id: Option<u128>) -> Self {
         Tracked {
             id: op.id,
             op_type: op.op_type.clone(),
-            trace_id: op.trace_context.map(|t| t.trace_id),
+            trace_id,
             status: AtomicU8::new(OpStatus::Queued.to_u8()),
             outcome: OnceLock::new(),
             finished_at: OnceLock::new(),

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod events;
 pub mod executor;
 pub mod handler;
 pub mod job;
@@ -25,6 +26,7 @@ pub mod router;
 pub mod routing;
 pub mod scheduler;
 pub mod supervisor;
+pub mod trace;
 
 pub use cache::CacheStats;
 pub use handler::{Handler, HandlerError, HandlerRegistry, HandlerResult, RetryPolicy};
@@ -36,3 +38,4 @@ pub use op::{
 pub use routing::{Route, RouteError, RoutingTable, Strategy};
 pub use scheduler::BatchPolicy;
 pub use supervisor::ChildKind;
+pub use trace::{Sampler, SpanSink, Tracing};

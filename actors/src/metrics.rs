@@ -45,6 +45,118 @@ impl Latency {
     }
 }
 
+/// A histogram with fixed bucket bounds, as Prometheus exposes them: atomic counts,
+/// sharded by thread like the latency histograms, merged when read.
+pub struct Buckets {
+    bounds: &'static [u64],
+    shards: [BucketShard; SHARDS],
+}
+
+struct BucketShard {
+    /// Per bucket (not cumulative); one more than `bounds` for +Inf.
+    counts: Box<[AtomicU64]>,
+    sum: AtomicU64,
+}
+
+/// A merged view of a [`Buckets`]: cumulative counts per upper bound.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BucketSnapshot {
+    /// `(upper bound, observations <= bound)`, ascending; the total count is `count`.
+    pub cumulative: Vec<(u64, u64)>,
+    pub count: u64,
+    pub sum: u64,
+}
+
+/// Stage latency bucket bounds, in nanoseconds: 25 µs to 60 s.
+pub const LATENCY_BOUNDS_NS: &[u64] = &[
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    30_000_000_000,
+    60_000_000_000,
+];
+
+/// Batch size bucket bounds.
+pub const BATCH_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096];
+
+impl Buckets {
+    pub fn new(bounds: &'static [u64]) -> Self {
+        Buckets {
+            bounds,
+            shards: std::array::from_fn(|_| BucketShard {
+                counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+                sum: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn record(&self, value: u64) {
+        let i = self.bounds.partition_point(|b| *b < value);
+        let s = &self.shards[shard()];
+        s.counts[i].fetch_add(1, Ordering::Relaxed);
+        s.sum.fetch_add(value, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> BucketSnapshot {
+        let mut per = vec![0u64; self.bounds.len() + 1];
+        let mut sum = 0u64;
+        for s in &self.shards {
+            for (p, c) in per.iter_mut().zip(s.counts.iter()) {
+                *p += c.load(Ordering::Relaxed);
+            }
+            sum = sum.wrapping_add(s.sum.load(Ordering::Relaxed));
+        }
+        let mut acc = 0;
+        let cumulative = self
+            .bounds
+            .iter()
+            .zip(&per)
+            .map(|(b, c)| {
+                acc += c;
+                (*b, acc)
+            })
+            .collect();
+        BucketSnapshot {
+            cumulative,
+            count: acc + per[self.bounds.len()],
+            sum,
+        }
+    }
+}
+
+/// Per-stage latency histograms of one type (nanoseconds): time waiting in the queue,
+/// time in the handler, and accepted → finished.
+pub struct StageLatency {
+    pub queue: Buckets,
+    pub execute: Buckets,
+    pub total: Buckets,
+}
+
+impl Default for StageLatency {
+    fn default() -> Self {
+        StageLatency {
+            queue: Buckets::new(LATENCY_BOUNDS_NS),
+            execute: Buckets::new(LATENCY_BOUNDS_NS),
+            total: Buckets::new(LATENCY_BOUNDS_NS),
+        }
+    }
+}
+
 /// Counters of one operation type.
 pub struct TypeMetrics {
     pub succeeded: AtomicU64,
@@ -53,6 +165,7 @@ pub struct TypeMetrics {
     pub retries: AtomicU64,
     /// Sharded by thread, so executors on different workers rarely share a lock.
     latency: [Mutex<Histogram<u64>>; SHARDS],
+    pub stages: StageLatency,
 }
 
 const SHARDS: usize = 4;
@@ -80,6 +193,7 @@ impl Default for TypeMetrics {
             expired: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             latency: std::array::from_fn(|_| Mutex::new(new_histogram())),
+            stages: StageLatency::default(),
         }
     }
 }
@@ -148,6 +262,8 @@ pub struct NodeMetrics {
     pub running: AtomicUsize,
     pub actor_restarts: AtomicU64,
     pub batches: AtomicU64,
+    /// Operations per batch the Scheduler handed to the Executor.
+    pub batch_sizes: Buckets,
     throughput: Mutex<ThroughputWindow>,
 }
 
@@ -164,6 +280,7 @@ impl Default for NodeMetrics {
             running: AtomicUsize::new(0),
             actor_restarts: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            batch_sizes: Buckets::new(BATCH_BOUNDS),
             throughput: Mutex::new(ThroughputWindow::new(Instant::now())),
         }
     }
@@ -232,6 +349,18 @@ mod tests {
         assert!(r < 20.0, "{r}");
         let r = w.observe(t0 + Duration::from_secs(31), 1300);
         assert!(r > 0.0);
+    }
+
+    #[test]
+    fn buckets_count_cumulatively() {
+        let b = Buckets::new(&[10, 100]);
+        for v in [1, 10, 11, 100, 5_000] {
+            b.record(v);
+        }
+        let s = b.snapshot();
+        assert_eq!(s.cumulative, vec![(10, 2), (100, 4)]);
+        assert_eq!(s.count, 5);
+        assert_eq!(s.sum, 5_122);
     }
 
     #[test]

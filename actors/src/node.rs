@@ -18,6 +18,7 @@ use ractor::{Actor, ActorRef};
 use serde::Serialize;
 
 use crate::cache::{CacheCounters, CacheKey, CacheMsg, CacheStats};
+use crate::events::EventBus;
 use crate::executor::ExecutorMsg;
 use crate::handler::{
     Handler, HandlerKind, HandlerRegistry, HandlerResult, RetryPolicy, TypeEntry,
@@ -29,6 +30,7 @@ use crate::router::{dispatch_local, Forwarder, Intake, RouterMsg};
 use crate::routing::{LocalRoutes, NodeView, Route, RouteError, RouteStore, RoutingTable};
 use crate::scheduler::{BatchPolicy, SchedulerMsg};
 use crate::supervisor::{ChildKind, NodeSupervisor};
+use crate::trace::{OpTrace, Stage, Tracing};
 
 /// Result-cache settings.
 #[derive(Clone, Debug)]
@@ -95,6 +97,10 @@ pub struct NodeShared {
     pub cache_counters: Arc<CacheCounters>,
     pub routes: Arc<dyn RouteStore>,
     pub forwarder: Option<Arc<dyn Forwarder>>,
+    /// Sampling and the span sink, when operations are traced.
+    pub tracing: Option<Tracing>,
+    /// Live events for watchers.
+    pub events: Arc<EventBus>,
     /// Types this node accepts and forwards but has no handler for (cluster only).
     pub(crate) remote_types: DashMap<OpType, Arc<TypeEntry>>,
     pub store: OpStore,
@@ -155,6 +161,7 @@ pub struct NodeBuilder {
     registry: HandlerRegistry,
     routes: Option<Arc<dyn RouteStore>>,
     forwarder: Option<Arc<dyn Forwarder>>,
+    tracing: Option<Tracing>,
 }
 
 /// Why a node did not start.
@@ -222,6 +229,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Traces operations: each leaves its spans in `tracing.sink` when sampled (or when
+    /// it fails). Without this, only operations that arrive with a trace context get
+    /// trace ids, and no spans are recorded.
+    pub fn tracing(mut self, tracing: Tracing) -> Self {
+        self.tracing = Some(tracing);
+        self
+    }
+
     /// Spawns the supervised actors and returns the running node. Must be called inside
     /// a tokio runtime.
     pub async fn start(self) -> Result<Node, StartError> {
@@ -246,6 +261,8 @@ impl NodeBuilder {
             cache_counters: Arc::new(CacheCounters::default()),
             routes,
             forwarder: self.forwarder,
+            tracing: self.tracing,
+            events: Arc::new(EventBus::default()),
             remote_types: DashMap::new(),
             intake: Intake::default(),
             slots_wanted: AtomicBool::new(false),
@@ -321,6 +338,7 @@ impl Node {
             registry: HandlerRegistry::new(),
             routes: None,
             forwarder: None,
+            tracing: None,
         }
     }
 
@@ -434,16 +452,28 @@ impl Node {
         };
         s.metrics.accepted.fetch_add(1, Ordering::Relaxed);
         s.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
+        let origin = matches!(how, Admit::Routed);
+        let trace = (s.tracing.is_some() || op.trace_context.is_some()).then(|| {
+            OpTrace::begin(
+                op.trace_context,
+                s.tracing.as_ref().map(|t| &t.sampler),
+                origin,
+            )
+        });
         let tracked = track.then(|| {
-            let t = Arc::new(Tracked::new(&op));
+            let t = Arc::new(Tracked::new(&op, trace.as_ref().map(|t| t.trace_id)));
             s.store.insert(t.clone());
             t
         });
-        let (reply, rx) = Reply::new(&op, entry, s.clone(), tracked, now);
+        let submit_ctx = trace
+            .as_ref()
+            .filter(|t| t.origin)
+            .map(|t| t.context(Stage::Submit));
+        let (reply, rx) = Reply::new(&op, trace, entry, s.clone(), tracked, now);
         let deadline = op
             .deadline
             .unwrap_or(now + s.config.limits.default_deadline);
-        let ticket = Ticket::new(op.id, rx);
+        let ticket = Ticket::new(op.id, submit_ctx, rx);
         Ok((
             Box::new(Job {
                 op,
@@ -542,6 +572,16 @@ impl Node {
     /// Removes the route of `op_type`. In a cluster this waits until Raft commits it.
     pub async fn remove_route(&self, op_type: &str) -> Result<u64, RouteError> {
         self.shared.routes.remove_route(op_type.into()).await
+    }
+
+    /// The node's live events.
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.shared.events
+    }
+
+    /// The node's tracing settings, when operations are traced.
+    pub fn tracing(&self) -> Option<&Tracing> {
+        self.shared.tracing.as_ref()
     }
 
     pub fn cache_stats(&self) -> CacheStats {

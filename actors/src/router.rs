@@ -20,6 +20,7 @@ use crate::node::NodeShared;
 use crate::op::{NodeId, OpStatus};
 use crate::routing::pick;
 use crate::scheduler::SchedulerMsg;
+use crate::trace::Stamp;
 
 /// Sends operations owned by other nodes to them. Implemented by the cluster layer; a
 /// single node has none, and every operation is local.
@@ -156,10 +157,12 @@ fn route(state: &mut RouterState) {
         return;
     }
     let table = shared.routes.snapshot();
+    let routed = Stamp::now();
     let mut to_scheduler = Vec::with_capacity(jobs.len());
     let mut to_cache = Vec::new();
     let mut remote: Vec<(NodeId, Vec<Box<Job>>)> = Vec::new();
-    for job in jobs.drain(..) {
+    for mut job in jobs.drain(..) {
+        job.reply.stamps.routed = routed;
         match pick(
             &table,
             &job.op.op_type,
@@ -167,20 +170,28 @@ fn route(state: &mut RouterState) {
             &mut state.rr,
         ) {
             Ok(node) if node == shared.node_id => {
+                job.reply.target = None;
                 if job.op.idempotency_key.is_some() {
                     to_cache.push(job);
                 } else {
                     to_scheduler.push(job);
                 }
             }
-            Ok(node) => match remote.iter_mut().find(|(n, _)| *n == node) {
-                Some((_, v)) => v.push(job),
-                None => remote.push((node, vec![job])),
-            },
+            Ok(node) => {
+                job.reply.target = Some(node.clone());
+                match remote.iter_mut().find(|(n, _)| *n == node) {
+                    Some((_, v)) => v.push(job),
+                    None => remote.push((node, vec![job])),
+                }
+            }
             Err(e) => job.reply.fail(OpStatus::Failed, e.to_string()),
         }
     }
     state.spare = jobs;
+    let routed_end = Stamp::now();
+    for j in to_cache.iter_mut().chain(to_scheduler.iter_mut()) {
+        j.reply.stamps.routed_end = routed_end;
+    }
     send_local(shared, to_cache, to_scheduler);
     for (node, jobs) in remote {
         match &shared.forwarder {

@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
+use crate::events::{now_ms, Event, EventKind};
 use crate::executor::ExecutorMsg;
 use crate::job::Job;
 use crate::node::NodeShared;
 use crate::op::{OpStatus, OpType};
+use crate::trace::Stamp;
 
 /// What the pure queue needs to know of an item.
 pub trait Queued {
@@ -265,6 +267,17 @@ impl Scheduler {
                     job.reply.queued = false;
                 }
                 shared.metrics.batches.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.batch_sizes.record(batch.len() as u64);
+                if let Some(first) = batch.first() {
+                    shared
+                        .events
+                        .publish(EventKind::BatchScheduled, || Event::BatchScheduled {
+                            node: shared.node_id.clone(),
+                            op_type: first.op.op_type.clone(),
+                            size: batch.len(),
+                            timestamp: now_ms(),
+                        });
+                }
                 shared.send_executor(ExecutorMsg::Run(batch));
             }
             if d.blocked_on_slots {
@@ -312,7 +325,9 @@ impl Actor for Scheduler {
         match msg {
             SchedulerMsg::Enqueue(jobs) => {
                 let now = Instant::now();
-                for job in jobs {
+                let queued = Stamp::from_instant(now);
+                for mut job in jobs {
+                    job.reply.stamps.queued = queued;
                     let t = job.op.op_type.clone();
                     state.queues.push(&t, job, now);
                 }

@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use opmesh_actors::job::Job;
+use opmesh_actors::trace::Stage;
 use opmesh_actors::{
     Json, NodeId, OpId, OpOutcome, OpStatus, Operation, SubmitError, Ticket, TraceContext,
 };
@@ -21,8 +22,10 @@ use parking_lot::Mutex;
 
 use crate::codec::{WireOp, WireReply, WireTrace};
 
-/// Turns an accepted operation into its wire form; the deadline travels as time left.
-pub fn to_wire(op: &Operation, deadline: Instant, now: Instant) -> WireOp {
+/// Turns an accepted operation into its wire form; the deadline travels as time left,
+/// the trace context as the origin's `op.route` span (the parent of the owner's spans).
+pub fn to_wire(job: &Job, now: Instant) -> WireOp {
+    let (op, deadline) = (&job.op, job.deadline);
     WireOp {
         id: op.id.0,
         op_type: op.op_type.to_string(),
@@ -36,7 +39,7 @@ pub fn to_wire(op: &Operation, deadline: Instant, now: Instant) -> WireOp {
             .collect(),
         priority: op.priority,
         remaining_us: Some(deadline.saturating_duration_since(now).as_micros() as u64),
-        trace: op.trace_context.map(|t| WireTrace {
+        trace: job.reply.trace_context(Stage::Route).map(|t| WireTrace {
             trace_id: t.trace_id,
             span_id: t.span_id,
             flags: t.flags,
@@ -123,10 +126,7 @@ impl Outbox {
     /// Keeps `jobs` until `peer` answers them; returns their wire form.
     pub fn hold(&self, peer: &NodeId, jobs: Vec<Box<Job>>) -> Vec<WireOp> {
         let now = Instant::now();
-        let wire = jobs
-            .iter()
-            .map(|j| to_wire(&j.op, j.deadline, now))
-            .collect();
+        let wire = jobs.iter().map(|j| to_wire(j, now)).collect();
         let slot = self.by_peer.entry(peer.clone()).or_default();
         let mut held = slot.lock();
         for j in jobs {
@@ -160,11 +160,7 @@ impl Outbox {
     pub fn waiting_on(&self, peer: &NodeId) -> Vec<WireOp> {
         let now = Instant::now();
         match self.by_peer.get(peer) {
-            Some(slot) => slot
-                .lock()
-                .values()
-                .map(|j| to_wire(&j.op, j.deadline, now))
-                .collect(),
+            Some(slot) => slot.lock().values().map(|j| to_wire(j, now)).collect(),
             None => Vec::new(),
         }
     }
