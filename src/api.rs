@@ -707,7 +707,17 @@ async fn health(st: web::Data<AppState>) -> HttpResponse {
 /// Node metrics as JSON.
 #[utoipa::path(get, path = "/v1/metrics", responses((status = 200, description = "node metrics")))]
 async fn metrics(st: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(st.node.stats())
+    #[derive(Serialize)]
+    struct Answer {
+        #[serde(flatten)]
+        node: opmesh_actors::NodeStats,
+        /// The trace pipeline: spans exported and dropped, malformed `traceparent`s.
+        telemetry: crate::telemetry::TelemetryStats,
+    }
+    HttpResponse::Ok().json(Answer {
+        node: st.node.stats(),
+        telemetry: st.telemetry.stats(),
+    })
 }
 
 /// Liveness: the process serves requests.

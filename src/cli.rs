@@ -72,6 +72,10 @@ pub struct ServeArgs {
     /// Where the Raft log, vote and snapshots live [default: in memory]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<std::path::PathBuf>,
+    /// Export every operation's trace over OTLP to this receiver, such as
+    /// http://127.0.0.1:4317 (Jaeger) [default: not exported]
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -27,6 +27,7 @@ use serde::Deserialize;
 
 use crate::handlers::HttpTarget;
 use crate::op::validate_type_name;
+use crate::telemetry::{Protocol, TelemetrySettings, TraceSettings};
 use crate::{BatchPolicy, CacheConfig, EngineConfig, Limits, RetryPolicy};
 
 /// The workload profiles compiled into the binary, by name.
@@ -105,6 +106,7 @@ pub struct Config {
     /// `None` when `cluster.addr` is empty: a single node, with no network beyond HTTP
     /// and nothing on disk.
     pub cluster: Option<ClusterSettings>,
+    pub telemetry: TelemetrySettings,
 }
 
 /// HTTP server settings.
@@ -206,6 +208,8 @@ pub struct LoadOptions {
     pub cluster_secret: Option<Secret>,
     /// `--data-dir`: overrides `cluster.data_dir`.
     pub data_dir: Option<PathBuf>,
+    /// `--otlp-endpoint`: sets `telemetry.endpoint` and turns traces on.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Why the settings could not be loaded. Each is fatal: the node must not start.
@@ -300,6 +304,7 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
         ));
     }
 
+    figment = otel_env(figment)?;
     for &(var, key) in STRING_ENV {
         if let Some(value) = std::env::var_os(var) {
             figment = figment.merge(Layer::fixed(
@@ -364,11 +369,124 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
             "flag `--data-dir`".into(),
         ));
     }
+    if let Some(url) = &opts.otlp_endpoint {
+        for (key, value) in [
+            ("telemetry.endpoint", Value::from(url.clone())),
+            ("telemetry.traces", Value::from(true)),
+        ] {
+            figment = figment.merge(Layer::fixed(
+                Serialized::default(key, value),
+                "flag `--otlp-endpoint`".into(),
+            ));
+        }
+    }
 
     let raw: Raw = figment
         .extract()
         .map_err(|e| ConfigError::from_figment(e, &figment))?;
     raw.validate(&Check { figment: &figment }, profile)
+}
+
+/// The OpenTelemetry SDK's standard variables, mapped onto `[telemetry]` keys. They sit
+/// above config files and below `OPMESH_` variables and flags. Empty ones are ignored.
+fn otel_env(mut figment: Figment) -> Result<Figment, ConfigError> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let set = |figment: Figment, key: &str, value: Value, var: &str| {
+        figment.merge(Layer::fixed(
+            Serialized::default(key, value),
+            format!("environment variable `{var}`"),
+        ))
+    };
+    let first = |names: &[&'static str]| names.iter().find_map(|n| var(n).map(|v| (*n, v)));
+    if let Some((name, url)) = first(&[
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]) {
+        figment = set(figment, "telemetry.endpoint", Value::from(url), name);
+        figment = set(figment, "telemetry.traces", Value::from(true), name);
+    }
+    if let Some((name, p)) = first(&[
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]) {
+        figment = set(figment, "telemetry.protocol", Value::from(p), name);
+    }
+    if let Some(name) = var("OTEL_SERVICE_NAME") {
+        figment = set(
+            figment,
+            "telemetry.service_name",
+            Value::from(name),
+            "OTEL_SERVICE_NAME",
+        );
+    }
+    if let Some(sampler) = var("OTEL_TRACES_SAMPLER") {
+        let arg = var("OTEL_TRACES_SAMPLER_ARG");
+        let ratio = match sampler.trim() {
+            "always_on" | "parentbased_always_on" => 1.0,
+            "always_off" | "parentbased_always_off" => 0.0,
+            "traceidratio" | "parentbased_traceidratio" => match &arg {
+                None => 1.0,
+                Some(a) => match a.trim().parse::<f64>() {
+                    Ok(r) if (0.0..=1.0).contains(&r) => r,
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            key: "OTEL_TRACES_SAMPLER_ARG".into(),
+                            value: format!("{a:?}"),
+                            allowed: "a number from 0.0 to 1.0".into(),
+                            origin: Some("the environment".into()),
+                        })
+                    }
+                },
+            },
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "OTEL_TRACES_SAMPLER".into(),
+                    value: format!("{other:?}"),
+                    allowed: "parentbased_traceidratio, traceidratio, always_on, always_off, \
+                              parentbased_always_on, parentbased_always_off (sampling is \
+                              always parent-based)"
+                        .into(),
+                    origin: Some("the environment".into()),
+                })
+            }
+        };
+        figment = set(
+            figment,
+            "telemetry.sampling_ratio",
+            Value::from(ratio),
+            "OTEL_TRACES_SAMPLER",
+        );
+    }
+    if let Some(e) = var("OTEL_TRACES_EXPORTER") {
+        match e.trim() {
+            "otlp" => {}
+            "none" => {
+                figment = set(
+                    figment,
+                    "telemetry.traces",
+                    Value::from(false),
+                    "OTEL_TRACES_EXPORTER",
+                )
+            }
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "OTEL_TRACES_EXPORTER".into(),
+                    value: format!("{other:?}"),
+                    allowed: "otlp or none".into(),
+                    origin: Some("the environment".into()),
+                })
+            }
+        }
+    }
+    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        figment = set(
+            figment,
+            "telemetry.traces",
+            Value::from(false),
+            "OTEL_SDK_DISABLED",
+        );
+    }
+    Ok(figment)
 }
 
 /// `OPMESH_<SECTION>__<KEY>` variables, values parsed like TOML (`512`, `true`, `1.5`),
@@ -515,8 +633,92 @@ struct Raw {
     retry: RawRetry,
     shutdown: RawShutdown,
     cluster: RawCluster,
+    telemetry: RawTelemetry,
     #[serde(default)]
     handlers: RawHandlers,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    traces: bool,
+    endpoint: String,
+    protocol: String,
+    service_name: String,
+    sampling_ratio: f64,
+    queue_ops: u64,
+    batch_spans: u64,
+    export_interval_ms: u64,
+    export_timeout_ms: u64,
+    jaeger_ui_url: String,
+}
+
+impl RawTelemetry {
+    fn validate(self, check: &Check<'_>) -> Result<TelemetrySettings, ConfigError> {
+        let jaeger_ui_url = match self.jaeger_ui_url.trim() {
+            "" => None,
+            url if is_http_url(url) => Some(url.trim_end_matches('/').to_string()),
+            url => {
+                return Err(check.invalid(
+                    "telemetry.jaeger_ui_url",
+                    url,
+                    "empty or an http:// or https:// URL, such as http://127.0.0.1:16686",
+                ))
+            }
+        };
+        if !is_http_url(&self.endpoint) {
+            return Err(check.invalid(
+                "telemetry.endpoint",
+                &self.endpoint,
+                "an http:// or https:// URL, such as http://127.0.0.1:4317",
+            ));
+        }
+        let protocol = Protocol::parse(self.protocol.trim()).ok_or_else(|| {
+            check.invalid(
+                "telemetry.protocol",
+                &self.protocol,
+                "grpc or http/protobuf",
+            )
+        })?;
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            return Err(check.invalid(
+                "telemetry.sampling_ratio",
+                self.sampling_ratio,
+                "0.0..=1.0",
+            ));
+        }
+        let name = self.service_name.trim();
+        if name.is_empty() || name.len() > 255 {
+            return Err(check.invalid(
+                "telemetry.service_name",
+                &self.service_name,
+                "1 to 255 characters",
+            ));
+        }
+        let traces = TraceSettings {
+            endpoint: self.endpoint.trim_end_matches('/').to_string(),
+            protocol,
+            service_name: name.to_string(),
+            sampling_ratio: self.sampling_ratio,
+            queue_ops: check.range("telemetry.queue_ops", self.queue_ops, 1..=10_000_000)? as usize,
+            batch_spans: check.range("telemetry.batch_spans", self.batch_spans, 1..=100_000)?
+                as usize,
+            export_interval: Duration::from_millis(check.range(
+                "telemetry.export_interval_ms",
+                self.export_interval_ms,
+                1..=60_000,
+            )?),
+            export_timeout: Duration::from_millis(check.range(
+                "telemetry.export_timeout_ms",
+                self.export_timeout_ms,
+                100..=600_000,
+            )?),
+        };
+        Ok(TelemetrySettings {
+            traces: self.traces.then_some(traces),
+            jaeger_ui_url,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -789,6 +991,7 @@ impl Raw {
             retry,
             shutdown,
             cluster,
+            telemetry,
             handlers,
         } = self;
 
@@ -977,6 +1180,7 @@ impl Raw {
             .chain(http_handlers.iter().map(|h| h.op_type.as_str()))
             .collect();
         let cluster = cluster.validate(check, max_type_len, &handled)?;
+        let telemetry = telemetry.validate(check)?;
 
         Ok(Config {
             node_id: node.id,
@@ -986,6 +1190,7 @@ impl Raw {
             http_handlers,
             profile,
             cluster,
+            telemetry,
         })
     }
 }

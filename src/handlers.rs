@@ -121,18 +121,24 @@ pub fn register_builtins(mut builder: NodeBuilder, http: &[HttpTarget]) -> NodeB
 
 /// POSTs the payload as JSON; a 2xx answer's body (JSON, or text wrapped as a JSON
 /// string) is the result. Timeouts, connection errors and 5xx are retryable; 4xx is not.
+/// The request carries the operation's `traceparent` (its `op.execute` span), so the
+/// target's own spans join the operation's trace.
 async fn post(
     client: reqwest::Client,
     url: String,
     timeout: Duration,
     op: Operation,
 ) -> Result<Json, HandlerError> {
-    let resp = client
+    let mut req = client
         .post(&url)
         .timeout(timeout)
         .header("content-type", "application/json")
         .header("x-opmesh-op-id", op.id.to_string())
-        .header("x-opmesh-op-type", &*op.op_type)
+        .header("x-opmesh-op-type", &*op.op_type);
+    if let Some(t) = opmesh_actors::trace::current() {
+        req = req.header("traceparent", t.traceparent());
+    }
+    let resp = req
         .body(op.payload.as_bytes().to_vec())
         .send()
         .await

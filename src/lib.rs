@@ -17,4 +17,5 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod handlers;
+pub mod logging;
 pub mod telemetry;

@@ -12,23 +12,6 @@ use clap::Parser;
 use opmesh::cli::{Cli, Command, ServeArgs};
 use opmesh::{api, config, handlers, Node};
 
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("RUST_LOG")
-        .or_else(|_| std::env::var("LOG_LEVEL"))
-        // openraft logs routine events (a vote that changed meanwhile, a peer being
-        // retried) as warnings; they are not the operator's concern unless asked for.
-        .unwrap_or_else(|_| "info,openraft=error".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr);
-    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -60,6 +43,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         join: args.join,
         cluster_secret: args.cluster_secret,
         data_dir: args.data_dir,
+        otlp_endpoint: args.otlp_endpoint,
     }) {
         Ok(c) => c,
         Err(e) => {
@@ -76,7 +60,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let http_addr = listener.local_addr()?;
-    let telemetry = opmesh::telemetry::Telemetry::disabled();
+    let telemetry = match opmesh::telemetry::Telemetry::start(&cfg.telemetry, &cfg.node_id) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("opmesh: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    opmesh::logging::init(telemetry.otel_layer());
+    if let Some(t) = &cfg.telemetry.traces {
+        tracing::info!(endpoint = %t.endpoint, protocol = t.protocol.as_str(), sampling_ratio = t.sampling_ratio, "exporting traces");
+    }
     let builder = Node::builder()
         .node_id(cfg.node_id.as_str())
         .config(cfg.engine.clone())
@@ -156,6 +150,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     println!("opmesh listening on http://{}", server.addr);
     tracing::info!(node = %cfg.node_id, addr = %server.addr, profile = ?cfg.profile, "serving");
     let left = api::run_until(node, server, cfg.shutdown_grace, shutdown_signal()).await?;
+    // The last spans (the drain's failures among them) go out before the process ends.
+    let t = telemetry.clone();
+    let _ =
+        tokio::task::spawn_blocking(move || t.shutdown(std::time::Duration::from_secs(5))).await;
     Ok(if left == 0 {
         ExitCode::SUCCESS
     } else {
@@ -165,8 +163,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // `serve` sets logging up once its configuration (and trace export) is known.
+        opmesh::logging::init(None);
+    }
     let result = match cli.command {
         Command::Serve(a) => serve(a).await,
         Command::Bench(a) => opmesh::bench::run(a).await.map(|_| ExitCode::SUCCESS),

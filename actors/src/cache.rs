@@ -174,6 +174,8 @@ pub struct CacheState {
 
 fn answer_from_cache(job: Box<Job>, outcome: &OpOutcome) {
     let mut o = outcome.clone();
+    // The answer carries this operation's trace id, not the one of the run it reuses.
+    o.trace_id = None;
     o.cached = true;
     o.attempts = 0;
     job.reply.finish(o);

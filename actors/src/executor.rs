@@ -136,7 +136,10 @@ async fn run_one(shared: &Arc<NodeShared>, mut job: Box<Job>) {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
-                tracing::error!(op.id = %op.id, op.type = %op.op_type, "handler panicked: {what}");
+                trace::in_context(
+                    ctx,
+                    || tracing::error!(op.id = %op.id, op.type = %op.op_type, "handler panicked: {what}"),
+                );
                 break (
                     OpStatus::Failed,
                     None,
@@ -171,7 +174,10 @@ async fn run_one(shared: &Arc<NodeShared>, mut job: Box<Job>) {
         if ctx.is_some() {
             retries.push((attempts, trace::Stamp::now(), err.message.clone()));
         }
-        tracing::debug!(op.id = %op.id, attempt = attempts, ?wait, "retrying: {}", err.message);
+        trace::in_context(
+            ctx,
+            || tracing::debug!(op.id = %op.id, attempt = attempts, ?wait, "retrying: {}", err.message),
+        );
         tokio::time::sleep(wait).await;
     };
     shared.slot_freed();
