@@ -112,6 +112,20 @@ pub struct BenchArgs {
     /// and back).
     #[arg(long, requires = "in_process")]
     pub remote: bool,
+
+    /// With --in-process: export every operation's spans over OTLP (gRPC) to this
+    /// receiver, e.g. http://127.0.0.1:4317, as `opmesh serve` would.
+    #[arg(long, value_name = "URL", requires = "in_process")]
+    pub otlp_endpoint: Option<String>,
+
+    /// With --otlp-endpoint: the share of operations traced, 0.0..=1.0.
+    #[arg(
+        long,
+        value_name = "RATIO",
+        default_value_t = 1.0,
+        requires = "otlp_endpoint"
+    )]
+    pub sampling: f64,
 }
 
 /// The keys every `--json` report has, each a number: a contract other tools read.
@@ -171,6 +185,12 @@ pub struct BenchReport {
     /// The same load against `POST /v1/bench/hello` (`--baseline`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Box<BenchReport>>,
+    /// `--otlp-endpoint`: the sampling ratio, and the trace pipeline's counters after
+    /// the run (flushed), warmup included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_export: Option<crate::telemetry::TelemetryStats>,
 }
 
 /// Runs the bench as `opmesh bench` does: a progress bar on stderr when it is a terminal
@@ -231,6 +251,8 @@ struct Plan {
     baseline: bool,
     warmup: u64,
     remote: bool,
+    /// `--otlp-endpoint` and `--sampling`.
+    traces: Option<(String, f64)>,
 }
 
 impl BenchArgs {
@@ -284,6 +306,15 @@ impl BenchArgs {
             baseline: self.baseline,
             warmup: self.warmup.unwrap_or((self.ops / 10).min(10_000)),
             remote: self.remote,
+            traces: match &self.otlp_endpoint {
+                None => None,
+                Some(url) => {
+                    if !(0.0..=1.0).contains(&self.sampling) {
+                        bail!("--sampling must be from 0.0 to 1.0, got {}", self.sampling);
+                    }
+                    Some((url.clone(), self.sampling))
+                }
+            },
         })
     }
 }
@@ -475,12 +506,43 @@ async fn remote_pair(op_type: &str) -> anyhow::Result<(Node, Vec<(Cluster, Node)
     Ok((a, pair))
 }
 
+/// The trace pipeline of a bench run: `opmesh serve`'s defaults.
+fn bench_trace_settings(endpoint: &str, ratio: f64) -> crate::telemetry::TraceSettings {
+    crate::telemetry::TraceSettings {
+        endpoint: endpoint.to_string(),
+        protocol: crate::telemetry::Protocol::Grpc,
+        service_name: "opmesh-bench".into(),
+        sampling_ratio: ratio,
+        queue_ops: 65_536,
+        batch_spans: 4_096,
+        export_interval: Duration::from_millis(500),
+        export_timeout: Duration::from_secs(10),
+    }
+}
+
 async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> {
+    let telemetry = match &plan.traces {
+        None => None,
+        Some((endpoint, ratio)) => Some(
+            crate::telemetry::Telemetry::start(
+                &crate::telemetry::TelemetrySettings {
+                    traces: Some(bench_trace_settings(endpoint, *ratio)),
+                    jaeger_ui_url: None,
+                },
+                "node-1",
+            )
+            .context("starting the trace exporter")?,
+        ),
+    };
     let (node, pair) = if plan.remote {
         let (a, pair) = remote_pair(&plan.op_type).await?;
         (a, pair)
     } else {
-        let node = crate::handlers::register_builtins(Node::builder(), &[])
+        let mut builder = crate::handlers::register_builtins(Node::builder(), &[]);
+        if let Some(t) = &telemetry {
+            builder = builder.tracing(t.tracing());
+        }
+        let node = builder
             .start()
             .await
             .context("starting the embedded node")?;
@@ -514,6 +576,15 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
         "in-process"
     };
     let mut report = report(plan, mode, None, &measured?);
+    if let Some(t) = telemetry {
+        let stats = tokio::task::spawn_blocking(move || {
+            t.shutdown(Duration::from_secs(30));
+            t.stats()
+        })
+        .await?;
+        report.sampling = plan.traces.as_ref().map(|(_, r)| *r);
+        report.trace_export = Some(stats);
+    }
     report.rss_idle_bytes = idle;
     report.rss_peak_bytes = peak;
     report.rss_delta_bytes = idle.zip(peak).map(|(i, p)| p.saturating_sub(i));
@@ -618,6 +689,8 @@ fn report(plan: &Plan, mode: &'static str, target: Option<String>, r: &PhaseResu
         rss_peak_bytes: None,
         rss_delta_bytes: None,
         baseline: None,
+        sampling: None,
+        trace_export: None,
     }
 }
 
@@ -669,6 +742,15 @@ pub fn render_text(report: &BenchReport) -> String {
             let _ = write!(out, "{:>14}", value(r));
         }
         out.push('\n');
+    }
+    if let (Some(r), Some(t)) = (report.sampling, &report.trace_export) {
+        let _ = writeln!(
+            out,
+            "  traces: sampling {r} · spans exported {} · dropped {} · failed exports {}",
+            group(t.spans_exported),
+            group(t.spans_dropped),
+            group(t.export_failures)
+        );
     }
     if let Some(d) = report.delayed_ops {
         let _ = writeln!(

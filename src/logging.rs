@@ -189,3 +189,77 @@ impl Visit for JsonFields {
             .insert(field.name().into(), Value::String(format!("{value:?}")));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opmesh_actors::trace::in_context;
+    use opmesh_actors::TraceContext;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(format: LogFormat, f: impl FnOnce()) -> Vec<String> {
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .event_format(Lines { format })
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    const CTX: TraceContext = TraceContext {
+        trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+        span_id: 0x00f067aa0ba902b7,
+        flags: 1,
+    };
+
+    #[test]
+    fn json_lines_inside_an_operation_carry_its_ids() {
+        let out = lines(LogFormat::Json, || {
+            in_context(Some(CTX), || tracing::info!(attempt = 2, "inside"));
+            tracing::warn!("outside");
+        });
+        assert_eq!(out.len(), 2, "{out:?}");
+        let inside: Value = serde_json::from_str(&out[0]).unwrap();
+        assert_eq!(inside["message"], "inside");
+        assert_eq!(inside["level"], "INFO");
+        assert_eq!(inside["fields"]["attempt"], 2);
+        assert_eq!(inside["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(inside["span_id"], "00f067aa0ba902b7");
+        let outside: Value = serde_json::from_str(&out[1]).unwrap();
+        assert_eq!(outside["message"], "outside");
+        assert!(outside.get("trace_id").is_none(), "{outside}");
+    }
+
+    #[test]
+    fn pretty_lines_end_with_the_ids() {
+        let out = lines(LogFormat::Pretty, || {
+            in_context(Some(CTX), || tracing::info!("inside"));
+        });
+        assert_eq!(out.len(), 1);
+        assert!(out[0].contains(" INFO "), "{}", out[0]);
+        assert!(
+            out[0].ends_with(
+                "inside trace_id=4bf92f3577b34da6a3ce929d0e0e4736 span_id=00f067aa0ba902b7"
+            ),
+            "{}",
+            out[0]
+        );
+    }
+}
