@@ -720,6 +720,15 @@ async fn metrics(st: web::Data<AppState>) -> HttpResponse {
     })
 }
 
+/// Node metrics in the Prometheus / OpenMetrics text format (see `observability/`).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "OpenMetrics text")))]
+async fn prometheus_metrics(st: web::Data<AppState>) -> HttpResponse {
+    let body = crate::metrics::render(&st.node, st.cluster.as_ref(), &st.telemetry).await;
+    HttpResponse::Ok()
+        .content_type(crate::metrics::CONTENT_TYPE)
+        .body(body)
+}
+
 /// Liveness: the process serves requests.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
 async fn healthz() -> HttpResponse {
@@ -861,6 +870,7 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
         delete_route,
         health,
         metrics,
+        prometheus_metrics,
         healthz,
         readyz,
         cluster_status,
@@ -899,6 +909,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/routes/{type}", web::delete().to(delete_route))
         .route("/v1/health", web::get().to(health))
         .route("/v1/metrics", web::get().to(metrics))
+        .route("/metrics", web::get().to(prometheus_metrics))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/v1/cluster", web::get().to(cluster_status))

@@ -3,7 +3,7 @@
 //! This crate is the facade and the binary's wiring: the engine comes from
 //! [`opmesh_actors`] (re-exported here, so `opmesh::Node::builder()` is the library
 //! entry point); [`config`] loads and validates settings; [`api`] serves HTTP;
-//! [`handlers`] holds the built-in handlers; [`bench`] is the load generator; [`cli`]
+//! [`handlers`] holds the built-in handlers; [`metrics`] serves `GET /metrics`; [`bench`] is the load generator; [`cli`]
 //! parses commands.
 
 #![forbid(unsafe_code)]
@@ -18,4 +18,5 @@ pub mod cli;
 pub mod config;
 pub mod handlers;
 pub mod logging;
+pub mod metrics;
 pub mod telemetry;

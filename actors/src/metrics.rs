@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::op::OpStatus;
+use crate::supervisor::ChildKind;
 
 /// A latency histogram: 1 µs to 1 hour at 2 significant digits (1 % precision), about
 /// 25 KB, so a node with many types and shards stays small.
@@ -260,7 +261,10 @@ pub struct NodeMetrics {
     pub in_flight: AtomicUsize,
     /// Operations whose handler is running now.
     pub running: AtomicUsize,
+    /// Engine actors restarted, all kinds together.
     pub actor_restarts: AtomicU64,
+    /// Engine actors restarted, per [`ChildKind::index`].
+    restarts_by_kind: [AtomicU64; 4],
     pub batches: AtomicU64,
     /// Operations per batch the Scheduler handed to the Executor.
     pub batch_sizes: Buckets,
@@ -279,6 +283,7 @@ impl Default for NodeMetrics {
             in_flight: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             actor_restarts: AtomicU64::new(0),
+            restarts_by_kind: Default::default(),
             batches: AtomicU64::new(0),
             batch_sizes: Buckets::new(BATCH_BOUNDS),
             throughput: Mutex::new(ThroughputWindow::new(Instant::now())),
@@ -295,6 +300,18 @@ impl NodeMetrics {
             _ => &self.expired,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The supervisor restarted an actor of `kind`.
+    pub(crate) fn actor_restarted(&self, kind: ChildKind) {
+        // Per kind first: whoever sees the total move sees the kind's count too.
+        self.restarts_by_kind[kind.index()].fetch_add(1, Ordering::Release);
+        self.actor_restarts.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many times an actor of `kind` was restarted since the node started.
+    pub fn actor_restarts_of(&self, kind: ChildKind) -> u64 {
+        self.restarts_by_kind[kind.index()].load(Ordering::Acquire)
     }
 
     /// Completions per second over the recent window (about the last ten seconds).

@@ -588,6 +588,32 @@ impl Node {
         self.shared.cache_counters.snapshot()
     }
 
+    /// The node-wide counters, live. For exporters (`/metrics`) that read them when
+    /// scraped; the engine alone writes them.
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.shared.metrics
+    }
+
+    /// Every operation type this node counts, sorted by name: those it has handlers for,
+    /// and those it forwards to other nodes of the cluster. Each entry's counters,
+    /// latency buckets and queue depth are live, for exporters to read when scraped.
+    pub fn type_entries(&self) -> Vec<Arc<TypeEntry>> {
+        let s = &self.shared;
+        let mut v: Vec<Arc<TypeEntry>> = s
+            .registry
+            .types()
+            .cloned()
+            .chain(s.remote_types.iter().map(|e| e.value().clone()))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// How long ago the node started.
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
     /// Whether the node accepts new operations (false once draining).
     pub fn is_accepting(&self) -> bool {
         self.shared.accepting.load(Ordering::Acquire)
@@ -639,7 +665,7 @@ impl Node {
             per_type,
             cache_hit_rate: cache_stats.hit_rate,
             cache_stats,
-            actor_restarts: m.actor_restarts.load(Ordering::Relaxed),
+            actor_restarts: m.actor_restarts.load(Ordering::Acquire),
             batches: m.batches.load(Ordering::Relaxed),
             uptime_seconds: s.started.elapsed().as_secs_f64(),
             timestamp: SystemTime::now()

@@ -7,7 +7,6 @@
 //! (queued operations) is completed as failed, with the reason, by the dropped
 //! [`Reply`](crate::job::Reply)s.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -28,6 +27,26 @@ pub enum ChildKind {
 }
 
 impl ChildKind {
+    /// The actor's name in logs and metrics: `router`, `cache`, `scheduler`, `executor`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChildKind::Router => "router",
+            ChildKind::Cache => "cache",
+            ChildKind::Scheduler => "scheduler",
+            ChildKind::Executor => "executor",
+        }
+    }
+
+    /// A dense index (0..4), for per-kind counters.
+    pub(crate) fn index(self) -> usize {
+        match self {
+            ChildKind::Router => 0,
+            ChildKind::Cache => 1,
+            ChildKind::Scheduler => 2,
+            ChildKind::Executor => 3,
+        }
+    }
+
     pub const ALL: [ChildKind; 4] = [
         ChildKind::Executor,
         ChildKind::Scheduler,
@@ -118,11 +137,7 @@ impl Actor for NodeSupervisor {
             return Ok(());
         };
         let kind = state.children[pos].1;
-        state
-            .shared
-            .metrics
-            .actor_restarts
-            .fetch_add(1, Ordering::Relaxed);
+        state.shared.metrics.actor_restarted(kind);
         tracing::error!(actor = ?kind, cause = %cause, "engine actor stopped; restarting it");
         let new_id = spawn_child(kind, &state.shared, myself.get_cell()).await?;
         state.children[pos].0 = new_id;

@@ -581,11 +581,17 @@ async fn crashed_actors_are_restarted_and_counted() {
             })
             .collect();
         let before = node.stats().actor_restarts;
+        let before_kind = node.metrics().actor_restarts_of(kind);
         node.kill_actor(kind);
         wait_for("the restart", Duration::from_secs(5), || {
             node.stats().actor_restarts == before + 1
         })
         .await;
+        assert_eq!(
+            node.metrics().actor_restarts_of(kind),
+            before_kind + 1,
+            "{kind:?}: the restart is counted for its kind"
+        );
         for t in held {
             let o = tokio::time::timeout(Duration::from_secs(10), t)
                 .await
@@ -613,6 +619,9 @@ async fn crashed_actors_are_restarted_and_counted() {
         assert!(ok, "{kind:?}: node works after the restart");
     }
     assert_eq!(node.stats().actor_restarts, 4);
+    for kind in ChildKind::ALL {
+        assert_eq!(node.metrics().actor_restarts_of(kind), 1, "{kind:?}");
+    }
     node.shutdown(Duration::from_secs(1)).await;
 }
 

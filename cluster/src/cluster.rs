@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -149,6 +149,8 @@ struct Inner {
     unsent: DashMap<NodeId, Vec<WireReply>>,
     stop: CancellationToken,
     leaving: AtomicBool,
+    /// Times the Raft leader this node knows of changed (see [`Cluster::leader_changes`]).
+    leader_changes: Arc<AtomicU64>,
 }
 
 /// A node's handle on its cluster. Cheap to clone.
@@ -225,6 +227,7 @@ impl Cluster {
             unsent: DashMap::new(),
             stop: CancellationToken::new(),
             leaving: AtomicBool::new(false),
+            leader_changes: Arc::default(),
             cfg,
         });
         let _ = inbound.0.set(Arc::downgrade(&inner));
@@ -248,6 +251,11 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let _ = inner.raft.set(raft);
+        tokio::spawn(count_leader_changes(
+            inner.raft().metrics(),
+            inner.leader_changes.clone(),
+            inner.stop.clone(),
+        ));
         Ok(Cluster { inner })
     }
 
@@ -344,6 +352,25 @@ impl Cluster {
     /// The latest applied cluster state.
     pub fn state(&self) -> Arc<ClusterState> {
         self.inner.state.load_full()
+    }
+
+    /// How many times the Raft leader this node knows of changed since it started: each
+    /// time openraft's metrics name a leader other than the last one named (the first
+    /// leader it learns of counts; an election with no leader yet does not).
+    pub fn leader_changes(&self) -> u64 {
+        self.inner.leader_changes.load(Ordering::Relaxed)
+    }
+
+    /// The index of the last Raft log entry this node knows is committed, asked of the
+    /// Raft core (openraft 0.9's metrics do not carry it). `None` before anything is
+    /// committed, or when Raft has stopped.
+    pub async fn committed_index(&self) -> Option<u64> {
+        self.inner
+            .raft()
+            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .await
+            .ok()
+            .flatten()
     }
 }
 
@@ -1219,6 +1246,28 @@ impl Inner {
             nodes,
             forwarded_waiting: self.outbox.len(),
             links: t.links(),
+        }
+    }
+}
+
+/// Counts changes of the leader named in a node's Raft metrics into `changes`, until the
+/// cluster stops (or Raft does). Holds only what it reads and writes, so it keeps nothing
+/// else of the cluster alive.
+async fn count_leader_changes(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<RaftId, Member>>,
+    changes: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let mut last: Option<RaftId> = None;
+    loop {
+        let leader = metrics.borrow_and_update().current_leader;
+        if leader.is_some() && leader != last {
+            last = leader;
+            changes.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = metrics.changed() => if r.is_err() { return },
         }
     }
 }
