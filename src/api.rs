@@ -22,6 +22,7 @@ use opmesh_actors::{
 };
 use opmesh_cluster::Cluster;
 
+use crate::events_api::{self, Live};
 use crate::telemetry::Telemetry;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -218,7 +219,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -856,7 +857,9 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
         cluster_status,
         cluster_leave,
         cluster_join,
-        hello
+        hello,
+        crate::events_api::events,
+        crate::events_api::failures
     ),
     components(schemas(
         OpRequest,
@@ -868,7 +871,9 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
         RouteView,
         RoutesAnswer,
         RouteAnswer,
-        JoinRequest
+        JoinRequest,
+        crate::events_api::Failure,
+        crate::events_api::FailuresAnswer
     ))
 )]
 pub struct ApiDoc;
@@ -896,6 +901,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/cluster/join", web::post().to(cluster_join))
         .route("/v1/bench/hello", web::post().to(hello))
         .route("/openapi.json", web::get().to(openapi_json))
+        .route("/v1/events", web::get().to(events_api::events))
+        .route("/v1/failures", web::get().to(events_api::failures))
         .route("/", web::get().to(dashboard));
 }
 
@@ -924,6 +931,8 @@ pub struct Server {
     left: Arc<tokio::sync::Notify>,
     handle: actix_web::dev::ServerHandle,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The event streams and their background tasks.
+    live: Live,
 }
 
 /// Binds the api for `node` and starts serving. The caller decides when to stop (see
@@ -943,9 +952,12 @@ pub fn start(
         left: left.clone(),
         telemetry: settings.telemetry.clone(),
     });
+    let live = web::Data::new(Live::start(state.node.clone(), cluster.clone()));
+    let live_state = live.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .app_data(live_state.clone())
             .app_data(web::QueryConfig::default().error_handler(query_error))
             .app_data(web::PathConfig::default().error_handler(path_error))
             .configure(configure)
@@ -970,6 +982,7 @@ pub fn start(
         task,
         cluster,
         left,
+        live: Live::clone(&live),
     })
 }
 
@@ -1002,6 +1015,9 @@ pub async fn run_until(
             "grace period over with operations unfinished"
         );
     }
+    // Event streams never finish by themselves: end them first, so the graceful stop
+    // does not wait its whole timeout for them.
+    server.live.shutdown();
     server.handle.stop(true).await;
     let left = node.shutdown(Duration::ZERO).await;
     if let Some(c) = &server.cluster {

@@ -16,5 +16,6 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod events_api;
 pub mod handlers;
 pub mod telemetry;
