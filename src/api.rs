@@ -22,6 +22,7 @@ use opmesh_actors::{
 };
 use opmesh_cluster::Cluster;
 
+use crate::dashboard::{self, Dashboard};
 use crate::events_api::{self, Live};
 use crate::telemetry::Telemetry;
 use serde::{Deserialize, Serialize};
@@ -822,12 +823,6 @@ async fn openapi_json() -> HttpResponse {
     HttpResponse::Ok().json(ApiDoc::openapi())
 }
 
-async fn dashboard() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(include_str!("dashboard.html"))
-}
-
 async fn not_found(req: HttpRequest) -> HttpResponse {
     let status = StatusCode::NOT_FOUND;
     HttpResponse::build(status).json(ErrorBody {
@@ -859,7 +854,8 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
         cluster_join,
         hello,
         crate::events_api::events,
-        crate::events_api::failures
+        crate::events_api::failures,
+        crate::dashboard::config
     ),
     components(schemas(
         OpRequest,
@@ -873,7 +869,8 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
         RouteAnswer,
         JoinRequest,
         crate::events_api::Failure,
-        crate::events_api::FailuresAnswer
+        crate::events_api::FailuresAnswer,
+        crate::dashboard::DashboardConfig
     ))
 )]
 pub struct ApiDoc;
@@ -903,7 +900,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/openapi.json", web::get().to(openapi_json))
         .route("/v1/events", web::get().to(events_api::events))
         .route("/v1/failures", web::get().to(events_api::failures))
-        .route("/", web::get().to(dashboard));
+        .route("/v1/dashboard/config", web::get().to(dashboard::config))
+        .route("/", web::get().to(dashboard::index))
+        .route("/dashboard/app.js", web::get().to(dashboard::app_js))
+        .route("/dashboard/style.css", web::get().to(dashboard::style_css));
 }
 
 fn query_error(e: actix_web::error::QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
@@ -953,11 +953,16 @@ pub fn start(
         telemetry: settings.telemetry.clone(),
     });
     let live = web::Data::new(Live::start(state.node.clone(), cluster.clone()));
+    let dashboard = web::Data::new(Dashboard {
+        node: state.node.id().to_string(),
+        telemetry: settings.telemetry.clone(),
+    });
     let live_state = live.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .app_data(live_state.clone())
+            .app_data(dashboard.clone())
             .app_data(web::QueryConfig::default().error_handler(query_error))
             .app_data(web::PathConfig::default().error_handler(path_error))
             .configure(configure)

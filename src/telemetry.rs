@@ -74,6 +74,32 @@ impl Telemetry {
         }
     }
 
+    /// The same telemetry, with the dashboard linking traces to `url` (for tests that
+    /// run the api in process; the binary takes it from the configuration).
+    #[doc(hidden)]
+    pub fn with_jaeger_ui_url(self, url: impl Into<String>) -> Self {
+        let stats = self.stats();
+        let counters = TelemetryCounters::default();
+        counters
+            .spans_exported
+            .store(stats.spans_exported, Ordering::Relaxed);
+        counters
+            .spans_dropped
+            .store(stats.spans_dropped, Ordering::Relaxed);
+        counters
+            .export_failures
+            .store(stats.export_failures, Ordering::Relaxed);
+        counters
+            .traceparent_invalid
+            .store(stats.traceparent_invalid, Ordering::Relaxed);
+        Telemetry {
+            inner: Arc::new(Inner {
+                counters,
+                jaeger_ui_url: Some(url.into()),
+            }),
+        }
+    }
+
     pub fn counters(&self) -> &TelemetryCounters {
         &self.inner.counters
     }

@@ -393,7 +393,7 @@ async fn the_live_endpoints_are_in_the_openapi_document() {
         .await
         .unwrap();
     let paths = &v["paths"];
-    for p in ["/v1/events", "/v1/failures"] {
+    for p in ["/v1/events", "/v1/failures", "/v1/dashboard/config"] {
         assert!(paths[p]["get"].is_object(), "{p} is documented");
     }
     assert!(
