@@ -22,6 +22,8 @@ use opmesh_actors::{
 };
 use opmesh_cluster::Cluster;
 
+use crate::dashboard::{self, Dashboard};
+use crate::events_api::{self, Live};
 use crate::telemetry::Telemetry;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -218,7 +220,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -840,12 +842,6 @@ async fn openapi_json() -> HttpResponse {
     HttpResponse::Ok().json(ApiDoc::openapi())
 }
 
-async fn dashboard() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(include_str!("dashboard.html"))
-}
-
 async fn not_found(req: HttpRequest) -> HttpResponse {
     let status = StatusCode::NOT_FOUND;
     HttpResponse::build(status).json(ErrorBody {
@@ -876,7 +872,10 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
         cluster_status,
         cluster_leave,
         cluster_join,
-        hello
+        hello,
+        crate::events_api::events,
+        crate::events_api::failures,
+        crate::dashboard::config
     ),
     components(schemas(
         OpRequest,
@@ -888,7 +887,10 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
         RouteView,
         RoutesAnswer,
         RouteAnswer,
-        JoinRequest
+        JoinRequest,
+        crate::events_api::Failure,
+        crate::events_api::FailuresAnswer,
+        crate::dashboard::DashboardConfig
     ))
 )]
 pub struct ApiDoc;
@@ -917,7 +919,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/cluster/join", web::post().to(cluster_join))
         .route("/v1/bench/hello", web::post().to(hello))
         .route("/openapi.json", web::get().to(openapi_json))
-        .route("/", web::get().to(dashboard));
+        .route("/v1/events", web::get().to(events_api::events))
+        .route("/v1/failures", web::get().to(events_api::failures))
+        .route("/v1/dashboard/config", web::get().to(dashboard::config))
+        .route("/", web::get().to(dashboard::index))
+        .route("/dashboard/app.js", web::get().to(dashboard::app_js))
+        .route("/dashboard/style.css", web::get().to(dashboard::style_css));
 }
 
 fn query_error(e: actix_web::error::QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
@@ -945,6 +952,8 @@ pub struct Server {
     left: Arc<tokio::sync::Notify>,
     handle: actix_web::dev::ServerHandle,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The event streams and their background tasks.
+    live: Live,
 }
 
 /// Binds the api for `node` and starts serving. The caller decides when to stop (see
@@ -964,9 +973,17 @@ pub fn start(
         left: left.clone(),
         telemetry: settings.telemetry.clone(),
     });
+    let live = web::Data::new(Live::start(state.node.clone(), cluster.clone()));
+    let dashboard = web::Data::new(Dashboard {
+        node: state.node.id().to_string(),
+        telemetry: settings.telemetry.clone(),
+    });
+    let live_state = live.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .app_data(live_state.clone())
+            .app_data(dashboard.clone())
             .app_data(web::QueryConfig::default().error_handler(query_error))
             .app_data(web::PathConfig::default().error_handler(path_error))
             .configure(configure)
@@ -991,6 +1008,7 @@ pub fn start(
         task,
         cluster,
         left,
+        live: Live::clone(&live),
     })
 }
 
@@ -1023,6 +1041,9 @@ pub async fn run_until(
             "grace period over with operations unfinished"
         );
     }
+    // Event streams never finish by themselves: end them first, so the graceful stop
+    // does not wait its whole timeout for them.
+    server.live.shutdown();
     server.handle.stop(true).await;
     let left = node.shutdown(Duration::ZERO).await;
     if let Some(c) = &server.cluster {

@@ -16,6 +16,8 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
+pub mod events_api;
 pub mod handlers;
 pub mod logging;
 pub mod metrics;

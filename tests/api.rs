@@ -321,6 +321,17 @@ async fn openapi_and_dashboard_are_served() {
         .to_str()
         .unwrap()
         .starts_with("text/html"));
+    assert!(r.text().await.unwrap().contains("/dashboard/app.js"));
+    let r = client()
+        .get(s.url("/dashboard/app.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
     assert!(r.text().await.unwrap().contains("/v1/metrics"));
 }
 

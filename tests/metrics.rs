@@ -441,7 +441,8 @@ async fn a_scrape_counts_exactly_the_work_done() {
             0.0
         );
     }
-    assert_eq!(m.value("opmesh_event_subscribers", &[]), 0.0);
+    // The server's own recent-failures log (GET /v1/failures) watches failures.
+    assert_eq!(m.value("opmesh_event_subscribers", &[]), 1.0);
     assert_eq!(m.value("opmesh_events_dropped_total", &[]), 0.0);
     assert!(m.value("opmesh_uptime_seconds", &[]) > 0.0);
     assert_eq!(
