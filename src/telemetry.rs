@@ -26,7 +26,6 @@ use opentelemetry_sdk::trace::{
 use opentelemetry_sdk::Resource;
 use opmesh_actors::trace::{OpSpans, SpanRecord, Stage};
 use opmesh_actors::{OpStatus, Sampler, SpanSink, Tracing};
-use parking_lot::Mutex;
 use serde::Serialize;
 
 /// How spans travel to the receiver.
@@ -119,7 +118,6 @@ struct Pipeline {
     tx: SyncSender<Item>,
     sampler: Sampler,
     provider: SdkTracerProvider,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 struct Inner {
@@ -179,11 +177,6 @@ impl Telemetry {
                 jaeger_ui_url: settings.jaeger_ui_url.clone(),
             }),
         })
-    }
-
-    /// Whether spans are exported.
-    pub fn is_exporting(&self) -> bool {
-        self.inner.pipeline.is_some()
     }
 
     pub fn counters(&self) -> &TelemetryCounters {
@@ -266,12 +259,13 @@ impl Telemetry {
 
     /// Flushes (within `timeout`) and stops the exporter.
     pub fn shutdown(&self, timeout: Duration) {
-        if self.inner.pipeline.is_some() && !self.flush(timeout) {
+        let Some(p) = &self.inner.pipeline else {
+            return;
+        };
+        if !self.flush(timeout) {
             tracing::warn!(?timeout, "trace export did not finish before shutdown");
         }
-        if let Some(p) = &self.inner.pipeline {
-            let _ = p.provider.shutdown_with_timeout(Duration::from_millis(100));
-        }
+        let _ = p.provider.shutdown_with_timeout(Duration::from_millis(100));
     }
 }
 
@@ -362,7 +356,9 @@ fn start_pipeline(
     // thread reports whether that worked before anything is queued.
     let (ready_tx, ready_rx) = mpsc::sync_channel(1);
     let thread_resource = resource.clone();
-    let thread = std::thread::Builder::new()
+    // Detached: when the last sender is dropped it exports what is left and ends;
+    // `Telemetry::shutdown` flushes before the process exits.
+    std::thread::Builder::new()
         .name("opmesh-otlp".into())
         .spawn(move || {
             export_loop(settings, thread_resource, rx, thread_counters, ready_tx);
@@ -398,16 +394,7 @@ fn start_pipeline(
         tx,
         sampler: Sampler::ratio(ratio),
         provider,
-        thread: Mutex::new(Some(thread)),
     })
-}
-
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        // The sender is dropped with the pipeline; the thread then exports what is
-        // left and ends. Nobody waits for it here: `Telemetry::shutdown` flushes.
-        drop(self.thread.lock().take());
-    }
 }
 
 /// The OTLP exporter of `t`'s protocol. Must run inside the tokio runtime it will

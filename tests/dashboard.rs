@@ -22,7 +22,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{client, Server};
+use common::{client, get_json, run_op, Server};
 use serde_json::{json, Value};
 
 /// The longest a browser may run for one test.
@@ -306,14 +306,7 @@ fn js(s: &str) -> String {
 // Known work
 
 async fn op(base: &str, body: Value) -> Value {
-    let r = client()
-        .post(format!("{base}/v1/ops?wait=true"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    run_op(base, &body).await
 }
 
 async fn failing_op(base: &str) -> Value {
@@ -347,14 +340,7 @@ async fn known_work(base: &str, node: &str) -> Value {
     // The dashboard loads recent failures from /v1/failures: wait until it lists this one.
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let v: Value = client()
-            .get(format!("{base}/v1/failures"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&format!("{base}/v1/failures")).await;
         if v["failures"][0]["id"] == bad["id"] {
             break;
         }
@@ -465,16 +451,7 @@ fn the_dashboard_shows_the_node_routes_live_figures_and_failures() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let s = Server::start(&["--node-id", "dash-1"], &[]);
     let bad = rt.block_on(known_work(&s.base, "dash-1"));
-    let config: Value = rt.block_on(async {
-        client()
-            .get(s.url("/v1/dashboard/config"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
+    let config: Value = rt.block_on(async { get_json(&s.url("/v1/dashboard/config")).await });
     assert_eq!(config["node"], "dash-1");
 
     let started = Instant::now();

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{client, wait_until, Server};
+use common::{client, get_json, run_op, wait_until, Server};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 
@@ -147,14 +147,7 @@ fn client_without_timeout() -> reqwest::Client {
 }
 
 async fn submit(s: &Server, body: Value) -> Value {
-    let r = client()
-        .post(s.url("/v1/ops?wait=true"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    run_op(&s.base, &body).await
 }
 
 #[tokio::test]
@@ -327,7 +320,6 @@ async fn the_stream_ends_cleanly_when_the_server_shuts_down() {
 #[tokio::test]
 async fn recent_failures_list_the_failed_operation_with_its_error_and_trace() {
     let s = Server::start(&["--node-id", "fail-1"], &[]);
-    let c = client();
     let bad = submit(&s, json!({"type": "resize", "payload": {"width": -1}})).await;
     assert_eq!(bad["status"], "failed");
     let trace_id = bad["trace_id"].as_str().expect("a trace id").to_owned();
@@ -335,14 +327,7 @@ async fn recent_failures_list_the_failed_operation_with_its_error_and_trace() {
     let id = bad["id"].as_str().unwrap();
     let until = Instant::now() + Duration::from_secs(10);
     let found = loop {
-        let v: Value = c
-            .get(s.url("/v1/failures"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&s.url("/v1/failures")).await;
         if let Some(f) = v["failures"]
             .as_array()
             .unwrap()
@@ -366,14 +351,7 @@ async fn recent_failures_list_the_failed_operation_with_its_error_and_trace() {
     let later = submit(&s, json!({"type": "sleep", "payload": {"ms": "soon"}})).await;
     assert_eq!(later["status"], "failed");
     wait_until("the second failure", Duration::from_secs(10), || async {
-        let v: Value = c
-            .get(s.url("/v1/failures?limit=1"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&s.url("/v1/failures?limit=1")).await;
         let list = v["failures"].as_array().unwrap();
         assert!(list.len() <= 1);
         list.first().is_some_and(|f| f["id"] == later["id"])
@@ -384,14 +362,7 @@ async fn recent_failures_list_the_failed_operation_with_its_error_and_trace() {
 #[tokio::test]
 async fn the_live_endpoints_are_in_the_openapi_document() {
     let s = Server::start(&[], &[]);
-    let v: Value = client()
-        .get(s.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(&s.url("/openapi.json")).await;
     let paths = &v["paths"];
     for p in ["/v1/events", "/v1/failures", "/v1/dashboard/config"] {
         assert!(paths[p]["get"].is_object(), "{p} is documented");

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, wait_until, Server};
+use common::{client, get_json, wait_until, Server};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -485,16 +485,8 @@ async fn an_unreachable_receiver_never_fails_operations_and_drops_are_counted() 
     let results = answer["results"].as_array().unwrap();
     assert_eq!(results.len(), 2000);
     assert!(results.iter().all(|r| r["status"] == "succeeded"));
-    let c = client();
     wait_until("dropped spans counted", Duration::from_secs(20), || async {
-        let m: Value = c
-            .get(s.url("/v1/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let m: Value = get_json(&s.url("/v1/metrics")).await;
         m["telemetry"]["spans_dropped"].as_u64().unwrap_or(0) >= 2000 * 3
             && m["telemetry"]["export_failures"].as_u64().unwrap_or(0) >= 1
             && m["telemetry"]["spans_exported"] == 0
@@ -519,14 +511,7 @@ async fn a_malformed_traceparent_starts_a_new_trace_and_is_counted() {
     assert!(tp.starts_with(&format!("00-{trace_id}-")), "{tp}");
     let spans = wait_for_spans(&received, trace_id, &["op.submit"]).await;
     assert_eq!(one(&spans, "op.submit").parent, "", "a root span");
-    let m: Value = client()
-        .get(s.url("/v1/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let m: Value = get_json(&s.url("/v1/metrics")).await;
     assert_eq!(m["telemetry"]["traceparent_invalid"], 1);
     assert!(received.len() >= 4);
 }

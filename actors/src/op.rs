@@ -186,15 +186,6 @@ impl TraceContext {
         (ctx.trace_id != 0 && ctx.span_id != 0).then_some(ctx)
     }
 
-    /// A new root context with a random trace id and span id, sampled.
-    pub fn new_root() -> Self {
-        TraceContext {
-            trace_id: rand::random::<u128>() | 1,
-            span_id: rand::random::<u64>() | 1,
-            flags: 1,
-        }
-    }
-
     /// The 32-hex-digit trace id.
     pub fn trace_id_hex(&self) -> String {
         format!("{:032x}", self.trace_id)
@@ -530,7 +521,11 @@ mod tests {
         ] {
             assert!(TraceContext::parse(bad).is_none(), "{bad}");
         }
-        let root = TraceContext::new_root();
+        let root = TraceContext {
+            trace_id: rand::random::<u128>() | 1,
+            span_id: rand::random::<u64>() | 1,
+            flags: 1,
+        };
         assert_eq!(TraceContext::parse(&root.traceparent()), Some(root));
     }
 

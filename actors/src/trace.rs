@@ -91,10 +91,6 @@ impl Sampler {
         }
     }
 
-    pub fn ratio_value(&self) -> f64 {
-        self.ratio
-    }
-
     /// Whether a new trace with this id is sampled.
     pub fn samples(&self, trace_id: u128) -> bool {
         if self.ratio >= 1.0 {
@@ -138,17 +134,6 @@ impl Stage {
             Stage::Cache => "op.cache",
             Stage::Queue => "op.queue",
             Stage::Execute => "op.execute",
-        }
-    }
-
-    /// The short name (a metrics label).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Submit => "submit",
-            Stage::Route => "route",
-            Stage::Cache => "cache",
-            Stage::Queue => "queue",
-            Stage::Execute => "execute",
         }
     }
 }

@@ -104,6 +104,31 @@ pub fn client() -> reqwest::Client {
         .expect("client builds")
 }
 
+/// GETs `url` and reads its JSON answer.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Runs an operation with `POST {base}/v1/ops?wait=true`; asserts 200 and answers the
+/// outcome.
+pub async fn run_op(base: &str, body: &serde_json::Value) -> serde_json::Value {
+    let r = client()
+        .post(format!("{base}/v1/ops?wait=true"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
 /// Waits until `cond` returns true, failing after `deadline`.
 pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut cond: F)
 where
