@@ -110,7 +110,7 @@ impl OpAnswer {
             error: o.error.clone(),
             cached: o.cached,
             executed_by: o.executed_by.as_ref().map(|n| n.to_string()),
-            trace_id: o.trace_id.clone(),
+            trace_id: o.trace_id.map(|t| t.to_string()),
             attempts: o.attempts,
             op_type: None,
         }

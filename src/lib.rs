@@ -21,4 +21,5 @@ pub mod events_api;
 pub mod handlers;
 pub mod logging;
 pub mod metrics;
+mod otlp;
 pub mod telemetry;

@@ -4,29 +4,27 @@
 //! The engine does not build OpenTelemetry spans while an operation runs: it hands each
 //! finished operation's spans to [`Telemetry::tracing`]'s sink as one plain record. A
 //! bounded queue takes the record, or counts its spans dropped when full, so a slow or
-//! unreachable receiver never slows operations. An exporter thread turns records into
-//! OpenTelemetry `SpanData` and exports them in batches with opentelemetry-otlp (gRPC or
-//! http/protobuf). `tracing` spans (route writes, cluster changes) reach the same queue
-//! through tracing-opentelemetry and an SDK tracer whose span processor is this queue.
+//! unreachable receiver never slows operations. An exporter thread writes the records
+//! as OTLP requests ([`crate::otlp`]: protobuf straight from the records, no per-span
+//! allocation) and sends them in batches over gRPC or http/protobuf, a few requests in
+//! flight. `tracing` spans (route writes, cluster changes) reach the same queue through
+//! tracing-opentelemetry and an SDK tracer whose span processor is this queue, and are
+//! exported with opentelemetry-otlp.
 
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState, TracerProvider as _,
-};
-use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{
-    SdkTracerProvider, SpanData, SpanEvents, SpanExporter as _, SpanLinks, SpanProcessor,
-};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor};
 use opentelemetry_sdk::Resource;
-use opmesh_actors::trace::{OpSpans, SpanRecord, Stage};
-use opmesh_actors::{OpStatus, Sampler, SpanSink, Tracing};
+use opmesh_actors::trace::OpSpans;
+use opmesh_actors::{Sampler, SpanSink, Tracing};
 use serde::Serialize;
+use tokio::sync::mpsc::error::TrySendError;
 
 /// How spans travel to the receiver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,7 +113,7 @@ enum Item {
 }
 
 struct Pipeline {
-    tx: SyncSender<Item>,
+    tx: tokio::sync::mpsc::Sender<Item>,
     sampler: Sampler,
     provider: SdkTracerProvider,
 }
@@ -278,7 +276,7 @@ impl SpanSink for Discard {
 
 /// The engine's sink: one non-blocking queue push per finished operation.
 struct QueueSink {
-    tx: SyncSender<Item>,
+    tx: tokio::sync::mpsc::Sender<Item>,
     counters: Arc<TelemetryCounters>,
 }
 
@@ -294,7 +292,7 @@ impl SpanSink for QueueSink {
 /// The SDK side: `tracing` spans (through tracing-opentelemetry) join the same queue.
 #[derive(Debug)]
 struct QueueProcessor {
-    tx: SyncSender<Item>,
+    tx: tokio::sync::mpsc::Sender<Item>,
     counters: Arc<TelemetryCounters>,
 }
 
@@ -348,11 +346,11 @@ fn start_pipeline(
     node_id: &str,
     counters: Arc<TelemetryCounters>,
 ) -> Result<Pipeline, TelemetryError> {
-    let (tx, rx) = mpsc::sync_channel::<Item>(t.queue_ops.max(1));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Item>(t.queue_ops.max(1));
     let resource = resource(&t.service_name, node_id);
     let settings = t.clone();
     let thread_counters = counters.clone();
-    // The exporter is built on its thread (tonic needs the runtime it runs on); the
+    // The exporters are built on the thread (tonic needs the runtime it runs on); the
     // thread reports whether that worked before anything is queued.
     let (ready_tx, ready_rx) = mpsc::sync_channel(1);
     let thread_resource = resource.clone();
@@ -361,7 +359,27 @@ fn start_pipeline(
     std::thread::Builder::new()
         .name("opmesh-otlp".into())
         .spawn(move || {
-            export_loop(settings, thread_resource, rx, thread_counters, ready_tx);
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("cannot start its runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match Exporter::new(settings, &thread_resource, thread_counters) {
+                    Ok(exporter) => {
+                        let _ = ready_tx.send(Ok(()));
+                        exporter.run(rx).await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
         })
         .map_err(TelemetryError::Thread)?;
     match ready_rx.recv() {
@@ -397,9 +415,18 @@ fn start_pipeline(
     })
 }
 
-/// The OTLP exporter of `t`'s protocol. Must run inside the tokio runtime it will
-/// export on.
-fn build_exporter(t: &TraceSettings) -> Result<opentelemetry_otlp::SpanExporter, String> {
+/// The `/v1/traces` URL of an http/protobuf endpoint.
+fn http_traces_url(endpoint: &str) -> String {
+    if endpoint.ends_with("/v1/traces") {
+        endpoint.to_string()
+    } else {
+        format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+    }
+}
+
+/// opentelemetry-otlp's exporter, for `tracing` spans. Must be built inside the tokio
+/// runtime it will export on.
+fn sdk_exporter(t: &TraceSettings) -> Result<opentelemetry_otlp::SpanExporter, String> {
     use opentelemetry_otlp::WithExportConfig;
     match t.protocol {
         Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
@@ -407,224 +434,191 @@ fn build_exporter(t: &TraceSettings) -> Result<opentelemetry_otlp::SpanExporter,
             .with_endpoint(t.endpoint.clone())
             .with_timeout(t.export_timeout)
             .build(),
-        Protocol::HttpProtobuf => {
-            let endpoint = if t.endpoint.ends_with("/v1/traces") {
-                t.endpoint.clone()
-            } else {
-                format!("{}/v1/traces", t.endpoint.trim_end_matches('/'))
-            };
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(endpoint)
-                .with_timeout(t.export_timeout)
-                .build()
-        }
+        Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(http_traces_url(&t.endpoint))
+            .with_timeout(t.export_timeout)
+            .build(),
     }
     .map_err(|e| e.to_string())
 }
 
-fn export_loop(
+/// Export requests sent at once: encoding the next batch overlaps the receiver
+/// reading the last ones.
+const IN_FLIGHT: usize = 4;
+
+/// The exporter thread's state: operation spans are encoded into OTLP requests as they
+/// arrive ([`crate::otlp::SpanEncoder`]) and sent with up to [`IN_FLIGHT`] requests
+/// outstanding; `tracing` spans go through opentelemetry-otlp's exporter.
+struct Exporter {
     t: TraceSettings,
-    resource: Resource,
-    rx: mpsc::Receiver<Item>,
     counters: Arc<TelemetryCounters>,
-    ready: SyncSender<Result<(), String>>,
-) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = ready.send(Err(format!("cannot start its runtime: {e}")));
-            return;
-        }
-    };
-    let exporter = rt.block_on(async { build_exporter(&t) });
-    let mut exporter = match exporter {
-        Ok(e) => e,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    exporter.set_resource(&resource);
-    let _ = ready.send(Ok(()));
-    let scope = InstrumentationScope::builder("opmesh")
-        .with_version(env!("CARGO_PKG_VERSION"))
-        .build();
-    let mut batch: Vec<SpanData> = Vec::with_capacity(t.batch_spans);
-    let mut last_warning: Option<Instant> = None;
-    let mut export = |batch: &mut Vec<SpanData>| {
-        if batch.is_empty() {
-            return;
-        }
-        let n = batch.len() as u64;
-        let spans = std::mem::replace(batch, Vec::with_capacity(t.batch_spans));
-        let result = rt.block_on(async {
-            tokio::time::timeout(t.export_timeout, exporter.export(spans)).await
-        });
-        let error = match result {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("no answer within {:?}", t.export_timeout)),
+    encoder: crate::otlp::SpanEncoder,
+    sender: crate::otlp::Sender,
+    sdk: opentelemetry_otlp::SpanExporter,
+    sdk_batch: Vec<SpanData>,
+    in_flight: tokio::task::JoinSet<(u64, Result<(), String>)>,
+    last_warning: Option<Instant>,
+}
+
+impl Exporter {
+    fn new(
+        t: TraceSettings,
+        resource: &Resource,
+        counters: Arc<TelemetryCounters>,
+    ) -> Result<Exporter, String> {
+        let headers = crate::otlp::env_headers();
+        let sender = match t.protocol {
+            Protocol::Grpc => crate::otlp::Sender::grpc(&t.endpoint, t.export_timeout, headers)?,
+            Protocol::HttpProtobuf => {
+                crate::otlp::Sender::http(http_traces_url(&t.endpoint), t.export_timeout, headers)?
+            }
         };
-        match error {
-            None => {
-                counters.spans_exported.fetch_add(n, Ordering::Relaxed);
-            }
-            Some(e) => {
-                counters.export_failures.fetch_add(1, Ordering::Relaxed);
-                counters.spans_dropped.fetch_add(n, Ordering::Relaxed);
-                // One warning a minute: an unreachable receiver must not flood the log.
-                if last_warning.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
-                    last_warning = Some(Instant::now());
-                    tracing::warn!(endpoint = %t.endpoint, "cannot export traces ({n} spans dropped): {e}");
-                }
-            }
-        }
-    };
-    loop {
-        let until = Instant::now() + t.export_interval;
-        let mut disconnected = false;
-        while batch.len() < t.batch_spans {
-            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                Ok(Item::Op(rec)) => push_op_spans(&mut batch, &rec, &scope),
-                Ok(Item::Span(s)) => batch.push(*s),
-                Ok(Item::Flush(done)) => {
-                    // Everything queued before the flush is in `batch` or the queue.
-                    while let Ok(item) = rx.try_recv() {
+        let mut sdk = sdk_exporter(&t)?;
+        sdk.set_resource(resource);
+        Ok(Exporter {
+            encoder: crate::otlp::SpanEncoder::new(resource, "opmesh", env!("CARGO_PKG_VERSION")),
+            sender,
+            sdk,
+            sdk_batch: Vec::new(),
+            in_flight: tokio::task::JoinSet::new(),
+            last_warning: None,
+            t,
+            counters,
+        })
+    }
+
+    async fn run(mut self, mut rx: tokio::sync::mpsc::Receiver<Item>) {
+        let mut items = Vec::with_capacity(256);
+        // When the oldest span waiting to be sent arrived, plus the export interval.
+        let mut due: Option<tokio::time::Instant> = None;
+        loop {
+            let waiting =
+                due.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                n = rx.recv_many(&mut items, 256) => {
+                    if n == 0 {
+                        self.send_all().await;
+                        self.settle_all().await;
+                        let _ = self.sdk.shutdown();
+                        return;
+                    }
+                    for item in items.drain(..) {
                         match item {
-                            Item::Op(rec) => push_op_spans(&mut batch, &rec, &scope),
-                            Item::Span(s) => batch.push(*s),
-                            Item::Flush(other) => {
-                                let _ = other.try_send(());
+                            Item::Op(rec) => {
+                                self.encoder.push(&rec);
+                                if self.encoder.len() >= self.t.batch_spans {
+                                    self.send_ops().await;
+                                }
+                            }
+                            Item::Span(s) => {
+                                self.sdk_batch.push(*s);
+                                if self.sdk_batch.len() >= self.t.batch_spans {
+                                    self.send_sdk().await;
+                                }
+                            }
+                            Item::Flush(done) => {
+                                self.send_all().await;
+                                self.settle_all().await;
+                                let _ = done.try_send(());
                             }
                         }
-                        if batch.len() >= t.batch_spans {
-                            export(&mut batch);
-                        }
                     }
-                    export(&mut batch);
-                    let _ = done.try_send(());
+                    let pending = !self.encoder.is_empty() || !self.sdk_batch.is_empty();
+                    due = match (pending, due) {
+                        (false, _) => None,
+                        (true, None) => Some(tokio::time::Instant::now() + self.t.export_interval),
+                        (true, Some(d)) => Some(d),
+                    };
                 }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    disconnected = true;
-                    break;
+                _ = tokio::time::sleep_until(waiting), if due.is_some() => {
+                    self.send_all().await;
+                    due = None;
+                }
+                Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
+                    self.settle(done);
                 }
             }
         }
-        export(&mut batch);
-        if disconnected {
-            let _ = exporter.shutdown();
+    }
+
+    async fn send_all(&mut self) {
+        self.send_ops().await;
+        self.send_sdk().await;
+    }
+
+    /// Sends the operation spans encoded so far, once fewer than [`IN_FLIGHT`]
+    /// requests are outstanding.
+    async fn send_ops(&mut self) {
+        if self.encoder.is_empty() {
             return;
         }
-    }
-}
-
-/// Turns one operation's record into OpenTelemetry spans.
-fn push_op_spans(out: &mut Vec<SpanData>, rec: &OpSpans, scope: &InstrumentationScope) {
-    let op_id = rec.op_id.to_string();
-    let failed = rec.status != OpStatus::Succeeded;
-    let last = rec.spans.len().saturating_sub(1);
-    for (i, s) in rec.spans.iter().enumerate() {
-        let mut attributes = vec![
-            KeyValue::new("op.id", op_id.clone()),
-            KeyValue::new("op.type", rec.op_type.to_string()),
-            KeyValue::new("opmesh.node.id", rec.node.to_string()),
-        ];
-        let mut kind = SpanKind::Internal;
-        match s.stage {
-            Stage::Submit => {
-                kind = SpanKind::Server;
-                attributes.push(KeyValue::new("op.outcome", rec.status.as_str()));
-                attributes.push(KeyValue::new("op.attempts", i64::from(rec.attempts)));
-            }
-            Stage::Route => {
-                let target = rec.target.as_ref().unwrap_or(&rec.node);
-                attributes.push(KeyValue::new("opmesh.node.target", target.to_string()));
-                if rec.target.is_some() {
-                    kind = SpanKind::Client;
-                }
-            }
-            Stage::Cache => {
-                if let Some(v) = rec.cache {
-                    attributes.push(KeyValue::new("op.cache.result", v.as_str()));
-                }
-            }
-            Stage::Queue => {}
-            Stage::Execute => {
-                attributes.push(KeyValue::new("op.outcome", rec.status.as_str()));
-                attributes.push(KeyValue::new("op.attempts", i64::from(rec.attempts)));
+        while self.in_flight.len() >= IN_FLIGHT {
+            if let Some(done) = self.in_flight.join_next().await {
+                self.settle(done);
             }
         }
-        let status = if failed && (s.stage == Stage::Submit || i == last) {
-            Status::Error {
-                description: Cow::Owned(
-                    rec.error
-                        .clone()
-                        .unwrap_or_else(|| rec.status.as_str().to_string()),
-                ),
-            }
-        } else {
-            Status::Unset
-        };
-        let events = if s.stage == Stage::Execute && !rec.events.is_empty() {
-            rec.events
-                .iter()
-                .map(|e| {
-                    opentelemetry::trace::Event::new(
-                        e.name,
-                        e.at.to_system(),
-                        vec![
-                            KeyValue::new("op.attempt", i64::from(e.attempt)),
-                            KeyValue::new("error.message", e.message.clone()),
-                        ],
-                        0,
-                    )
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        out.push(span_data(rec, s, kind, attributes, status, events, scope));
+        let n = self.encoder.len() as u64;
+        let body = self.encoder.finish();
+        let sender = self.sender.clone();
+        let timeout = self.t.export_timeout;
+        self.in_flight.spawn(async move {
+            let result = match tokio::time::timeout(timeout, sender.send(body)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            };
+            (n, result)
+        });
     }
-}
 
-fn span_data(
-    rec: &OpSpans,
-    s: &SpanRecord,
-    kind: SpanKind,
-    attributes: Vec<KeyValue>,
-    status: Status,
-    events: Vec<opentelemetry::trace::Event>,
-    scope: &InstrumentationScope,
-) -> SpanData {
-    let mut span_events = SpanEvents::default();
-    span_events.events = events;
-    // Exported spans are marked sampled: a failed operation kept despite sampling is
-    // still a span the receiver should show.
-    SpanData {
-        span_context: SpanContext::new(
-            TraceId::from(rec.trace_id),
-            SpanId::from(s.span_id),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::default(),
-        ),
-        parent_span_id: SpanId::from(s.parent_span_id),
-        parent_span_is_remote: s.parent_is_remote,
-        span_kind: kind,
-        name: Cow::Borrowed(s.stage.span_name()),
-        start_time: s.start.to_system(),
-        end_time: s.end.to_system(),
-        attributes,
-        dropped_attributes_count: 0,
-        events: span_events,
-        links: SpanLinks::default(),
-        status,
-        instrumentation_scope: scope.clone(),
+    async fn send_sdk(&mut self) {
+        if self.sdk_batch.is_empty() {
+            return;
+        }
+        let spans = std::mem::take(&mut self.sdk_batch);
+        let n = spans.len() as u64;
+        let result = match tokio::time::timeout(self.t.export_timeout, self.sdk.export(spans)).await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.t.export_timeout)),
+        };
+        self.account(n, result);
+    }
+
+    async fn settle_all(&mut self) {
+        while let Some(done) = self.in_flight.join_next().await {
+            self.settle(done);
+        }
+    }
+
+    fn settle(&mut self, done: Result<(u64, Result<(), String>), tokio::task::JoinError>) {
+        match done {
+            Ok((n, result)) => self.account(n, result),
+            Err(e) => self.account(0, Err(format!("the export task failed: {e}"))),
+        }
+    }
+
+    fn account(&mut self, n: u64, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.counters.spans_exported.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.counters
+                    .export_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.spans_dropped.fetch_add(n, Ordering::Relaxed);
+                // One warning a minute: an unreachable receiver must not flood the log.
+                if self
+                    .last_warning
+                    .is_none_or(|w| w.elapsed() >= Duration::from_secs(60))
+                {
+                    self.last_warning = Some(Instant::now());
+                    tracing::warn!(endpoint = %self.t.endpoint, "cannot export traces ({n} spans dropped): {e}");
+                }
+            }
+        }
     }
 }

@@ -449,7 +449,12 @@ fn save_page(b: &mut Browser, name: &str) -> PathBuf {
 fn the_dashboard_shows_the_node_routes_live_figures_and_failures() {
     let Some(chromium) = chromium() else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let s = Server::start(&["--node-id", "dash-1"], &[]);
+    // The Jaeger UI from the environment, as a pod's manifest would set it.
+    let jaeger = "http://jaeger.example.test:16686";
+    let s = Server::start(
+        &["--node-id", "dash-1"],
+        &[("OPMESH_TELEMETRY__JAEGER_UI_URL", jaeger)],
+    );
     let bad = rt.block_on(known_work(&s.base, "dash-1"));
     let config: Value = rt.block_on(async { get_json(&s.url("/v1/dashboard/config")).await });
     assert_eq!(config["node"], "dash-1");
@@ -462,13 +467,26 @@ fn the_dashboard_shows_the_node_routes_live_figures_and_failures() {
         "the single node's summary",
         "document.getElementById('cluster-summary').textContent === 'single node'",
     );
+    let id = js(bad["id"].as_str().unwrap());
+    let href = b.eval(&format!(
+        "document.querySelector('tr[data-failure-id=' + JSON.stringify({id}) + '] a.trace-link').href"
+    ));
+    assert_eq!(
+        href,
+        json!(format!(
+            "{jaeger}/trace/{}",
+            bad["trace_id"].as_str().unwrap()
+        )),
+        "the failed operation links to its trace in the configured Jaeger UI"
+    );
     save_page(&mut b, "dashboard");
     assert!(b.page_errors.is_empty(), "page errors: {:?}", b.page_errors);
     eprintln!("browser part took {:?}", started.elapsed());
 }
 
-/// The Jaeger links, through the api served in process: the binary reads the URL from its
-/// configuration (`telemetry.jaeger_ui_url`), here it is set on the telemetry handle.
+/// The Jaeger links, through the api served in process, with the URL set on the
+/// telemetry handle (a trailing `/` dropped); and the server stops promptly with the
+/// page's event stream open.
 #[test]
 fn failed_operations_link_to_their_traces_in_jaeger() {
     let Some(chromium) = chromium() else { return };

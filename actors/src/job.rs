@@ -22,7 +22,7 @@ use crate::cache::CacheKey;
 use crate::events::{now_ms, Event, EventKind};
 use crate::handler::TypeEntry;
 use crate::node::NodeShared;
-use crate::op::{NodeId, OpId, OpOutcome, OpStatus, Operation, TraceContext};
+use crate::op::{NodeId, OpId, OpOutcome, OpStatus, Operation, TraceContext, TraceId};
 use crate::trace::{CacheVerdict, OpSpans, OpTrace, SpanEvent, Stage, Stamp};
 
 /// An accepted operation travelling Router → (Cache) → Scheduler → Executor.
@@ -157,7 +157,7 @@ impl Reply {
     fn stamp(&self, mut outcome: OpOutcome) -> OpOutcome {
         outcome.id = self.id;
         if outcome.trace_id.is_none() {
-            outcome.trace_id = self.trace.as_ref().map(|t| format!("{:032x}", t.trace_id));
+            outcome.trace_id = self.trace.as_ref().map(|t| TraceId(t.trace_id));
         }
         outcome
     }
@@ -233,7 +233,7 @@ impl Reply {
             attempts: outcome.attempts,
             executed_by: outcome.executed_by.clone(),
             duration_us: latency.as_micros() as u64,
-            trace_id: outcome.trace_id.clone(),
+            trace_id: outcome.trace_id.map(|t| t.to_string()),
             timestamp: now_ms(),
         });
     }

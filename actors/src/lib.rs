@@ -34,6 +34,7 @@ pub use job::{Ticket, Tracked};
 pub use node::{CacheConfig, EngineConfig, Node, NodeBuilder, NodeStats, StartError};
 pub use op::{
     Json, Limits, NodeId, OpId, OpOutcome, OpStatus, OpType, Operation, SubmitError, TraceContext,
+    TraceId,
 };
 pub use routing::{Route, RouteError, RoutingTable, Strategy};
 pub use scheduler::BatchPolicy;

@@ -325,7 +325,25 @@ pub struct OpOutcome {
     pub executed_by: Option<NodeId>,
     /// How many times the handler ran (0 when answered from the cache or expired early).
     pub attempts: u32,
-    pub trace_id: Option<String>,
+    /// The operation's trace, when it is traced.
+    pub trace_id: Option<TraceId>,
+}
+
+/// A W3C trace id, shown as 32 lowercase hex digits. Kept as a number so that an
+/// operation's answer costs no formatting until someone reads it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceId(pub u128);
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 impl OpOutcome {

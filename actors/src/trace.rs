@@ -59,6 +59,19 @@ impl Stamp {
         anchor().1 + Duration::from_nanos(self.0)
     }
 
+    /// The wall-clock time of this stamp as nanoseconds since the Unix epoch (what
+    /// OTLP carries).
+    pub fn unix_nanos(self) -> u64 {
+        static ANCHOR_NANOS: OnceLock<u64> = OnceLock::new();
+        let anchor = ANCHOR_NANOS.get_or_init(|| {
+            anchor()
+                .1
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        anchor + self.0
+    }
+
     /// Time from `earlier` to `self` (zero if `earlier` is later or unset).
     pub fn since(self, earlier: Stamp) -> Duration {
         if earlier.is_set() {
