@@ -4,9 +4,11 @@
 //! would). The three runs alternate, `--rounds` times, starting each round with a
 //! different one (so no setting always runs after another's leftovers), and each round
 //! prints the throughput of the traced runs as a share of the untraced one. The bench
-//! uses the binary's allocator. The receiver runs on a thread of its own, so each run
+//! uses the binary's allocator. The receiver runs on a runtime of its own, so each run
 //! also tells the CPU time per operation of opmesh (the rest of the process: node,
-//! load generator, span exporter) apart from the receiver's (decoding the spans).
+//! load generator, span exporter) apart from the receiver's (decoding the spans). A
+//! second receiver ("skim") takes the same requests but only counts their spans: runs
+//! against it show what tracing costs opmesh itself.
 //!
 //! A closed loop at 100 % runs as fast as it can and drops (and counts) the spans the
 //! receiver cannot take in time; so each round also looks for the highest open-loop
@@ -29,6 +31,7 @@ use opmesh::bench::{run_report, BenchArgs, BenchReport};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Spans received, by either receiver.
 #[derive(Clone, Default)]
 struct Counting(Arc<AtomicU64>);
 
@@ -50,6 +53,138 @@ impl TraceService for Counting {
             partial_success: None,
         }))
     }
+}
+
+/// The second receiver: takes the same gRPC requests but only walks the protobuf to
+/// count the spans, without building them. What it costs is close to nothing, so a run
+/// against it shows opmesh's own cost of tracing (recording, encoding, sending).
+#[derive(Clone)]
+struct Skim(Counting);
+
+impl tonic::server::NamedService for Skim {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+}
+
+impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Skim
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let counted = self.0.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawBytes);
+            Ok(grpc.unary(SkimExport(counted), req).await)
+        })
+    }
+}
+
+struct SkimExport(Counting);
+
+impl tonic::server::UnaryService<bytes::Bytes> for SkimExport {
+    type Response = bytes::Bytes;
+    type Future = tonic::codegen::BoxFuture<tonic::Response<bytes::Bytes>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<bytes::Bytes>) -> Self::Future {
+        let spans = count_spans(&request.into_inner())
+            .ok_or_else(|| tonic::Status::invalid_argument("not an ExportTraceServiceRequest"));
+        let counted = self.0.clone();
+        Box::pin(async move {
+            counted.0.fetch_add(spans?, Ordering::Relaxed);
+            // An empty ExportTraceServiceResponse: everything accepted.
+            Ok(tonic::Response::new(bytes::Bytes::new()))
+        })
+    }
+}
+
+/// A message's bytes in and out, as they are.
+#[derive(Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// The length-delimited fields `field` of a protobuf message, walked without decoding
+/// them (`None`: not protobuf).
+fn fields(mut msg: &[u8], field: u64) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    while !msg.is_empty() {
+        let key = prost::encoding::decode_varint(&mut msg).ok()?;
+        match key & 7 {
+            0 => {
+                prost::encoding::decode_varint(&mut msg).ok()?;
+            }
+            1 => msg = msg.get(8..)?,
+            5 => msg = msg.get(4..)?,
+            2 => {
+                let len = usize::try_from(prost::encoding::decode_varint(&mut msg).ok()?).ok()?;
+                let (body, rest) = (msg.get(..len)?, msg.get(len..)?);
+                if key >> 3 == field {
+                    out.push(body);
+                }
+                msg = rest;
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Spans in an ExportTraceServiceRequest: resource_spans (1) → scope_spans (2) → spans (2).
+fn count_spans(request: &[u8]) -> Option<u64> {
+    let mut n = 0;
+    for resource in fields(request, 1)? {
+        for scope in fields(resource, 2)? {
+            n += fields(scope, 2)?.len() as u64;
+        }
+    }
+    Some(n)
 }
 
 fn arg(name: &str, default: u64) -> u64 {
@@ -115,9 +250,11 @@ fn threads_cpu(name: &str) -> f64 {
 /// The thread name of the receiver's runtime.
 const RECEIVER: &str = "otlp-receiver";
 
-/// The receiver, on a runtime of its own (two workers, as a collector process beside
-/// the node would have), so its CPU time can be told apart. Returns its endpoint.
-fn start_receiver(received: Counting) -> String {
+/// The receivers, on a runtime of their own (two workers, as a collector process beside
+/// the node would have), so their CPU time can be told apart: one decodes every request
+/// (opentelemetry-proto's generated server), the other only counts spans ([`Skim`]).
+/// Returns their endpoints.
+fn start_receivers(decoded: Counting, skimmed: Counting) -> (String, String) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name(RECEIVER.into())
@@ -129,18 +266,27 @@ fn start_receiver(received: Counting) -> String {
                 .build()
                 .expect("receiver runtime");
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(format!("http://{}", listener.local_addr().unwrap()))
-                    .unwrap();
+                let decode = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let skim = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send((
+                    format!("http://{}", decode.local_addr().unwrap()),
+                    format!("http://{}", skim.local_addr().unwrap()),
+                ))
+                .unwrap();
+                tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(Skim(skimmed))
+                        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(skim)),
+                );
                 tonic::transport::Server::builder()
-                    .add_service(TraceServiceServer::new(received))
-                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                    .add_service(TraceServiceServer::new(decoded))
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(decode))
                     .await
                     .unwrap();
             });
         })
         .expect("receiver thread");
-    rx.recv().expect("the receiver started")
+    rx.recv().expect("the receivers started")
 }
 
 /// One run's figures.
@@ -152,83 +298,135 @@ struct Run {
     receiver_cpu: f64,
 }
 
+/// What a run traces, and to which receiver.
+#[derive(Clone, Copy)]
+struct Setting {
+    label: &'static str,
+    /// Sampling ratio; `None`: untraced.
+    ratio: Option<f64>,
+    /// Whether the receiver only counts spans ([`Skim`]) instead of decoding them.
+    skim: bool,
+}
+
+const SETTINGS: [Setting; 4] = [
+    Setting {
+        label: "untraced",
+        ratio: None,
+        skim: false,
+    },
+    Setting {
+        label: "100 %",
+        ratio: Some(1.0),
+        skim: false,
+    },
+    Setting {
+        label: "1 %",
+        ratio: Some(0.01),
+        skim: false,
+    },
+    Setting {
+        label: "100 % skim",
+        ratio: Some(1.0),
+        skim: true,
+    },
+];
+
+struct Receivers {
+    decoded: (String, Counting),
+    skimmed: (String, Counting),
+}
+
+impl Receivers {
+    fn pick(&self, skim: bool) -> &(String, Counting) {
+        if skim {
+            &self.skimmed
+        } else {
+            &self.decoded
+        }
+    }
+}
+
+fn show(label: &str, run: &Run, base: Option<f64>) {
+    let r = &run.report;
+    let share = base.map_or(String::new(), |b| {
+        format!(" · {:.0} % of untraced", 100.0 * r.ops_per_sec / b)
+    });
+    let export = r.trace_export.as_ref().map_or(String::new(), |t| {
+        format!(
+            " · spans exported {} dropped {} · received {}",
+            t.spans_exported, t.spans_dropped, run.received
+        )
+    });
+    let per_op = 1e6 / r.ops as f64;
+    println!(
+        "  {label:<14} {:>9.0} ops/s  p50 {:>5} µs  p99 {:>6} µs · cpu µs/op opmesh {:.2} receiver {:.2}{share}{export}",
+        r.ops_per_sec,
+        r.p50_us,
+        r.p99_us,
+        (run.cpu - run.receiver_cpu) * per_op,
+        run.receiver_cpu * per_op,
+    );
+}
+
 fn main() {
     let rounds = arg("--rounds", 3);
     let ops = arg("--ops", 1_000_000);
     let concurrency = arg("--concurrency", 1024) as usize;
-    let received = Counting::default();
-    let endpoint = start_receiver(received.clone());
+    let (decoded, skimmed) = (Counting::default(), Counting::default());
+    let (decode_at, skim_at) = start_receivers(decoded.clone(), skimmed.clone());
+    let receivers = Receivers {
+        decoded: (decode_at, decoded),
+        skimmed: (skim_at, skimmed),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        println!("tracing cost · {ops} echo ops · concurrency {concurrency} · receiver {endpoint} (own runtime)");
-        println!("  cpu µs/op: opmesh = the whole process but the receiver's thread; receiver = decoding the spans");
-        let show = |label: &str, run: &Run, base: Option<f64>| {
-            let r = &run.report;
-            let share = base.map_or(String::new(), |b| {
-                format!(" · {:.0} % of untraced", 100.0 * r.ops_per_sec / b)
-            });
-            let export = r.trace_export.as_ref().map_or(String::new(), |t| {
-                format!(
-                    " · spans exported {} dropped {} · received {}",
-                    t.spans_exported, t.spans_dropped, run.received
-                )
-            });
-            let per_op = 1e6 / r.ops as f64;
-            println!(
-                "  {label:<10} {:>10.0} ops/s  p50 {:>5} µs  p99 {:>6} µs · cpu µs/op opmesh {:.2} receiver {:.2}{share}{export}",
-                r.ops_per_sec,
-                r.p50_us,
-                r.p99_us,
-                (run.cpu - run.receiver_cpu) * per_op,
-                run.receiver_cpu * per_op,
-            );
-        };
-        let settings: [Option<f64>; 3] = [None, Some(1.0), Some(0.01)];
+        println!("tracing cost · {ops} echo ops · OTLP/gRPC to receivers on their own runtime (2 threads) in this process");
+        println!("  receiver: decodes every request; skim: only counts the spans (opmesh's own cost)");
+        println!("  cpu µs/op: opmesh = the process but the receivers' threads");
         for round in 1..=rounds {
             println!("round {round} · closed loop, {concurrency} in flight");
-            let mut results: [Option<Run>; 3] = [None, None, None];
-            for k in 0..settings.len() {
-                let i = (k + round as usize - 1) % settings.len();
-                let traces = settings[i].map(|ratio| (endpoint.as_str(), ratio));
-                let run = measure(&received, &args(ops, concurrency, traces, None)).await;
-                results[i] = Some(run);
+            let mut results: [Option<Run>; SETTINGS.len()] = Default::default();
+            for k in 0..SETTINGS.len() {
+                let i = (k + round as usize - 1) % SETTINGS.len();
+                let (endpoint, counted) = receivers.pick(SETTINGS[i].skim);
+                let traces = SETTINGS[i].ratio.map(|ratio| (endpoint.as_str(), ratio));
+                results[i] = Some(measure(counted, &args(ops, concurrency, traces, None)).await);
             }
             let base = results[0].as_ref().map_or(0.0, |r| r.report.ops_per_sec);
-            for (i, result) in results.iter().enumerate() {
-                let run = result.as_ref().expect("every setting ran");
-                let label = match settings[i] {
-                    None => "untraced",
-                    Some(1.0) => "100 %",
-                    Some(_) => "1 %",
-                };
-                show(label, run, settings[i].map(|_| base));
+            for (setting, run) in SETTINGS.iter().zip(&results) {
+                let run = run.as_ref().expect("every setting ran");
+                show(setting.label, run, setting.ratio.map(|_| base));
             }
             // A closed loop at 100 % runs as fast as it can and drops the spans the
             // receiver cannot take. The figure that counts is the highest arrival rate
             // at which every span of every operation arrived: tried from 90 % of the
             // untraced throughput down, in steps of 10 %.
-            println!("  100 %, open loop: the highest rate with every span delivered");
-            let mut sustained = None;
-            for tenths in (1..=9).rev() {
-                let rate = base * f64::from(tenths) / 10.0;
-                let traces = Some((endpoint.as_str(), 1.0));
-                let run = measure(&received, &args(ops, 4096, traces, Some(rate))).await;
-                let dropped = run.report.trace_export.as_ref().map_or(0, |t| t.spans_dropped);
-                let kept_up = run.report.ops_per_sec >= 0.97 * rate;
-                show(&format!("rate {tenths}0 %"), &run, Some(base));
-                if dropped == 0 && kept_up {
-                    sustained = Some((tenths, run.report.ops_per_sec));
-                    break;
+            for skim in [false, true] {
+                let (endpoint, counted) = receivers.pick(skim);
+                let to = if skim { "skim" } else { "receiver" };
+                println!("  100 % to the {to}, open loop: the highest rate with every span delivered");
+                let mut sustained = None;
+                for tenths in (1..=9).rev() {
+                    let rate = base * f64::from(tenths) / 10.0;
+                    let traces = Some((endpoint.as_str(), 1.0));
+                    let run = measure(counted, &args(ops, 4096, traces, Some(rate))).await;
+                    let dropped = run.report.trace_export.as_ref().map_or(0, |t| t.spans_dropped);
+                    let kept_up = run.report.ops_per_sec >= 0.97 * rate;
+                    show(&format!("rate {tenths}0 %"), &run, Some(base));
+                    if dropped == 0 && kept_up {
+                        sustained = Some((tenths, run.report.ops_per_sec));
+                        break;
+                    }
                 }
-            }
-            match sustained {
-                Some((tenths, r)) => println!(
-                    "  100 % sustained: {r:.0} ops/s with no span lost = {tenths}0 % of untraced"
-                ),
-                None => println!("  100 % sustained: spans were lost even at 10 % of untraced"),
+                match sustained {
+                    Some((tenths, r)) => println!(
+                        "  100 % to the {to} sustained: {r:.0} ops/s with no span lost = {tenths}0 % of untraced"
+                    ),
+                    None => println!("  100 % to the {to}: spans were lost even at 10 % of untraced"),
+                }
             }
         }
     });
