@@ -131,7 +131,8 @@ async fn grpc_receiver() -> (Received, SocketAddr) {
 }
 
 /// Starts an http/protobuf OTLP receiver (`POST /v1/traces`) on a free loopback port,
-/// with a `POST /hook` that answers `{}` and keeps the `traceparent` it was sent.
+/// taking requests that carry `x-receiver-key: key 1`, with a `POST /hook` that answers
+/// `{}` and keeps the `traceparent` it was sent.
 fn http_receiver() -> (Received, Arc<Mutex<Vec<String>>>, SocketAddr) {
     use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
     use prost::Message;
@@ -159,9 +160,18 @@ fn http_receiver() -> (Received, Arc<Mutex<Vec<String>>>, SocketAddr) {
             )
             .route(
                 "/v1/traces",
-                web::post().to(move |body: web::Bytes| {
+                web::post().to(move |req: HttpRequest, body: web::Bytes| {
                     let r = r.clone();
                     async move {
+                        // The key OTEL_EXPORTER_OTLP_HEADERS gives the test's nodes.
+                        if req
+                            .headers()
+                            .get("x-receiver-key")
+                            .and_then(|v| v.to_str().ok())
+                            != Some("key 1")
+                        {
+                            return HttpResponse::Unauthorized().body("x-receiver-key");
+                        }
                         match ExportTraceServiceRequest::decode(body) {
                             Ok(req) => {
                                 r.add(req);
@@ -380,7 +390,10 @@ async fn http_protobuf_export_cache_verdicts_retries_and_propagation() {
     let (received, hooks, addr) = http_receiver();
     let env = otel_env(
         &format!("http://{addr}"),
-        &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")],
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "X-Receiver-Key=key%201"),
+        ],
     );
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
