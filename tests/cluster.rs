@@ -10,21 +10,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{client, wait_until, Server};
+use common::{client, free_port, get_json, try_get_json, wait_until, Server};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const SECRET: &str = "a-test-secret-of-enough-length";
-
-/// A free loopback port (bound, then released; the node binds it right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct NodeSpec<'a> {
     name: &'a str,
@@ -61,26 +52,11 @@ fn start(spec: &NodeSpec) -> Server {
 }
 
 async fn get(s: &Server, path: &str) -> Value {
-    client()
-        .get(s.url(path))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(&s.url(path)).await
 }
 
 async fn try_get(s: &Server, path: &str) -> Option<Value> {
-    client()
-        .get(s.url(path))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
+    try_get_json(&s.url(path)).await
 }
 
 /// Whether `s` sees `n` nodes up and a leader.

@@ -325,20 +325,22 @@ async fn recent_failures_list_the_failed_operation_with_its_error_and_trace() {
     let trace_id = bad["trace_id"].as_str().expect("a trace id").to_owned();
     submit(&s, json!({"type": "echo"})).await;
     let id = bad["id"].as_str().unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    let found = loop {
-        let v: Value = get_json(&s.url("/v1/failures")).await;
-        if let Some(f) = v["failures"]
+    let listed = |v: Value| {
+        v["failures"]
             .as_array()
             .unwrap()
             .iter()
             .find(|f| f["id"] == id)
-        {
-            break f.clone();
-        }
-        assert!(Instant::now() < until, "the failure is never listed: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+            .cloned()
     };
+    let failures = s.url("/v1/failures");
+    wait_until(
+        "the failure listed in /v1/failures",
+        Duration::from_secs(10),
+        || async { listed(get_json(&failures).await).is_some() },
+    )
+    .await;
+    let found = listed(get_json(&failures).await).expect("still listed");
     assert_eq!(found["type"], "resize");
     assert_eq!(found["status"], "failed");
     assert_eq!(found["node"], "fail-1");

@@ -10,7 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{client, wait_until, Server};
+use common::{client, free_port, try_get_json, wait_until, Server};
 use serde_json::{json, Value};
 
 const SECRET: &str = "a-test-secret-of-enough-length";
@@ -473,14 +473,6 @@ async fn a_scrape_counts_exactly_the_work_done() {
 // ---------------------------------------------------------------------------------------
 // Two nodes
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_node(name: &str, port: u16, join: Option<&str>) -> Server {
     let addr = format!("127.0.0.1:{port}");
     let mut args = vec!["--node-id", name, "--cluster-addr", &addr];
@@ -488,18 +480,6 @@ fn start_node(name: &str, port: u16, join: Option<&str>) -> Server {
         args.extend(["--join", j]);
     }
     Server::start(&args, &[("OPMESH_CLUSTER_SECRET", SECRET)])
-}
-
-async fn cluster_view(s: &Server) -> Option<Value> {
-    client()
-        .get(s.url("/v1/cluster"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
 }
 
 /// node-1 bootstraps, node-2 joins; returns once both see two nodes up and a leader.
@@ -513,7 +493,7 @@ async fn two_nodes() -> [Server; 2] {
             "two nodes up with a leader",
             Duration::from_secs(20),
             || async {
-                cluster_view(s).await.is_some_and(|c| {
+                try_get_json(&s.url("/v1/cluster")).await.is_some_and(|c| {
                     c["leader"].is_string()
                         && c["nodes"]
                             .as_array()

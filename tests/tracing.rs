@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, get_json, wait_until, Server};
+use common::{client, free_port, get_json, wait_until, Server};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -192,14 +192,6 @@ fn http_receiver() -> (Received, Arc<Mutex<Vec<String>>>, SocketAddr) {
     let addr = server.addrs()[0];
     tokio::spawn(server.run());
     (received, hooks, addr)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Trace export settings for a node: fast batches to `endpoint`.

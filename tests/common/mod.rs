@@ -116,6 +116,29 @@ pub async fn get_json(url: &str) -> serde_json::Value {
         .unwrap()
 }
 
+/// GETs `url` and reads its JSON answer; `None` if there is none within 2 s (a node
+/// starting or stopping).
+pub async fn try_get_json(url: &str) -> Option<serde_json::Value> {
+    client()
+        .get(url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+/// A free loopback port (bound, then released; the node binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs an operation with `POST {base}/v1/ops?wait=true`; asserts 200 and answers the
 /// outcome.
 pub async fn run_op(base: &str, body: &serde_json::Value) -> serde_json::Value {
