@@ -1,0 +1,362 @@
+//! The `[cluster]` section's tests: its flags, file keys and environment forms, every
+//! value's range, and that the secret never shows. Kept in a file of their own so that
+//! `cluster.rs` reads in one go.
+
+use super::*;
+use crate::config::testutil::{load_err, load_ok, user_file, with_file, EnvGuard};
+use crate::config::LoadOptions;
+
+const SECRET: &str = "correct-horse-battery-staple";
+
+fn cluster_flags() -> LoadOptions {
+    LoadOptions {
+        cluster_addr: Some("127.0.0.1:7071".into()),
+        cluster_secret: Some(Secret::from(SECRET.to_owned())),
+        ..LoadOptions::default()
+    }
+}
+
+fn cluster_of(opts: &LoadOptions) -> ClusterSettings {
+    load_ok(opts).cluster.expect("a cluster")
+}
+
+#[test]
+fn cluster_flags_set_a_cluster_with_the_documented_defaults() {
+    let _env = EnvGuard::new();
+    let c = cluster_of(&cluster_flags());
+    assert_eq!(c.addr, "127.0.0.1:7071".parse::<SocketAddr>().unwrap());
+    assert_eq!(c.advertise, "127.0.0.1:7071");
+    assert!(c.join.is_empty());
+    assert_eq!(c.id, "opmesh");
+    assert_eq!(c.secret.expose(), SECRET.as_bytes());
+    assert_eq!(c.data_dir, None);
+    assert!(c.serves.is_empty());
+    assert_eq!(c.heartbeat, Duration::from_millis(100));
+    assert_eq!(c.down_after, Duration::from_secs(1));
+    assert_eq!(c.write_timeout, Duration::from_secs(3));
+    assert_eq!(c.election_timeout, Duration::from_millis(200));
+    assert_eq!(c.voters, 3);
+    assert_eq!(c.flush_bytes, 64 * 1024);
+    assert_eq!(c.linger, Duration::ZERO);
+    assert_eq!(c.max_frame, 16 * 1024 * 1024);
+
+    let c = cluster_of(&LoadOptions {
+        join: vec!["10.0.0.5:7071".into(), "opmesh-0.opmesh.svc:7071".into()],
+        data_dir: Some("/var/lib/opmesh".into()),
+        ..cluster_flags()
+    });
+    assert_eq!(c.join, ["10.0.0.5:7071", "opmesh-0.opmesh.svc:7071"]);
+    assert_eq!(c.data_dir, Some(PathBuf::from("/var/lib/opmesh")));
+}
+
+#[test]
+fn cluster_keys_load_from_a_file() {
+    let _env = EnvGuard::new();
+    let file = user_file(&format!(
+        r#"
+        [cluster]
+        addr = "0.0.0.0:7071"
+        advertise = "opmesh-1.opmesh.default.svc.cluster.local:7071"
+        join = ["[fd00::5]:7071"]
+        id = "prod.eu-1"
+        secret = "{SECRET}"
+        data_dir = "data"
+        serves = ["echo"]
+        heartbeat_ms = 50
+        down_after_ms = 101
+        write_timeout_ms = 100
+        election_timeout_ms = 1000
+        voters = 5
+        flush_bytes = 1024
+        linger_us = 250
+        max_frame_bytes = 65536
+        "#
+    ));
+    let c = cluster_of(&with_file(&file));
+    assert_eq!(c.addr, "0.0.0.0:7071".parse::<SocketAddr>().unwrap());
+    assert_eq!(
+        c.advertise,
+        "opmesh-1.opmesh.default.svc.cluster.local:7071"
+    );
+    assert_eq!(c.join, ["[fd00::5]:7071"]);
+    assert_eq!(c.id, "prod.eu-1");
+    assert_eq!(c.data_dir, Some(PathBuf::from("data")));
+    assert_eq!(c.serves, ["echo"]);
+    assert_eq!(c.heartbeat, Duration::from_millis(50));
+    assert_eq!(c.down_after, Duration::from_millis(101));
+    assert_eq!(c.write_timeout, Duration::from_millis(100));
+    assert_eq!(c.election_timeout, Duration::from_secs(1));
+    assert_eq!(c.voters, 5);
+    assert_eq!(c.flush_bytes, 1024);
+    assert_eq!(c.linger, Duration::from_micros(250));
+    assert_eq!(c.max_frame, 65536);
+}
+
+#[test]
+fn cluster_keys_other_than_addr_are_ignored_without_a_cluster() {
+    let _env = EnvGuard::new();
+    let file = user_file("[cluster]\nvoters = 4\nsecret = \"short\"\n");
+    assert!(load_ok(&with_file(&file)).cluster.is_none());
+}
+
+#[test]
+fn cluster_short_env_forms_are_read_as_written() {
+    let mut env = EnvGuard::new();
+    env.set("OPMESH_CLUSTER_ADDR", "[::1]:7071");
+    // Digits only: parsed as TOML it would be a number.
+    env.set("OPMESH_CLUSTER_SECRET", "1234567890123456789");
+    env.set("OPMESH_DATA_DIR", "/data/007");
+    env.set("OPMESH_JOIN", " 10.0.0.5:7071, opmesh-0.opmesh:7071 ,");
+    let c = cluster_of(&LoadOptions::default());
+    assert_eq!(c.addr, "[::1]:7071".parse::<SocketAddr>().unwrap());
+    assert_eq!(c.advertise, "[::1]:7071");
+    assert_eq!(c.secret.expose(), b"1234567890123456789");
+    assert_eq!(c.data_dir, Some(PathBuf::from("/data/007")));
+    assert_eq!(c.join, ["10.0.0.5:7071", "opmesh-0.opmesh:7071"]);
+
+    // The two-underscore forms win; lists are comma separated there too.
+    env.set("OPMESH_CLUSTER__JOIN", "10.0.0.6:7071");
+    env.set("OPMESH_CLUSTER__ID", "42");
+    env.set("OPMESH_CLUSTER__SERVES", "echo,sleep");
+    let c = cluster_of(&LoadOptions::default());
+    assert_eq!(c.join, ["10.0.0.6:7071"]);
+    assert_eq!(c.id, "42");
+    assert_eq!(c.serves, ["echo", "sleep"]);
+
+    // An empty list variable clears the list; flags win over the environment.
+    env.set("OPMESH_CLUSTER__JOIN", "");
+    assert!(cluster_of(&LoadOptions::default()).join.is_empty());
+    let c = cluster_of(&LoadOptions {
+        join: vec!["10.0.0.7:7071".into()],
+        cluster_addr: Some("127.0.0.1:9000".into()),
+        ..LoadOptions::default()
+    });
+    assert_eq!(c.join, ["10.0.0.7:7071"]);
+    assert_eq!(c.addr.port(), 9000);
+}
+
+#[test]
+fn cluster_without_a_secret_names_cluster_secret_and_how_to_set_it() {
+    let _env = EnvGuard::new();
+    let err = load_err(&LoadOptions {
+        cluster_addr: Some("127.0.0.1:7071".into()),
+        ..LoadOptions::default()
+    });
+    assert!(
+        matches!(err, ConfigError::Missing { ref key, .. } if key == "cluster.secret"),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(
+            "`cluster.secret` must be set because `cluster.addr` is set in flag \
+             `--cluster-addr`"
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("--cluster-secret"), "{msg}");
+    assert!(msg.contains("OPMESH_CLUSTER_SECRET"), "{msg}");
+}
+
+#[test]
+fn short_secret_is_rejected() {
+    let mut env = EnvGuard::new();
+    env.set("OPMESH_CLUSTER_SECRET", "fifteen-bytes!!");
+    let msg = load_err(&LoadOptions {
+        cluster_addr: Some("127.0.0.1:7071".into()),
+        ..LoadOptions::default()
+    })
+    .to_string();
+    assert_eq!(
+        msg,
+        "invalid value for `cluster.secret`: \"<redacted>\" (allowed: at least 16 bytes; \
+         this one has 15) in environment variable `OPMESH_CLUSTER_SECRET`"
+    );
+}
+
+#[test]
+fn voters_must_be_one_three_or_five() {
+    let mut env = EnvGuard::new();
+    for ok in [1, 3, 5] {
+        env.set("OPMESH_CLUSTER__VOTERS", &ok.to_string());
+        assert_eq!(cluster_of(&cluster_flags()).voters, ok);
+    }
+    for bad in [0, 2, 4, 7] {
+        env.set("OPMESH_CLUSTER__VOTERS", &bad.to_string());
+        let msg = load_err(&cluster_flags()).to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "invalid value for `cluster.voters`: {bad} (allowed: 1, 3 or 5) in \
+                 environment variable `OPMESH_CLUSTER__VOTERS`"
+            )
+        );
+    }
+}
+
+#[test]
+fn join_without_cluster_addr_is_rejected() {
+    let mut env = EnvGuard::new();
+    let err = load_err(&LoadOptions {
+        join: vec!["10.0.0.5:7071".into()],
+        ..LoadOptions::default()
+    });
+    assert!(
+        matches!(err, ConfigError::Missing { ref key, .. } if key == "cluster.addr"),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("set in flag `--join`"), "{msg}");
+    assert!(msg.contains("--join needs --cluster-addr"), "{msg}");
+
+    env.set("OPMESH_JOIN", "10.0.0.5:7071");
+    let msg = load_err(&LoadOptions::default()).to_string();
+    assert!(
+        msg.contains("in environment variable `OPMESH_JOIN`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn down_after_must_exceed_twice_the_heartbeat() {
+    let mut env = EnvGuard::new();
+    env.set("OPMESH_CLUSTER__HEARTBEAT_MS", "500");
+    let msg = load_err(&cluster_flags()).to_string();
+    assert!(
+        msg.starts_with(
+            "invalid value for `cluster.down_after_ms`: 1000 (allowed: 1001..=600000, \
+             more than twice cluster.heartbeat_ms (500))"
+        ),
+        "{msg}"
+    );
+    env.set("OPMESH_CLUSTER__DOWN_AFTER_MS", "1001");
+    assert_eq!(
+        cluster_of(&cluster_flags()).down_after,
+        Duration::from_millis(1001)
+    );
+}
+
+#[test]
+fn bad_cluster_values_are_rejected_naming_the_key() {
+    let _env = EnvGuard::new();
+    let cases = [
+        (
+            "addr = \"opmesh-0:7071\"",
+            "`cluster.addr`: \"opmesh-0:7071\"",
+        ),
+        (
+            "addr = \"0.0.0.0:7071\"",
+            "`cluster.advertise`: \"\" (allowed: host:port other nodes can dial",
+        ),
+        (
+            "advertise = \"opmesh-0\"",
+            "`cluster.advertise`: \"opmesh-0\"",
+        ),
+        (
+            "advertise = \"-bad-:7071\"",
+            "`cluster.advertise`: \"-bad-:7071\"",
+        ),
+        ("join = [\"a:1\", \"a:0\"]", "`cluster.join[1]`: \"a:0\""),
+        ("join = [\"::1:7071\"]", "`cluster.join[0]`: \"::1:7071\""),
+        ("id = \"\"", "`cluster.id`: \"\""),
+        ("serves = [\"a b\"]", "`cluster.serves[0]`: \"a b\""),
+        ("serves = [\"webhook\"]", "`cluster.serves[0]`: \"webhook\""),
+        (
+            "serves = [\"echo\", \"echo\"]",
+            "`cluster.serves[1]`: \"echo\" (allowed: a type this node has a handler \
+             for, listed once: echo, sleep, resize)",
+        ),
+        (
+            "heartbeat_ms = 9",
+            "`cluster.heartbeat_ms`: 9 (allowed: 10..=10000)",
+        ),
+        (
+            "write_timeout_ms = 99",
+            "`cluster.write_timeout_ms`: 99 (allowed: 100..=600000)",
+        ),
+        (
+            "election_timeout_ms = 60001",
+            "`cluster.election_timeout_ms`: 60001 (allowed: 50..=60000)",
+        ),
+        (
+            "flush_bytes = 1023",
+            "`cluster.flush_bytes`: 1023 (allowed: 1024..=16777216)",
+        ),
+        (
+            "linger_us = 100001",
+            "`cluster.linger_us`: 100001 (allowed: 0..=100000)",
+        ),
+        (
+            "max_frame_bytes = 65535",
+            "`cluster.max_frame_bytes`: 65535 (allowed: 65536..=1073741824)",
+        ),
+    ];
+    for (line, expected) in cases {
+        // A valid cluster, the case's line replacing the key it names.
+        let key = line.split(' ').next().unwrap_or_default();
+        let mut lines = vec![
+            "addr = \"127.0.0.1:7071\"".to_owned(),
+            format!("secret = \"{SECRET}\""),
+        ];
+        lines.retain(|l| !l.starts_with(&format!("{key} ")));
+        lines.push(line.to_owned());
+        let file = user_file(&format!("[cluster]\n{}\n", lines.join("\n")));
+        let msg = load_err(&with_file(&file)).to_string();
+        assert!(msg.contains(expected), "{line:?}: {msg}");
+    }
+}
+
+#[test]
+fn secret_never_shows_in_debug_output_or_error_messages() {
+    let _env = EnvGuard::new();
+    let opts = LoadOptions {
+        join: vec!["10.0.0.5:7071".into()],
+        ..cluster_flags()
+    };
+    assert!(!format!("{opts:?}").contains(SECRET), "{opts:?}");
+    let c = load_ok(&opts);
+    let shown = format!("{c:?}");
+    assert!(!shown.contains(SECRET), "{shown}");
+    assert!(shown.contains("secret: \"<redacted>\""), "{shown}");
+
+    // Errors while a secret is set, or about the secret itself.
+    let mut errors = vec![
+        load_err(&LoadOptions {
+            cluster_secret: Some(Secret::from("correct-horse".to_owned())),
+            ..opts.clone()
+        }),
+        load_err(&LoadOptions {
+            cluster_addr: None,
+            ..opts.clone()
+        }),
+        load_err(&LoadOptions {
+            cluster_addr: Some("127.0.0.1".into()),
+            ..opts.clone()
+        }),
+    ];
+    for contents in [
+        // Of the wrong type: figment would quote the value.
+        "[cluster]\naddr = \"127.0.0.1:7071\"\nsecret = 1234567890123456789\n".to_owned(),
+        format!("[cluster]\nsecret = [\"{SECRET}\"]\naddr = \"127.0.0.1:7071\"\n"),
+        // Not TOML, on the secret's line: the parser would quote the line.
+        format!("[cluster]\nsecret = \"{SECRET}\n"),
+        format!("[cluster]\nsecret = {SECRET}\n"),
+        format!("[cluster]\nsecret = \"{SECRET}\"\nsecret = \"{SECRET}\"\n"),
+        // Another key wrong beside it.
+        format!("[cluster]\naddr = \"127.0.0.1:7071\"\nsecret = \"{SECRET}\"\nvoters = 2\n"),
+    ] {
+        let file = user_file(&contents);
+        errors.push(load_err(&with_file(&file)));
+    }
+    let digits = "1234567890123456789";
+    for err in errors {
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(
+                !shown.contains(SECRET)
+                    && !shown.contains(digits)
+                    && !shown.contains("correct-horse"),
+                "{shown}"
+            );
+        }
+    }
+}

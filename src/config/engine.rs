@@ -1,0 +1,188 @@
+//! `[engine]`, `[cache]` and `[retry]`: the engine's queue, batching, limits, result
+//! cache and default retry policy, as the one [`EngineConfig`] a node is built with.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::check::{Check, INITIAL_BACKOFF_MS, MAX_ATTEMPTS, MAX_BACKOFF_MS, MIB};
+use super::error::ConfigError;
+use crate::{BatchPolicy, CacheConfig, EngineConfig, Limits, RetryPolicy};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEngine {
+    queue_capacity: u64,
+    batch_size: u64,
+    batch_flush_ms: u64,
+    max_concurrent: u64,
+    max_payload_bytes: u64,
+    max_metadata_entries: u64,
+    max_metadata_bytes: u64,
+    max_key_bytes: u64,
+    max_type_len: u64,
+    default_deadline_ms: u64,
+    overload_retry_after_ms: u64,
+    result_retention_secs: u64,
+    result_retention_max: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    capacity: u64,
+    ttl_secs: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetry {
+    max_attempts: u64,
+    initial_backoff_ms: u64,
+    max_backoff_ms: u64,
+    multiplier: f64,
+    jitter: f64,
+}
+
+impl RawRetry {
+    pub(super) fn validate(self, check: &Check<'_>) -> Result<RetryPolicy, ConfigError> {
+        Ok(RetryPolicy {
+            max_attempts: check.range("retry.max_attempts", self.max_attempts, MAX_ATTEMPTS)?
+                as u32,
+            initial_backoff: check.millis(
+                "retry.initial_backoff_ms",
+                self.initial_backoff_ms,
+                INITIAL_BACKOFF_MS,
+            )?,
+            max_backoff: {
+                let max =
+                    check.range("retry.max_backoff_ms", self.max_backoff_ms, MAX_BACKOFF_MS)?;
+                check.backoff_order("retry", self.initial_backoff_ms, max, true)?;
+                Duration::from_millis(max)
+            },
+            multiplier: check.range("retry.multiplier", self.multiplier, 1.0..=10.0)?,
+            jitter: check.range("retry.jitter", self.jitter, 0.0..=1.0)?,
+        })
+    }
+}
+
+impl RawCache {
+    fn validate(self, check: &Check<'_>) -> Result<CacheConfig, ConfigError> {
+        Ok(CacheConfig {
+            capacity: NonZeroUsize::new(check.count(
+                "cache.capacity",
+                self.capacity,
+                1..=10_000_000,
+            )?)
+            .expect("range starts at 1"),
+            ttl: check.secs("cache.ttl_secs", self.ttl_secs, 1..=604_800)?,
+        })
+    }
+}
+
+impl RawEngine {
+    /// `[cache]` is checked after the engine's limits and before its retention, the order
+    /// of the fields of [`EngineConfig`]; `retry` is `[retry]`, already checked.
+    pub(super) fn validate(
+        self,
+        check: &Check<'_>,
+        cache: RawCache,
+        retry: RetryPolicy,
+    ) -> Result<EngineConfig, ConfigError> {
+        let max_type_len = check.count("engine.max_type_len", self.max_type_len, 1..=1024)?;
+        Ok(EngineConfig {
+            batch: BatchPolicy {
+                batch_size: check.count("engine.batch_size", self.batch_size, 1..=65_536)?,
+                batch_flush: check.millis(
+                    "engine.batch_flush_ms",
+                    self.batch_flush_ms,
+                    0..=1000,
+                )?,
+                max_concurrent: check.count(
+                    "engine.max_concurrent",
+                    self.max_concurrent,
+                    1..=1_000_000,
+                )?,
+            },
+            queue_capacity: check.count(
+                "engine.queue_capacity",
+                self.queue_capacity,
+                1..=10_000_000,
+            )?,
+            overload_retry_after: check.millis(
+                "engine.overload_retry_after_ms",
+                self.overload_retry_after_ms,
+                1..=3_600_000,
+            )?,
+            limits: Limits {
+                max_type_len,
+                max_payload_bytes: check.count(
+                    "engine.max_payload_bytes",
+                    self.max_payload_bytes,
+                    1..=64 * MIB,
+                )?,
+                max_metadata_entries: check.count(
+                    "engine.max_metadata_entries",
+                    self.max_metadata_entries,
+                    0..=1024,
+                )?,
+                max_metadata_bytes: check.count(
+                    "engine.max_metadata_bytes",
+                    self.max_metadata_bytes,
+                    0..=MIB,
+                )?,
+                max_key_len: check.count("engine.max_key_bytes", self.max_key_bytes, 1..=65_536)?,
+                default_deadline: check.millis(
+                    "engine.default_deadline_ms",
+                    self.default_deadline_ms,
+                    1..=86_400_000,
+                )?,
+            },
+            cache: cache.validate(check)?,
+            retention: check.secs(
+                "engine.result_retention_secs",
+                self.result_retention_secs,
+                1..=604_800,
+            )?,
+            retention_max: check.count(
+                "engine.result_retention_max",
+                self.result_retention_max,
+                1..=10_000_000,
+            )?,
+            retry,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testutil::{load_err, load_ok, user_file, with_file, EnvGuard};
+    use crate::config::LoadOptions;
+
+    #[test]
+    fn defaults_agree_with_the_engine_defaults() {
+        // A library user gets `EngineConfig::default()`, the binary gets default.toml:
+        // the two must describe the same engine.
+        let _env = EnvGuard::new();
+        let c = load_ok(&LoadOptions::default());
+        assert_eq!(
+            format!("{:?}", c.engine),
+            format!("{:?}", EngineConfig::default())
+        );
+    }
+
+    #[test]
+    fn max_backoff_below_initial_backoff_is_rejected() {
+        let _env = EnvGuard::new();
+        let file = user_file("[retry]\ninitial_backoff_ms = 500\nmax_backoff_ms = 100\n");
+        let msg = load_err(&with_file(&file)).to_string();
+        assert!(
+            msg.starts_with(
+                "invalid value for `retry.max_backoff_ms`: 100 (allowed: 500..=3600000"
+            ),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! Configuration: where the binary's settings come from and the one validated
+//! [`Config`] it builds a node from.
+//!
+//! Settings are layered, later wins: the built-in `config/default.toml`, then a
+//! workload profile (built in too, chosen by `--profile` or `OPMESH_PROFILE`), then an
+//! optional user file (`--config`), then `OPMESH_<SECTION>__<KEY>` environment
+//! variables (plus short forms such as `OPMESH_NODE_ID` and `OPMESH_CLUSTER_ADDR`), then
+//! flags. [`load`] merges them, rejects unknown keys, checks every value against its
+//! range and converts it to a type with its unit (`Duration`, `NonZeroUsize`,
+//! `SocketAddr`). Nothing downstream checks these values again. Every error names the
+//! key, the value and where it was set, so a bad setting stops start-up with a message a
+//! reader can act on; the one exception is the cluster secret, which no error, log or
+//! `Debug` output ever shows.
+//!
+//! Each section of the file has its own module, which owns its raw struct (the keys as
+//! written), its validation and its tests: `node` (`[node]`, `[http]`, `[shutdown]`),
+//! `engine` (`[engine]`, `[cache]`, `[retry]`), `handlers` (`[[handlers.http]]`),
+//! `cluster` (`[cluster]` and the [`Secret`]) and `telemetry` (`[telemetry]`). Beside
+//! them, `layers` builds the merged layers and knows where each value was set, `error`
+//! holds [`ConfigError`] and its mapping from figment's errors, and `check` the range
+//! and shape checks every section uses.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::handlers::HttpTarget;
+use crate::telemetry::TelemetrySettings;
+use crate::EngineConfig;
+
+use self::check::Check;
+use self::cluster::RawCluster;
+use self::engine::{RawCache, RawEngine, RawRetry};
+use self::handlers::RawHandlers;
+use self::node::{RawHttp, RawNode, RawShutdown};
+use self::telemetry::RawTelemetry;
+
+pub use self::cluster::{ClusterSettings, Secret};
+pub use self::error::ConfigError;
+pub use self::layers::{PROFILES, PROFILE_ENV};
+pub use self::node::HttpConfig;
+
+mod check;
+mod cluster;
+mod engine;
+mod error;
+mod handlers;
+mod layers;
+mod node;
+mod telemetry;
+#[cfg(test)]
+mod testutil;
+
+/// The settings the binary runs with, validated: every value is in its range.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_id: String,
+    pub http: HttpConfig,
+    pub engine: EngineConfig,
+    /// After a shutdown signal, how long in-flight work gets to finish.
+    pub shutdown_grace: Duration,
+    /// Operation types served by POSTing to a URL, in the order configured.
+    pub http_handlers: Vec<HttpTarget>,
+    /// The profile that was applied, if any.
+    pub profile: Option<String>,
+    /// `None` when `cluster.addr` is empty: a single node, with no network beyond HTTP
+    /// and nothing on disk.
+    pub cluster: Option<ClusterSettings>,
+    pub telemetry: TelemetrySettings,
+}
+
+/// What the command line contributes: the profile, the user file and the flags that
+/// override single keys. All `None` or empty (the default) loads the built-in defaults
+/// and the environment.
+#[derive(Default, Clone, Debug)]
+pub struct LoadOptions {
+    /// A name from [`PROFILES`]; `None` falls back to `OPMESH_PROFILE`.
+    pub profile: Option<String>,
+    /// A TOML file with the keys to change; it must exist.
+    pub config_file: Option<PathBuf>,
+    /// `--http-addr`: overrides `http.addr`.
+    pub http_addr: Option<String>,
+    /// `--node-id`: overrides `node.id`.
+    pub node_id: Option<String>,
+    /// `--cluster-addr`: overrides `cluster.addr`.
+    pub cluster_addr: Option<String>,
+    /// `--join`: overrides `cluster.join` unless empty.
+    pub join: Vec<String>,
+    /// `--cluster-secret`: overrides `cluster.secret`.
+    pub cluster_secret: Option<Secret>,
+    /// `--data-dir`: overrides `cluster.data_dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--otlp-endpoint`: sets `telemetry.endpoint` and turns traces on.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Merges the layers chosen by `opts` and the environment, and validates the result.
+pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
+    let profile = layers::chosen_profile(opts);
+    let figment = layers::merge(opts, profile.as_deref())?;
+    let raw: Raw = figment
+        .extract()
+        .map_err(|e| ConfigError::from_figment(e, &figment))?;
+    raw.validate(&Check { figment: &figment }, profile)
+}
+
+// The raw layers, as written: plain numbers and strings, checked and converted by
+// `Raw::validate`. Every field is required because config/default.toml sets them all.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    node: RawNode,
+    http: RawHttp,
+    engine: RawEngine,
+    cache: RawCache,
+    retry: RawRetry,
+    shutdown: RawShutdown,
+    cluster: RawCluster,
+    telemetry: RawTelemetry,
+    #[serde(default)]
+    handlers: RawHandlers,
+}
+
+impl Raw {
+    /// Each section checks its own keys, in this order, which is the order errors are
+    /// found in. Later sections read what earlier ones settled: `[[handlers.http]]` takes
+    /// `engine.max_type_len` and the `[retry]` defaults, `cluster.serves` the types that
+    /// have a handler.
+    fn validate(self, check: &Check<'_>, profile: Option<String>) -> Result<Config, ConfigError> {
+        let node_id = self.node.validate(check)?;
+        let http = self.http.validate(check)?;
+        let retry = self.retry.validate(check)?;
+        let engine = self.engine.validate(check, self.cache, retry)?;
+        let shutdown_grace = self.shutdown.validate(check)?;
+        let max_type_len = engine.limits.max_type_len;
+        let http_handlers = self.handlers.validate(check, max_type_len, &engine.retry)?;
+        let handled = handlers::handled_types(&http_handlers);
+        let cluster = self.cluster.validate(check, max_type_len, &handled)?;
+        let telemetry = self.telemetry.validate(check)?;
+
+        Ok(Config {
+            node_id,
+            http,
+            engine,
+            shutdown_grace,
+            http_handlers,
+            profile,
+            cluster,
+            telemetry,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::testutil::{load_ok, EnvGuard};
+    use super::*;
+    use crate::RetryPolicy;
+
+    #[test]
+    fn defaults_load_and_equal_the_documented_values() {
+        let _env = EnvGuard::new();
+        let c = load_ok(&LoadOptions::default());
+
+        assert_eq!(c.node_id, "node-1");
+        assert_eq!(c.profile, None);
+        assert_eq!(c.http.addr, "127.0.0.1:7070".parse::<SocketAddr>().unwrap());
+        assert!(c.http.workers >= 1);
+        assert_eq!(c.http.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.http.keep_alive, Duration::from_secs(75));
+
+        let e = &c.engine;
+        assert_eq!(e.queue_capacity, 100_000);
+        assert_eq!(e.batch.batch_size, 256);
+        assert_eq!(e.batch.batch_flush, Duration::ZERO);
+        assert_eq!(e.batch.max_concurrent, 16_384);
+        assert_eq!(e.limits.max_payload_bytes, 1024 * 1024);
+        assert_eq!(e.limits.max_metadata_entries, 32);
+        assert_eq!(e.limits.max_metadata_bytes, 8192);
+        assert_eq!(e.limits.max_key_len, 512);
+        assert_eq!(e.limits.max_type_len, 128);
+        assert_eq!(e.limits.default_deadline, Duration::from_secs(30));
+        assert_eq!(e.overload_retry_after, Duration::from_secs(1));
+        assert_eq!(e.retention, Duration::from_secs(300));
+        assert_eq!(e.retention_max, 100_000);
+        assert_eq!(e.cache.capacity.get(), 100_000);
+        assert_eq!(e.cache.ttl, Duration::from_secs(300));
+        assert_eq!(
+            e.retry,
+            RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_secs(1),
+                multiplier: 2.0,
+                jitter: 0.2,
+            }
+        );
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert!(c.http_handlers.is_empty());
+        assert!(c.cluster.is_none(), "a single node by default");
+    }
+}
