@@ -1,0 +1,584 @@
+//! `opmesh bench`: the load generator. It drives either an embedded node through the
+//! library API (`--in-process`) or a running node over HTTP (`--target`), then reports
+//! throughput, latency percentiles and, in process, memory.
+//!
+//! A run is a warm-up phase (discarded) and a measured phase of `--ops` operations, each
+//! run by a few driver tasks (see [`driver`](self::driver)) that keep `--concurrency`
+//! requests in flight between them. Closed loop by default: a request is issued as soon
+//! as the previous one in its slot finished. With `--rate`, open loop: requests are issued
+//! at a fixed arrival rate, still never more than `--concurrency` at once; tokio's timer
+//! ticks every millisecond, so arrivals are released in per-millisecond steps, and
+//! latency is measured from the moment a request is issued (a request held back by the
+//! in-flight cap is counted in `delayed_ops`, its wait is not in the latency).
+//!
+//! Latencies are recorded in microseconds in per-driver HDR histograms (1 µs to 1 hour,
+//! 3 significant digits) merged at the end. With `--batch`, every operation of a batch is
+//! recorded with the latency of its request, and `--concurrency` caps requests in flight.
+//!
+//! Errors: a refused submission, a non-2xx answer, a transport error and any status but
+//! `succeeded` count as errors and the run goes on; but if the first 100 requests all
+//! fail (nothing listening, an unknown type), or every request of a shorter run fails,
+//! the run stops with an error that quotes the first failure. An in-process run against
+//! an unknown type therefore fails, naming the type.
+//!
+//! In process, memory is the process's resident set: read once when the node has started
+//! and before any load (idle), and every 10 ms during warm-up and the run (peak). The
+//! difference includes the bench's own state per slot (about 100 bytes), not only the
+//! engine's.
+//!
+//! What a run reports, and the `--json` keys that are a contract, live in `report`; the
+//! targets a driver loads (an embedded node, a node over HTTP) in `targets`.
+
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use opmesh_actors::{Json, Node, OpType};
+use opmesh_cluster::{Cluster, ClusterConfig};
+
+use self::driver::{drive, new_histogram, Arrivals, Load, PhaseShared, EARLY_FAILURES};
+use self::report::{group, report};
+use self::targets::{http_client, Http, InProcess, Route};
+
+pub use self::report::{render_json, render_text, BenchReport, REPORT_KEYS};
+
+mod driver;
+mod inflight;
+mod report;
+mod rss;
+mod targets;
+#[cfg(test)]
+mod tests;
+
+/// How often the in-process memory sampler reads the RSS.
+const RSS_EVERY: Duration = Duration::from_millis(10);
+
+/// How often the progress bar is updated (with the rate over that interval).
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// How long the embedded node may take to finish its work after a run.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Flags of `opmesh bench`. Their names are a contract: scripts and CI call them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Drive an embedded node (built-in handlers) through the library API.
+    #[arg(long)]
+    pub in_process: bool,
+
+    /// Drive a running node over HTTP with keep-alive, e.g. http://127.0.0.1:8080.
+    #[arg(long, value_name = "URL")]
+    pub target: Option<String>,
+
+    /// Operations to measure.
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    pub ops: u64,
+
+    /// Requests in flight at most.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub concurrency: usize,
+
+    /// Operation type.
+    #[arg(long = "type", value_name = "TYPE", default_value = "echo")]
+    pub op_type: String,
+
+    /// Payload size: a JSON string whose encoded size is N bytes.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub payload_bytes: usize,
+
+    /// Explicit JSON payload (overrides --payload-bytes), e.g. '{"ms":2000}' for sleep.
+    #[arg(long, value_name = "JSON")]
+    pub payload: Option<String>,
+
+    /// Open loop: start operations at this rate (per second) regardless of completions,
+    /// still capped by --concurrency in flight.
+    #[arg(long, value_name = "OPS_PER_SEC")]
+    pub rate: Option<f64>,
+
+    /// HTTP only: post batches of N operations to /v1/ops/batch?wait=true.
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
+
+    /// HTTP only: first run the same load against the server's plain hello route
+    /// (POST /v1/bench/hello, no engine) and report it beside the real run.
+    #[arg(long)]
+    pub baseline: bool,
+
+    /// Operations run before measuring [default: --ops / 10, at most 10000].
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<u64>,
+
+    /// Print one JSON object on the last line of stdout, and no progress bar.
+    #[arg(long)]
+    pub json: bool,
+
+    /// With --in-process: run two embedded nodes joined over loopback cluster links, the
+    /// type pinned to the second, and submit to the first (every operation crosses a link
+    /// and back).
+    #[arg(long, requires = "in_process")]
+    pub remote: bool,
+
+    /// With --in-process: export every operation's spans over OTLP (gRPC) to this
+    /// receiver, e.g. http://127.0.0.1:4317, as `opmesh serve` would.
+    #[arg(long, value_name = "URL", requires = "in_process")]
+    pub otlp_endpoint: Option<String>,
+
+    /// With --otlp-endpoint: the share of operations traced, 0.0..=1.0.
+    #[arg(
+        long,
+        value_name = "RATIO",
+        default_value_t = 1.0,
+        requires = "otlp_endpoint"
+    )]
+    pub sampling: f64,
+}
+
+/// Runs the bench as `opmesh bench` does: a progress bar on stderr when it is a terminal
+/// (and not `--json`), then the report on stdout.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let progress = !args.json && std::io::stderr().is_terminal();
+    let report = execute(&args, progress).await?;
+    if args.json {
+        println!("{}", render_json(&report)?);
+    } else {
+        print!("{}", render_text(&report));
+    }
+    Ok(())
+}
+
+/// Runs the bench and returns its report, printing nothing.
+pub async fn run_report(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    execute(args, false).await
+}
+
+/// A JSON document of exactly `n` bytes: `0` for one byte, else a string of `x`.
+pub fn payload_of_size(n: usize) -> anyhow::Result<Json> {
+    match n {
+        0 => bail!(
+            "--payload-bytes must be at least 1 (the smallest JSON document, `0`, is one byte)"
+        ),
+        1 => Ok(Json::from_trusted(&b"0"[..])),
+        _ => {
+            let mut text = Vec::with_capacity(n);
+            text.push(b'"');
+            text.resize(n - 1, b'x');
+            text.push(b'"');
+            Ok(Json::from_trusted(text))
+        }
+    }
+}
+
+enum Mode {
+    InProcess,
+    /// The target, its path ending in `/`.
+    Http(reqwest::Url),
+}
+
+/// Validated arguments.
+struct Plan {
+    mode: Mode,
+    ops: u64,
+    concurrency: usize,
+    op_type: String,
+    payload: Json,
+    rate: Option<f64>,
+    batch: Option<u32>,
+    baseline: bool,
+    warmup: u64,
+    remote: bool,
+    /// `--otlp-endpoint` and `--sampling`.
+    traces: Option<(String, f64)>,
+}
+
+impl BenchArgs {
+    fn plan(&self) -> anyhow::Result<Plan> {
+        let mode = match (self.in_process, &self.target) {
+            (false, None) => bail!(
+                "choose what to drive: --in-process (an embedded node) or --target http://HOST:PORT (a running node)"
+            ),
+            (true, Some(_)) => {
+                bail!("--in-process and --target exclude each other: pass exactly one")
+            }
+            (true, None) => Mode::InProcess,
+            (false, Some(t)) => Mode::Http(parse_target(t)?),
+        };
+        let http = matches!(mode, Mode::Http(_));
+        if self.batch.is_some() && !http {
+            bail!("--batch needs --target: it posts batches to /v1/ops/batch");
+        }
+        if self.baseline && !http {
+            bail!("--baseline needs --target: it measures the server's plain hello route");
+        }
+        let batch = match self.batch {
+            None => None,
+            Some(n) if n >= 1 && n <= u32::MAX as usize => Some(n as u32),
+            Some(n) => bail!("--batch must be at least 1, got {n}"),
+        };
+        if self.ops == 0 {
+            bail!("--ops must be at least 1");
+        }
+        if self.concurrency == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        if let Some(r) = self.rate {
+            if !(r.is_finite() && r > 0.0) {
+                bail!("--rate must be a positive number of operations per second, got {r}");
+            }
+        }
+        let payload = match &self.payload {
+            Some(text) => Json::from_bytes(text.clone().into_bytes())
+                .map_err(|e| anyhow!("--payload is not valid JSON: {e}"))?,
+            None => payload_of_size(self.payload_bytes)?,
+        };
+        Ok(Plan {
+            mode,
+            ops: self.ops,
+            concurrency: self.concurrency,
+            op_type: self.op_type.clone(),
+            payload,
+            rate: self.rate,
+            batch,
+            baseline: self.baseline,
+            warmup: self.warmup.unwrap_or((self.ops / 10).min(10_000)),
+            remote: self.remote,
+            traces: match &self.otlp_endpoint {
+                None => None,
+                Some(url) => {
+                    if !(0.0..=1.0).contains(&self.sampling) {
+                        bail!("--sampling must be from 0.0 to 1.0, got {}", self.sampling);
+                    }
+                    Some((url.clone(), self.sampling))
+                }
+            },
+        })
+    }
+}
+
+fn parse_target(t: &str) -> anyhow::Result<reqwest::Url> {
+    let mut url = reqwest::Url::parse(t)
+        .map_err(|e| anyhow!("--target `{t}` is not a URL ({e}); expected http://HOST:PORT"))?;
+    if url.scheme() != "http" {
+        bail!("--target `{t}`: only plain http:// is supported");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        bail!("--target `{t}` has no host; expected http://HOST:PORT");
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    url.set_query(None);
+    Ok(url)
+}
+
+impl Plan {
+    fn per_request(&self) -> u32 {
+        self.batch.unwrap_or(1)
+    }
+
+    /// Driver tasks: one per core, so completions are handled where they land.
+    fn drivers(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        cores.min(self.concurrency).max(1)
+    }
+
+    fn arrivals(&self) -> Arrivals {
+        match self.rate {
+            None => Arrivals::Closed,
+            Some(r) => Arrivals::Open {
+                per_sec: r / f64::from(self.per_request()) / self.drivers() as f64,
+            },
+        }
+    }
+}
+
+/// What one phase (warm-up, baseline or run) measured.
+struct PhaseResult {
+    hist: hdrhistogram::Histogram<u64>,
+    ops: u64,
+    errors: u64,
+    requests: u64,
+    delayed_requests: u64,
+    seconds: f64,
+    first_error: Option<String>,
+}
+
+/// Runs `ops` operations of `load` as `plan` says; fails if the first requests all did.
+async fn phase<L: Load>(
+    load: &Arc<L>,
+    plan: &Plan,
+    ops: u64,
+    label: &'static str,
+    what: &str,
+    progress: bool,
+) -> anyhow::Result<PhaseResult> {
+    let shared = Arc::new(PhaseShared::new(ops, plan.per_request()));
+    let bar = progress.then(|| progress_bar(label, ops));
+    let ticker = bar.clone().map(|bar| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(PROGRESS_EVERY);
+            let (mut last_at, mut last) = (Instant::now(), 0);
+            loop {
+                every.tick().await;
+                let (now, done) = (Instant::now(), shared.finished.load(Ordering::Relaxed));
+                let rate = (done - last) as f64 / now.duration_since(last_at).as_secs_f64();
+                bar.set_message(format!("{} ops/s", group(rate as u64)));
+                bar.set_position(done);
+                (last_at, last) = (now, done);
+            }
+        })
+    });
+    let drivers = plan.drivers();
+    let arrivals = plan.arrivals();
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..drivers)
+        .map(|i| {
+            let slots = plan.concurrency / drivers + usize::from(i < plan.concurrency % drivers);
+            tokio::spawn(drive(load.clone(), shared.clone(), slots, arrivals))
+        })
+        .collect();
+    let mut result = PhaseResult {
+        hist: new_histogram(),
+        ops: 0,
+        errors: 0,
+        requests: 0,
+        delayed_requests: 0,
+        seconds: 0.0,
+        first_error: None,
+    };
+    let outs = futures::future::join_all(tasks).await;
+    result.seconds = start.elapsed().as_secs_f64();
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    for out in outs {
+        let out = out.context("a bench driver task failed")?;
+        result
+            .hist
+            .add(&out.hist)
+            .expect("histograms share their bounds");
+        result.ops += out.ops;
+        result.errors += out.errors;
+        result.requests += out.requests;
+        result.delayed_requests += out.delayed_requests;
+    }
+    result.first_error = shared.first_error().cloned();
+    let first = result.first_error.as_deref().unwrap_or("no error recorded");
+    if shared.aborted() {
+        bail!("{label}: the first {EARLY_FAILURES} requests to {what} all failed, so the bench stopped; first error: {first}");
+    }
+    if !shared.any_success() && result.errors > 0 {
+        bail!(
+            "{label}: all {} requests to {what} failed; first error: {first}",
+            result.requests
+        );
+    }
+    Ok(result)
+}
+
+fn progress_bar(label: &'static str, len: u64) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "{prefix:>8} [{wide_bar}] {human_pos}/{human_len} ops  {msg:>15}  {elapsed}",
+    )
+    .expect("static template is valid")
+    .progress_chars("=> ");
+    ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr())
+        .with_style(style)
+        .with_prefix(label)
+}
+
+async fn execute(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
+    let plan = args.plan()?;
+    match &plan.mode {
+        Mode::InProcess => in_process(&plan, progress).await,
+        Mode::Http(base) => http(&plan, base, progress).await,
+    }
+}
+
+/// Two embedded nodes joined over loopback links, `op_type` pinned to the second.
+/// Returns the first (where operations are submitted) and both for shutdown.
+async fn remote_pair(op_type: &str) -> anyhow::Result<(Node, Vec<(Cluster, Node)>)> {
+    let mut pair = Vec::new();
+    let mut seed: Option<String> = None;
+    for name in ["bench-a", "bench-b"] {
+        let mut cfg = ClusterConfig::new(name, b"opmesh-bench-loopback-secret");
+        cfg.join = seed.iter().cloned().collect();
+        let cluster = Cluster::start(cfg)
+            .await
+            .context("starting a cluster node")?;
+        let builder = crate::handlers::register_builtins(Node::builder().node_id(name), &[]);
+        let node = cluster
+            .start_node(builder)
+            .await
+            .context("starting an embedded node")?;
+        seed.get_or_insert_with(|| cluster.cluster_addr().to_owned());
+        pair.push((cluster, node));
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    while !pair
+        .iter()
+        .all(|(c, _)| c.is_ready() && c.state().nodes.len() == 2)
+    {
+        if Instant::now() > until {
+            bail!("the two embedded nodes did not form a cluster within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a = pair[0].1.clone();
+    a.set_route(
+        op_type,
+        opmesh_actors::Route {
+            strategy: opmesh_actors::Strategy::Pinned,
+            nodes: vec!["bench-b".into()],
+        },
+    )
+    .await
+    .map_err(|e| anyhow!("pinning {op_type} to the second node: {e}"))?;
+    Ok((a, pair))
+}
+
+/// The trace pipeline of a bench run: `opmesh serve`'s defaults.
+fn bench_trace_settings(endpoint: &str, ratio: f64) -> crate::telemetry::TraceSettings {
+    crate::telemetry::TraceSettings {
+        endpoint: endpoint.to_string(),
+        protocol: crate::telemetry::Protocol::Grpc,
+        service_name: "opmesh-bench".into(),
+        sampling_ratio: ratio,
+        queue_ops: 65_536,
+        batch_spans: 4_096,
+        export_interval: Duration::from_millis(500),
+        export_timeout: Duration::from_secs(10),
+    }
+}
+
+async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> {
+    let telemetry = match &plan.traces {
+        None => None,
+        Some((endpoint, ratio)) => Some(
+            crate::telemetry::Telemetry::start(
+                &crate::telemetry::TelemetrySettings {
+                    traces: Some(bench_trace_settings(endpoint, *ratio)),
+                    jaeger_ui_url: None,
+                },
+                "node-1",
+            )
+            .context("starting the trace exporter")?,
+        ),
+    };
+    let (node, pair) = if plan.remote {
+        let (a, pair) = remote_pair(&plan.op_type).await?;
+        (a, pair)
+    } else {
+        let mut builder = crate::handlers::register_builtins(Node::builder(), &[]);
+        if let Some(t) = &telemetry {
+            builder = builder.tracing(t.tracing());
+        }
+        let node = builder
+            .start()
+            .await
+            .context("starting the embedded node")?;
+        (node, Vec::new())
+    };
+    let load = Arc::new(InProcess {
+        node: node.clone(),
+        op_type: OpType::from(plan.op_type.as_str()),
+        payload: plan.payload.clone(),
+    });
+    let idle = rss::current_rss();
+    let sampler = rss::PeakSampler::start(RSS_EVERY);
+    let what = "the embedded node";
+    let measured = async {
+        if plan.warmup > 0 {
+            phase(&load, plan, plan.warmup, "warmup", what, progress).await?;
+        }
+        phase(&load, plan, plan.ops, "run", what, progress).await
+    }
+    .await;
+    let peak = sampler.map(rss::PeakSampler::finish);
+    drop(load);
+    node.shutdown(SHUTDOWN_GRACE).await;
+    for (c, n) in &pair {
+        n.shutdown(SHUTDOWN_GRACE).await;
+        c.shutdown().await;
+    }
+    let mode = if plan.remote {
+        "in-process-remote"
+    } else {
+        "in-process"
+    };
+    let mut report = report(plan, mode, None, &measured?);
+    if let Some(t) = telemetry {
+        let stats = tokio::task::spawn_blocking(move || {
+            t.shutdown(Duration::from_secs(30));
+            t.stats()
+        })
+        .await?;
+        report.sampling = plan.traces.as_ref().map(|(_, r)| *r);
+        report.trace_export = Some(stats);
+    }
+    report.rss_idle_bytes = idle;
+    report.rss_peak_bytes = peak;
+    report.rss_delta_bytes = idle.zip(peak).map(|(i, p)| p.saturating_sub(i));
+    Ok(report)
+}
+
+async fn http(plan: &Plan, base: &reqwest::Url, progress: bool) -> anyhow::Result<BenchReport> {
+    let client = http_client(plan.concurrency).context("building the HTTP client")?;
+    let batch = plan.per_request();
+    let target = base.as_str().trim_end_matches('/').to_owned();
+    let measure = |route: Route, label: &'static str| {
+        let client = client.clone();
+        async move {
+            let load = Arc::new(Http::new(
+                client,
+                base,
+                route,
+                &plan.op_type,
+                &plan.payload,
+                batch,
+            )?);
+            let what = load_description(base, route);
+            if plan.warmup > 0 {
+                phase(&load, plan, plan.warmup, "warmup", &what, progress).await?;
+            }
+            phase(&load, plan, plan.ops, label, &what, progress).await
+        }
+    };
+    let baseline = if plan.baseline {
+        let hello = measure(
+            Route::Hello {
+                batch: plan.batch.is_some(),
+            },
+            "baseline",
+        )
+        .await?;
+        Some(Box::new(report(plan, "http", Some(target.clone()), &hello)))
+    } else {
+        None
+    };
+    let route = if plan.batch.is_some() {
+        Route::Batch
+    } else {
+        Route::Single
+    };
+    let measured = measure(route, "run").await?;
+    let mut report = report(plan, "http", Some(target), &measured);
+    report.baseline = baseline;
+    Ok(report)
+}
+
+fn load_description(base: &reqwest::Url, route: Route) -> String {
+    let path = match route {
+        Route::Single => "v1/ops?wait=true",
+        Route::Batch => "v1/ops/batch?wait=true",
+        Route::Hello { .. } => "v1/bench/hello",
+    };
+    format!("{base}{path}")
+}
