@@ -60,7 +60,8 @@ pub struct ClusterSettings {
 }
 
 /// The shared cluster secret. Its `Debug` shows `"<redacted>"` and it has no `Display`,
-/// so printing a [`Config`], a [`LoadOptions`] or a [`ConfigError`] never reveals it.
+/// so printing a [`Config`](super::Config), a [`LoadOptions`](super::LoadOptions) or a
+/// [`ConfigError`] never reveals it.
 #[derive(Clone)]
 pub struct Secret(Vec<u8>);
 
