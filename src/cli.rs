@@ -78,6 +78,23 @@ pub struct ServeArgs {
     pub otlp_endpoint: Option<String>,
 }
 
+impl ServeArgs {
+    /// What these flags contribute to the configuration (see [`crate::config::load`]).
+    pub fn load_options(self) -> crate::config::LoadOptions {
+        crate::config::LoadOptions {
+            profile: self.profile,
+            config_file: self.config,
+            http_addr: self.http_addr,
+            node_id: self.node_id,
+            cluster_addr: self.cluster_addr,
+            join: self.join,
+            cluster_secret: self.cluster_secret,
+            data_dir: self.data_dir,
+            otlp_endpoint: self.otlp_endpoint,
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct Target {
     /// The node to talk to

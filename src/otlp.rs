@@ -15,12 +15,9 @@ use opentelemetry::Value;
 use opentelemetry_sdk::Resource;
 use opmesh_actors::trace::{OpSpans, SpanRecord, Stage};
 use opmesh_actors::OpStatus;
-
-/// Protobuf wire types.
-const VARINT: u32 = 0;
-const FIXED64: u32 = 1;
-const LEN: u32 = 2;
-const FIXED32: u32 = 5;
+// The protobuf wire primitives (varints, field keys) are prost's.
+use prost::encoding::WireType::{LengthDelimited, SixtyFourBit, ThirtyTwoBit, Varint};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len};
 
 /// `Span.SpanKind`.
 const KIND_INTERNAL: u64 = 1;
@@ -34,39 +31,18 @@ const FLAG_SAMPLED: u32 = 0x01;
 const FLAG_HAS_IS_REMOTE: u32 = 0x100;
 const FLAG_IS_REMOTE: u32 = 0x200;
 
-fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        buf.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    buf.push(v as u8);
-}
-
-fn varint_len(v: u64) -> usize {
-    // 1 byte per 7 bits, at least one.
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
-}
-
-fn put_tag(buf: &mut Vec<u8>, field: u32, wire: u32) {
-    put_varint(buf, u64::from(field << 3 | wire));
-}
-
-fn tag_len(field: u32) -> usize {
-    varint_len(u64::from(field << 3))
-}
-
 fn put_bytes(buf: &mut Vec<u8>, field: u32, bytes: &[u8]) {
-    put_tag(buf, field, LEN);
-    put_varint(buf, bytes.len() as u64);
+    encode_key(field, LengthDelimited, buf);
+    encode_varint(bytes.len() as u64, buf);
     buf.extend_from_slice(bytes);
 }
 
 fn bytes_len(field: u32, len: usize) -> usize {
-    tag_len(field) + varint_len(len as u64) + len
+    key_len(field) + encoded_len_varint(len as u64) + len
 }
 
 fn put_fixed64(buf: &mut Vec<u8>, field: u32, v: u64) {
-    put_tag(buf, field, FIXED64);
+    encode_key(field, SixtyFourBit, buf);
     buf.extend_from_slice(&v.to_le_bytes());
 }
 
@@ -85,7 +61,7 @@ impl Attr<'_> {
         match self {
             Attr::Str(s) => bytes_len(1, s.len()),
             Attr::Bool(_) => 2,
-            Attr::Int(i) => 1 + varint_len(i as u64),
+            Attr::Int(i) => 1 + encoded_len_varint(i as u64),
             Attr::Double(_) => 9,
         }
     }
@@ -94,12 +70,12 @@ impl Attr<'_> {
         match self {
             Attr::Str(s) => put_bytes(buf, 1, s.as_bytes()),
             Attr::Bool(b) => {
-                put_tag(buf, 2, VARINT);
+                encode_key(2, Varint, buf);
                 buf.push(u8::from(b));
             }
             Attr::Int(i) => {
-                put_tag(buf, 3, VARINT);
-                put_varint(buf, i as u64);
+                encode_key(3, Varint, buf);
+                encode_varint(i as u64, buf);
             }
             Attr::Double(d) => put_fixed64(buf, 4, d.to_bits()),
         }
@@ -110,22 +86,22 @@ impl Attr<'_> {
 fn put_attr(buf: &mut Vec<u8>, field: u32, key: &str, value: Attr<'_>) {
     let any = value.len();
     let kv = bytes_len(1, key.len()) + bytes_len(2, any);
-    put_tag(buf, field, LEN);
-    put_varint(buf, kv as u64);
+    encode_key(field, LengthDelimited, buf);
+    encode_varint(kv as u64, buf);
     put_bytes(buf, 1, key.as_bytes());
-    put_tag(buf, 2, LEN);
-    put_varint(buf, any as u64);
+    encode_key(2, LengthDelimited, buf);
+    encode_varint(any as u64, buf);
     value.put(buf);
 }
 
 /// Appends field `field` holding the message `f` writes (its length is known after).
 fn put_message(buf: &mut Vec<u8>, field: u32, f: impl FnOnce(&mut Vec<u8>)) {
-    put_tag(buf, field, LEN);
+    encode_key(field, LengthDelimited, buf);
     let start = buf.len();
     f(buf);
     let len = buf.len() - start;
-    let mut prefix = Vec::with_capacity(varint_len(len as u64));
-    put_varint(&mut prefix, len as u64);
+    let mut prefix = Vec::with_capacity(encoded_len_varint(len as u64));
+    encode_varint(len as u64, &mut prefix);
     buf.splice(start..start, prefix);
 }
 
@@ -204,11 +180,11 @@ impl SpanEncoder {
         let scope_spans = bytes_len(1, self.scope.len()) + self.spans.len();
         let resource_spans = bytes_len(1, self.resource.len()) + bytes_len(2, scope_spans);
         let mut out = Vec::with_capacity(bytes_len(1, resource_spans));
-        put_tag(&mut out, 1, LEN);
-        put_varint(&mut out, resource_spans as u64);
+        encode_key(1, LengthDelimited, &mut out);
+        encode_varint(resource_spans as u64, &mut out);
         put_bytes(&mut out, 1, &self.resource);
-        put_tag(&mut out, 2, LEN);
-        put_varint(&mut out, scope_spans as u64);
+        encode_key(2, LengthDelimited, &mut out);
+        encode_varint(scope_spans as u64, &mut out);
         put_bytes(&mut out, 1, &self.scope);
         out.put_slice(&self.spans);
         self.spans.clear();
@@ -230,8 +206,8 @@ fn encode_span(buf: &mut Vec<u8>, rec: &OpSpans, s: &SpanRecord, op_id: &str, er
         Stage::Route if rec.target.is_some() => KIND_CLIENT,
         _ => KIND_INTERNAL,
     };
-    put_tag(buf, 6, VARINT);
-    put_varint(buf, kind);
+    encode_key(6, Varint, buf);
+    encode_varint(kind, buf);
     put_fixed64(buf, 7, s.start.unix_nanos());
     put_fixed64(buf, 8, s.end.unix_nanos());
     // Operation-wide attributes sit on the operation's two main spans (`op.submit` on
@@ -272,8 +248,8 @@ fn encode_span(buf: &mut Vec<u8>, rec: &OpSpans, s: &SpanRecord, op_id: &str, er
         let message = rec.error.as_deref().unwrap_or(rec.status.as_str());
         put_message(buf, 15, |b| {
             put_bytes(b, 2, message.as_bytes());
-            put_tag(b, 3, VARINT);
-            put_varint(b, STATUS_ERROR);
+            encode_key(3, Varint, b);
+            encode_varint(STATUS_ERROR, b);
         });
     }
     // Exported spans are marked sampled: a failed operation kept despite sampling is
@@ -282,7 +258,7 @@ fn encode_span(buf: &mut Vec<u8>, rec: &OpSpans, s: &SpanRecord, op_id: &str, er
     if s.parent_is_remote {
         flags |= FLAG_IS_REMOTE;
     }
-    put_tag(buf, 16, FIXED32);
+    encode_key(16, ThirtyTwoBit, buf);
     buf.extend_from_slice(&flags.to_le_bytes());
 }
 
@@ -456,23 +432,9 @@ fn parse_headers(text: &str) -> Vec<(String, String)> {
 }
 
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
@@ -537,25 +499,6 @@ mod tests {
             ])
             .build();
         SpanEncoder::new(&resource, "opmesh", "1.2.3")
-    }
-
-    #[test]
-    fn varint_lengths_match_the_encoding() {
-        for v in [
-            0,
-            1,
-            127,
-            128,
-            16_383,
-            16_384,
-            u64::from(u32::MAX),
-            u64::MAX,
-        ] {
-            let mut buf = Vec::new();
-            put_varint(&mut buf, v);
-            assert_eq!(buf.len(), varint_len(v), "{v}");
-            assert_eq!(prost::encoding::decode_varint(&mut &buf[..]).unwrap(), v);
-        }
     }
 
     #[test]

@@ -538,7 +538,7 @@ fn failed_operations_link_to_their_traces_in_jaeger() {
     let left = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(10),
-            opmesh::api::run_until(node, server, Duration::from_secs(1), async {}),
+            opmesh::server::run_until(node, server, Duration::from_secs(1), async {}),
         )
         .await
         .expect("the server stops promptly")

@@ -1,0 +1,247 @@
+//! Operations: `POST /v1/ops`, `POST /v1/ops/batch` and `GET /v1/ops/{id}`. A request
+//! becomes an [`Operation`] here (checks that need no node state; the rest — sizes, type
+//! name, handler — happen in `Node::enqueue`); every answer about an operation carries
+//! its id in the body and in the `x-opmesh-op-id` header, and its trace context in
+//! `traceparent`.
+
+use std::time::{Duration, Instant};
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use opmesh_actors::{Json, OpId, Operation, SubmitError, Ticket, TraceContext};
+
+use super::errors::{parse, read_body, ApiError, ErrorBody};
+use super::model::{
+    BatchAnswer, BatchItem, BatchRequest, OpAnswer, OpRequest, TypedBatch, WaitQuery,
+};
+use super::{AppState, MAX_BATCH};
+use crate::telemetry::Telemetry;
+
+const OP_ID_HEADER: &str = "x-opmesh-op-id";
+
+/// The caller's trace context: the parent of the operation's `op.submit` span. A
+/// malformed `traceparent` is ignored (the operation starts a new trace) and counted.
+fn trace_parent(req: &HttpRequest, telemetry: &Telemetry) -> Option<TraceContext> {
+    let v = req.headers().get("traceparent")?;
+    let parsed = v.to_str().ok().and_then(TraceContext::parse);
+    if parsed.is_none() {
+        telemetry.note_invalid_traceparent();
+    }
+    parsed
+}
+
+fn metadata_value(k: &str, v: serde_json::Value) -> Result<String, ApiError> {
+    match v {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        serde_json::Value::Bool(b) => Ok(b.to_string()),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            format!("field `metadata.{k}` must be a string, number or boolean"),
+        )),
+    }
+}
+
+/// Builds an [`Operation`] from a request; checks that need no node state happen here,
+/// the rest (sizes, type name, handler) in `Node::enqueue`.
+fn to_operation(
+    r: OpRequest,
+    parent: Option<TraceContext>,
+    now: Instant,
+) -> Result<Operation, ApiError> {
+    let payload = match r.payload {
+        Some(raw) => Json::from_trusted(web::Bytes::from(String::from(Box::<str>::from(raw)))),
+        None => Json::null(),
+    };
+    let mut op = Operation::new(r.op_type, payload);
+    op.trace_context = parent;
+    op.key = r.key;
+    op.idempotency_key = r.idempotency_key;
+    op.priority = r.priority.unwrap_or(0);
+    if let Some(ms) = r.deadline_ms {
+        if ms <= 0 {
+            return Err(SubmitError::DeadlineInPast.into());
+        }
+        op.deadline = Some(now + Duration::from_millis(ms as u64));
+    }
+    if let Some(meta) = r.metadata {
+        for (k, v) in meta {
+            let v = metadata_value(&k, v)?;
+            op.metadata.insert(k, v);
+        }
+    }
+    Ok(op)
+}
+
+fn with_op_headers(mut r: HttpResponse, id: &str, trace: Option<&TraceContext>) -> HttpResponse {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        r.headers_mut()
+            .insert(header::HeaderName::from_static(OP_ID_HEADER), v);
+    }
+    if let Some(t) = trace {
+        if let Ok(v) = HeaderValue::from_str(&t.traceparent()) {
+            r.headers_mut()
+                .insert(header::HeaderName::from_static("traceparent"), v);
+        }
+    }
+    r
+}
+
+/// Submit one operation.
+#[utoipa::path(post, path = "/v1/ops", request_body = OpRequest,
+    params(("wait" = Option<bool>, Query, description = "answer with the result when it is done")),
+    responses(
+        (status = 202, description = "accepted", body = OpAnswer),
+        (status = 200, description = "finished (with ?wait=true)", body = OpAnswer),
+        (status = 400, body = ErrorBody), (status = 404, description = "unknown type", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(super) async fn submit(
+    st: web::Data<AppState>,
+    req: HttpRequest,
+    q: web::Query<WaitQuery>,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let bytes = read_body(body, st.max_body_bytes).await?;
+    let r: OpRequest = parse(&bytes, "request body")?;
+    let parent = trace_parent(&req, &st.telemetry);
+    let op = to_operation(r, parent, Instant::now())?;
+    let ticket = st.node.enqueue_tracked(op)?;
+    let id = ticket.id.to_string();
+    let trace = ticket.trace;
+    let resp = if q.wait {
+        let outcome = ticket.await;
+        HttpResponse::Ok().json(OpAnswer::from_outcome(&outcome))
+    } else {
+        HttpResponse::Accepted().json(OpAnswer::queued(ticket.id, trace.map(|t| t.trace_id_hex())))
+    };
+    Ok(with_op_headers(resp, &id, trace.as_ref()))
+}
+
+/// Submit many operations; answers are in the same order.
+#[utoipa::path(post, path = "/v1/ops/batch", request_body = BatchRequest,
+    params(("wait" = Option<bool>, Query, description = "answer with the results when all are done")),
+    responses((status = 200, body = BatchAnswer), (status = 202, body = BatchAnswer),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(super) async fn submit_batch(
+    st: web::Data<AppState>,
+    req: HttpRequest,
+    q: web::Query<WaitQuery>,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let bytes = read_body(body, st.max_body_bytes).await?;
+    if !st.node.is_accepting() {
+        return Err(SubmitError::ShuttingDown.into());
+    }
+    let parent = trace_parent(&req, &st.telemetry);
+    let now = Instant::now();
+    // Each entry keeps its place: the index of its operation, or why it was refused.
+    let mut slots: Vec<Result<usize, ErrorBody>> = Vec::new();
+    let mut ops = Vec::new();
+    let mut add = |parsed: Result<Operation, ApiError>| match parsed {
+        Ok(op) => {
+            slots.push(Ok(ops.len()));
+            ops.push(op);
+        }
+        Err(e) => slots.push(Err(e.body())),
+    };
+    // Fast path: every entry is well formed, parsed in one pass. Otherwise parse entry by
+    // entry so each refusal names its own field.
+    if let Ok(b) = serde_json::from_slice::<TypedBatch>(&bytes) {
+        check_batch_len(b.ops.len())?;
+        for r in b.ops {
+            add(to_operation(r, parent, now));
+        }
+    } else {
+        let b: BatchRequest = parse(&bytes, "request body")?;
+        check_batch_len(b.ops.len())?;
+        for (i, raw) in b.ops.iter().enumerate() {
+            add(
+                parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]"))
+                    .and_then(|r| to_operation(r, parent, now)),
+            );
+        }
+    }
+    // A waited batch gets its results in the answer; only a batch that does not wait is
+    // kept for `GET /v1/ops/{id}` (tracking costs about a tenth of a batch's time).
+    let mut tickets: Vec<Option<Result<Ticket, SubmitError>>> = st
+        .node
+        .enqueue_batch(ops, !q.wait)
+        .into_iter()
+        .map(Some)
+        .collect();
+    let mut results = Vec::with_capacity(slots.len());
+    let mut pending: Vec<(usize, Ticket)> = Vec::new();
+    for (pos, slot) in slots.into_iter().enumerate() {
+        results.push(match slot {
+            Err(body) => BatchItem::Refused(body),
+            Ok(i) => match tickets[i].take().expect("each ticket is used once") {
+                Err(e) => BatchItem::Refused(ApiError::from(e).body()),
+                Ok(t) => {
+                    let queued = OpAnswer::queued(t.id, t.trace.map(|c| c.trace_id_hex()));
+                    if q.wait {
+                        pending.push((pos, t));
+                    }
+                    BatchItem::Answer(queued)
+                }
+            },
+        });
+    }
+    for (pos, t) in pending {
+        results[pos] = BatchItem::Answer(OpAnswer::from_outcome(&t.await));
+    }
+    let status = if q.wait {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(HttpResponse::build(status).json(BatchAnswer { results }))
+}
+
+fn check_batch_len(n: usize) -> Result<(), ApiError> {
+    if n > MAX_BATCH {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("field `ops` has {n} operations, over the limit of {MAX_BATCH}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The status of an operation, and its result once it finished.
+#[utoipa::path(get, path = "/v1/ops/{id}", params(("id" = String, Path, description = "operation id")),
+    responses((status = 200, body = OpAnswer), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn get_op(
+    st: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let op_id: OpId = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            format!("`{id}` is not an operation id (a UUID)"),
+        )
+    })?;
+    let t = st.node.status(&op_id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no operation `{op_id}` (unknown, or finished longer ago than the retention period)"),
+        )
+    })?;
+    let mut answer = match t.outcome() {
+        Some(o) => OpAnswer::from_outcome(o),
+        None => OpAnswer {
+            status: t.status().as_str(),
+            ..OpAnswer::queued(op_id, t.trace_id.map(|id| format!("{id:032x}")))
+        },
+    };
+    answer.op_type = Some(t.op_type.to_string());
+    Ok(with_op_headers(
+        HttpResponse::Ok().json(answer),
+        &op_id.to_string(),
+        None,
+    ))
+}

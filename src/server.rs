@@ -1,0 +1,298 @@
+//! One node as a process: a validated [`Config`] in, a running node out, and the order
+//! in which it stops.
+//!
+//! [`start`] builds the node from the configuration, edge first: it binds the HTTP port
+//! (the cluster registry carries its real address), starts trace export and logging,
+//! registers the built-in handlers, starts the cluster layer when `cluster.addr` is set,
+//! then the engine on it, then the HTTP api. [`Running::run_until`] serves until a
+//! shutdown signal (or `POST /v1/cluster/leave`) and stops the node in the one order
+//! that loses nothing it can keep (see [`run_until`]), then flushes the last spans.
+//!
+//! Nothing here decides anything a test would need: the decisions live in the engine,
+//! the cluster crate, the config and the api; this module wires them.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use opmesh_actors::{Node, NodeBuilder, OpType, StartError};
+use opmesh_cluster::{Cluster, ClusterError};
+
+use crate::api::{self, ApiSettings};
+use crate::config::{ClusterSettings, Config};
+use crate::telemetry::{Telemetry, TelemetryError};
+use crate::{handlers, logging};
+
+/// How long the last spans get to reach the receiver once the node has stopped.
+const TRACE_FLUSH: Duration = Duration::from_secs(5);
+
+/// Why a node did not start. Each is fatal; [`ServeError::exit_code`] tells the process's
+/// exit status (2 for a configuration the node cannot run with, 1 for anything else).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {error}")]
+    Listen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    /// `cluster.serves` names a type the engine has no handler for.
+    #[error(
+        "configuration error: cluster.serves lists `{op_type}`, which has no handler on this \
+         node (handlers: {})", handlers.join(", ")
+    )]
+    Serves {
+        op_type: String,
+        handlers: Vec<String>,
+    },
+    #[error("cannot start the cluster layer: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Engine(#[from] StartError),
+    /// The HTTP server failed while the node was stopping.
+    #[error("{0}")]
+    Stop(std::io::Error),
+}
+
+impl ServeError {
+    /// The process's exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ServeError::Serves { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Starts the node `cfg` describes, says where it listens on stdout (tests and scripts
+/// read these lines), serves until SIGINT or SIGTERM and stops. Returns how many
+/// operations were left unfinished when the grace period ended.
+pub async fn serve(cfg: &Config) -> Result<usize, ServeError> {
+    let running = start(cfg).await?;
+    if let Some(c) = &running.cluster {
+        println!("opmesh cluster port {}", c.cluster_addr());
+    }
+    println!("opmesh listening on http://{}", running.http_addr());
+    tracing::info!(node = %cfg.node_id, addr = %running.http_addr(), profile = ?cfg.profile, "serving");
+    running
+        .run_until(shutdown_signal())
+        .await
+        .map_err(ServeError::Stop)
+}
+
+/// A node that serves: its engine, its cluster membership (if any), its HTTP api and its
+/// trace pipeline.
+pub struct Running {
+    pub node: Node,
+    pub cluster: Option<Cluster>,
+    pub http: api::Server,
+    pub telemetry: Telemetry,
+    grace: Duration,
+}
+
+/// Builds and starts the node `cfg` describes. Sets up the process's logging (once its
+/// trace export is known), so call it once per process.
+pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
+    let listen = |addr: SocketAddr| move |error: std::io::Error| ServeError::Listen { addr, error };
+    let listener = std::net::TcpListener::bind(cfg.http.addr).map_err(listen(cfg.http.addr))?;
+    let http_addr = listener.local_addr().map_err(listen(cfg.http.addr))?;
+    let telemetry = Telemetry::start(&cfg.telemetry, &cfg.node_id)?;
+    logging::init(telemetry.otel_layer());
+    if let Some(t) = &cfg.telemetry.traces {
+        tracing::info!(endpoint = %t.endpoint, protocol = t.protocol.as_str(), sampling_ratio = t.sampling_ratio, "exporting traces");
+    }
+
+    let builder = Node::builder()
+        .node_id(cfg.node_id.as_str())
+        .config(cfg.engine.clone())
+        .tracing(telemetry.tracing());
+    let builder = handlers::register_builtins(builder, &cfg.http_handlers);
+    let cluster = match &cfg.cluster {
+        None => None,
+        Some(c) => Some(start_cluster(cfg, c, http_addr, &builder).await?),
+    };
+    let node = match &cluster {
+        Some(c) => c.start_node(builder).await?,
+        None => builder.start().await?,
+    };
+
+    let settings = ApiSettings {
+        addr: cfg.http.addr,
+        workers: cfg.http.workers,
+        max_body_bytes: cfg.http.max_body_bytes,
+        keep_alive: cfg.http.keep_alive,
+        shutdown_grace: cfg.shutdown_grace,
+        telemetry: telemetry.clone(),
+    };
+    let http = api::start(node.clone(), cluster.clone(), listener, &settings)
+        .map_err(listen(cfg.http.addr))?;
+    Ok(Running {
+        node,
+        cluster,
+        http,
+        telemetry,
+        grace: cfg.shutdown_grace,
+    })
+}
+
+async fn start_cluster(
+    cfg: &Config,
+    c: &ClusterSettings,
+    http_addr: SocketAddr,
+    builder: &NodeBuilder,
+) -> Result<Cluster, ServeError> {
+    let serves = serves(&c.serves, builder.handler_types())?;
+    let cc = opmesh_cluster::ClusterConfig {
+        node: cfg.node_id.clone(),
+        cluster_id: c.id.clone(),
+        secret: c.secret.expose().to_vec(),
+        listen: c.addr,
+        advertise: c.advertise.clone(),
+        http_addr: http_addr.to_string(),
+        join: c.join.clone(),
+        data_dir: c.data_dir.clone(),
+        serves,
+        heartbeat: c.heartbeat,
+        down_after: c.down_after,
+        write_timeout: c.write_timeout,
+        election_timeout: c.election_timeout,
+        voters: c.voters,
+        flush_bytes: c.flush_bytes,
+        linger: c.linger,
+        max_frame: c.max_frame,
+    };
+    Ok(Cluster::start(cc).await?)
+}
+
+/// The types a node advertises: those `cluster.serves` lists, each with a handler, or
+/// every type it has a handler for when the list is empty.
+fn serves(listed: &[String], handlers: Vec<OpType>) -> Result<Vec<OpType>, ServeError> {
+    if listed.is_empty() {
+        return Ok(handlers);
+    }
+    if let Some(t) = listed
+        .iter()
+        .find(|t| !handlers.iter().any(|h| &**h == t.as_str()))
+    {
+        return Err(ServeError::Serves {
+            op_type: t.clone(),
+            handlers: handlers.iter().map(|h| h.to_string()).collect(),
+        });
+    }
+    Ok(listed.iter().map(|t| t.as_str().into()).collect())
+}
+
+impl Running {
+    /// Where the HTTP api listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.addr
+    }
+
+    /// Serves until `signal` completes (or a client makes the node leave its cluster),
+    /// stops the node (see [`run_until`]) and flushes the last spans, the drain's
+    /// failures among them. Returns how many operations were left unfinished.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> std::io::Result<usize> {
+        let left = run_until(self.node, self.http, self.grace, signal).await;
+        let t = self.telemetry;
+        let _ = tokio::task::spawn_blocking(move || t.shutdown(TRACE_FLUSH)).await;
+        left
+    }
+}
+
+/// Serves until `signal` completes, then shuts down gracefully: a node still in a
+/// cluster hands its work off and leaves it, readiness turns false and new submissions
+/// are refused (503), accepted operations get `grace` to finish, the HTTP server finishes
+/// its open requests, then the engine and the cluster layer stop. Returns how many
+/// operations were still unfinished when the grace period ended (they fail with a reason).
+pub async fn run_until(
+    node: Node,
+    server: api::Server,
+    grace: Duration,
+    signal: impl Future<Output = ()>,
+) -> std::io::Result<usize> {
+    let left_cluster = tokio::select! {
+        _ = signal => false,
+        _ = server.left_cluster() => true,
+    };
+    let cluster = server.cluster().cloned();
+    if let (Some(c), false) = (&cluster, left_cluster) {
+        // A clean exit hands this node's work off first.
+        if let Err(e) = c.leave(grace).await {
+            tracing::warn!("could not leave the cluster cleanly: {e}");
+        }
+    }
+    tracing::info!(?grace, "shutting down: draining accepted operations");
+    node.stop_accepting();
+    let drained = node.drain(grace).await;
+    if !drained {
+        tracing::warn!(
+            left = node.in_flight(),
+            "grace period over with operations unfinished"
+        );
+    }
+    let served = server.stop().await;
+    let left = node.shutdown(Duration::ZERO).await;
+    if let Some(c) = &cluster {
+        c.shutdown().await;
+    }
+    served?;
+    tracing::info!(left, "stopped");
+    Ok(left)
+}
+
+/// Completes on SIGINT or SIGTERM (what Kubernetes sends a pod it stops).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("received SIGINT"),
+        _ = term => tracing::info!("received SIGTERM"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn types(names: &[&str]) -> Vec<OpType> {
+        names.iter().map(|n| (*n).into()).collect()
+    }
+
+    #[test]
+    fn serves_defaults_to_every_handler() {
+        let got = serves(&[], types(&["echo", "sleep"])).unwrap();
+        assert_eq!(got, types(&["echo", "sleep"]));
+    }
+
+    #[test]
+    fn serves_keeps_the_listed_types_in_their_order() {
+        let listed = vec!["sleep".to_string(), "echo".to_string()];
+        let got = serves(&listed, types(&["echo", "sleep", "resize"])).unwrap();
+        assert_eq!(got, types(&["sleep", "echo"]));
+    }
+
+    #[test]
+    fn serves_refuses_a_type_without_a_handler_naming_it_and_the_handlers() {
+        let listed = vec!["echo".to_string(), "thumbnail".to_string()];
+        let e = serves(&listed, types(&["echo", "sleep"])).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(
+            e.to_string(),
+            "configuration error: cluster.serves lists `thumbnail`, which has no handler on \
+             this node (handlers: echo, sleep)"
+        );
+    }
+}
