@@ -97,7 +97,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             let cc = opmesh_cluster::ClusterConfig {
                 node: cfg.node_id.clone(),
                 cluster_id: c.id.clone(),
-                secret: c.secret.expose().to_vec(),
+                secret: opmesh_cluster::Secret::new(c.secret.expose().to_vec()),
                 listen: c.addr,
                 advertise: c.advertise.clone(),
                 http_addr: http_addr.to_string(),
@@ -108,10 +108,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 down_after: c.down_after,
                 write_timeout: c.write_timeout,
                 election_timeout: c.election_timeout,
-                voters: c.voters,
+                voters: c.voters.try_into()?,
                 flush_bytes: c.flush_bytes,
                 linger: c.linger,
                 max_frame: c.max_frame,
+                reconnect_min: opmesh_cluster::ClusterConfig::DEFAULT_RECONNECT_MIN,
+                reconnect_max: opmesh_cluster::ClusterConfig::DEFAULT_RECONNECT_MAX,
+                handshake_timeout: opmesh_cluster::ClusterConfig::DEFAULT_HANDSHAKE_TIMEOUT,
             };
             let cluster = match opmesh_cluster::Cluster::start(cc).await {
                 Ok(cl) => cl,
