@@ -8,11 +8,11 @@
 //! RPC answer, a write through Raft) is spawned.
 
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use opmesh_actors::NodeId;
 
-use super::Inner;
+use super::{Inner, LINK_BACK_WAIT};
 use crate::codec::{Message, Rpc, RpcReply, WireOp, WireReply};
 use crate::remote::{collect_replies, from_wire, refused_reply};
 use crate::transport::Inbound;
@@ -27,9 +27,6 @@ pub(super) struct Heard {
 
 /// Most unsent replies kept per peer while its link is down.
 const MAX_UNSENT: usize = 100_000;
-
-/// How long an answer waits for the link back to a node that just said hello (a joiner).
-const LINK_BACK_WAIT: Duration = Duration::from_secs(2);
 
 /// Frames arriving on links, handed to the cluster (once it is built, while it runs).
 #[derive(Default)]

@@ -56,6 +56,10 @@ use crate::store::Store;
 use crate::transport::{Transport, TransportError};
 use crate::types::{raft_id, ClusterState, Command, Member, NodeRecord, NodeStatus, Raft, RaftId};
 
+/// How long this node waits for its link back to a node that just said hello (a
+/// joiner) before answering or replicating to it anyway.
+const LINK_BACK_WAIT: Duration = Duration::from_secs(2);
+
 /// What the parts of a node's cluster share.
 struct Inner {
     cfg: ClusterConfig,

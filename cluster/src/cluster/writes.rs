@@ -18,7 +18,7 @@ use openraft::ChangeMembers;
 use opmesh_actors::routing::RouteResult;
 use opmesh_actors::{NodeId, RouteError};
 
-use super::{Inner, JoinFailure, LeaveError};
+use super::{Inner, JoinFailure, LeaveError, LINK_BACK_WAIT};
 use crate::codec::{Rpc, RpcReply, WriteRefused};
 use crate::membership;
 use crate::types::{raft_id, Command, CommandResult, Member, NodeRecord, NodeStatus, RaftId};
@@ -192,6 +192,12 @@ impl Inner {
             let voters: BTreeSet<RaftId> = mem.voter_ids().collect();
             (mem.get_node(&rec.raft_id).cloned(), voters)
         };
+        // The joiner dialed in and this node is dialing back (or, for a join forwarded by
+        // another seed, not yet). Raft backs off half a second from a node it cannot
+        // reach, so let the link open (briefly) before replicating to the joiner.
+        let t = self.transport();
+        t.add_peer(&rec.name, &rec.cluster_addr);
+        t.wait_connected(&rec.name, LINK_BACK_WAIT).await;
         let member = Self::member(&rec);
         let raft = self.raft();
         let demoted = known.is_some() && voters.contains(&rec.raft_id) && voters.len() > 1;
