@@ -219,6 +219,7 @@ impl Inner {
                 ));
             }
         }
+        let fresh = known.is_none();
         let change: Option<BoxFuture<'_, _>> = match known {
             None => Some(raft.add_learner(rec.raft_id, member, true).boxed()),
             // A restart on new addresses: update them.
@@ -250,6 +251,13 @@ impl Inner {
             }
         }
         let id = rec.raft_id;
+        if fresh {
+            // openraft's blocking `add_learner` returns once the learner is within its
+            // own lag threshold (thousands of entries), which a learner that has not
+            // answered yet meets. Wait (within the write timeout) until it has caught up
+            // as the voter upkeep counts it, so it can vote as soon as it is registered.
+            self.wait_caught_up(id, self.cfg.write_timeout).await;
+        }
         if let CommandResult { error: Some(e), .. } = self.write(Command::NodeJoined(rec)).await? {
             return Err(refused(e, None));
         }
@@ -267,6 +275,29 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// On the leader: waits until the learner `id` has caught up with the log (see
+    /// [`membership::caught_up`]), at most `timeout`; returns whether it has.
+    async fn wait_caught_up(&self, id: RaftId, timeout: Duration) -> bool {
+        let mut metrics = self.raft().metrics();
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                let Some(replication) = m.replication.as_ref() else {
+                    return false;
+                };
+                let matched = replication.get(&id).copied().flatten().map(|l| l.index);
+                if membership::caught_up(matched, m.last_log_index) {
+                    return true;
+                }
+            }
+            match tokio::time::timeout_at(until, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return false,
+            }
+        }
     }
 
     /// On the leader: removes `name` from the registry and from the Raft group.
