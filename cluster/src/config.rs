@@ -8,8 +8,9 @@
 //! ([`ClusterConfig::validate_links`]) before binding.
 //!
 //! The link settings are flat fields beside the others (`max_frame`, `flush_bytes`,
-//! `linger`, `reconnect_min`, `reconnect_max`, `handshake_timeout`): the binary's
-//! `[cluster]` section lists them flat too, and one struct literal maps one to the other.
+//! `linger`, `reconnect_min`, `reconnect_max`, `handshake_timeout`), as the binary's
+//! `[cluster]` section lists the ones it exposes, so one struct literal maps one to the
+//! other; the others take the `DEFAULT_*` constants.
 //!
 //! [`Cluster::start`]: crate::Cluster::start
 //! [`Transport::start`]: crate::transport::Transport::start

@@ -10,16 +10,16 @@
 //!
 //! - this module: the [`Cluster`] handle and the state its parts share, and the engine's
 //!   two doors into the cluster (the replicated [`RouteStore`] and the [`Forwarder`]);
-//! - [`inbound`]: what each message arriving on a link does (operations to run, replies,
+//! - `inbound`: what each message arriving on a link does (operations to run, replies,
 //!   Raft RPCs and remote writes to answer, pings to note);
-//! - [`writes`]: committing through the leader (here or forwarded), admitting, removing
+//! - `writes`: committing through the leader (here or forwarded), admitting, removing
 //!   and leaving;
-//! - [`duties`]: the background loops, each run under a supervisor that logs, counts and
+//! - `duties`: the background loops, each run under a supervisor that logs, counts and
 //!   restarts a loop that ends or panics: heartbeats, the leader's failure detection and
 //!   voter balancing (deciding with [`crate::membership`]), the applied-state watcher,
 //!   and counting leader changes;
-//! - [`status`]: what `GET /v1/cluster` shows;
-//! - [`error`]: the errors of the handle's calls.
+//! - `status`: what `GET /v1/cluster` shows;
+//! - `error`: the errors of the handle's calls.
 
 mod duties;
 mod error;

@@ -28,11 +28,11 @@
 //!
 //! - this module: the [`Transport`] handle (peers, `send`, link stats, shutdown) and the
 //!   state its tasks share;
-//! - [`handshake`]: dialing and accepting, `Challenge`/`Hello`/`Welcome`/`Refused` and the
+//! - `handshake`: dialing and accepting, `Challenge`/`Hello`/`Welcome`/`Refused` and the
 //!   HMAC proof;
-//! - [`writer`]: the per-peer writer task that coalesces the outbox into few writes and
+//! - `writer`: the per-peer writer task that coalesces the outbox into few writes and
 //!   redials with backoff;
-//! - [`reader`]: accepting connections, reading frames and handing messages to
+//! - `reader`: accepting connections, reading frames and handing messages to
 //!   [`Inbound`].
 //!
 //! Its settings are the link fields of [`ClusterConfig`].
