@@ -47,12 +47,18 @@ pub enum ServeError {
         handlers: Vec<String>,
     },
     #[error("cannot start the cluster layer: {0}")]
-    Cluster(#[from] ClusterError),
+    Cluster(Box<ClusterError>),
     #[error(transparent)]
     Engine(#[from] StartError),
     /// The HTTP server failed while the node was stopping.
     #[error("{0}")]
     Stop(std::io::Error),
+}
+
+impl From<ClusterError> for ServeError {
+    fn from(e: ClusterError) -> Self {
+        ServeError::Cluster(Box::new(e))
+    }
 }
 
 impl ServeError {
@@ -146,7 +152,7 @@ async fn start_cluster(
     let cc = opmesh_cluster::ClusterConfig {
         node: cfg.node_id.clone(),
         cluster_id: c.id.clone(),
-        secret: c.secret.expose().to_vec(),
+        secret: opmesh_cluster::Secret::new(c.secret.expose().to_vec()),
         listen: c.addr,
         advertise: c.advertise.clone(),
         http_addr: http_addr.to_string(),
@@ -157,10 +163,16 @@ async fn start_cluster(
         down_after: c.down_after,
         write_timeout: c.write_timeout,
         election_timeout: c.election_timeout,
-        voters: c.voters,
+        voters: c
+            .voters
+            .try_into()
+            .expect("the config checked cluster.voters"),
         flush_bytes: c.flush_bytes,
         linger: c.linger,
         max_frame: c.max_frame,
+        reconnect_min: opmesh_cluster::ClusterConfig::DEFAULT_RECONNECT_MIN,
+        reconnect_max: opmesh_cluster::ClusterConfig::DEFAULT_RECONNECT_MAX,
+        handshake_timeout: opmesh_cluster::ClusterConfig::DEFAULT_HANDSHAKE_TIMEOUT,
     };
     Ok(Cluster::start(cc).await?)
 }

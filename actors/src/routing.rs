@@ -210,9 +210,13 @@ pub enum RouteError {
     NotFound(String),
     #[error("route change failed: {0}")]
     Unavailable(String),
-    /// This node cannot reach a leader that can commit the change.
+    /// This node cannot reach a leader that can commit the change. `leader` is the
+    /// leader it tried, when one was known.
     #[error("{message}")]
-    NoQuorum { message: String },
+    NoQuorum {
+        message: String,
+        leader: Option<String>,
+    },
 }
 
 /// Where the routing table lives and how it changes. On a single node, in memory

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opmesh_cluster::codec::{Message, WireOp, WireTrace};
-use opmesh_cluster::transport::{Inbound, Transport, TransportConfig};
+use opmesh_cluster::transport::{Inbound, Transport};
+use opmesh_cluster::ClusterConfig;
 use tokio::sync::Notify;
 
 const WINDOW: u64 = 512;
@@ -52,30 +53,25 @@ fn small_op(id: u128) -> WireOp {
     }
 }
 
-fn config(node: &str) -> TransportConfig {
-    TransportConfig::new(
-        node,
-        "bench",
-        b"secret".to_vec(),
-        "127.0.0.1:0".parse().unwrap(),
-        "",
-    )
+fn config(node: &str) -> ClusterConfig {
+    let mut c = ClusterConfig::new(node, b"secret");
+    c.cluster_id = "bench".into();
+    c
 }
 
 async fn run(ops_per_batch: usize, batches: u64) {
     let count = Arc::new(Count::default());
-    let a = Transport::start(config("a"), Arc::new(Count::default()))
+    let a = Transport::start(&config("a"), Arc::new(Count::default()))
         .await
         .unwrap();
-    let b = Transport::start(config("b"), Arc::clone(&count) as Arc<dyn Inbound>)
+    let b = Transport::start(&config("b"), Arc::clone(&count) as Arc<dyn Inbound>)
         .await
         .unwrap();
     a.add_peer("b", &b.local_addr().to_string());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !a.is_connected("b") {
-        assert!(Instant::now() < deadline, "no link");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    assert!(
+        a.wait_connected("b", Duration::from_secs(10)).await,
+        "no link"
+    );
     let template: Vec<WireOp> = (0..ops_per_batch as u128).map(small_op).collect();
     let start = Instant::now();
     for sent in 0..batches {

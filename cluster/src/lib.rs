@@ -1,10 +1,26 @@
 //! opmesh across nodes.
 //!
+//! The modules, in the order a cluster event or a remote operation meets them:
+//!
+//! - [`config`]: [`ClusterConfig`], the one configuration of the cluster layer (identity,
+//!   addresses, failure detection, [`Voters`], link settings), checked before anything
+//!   binds.
+//! - [`secret`]: [`Secret`], the shared key links are authenticated with; never printed.
+//! - [`cluster`]: the [`Cluster`] handle a node holds: start, join and leave, the engine's
+//!   routing table and forwarder, what each arriving message does, writes through the
+//!   Raft leader, and the supervised background duties.
+//! - [`membership`]: the pure decisions behind those duties: which nodes the leader marks
+//!   down or up, which learners may vote, the next voter set.
+//! - [`remote`]: operations forwarded to their owner and their replies: the origin's
+//!   outbox (re-sent, re-routed, expired) and the wire form of an operation.
+//! - [`network`]: Raft's RPCs as request/response frames on the same links, with the
+//!   calls waiting for their answers.
+//! - [`transport`]: length-prefixed frames over TCP, links that open only after an
+//!   authenticated `Hello`, one writer task per peer that coalesces and reconnects, and
+//!   readers that hand messages to the cluster.
 //! - [`codec`]: the versioned envelope every frame on a link carries, and its one
 //!   `encode`/`decode` (wincode for opmesh's own frames, postcard inside for openraft's
 //!   RPC types).
-//! - [`transport`]: length-prefixed frames over TCP, one writer task per peer that
-//!   coalesces and reconnects, links that open only after an authenticated `Hello`.
 //! - [`types`]: the Raft type configuration and the replicated state: the routing table
 //!   and the node registry.
 //! - [`store`]: the Raft log, vote and snapshots in redb (on disk under the data dir, in
@@ -14,10 +30,17 @@
 
 pub mod cluster;
 pub mod codec;
+pub mod config;
+pub mod membership;
 pub mod network;
 pub mod remote;
+pub mod secret;
 pub mod store;
 pub mod transport;
 pub mod types;
 
-pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterStatus, JoinError};
+pub use cluster::{
+    Cluster, ClusterError, ClusterStatus, JoinError, JoinFailure, LeaveError, NodeStatusView,
+};
+pub use config::{ClusterConfig, LinkConfigError, Voters, VotersError};
+pub use secret::Secret;

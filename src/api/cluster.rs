@@ -57,9 +57,13 @@ fn no_cluster() -> ApiError {
 #[utoipa::path(post, path = "/v1/cluster/leave", responses((status = 200, description = "left; the node shuts down"), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn cluster_leave(st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let c = st.cluster.as_ref().ok_or_else(no_cluster)?;
-    c.leave(st.shutdown_grace)
-        .await
-        .map_err(|m| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "leave_failed", m))?;
+    c.leave(st.shutdown_grace).await.map_err(|m| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "leave_failed",
+            m.to_string(),
+        )
+    })?;
     st.left.notify_one();
     Ok(HttpResponse::Ok().json(serde_json::json!({ "node": c.name(), "left": true })))
 }
@@ -83,12 +87,14 @@ pub(super) async fn cluster_join(
     let c = st.cluster.as_ref().ok_or_else(no_cluster)?;
     let req: JoinRequest = parse(&body, "join request")?;
     c.join(&req.seed).await.map_err(|e| match e {
-        opmesh_cluster::JoinError::AlreadyMember(m) => {
-            ApiError::new(StatusCode::CONFLICT, "already_member", m)
+        opmesh_cluster::JoinError::AlreadyMember { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "already_member", e.to_string())
         }
-        opmesh_cluster::JoinError::Failed(m) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "join_failed", m)
-        }
+        opmesh_cluster::JoinError::Failed { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "join_failed",
+            e.to_string(),
+        ),
     })?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "node": c.name(), "joined": req.seed })))
 }

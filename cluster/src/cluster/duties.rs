@@ -1,0 +1,557 @@
+//! The background duties of a node in a cluster, each a loop run under a supervisor.
+//!
+//! - [`Duty::Heartbeats`]: every heartbeat, ping every other node (the `Ping` carries
+//!   this node's load).
+//! - [`Duty::LeaderDuties`]: while this node leads, register it, mark nodes down or up
+//!   again ([`membership::verdicts`]) and keep the wanted number of voters
+//!   ([`membership::next_voters`]), so every node agrees who is healthy.
+//! - [`Duty::WatchState`]: on every applied change (and every heartbeat, for fresh
+//!   loads), swap the routing table in, keep links to every registered node, route again
+//!   what waits on a node no longer up, and expire what waited too long.
+//! - [`Duty::BootstrapOrJoin`]: once, at start: bootstrap a cluster of one or join the
+//!   seeds (retrying until it has).
+//! - counting leader changes, for [`Cluster::leader_changes`](super::Cluster).
+//!
+//! [`supervise`] runs each: a duty that panics, or that returns while the cluster is not
+//! stopping, is logged with its cause, counted (`Cluster::duty_restarts`) and started
+//! again after a short backoff; once the cluster stops, nothing restarts. The decisions
+//! live in [`crate::membership`]; these loops read the clock, the state and Raft's
+//! metrics, call it, and write what it decided.
+
+use std::any::Any;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use tokio_util::sync::CancellationToken;
+
+use super::Inner;
+use crate::codec::Message;
+use crate::membership;
+use crate::store::routing_table;
+use crate::types::{ClusterState, Command, Member, NodeStatus, RaftId};
+
+/// The first wait before a duty is restarted; it doubles with each restart in a row.
+const RESTART_MIN: Duration = Duration::from_millis(100);
+/// The longest wait before a duty is restarted.
+const RESTART_MAX: Duration = Duration::from_secs(5);
+/// A duty that ran this long before it failed starts again after [`RESTART_MIN`].
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
+/// The supervised loops of a cluster node (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Duty {
+    WatchState,
+    Heartbeats,
+    LeaderDuties,
+    BootstrapOrJoin,
+}
+
+impl Duty {
+    fn name(self) -> &'static str {
+        match self {
+            Duty::WatchState => "watch_state",
+            Duty::Heartbeats => "heartbeats",
+            Duty::LeaderDuties => "leader_duties",
+            Duty::BootstrapOrJoin => "bootstrap_or_join",
+        }
+    }
+
+    /// Whether the duty is done once it returns (only a panic restarts it), rather than
+    /// a loop that runs until the cluster stops.
+    fn ends(self) -> Ends {
+        match self {
+            Duty::BootstrapOrJoin => Ends::WhenDone,
+            _ => Ends::AtStop,
+        }
+    }
+}
+
+/// When a supervised duty's end is expected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Ends {
+    /// Only when the cluster stops: returning before is a failure.
+    AtStop,
+    /// Whenever it returns: only a panic is a failure.
+    WhenDone,
+}
+
+/// Starts `duty` of `inner` under a supervisor.
+pub(super) fn start(inner: &Arc<Inner>, duty: Duty) {
+    let stop = inner.stop.clone();
+    let restarts = inner.duty_restarts.clone();
+    let inner = inner.clone();
+    tokio::spawn(supervise(
+        duty.name(),
+        duty.ends(),
+        stop,
+        restarts,
+        move || {
+            let inner = inner.clone();
+            async move {
+                match duty {
+                    Duty::WatchState => inner.watch_state().await,
+                    Duty::Heartbeats => inner.heartbeats().await,
+                    Duty::LeaderDuties => inner.leader_duties().await,
+                    Duty::BootstrapOrJoin => inner.bootstrap_or_join().await,
+                }
+            }
+        },
+    ));
+}
+
+/// Starts counting the leader changes named in `inner`'s Raft metrics, under a
+/// supervisor. The duty holds only what it reads and writes, so it keeps nothing else of
+/// the cluster alive.
+pub(super) fn count_leader_changes(inner: &Arc<Inner>) {
+    let metrics = inner.raft().metrics();
+    let changes = inner.leader_changes.clone();
+    let stop = inner.stop.clone();
+    let run = {
+        let stop = stop.clone();
+        move || count_changes(metrics.clone(), changes.clone(), stop.clone())
+    };
+    tokio::spawn(supervise(
+        "leader_changes",
+        Ends::AtStop,
+        stop,
+        inner.duty_restarts.clone(),
+        run,
+    ));
+}
+
+/// Runs the duty `run` makes, again after a backoff each time it fails, until the
+/// cluster stops (`stop`) or, for [`Ends::WhenDone`], until it returns. A failure (a
+/// panic, or a return before `stop` for [`Ends::AtStop`]) is logged with its cause and
+/// counted in `restarts`.
+pub(super) async fn supervise<F, Fut>(
+    name: &'static str,
+    ends: Ends,
+    stop: CancellationToken,
+    restarts: Arc<AtomicU64>,
+    mut run: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut backoff = RESTART_MIN;
+    loop {
+        let started = tokio::time::Instant::now();
+        let cause = match tokio::spawn(run()).await {
+            Ok(()) if stop.is_cancelled() || ends == Ends::WhenDone => return,
+            Ok(()) => "it returned while the cluster runs".to_string(),
+            Err(e) if e.is_panic() => format!("it panicked: {}", panic_message(&*e.into_panic())),
+            // Cancelled: the runtime is shutting down.
+            Err(_) => return,
+        };
+        if stop.is_cancelled() {
+            return;
+        }
+        if started.elapsed() >= HEALTHY_RUN {
+            backoff = RESTART_MIN;
+        }
+        restarts.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            duty = name,
+            cause = %cause,
+            restart_in_ms = backoff.as_millis() as u64,
+            "a cluster duty failed: restarting it"
+        );
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RESTART_MAX);
+    }
+}
+
+/// The message a panic carried, when it is text.
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&'static str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// Counts changes of the leader named in a node's Raft metrics into `changes`, until the
+/// cluster stops. Once Raft has stopped there is nothing to count: it waits for the stop.
+async fn count_changes(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<RaftId, Member>>,
+    changes: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let mut last: Option<RaftId> = None;
+    loop {
+        let leader = metrics.borrow_and_update().current_leader;
+        if leader.is_some() && leader != last {
+            last = leader;
+            changes.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = metrics.changed() => if r.is_err() {
+                stop.cancelled().await;
+                return;
+            },
+        }
+    }
+}
+
+impl Inner {
+    async fn bootstrap_or_join(self: Arc<Self>) {
+        let raft = self.raft();
+        let initialized = raft.is_initialized().await.unwrap_or(false);
+        if !initialized && self.cfg.join.is_empty() {
+            let mut members = BTreeMap::new();
+            members.insert(self.me.raft_id, Self::member(&self.me));
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(node = %self.me.name, "bootstrapped a new cluster"),
+                Err(e) => tracing::warn!("bootstrap refused: {e}"),
+            }
+            // The leader duties register this node once it leads.
+            return;
+        }
+        if self.cfg.join.is_empty() {
+            tracing::info!(node = %self.me.name, "rejoining with the state in the data dir");
+            return;
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            for seed in &self.cfg.join {
+                match self.join_via(seed).await {
+                    Ok(()) => {
+                        tracing::info!(node = %self.me.name, %seed, "joined the cluster");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(%seed, "join failed, will retry: {e}"),
+                }
+                if self.stop.is_cancelled() {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// The learners that may become voters: up in the registry and caught up with the
+    /// log, as far as this node (the leader) has replicated to them; none when this node
+    /// does not lead.
+    pub(super) fn up_learners(&self) -> Vec<RaftId> {
+        let state = self.state.load();
+        let m = self.raft().metrics();
+        let m = m.borrow();
+        let Some(replication) = m.replication.as_ref() else {
+            return Vec::new();
+        };
+        let up: BTreeSet<RaftId> = state
+            .nodes
+            .values()
+            .filter(|n| n.status == NodeStatus::Up)
+            .map(|n| n.raft_id)
+            .collect();
+        membership::ready_learners(
+            m.membership_config.membership().learner_ids(),
+            |l| up.contains(&l),
+            |l| replication.get(&l).copied().flatten().map(|l| l.index),
+            m.last_log_index,
+        )
+    }
+
+    /// On the leader: promotes up, caught-up learners while there are fewer voters than
+    /// wanted, and replaces a voter that is down or leaving by such a learner (one per
+    /// change; see [`membership::next_voters`]).
+    pub(super) async fn balance_voters(&self) {
+        let state = self.state.load_full();
+        let (voters, members) = {
+            let m = self.raft().metrics();
+            let m = m.borrow();
+            let mem = m.membership_config.membership();
+            let voters: BTreeSet<RaftId> = mem.voter_ids().collect();
+            (voters, mem.nodes().count())
+        };
+        let target = membership::voter_target(self.cfg.voters, members);
+        let status = |id: RaftId| {
+            state
+                .nodes
+                .values()
+                .find(|n| n.raft_id == id)
+                .map(|n| n.status)
+        };
+        let ready = self.up_learners();
+        if let Some(next) = membership::next_voters(&voters, status, &ready, target) {
+            tracing::info!(?voters, ?next, "changing the voters");
+            if let Err(e) = self.raft().change_membership(next, true).await {
+                tracing::warn!("voter change failed: {e}");
+            }
+        }
+    }
+
+    /// Rebuilds the routing table on every applied change (and with fresh loads every
+    /// heartbeat), keeps links to every registered node, and routes again what waits on
+    /// a node that is no longer up.
+    async fn watch_state(self: Arc<Self>) {
+        let mut versions = self.versions.clone();
+        let mut tick = tokio::time::interval(self.cfg.heartbeat);
+        let mut seen_version = u64::MAX;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                // Raft has stopped: nothing will change any more.
+                r = versions.changed() => if r.is_err() {
+                    self.stop.cancelled().await;
+                    return;
+                },
+                _ = tick.tick() => {}
+            }
+            let state = self.state.load_full();
+            self.publish(&state);
+            if state.version != seen_version {
+                seen_version = state.version;
+                let t = self.transport();
+                for n in state.nodes.values() {
+                    if n.name != self.me.name {
+                        t.add_peer(&n.name, &n.cluster_addr);
+                    }
+                }
+            }
+            for peer in self.outbox.peers() {
+                let up = state
+                    .nodes
+                    .get(&peer)
+                    .is_some_and(|n| n.status == NodeStatus::Up);
+                if !up {
+                    let jobs = self.outbox.take(&peer);
+                    if !jobs.is_empty() {
+                        tracing::warn!(node = %peer, count = jobs.len(), "node is not up: routing its operations again");
+                        if let Some(node) = self.node.get() {
+                            node.reroute(jobs);
+                        }
+                    }
+                }
+            }
+            self.outbox.expire(Instant::now());
+        }
+    }
+
+    /// Swaps in the routing table for `state`.
+    fn publish(&self, state: &ClusterState) {
+        let mut table = routing_table(state);
+        for n in &mut table.nodes {
+            n.load = if n.id == self.me.name {
+                self.in_flight()
+            } else {
+                self.heard.get(&n.id).map_or(0, |h| h.load)
+            };
+        }
+        self.table.store(Arc::new(table));
+    }
+
+    async fn heartbeats(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.cfg.heartbeat);
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            seq += 1;
+            let load = self.in_flight();
+            let state = self.state.load();
+            for n in state.nodes.keys() {
+                if *n != self.me.name {
+                    let _ = self.transport().send(n, Message::Ping { seq, load });
+                }
+            }
+        }
+    }
+
+    /// The leader's failure detector, registration of itself and voter upkeep.
+    async fn leader_duties(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.cfg.heartbeat);
+        let mut leading_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let leads = {
+                let m = self.raft().metrics();
+                let m = m.borrow();
+                m.state == ServerState::Leader && m.current_leader == Some(self.me.raft_id)
+            };
+            if !leads {
+                leading_since = None;
+                continue;
+            }
+            let since = *leading_since.get_or_insert_with(Instant::now);
+            let state = self.state.load_full();
+            let now = Instant::now();
+            match state.nodes.get(self.me.name.as_ref()) {
+                None if !self.leaving.load(Ordering::Acquire) => {
+                    if let Err(e) = self.write(Command::NodeJoined(self.me.clone())).await {
+                        tracing::warn!("cannot register this node: {}", e.message);
+                    }
+                }
+                Some(r) if r.status == NodeStatus::Down => {
+                    let _ = self
+                        .write(Command::SetStatus {
+                            name: self.me.name.clone(),
+                            status: NodeStatus::Up,
+                        })
+                        .await;
+                }
+                _ => {}
+            }
+            let verdicts = membership::verdicts(
+                self.me.name.as_ref(),
+                state.nodes.values(),
+                |name| self.heard.get(name).and_then(|h| h.at),
+                since,
+                now,
+                self.cfg.down_after,
+            );
+            for v in verdicts {
+                tracing::warn!(node = %v.node, status = v.status.as_str(), silent_ms = v.silent.as_millis() as u64, "marking node");
+                if let Err(e) = self
+                    .write(Command::SetStatus {
+                        name: v.node.clone(),
+                        status: v.status,
+                    })
+                    .await
+                {
+                    tracing::warn!("cannot mark node `{}`: {}", v.node, e.message);
+                }
+            }
+            self.balance_voters().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs of a duty, and a way to end the test's supervisor.
+    struct Probe {
+        stop: CancellationToken,
+        restarts: Arc<AtomicU64>,
+        runs: Arc<AtomicU64>,
+    }
+
+    impl Probe {
+        fn new() -> Probe {
+            Probe {
+                stop: CancellationToken::new(),
+                restarts: Arc::default(),
+                runs: Arc::default(),
+            }
+        }
+
+        /// Supervises a duty that does `first` on its first run and then waits for the
+        /// stop.
+        fn supervise(&self, ends: Ends, first: fn()) -> tokio::task::JoinHandle<()> {
+            let (runs, stop) = (self.runs.clone(), self.stop.clone());
+            tokio::spawn(supervise(
+                "test",
+                ends,
+                self.stop.clone(),
+                self.restarts.clone(),
+                move || {
+                    let n = runs.fetch_add(1, Ordering::SeqCst);
+                    let stop = stop.clone();
+                    async move {
+                        if n == 0 {
+                            first();
+                            return;
+                        }
+                        stop.cancelled().await;
+                    }
+                },
+            ))
+        }
+
+        /// Waits (in paused time, so at once) until the duty has run `n` times.
+        async fn runs(&self, n: u64) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while self.runs.load(Ordering::SeqCst) < n {
+                assert!(tokio::time::Instant::now() < deadline, "{n} runs");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+
+        fn restarts(&self) -> u64 {
+            self.restarts.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_duty_is_counted_and_restarted_after_a_backoff() {
+        let p = Probe::new();
+        let t0 = tokio::time::Instant::now();
+        let sup = p.supervise(Ends::AtStop, || panic!("the duty broke"));
+        p.runs(2).await;
+        assert_eq!(p.restarts(), 1);
+        assert!(t0.elapsed() >= RESTART_MIN, "{:?}", t0.elapsed());
+        // Running again and healthy: nothing more is counted, and the stop ends it.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(p.runs.load(Ordering::SeqCst), 2);
+        p.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(1), sup)
+            .await
+            .expect("the supervisor ends at the stop")
+            .unwrap();
+        assert_eq!(p.restarts(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_that_returns_while_the_cluster_runs_is_restarted() {
+        let p = Probe::new();
+        let sup = p.supervise(Ends::AtStop, || {});
+        p.runs(2).await;
+        assert_eq!(p.restarts(), 1);
+        p.stop.cancel();
+        sup.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_duty_that_is_done_is_not_restarted_unless_it_panicked() {
+        let p = Probe::new();
+        p.supervise(Ends::WhenDone, || {}).await.unwrap();
+        assert_eq!((p.runs.load(Ordering::SeqCst), p.restarts()), (1, 0));
+
+        let p = Probe::new();
+        let sup = p.supervise(Ends::WhenDone, || panic!("half way"));
+        p.runs(2).await;
+        assert_eq!(p.restarts(), 1);
+        p.stop.cancel();
+        sup.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_restarts_once_the_cluster_stops() {
+        let p = Probe::new();
+        p.stop.cancel();
+        p.supervise(Ends::AtStop, || panic!("while stopping"))
+            .await
+            .unwrap();
+        assert_eq!((p.runs.load(Ordering::SeqCst), p.restarts()), (1, 0));
+    }
+
+    #[test]
+    fn a_panic_message_is_read_from_str_or_string() {
+        let s: Box<dyn Any + Send> = Box::new("static");
+        assert_eq!(panic_message(&*s), "static");
+        let s: Box<dyn Any + Send> = Box::new(String::from("owned"));
+        assert_eq!(panic_message(&*s), "owned");
+        let s: Box<dyn Any + Send> = Box::new(7);
+        assert_eq!(panic_message(&*s), "(no message)");
+    }
+}

@@ -1,0 +1,201 @@
+//! What a node does with each message that arrives on a link ([`Inbound`]): operations
+//! forwarded here are run and their outcomes sent back, replies complete what this node
+//! forwarded, Raft RPCs and remote writes (join, leave, a write for the leader) are
+//! answered, and pings are answered with this node's load while pongs are noted for the
+//! failure detector.
+//!
+//! It runs on the transport's reader tasks, so nothing here waits: work that waits (an
+//! RPC answer, a write through Raft) is spawned.
+
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
+
+use opmesh_actors::NodeId;
+
+use super::{Inner, LINK_BACK_WAIT};
+use crate::codec::{Message, Rpc, RpcReply, WireOp, WireReply};
+use crate::remote::{collect_replies, from_wire, refused_reply};
+use crate::transport::Inbound;
+
+/// What one node heard last from another.
+#[derive(Clone, Copy)]
+pub(super) struct Heard {
+    /// The last answer (`Pong`); `None` before the first.
+    pub(super) at: Option<Instant>,
+    pub(super) load: u64,
+}
+
+/// Most unsent replies kept per peer while its link is down.
+const MAX_UNSENT: usize = 100_000;
+
+/// Frames arriving on links, handed to the cluster (once it is built, while it runs).
+#[derive(Default)]
+pub(super) struct InboundAdapter(OnceLock<Weak<Inner>>);
+
+impl InboundAdapter {
+    /// Starts handing frames to `inner` (before, they are dropped).
+    pub(super) fn attach(&self, inner: &Arc<Inner>) {
+        let _ = self.0.set(Arc::downgrade(inner));
+    }
+
+    fn inner(&self) -> Option<Arc<Inner>> {
+        self.0.get().and_then(Weak::upgrade)
+    }
+}
+
+impl Inbound for InboundAdapter {
+    fn on_message(&self, from: &str, msg: Message) {
+        if let Some(inner) = self.inner() {
+            inner.on_message(from, msg);
+        }
+    }
+
+    fn on_link(&self, peer: &str, up: bool) {
+        if let Some(inner) = self.inner() {
+            inner.on_link(peer, up);
+        }
+    }
+}
+
+impl Inner {
+    fn on_message(self: &Arc<Self>, from: &str, msg: Message) {
+        match msg {
+            Message::OpBatch(ops) => self.run_forwarded(from, ops),
+            Message::ReplyBatch(replies) => self.outbox.complete(&NodeId::from(from), replies),
+            Message::Request { id, body } => {
+                let inner = self.clone();
+                let from = from.to_owned();
+                tokio::spawn(async move {
+                    let reply = inner.answer(body).await;
+                    // A node that just said hello (a joiner) may not have a link back yet.
+                    let t = inner.transport();
+                    t.wait_connected(&from, LINK_BACK_WAIT).await;
+                    let _ = t.send(&from, Message::Response { id, body: reply });
+                });
+            }
+            Message::Response { id, body } => self.calls.answer(id, body),
+            Message::Ping { seq, load } => {
+                self.heard(from, load, false);
+                let _ = self.transport().send(
+                    from,
+                    Message::Pong {
+                        seq,
+                        load: self.in_flight(),
+                    },
+                );
+            }
+            Message::Pong { load, .. } => self.heard(from, load, true),
+        }
+    }
+
+    /// Notes a peer's load. Only a `Pong` (`answered`) counts as hearing from it: it
+    /// proves the links both ways work, where a `Ping` that arrives proves only one.
+    fn heard(&self, from: &str, load: u64, answered: bool) {
+        let now = Instant::now();
+        self.heard
+            .entry(from.into())
+            .and_modify(|h| {
+                h.load = load;
+                if answered {
+                    h.at = Some(now);
+                }
+            })
+            .or_insert(Heard {
+                at: answered.then_some(now),
+                load,
+            });
+    }
+
+    fn on_link(&self, peer: &str, up: bool) {
+        if !up {
+            return;
+        }
+        let peer: NodeId = peer.into();
+        let waiting = self.outbox.waiting_on(&peer);
+        if !waiting.is_empty() {
+            tracing::info!(node = %peer, count = waiting.len(), "link is back: sending waiting operations again");
+            let _ = self.transport().send(&peer, Message::OpBatch(waiting));
+        }
+        if let Some((_, replies)) = self.unsent.remove(&peer) {
+            let _ = self.transport().send(&peer, Message::ReplyBatch(replies));
+        }
+    }
+
+    /// Runs operations another node forwarded here and sends their outcomes back.
+    fn run_forwarded(self: &Arc<Self>, from: &str, ops: Vec<WireOp>) {
+        let peer: NodeId = from.into();
+        let me = self.me.name.clone();
+        let Some(node) = self.node.get() else {
+            let replies = ops
+                .iter()
+                .map(|o| refused_reply(o.id, &me, &opmesh_actors::SubmitError::ShuttingDown))
+                .collect();
+            self.send_replies(&peer, replies);
+            return;
+        };
+        let now = Instant::now();
+        let ids: Vec<u128> = ops.iter().map(|o| o.id).collect();
+        let ops = ops.into_iter().map(|w| from_wire(w, now)).collect();
+        let mut tickets = Vec::new();
+        let mut refusals = Vec::new();
+        for (id, r) in ids.into_iter().zip(node.enqueue_forwarded(ops)) {
+            match r {
+                Ok(t) => tickets.push(t),
+                Err(e) => refusals.push(refused_reply(id, &me, &e)),
+            }
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            collect_replies(tickets, refusals, |batch| inner.send_replies(&peer, batch)).await
+        });
+    }
+
+    fn send_replies(&self, peer: &NodeId, replies: Vec<WireReply>) {
+        if self
+            .transport()
+            .send(peer, Message::ReplyBatch(replies.clone()))
+            .is_err()
+        {
+            let mut kept = self.unsent.entry(peer.clone()).or_default();
+            if kept.len() + replies.len() <= MAX_UNSENT {
+                kept.extend(replies);
+            } else {
+                tracing::warn!(node = %peer, count = replies.len(), "link down and too many replies kept: dropping (the origin sends the operations again when the link is back)");
+            }
+        }
+    }
+
+    async fn answer(&self, body: Rpc) -> RpcReply {
+        let raft = self.raft();
+        match body {
+            Rpc::AppendEntries(r) => match raft.append_entries(r).await {
+                Ok(r) => RpcReply::AppendEntries(r),
+                Err(e) => RpcReply::Error(e.to_string()),
+            },
+            Rpc::Vote(r) => match raft.vote(r).await {
+                Ok(r) => RpcReply::Vote(r),
+                Err(e) => RpcReply::Error(e.to_string()),
+            },
+            Rpc::InstallSnapshot(r) => {
+                RpcReply::InstallSnapshot(raft.install_snapshot(r).await.map_err(|e| e.to_string()))
+            }
+            Rpc::ClientWrite(cmd) => RpcReply::Written(self.write(cmd).await),
+            Rpc::Join(rec) => match self.to_leader(Rpc::Join(rec.clone())).await {
+                None => {
+                    let r = self.admit(rec).await;
+                    if r.is_ok() {
+                        self.balance_voters().await;
+                    }
+                    RpcReply::Joined(r)
+                }
+                Some(Ok(reply)) => reply,
+                Some(Err(e)) => RpcReply::Joined(Err(e)),
+            },
+            Rpc::Leave { name } => match self.to_leader(Rpc::Leave { name: name.clone() }).await {
+                None => RpcReply::Left(self.remove(&name).await),
+                Some(Ok(reply)) => reply,
+                Some(Err(e)) => RpcReply::Left(Err(e)),
+            },
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! One node's membership in a cluster: its links, its Raft replica of the routing table
+//! and node registry, the failure detector, and the remote execution of operations.
+//!
+//! [`Cluster::start`] opens the store, binds the cluster port and starts Raft;
+//! [`Cluster::start_node`] then starts the engine [`Node`] on the replicated routing table
+//! and the remote forwarder, bootstraps a cluster of one (no `--join`, no state) or joins
+//! the seeds, and starts the background duties.
+//!
+//! The parts, each in its own file:
+//!
+//! - this module: the [`Cluster`] handle and the state its parts share, and the engine's
+//!   two doors into the cluster (the replicated [`RouteStore`] and the [`Forwarder`]);
+//! - `inbound`: what each message arriving on a link does (operations to run, replies,
+//!   Raft RPCs and remote writes to answer, pings to note);
+//! - `writes`: committing through the leader (here or forwarded), admitting, removing
+//!   and leaving;
+//! - `duties`: the background loops, each run under a supervisor that logs, counts and
+//!   restarts a loop that ends or panics: heartbeats, the leader's failure detection and
+//!   voter balancing (deciding with [`crate::membership`]), the applied-state watcher,
+//!   and counting leader changes;
+//! - `status`: what `GET /v1/cluster` shows;
+//! - `error`: the errors of the handle's calls.
+
+mod duties;
+mod error;
+mod inbound;
+mod status;
+mod writes;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use opmesh_actors::job::Job;
+use opmesh_actors::router::Forwarder;
+use opmesh_actors::routing::{validate_route, RouteResult, RouteStore};
+use opmesh_actors::{
+    Node, NodeBuilder, NodeId, OpType, Route, RouteError, RoutingTable, StartError,
+};
+use tokio_util::sync::CancellationToken;
+
+pub use self::error::{ClusterError, JoinError, JoinFailure, LeaveError};
+pub use self::status::{ClusterStatus, NodeStatusView};
+pub use crate::config::ClusterConfig;
+
+use self::duties::Duty;
+use self::inbound::{Heard, InboundAdapter};
+use crate::codec::{Message, WireReply};
+use crate::network::{Calls, Links, Network};
+use crate::remote::Outbox;
+use crate::store::Store;
+use crate::transport::{Transport, TransportError};
+use crate::types::{raft_id, ClusterState, Command, Member, NodeRecord, NodeStatus, Raft, RaftId};
+
+/// How long this node waits for its link back to a node that just said hello (a
+/// joiner) before answering or replicating to it anyway.
+const LINK_BACK_WAIT: Duration = Duration::from_secs(2);
+
+/// What the parts of a node's cluster share.
+struct Inner {
+    cfg: ClusterConfig,
+    me: NodeRecord,
+    transport: OnceLock<Transport>,
+    raft: OnceLock<Raft>,
+    node: OnceLock<Node>,
+    /// The state machine's latest applied state.
+    state: Arc<ArcSwap<ClusterState>>,
+    /// The applied state's version, raised with every change.
+    versions: tokio::sync::watch::Receiver<u64>,
+    /// What the Router reads: the state as a routing table, with the loads last heard.
+    table: ArcSwap<RoutingTable>,
+    heard: DashMap<NodeId, Heard>,
+    calls: Calls,
+    outbox: Outbox,
+    /// Replies that could not be sent (the link back was down), sent when it comes back.
+    unsent: DashMap<NodeId, Vec<WireReply>>,
+    stop: CancellationToken,
+    leaving: AtomicBool,
+    /// Times the Raft leader this node knows of changed (see [`Cluster::leader_changes`]).
+    leader_changes: Arc<AtomicU64>,
+    /// Times a background duty ended or panicked and was restarted (see
+    /// [`Cluster::duty_restarts`]).
+    duty_restarts: Arc<AtomicU64>,
+}
+
+/// A node's handle on its cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+impl Links for Inner {
+    fn transport(&self) -> Option<&Transport> {
+        self.transport.get()
+    }
+    fn calls(&self) -> &Calls {
+        &self.calls
+    }
+}
+
+impl Cluster {
+    /// Opens the store, binds the cluster port and starts this node's Raft.
+    pub async fn start(mut cfg: ClusterConfig) -> Result<Cluster, ClusterError> {
+        let (log, sm) = Store::open(cfg.data_dir.as_deref())?;
+        // Port 0 (tests) or no advertise address: others dial the address actually bound.
+        if cfg.advertise.ends_with(":0") {
+            cfg.advertise.clear();
+        }
+        let inbound = Arc::new(InboundAdapter::default());
+        let transport = Transport::start(&cfg, inbound.clone())
+            .await
+            .map_err(|e| match e {
+                TransportError::Config(e) => ClusterError::Config(e),
+                TransportError::Listen(error) => ClusterError::Listen {
+                    addr: cfg.listen,
+                    error,
+                },
+            })?;
+        if cfg.advertise.is_empty() {
+            cfg.advertise = transport.local_addr().to_string();
+        }
+        let me = NodeRecord {
+            name: cfg.node.as_str().into(),
+            raft_id: raft_id(&cfg.node),
+            cluster_addr: cfg.advertise.clone(),
+            http_addr: cfg.http_addr.clone(),
+            serves: cfg.serves.clone(),
+            status: NodeStatus::Up,
+        };
+        let inner = Arc::new(Inner {
+            me,
+            transport: OnceLock::from(transport),
+            raft: OnceLock::new(),
+            node: OnceLock::new(),
+            table: ArcSwap::from_pointee(RoutingTable::default()),
+            state: sm.state(),
+            versions: sm.version_watch(),
+            heard: DashMap::new(),
+            calls: Calls::default(),
+            outbox: Outbox::default(),
+            unsent: DashMap::new(),
+            stop: CancellationToken::new(),
+            leaving: AtomicBool::new(false),
+            leader_changes: Arc::default(),
+            duty_restarts: Arc::default(),
+            cfg,
+        });
+        inbound.attach(&inner);
+        let et = inner.cfg.election_timeout.as_millis().max(10) as u64;
+        let config = openraft::Config {
+            cluster_name: inner.cfg.cluster_id.clone(),
+            election_timeout_min: et,
+            election_timeout_max: et * 2,
+            heartbeat_interval: (et / 3).max(5),
+            install_snapshot_timeout: 2_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
+            max_in_snapshot_log_to_keep: 1_000,
+            ..Default::default()
+        }
+        .validate()?;
+        let network = Network {
+            links: Arc::downgrade(&inner),
+        };
+        let raft = Raft::new(inner.me.raft_id, Arc::new(config), network, log, sm).await?;
+        let _ = inner.raft.set(raft);
+        duties::count_leader_changes(&inner);
+        Ok(Cluster { inner })
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.inner.cfg.node
+    }
+
+    /// The address other nodes dial for this node.
+    pub fn cluster_addr(&self) -> &str {
+        &self.inner.me.cluster_addr
+    }
+
+    /// Starts the engine built by `builder` on this cluster's replicated routing table
+    /// and remote forwarder, and starts taking part: bootstraps a cluster of one (no
+    /// seeds, no state) or joins the seeds, then runs the background duties.
+    pub async fn start_node(&self, builder: NodeBuilder) -> Result<Node, StartError> {
+        let node = builder
+            .route_store(Arc::new(ClusterRoutes(self.inner.clone())))
+            .forwarder(Arc::new(ClusterForwarder(self.inner.clone())))
+            .start()
+            .await?;
+        self.attach(node.clone());
+        Ok(node)
+    }
+
+    fn attach(&self, node: Node) {
+        let _ = self.inner.node.set(node);
+        for duty in [
+            Duty::WatchState,
+            Duty::Heartbeats,
+            Duty::LeaderDuties,
+            Duty::BootstrapOrJoin,
+        ] {
+            duties::start(&self.inner, duty);
+        }
+    }
+
+    /// Whether this node is a member that can route: registered, up, a leader known.
+    pub fn is_ready(&self) -> bool {
+        let s = self.inner.state.load();
+        let registered = s
+            .nodes
+            .get(self.inner.me.name.as_ref())
+            .is_some_and(|r| r.status == NodeStatus::Up);
+        registered
+            && self
+                .inner
+                .raft()
+                .metrics()
+                .borrow()
+                .current_leader
+                .is_some()
+    }
+
+    /// What `GET /v1/cluster` shows.
+    pub fn status(&self) -> ClusterStatus {
+        self.inner.status()
+    }
+
+    /// Hands off and leaves: this node is marked leaving (routes move away), its
+    /// operations finish (up to `grace`), then it is removed from the registry and from
+    /// the Raft group.
+    pub async fn leave(&self, grace: Duration) -> Result<(), LeaveError> {
+        self.inner.leave(grace).await
+    }
+
+    /// Joins the cluster `seed` belongs to. Only a node that belongs to no cluster yet
+    /// can: a node that bootstrapped its own holds a log that cannot merge into another.
+    pub async fn join(&self, seed: &str) -> Result<(), JoinError> {
+        if self.inner.raft().is_initialized().await.unwrap_or(true) {
+            return Err(JoinError::AlreadyMember {
+                node: self.inner.me.name.to_string(),
+            });
+        }
+        self.inner
+            .join_via(seed)
+            .await
+            .map_err(|cause| JoinError::Failed {
+                seed: seed.to_owned(),
+                cause,
+            })
+    }
+
+    /// Stops Raft, the links and the background duties.
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        let _ = self.inner.raft().shutdown().await;
+        if let Some(t) = self.inner.transport.get() {
+            t.shutdown().await;
+        }
+    }
+
+    /// The Raft handle (tests and tools).
+    pub fn raft(&self) -> &Raft {
+        self.inner.raft()
+    }
+
+    /// The latest applied cluster state.
+    pub fn state(&self) -> Arc<ClusterState> {
+        self.inner.state.load_full()
+    }
+
+    /// How many times the Raft leader this node knows of changed since it started: each
+    /// time openraft's metrics name a leader other than the last one named (the first
+    /// leader it learns of counts; an election with no leader yet does not).
+    pub fn leader_changes(&self) -> u64 {
+        self.inner.leader_changes.load(Ordering::Relaxed)
+    }
+
+    /// How many times a background duty (heartbeats, the leader's failure detection and
+    /// voter upkeep, the applied-state watcher, bootstrap or join, counting leader
+    /// changes) ended unexpectedly or panicked and was restarted since this node started.
+    /// Zero on a healthy node; each restart is also logged with its cause.
+    pub fn duty_restarts(&self) -> u64 {
+        self.inner.duty_restarts.load(Ordering::Relaxed)
+    }
+
+    /// The index of the last Raft log entry this node knows is committed, asked of the
+    /// Raft core (openraft 0.9's metrics do not carry it). `None` before anything is
+    /// committed, or when Raft has stopped.
+    pub async fn committed_index(&self) -> Option<u64> {
+        self.inner
+            .raft()
+            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+impl Inner {
+    fn raft(&self) -> &Raft {
+        self.raft
+            .get()
+            .expect("raft starts before the cluster is handed out")
+    }
+
+    fn transport(&self) -> &Transport {
+        self.transport
+            .get()
+            .expect("the transport starts before the cluster is handed out")
+    }
+
+    fn in_flight(&self) -> u64 {
+        self.node.get().map_or(0, |n| n.in_flight() as u64)
+    }
+
+    fn member(rec: &NodeRecord) -> Member {
+        Member {
+            name: rec.name.to_string(),
+            cluster_addr: rec.cluster_addr.clone(),
+            http_addr: rec.http_addr.clone(),
+        }
+    }
+
+    fn leader(&self) -> (Option<RaftId>, Option<Member>) {
+        let m = self.raft().metrics();
+        let m = m.borrow();
+        let id = m.current_leader;
+        let node = id.and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+        (id, node)
+    }
+}
+
+/// The replicated routing table, as the engine's [`RouteStore`].
+struct ClusterRoutes(Arc<Inner>);
+
+impl RouteStore for ClusterRoutes {
+    fn snapshot(&self) -> Arc<RoutingTable> {
+        self.0.table.load_full()
+    }
+
+    fn set_route(&self, op_type: OpType, route: Route) -> BoxFuture<'static, RouteResult> {
+        let inner = self.0.clone();
+        async move {
+            validate_route(&inner.table.load(), &route)?;
+            inner
+                .route_write(Command::SetRoute { op_type, route })
+                .await
+        }
+        .boxed()
+    }
+
+    fn remove_route(&self, op_type: OpType) -> BoxFuture<'static, RouteResult> {
+        let inner = self.0.clone();
+        async move {
+            if !inner.table.load().routes.contains_key(&op_type) {
+                return Err(RouteError::NotFound(op_type.to_string()));
+            }
+            inner.route_write(Command::RemoveRoute { op_type }).await
+        }
+        .boxed()
+    }
+}
+
+/// Sends operations to their owners, as the engine's [`Forwarder`].
+struct ClusterForwarder(Arc<Inner>);
+
+impl Forwarder for ClusterForwarder {
+    fn forward(&self, node: &NodeId, jobs: Vec<Box<Job>>) {
+        let wire = self.0.outbox.hold(node, jobs);
+        // Not connected: the operations wait in the outbox, sent when the link comes
+        // back, routed again if the node is marked down, expired at their deadline.
+        let _ = self.0.transport().send(node, Message::OpBatch(wire));
+    }
+}

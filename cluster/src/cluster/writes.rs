@@ -1,0 +1,392 @@
+//! Changes to the replicated state and to the Raft group, and how they reach the leader.
+//!
+//! [`Inner::write`] commits a command here when this node leads and forwards it to the
+//! leader otherwise, failing within the write timeout with a reason (and the leader, when
+//! one is known) instead of hanging. On the leader, [`Inner::admit`] adds a joining node
+//! (as a learner that must catch up, then to the registry) and [`Inner::remove`] takes a
+//! leaving one out; [`Inner::leave`] is a node's own hand-off; [`Inner::join_via`] asks a
+//! seed to admit this node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ChangeMembers;
+use opmesh_actors::routing::RouteResult;
+use opmesh_actors::{NodeId, RouteError};
+
+use super::{Inner, JoinFailure, LeaveError, LINK_BACK_WAIT};
+use crate::codec::{Rpc, RpcReply, WriteRefused};
+use crate::membership;
+use crate::types::{raft_id, Command, CommandResult, Member, NodeRecord, NodeStatus, RaftId};
+
+/// How long joining waits for the link to a seed before asking it anyway.
+const SEED_LINK_WAIT: Duration = Duration::from_secs(2);
+
+fn refused(message: impl Into<String>, leader: Option<Member>) -> WriteRefused {
+    WriteRefused {
+        message: message.into(),
+        leader,
+    }
+}
+
+impl Inner {
+    /// Commits `cmd` through the leader: here if this node leads, forwarded otherwise.
+    /// Fails with a clear reason within the write timeout instead of hanging.
+    pub(super) async fn write(&self, cmd: Command) -> Result<CommandResult, WriteRefused> {
+        let timeout = self.cfg.write_timeout;
+        let no_quorum = || {
+            refused(
+                format!(
+                    "the change was not committed within {timeout:?}: node `{}` cannot reach a quorum of the cluster (if one comes back in time it may still be applied; read the route to know)",
+                    self.me.name
+                ),
+                None,
+            )
+        };
+        let r = tokio::time::timeout(timeout, self.raft().client_write(cmd.clone())).await;
+        match r {
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                match f.leader_node {
+                    Some(leader) if leader.name != self.cfg.node => {
+                        self.transport()
+                            .add_peer(&leader.name, &leader.cluster_addr);
+                        match self
+                            .calls
+                            .call(self.transport(), &leader.name, Rpc::ClientWrite(cmd), timeout)
+                            .await
+                        {
+                            Ok(RpcReply::Written(r)) => r,
+                            Ok(other) => Err(refused(
+                                format!("leader is {leader}: unexpected answer {other:?}"),
+                                Some(leader),
+                            )),
+                            Err(e) => Err(refused(
+                                format!("leader is {leader}, and it cannot be reached from node `{}`: {e}", self.me.name),
+                                Some(leader),
+                            )),
+                        }
+                    }
+                    _ => Err(refused(
+                        format!(
+                            "no leader is known to node `{}`: the cluster has no quorum reachable from here",
+                            self.me.name
+                        ),
+                        None,
+                    )),
+                }
+            }
+            Ok(Err(e)) => Err(refused(e.to_string(), None)),
+            Err(_) => Err(no_quorum()),
+        }
+    }
+
+    /// Waits (briefly) until this node has applied `version`, so a write is visible here
+    /// when it returns.
+    async fn applied(&self, version: u64) {
+        let mut versions = self.versions.clone();
+        let _ = tokio::time::timeout(self.cfg.write_timeout, versions.wait_for(|v| *v >= version))
+            .await;
+    }
+
+    pub(super) async fn route_write(&self, cmd: Command) -> RouteResult {
+        match self.write(cmd).await {
+            Ok(CommandResult { error: Some(e), .. }) => Err(RouteError::Unavailable(e)),
+            Ok(r) => {
+                self.applied(r.version).await;
+                Ok(r.version)
+            }
+            Err(r) => Err(RouteError::NoQuorum {
+                message: r.message,
+                leader: r.leader.map(|l| l.name),
+            }),
+        }
+    }
+
+    /// Sends `rpc` to the leader and returns its answer; `None` when this node leads.
+    pub(super) async fn to_leader(&self, rpc: Rpc) -> Option<Result<RpcReply, WriteRefused>> {
+        let (id, node) = self.leader();
+        if id == Some(self.me.raft_id) {
+            return None;
+        }
+        let Some(leader) = node else {
+            return Some(Err(refused(
+                format!("no leader is known to node `{}`", self.me.name),
+                None,
+            )));
+        };
+        self.transport()
+            .add_peer(&leader.name, &leader.cluster_addr);
+        Some(
+            self.calls
+                .call(
+                    self.transport(),
+                    &leader.name,
+                    rpc,
+                    self.cfg.write_timeout * 3,
+                )
+                .await
+                .map_err(|e| refused(format!("leader is {leader}: {e}"), Some(leader))),
+        )
+    }
+
+    /// Asks the node at `seed` to admit this one (it forwards to the leader).
+    pub(super) async fn join_via(&self, seed: &str) -> Result<(), JoinFailure> {
+        let peer = format!("seed@{seed}");
+        let t = self.transport();
+        t.add_peer(&peer, seed);
+        t.wait_connected(&peer, SEED_LINK_WAIT).await;
+        let r = self
+            .calls
+            .call(
+                t,
+                &peer,
+                Rpc::Join(self.me.clone()),
+                self.cfg.write_timeout * 4,
+            )
+            .await;
+        t.remove_peer(&peer);
+        match r {
+            Ok(RpcReply::Joined(Ok(()))) => Ok(()),
+            Ok(RpcReply::Joined(Err(e))) => Err(JoinFailure::Refused {
+                message: e.message,
+                leader: e.leader,
+            }),
+            Ok(other) => Err(JoinFailure::Unexpected(format!("{other:?}"))),
+            Err(e) => Err(JoinFailure::Unreachable(e)),
+        }
+    }
+
+    /// On the leader: adds `rec` as a learner (waiting until it has caught up) and to
+    /// the registry.
+    pub(super) async fn admit(&self, rec: NodeRecord) -> Result<(), WriteRefused> {
+        if rec.raft_id != raft_id(&rec.name) {
+            return Err(refused(
+                format!("node `{}` sent a wrong Raft id", rec.name),
+                None,
+            ));
+        }
+        if let Some(other) = self
+            .state
+            .load()
+            .nodes
+            .values()
+            .find(|n| n.raft_id == rec.raft_id && n.name != rec.name)
+        {
+            return Err(refused(
+                format!(
+                    "node name `{}` collides with node `{}` (same Raft id); choose another --node-id",
+                    rec.name, other.name
+                ),
+                None,
+            ));
+        }
+        let (known, voters) = {
+            let m = self.raft().metrics();
+            let m = m.borrow();
+            let mem = m.membership_config.membership();
+            let voters: BTreeSet<RaftId> = mem.voter_ids().collect();
+            (mem.get_node(&rec.raft_id).cloned(), voters)
+        };
+        // The joiner dialed in and this node is dialing back (or, for a join forwarded by
+        // another seed, not yet). Raft backs off half a second from a node it cannot
+        // reach, so let the link open (briefly) before replicating to the joiner.
+        let t = self.transport();
+        t.add_peer(&rec.name, &rec.cluster_addr);
+        t.wait_connected(&rec.name, LINK_BACK_WAIT).await;
+        let member = Self::member(&rec);
+        let raft = self.raft();
+        let demoted = known.is_some() && voters.contains(&rec.raft_id) && voters.len() > 1;
+        if demoted {
+            // A voter that comes back may have lost its log (no data dir). Until it has
+            // caught up it must not count towards a quorum, or an entry committed with
+            // its old acknowledgement could be lost: it rejoins as a learner, and the
+            // voter upkeep promotes it again once it is up.
+            let rest: BTreeSet<RaftId> = voters
+                .iter()
+                .copied()
+                .filter(|v| *v != rec.raft_id)
+                .collect();
+            tracing::info!(node = %rec.name, "a voter rejoins: demoted to learner until it has caught up");
+            if let Err(e) = raft.change_membership(rest, true).await {
+                return Err(refused(
+                    format!("cannot readmit voter `{}`: {e}", rec.name),
+                    None,
+                ));
+            }
+        }
+        let fresh = known.is_none();
+        let change: Option<BoxFuture<'_, _>> = match known {
+            None => Some(raft.add_learner(rec.raft_id, member, true).boxed()),
+            // A restart on new addresses: update them.
+            Some(m) if m != member => {
+                let mut nodes = BTreeMap::new();
+                nodes.insert(rec.raft_id, member);
+                Some(
+                    raft.change_membership(ChangeMembers::SetNodes(nodes), true)
+                        .boxed(),
+                )
+            }
+            Some(_) => None,
+        };
+        if let Some(change) = change {
+            match tokio::time::timeout(self.cfg.write_timeout * 3, change).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    return Err(refused(
+                        format!("cannot add node `{}`: {e}", rec.name),
+                        None,
+                    ))
+                }
+                Err(_) => {
+                    return Err(refused(
+                        format!("node `{}` did not catch up with the log in time", rec.name),
+                        None,
+                    ))
+                }
+            }
+        }
+        let id = rec.raft_id;
+        if fresh {
+            // openraft's blocking `add_learner` returns once the learner is within its
+            // own lag threshold (thousands of entries), which a learner that has not
+            // answered yet meets. Wait (within the write timeout) until it has caught up
+            // as the voter upkeep counts it, so it can vote as soon as it is registered.
+            self.wait_caught_up(id, self.cfg.write_timeout).await;
+        }
+        if let CommandResult { error: Some(e), .. } = self.write(Command::NodeJoined(rec)).await? {
+            return Err(refused(e, None));
+        }
+        if demoted {
+            // Give the voter back its vote as soon as it has caught up, so the cluster
+            // tolerates a failure again before the join is answered.
+            let mut metrics = raft.metrics();
+            let until = Instant::now() + self.cfg.write_timeout * 3;
+            while Instant::now() < until {
+                if self.up_learners().contains(&id) {
+                    self.balance_voters().await;
+                    break;
+                }
+                let _ = tokio::time::timeout_at(until.into(), metrics.changed()).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// On the leader: waits until the learner `id` has caught up with the log (see
+    /// [`membership::caught_up`]), at most `timeout`; returns whether it has.
+    async fn wait_caught_up(&self, id: RaftId, timeout: Duration) -> bool {
+        let mut metrics = self.raft().metrics();
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                let Some(replication) = m.replication.as_ref() else {
+                    return false;
+                };
+                let matched = replication.get(&id).copied().flatten().map(|l| l.index);
+                if membership::caught_up(matched, m.last_log_index) {
+                    return true;
+                }
+            }
+            match tokio::time::timeout_at(until, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return false,
+            }
+        }
+    }
+
+    /// On the leader: removes `name` from the registry and from the Raft group.
+    pub(super) async fn remove(&self, name: &str) -> Result<(), WriteRefused> {
+        if let CommandResult { error: Some(e), .. } =
+            self.write(Command::NodeLeft { name: name.into() }).await?
+        {
+            tracing::warn!(node = name, "registry removal: {e}");
+        }
+        let id = raft_id(name);
+        let voters: BTreeSet<RaftId> = {
+            let m = self.raft().metrics();
+            let m = m.borrow();
+            m.membership_config.membership().voter_ids().collect()
+        };
+        let raft = self.raft();
+        if voters.contains(&id) {
+            // Keep the voter count: promote a learner in its place when there is one.
+            let rest = membership::voters_without(&voters, id, &self.up_learners());
+            raft.change_membership(rest, false)
+                .await
+                .map_err(|e| refused(format!("cannot remove voter `{name}`: {e}"), None))?;
+        } else {
+            let mut gone = BTreeSet::new();
+            gone.insert(id);
+            raft.change_membership(ChangeMembers::RemoveNodes(gone), false)
+                .await
+                .map_err(|e| refused(format!("cannot remove learner `{name}`: {e}"), None))?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn leave(&self, grace: Duration) -> Result<(), LeaveError> {
+        if self.leaving.swap(true, Ordering::AcqRel) {
+            return Err(LeaveError::AlreadyLeaving);
+        }
+        let name: NodeId = self.me.name.clone();
+        let alone = {
+            let m = self.raft().metrics();
+            let m = m.borrow();
+            let alone = m
+                .membership_config
+                .membership()
+                .nodes()
+                .all(|(id, _)| *id == self.me.raft_id);
+            alone
+        };
+        if alone {
+            // The last node keeps its cluster (and, with a data dir, its state) to restart.
+            tracing::info!(node = %name, "last node of the cluster: not leaving it");
+            return Ok(());
+        }
+        tracing::info!(node = %name, "leaving the cluster: handing off");
+        let marked = self
+            .write(Command::SetStatus {
+                name: name.clone(),
+                status: NodeStatus::Leaving,
+            })
+            .await;
+        if let Err(e) = marked {
+            self.leaving.store(false, Ordering::Release);
+            return Err(LeaveError::NotMarked {
+                message: e.message,
+                leader: e.leader,
+            });
+        }
+        // Operations routed here before the change finish; forwarded ones come back.
+        // (The engine's in-flight count has no notification to wait on, so this looks
+        // every few milliseconds, within the grace period.)
+        let until = Instant::now() + grace;
+        while Instant::now() < until && (self.in_flight() > 0 || !self.outbox.is_empty()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let r = match self
+            .to_leader(Rpc::Leave {
+                name: name.to_string(),
+            })
+            .await
+        {
+            None => self.remove(&name).await,
+            Some(Ok(RpcReply::Left(r))) => r,
+            Some(Ok(other)) => Err(refused(format!("unexpected answer {other:?}"), None)),
+            Some(Err(e)) => Err(e),
+        };
+        r.map_err(|e| LeaveError::NotRemoved {
+            message: e.message,
+            leader: e.leader,
+        })?;
+        tracing::info!(node = %name, "left the cluster");
+        Ok(())
+    }
+}

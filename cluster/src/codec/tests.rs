@@ -1,0 +1,553 @@
+//! The codec's tests: round trips of every frame (by hand and by proptest), the exact
+//! bytes of the layout the module doc promises, and decoding that refuses what it must.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use openraft::testing::log_id;
+use openraft::{Entry, EntryPayload, Membership, SnapshotMeta, StoredMembership, Vote};
+use opmesh_actors::{Route, Strategy as RouteStrategy};
+use proptest::prelude::*;
+
+use super::*;
+use crate::types::{raft_id, NodeStatus};
+
+fn op(id: u128) -> WireOp {
+    WireOp {
+        id,
+        op_type: "resize".into(),
+        key: Some(format!("img-{id}")),
+        idempotency_key: None,
+        payload: br#"{"w":64}"#.to_vec(),
+        metadata: vec![("tenant".into(), "a".into())],
+        priority: -3,
+        remaining_us: Some(250_000),
+        trace: Some(WireTrace {
+            trace_id: u128::MAX - id,
+            span_id: 7,
+            flags: 1,
+        }),
+    }
+}
+
+fn bare_op() -> WireOp {
+    WireOp {
+        id: 0,
+        op_type: String::new(),
+        key: None,
+        idempotency_key: None,
+        payload: Vec::new(),
+        metadata: Vec::new(),
+        priority: 0,
+        remaining_us: None,
+        trace: None,
+    }
+}
+
+fn reply(id: u128) -> WireReply {
+    WireReply {
+        id,
+        status: 2,
+        result: Some(b"{}".to_vec()),
+        error: Some("late".into()),
+        cached: true,
+        attempts: 3,
+    }
+}
+
+fn member(name: &str) -> Member {
+    Member {
+        name: name.into(),
+        cluster_addr: format!("{name}:7000"),
+        http_addr: format!("{name}:8080"),
+    }
+}
+
+fn record(name: &str) -> NodeRecord {
+    NodeRecord {
+        name: Arc::from(name),
+        raft_id: raft_id(name),
+        cluster_addr: format!("{name}:7000"),
+        http_addr: format!("{name}:8080"),
+        serves: vec![Arc::from("resize"), Arc::from("echo")],
+        status: NodeStatus::Up,
+    }
+}
+
+fn membership() -> Membership<RaftId, Member> {
+    let ids: BTreeSet<RaftId> = ["a", "b"].iter().map(|n| raft_id(n)).collect();
+    let nodes: BTreeMap<RaftId, Member> = ["a", "b", "c"]
+        .iter()
+        .map(|n| (raft_id(n), member(n)))
+        .collect();
+    Membership::new(vec![ids], nodes)
+}
+
+fn every_command() -> Vec<Command> {
+    vec![
+        Command::SetRoute {
+            op_type: Arc::from("resize"),
+            route: Route {
+                strategy: RouteStrategy::ConsistentHash,
+                nodes: vec![Arc::from("a"), Arc::from("b")],
+            },
+        },
+        Command::RemoveRoute {
+            op_type: Arc::from("resize"),
+        },
+        Command::NodeJoined(record("c")),
+        Command::SetStatus {
+            name: Arc::from("b"),
+            status: NodeStatus::Leaving,
+        },
+        Command::NodeLeft {
+            name: Arc::from("b"),
+        },
+    ]
+}
+
+fn append_entries() -> AppendEntriesRequest<TypeConfig> {
+    let leader = raft_id("a");
+    let mut entries = vec![Entry::<TypeConfig> {
+        log_id: log_id(2, leader, 10),
+        payload: EntryPayload::Blank,
+    }];
+    for (i, cmd) in every_command().into_iter().enumerate() {
+        entries.push(Entry {
+            log_id: log_id(2, leader, 11 + i as u64),
+            payload: EntryPayload::Normal(cmd),
+        });
+    }
+    entries.push(Entry {
+        log_id: log_id(2, leader, 20),
+        payload: EntryPayload::Membership(membership()),
+    });
+    AppendEntriesRequest {
+        vote: Vote::new_committed(2, leader),
+        prev_log_id: Some(log_id(1, leader, 9)),
+        entries,
+        leader_commit: Some(log_id(2, leader, 10)),
+    }
+}
+
+fn install_snapshot() -> InstallSnapshotRequest<TypeConfig> {
+    let leader = raft_id("a");
+    InstallSnapshotRequest {
+        vote: Vote::new_committed(3, leader),
+        meta: SnapshotMeta {
+            last_log_id: Some(log_id(3, leader, 40)),
+            last_membership: StoredMembership::new(Some(log_id(2, leader, 20)), membership()),
+            snapshot_id: "3-40-1".into(),
+        },
+        offset: 4096,
+        data: (0..=255u8).cycle().take(10_000).collect(),
+        done: false,
+    }
+}
+
+fn every_message() -> Vec<Message> {
+    let mut msgs = vec![
+        Message::OpBatch(vec![]),
+        Message::OpBatch(vec![op(1)]),
+        Message::OpBatch((0..256).map(op).chain([bare_op()]).collect()),
+        Message::ReplyBatch(vec![]),
+        Message::ReplyBatch((0..3).map(reply).collect()),
+        Message::Ping { seq: 1, load: 0 },
+        Message::Pong {
+            seq: u64::MAX,
+            load: 12,
+        },
+    ];
+    let rpcs = [
+        Rpc::AppendEntries(append_entries()),
+        Rpc::AppendEntries(AppendEntriesRequest {
+            vote: Vote::new(1, 1),
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        }),
+        Rpc::Vote(VoteRequest::new(
+            Vote::new(4, raft_id("b")),
+            Some(log_id(3, 1, 41)),
+        )),
+        Rpc::InstallSnapshot(install_snapshot()),
+        Rpc::Join(record("d")),
+        Rpc::Leave { name: "b".into() },
+    ]
+    .into_iter()
+    .chain(every_command().into_iter().map(Rpc::ClientWrite));
+    msgs.extend(
+        rpcs.enumerate()
+            .map(|(i, body)| Message::Request { id: i as u64, body }),
+    );
+    let refused = WriteRefused {
+        message: "not the leader".into(),
+        leader: Some(member("a")),
+    };
+    let replies = [
+        RpcReply::AppendEntries(AppendEntriesResponse::Success),
+        RpcReply::AppendEntries(AppendEntriesResponse::PartialSuccess(Some(log_id(2, 1, 3)))),
+        RpcReply::AppendEntries(AppendEntriesResponse::Conflict),
+        RpcReply::AppendEntries(AppendEntriesResponse::HigherVote(Vote::new(9, 2))),
+        RpcReply::Vote(VoteResponse::new(Vote::new(4, 2), None, true)),
+        RpcReply::InstallSnapshot(Ok(InstallSnapshotResponse {
+            vote: Vote::new_committed(3, 1),
+        })),
+        RpcReply::InstallSnapshot(Err("no space".into())),
+        RpcReply::Written(Ok(CommandResult {
+            version: 7,
+            error: None,
+        })),
+        RpcReply::Written(Err(refused.clone())),
+        RpcReply::Joined(Ok(())),
+        RpcReply::Joined(Err(WriteRefused {
+            message: "id collides".into(),
+            leader: None,
+        })),
+        RpcReply::Left(Ok(())),
+        RpcReply::Left(Err(refused)),
+        RpcReply::Error("unknown request".into()),
+    ];
+    msgs.extend(
+        replies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| Message::Response {
+                id: 1000 + i as u64,
+                body,
+            }),
+    );
+    msgs
+}
+
+fn every_frame() -> Vec<Frame> {
+    let mut frames = vec![
+        Frame::Challenge { nonce: [9; 32] },
+        Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            cluster_id: "prod".into(),
+            node: "a".into(),
+            cluster_addr: "10.0.0.1:7000".into(),
+            proof: [3; 32],
+        }),
+        Frame::Welcome,
+        Frame::Refused {
+            reason: "wrong secret".into(),
+        },
+    ];
+    frames.extend(every_message().into_iter().map(Frame::Message));
+    frames
+}
+
+/// One frame as encoded, without its prefix, checking the prefix on the way.
+fn body_of<T: Encode + ?Sized>(frame: &T) -> Vec<u8> {
+    let mut out = vec![0xAA];
+    let len = encode(frame, &mut out).unwrap();
+    assert_eq!(out[0], 0xAA, "encode appends");
+    assert_eq!(out.len(), 1 + LEN_PREFIX + len);
+    let prefix: [u8; 4] = out[1..5].try_into().unwrap();
+    assert_eq!(body_len(prefix, usize::MAX).unwrap(), len);
+    out.split_off(1 + LEN_PREFIX)
+}
+
+// Debug output compares every field, including openraft types that are not
+// `PartialEq`.
+fn same(a: &Frame, b: &Frame) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+#[test]
+fn every_frame_round_trips() {
+    for frame in every_frame() {
+        let body = body_of(&frame);
+        let back = decode(&body).unwrap_or_else(|e| panic!("{frame:?}: {e}"));
+        assert!(same(&frame, &back), "{frame:?}\n!=\n{back:?}");
+    }
+}
+
+#[test]
+fn a_message_encodes_as_its_frame() {
+    for msg in every_message() {
+        assert_eq!(body_of(&msg), body_of(&Frame::Message(msg.clone())));
+    }
+}
+
+#[test]
+fn raft_types_survive_postcard_field_by_field() {
+    let req = append_entries();
+    let Frame::Message(Message::Request {
+        body: Rpc::AppendEntries(back),
+        ..
+    }) = decode(&body_of(&Message::Request {
+        id: 5,
+        body: Rpc::AppendEntries(req.clone()),
+    }))
+    .unwrap()
+    else {
+        panic!("not an AppendEntries request");
+    };
+    assert_eq!(back.vote, req.vote);
+    assert_eq!(back.prev_log_id, req.prev_log_id);
+    assert_eq!(back.leader_commit, req.leader_commit);
+    assert_eq!(back.entries, req.entries);
+    let memberships = back
+        .entries
+        .iter()
+        .filter(|e| matches!(e.payload, EntryPayload::Membership(_)))
+        .count();
+    assert_eq!(memberships, 1);
+
+    let snap = install_snapshot();
+    let Frame::Message(Message::Request {
+        body: Rpc::InstallSnapshot(back),
+        ..
+    }) = decode(&body_of(&Message::Request {
+        id: 6,
+        body: Rpc::InstallSnapshot(snap.clone()),
+    }))
+    .unwrap()
+    else {
+        panic!("not an InstallSnapshot request");
+    };
+    assert_eq!(back, snap);
+
+    let vote = VoteRequest::new(Vote::new(4, 2), Some(log_id(3, 1, 41)));
+    let Frame::Message(Message::Request {
+        body: Rpc::Vote(back),
+        ..
+    }) = decode(&body_of(&Message::Request {
+        id: 7,
+        body: Rpc::Vote(vote.clone()),
+    }))
+    .unwrap()
+    else {
+        panic!("not a Vote request");
+    };
+    assert_eq!(back, vote);
+}
+
+#[test]
+fn the_layout_is_as_documented() {
+    let body = body_of(&Message::Ping { seq: 1, load: 2 });
+    let mut expected = vec![tag::PING];
+    expected.extend_from_slice(&1u64.to_le_bytes());
+    expected.extend_from_slice(&2u64.to_le_bytes());
+    assert_eq!(body, expected);
+
+    // A batch is a wincode `Vec`: what bincode-compatible readers expect.
+    let ops = vec![op(1), op(2)];
+    let body = body_of(&Message::OpBatch(ops.clone()));
+    assert_eq!(body[0], tag::OP_BATCH);
+    assert_eq!(&body[1..], wincode::serialize(&ops).unwrap().as_slice());
+
+    assert_eq!(
+        wincode::serialized_size(&bare_op()).unwrap(),
+        MIN_WIRE_OP as u64
+    );
+    let bare_reply = WireReply {
+        id: 0,
+        status: 0,
+        result: None,
+        error: None,
+        cached: false,
+        attempts: 0,
+    };
+    assert_eq!(
+        wincode::serialized_size(&bare_reply).unwrap(),
+        MIN_WIRE_REPLY as u64
+    );
+}
+
+#[test]
+fn bad_bodies_are_named() {
+    assert!(matches!(decode(&[]), Err(CodecError::Truncated)));
+    assert!(matches!(decode(&[200]), Err(CodecError::UnknownTag(200))));
+    assert!(matches!(
+        decode(&[tag::PING, 1, 2]),
+        Err(CodecError::Truncated)
+    ));
+
+    let mut body = body_of(&Message::Ping { seq: 1, load: 2 });
+    body.push(0);
+    assert!(matches!(decode(&body), Err(CodecError::TrailingBytes(1))));
+
+    let mut body = body_of(&Message::Request {
+        id: 1,
+        body: Rpc::Leave { name: "b".into() },
+    });
+    body.extend_from_slice(&[1, 2]);
+    assert!(matches!(decode(&body), Err(CodecError::TrailingBytes(2))));
+
+    // `Rpc` has six variants: 9 is none of them.
+    let mut body = vec![tag::REQUEST];
+    body.extend_from_slice(&1u64.to_le_bytes());
+    body.push(9);
+    assert!(matches!(decode(&body), Err(CodecError::Payload(_))));
+
+    let mut body = body_of(&Frame::Refused {
+        reason: "é".into()
+    });
+    let last = body.len() - 1;
+    body[last] = 0xFF;
+    assert!(matches!(decode(&body), Err(CodecError::Malformed(_))));
+
+    assert!(matches!(
+        body_len(17u32.to_le_bytes(), 16),
+        Err(CodecError::TooLarge { len: 17, max: 16 })
+    ));
+    assert_eq!(body_len(16u32.to_le_bytes(), 16).unwrap(), 16);
+}
+
+/// Counts and lengths that claim more than the body holds fail before anything that
+/// size is reserved (a reservation of 2^60 bytes would abort the test).
+#[test]
+fn lying_lengths_fail_before_allocating() {
+    for tag in [tag::OP_BATCH, tag::REPLY_BATCH] {
+        for count in [1u64, 1 << 20, 1 << 40, u64::MAX] {
+            let mut body = vec![tag];
+            body.extend_from_slice(&count.to_le_bytes());
+            body.extend_from_slice(&[0; 20]);
+            assert!(
+                matches!(decode(&body), Err(CodecError::Truncated)),
+                "{count}"
+            );
+        }
+    }
+
+    // The first op's `op_type` claims 2^60 bytes: over wincode's preallocation cap for
+    // strings (4 MiB), and past the end of the body.
+    let mut body = body_of(&Message::OpBatch(vec![bare_op()]));
+    body[1 + 8 + 16..1 + 8 + 16 + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    assert!(matches!(decode(&body), Err(CodecError::Malformed(_))));
+    body[1 + 8 + 16..1 + 8 + 16 + 8].copy_from_slice(&(1u64 << 20).to_le_bytes());
+    assert!(matches!(decode(&body), Err(CodecError::Truncated)));
+
+    // Its payload claims 2^60 bytes.
+    let at = 1 + 8 + 16 + 8 + 1 + 1;
+    body[1 + 8 + 16..1 + 8 + 16 + 8].copy_from_slice(&0u64.to_le_bytes());
+    body[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    assert!(matches!(decode(&body), Err(CodecError::Truncated)));
+
+    // Its metadata claims 2^40 pairs: over the metadata cap.
+    body[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+    body[at + 8..at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    assert!(matches!(decode(&body), Err(CodecError::Malformed(_))));
+
+    // A postcard payload whose entry list claims 2^60 entries.
+    let mut body = vec![tag::REQUEST];
+    body.extend_from_slice(&1u64.to_le_bytes());
+    let mut payload = postcard::to_allocvec(&Rpc::AppendEntries(AppendEntriesRequest {
+        vote: Vote::new(1, 1),
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: None,
+    }))
+    .unwrap();
+    // The empty entry list is the varint 0 after the vote and the `None`.
+    let zero = payload.len() - 2;
+    assert_eq!(&payload[zero..], &[0, 0]);
+    payload.truncate(zero);
+    payload.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10, 0]);
+    body.extend_from_slice(&payload);
+    assert!(matches!(decode(&body), Err(CodecError::Payload(_))));
+}
+
+#[test]
+fn a_metadata_list_over_the_cap_does_not_encode() {
+    let mut big = bare_op();
+    big.metadata = vec![(String::new(), String::new()); 2000];
+    let mut out = vec![1, 2, 3];
+    assert!(matches!(
+        encode(&Message::OpBatch(vec![big]), &mut out),
+        Err(CodecError::Encode(_))
+    ));
+    assert_eq!(
+        out,
+        [1, 2, 3],
+        "a failed encode leaves the buffer as it was"
+    );
+}
+
+fn sample_bodies() -> Vec<Vec<u8>> {
+    every_frame().iter().map(body_of).collect()
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip { at: usize, bits: u8 },
+    Set { at: usize, byte: u8 },
+    Truncate { at: usize },
+    Extend { bytes: Vec<u8> },
+    Splice { at: usize, bytes: Vec<u8> },
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), 1..=255u8).prop_map(|(at, bits)| Mutation::Flip { at, bits }),
+        (any::<usize>(), any::<u8>()).prop_map(|(at, byte)| Mutation::Set { at, byte }),
+        any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+        proptest::collection::vec(any::<u8>(), 1..16).prop_map(|bytes| Mutation::Extend { bytes }),
+        (any::<usize>(), proptest::collection::vec(any::<u8>(), 8))
+            .prop_map(|(at, bytes)| Mutation::Splice { at, bytes }),
+    ]
+}
+
+fn apply(body: &mut Vec<u8>, m: &Mutation) {
+    let n = body.len().max(1);
+    match m {
+        Mutation::Flip { at, bits } => {
+            if let Some(b) = body.get_mut(at % n) {
+                *b ^= bits;
+            }
+        }
+        Mutation::Set { at, byte } => {
+            if let Some(b) = body.get_mut(at % n) {
+                *b = *byte;
+            }
+        }
+        Mutation::Truncate { at } => body.truncate(at % n),
+        Mutation::Extend { bytes } => body.extend_from_slice(bytes),
+        // Eight bytes: a length field's worth, often landing on one.
+        Mutation::Splice { at, bytes } => {
+            let at = at % n;
+            let end = (at + bytes.len()).min(body.len());
+            body.splice(at..end, bytes.iter().copied());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    #[test]
+    fn random_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn random_bytes_behind_every_tag_decode_or_fail(
+        tag in prop_oneof![0..4u8, 16..22u8],
+        bytes in proptest::collection::vec(any::<u8>(), 0..512),
+    ) {
+        let mut body = vec![tag];
+        body.extend_from_slice(&bytes);
+        let _ = decode(&body);
+    }
+
+    #[test]
+    fn mutated_frames_decode_or_fail(
+        pick in any::<prop::sample::Index>(),
+        mutations in proptest::collection::vec(mutation(), 1..4),
+    ) {
+        let bodies = sample_bodies();
+        let mut body = bodies[pick.index(bodies.len())].clone();
+        for m in &mutations {
+            apply(&mut body, m);
+        }
+        if let Ok(frame) = decode(&body) {
+            // Whatever decodes encodes again to something that decodes the same.
+            let again = decode(&body_of(&frame)).unwrap();
+            prop_assert!(same(&frame, &again));
+        }
+    }
+}

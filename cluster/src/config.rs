@@ -1,0 +1,228 @@
+//! The one configuration of a node's cluster layer: who it is, where it listens, how it
+//! finds the cluster, how fast it detects failures, how many nodes vote, and how its
+//! links batch and reconnect.
+//!
+//! The binary builds a [`ClusterConfig`] from its validated settings; tests and embedders
+//! start from [`ClusterConfig::new`] and change what they need. [`Cluster::start`] hands
+//! it to [`Transport::start`], which checks the link settings
+//! ([`ClusterConfig::validate_links`]) before binding.
+//!
+//! The link settings are flat fields beside the others (`max_frame`, `flush_bytes`,
+//! `linger`, `reconnect_min`, `reconnect_max`, `handshake_timeout`), as the binary's
+//! `[cluster]` section lists the ones it exposes, so one struct literal maps one to the
+//! other; the others take the `DEFAULT_*` constants.
+//!
+//! [`Cluster::start`]: crate::Cluster::start
+//! [`Transport::start`]: crate::transport::Transport::start
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use opmesh_actors::OpType;
+
+use crate::secret::Secret;
+
+/// Everything a node needs to take part in a cluster. Its `Debug` never shows the secret.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// This node's name (`--node-id`).
+    pub node: String,
+    /// Connections from another cluster are refused.
+    pub cluster_id: String,
+    /// The shared secret a dialer proves it holds.
+    pub secret: Secret,
+    /// Where the cluster port listens; port 0 takes any free port.
+    pub listen: SocketAddr,
+    /// The address other nodes dial; empty = the bound listen address.
+    pub advertise: String,
+    /// This node's HTTP api, as other nodes and users should reach it.
+    pub http_addr: String,
+    /// Seed cluster addresses; empty = bootstrap a cluster of one when there is no state.
+    pub join: Vec<String>,
+    /// Raft log, vote and snapshots; `None` = in memory.
+    pub data_dir: Option<PathBuf>,
+    /// The operation types this node serves.
+    pub serves: Vec<OpType>,
+    /// How often each node pings every other.
+    pub heartbeat: Duration,
+    /// Silence after which the leader marks a node down.
+    pub down_after: Duration,
+    /// How long a write waits for its commit before failing.
+    pub write_timeout: Duration,
+    /// Raft's shortest election timeout; the longest is twice it.
+    pub election_timeout: Duration,
+    /// How many nodes vote in Raft; the others are learners.
+    pub voters: Voters,
+    /// A link writer writes once this much is encoded, without waiting for more.
+    /// Default 64 KiB; at least 1.
+    pub flush_bytes: usize,
+    /// Zero (the default): a link writer writes as soon as it runs. More: it waits this
+    /// long after the first message to coalesce more into the same write.
+    pub linger: Duration,
+    /// The largest frame body sent or accepted. Default 16 MiB; at most `u32::MAX`.
+    pub max_frame: usize,
+    /// Backoff between connection attempts to a peer: from `reconnect_min` (default
+    /// 50 ms), doubling, up to `reconnect_max` (default 1 s), with jitter.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Bound on connecting plus the handshake, both ways. Default 2 s.
+    pub handshake_timeout: Duration,
+}
+
+impl ClusterConfig {
+    pub const DEFAULT_FLUSH_BYTES: usize = 64 * 1024;
+    pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+    pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(50);
+    pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(1);
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// Defaults for tests and embedders: loopback, port 0, in memory, three voters.
+    pub fn new(node: &str, secret: impl Into<Secret>) -> Self {
+        ClusterConfig {
+            node: node.to_owned(),
+            cluster_id: "opmesh".into(),
+            secret: secret.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: String::new(),
+            http_addr: String::new(),
+            join: Vec::new(),
+            data_dir: None,
+            serves: Vec::new(),
+            heartbeat: Duration::from_millis(100),
+            down_after: Duration::from_millis(1000),
+            write_timeout: Duration::from_secs(3),
+            election_timeout: Duration::from_millis(200),
+            voters: Voters::Three,
+            flush_bytes: Self::DEFAULT_FLUSH_BYTES,
+            linger: Duration::ZERO,
+            max_frame: Self::DEFAULT_MAX_FRAME,
+            reconnect_min: Self::DEFAULT_RECONNECT_MIN,
+            reconnect_max: Self::DEFAULT_RECONNECT_MAX,
+            handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    /// Checks the link settings; the first one out of its range is named.
+    pub fn validate_links(&self) -> Result<(), LinkConfigError> {
+        if self.max_frame == 0 || self.max_frame > u32::MAX as usize {
+            return Err(LinkConfigError::MaxFrame(self.max_frame));
+        }
+        if self.flush_bytes == 0 {
+            return Err(LinkConfigError::FlushBytes);
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
+            return Err(LinkConfigError::Reconnect {
+                min: self.reconnect_min,
+                max: self.reconnect_max,
+            });
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(LinkConfigError::HandshakeTimeout);
+        }
+        Ok(())
+    }
+}
+
+/// A link setting out of its range. The message names the field and the allowed range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkConfigError {
+    #[error("max_frame must be 1..={max} bytes, got {0}", max = u32::MAX)]
+    MaxFrame(usize),
+    #[error("flush_bytes must be at least 1")]
+    FlushBytes,
+    #[error("reconnect_min must be above zero and at most reconnect_max ({max:?}), got {min:?}")]
+    Reconnect { min: Duration, max: Duration },
+    #[error("handshake_timeout must be above zero")]
+    HandshakeTimeout,
+}
+
+/// How many nodes vote in Raft: one, three or five (an odd number, so a majority is
+/// always well defined; more would slow every commit for no safety a user needs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Voters {
+    One,
+    #[default]
+    Three,
+    Five,
+}
+
+impl Voters {
+    pub const fn get(self) -> usize {
+        match self {
+            Voters::One => 1,
+            Voters::Three => 3,
+            Voters::Five => 5,
+        }
+    }
+}
+
+/// A voter count other than 1, 3 or 5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("voters must be 1, 3 or 5, got {0}")]
+pub struct VotersError(pub usize);
+
+impl TryFrom<usize> for Voters {
+    type Error = VotersError;
+
+    fn try_from(n: usize) -> Result<Self, Self::Error> {
+        match n {
+            1 => Ok(Voters::One),
+            3 => Ok(Voters::Three),
+            5 => Ok(Voters::Five),
+            n => Err(VotersError(n)),
+        }
+    }
+}
+
+impl From<Voters> for usize {
+    fn from(v: Voters) -> usize {
+        v.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn voters_are_one_three_or_five() {
+        for v in [Voters::One, Voters::Three, Voters::Five] {
+            assert_eq!(Voters::try_from(v.get()), Ok(v));
+        }
+        for n in [0, 2, 4, 6, 7] {
+            let e = Voters::try_from(n).unwrap_err();
+            assert_eq!(e.to_string(), format!("voters must be 1, 3 or 5, got {n}"));
+        }
+    }
+
+    #[test]
+    fn an_invalid_link_setting_is_named() {
+        let mut c = ClusterConfig::new("a", b"s");
+        assert_eq!(c.validate_links(), Ok(()));
+        c.max_frame = u32::MAX as usize + 1;
+        assert!(c
+            .validate_links()
+            .unwrap_err()
+            .to_string()
+            .contains("max_frame"));
+        let mut c = ClusterConfig::new("a", b"s");
+        c.reconnect_min = Duration::from_secs(3);
+        let e = c.validate_links().unwrap_err();
+        assert!(e.to_string().contains("reconnect_min"), "{e}");
+        let mut c = ClusterConfig::new("a", b"s");
+        c.flush_bytes = 0;
+        assert_eq!(c.validate_links(), Err(LinkConfigError::FlushBytes));
+        let mut c = ClusterConfig::new("a", b"s");
+        c.handshake_timeout = Duration::ZERO;
+        assert_eq!(c.validate_links(), Err(LinkConfigError::HandshakeTimeout));
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let c = ClusterConfig::new("a", b"the cluster secret");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("the cluster secret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+}

@@ -1,0 +1,547 @@
+//! Links between nodes: length-prefixed [`codec`](crate::codec) frames over TCP.
+//!
+//! Each node dials each peer it knows and sends only on that outbound connection; it only
+//! reads from the connections others dialed to it. Two connections per pair of nodes, one
+//! per direction: no arbitration of who dials whom, and a writer never shares its socket
+//! with a reader.
+//!
+//! An operation forwarded to another node is [`Transport::send`]: the message joins the
+//! peer's outbox and the caller goes on. The peer's writer task takes everything waiting,
+//! encodes it into one reused buffer and writes it with one `write_all`, so under load one
+//! system call carries many frames. On the peer, the reader of the connection decodes the
+//! frames and hands each message to [`Inbound::on_message`].
+//!
+//! A connection opens with a handshake: the acceptor sends a random nonce
+//! ([`Frame::Challenge`](crate::codec::Frame::Challenge)); the dialer answers `Hello` with
+//! its name, its address and an HMAC-SHA256 proof over the nonce and those fields under
+//! the cluster's secret; the acceptor checks the protocol version, the cluster id and the
+//! proof, and answers `Welcome` or `Refused { reason }` and closes. A connection that
+//! sends anything else, a frame over the limit or bytes that do not decode is closed with
+//! a logged reason; the node keeps serving everything else.
+//!
+//! A writer whose connection fails redials with exponential backoff and jitter. While a
+//! link is down, `send` refuses at once ([`SendError::NotConnected`]) and whatever was
+//! waiting when it dropped is discarded and counted: the layers above retry or fail over,
+//! which they must do anyway for a node that is gone.
+//!
+//! The parts, in the order a connection meets them:
+//!
+//! - this module: the [`Transport`] handle (peers, `send`, link stats, shutdown) and the
+//!   state its tasks share;
+//! - `handshake`: dialing and accepting, `Challenge`/`Hello`/`Welcome`/`Refused` and the
+//!   HMAC proof;
+//! - `writer`: the per-peer writer task that coalesces the outbox into few writes and
+//!   redials with backoff;
+//! - `reader`: accepting connections, reading frames and handing messages to
+//!   [`Inbound`].
+//!
+//! Its settings are the link fields of [`ClusterConfig`].
+
+mod handshake;
+mod reader;
+mod writer;
+
+#[cfg(test)]
+mod testing;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, Instrument};
+
+use crate::codec::Message;
+use crate::config::{ClusterConfig, LinkConfigError};
+
+/// Where a transport delivers what arrives.
+pub trait Inbound: Send + Sync + 'static {
+    /// A message from the node named `from`. Called on the connection's reader task, in
+    /// the order the peer sent them: it must not block (hand the message to an actor).
+    fn on_message(&self, from: &str, msg: Message);
+
+    /// The outbound link to `peer` connected (`up`) or was lost.
+    fn on_link(&self, peer: &str, up: bool) {
+        let _ = (peer, up);
+    }
+}
+
+/// Why [`Transport::send`] refused a message. The message is not sent; the caller retries
+/// or fails over at its level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// No link to that peer: it was never added, or it was removed.
+    #[error("no link to that peer")]
+    UnknownPeer,
+    /// The link exists but is down; the writer is redialing.
+    #[error("the link to that peer is down")]
+    NotConnected,
+}
+
+/// What a link has done, for metrics and the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LinkStats {
+    pub peer: String,
+    pub addr: String,
+    /// The outbound link is up: `send` queues.
+    pub connected: bool,
+    /// Frames and bytes written on the outbound link.
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    /// Frames and bytes read from connections the peer dialed to this node.
+    pub frames_received: u64,
+    pub bytes_received: u64,
+    /// Times the link came up again after it was lost.
+    pub reconnects: u64,
+    /// Messages discarded: waiting when the link went down, or too large to send.
+    pub dropped: u64,
+    /// The last reason a connection attempt failed or a link was lost.
+    pub last_error: Option<String>,
+}
+
+/// The links of one node. Cheap to clone; the last clone dropped stops everything, as
+/// [`Transport::shutdown`] does without waiting.
+#[derive(Clone)]
+pub struct Transport {
+    handle: Arc<Handle>,
+}
+
+/// Stops the tasks when the last [`Transport`] clone goes (the tasks hold `Shared`, not
+/// this).
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+struct Shared {
+    config: ClusterConfig,
+    /// The address peers dial: `config.advertise`, or the address bound when it is empty.
+    advertise: String,
+    inbound: Arc<dyn Inbound>,
+    local_addr: SocketAddr,
+    peers: DashMap<String, Arc<Peer>>,
+    /// Some outbound link came up (see [`Transport::wait_connected`]).
+    link_up: Notify,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    runtime: tokio::runtime::Handle,
+}
+
+/// One peer: its outbox, its writer's controls, its counters.
+struct Peer {
+    name: String,
+    addr: Mutex<String>,
+    outbox: Mutex<Outbox>,
+    /// A message joined an empty outbox.
+    wake: Notify,
+    /// The address changed: drop the connection and dial the new one.
+    redial: Notify,
+    /// Stops the writer (the peer was removed, or the transport shuts down).
+    stop: CancellationToken,
+    frames_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    frames_received: AtomicU64,
+    bytes_received: AtomicU64,
+    reconnects: AtomicU64,
+    dropped: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// Whether the link is up and what waits for the writer, under one lock: a message is
+/// queued only while the link is up, and the writer empties the queue when it marks the
+/// link down, so nothing waits on a dead link.
+#[derive(Default)]
+struct Outbox {
+    connected: bool,
+    queue: Vec<Message>,
+}
+
+/// Why [`Transport::start`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A link setting is out of its range.
+    #[error(transparent)]
+    Config(#[from] LinkConfigError),
+    /// The cluster port could not be bound.
+    #[error("{0}")]
+    Listen(#[from] std::io::Error),
+}
+
+impl Transport {
+    /// Checks the link settings of `config`, binds `config.listen` and starts accepting
+    /// connections. Peers are dialed as they are added.
+    pub async fn start(
+        config: &ClusterConfig,
+        inbound: Arc<dyn Inbound>,
+    ) -> Result<Transport, TransportError> {
+        config.validate_links()?;
+        let listener = TcpListener::bind(config.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let advertise = if config.advertise.is_empty() {
+            local_addr.to_string()
+        } else {
+            config.advertise.clone()
+        };
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            advertise,
+            inbound,
+            local_addr,
+            peers: DashMap::default(),
+            link_up: Notify::new(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        info!(node = %shared.config.node, listen = %local_addr, "cluster transport listening");
+        let span = tracing::info_span!("cluster_accept", node = %shared.config.node);
+        shared.spawn(reader::accept_loop(Arc::clone(&shared), listener).instrument(span));
+        Ok(Transport {
+            handle: Arc::new(Handle { shared }),
+        })
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    /// The address bound (the real port when `listen` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared().local_addr
+    }
+
+    /// Ensures an outbound link to `name` at `addr`: starts its writer if there is none,
+    /// or moves it to `addr` if the address changed (the link is down, and `send`
+    /// refuses, until the new address answers). Callable from any thread.
+    pub fn add_peer(&self, name: &str, addr: &str) {
+        self.shared().add_peer(name, addr);
+    }
+
+    /// Stops the writer of `name` and closes its outbound link; waiting messages are
+    /// dropped. Connections the peer dialed to this node stay until it closes them.
+    pub fn remove_peer(&self, name: &str) {
+        if let Some((_, peer)) = self.shared().peers.remove(name) {
+            peer.stop.cancel();
+        }
+    }
+
+    /// Queues `msg` for `peer`'s writer. Never blocks and never waits for the network:
+    /// `Ok` means queued on a link that was up, not delivered.
+    pub fn send(&self, peer: &str, msg: Message) -> Result<(), SendError> {
+        let peer = self
+            .shared()
+            .peers
+            .get(peer)
+            .ok_or(SendError::UnknownPeer)?;
+        let mut outbox = peer.outbox.lock();
+        if !outbox.connected {
+            return Err(SendError::NotConnected);
+        }
+        let was_empty = outbox.queue.is_empty();
+        outbox.queue.push(msg);
+        drop(outbox);
+        // The writer takes the whole queue each time, so one wake per non-empty queue.
+        if was_empty {
+            peer.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Whether the outbound link to `peer` is up.
+    pub fn is_connected(&self, peer: &str) -> bool {
+        self.shared()
+            .peers
+            .get(peer)
+            .is_some_and(|p| p.outbox.lock().connected)
+    }
+
+    /// Waits until the outbound link to `peer` is up, for at most `timeout`; returns
+    /// whether it is. A peer not added yet may be added while this waits.
+    pub async fn wait_connected(&self, peer: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the check, so a link that comes up in between wakes it.
+            let up = self.shared().link_up.notified();
+            tokio::pin!(up);
+            up.as_mut().enable();
+            if self.is_connected(peer) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, up).await.is_err() {
+                return self.is_connected(peer);
+            }
+        }
+    }
+
+    /// Every peer's link, sorted by name.
+    pub fn links(&self) -> Vec<LinkStats> {
+        let mut links: Vec<LinkStats> = self
+            .shared()
+            .peers
+            .iter()
+            .map(|p| p.value().stats())
+            .collect();
+        links.sort_by(|a, b| a.peer.cmp(&b.peer));
+        links
+    }
+
+    /// Stops accepting, closes every connection and waits for the tasks to end. The
+    /// listening port is free when this returns.
+    pub async fn shutdown(&self) {
+        let shared = self.shared();
+        shared.shutdown.cancel();
+        shared.tasks.close();
+        shared.tasks.wait().await;
+    }
+}
+
+impl Shared {
+    fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn_on(task, &self.runtime);
+    }
+
+    /// The peer named `name`, added at `addr` if it is not one yet (an existing peer keeps
+    /// the address it was given).
+    fn ensure_peer(self: &Arc<Self>, name: &str, addr: &str) -> Arc<Peer> {
+        match self.peers.get(name) {
+            Some(peer) => Arc::clone(peer.value()),
+            None => self.add_peer(name, addr),
+        }
+    }
+
+    fn add_peer(self: &Arc<Self>, name: &str, addr: &str) -> Arc<Peer> {
+        if let Some(peer) = self.peers.get(name) {
+            let mut current = peer.addr.lock();
+            if *current != addr {
+                info!(peer = name, from = %*current, to = addr, "peer address changed");
+                *current = addr.to_string();
+                // Nothing more goes to the old address: `send` refuses until the link to
+                // the new one is up.
+                peer.count_dropped(peer.disconnect());
+                peer.redial.notify_one();
+            }
+            return Arc::clone(peer.value());
+        }
+        let entry = self.peers.entry(name.to_string()).or_insert_with(|| {
+            let peer = Arc::new(Peer::new(name, addr, self.shutdown.child_token()));
+            let span = tracing::info_span!("cluster_link", node = %self.config.node, peer = name);
+            self.spawn(writer::run_link(Arc::clone(self), Arc::clone(&peer)).instrument(span));
+            peer
+        });
+        Arc::clone(entry.value())
+    }
+}
+
+impl Peer {
+    fn new(name: &str, addr: &str, stop: CancellationToken) -> Peer {
+        Peer {
+            name: name.to_string(),
+            addr: Mutex::new(addr.to_string()),
+            outbox: Mutex::new(Outbox::default()),
+            wake: Notify::new(),
+            redial: Notify::new(),
+            stop,
+            frames_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            frames_received: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    fn stats(&self) -> LinkStats {
+        LinkStats {
+            peer: self.name.clone(),
+            addr: self.addr.lock().clone(),
+            connected: self.outbox.lock().connected,
+            frames_sent: self.frames_sent.load(Ordering::Relaxed),
+            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            frames_received: self.frames_received.load(Ordering::Relaxed),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            last_error: self.last_error.lock().clone(),
+        }
+    }
+
+    /// Marks the link down and discards what waits; returns how many messages that was.
+    fn disconnect(&self) -> u64 {
+        let mut outbox = self.outbox.lock();
+        outbox.connected = false;
+        let n = outbox.queue.len() as u64;
+        outbox.queue.clear();
+        n
+    }
+
+    fn count_dropped(&self, n: u64) {
+        if n > 0 {
+            self.dropped.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn record_error(&self, error: &str) {
+        *self.last_error.lock() = Some(error.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::net::TcpStream;
+
+    use super::testing::*;
+    use super::*;
+    use crate::codec::WireReply;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn messages_flow_both_ways_and_the_acceptor_dials_back() {
+        let (a, a_in) = start("a").await;
+        let (b, b_in) = start("b").await;
+        a.add_peer("b", &b.local_addr().to_string());
+        until("a's link to b", || a.is_connected("b")).await;
+        // b learned a from a's Hello and dialed back.
+        until("b's link to a", || b.is_connected("a")).await;
+        assert_eq!(b.links()[0].addr, a.local_addr().to_string());
+
+        a.send("b", ping(1)).unwrap();
+        a.send("b", Message::OpBatch(vec![small_op(5)])).unwrap();
+        b.send(
+            "a",
+            Message::ReplyBatch(vec![WireReply {
+                id: 5,
+                status: 0,
+                result: Some(b"{}".to_vec()),
+                error: None,
+                cached: false,
+                attempts: 1,
+            }]),
+        )
+        .unwrap();
+        until("b's two messages", || b_in.count() == 2).await;
+        until("a's reply", || a_in.count() == 1).await;
+        {
+            let got = b_in.messages.lock();
+            assert_eq!(got[0].0, "a");
+            assert!(matches!(got[0].1, Message::Ping { seq: 1, .. }));
+            assert!(matches!(&got[1].1, Message::OpBatch(ops) if ops[0] == small_op(5)));
+            let got = a_in.messages.lock();
+            assert_eq!(got[0].0, "b");
+            assert!(matches!(&got[0].1, Message::ReplyBatch(r) if r[0].id == 5));
+        }
+        assert_eq!(*a_in.links.lock(), [("b".to_string(), true)]);
+        // Counted once the write returned, which may be after b read the frames.
+        until("a's send counters", || a.links()[0].frames_sent == 2).await;
+        let stats = &a.links()[0];
+        assert_eq!(stats.peer, "b");
+        assert!(stats.bytes_sent > 0 && stats.last_error.is_none());
+        // Frames b sent to a are counted on a's entry for b.
+        until("a's receive counters", || a.links()[0].frames_received == 1).await;
+        assert!(a.links()[0].bytes_received > 0);
+
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sending_to_a_down_or_unknown_peer_fails_at_once() {
+        let (a, _) = start("a").await;
+        // A port nothing listens on.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        a.add_peer("ghost", &closed_addr.to_string());
+        let t = Instant::now();
+        assert_eq!(a.send("ghost", ping(1)), Err(SendError::NotConnected));
+        assert_eq!(a.send("nobody", ping(1)), Err(SendError::UnknownPeer));
+        assert!(t.elapsed() < Duration::from_millis(50));
+        until("the dial failure", || a.links()[0].last_error.is_some()).await;
+        assert!(!a.is_connected("ghost"));
+        a.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_removed_or_moved_peer_is_let_go() {
+        let (a, a_in) = start("a").await;
+        let (b1, b1_in) = start("b").await;
+        let (b2, b2_in) = start("b").await;
+        a.add_peer("b", &b1.local_addr().to_string());
+        until("a's link to b1", || a.is_connected("b")).await;
+
+        // b moved: the link follows the new address.
+        a.add_peer("b", &b2.local_addr().to_string());
+        assert!(!a.is_connected("b"), "down until the new address answers");
+        until("the link to b2", || a.is_connected("b")).await;
+        assert_eq!(a.links()[0].addr, b2.local_addr().to_string());
+        a.send("b", ping(1)).unwrap();
+        until("b2's ping", || b2_in.pings_from("a") == [1]).await;
+        assert!(b1_in.pings_from("a").is_empty());
+
+        a.remove_peer("b");
+        assert_eq!(a.send("b", ping(2)), Err(SendError::UnknownPeer));
+        until("the link down", || {
+            a_in.links.lock().last() == Some(&("b".into(), false))
+        })
+        .await;
+        assert!(a.links().is_empty());
+        for t in [a, b1, b2] {
+            t.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_frees_the_port_and_dropping_the_last_handle_stops_the_tasks() {
+        let (a, _) = start("a").await;
+        let addr = a.local_addr();
+        bounded("shutdown", a.shutdown()).await;
+        assert!(TcpStream::connect(addr).await.is_err());
+
+        let (b, _) = start("b").await;
+        let addr = b.local_addr();
+        let shared = Arc::clone(b.shared());
+        drop(b);
+        bounded("the tasks to end", async {
+            shared.tasks.close();
+            shared.tasks.wait().await;
+        })
+        .await;
+        assert!(TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_a_link_ends_when_it_is_up_or_at_the_deadline() {
+        let (a, _) = start("a").await;
+        let (b, _) = start("b").await;
+        let t = Instant::now();
+        assert!(!a.wait_connected("b", Duration::from_millis(50)).await);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        // Added while someone waits: the wait ends when the link is up.
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { a.wait_connected("b", WAIT).await })
+        };
+        a.add_peer("b", &b.local_addr().to_string());
+        assert!(bounded("the wait", waiter).await.unwrap());
+        assert!(a.is_connected("b"));
+        assert!(a.wait_connected("b", Duration::ZERO).await);
+        for t in [a, b] {
+            t.shutdown().await;
+        }
+    }
+}
