@@ -16,10 +16,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use opmesh_actors::{Node, NodeBuilder, OpType, StartError};
-use opmesh_cluster::{Cluster, ClusterError};
+use opmesh_cluster::{Cluster, ClusterConfig, ClusterError};
 
 use crate::api::{self, ApiSettings};
-use crate::config::{ClusterSettings, Config};
+use crate::config::Config;
 use crate::telemetry::{Telemetry, TelemetryError};
 use crate::{handlers, logging};
 
@@ -116,7 +116,7 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
     let builder = handlers::register_builtins(builder, &cfg.http_handlers);
     let cluster = match &cfg.cluster {
         None => None,
-        Some(c) => Some(start_cluster(cfg, c, http_addr, &builder).await?),
+        Some(c) => Some(start_cluster(c, http_addr, &builder).await?),
     };
     let node = match &cluster {
         Some(c) => c.start_node(builder).await?,
@@ -142,57 +142,34 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
     })
 }
 
+/// Starts the cluster layer the configuration describes, once the values only a running
+/// node knows are in: its bound HTTP address and the types it has handlers for.
 async fn start_cluster(
-    cfg: &Config,
-    c: &ClusterSettings,
+    cfg: &ClusterConfig,
     http_addr: SocketAddr,
     builder: &NodeBuilder,
 ) -> Result<Cluster, ServeError> {
-    let serves = serves(&c.serves, builder.handler_types())?;
-    let cc = opmesh_cluster::ClusterConfig {
-        node: cfg.node_id.clone(),
-        cluster_id: c.id.clone(),
-        secret: opmesh_cluster::Secret::new(c.secret.expose().to_vec()),
-        listen: c.addr,
-        advertise: c.advertise.clone(),
+    let cfg = ClusterConfig {
         http_addr: http_addr.to_string(),
-        join: c.join.clone(),
-        data_dir: c.data_dir.clone(),
-        serves,
-        heartbeat: c.heartbeat,
-        down_after: c.down_after,
-        write_timeout: c.write_timeout,
-        election_timeout: c.election_timeout,
-        voters: c
-            .voters
-            .try_into()
-            .expect("the config checked cluster.voters"),
-        flush_bytes: c.flush_bytes,
-        linger: c.linger,
-        max_frame: c.max_frame,
-        reconnect_min: opmesh_cluster::ClusterConfig::DEFAULT_RECONNECT_MIN,
-        reconnect_max: opmesh_cluster::ClusterConfig::DEFAULT_RECONNECT_MAX,
-        handshake_timeout: opmesh_cluster::ClusterConfig::DEFAULT_HANDSHAKE_TIMEOUT,
+        serves: serves(&cfg.serves, builder.handler_types())?,
+        ..cfg.clone()
     };
-    Ok(Cluster::start(cc).await?)
+    Ok(Cluster::start(cfg).await?)
 }
 
 /// The types a node advertises: those `cluster.serves` lists, each with a handler, or
 /// every type it has a handler for when the list is empty.
-fn serves(listed: &[String], handlers: Vec<OpType>) -> Result<Vec<OpType>, ServeError> {
+fn serves(listed: &[OpType], handlers: Vec<OpType>) -> Result<Vec<OpType>, ServeError> {
     if listed.is_empty() {
         return Ok(handlers);
     }
-    if let Some(t) = listed
-        .iter()
-        .find(|t| !handlers.iter().any(|h| &**h == t.as_str()))
-    {
+    if let Some(t) = listed.iter().find(|t| !handlers.contains(t)) {
         return Err(ServeError::Serves {
-            op_type: t.clone(),
+            op_type: t.to_string(),
             handlers: handlers.iter().map(|h| h.to_string()).collect(),
         });
     }
-    Ok(listed.iter().map(|t| t.as_str().into()).collect())
+    Ok(listed.to_vec())
 }
 
 impl Running {
@@ -291,14 +268,14 @@ mod tests {
 
     #[test]
     fn serves_keeps_the_listed_types_in_their_order() {
-        let listed = vec!["sleep".to_string(), "echo".to_string()];
+        let listed = types(&["sleep", "echo"]);
         let got = serves(&listed, types(&["echo", "sleep", "resize"])).unwrap();
         assert_eq!(got, types(&["sleep", "echo"]));
     }
 
     #[test]
     fn serves_refuses_a_type_without_a_handler_naming_it_and_the_handlers() {
-        let listed = vec!["echo".to_string(), "thumbnail".to_string()];
+        let listed = types(&["echo", "thumbnail"]);
         let e = serves(&listed, types(&["echo", "sleep"])).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert_eq!(

@@ -1,8 +1,10 @@
 //! `[cluster]`: whether this node runs alone or in a cluster and, in one, how it
-//! listens, whom it joins, how it authenticates and its timings, as [`ClusterSettings`];
-//! and the [`Secret`] that no error, log or `Debug` output shows.
+//! listens, whom it joins, how it authenticates and its timings, checked into the
+//! cluster crate's own [`ClusterConfig`] (its [`Secret`] never shows in an error, a log
+//! or `Debug` output). Two fields are known only once the node starts, and
+//! [`crate::server`] fills them in: `http_addr` (the bound HTTP address) and, when
+//! `serves` is empty, every type the node has a handler for.
 
-use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +14,7 @@ use serde::Deserialize;
 
 use super::check::{is_host_port, is_node_id, Check, GIB, KIB, MIB};
 use super::error::ConfigError;
+use crate::cluster::{ClusterConfig, Secret, Voters};
 use crate::op::validate_type_name;
 
 /// What stands for the cluster secret wherever a value would be shown.
@@ -19,74 +22,6 @@ const REDACTED: &str = "<redacted>";
 
 /// The shortest cluster secret accepted, in bytes.
 const MIN_SECRET_BYTES: usize = 16;
-
-/// How this node takes part in a cluster. Every value is in its range, and the
-/// relations between them hold (`down_after > 2 * heartbeat`).
-#[derive(Clone, Debug)]
-pub struct ClusterSettings {
-    /// Where the cluster port listens.
-    pub addr: SocketAddr,
-    /// `host:port` other nodes dial to reach this node; `addr` when none was set.
-    pub advertise: String,
-    /// Seed addresses (`host:port`) to join; empty: bootstrap a new cluster when there
-    /// is no state.
-    pub join: Vec<String>,
-    /// The cluster's name; nodes with another are refused.
-    pub id: String,
-    /// Shared by every node of the cluster; at least 16 bytes.
-    pub secret: Secret,
-    /// Where the Raft log, vote and snapshots live; `None`: in memory.
-    pub data_dir: Option<PathBuf>,
-    /// The operation types to advertise, each with a handler on this node, none twice;
-    /// empty: every type this node has a handler for.
-    pub serves: Vec<String>,
-    /// How often cluster links send heartbeats, for the failure detector.
-    pub heartbeat: Duration,
-    /// Silence after which the leader marks a node down; more than twice `heartbeat`.
-    pub down_after: Duration,
-    /// How long a route write waits for its commit before failing.
-    pub write_timeout: Duration,
-    /// Raft's shortest election timeout; the longest is twice it, and Raft heartbeats
-    /// go out every third of it.
-    pub election_timeout: Duration,
-    /// How many nodes vote in Raft: 1, 3 or 5. The others are learners.
-    pub voters: usize,
-    /// A link writes once this many bytes are buffered.
-    pub flush_bytes: usize,
-    /// How long a link waits for more to send before writing what it has.
-    pub linger: Duration,
-    /// Largest frame between nodes, in bytes.
-    pub max_frame: usize,
-}
-
-/// The shared cluster secret. Its `Debug` shows `"<redacted>"` and it has no `Display`,
-/// so printing a [`Config`](super::Config), a [`LoadOptions`](super::LoadOptions) or a
-/// [`ConfigError`] never reveals it.
-#[derive(Clone)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
-        Secret(bytes.into())
-    }
-
-    /// The secret's bytes, for authenticating cluster links; never log or print them.
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        Debug::fmt(REDACTED, f)
-    }
-}
-
-impl From<String> for Secret {
-    fn from(s: String) -> Self {
-        Secret(s.into_bytes())
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,9 +50,10 @@ impl RawCluster {
     pub(super) fn validate(
         self,
         check: &Check<'_>,
+        node_id: &str,
         max_type_len: usize,
         handled: &[&str],
-    ) -> Result<Option<ClusterSettings>, ConfigError> {
+    ) -> Result<Option<ClusterConfig>, ConfigError> {
         if self.addr.is_empty() {
             if !self.join.is_empty() {
                 return Err(check.missing(
@@ -249,19 +185,22 @@ impl RawCluster {
                 ),
             ));
         }
-        let voters = match self.voters {
-            n @ (1 | 3 | 5) => n as usize,
-            n => return Err(check.invalid("cluster.voters", n, "1, 3 or 5")),
-        };
+        let voters = usize::try_from(self.voters)
+            .ok()
+            .and_then(|n| Voters::try_from(n).ok())
+            .ok_or_else(|| check.invalid("cluster.voters", self.voters, "1, 3 or 5"))?;
 
-        Ok(Some(ClusterSettings {
-            addr,
-            advertise,
-            join: self.join,
-            id: self.id,
+        Ok(Some(ClusterConfig {
+            node: node_id.to_owned(),
+            cluster_id: self.id,
             secret,
+            listen: addr,
+            advertise,
+            // The bound HTTP address, filled in when the node starts.
+            http_addr: String::new(),
+            join: self.join,
             data_dir: (!self.data_dir.is_empty()).then(|| PathBuf::from(self.data_dir)),
-            serves: self.serves,
+            serves: self.serves.iter().map(|t| t.as_str().into()).collect(),
             heartbeat: Duration::from_millis(heartbeat_ms),
             down_after: Duration::from_millis(down_after_ms),
             write_timeout: check.millis(
@@ -284,6 +223,9 @@ impl RawCluster {
                 self.max_frame_bytes,
                 64 * KIB..=GIB,
             )?,
+            reconnect_min: ClusterConfig::DEFAULT_RECONNECT_MIN,
+            reconnect_max: ClusterConfig::DEFAULT_RECONNECT_MAX,
+            handshake_timeout: ClusterConfig::DEFAULT_HANDSHAKE_TIMEOUT,
         }))
     }
 }

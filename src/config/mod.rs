@@ -15,7 +15,7 @@
 //! Each section of the file has its own module, which owns its raw struct (the keys as
 //! written), its validation and its tests: `node` (`[node]`, `[http]`, `[shutdown]`),
 //! `engine` (`[engine]`, `[cache]`, `[retry]`), `handlers` (`[[handlers.http]]`),
-//! `cluster` (`[cluster]` and the [`Secret`]) and `telemetry` (`[telemetry]`). Beside
+//! `cluster` (`[cluster]`, checked into the cluster crate's `ClusterConfig`) and `telemetry` (`[telemetry]`). Beside
 //! them, `layers` builds the merged layers and knows where each value was set, `error`
 //! holds [`ConfigError`] and its mapping from figment's errors, and `check` the range
 //! and shape checks every section uses.
@@ -36,10 +36,12 @@ use self::handlers::RawHandlers;
 use self::node::{RawHttp, RawNode, RawShutdown};
 use self::telemetry::RawTelemetry;
 
-pub use self::cluster::{ClusterSettings, Secret};
 pub use self::error::ConfigError;
 pub use self::layers::{PROFILES, PROFILE_ENV};
 pub use self::node::HttpConfig;
+/// The cluster secret: its `Debug` shows `"<redacted>"`, so printing a [`Config`], a
+/// [`LoadOptions`] or a [`ConfigError`] never reveals it.
+pub use crate::cluster::Secret;
 
 mod check;
 mod cluster;
@@ -65,8 +67,10 @@ pub struct Config {
     /// The profile that was applied, if any.
     pub profile: Option<String>,
     /// `None` when `cluster.addr` is empty: a single node, with no network beyond HTTP
-    /// and nothing on disk.
-    pub cluster: Option<ClusterSettings>,
+    /// and nothing on disk. Every value is in its range and the relations between them
+    /// hold (`down_after > 2 * heartbeat`); `http_addr` is left empty for the server to
+    /// fill in, and an empty `serves` means every type this node has a handler for.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     pub telemetry: TelemetrySettings,
 }
 
@@ -137,7 +141,9 @@ impl Raw {
         let max_type_len = engine.limits.max_type_len;
         let http_handlers = self.handlers.validate(check, max_type_len, &engine.retry)?;
         let handled = handlers::handled_types(&http_handlers);
-        let cluster = self.cluster.validate(check, max_type_len, &handled)?;
+        let cluster = self
+            .cluster
+            .validate(check, &node_id, max_type_len, &handled)?;
         let telemetry = self.telemetry.validate(check)?;
 
         Ok(Config {

@@ -16,7 +16,7 @@ fn cluster_flags() -> LoadOptions {
     }
 }
 
-fn cluster_of(opts: &LoadOptions) -> ClusterSettings {
+fn cluster_of(opts: &LoadOptions) -> ClusterConfig {
     load_ok(opts).cluster.expect("a cluster")
 }
 
@@ -24,10 +24,10 @@ fn cluster_of(opts: &LoadOptions) -> ClusterSettings {
 fn cluster_flags_set_a_cluster_with_the_documented_defaults() {
     let _env = EnvGuard::new();
     let c = cluster_of(&cluster_flags());
-    assert_eq!(c.addr, "127.0.0.1:7071".parse::<SocketAddr>().unwrap());
+    assert_eq!(c.listen, "127.0.0.1:7071".parse::<SocketAddr>().unwrap());
     assert_eq!(c.advertise, "127.0.0.1:7071");
     assert!(c.join.is_empty());
-    assert_eq!(c.id, "opmesh");
+    assert_eq!(c.cluster_id, "opmesh");
     assert_eq!(c.secret.expose(), SECRET.as_bytes());
     assert_eq!(c.data_dir, None);
     assert!(c.serves.is_empty());
@@ -35,7 +35,7 @@ fn cluster_flags_set_a_cluster_with_the_documented_defaults() {
     assert_eq!(c.down_after, Duration::from_secs(1));
     assert_eq!(c.write_timeout, Duration::from_secs(3));
     assert_eq!(c.election_timeout, Duration::from_millis(200));
-    assert_eq!(c.voters, 3);
+    assert_eq!(c.voters.get(), 3);
     assert_eq!(c.flush_bytes, 64 * 1024);
     assert_eq!(c.linger, Duration::ZERO);
     assert_eq!(c.max_frame, 16 * 1024 * 1024);
@@ -73,20 +73,20 @@ fn cluster_keys_load_from_a_file() {
         "#
     ));
     let c = cluster_of(&with_file(&file));
-    assert_eq!(c.addr, "0.0.0.0:7071".parse::<SocketAddr>().unwrap());
+    assert_eq!(c.listen, "0.0.0.0:7071".parse::<SocketAddr>().unwrap());
     assert_eq!(
         c.advertise,
         "opmesh-1.opmesh.default.svc.cluster.local:7071"
     );
     assert_eq!(c.join, ["[fd00::5]:7071"]);
-    assert_eq!(c.id, "prod.eu-1");
+    assert_eq!(c.cluster_id, "prod.eu-1");
     assert_eq!(c.data_dir, Some(PathBuf::from("data")));
-    assert_eq!(c.serves, ["echo"]);
+    assert_eq!(c.serves.iter().map(|t| &**t).collect::<Vec<_>>(), ["echo"]);
     assert_eq!(c.heartbeat, Duration::from_millis(50));
     assert_eq!(c.down_after, Duration::from_millis(101));
     assert_eq!(c.write_timeout, Duration::from_millis(100));
     assert_eq!(c.election_timeout, Duration::from_secs(1));
-    assert_eq!(c.voters, 5);
+    assert_eq!(c.voters.get(), 5);
     assert_eq!(c.flush_bytes, 1024);
     assert_eq!(c.linger, Duration::from_micros(250));
     assert_eq!(c.max_frame, 65536);
@@ -108,7 +108,7 @@ fn cluster_short_env_forms_are_read_as_written() {
     env.set("OPMESH_DATA_DIR", "/data/007");
     env.set("OPMESH_JOIN", " 10.0.0.5:7071, opmesh-0.opmesh:7071 ,");
     let c = cluster_of(&LoadOptions::default());
-    assert_eq!(c.addr, "[::1]:7071".parse::<SocketAddr>().unwrap());
+    assert_eq!(c.listen, "[::1]:7071".parse::<SocketAddr>().unwrap());
     assert_eq!(c.advertise, "[::1]:7071");
     assert_eq!(c.secret.expose(), b"1234567890123456789");
     assert_eq!(c.data_dir, Some(PathBuf::from("/data/007")));
@@ -120,8 +120,11 @@ fn cluster_short_env_forms_are_read_as_written() {
     env.set("OPMESH_CLUSTER__SERVES", "echo,sleep");
     let c = cluster_of(&LoadOptions::default());
     assert_eq!(c.join, ["10.0.0.6:7071"]);
-    assert_eq!(c.id, "42");
-    assert_eq!(c.serves, ["echo", "sleep"]);
+    assert_eq!(c.cluster_id, "42");
+    assert_eq!(
+        c.serves.iter().map(|t| &**t).collect::<Vec<_>>(),
+        ["echo", "sleep"]
+    );
 
     // An empty list variable clears the list; flags win over the environment.
     env.set("OPMESH_CLUSTER__JOIN", "");
@@ -132,7 +135,7 @@ fn cluster_short_env_forms_are_read_as_written() {
         ..LoadOptions::default()
     });
     assert_eq!(c.join, ["10.0.0.7:7071"]);
-    assert_eq!(c.addr.port(), 9000);
+    assert_eq!(c.listen.port(), 9000);
 }
 
 #[test]
@@ -179,7 +182,7 @@ fn voters_must_be_one_three_or_five() {
     let mut env = EnvGuard::new();
     for ok in [1, 3, 5] {
         env.set("OPMESH_CLUSTER__VOTERS", &ok.to_string());
-        assert_eq!(cluster_of(&cluster_flags()).voters, ok);
+        assert_eq!(cluster_of(&cluster_flags()).voters.get(), ok);
     }
     for bad in [0, 2, 4, 7] {
         env.set("OPMESH_CLUSTER__VOTERS", &bad.to_string());
