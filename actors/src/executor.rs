@@ -2,7 +2,8 @@
 //!
 //! Each batch runs in a task of its own, its operations concurrently, so a slow handler
 //! never holds the mailbox. Every operation runs under its deadline with its type's
-//! retry policy (exponential backoff with jitter, retryable errors only); blocking
+//! retry policy ([`RetryPolicy::decide`](crate::RetryPolicy::decide) says whether and how
+//! long to wait; the Executor waits); blocking
 //! handlers go to the blocking pool; a handler that panics fails its operation, not the
 //! node. A finished operation frees its running slot at once, waking the Scheduler if it
 //! waits for one.
@@ -16,7 +17,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::handler::{HandlerError, HandlerKind};
+use crate::handler::{GiveUpReason, HandlerError, HandlerKind, RetryDecision};
 use crate::job::Job;
 use crate::node::NodeShared;
 use crate::op::{OpOutcome, OpStatus};
@@ -156,20 +157,26 @@ async fn run_one(shared: &Arc<NodeShared>, mut job: Box<Job>) {
                 )
             }
         };
-        if !entry.retry.should_retry(attempts, &err) {
-            break (OpStatus::Failed, None, Some(final_error(&err, attempts)));
-        }
-        let wait = entry.retry.backoff(attempts, rand::random::<f64>());
-        if Instant::now() + wait >= deadline {
-            break (
-                OpStatus::Failed,
-                None,
-                Some(format!(
-                    "{} (attempt {attempts}; no time left before the deadline to retry)",
-                    err.message
-                )),
-            );
-        }
+        let time_left = deadline.saturating_duration_since(Instant::now());
+        let unit = rand::random::<f64>();
+        let wait = match entry.retry.decide(attempts, err.retryable, time_left, unit) {
+            RetryDecision::Retry { after } => after,
+            RetryDecision::GiveUp {
+                reason: GiveUpReason::NoTimeLeft,
+            } => {
+                break (
+                    OpStatus::Failed,
+                    None,
+                    Some(format!(
+                        "{} (attempt {attempts}; no time left before the deadline to retry)",
+                        err.message
+                    )),
+                )
+            }
+            RetryDecision::GiveUp { .. } => {
+                break (OpStatus::Failed, None, Some(final_error(&err, attempts)))
+            }
+        };
         entry.metrics.retries.fetch_add(1, Ordering::Relaxed);
         if ctx.is_some() {
             retries.push((attempts, trace::Stamp::now(), err.message.clone()));

@@ -14,10 +14,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod cache;
 pub mod events;
 pub mod executor;
 pub mod handler;
+pub mod hash;
 pub mod job;
 pub mod metrics;
 pub mod node;
@@ -28,8 +30,12 @@ pub mod scheduler;
 pub mod supervisor;
 pub mod trace;
 
+pub use backoff::{Backoff, BackoffSeries, Jitter};
 pub use cache::CacheStats;
-pub use handler::{Handler, HandlerError, HandlerRegistry, HandlerResult, RetryPolicy};
+pub use handler::{
+    GiveUpReason, Handler, HandlerError, HandlerRegistry, HandlerResult, RetryDecision, RetryPolicy,
+};
+pub use hash::{stable_hash, stable_id};
 pub use job::{Ticket, Tracked};
 pub use node::{CacheConfig, EngineConfig, Node, NodeBuilder, NodeStats, StartError};
 pub use op::{
