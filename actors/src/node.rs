@@ -29,7 +29,9 @@ use crate::op::{Limits, NodeId, OpId, OpOutcome, OpType, Operation, SubmitError}
 use crate::router::{dispatch_local, Forwarder, Intake, RouterMsg};
 use crate::routing::{LocalRoutes, NodeView, Route, RouteError, RouteStore, RoutingTable};
 use crate::scheduler::{BatchPolicy, SchedulerMsg};
-use crate::supervisor::{ChildKind, NodeSupervisor};
+#[cfg(feature = "test-util")]
+use crate::supervisor::ChildKind;
+use crate::supervisor::NodeSupervisor;
 use crate::trace::{OpTrace, Stage, Tracing};
 
 /// Result-cache settings.
@@ -726,8 +728,8 @@ impl Node {
     }
 
     /// Kills one engine actor, as a crash would; its supervisor restarts it. For tests
-    /// and fault drills.
-    #[doc(hidden)]
+    /// and fault drills: only with the `test-util` feature.
+    #[cfg(feature = "test-util")]
     pub fn kill_actor(&self, kind: ChildKind) {
         let r = &self.shared.refs;
         let cell = match kind {

@@ -131,22 +131,54 @@ impl Actor for Router {
     }
 }
 
-/// Hands jobs that run on this node on: those with an idempotency key to the Cache (it
-/// answers or admits them), the others to the Scheduler.
-pub(crate) fn dispatch_local(shared: &NodeShared, jobs: Vec<Box<Job>>) {
-    let (to_cache, to_scheduler) = jobs
-        .into_iter()
-        .partition(|j| j.op.idempotency_key.is_some());
-    send_local(shared, to_cache, to_scheduler);
+/// Operations that run on this node, split by where they go next. [`push`](Self::push)
+/// is the one place that decides it.
+pub(crate) struct LocalBatches {
+    to_cache: Vec<Box<Job>>,
+    to_scheduler: Vec<Box<Job>>,
 }
 
-fn send_local(shared: &NodeShared, to_cache: Vec<Box<Job>>, to_scheduler: Vec<Box<Job>>) {
-    if !to_cache.is_empty() {
-        shared.send_cache(CacheMsg::Admit(to_cache));
+impl LocalBatches {
+    /// Room for `n` operations without an idempotency key (the common case).
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        LocalBatches {
+            to_cache: Vec::new(),
+            to_scheduler: Vec::with_capacity(n),
+        }
     }
-    if !to_scheduler.is_empty() {
-        shared.send_scheduler(SchedulerMsg::Enqueue(to_scheduler));
+
+    /// An operation with an idempotency key goes to the Cache (it answers it, joins it to
+    /// a run in flight, or admits it); the others go straight to the Scheduler.
+    pub(crate) fn push(&mut self, job: Box<Job>) {
+        if job.op.idempotency_key.is_some() {
+            self.to_cache.push(job);
+        } else {
+            self.to_scheduler.push(job);
+        }
     }
+
+    fn jobs_mut(&mut self) -> impl Iterator<Item = &mut Box<Job>> {
+        self.to_cache.iter_mut().chain(self.to_scheduler.iter_mut())
+    }
+
+    /// Hands both batches on (nothing is sent for an empty one).
+    pub(crate) fn send(self, shared: &NodeShared) {
+        if !self.to_cache.is_empty() {
+            shared.send_cache(CacheMsg::Admit(self.to_cache));
+        }
+        if !self.to_scheduler.is_empty() {
+            shared.send_scheduler(SchedulerMsg::Enqueue(self.to_scheduler));
+        }
+    }
+}
+
+/// Hands jobs that run on this node on, to the Cache or the Scheduler.
+pub(crate) fn dispatch_local(shared: &NodeShared, jobs: Vec<Box<Job>>) {
+    let mut local = LocalBatches::with_capacity(jobs.len());
+    for job in jobs {
+        local.push(job);
+    }
+    local.send(shared);
 }
 
 fn route(state: &mut RouterState) {
@@ -158,8 +190,7 @@ fn route(state: &mut RouterState) {
     }
     let table = shared.routes.snapshot();
     let routed = Stamp::now();
-    let mut to_scheduler = Vec::with_capacity(jobs.len());
-    let mut to_cache = Vec::new();
+    let mut local = LocalBatches::with_capacity(jobs.len());
     let mut remote: Vec<(NodeId, Vec<Box<Job>>)> = Vec::new();
     for mut job in jobs.drain(..) {
         job.reply.stamps.routed = routed;
@@ -171,11 +202,7 @@ fn route(state: &mut RouterState) {
         ) {
             Ok(node) if node == shared.node_id => {
                 job.reply.target = None;
-                if job.op.idempotency_key.is_some() {
-                    to_cache.push(job);
-                } else {
-                    to_scheduler.push(job);
-                }
+                local.push(job);
             }
             Ok(node) => {
                 job.reply.target = Some(node.clone());
@@ -189,10 +216,10 @@ fn route(state: &mut RouterState) {
     }
     state.spare = jobs;
     let routed_end = Stamp::now();
-    for j in to_cache.iter_mut().chain(to_scheduler.iter_mut()) {
+    for j in local.jobs_mut() {
         j.reply.stamps.routed_end = routed_end;
     }
-    send_local(shared, to_cache, to_scheduler);
+    local.send(shared);
     for (node, jobs) in remote {
         match &shared.forwarder {
             Some(f) => f.forward(&node, jobs),
