@@ -16,10 +16,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::cache::CacheMsg;
 use crate::job::Job;
-use crate::node::NodeShared;
 use crate::op::{NodeId, OpStatus};
 use crate::routing::pick;
 use crate::scheduler::SchedulerMsg;
+use crate::shared::NodeShared;
 use crate::trace::Stamp;
 
 /// Sends operations owned by other nodes to them. Implemented by the cluster layer; a
@@ -73,7 +73,7 @@ pub enum RouterMsg {
 pub struct Router;
 
 pub struct RouterArgs {
-    pub shared: Arc<NodeShared>,
+    pub(crate) shared: Arc<NodeShared>,
 }
 
 pub struct RouterState {
@@ -106,7 +106,7 @@ impl Actor for Router {
         state: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
         // After a restart, a `Drain` may have been lost with the old mailbox.
-        if state.shared.intake.len() > 0 {
+        if state.shared.intake().len() > 0 {
             myself.cast(RouterMsg::Drain)?;
         }
         Ok(())
@@ -183,12 +183,12 @@ pub(crate) fn dispatch_local(shared: &NodeShared, jobs: Vec<Box<Job>>) {
 
 fn route(state: &mut RouterState) {
     let shared = &state.shared;
-    let mut jobs = shared.intake.take(std::mem::take(&mut state.spare));
+    let mut jobs = shared.intake().take(std::mem::take(&mut state.spare));
     if jobs.is_empty() {
         state.spare = jobs;
         return;
     }
-    let table = shared.routes.snapshot();
+    let table = shared.routes().snapshot();
     let routed = Stamp::now();
     let mut local = LocalBatches::with_capacity(jobs.len());
     let mut remote: Vec<(NodeId, Vec<Box<Job>>)> = Vec::new();
@@ -200,7 +200,7 @@ fn route(state: &mut RouterState) {
             job.op.key.as_deref(),
             &mut state.rr,
         ) {
-            Ok(node) if node == shared.node_id => {
+            Ok(node) if node == *shared.node_id() => {
                 job.reply.target = None;
                 local.push(job);
             }
@@ -221,7 +221,7 @@ fn route(state: &mut RouterState) {
     }
     local.send(shared);
     for (node, jobs) in remote {
-        match &shared.forwarder {
+        match shared.forwarder() {
             Some(f) => f.forward(&node, jobs),
             None => {
                 for job in jobs {
