@@ -2,11 +2,11 @@
 //!
 //! Each batch runs in a task of its own, its operations concurrently, so a slow handler
 //! never holds the mailbox. Every operation runs under its deadline with its type's
-//! retry policy ([`RetryPolicy::decide`](crate::RetryPolicy::decide) says whether and how
-//! long to wait; the Executor waits); blocking
-//! handlers go to the blocking pool; a handler that panics fails its operation, not the
-//! node. A finished operation frees its running slot at once, waking the Scheduler if it
-//! waits for one.
+//! retry policy: [`RetryPolicy::decide`](crate::RetryPolicy::decide) says whether to run
+//! again and how long to wait first (backoff with jitter, retryable errors only), the
+//! Executor only waits. Blocking handlers go to the blocking pool; a handler that panics
+//! fails its operation, not the node. A finished operation gives its running slot back at
+//! once, waking the Scheduler if it waits for one.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;

@@ -186,8 +186,8 @@ pub struct TypeEntry {
     pub handler: HandlerKind,
     pub retry: RetryPolicy,
     /// Operations accepted and not yet handed to an executor; bounded by the queue
-    /// capacity at the door.
-    pub(crate) queued: AtomicUsize,
+    /// capacity at the door. Counts the type's [`QueueSlot`](crate::slots::QueueSlot)s.
+    queued: AtomicUsize,
     pub metrics: TypeMetrics,
 }
 
@@ -207,7 +207,9 @@ impl TypeEntry {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Reserves a queue slot, failing when `capacity` are taken.
+    /// Reserves a queue slot, failing when `capacity` are taken. Only
+    /// [`QueueSlot`](crate::slots::QueueSlot) calls this (and the test below): the slot
+    /// gives it back exactly once.
     pub(crate) fn try_reserve(&self, capacity: usize) -> bool {
         let prev = self.queued.fetch_add(1, Ordering::AcqRel);
         if prev >= capacity {
@@ -218,6 +220,7 @@ impl TypeEntry {
         }
     }
 
+    /// Gives back `n` reserved slots; only [`QueueSlot`](crate::slots::QueueSlot) calls it.
     pub(crate) fn release(&self, n: usize) {
         self.queued.fetch_sub(n, Ordering::AcqRel);
     }
