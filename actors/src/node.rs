@@ -527,6 +527,14 @@ impl Node {
         &self.shared
     }
 
+    /// Admits `op` as if another node had routed it here, and returns the job instead of
+    /// handing it to an actor: for unit tests that drive one step by hand.
+    #[cfg(test)]
+    pub(crate) fn admit_for_test(&self, op: Operation) -> Box<Job> {
+        let admitted = self.shared.admit(op, false, Admit::Here, Instant::now());
+        admitted.map(|(job, _)| job).expect("admitted")
+    }
+
     /// Kills one engine actor, as a crash would; its supervisor restarts it. For tests
     /// and fault drills: only with the `test-util` feature.
     #[cfg(feature = "test-util")]

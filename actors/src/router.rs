@@ -236,3 +236,28 @@ fn route(state: &mut RouterState) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Json, Node, Operation};
+
+    #[tokio::test]
+    async fn keyed_operations_go_to_the_cache_the_others_to_the_scheduler() {
+        let node = Node::builder()
+            .handler("t", |op: Operation| async move { Ok(op.payload) })
+            .start()
+            .await
+            .unwrap();
+        let plain = || Operation::new("t", Json::null());
+        let mut local = LocalBatches::with_capacity(3);
+        local.push(node.admit_for_test(plain()));
+        local.push(node.admit_for_test(plain().with_idempotency_key("k")));
+        local.push(node.admit_for_test(plain().with_key("routing key only")));
+        assert_eq!(local.to_cache.len(), 1);
+        assert!(local.to_cache[0].op.idempotency_key.is_some());
+        assert_eq!(local.to_scheduler.len(), 2);
+        assert_eq!(local.jobs_mut().count(), 3);
+        node.shutdown(std::time::Duration::from_secs(1)).await;
+    }
+}

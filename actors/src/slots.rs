@@ -290,14 +290,8 @@ mod tests {
             .start()
             .await
             .unwrap();
-        let shared = node.shared().clone();
-        let now = std::time::Instant::now();
         let jobs = (0..n)
-            .map(|_| {
-                let op = crate::Operation::new("t", crate::Json::null());
-                let admitted = shared.admit(op, false, crate::admit::Admit::Here, now);
-                admitted.unwrap().0
-            })
+            .map(|_| node.admit_for_test(crate::Operation::new("t", crate::Json::null())))
             .collect();
         (node, jobs)
     }
