@@ -5,7 +5,7 @@
 //! that arrived by then in one go. Under load, one message carries hundreds of
 //! operations, which is how four actor hops cost a fraction of one each.
 //!
-//! Each operation's owner comes from [`routing::pick`] on the current routing-table
+//! Each operation's owner comes from [`routing::pick`](crate::routing::pick) on the current routing-table
 //! snapshot. Local ones go to the Cache (those with an idempotency key) or straight to
 //! the Scheduler; remote ones go to the [`Forwarder`], which the cluster layer provides.
 

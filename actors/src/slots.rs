@@ -1,6 +1,6 @@
 //! Slots: how many operations of a type may wait, and how many may run on the node.
 //!
-//! At the door, an operation takes a [`QueueSlot`] of its type (one atomic add; a full
+//! At the door, an operation takes a `QueueSlot` of its type (one atomic add; a full
 //! queue refuses it with `SubmitError::Overloaded`, a 429). Its
 //! [`Reply`](crate::job::Reply) holds the slot until the Scheduler hands the operation to
 //! the Executor, or until it completes first (answered from the cache, expired in the
@@ -9,7 +9,7 @@
 //!
 //! Running slots belong to the Scheduler: it alone takes them, up to `max_concurrent`,
 //! wrapping each batch it starts in a [`Started`] that carries them to the Executor. Each
-//! operation then holds a [`RunningSlot`] while its handler runs and gives it back as it
+//! operation then holds a `RunningSlot` while its handler runs and gives it back as it
 //! finishes, waking the Scheduler if it waits for one. A batch lost on the way (the
 //! Executor stopped) gives its slots back too. [`RunningSlots`] counts them; readers
 //! (`/v1/metrics`, `/metrics`) see the count through `Node::running`.
@@ -128,7 +128,7 @@ impl RunningSlots {
 }
 
 /// A batch the Scheduler started: each of its operations holds a running slot. The
-/// Executor turns it into one [`RunningSlot`] per operation ([`run`](Self::run)); a batch
+/// Executor turns it into one `RunningSlot` per operation (`run`); a batch
 /// dropped before that (its message lost with a stopped Executor) gives its slots back.
 pub struct Started {
     jobs: Vec<Box<Job>>,
