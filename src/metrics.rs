@@ -270,7 +270,7 @@ impl OpmeshCollector {
         out.gauge(
             "opmesh_ops_running",
             "Operations whose handler runs now.",
-            m.running.load(Relaxed),
+            node.running(),
         )?;
         out.counters(
             "opmesh_op_retries_total",

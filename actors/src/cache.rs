@@ -20,9 +20,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Serialize;
 
 use crate::job::Job;
-use crate::node::NodeShared;
 use crate::op::{OpOutcome, OpStatus, OpType};
 use crate::scheduler::SchedulerMsg;
+use crate::shared::NodeShared;
 use crate::trace::{CacheVerdict, Stamp};
 
 /// A result's identity: the operation type and its idempotency key.
@@ -164,7 +164,7 @@ pub enum CacheMsg {
 pub struct Cache;
 
 pub struct CacheArgs {
-    pub shared: Arc<NodeShared>,
+    pub(crate) shared: Arc<NodeShared>,
 }
 
 pub struct CacheState {
@@ -191,8 +191,8 @@ impl Actor for Cache {
         _myself: ActorRef<CacheMsg>,
         args: CacheArgs,
     ) -> Result<CacheState, ActorProcessingErr> {
-        let cfg = &args.shared.config.cache;
-        let cache = ResultCache::new(cfg.capacity, cfg.ttl, args.shared.cache_counters.clone());
+        let cfg = &args.shared.config().cache;
+        let cache = ResultCache::new(cfg.capacity, cfg.ttl, args.shared.cache_counters().clone());
         Ok(CacheState {
             shared: args.shared,
             cache,

@@ -2,7 +2,9 @@
 //! handler, retry policy and per-type counters.
 //!
 //! The Executor looks a type up here; the node's submit path looks it up too, to refuse
-//! an unknown type or a full queue before the operation is accepted.
+//! an unknown type or a full queue before the operation is accepted. A type's
+//! [`RetryPolicy`] holds the pure retry decision ([`RetryPolicy::decide`]): the Executor
+//! only runs, waits and counts.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backoff::{Backoff, Jitter};
 use crate::metrics::TypeMetrics;
 use crate::op::{Json, OpType, Operation};
 
@@ -105,23 +108,75 @@ impl Default for RetryPolicy {
     }
 }
 
+/// What [`RetryPolicy::decide`] says after a run of an operation failed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RetryDecision {
+    /// Run it again after waiting `after` (less than the time left to the deadline).
+    Retry { after: Duration },
+    /// Stop here: the operation fails.
+    GiveUp { reason: GiveUpReason },
+}
+
+/// Why [`RetryPolicy::decide`] gave up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GiveUpReason {
+    /// The error says that running again will not help.
+    NotRetryable,
+    /// The policy's `max_attempts` runs were made.
+    OutOfAttempts,
+    /// The wait before the next run would reach the deadline.
+    NoTimeLeft,
+}
+
 impl RetryPolicy {
+    /// The backoff this policy waits with: from `initial_backoff`, growing by
+    /// `multiplier`, up to `max_backoff`, jittered down by up to `jitter`.
+    pub fn backoff_shape(&self) -> Backoff {
+        Backoff {
+            initial: self.initial_backoff,
+            max: self.max_backoff,
+            multiplier: self.multiplier,
+            jitter: Jitter::Down(self.jitter),
+        }
+    }
+
     /// The wait before run number `attempt + 1`, after `attempt` failed runs (1-based).
     /// `unit` is a uniform random number in `[0, 1)`, passed in so the decision is pure.
     pub fn backoff(&self, attempt: u32, unit: f64) -> Duration {
-        let exp = self
-            .multiplier
-            .max(1.0)
-            .powi(attempt.saturating_sub(1) as i32);
-        let base = (self.initial_backoff.as_secs_f64() * exp).min(self.max_backoff.as_secs_f64());
-        let jitter = self.jitter.clamp(0.0, 1.0);
-        let wait = base * (1.0 - jitter * unit.clamp(0.0, 1.0));
-        Duration::from_secs_f64(wait.max(0.0))
+        self.backoff_shape().delay(attempt, unit)
     }
 
     /// Whether another run is allowed after `attempt` failed runs.
     pub fn should_retry(&self, attempt: u32, err: &HandlerError) -> bool {
         err.retryable && attempt < self.max_attempts
+    }
+
+    /// Whether to run an operation again after its run number `attempt` (1-based) failed
+    /// with an error that is `retryable` or not, with `time_left` before its deadline.
+    /// `unit`, a uniform random number in `[0, 1)`, picks the jitter. Pure: the Executor
+    /// does the waiting.
+    ///
+    /// Never retries a non-retryable error, never allows more than `max_attempts` runs,
+    /// and never waits until the deadline (a run must have time to start).
+    pub fn decide(
+        &self,
+        attempt: u32,
+        retryable: bool,
+        time_left: Duration,
+        unit: f64,
+    ) -> RetryDecision {
+        let reason = if !retryable {
+            GiveUpReason::NotRetryable
+        } else if attempt >= self.max_attempts {
+            GiveUpReason::OutOfAttempts
+        } else {
+            let after = self.backoff(attempt, unit);
+            if after < time_left {
+                return RetryDecision::Retry { after };
+            }
+            GiveUpReason::NoTimeLeft
+        };
+        RetryDecision::GiveUp { reason }
     }
 }
 
@@ -131,8 +186,8 @@ pub struct TypeEntry {
     pub handler: HandlerKind,
     pub retry: RetryPolicy,
     /// Operations accepted and not yet handed to an executor; bounded by the queue
-    /// capacity at the door.
-    pub(crate) queued: AtomicUsize,
+    /// capacity at the door. Counts the type's [`QueueSlot`](crate::slots::QueueSlot)s.
+    queued: AtomicUsize,
     pub metrics: TypeMetrics,
 }
 
@@ -152,7 +207,9 @@ impl TypeEntry {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Reserves a queue slot, failing when `capacity` are taken.
+    /// Reserves a queue slot, failing when `capacity` are taken. Only
+    /// [`QueueSlot`](crate::slots::QueueSlot) calls this (and the test below): the slot
+    /// gives it back exactly once.
     pub(crate) fn try_reserve(&self, capacity: usize) -> bool {
         let prev = self.queued.fetch_add(1, Ordering::AcqRel);
         if prev >= capacity {
@@ -163,6 +220,7 @@ impl TypeEntry {
         }
     }
 
+    /// Gives back `n` reserved slots; only [`QueueSlot`](crate::slots::QueueSlot) calls it.
     pub(crate) fn release(&self, n: usize) {
         self.queued.fetch_sub(n, Ordering::AcqRel);
     }
@@ -242,7 +300,77 @@ mod tests {
         assert!(!p.should_retry(1, &HandlerError::fatal("x")));
     }
 
+    #[test]
+    fn decide_names_why_it_gives_up() {
+        let p = RetryPolicy::default();
+        let long = Duration::from_secs(60);
+        assert_eq!(
+            p.decide(1, true, long, 0.0),
+            RetryDecision::Retry {
+                after: Duration::from_millis(10)
+            }
+        );
+        let give_up = |reason| RetryDecision::GiveUp { reason };
+        assert_eq!(
+            p.decide(1, false, long, 0.0),
+            give_up(GiveUpReason::NotRetryable)
+        );
+        assert_eq!(
+            p.decide(3, true, long, 0.0),
+            give_up(GiveUpReason::OutOfAttempts)
+        );
+        let tight = Duration::from_millis(10);
+        assert_eq!(
+            p.decide(1, true, tight, 0.0),
+            give_up(GiveUpReason::NoTimeLeft)
+        );
+        assert_eq!(
+            p.decide(1, true, Duration::ZERO, 0.0),
+            give_up(GiveUpReason::NoTimeLeft)
+        );
+    }
+
     proptest! {
+        #[test]
+        fn decide_keeps_its_promises(
+            attempt in 1u32..20,
+            max_attempts in 1u32..10,
+            retryable in any::<bool>(),
+            left_ms in 0u64..3_000,
+            unit in 0.0f64..1.0,
+            jitter in 0.0f64..=1.0,
+            initial_ms in 0u64..500,
+            mult in 1.0f64..4.0,
+        ) {
+            let p = RetryPolicy {
+                max_attempts,
+                initial_backoff: Duration::from_millis(initial_ms),
+                max_backoff: Duration::from_secs(1),
+                multiplier: mult,
+                jitter,
+            };
+            let left = Duration::from_millis(left_ms);
+            match p.decide(attempt, retryable, left, unit) {
+                RetryDecision::Retry { after } => {
+                    prop_assert!(retryable, "never retries a non-retryable error");
+                    prop_assert!(attempt < max_attempts, "never past max_attempts");
+                    prop_assert!(after < left, "never sleeps past the deadline");
+                    let nominal = p.backoff(attempt, 0.0);
+                    prop_assert!(after <= nominal);
+                    prop_assert!(after.as_secs_f64() >= nominal.as_secs_f64() * (1.0 - jitter) - 1e-9);
+                }
+                RetryDecision::GiveUp { reason } => match reason {
+                    GiveUpReason::NotRetryable => prop_assert!(!retryable),
+                    GiveUpReason::OutOfAttempts => {
+                        prop_assert!(retryable && attempt >= max_attempts)
+                    }
+                    GiveUpReason::NoTimeLeft => prop_assert!(
+                        retryable && attempt < max_attempts && p.backoff(attempt, unit) >= left
+                    ),
+                },
+            }
+        }
+
         #[test]
         fn backoff_stays_within_jitter_bounds(
             attempt in 1u32..40,

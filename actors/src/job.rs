@@ -21,8 +21,9 @@ use tokio::sync::oneshot;
 use crate::cache::CacheKey;
 use crate::events::{now_ms, Event, EventKind};
 use crate::handler::TypeEntry;
-use crate::node::NodeShared;
 use crate::op::{NodeId, OpId, OpOutcome, OpStatus, Operation, TraceContext, TraceId};
+use crate::shared::NodeShared;
+use crate::slots::QueueSlot;
 use crate::trace::{CacheVerdict, OpSpans, OpTrace, SpanEvent, Stage, Stamp};
 
 /// An accepted operation travelling Router → (Cache) → Scheduler → Executor.
@@ -61,13 +62,12 @@ pub struct Reply {
     pub(crate) retry_events: Vec<SpanEvent>,
     tx: Option<oneshot::Sender<OpOutcome>>,
     tracked: Option<Arc<Tracked>>,
-    pub(crate) entry: Arc<TypeEntry>,
+    /// The type's queue slot while the operation waits (and the type's entry always).
+    pub(crate) slot: QueueSlot,
     pub(crate) shared: Arc<NodeShared>,
     /// Set for an operation with an idempotency key that runs (is not answered from the
     /// cache): its outcome is stored and handed to operations that joined it.
     pub(crate) cache_key: Option<CacheKey>,
-    /// Whether this operation still holds a slot of its type's queue.
-    pub(crate) queued: bool,
     pub(crate) accepted_at: Instant,
     done: bool,
 }
@@ -76,7 +76,7 @@ impl Reply {
     pub(crate) fn new(
         op: &Operation,
         trace: Option<OpTrace>,
-        entry: Arc<TypeEntry>,
+        slot: QueueSlot,
         shared: Arc<NodeShared>,
         tracked: Option<Arc<Tracked>>,
         accepted_at: Instant,
@@ -91,14 +91,18 @@ impl Reply {
             retry_events: Vec::new(),
             tx: Some(tx),
             tracked,
-            entry,
+            slot,
             shared,
             cache_key: None,
-            queued: true,
             accepted_at,
             done: false,
         };
         (reply, rx)
+    }
+
+    /// The operation's type: its handler, retry policy and counters.
+    pub(crate) fn entry(&self) -> &Arc<TypeEntry> {
+        self.slot.entry()
     }
 
     pub(crate) fn mark_running(&mut self, op_type: &crate::op::OpType) {
@@ -108,10 +112,10 @@ impl Reply {
         }
         let shared = &self.shared;
         shared
-            .events
+            .events()
             .publish(EventKind::OperationStarted, || Event::OperationStarted {
                 id: self.id,
-                node: shared.node_id.clone(),
+                node: shared.node_id().clone(),
                 op_type: op_type.clone(),
                 trace_id: self.trace.as_ref().map(|t| format!("{:032x}", t.trace_id)),
                 timestamp: now_ms(),
@@ -167,14 +171,11 @@ impl Reply {
             return;
         }
         self.done = true;
-        if self.queued {
-            self.queued = false;
-            self.entry.release(1);
-        }
+        self.slot.release();
         let now = Instant::now();
         let end = Stamp::from_instant(now);
         let latency = now.saturating_duration_since(self.accepted_at);
-        let tm = &self.entry.metrics;
+        let tm = &self.entry().metrics;
         tm.count(outcome.status);
         tm.record_latency(latency.as_micros() as u64);
         tm.stages.total.record(latency.as_nanos() as u64);
@@ -196,12 +197,11 @@ impl Reply {
             .is_some_and(|tr| tr.sampled || outcome.status != OpStatus::Succeeded);
         if keep {
             let events = std::mem::take(&mut self.retry_events);
-            if let Some(t) = &self.shared.tracing {
+            if let Some(t) = self.shared.tracing() {
                 t.sink.record(self.spans(&outcome, end, events));
             }
         }
-        let m = &self.shared.metrics;
-        m.completed(outcome.status);
+        self.shared.metrics().completed(outcome.status);
         if let Some(key) = self.cache_key.take() {
             self.shared.cache_completed(key, outcome.clone());
         }
@@ -211,7 +211,7 @@ impl Reply {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(outcome);
         }
-        m.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.shared.op_finished();
     }
 }
 
@@ -223,10 +223,10 @@ impl Reply {
             EventKind::OperationFailure
         };
         let shared = &self.shared;
-        shared.events.publish(kind, || Event::OperationFinished {
+        shared.events().publish(kind, || Event::OperationFinished {
             id: self.id,
-            node: shared.node_id.clone(),
-            op_type: self.entry.name.clone(),
+            node: shared.node_id().clone(),
+            op_type: self.entry().name.clone(),
             status: outcome.status,
             error: outcome.error.clone(),
             cached: outcome.cached,
@@ -274,8 +274,8 @@ impl Reply {
             trace_id: tr.trace_id,
             sampled: tr.sampled,
             op_id: self.id,
-            op_type: self.entry.name.clone(),
-            node: self.shared.node_id.clone(),
+            op_type: self.entry().name.clone(),
+            node: self.shared.node_id().clone(),
             target: self.target.clone(),
             status: outcome.status,
             error: outcome.error.clone(),

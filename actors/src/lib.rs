@@ -1,23 +1,47 @@
 //! opmesh's single-node engine.
 //!
-//! An operation's path on one node: [`Node::submit`] checks it and hands it to the
-//! [`router::Router`] actor, which picks the owner node from the routing table; a local
-//! operation with an idempotency key visits the [`cache::Cache`] actor first (a stored
-//! result answers at once, a key in flight is joined); the [`scheduler::Scheduler`]
-//! queues it per type and hands batches to the [`executor::Executor`], which runs the
-//! handler with retries under the deadline. The [`job::Reply`] carried along completes
-//! the operation exactly once. All four actors run under one supervisor that restarts
-//! any that fails.
+//! An operation's path on one node: [`Node::submit`] checks it at the door and takes a
+//! slot of its type's queue, then hands it to the [`router::Router`] actor, which picks
+//! the owner node from the routing table; a local operation with an idempotency key
+//! visits the [`cache::Cache`] actor first (a stored result answers at once, a key in
+//! flight is joined); the [`scheduler::Scheduler`] queues it per type and hands batches to
+//! the [`executor::Executor`], which runs the handler with retries under the deadline. The
+//! [`job::Reply`] carried along completes the operation exactly once. All four actors run
+//! under one supervisor that restarts any that fails.
 //!
 //! This crate never talks to the network: the cluster layer plugs in through
 //! [`router::Forwarder`] and [`routing::RouteStore`].
+//!
+//! The modules, in the order an operation meets them:
+//!
+//! - [`op`]: the [`Operation`] a caller builds, its limits, and the [`OpOutcome`] it ends in.
+//! - [`node`]: the [`Node`] handle and its builder, where operations are submitted.
+//! - `admit`: the door, which accepts an operation (taking a queue slot) or refuses it.
+//! - [`slots`]: queue slots per type and the node's running slots, given back on drop.
+//! - [`job`]: the accepted [`job::Job`] and the [`job::Reply`] that completes it once.
+//! - [`router`]: the Router actor, which picks each operation's owner node.
+//! - [`routing`]: the routing table and the pure pick (round robin, hash, pinned...).
+//! - [`hash`]: the stable hash that every node computes alike (consistent hashing, ids).
+//! - [`cache`]: the Cache actor: results by idempotency key, single-flight for keys.
+//! - [`scheduler`]: the Scheduler actor: per-type queues, priorities, batches.
+//! - [`executor`]: the Executor actor: runs handlers under deadline and retry policy.
+//! - [`handler`]: handlers, their registry, and the pure retry decision.
+//! - [`backoff`]: exponential backoff with jitter, the randomness passed in.
+//! - [`trace`]: stage stamps and the spans a finished operation leaves.
+//! - [`events`]: live events for watchers (`/v1/events`).
+//! - [`metrics`]: counters and latency histograms, read when scraped.
+//! - `shared`: the state the node handle and its actors share, private to the engine.
+//! - [`supervisor`]: starts the four actors and restarts any that fails.
 
 #![forbid(unsafe_code)]
 
+mod admit;
+pub mod backoff;
 pub mod cache;
 pub mod events;
 pub mod executor;
 pub mod handler;
+pub mod hash;
 pub mod job;
 pub mod metrics;
 pub mod node;
@@ -25,11 +49,17 @@ pub mod op;
 pub mod router;
 pub mod routing;
 pub mod scheduler;
+mod shared;
+pub mod slots;
 pub mod supervisor;
 pub mod trace;
 
+pub use backoff::{Backoff, BackoffSeries, Jitter};
 pub use cache::CacheStats;
-pub use handler::{Handler, HandlerError, HandlerRegistry, HandlerResult, RetryPolicy};
+pub use handler::{
+    GiveUpReason, Handler, HandlerError, HandlerRegistry, HandlerResult, RetryDecision, RetryPolicy,
+};
+pub use hash::{stable_hash, stable_id};
 pub use job::{Ticket, Tracked};
 pub use node::{CacheConfig, EngineConfig, Node, NodeBuilder, NodeStats, StartError};
 pub use op::{

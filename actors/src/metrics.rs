@@ -249,7 +249,8 @@ impl TypeMetrics {
     }
 }
 
-/// Node-wide counters.
+/// Node-wide counters. How many operations run now is the Scheduler's count, not a
+/// counter here: see [`RunningSlots`](crate::slots::RunningSlots) and `Node::running`.
 pub struct NodeMetrics {
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
@@ -259,8 +260,6 @@ pub struct NodeMetrics {
     pub expired: AtomicU64,
     /// Operations accepted and not yet completed.
     pub in_flight: AtomicUsize,
-    /// Operations whose handler is running now.
-    pub running: AtomicUsize,
     /// Engine actors restarted, all kinds together.
     pub actor_restarts: AtomicU64,
     /// Engine actors restarted, per [`ChildKind::index`].
@@ -281,7 +280,6 @@ impl Default for NodeMetrics {
             failed: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
-            running: AtomicUsize::new(0),
             actor_restarts: AtomicU64::new(0),
             restarts_by_kind: Default::default(),
             batches: AtomicU64::new(0),

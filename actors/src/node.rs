@@ -7,30 +7,29 @@
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwapOption;
-use dashmap::DashMap;
 use parking_lot::Mutex;
 use ractor::{Actor, ActorRef};
 use serde::Serialize;
 
-use crate::cache::{CacheCounters, CacheKey, CacheMsg, CacheStats};
+use crate::admit::Admit;
+use crate::cache::CacheStats;
 use crate::events::EventBus;
-use crate::executor::ExecutorMsg;
-use crate::handler::{
-    Handler, HandlerKind, HandlerRegistry, HandlerResult, RetryPolicy, TypeEntry,
-};
-use crate::job::{Job, OpStore, Reply, Ticket, Tracked};
+use crate::handler::{Handler, HandlerRegistry, HandlerResult, RetryPolicy, TypeEntry};
+use crate::job::{Job, Ticket, Tracked};
 use crate::metrics::{Latency, NodeMetrics, TypeStats};
 use crate::op::{Limits, NodeId, OpId, OpOutcome, OpType, Operation, SubmitError};
-use crate::router::{dispatch_local, Forwarder, Intake, RouterMsg};
+use crate::router::{dispatch_local, Forwarder};
 use crate::routing::{LocalRoutes, NodeView, Route, RouteError, RouteStore, RoutingTable};
-use crate::scheduler::{BatchPolicy, SchedulerMsg};
-use crate::supervisor::{ChildKind, NodeSupervisor};
-use crate::trace::{OpTrace, Stage, Tracing};
+use crate::scheduler::BatchPolicy;
+use crate::shared::{NodeShared, SharedParts};
+#[cfg(feature = "test-util")]
+use crate::supervisor::ChildKind;
+use crate::supervisor::NodeSupervisor;
+use crate::trace::Tracing;
 
 /// Result-cache settings.
 #[derive(Clone, Debug)]
@@ -78,80 +77,6 @@ impl Default for EngineConfig {
             retry: RetryPolicy::default(),
         }
     }
-}
-
-#[derive(Default)]
-pub(crate) struct Refs {
-    pub router: ArcSwapOption<ActorRef<RouterMsg>>,
-    pub cache: ArcSwapOption<ActorRef<CacheMsg>>,
-    pub scheduler: ArcSwapOption<ActorRef<SchedulerMsg>>,
-    pub executor: ArcSwapOption<ActorRef<ExecutorMsg>>,
-}
-
-/// State shared by the node handle and its actors.
-pub struct NodeShared {
-    pub node_id: NodeId,
-    pub config: EngineConfig,
-    pub registry: HandlerRegistry,
-    pub metrics: NodeMetrics,
-    pub cache_counters: Arc<CacheCounters>,
-    pub routes: Arc<dyn RouteStore>,
-    pub forwarder: Option<Arc<dyn Forwarder>>,
-    /// Sampling and the span sink, when operations are traced.
-    pub tracing: Option<Tracing>,
-    /// Live events for watchers.
-    pub events: Arc<EventBus>,
-    /// Types this node accepts and forwards but has no handler for (cluster only).
-    pub(crate) remote_types: DashMap<OpType, Arc<TypeEntry>>,
-    pub store: OpStore,
-    pub(crate) intake: Intake,
-    /// The Scheduler waits for a running slot; the next finished operation wakes it.
-    pub(crate) slots_wanted: AtomicBool,
-    pub(crate) refs: Refs,
-    accepting: AtomicBool,
-    stopping: AtomicBool,
-    /// Cancelled when the grace period is over: running handlers are abandoned.
-    pub(crate) stopped: tokio_util::sync::CancellationToken,
-    started: Instant,
-}
-
-fn send<M: ractor::Message>(cell: &ArcSwapOption<ActorRef<M>>, msg: M) {
-    // A failed send drops the message; the jobs in it complete as failed on drop.
-    if let Some(r) = cell.load().as_ref() {
-        let _ = r.cast(msg);
-    }
-}
-
-impl NodeShared {
-    pub(crate) fn send_scheduler(&self, msg: SchedulerMsg) {
-        send(&self.refs.scheduler, msg)
-    }
-    pub(crate) fn send_executor(&self, msg: ExecutorMsg) {
-        send(&self.refs.executor, msg)
-    }
-    pub(crate) fn send_cache(&self, msg: CacheMsg) {
-        send(&self.refs.cache, msg)
-    }
-    pub(crate) fn cache_completed(&self, key: CacheKey, outcome: OpOutcome) {
-        self.send_cache(CacheMsg::Completed { key, outcome })
-    }
-    /// A running operation finished: free its slot and wake the Scheduler if it waits.
-    pub(crate) fn slot_freed(&self) {
-        self.metrics.running.fetch_sub(1, Ordering::AcqRel);
-        if self.slots_wanted.swap(false, Ordering::AcqRel) {
-            self.send_scheduler(SchedulerMsg::SlotsFreed);
-        }
-    }
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-}
-
-/// Whether an operation may be routed to another node, or must run here.
-#[derive(Clone, Copy)]
-enum Admit {
-    Routed,
-    Here,
 }
 
 /// Builds a [`Node`].
@@ -252,26 +177,14 @@ impl NodeBuilder {
                 }],
             }))
         });
-        let shared = Arc::new(NodeShared {
-            store: OpStore::new(self.config.retention, self.config.retention_max),
+        let shared = Arc::new(NodeShared::new(SharedParts {
             node_id: self.node_id,
             config: self.config,
             registry: self.registry,
-            metrics: NodeMetrics::default(),
-            cache_counters: Arc::new(CacheCounters::default()),
             routes,
             forwarder: self.forwarder,
             tracing: self.tracing,
-            events: Arc::new(EventBus::default()),
-            remote_types: DashMap::new(),
-            intake: Intake::default(),
-            slots_wanted: AtomicBool::new(false),
-            refs: Refs::default(),
-            accepting: AtomicBool::new(true),
-            stopping: AtomicBool::new(false),
-            stopped: tokio_util::sync::CancellationToken::new(),
-            started: Instant::now(),
-        });
+        }));
         let (sup, join) = Actor::spawn(None, NodeSupervisor, shared.clone())
             .await
             .map_err(|e| StartError::Spawn(e.to_string()))?;
@@ -343,17 +256,17 @@ impl Node {
     }
 
     pub fn id(&self) -> &NodeId {
-        &self.shared.node_id
+        self.shared.node_id()
     }
 
     pub fn config(&self) -> &EngineConfig {
-        &self.shared.config
+        self.shared.config()
     }
 
     /// The operation types this node has handlers for.
     pub fn handler_types(&self) -> Vec<String> {
         self.shared
-            .registry
+            .registry()
             .type_names()
             .iter()
             .map(|t| t.to_string())
@@ -378,8 +291,10 @@ impl Node {
     }
 
     fn enqueue_one(&self, op: Operation, track: bool) -> Result<Ticket, SubmitError> {
-        let (job, ticket) = self.admit(op, track, Admit::Routed, Instant::now())?;
-        self.hand_to_router([job]);
+        let (job, ticket) = self
+            .shared
+            .admit(op, track, Admit::Routed, Instant::now())?;
+        self.shared.hand_to_router([job]);
         Ok(ticket)
     }
 
@@ -395,14 +310,16 @@ impl Node {
         let tickets = ops
             .into_iter()
             .map(|op| {
-                self.admit(op, track, Admit::Routed, now).map(|(job, t)| {
-                    jobs.push(job);
-                    t
-                })
+                self.shared
+                    .admit(op, track, Admit::Routed, now)
+                    .map(|(job, t)| {
+                        jobs.push(job);
+                        t
+                    })
             })
             .collect();
         if !jobs.is_empty() {
-            self.hand_to_router(jobs);
+            self.shared.hand_to_router(jobs);
         }
         tickets
     }
@@ -416,10 +333,12 @@ impl Node {
         let tickets = ops
             .into_iter()
             .map(|op| {
-                self.admit(op, false, Admit::Here, now).map(|(job, t)| {
-                    jobs.push(job);
-                    t
-                })
+                self.shared
+                    .admit(op, false, Admit::Here, now)
+                    .map(|(job, t)| {
+                        jobs.push(job);
+                        t
+                    })
             })
             .collect();
         dispatch_local(&self.shared, jobs);
@@ -430,134 +349,23 @@ impl Node {
     /// forwarded to a node that went down. They keep their ids, deadlines and waiters.
     pub fn reroute(&self, jobs: Vec<Box<Job>>) {
         if !jobs.is_empty() {
-            self.hand_to_router(jobs);
-        }
-    }
-
-    fn admit(
-        &self,
-        op: Operation,
-        track: bool,
-        how: Admit,
-        now: Instant,
-    ) -> Result<(Box<Job>, Ticket), SubmitError> {
-        let s = &self.shared;
-        let r = self.check(&op, how, now);
-        let entry = match r {
-            Ok(e) => e,
-            Err(e) => {
-                s.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
-        s.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-        s.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
-        let origin = matches!(how, Admit::Routed);
-        let trace = (s.tracing.is_some() || op.trace_context.is_some()).then(|| {
-            OpTrace::begin(
-                op.trace_context,
-                s.tracing.as_ref().map(|t| &t.sampler),
-                origin,
-            )
-        });
-        let tracked = track.then(|| {
-            let t = Arc::new(Tracked::new(&op, trace.as_ref().map(|t| t.trace_id)));
-            s.store.insert(t.clone());
-            t
-        });
-        let submit_ctx = trace
-            .as_ref()
-            .filter(|t| t.origin)
-            .map(|t| t.context(Stage::Submit));
-        let (reply, rx) = Reply::new(&op, trace, entry, s.clone(), tracked, now);
-        let deadline = op
-            .deadline
-            .unwrap_or(now + s.config.limits.default_deadline);
-        let ticket = Ticket::new(op.id, submit_ctx, rx);
-        Ok((
-            Box::new(Job {
-                op,
-                deadline,
-                reply,
-            }),
-            ticket,
-        ))
-    }
-
-    fn check(
-        &self,
-        op: &Operation,
-        how: Admit,
-        now: Instant,
-    ) -> Result<Arc<TypeEntry>, SubmitError> {
-        let s = &self.shared;
-        if !s.accepting.load(Ordering::Acquire) {
-            return Err(SubmitError::ShuttingDown);
-        }
-        s.config.limits.check(op, now)?;
-        let entry = match (s.registry.get(&op.op_type), how) {
-            (Some(e), _) => e.clone(),
-            (None, Admit::Routed) => self.remote_entry(&op.op_type)?,
-            (None, Admit::Here) => {
-                return Err(SubmitError::NoRoute {
-                    op_type: op.op_type.to_string(),
-                })
-            }
-        };
-        if !entry.try_reserve(s.config.queue_capacity) {
-            return Err(SubmitError::Overloaded {
-                op_type: op.op_type.to_string(),
-                capacity: s.config.queue_capacity,
-                retry_after: s.config.overload_retry_after,
-            });
-        }
-        Ok(entry)
-    }
-
-    /// The entry of a type this node has no handler for, if the cluster routes it
-    /// somewhere: an explicit route, or a node that serves it.
-    fn remote_entry(&self, op_type: &OpType) -> Result<Arc<TypeEntry>, SubmitError> {
-        let s = &self.shared;
-        if let Some(e) = s.remote_types.get(op_type) {
-            return Ok(e.clone());
-        }
-        let table = s.routes.snapshot();
-        let routed =
-            table.routes.contains_key(op_type) || table.nodes.iter().any(|n| n.serves(op_type));
-        if s.forwarder.is_none() || !routed {
-            return Err(SubmitError::NoRoute {
-                op_type: op_type.to_string(),
-            });
-        }
-        let entry = s.remote_types.entry(op_type.clone()).or_insert_with(|| {
-            Arc::new(TypeEntry::new(
-                op_type.clone(),
-                HandlerKind::Remote,
-                s.config.retry.clone(),
-            ))
-        });
-        Ok(entry.clone())
-    }
-
-    fn hand_to_router(&self, jobs: impl IntoIterator<Item = Box<Job>>) {
-        if self.shared.intake.push(jobs) {
-            send(&self.shared.refs.router, RouterMsg::Drain);
+            self.shared.hand_to_router(jobs);
         }
     }
 
     /// The record of a tracked operation, while it runs and for the retention period.
     pub fn status(&self, id: &OpId) -> Option<Arc<Tracked>> {
-        self.shared.store.get(id)
+        self.shared.store().get(id)
     }
 
     /// The current routing table.
     pub fn routes(&self) -> Arc<RoutingTable> {
-        self.shared.routes.snapshot()
+        self.shared.routes().snapshot()
     }
 
     /// Sets the route of `op_type`. In a cluster this waits until Raft commits it.
     pub async fn set_route(&self, op_type: &str, route: Route) -> Result<u64, RouteError> {
-        crate::op::validate_type_name(op_type, self.shared.config.limits.max_type_len).map_err(
+        crate::op::validate_type_name(op_type, self.shared.config().limits.max_type_len).map_err(
             |e| RouteError::Invalid {
                 field: "type",
                 reason: match e {
@@ -566,32 +374,38 @@ impl Node {
                 },
             },
         )?;
-        self.shared.routes.set_route(op_type.into(), route).await
+        self.shared.routes().set_route(op_type.into(), route).await
     }
 
     /// Removes the route of `op_type`. In a cluster this waits until Raft commits it.
     pub async fn remove_route(&self, op_type: &str) -> Result<u64, RouteError> {
-        self.shared.routes.remove_route(op_type.into()).await
+        self.shared.routes().remove_route(op_type.into()).await
     }
 
     /// The node's live events.
     pub fn events(&self) -> &Arc<EventBus> {
-        &self.shared.events
+        self.shared.events()
     }
 
     /// The node's tracing settings, when operations are traced.
     pub fn tracing(&self) -> Option<&Tracing> {
-        self.shared.tracing.as_ref()
+        self.shared.tracing()
     }
 
     pub fn cache_stats(&self) -> CacheStats {
-        self.shared.cache_counters.snapshot()
+        self.shared.cache_counters().snapshot()
     }
 
     /// The node-wide counters, live. For exporters (`/metrics`) that read them when
     /// scraped; the engine alone writes them.
     pub fn metrics(&self) -> &NodeMetrics {
-        &self.shared.metrics
+        self.shared.metrics()
+    }
+
+    /// Operations whose handler runs now: the Scheduler's running slots taken, at most
+    /// `max_concurrent`. Live, for exporters to read when scraped.
+    pub fn running(&self) -> usize {
+        self.shared.running().count()
     }
 
     /// Every operation type this node counts, sorted by name: those it has handlers for,
@@ -600,10 +414,10 @@ impl Node {
     pub fn type_entries(&self) -> Vec<Arc<TypeEntry>> {
         let s = &self.shared;
         let mut v: Vec<Arc<TypeEntry>> = s
-            .registry
+            .registry()
             .types()
             .cloned()
-            .chain(s.remote_types.iter().map(|e| e.value().clone()))
+            .chain(s.remote_types().iter().map(|e| e.value().clone()))
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
@@ -611,41 +425,41 @@ impl Node {
 
     /// How long ago the node started.
     pub fn uptime(&self) -> Duration {
-        self.shared.started.elapsed()
+        self.shared.uptime()
     }
 
     /// Whether the node accepts new operations (false once draining).
     pub fn is_accepting(&self) -> bool {
-        self.shared.accepting.load(Ordering::Acquire)
+        self.shared.is_accepting()
     }
 
     /// Operations accepted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.shared.metrics.in_flight.load(Ordering::Acquire)
+        self.shared.in_flight()
     }
 
     pub fn stats(&self) -> NodeStats {
         let s = &self.shared;
-        let m = &s.metrics;
+        let m = s.metrics();
         let now = Instant::now();
         let mut overall = crate::metrics::new_histogram();
         let mut per_type = BTreeMap::new();
         let mut queued = 0;
         let remote: Vec<Arc<TypeEntry>> =
-            s.remote_types.iter().map(|e| e.value().clone()).collect();
-        for e in s.registry.types().chain(remote.iter()) {
+            s.remote_types().iter().map(|e| e.value().clone()).collect();
+        for e in s.registry().types().chain(remote.iter()) {
             e.metrics.merge_latency_into(&mut overall);
             queued += e.queued();
             per_type.insert(e.name.to_string(), e.metrics.snapshot(e.queued()));
         }
         let succeeded = m.succeeded.load(Ordering::Relaxed);
         let completed = m.completed.load(Ordering::Relaxed);
-        let cache_stats = s.cache_counters.snapshot();
+        let cache_stats = s.cache_counters().snapshot();
         NodeStats {
-            node_id: s.node_id.to_string(),
+            node_id: s.node_id().to_string(),
             is_running: !s.is_stopping(),
             is_accepting: self.is_accepting(),
-            active_operations: m.running.load(Ordering::Relaxed),
+            active_operations: s.running().count(),
             queued_operations: queued,
             in_flight_operations: m.in_flight.load(Ordering::Relaxed),
             completed_operations: completed,
@@ -667,7 +481,7 @@ impl Node {
             cache_stats,
             actor_restarts: m.actor_restarts.load(Ordering::Acquire),
             batches: m.batches.load(Ordering::Relaxed),
-            uptime_seconds: s.started.elapsed().as_secs_f64(),
+            uptime_seconds: s.uptime().as_secs_f64(),
             timestamp: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -678,22 +492,14 @@ impl Node {
     /// Stops accepting operations: submissions are refused with
     /// [`SubmitError::ShuttingDown`]; accepted ones go on.
     pub fn stop_accepting(&self) {
-        self.shared.accepting.store(false, Ordering::Release);
+        self.shared.stop_accepting();
     }
 
     /// Waits until every accepted operation has finished, or `grace` has passed.
-    /// Returns whether the node is idle.
+    /// Returns whether the node is idle. Woken by the last operation to finish, not by
+    /// polling.
     pub async fn drain(&self, grace: Duration) -> bool {
-        let until = Instant::now() + grace;
-        loop {
-            if self.in_flight() == 0 {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        self.shared.wait_idle(Instant::now() + grace).await
     }
 
     /// Drains for up to `grace`, then stops the actors. Operations still unfinished
@@ -702,41 +508,38 @@ impl Node {
         self.stop_accepting();
         self.drain(grace).await;
         let left = self.in_flight();
-        self.shared.stopping.store(true, Ordering::Release);
-        self.shared.stopped.cancel();
+        self.shared.stop();
         self.supervisor.stop(Some("node shutdown".into()));
         let join = self.join.lock().take();
         if let Some(j) = join {
             let _ = j.await;
         }
-        for cell in [
-            self.shared.refs.router.swap(None).map(|r| r.get_cell()),
-            self.shared.refs.cache.swap(None).map(|r| r.get_cell()),
-            self.shared.refs.scheduler.swap(None).map(|r| r.get_cell()),
-            self.shared.refs.executor.swap(None).map(|r| r.get_cell()),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for cell in self.shared.take_actors() {
             cell.stop(Some("node shutdown".into()));
         }
         // Whatever never reached an actor fails here, with the reason, on drop.
-        drop(self.shared.intake.take(Vec::new()));
+        drop(self.shared.intake().take(Vec::new()));
         left
     }
 
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<NodeShared> {
+        &self.shared
+    }
+
+    /// Admits `op` as if another node had routed it here, and returns the job instead of
+    /// handing it to an actor: for unit tests that drive one step by hand.
+    #[cfg(test)]
+    pub(crate) fn admit_for_test(&self, op: Operation) -> Box<Job> {
+        let admitted = self.shared.admit(op, false, Admit::Here, Instant::now());
+        admitted.map(|(job, _)| job).expect("admitted")
+    }
+
     /// Kills one engine actor, as a crash would; its supervisor restarts it. For tests
-    /// and fault drills.
-    #[doc(hidden)]
+    /// and fault drills: only with the `test-util` feature.
+    #[cfg(feature = "test-util")]
     pub fn kill_actor(&self, kind: ChildKind) {
-        let r = &self.shared.refs;
-        let cell = match kind {
-            ChildKind::Router => r.router.load().as_ref().map(|a| a.get_cell()),
-            ChildKind::Cache => r.cache.load().as_ref().map(|a| a.get_cell()),
-            ChildKind::Scheduler => r.scheduler.load().as_ref().map(|a| a.get_cell()),
-            ChildKind::Executor => r.executor.load().as_ref().map(|a| a.get_cell()),
-        };
-        if let Some(c) = cell {
+        if let Some(c) = self.shared.actor(kind) {
             c.kill();
         }
     }

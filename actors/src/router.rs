@@ -5,7 +5,7 @@
 //! that arrived by then in one go. Under load, one message carries hundreds of
 //! operations, which is how four actor hops cost a fraction of one each.
 //!
-//! Each operation's owner comes from [`routing::pick`] on the current routing-table
+//! Each operation's owner comes from [`routing::pick`](crate::routing::pick) on the current routing-table
 //! snapshot. Local ones go to the Cache (those with an idempotency key) or straight to
 //! the Scheduler; remote ones go to the [`Forwarder`], which the cluster layer provides.
 
@@ -16,10 +16,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::cache::CacheMsg;
 use crate::job::Job;
-use crate::node::NodeShared;
 use crate::op::{NodeId, OpStatus};
 use crate::routing::pick;
 use crate::scheduler::SchedulerMsg;
+use crate::shared::NodeShared;
 use crate::trace::Stamp;
 
 /// Sends operations owned by other nodes to them. Implemented by the cluster layer; a
@@ -73,7 +73,7 @@ pub enum RouterMsg {
 pub struct Router;
 
 pub struct RouterArgs {
-    pub shared: Arc<NodeShared>,
+    pub(crate) shared: Arc<NodeShared>,
 }
 
 pub struct RouterState {
@@ -106,7 +106,7 @@ impl Actor for Router {
         state: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
         // After a restart, a `Drain` may have been lost with the old mailbox.
-        if state.shared.intake.len() > 0 {
+        if state.shared.intake().len() > 0 {
             myself.cast(RouterMsg::Drain)?;
         }
         Ok(())
@@ -131,35 +131,66 @@ impl Actor for Router {
     }
 }
 
-/// Hands jobs that run on this node on: those with an idempotency key to the Cache (it
-/// answers or admits them), the others to the Scheduler.
-pub(crate) fn dispatch_local(shared: &NodeShared, jobs: Vec<Box<Job>>) {
-    let (to_cache, to_scheduler) = jobs
-        .into_iter()
-        .partition(|j| j.op.idempotency_key.is_some());
-    send_local(shared, to_cache, to_scheduler);
+/// Operations that run on this node, split by where they go next. [`push`](Self::push)
+/// is the one place that decides it.
+pub(crate) struct LocalBatches {
+    to_cache: Vec<Box<Job>>,
+    to_scheduler: Vec<Box<Job>>,
 }
 
-fn send_local(shared: &NodeShared, to_cache: Vec<Box<Job>>, to_scheduler: Vec<Box<Job>>) {
-    if !to_cache.is_empty() {
-        shared.send_cache(CacheMsg::Admit(to_cache));
+impl LocalBatches {
+    /// Room for `n` operations without an idempotency key (the common case).
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        LocalBatches {
+            to_cache: Vec::new(),
+            to_scheduler: Vec::with_capacity(n),
+        }
     }
-    if !to_scheduler.is_empty() {
-        shared.send_scheduler(SchedulerMsg::Enqueue(to_scheduler));
+
+    /// An operation with an idempotency key goes to the Cache (it answers it, joins it to
+    /// a run in flight, or admits it); the others go straight to the Scheduler.
+    pub(crate) fn push(&mut self, job: Box<Job>) {
+        if job.op.idempotency_key.is_some() {
+            self.to_cache.push(job);
+        } else {
+            self.to_scheduler.push(job);
+        }
     }
+
+    fn jobs_mut(&mut self) -> impl Iterator<Item = &mut Box<Job>> {
+        self.to_cache.iter_mut().chain(self.to_scheduler.iter_mut())
+    }
+
+    /// Hands both batches on (nothing is sent for an empty one).
+    pub(crate) fn send(self, shared: &NodeShared) {
+        if !self.to_cache.is_empty() {
+            shared.send_cache(CacheMsg::Admit(self.to_cache));
+        }
+        if !self.to_scheduler.is_empty() {
+            shared.send_scheduler(SchedulerMsg::Enqueue(self.to_scheduler));
+        }
+    }
+}
+
+/// Hands jobs that run on this node on, to the Cache or the Scheduler.
+pub(crate) fn dispatch_local(shared: &NodeShared, jobs: Vec<Box<Job>>) {
+    let mut local = LocalBatches::with_capacity(jobs.len());
+    for job in jobs {
+        local.push(job);
+    }
+    local.send(shared);
 }
 
 fn route(state: &mut RouterState) {
     let shared = &state.shared;
-    let mut jobs = shared.intake.take(std::mem::take(&mut state.spare));
+    let mut jobs = shared.intake().take(std::mem::take(&mut state.spare));
     if jobs.is_empty() {
         state.spare = jobs;
         return;
     }
-    let table = shared.routes.snapshot();
+    let table = shared.routes().snapshot();
     let routed = Stamp::now();
-    let mut to_scheduler = Vec::with_capacity(jobs.len());
-    let mut to_cache = Vec::new();
+    let mut local = LocalBatches::with_capacity(jobs.len());
     let mut remote: Vec<(NodeId, Vec<Box<Job>>)> = Vec::new();
     for mut job in jobs.drain(..) {
         job.reply.stamps.routed = routed;
@@ -169,13 +200,9 @@ fn route(state: &mut RouterState) {
             job.op.key.as_deref(),
             &mut state.rr,
         ) {
-            Ok(node) if node == shared.node_id => {
+            Ok(node) if node == *shared.node_id() => {
                 job.reply.target = None;
-                if job.op.idempotency_key.is_some() {
-                    to_cache.push(job);
-                } else {
-                    to_scheduler.push(job);
-                }
+                local.push(job);
             }
             Ok(node) => {
                 job.reply.target = Some(node.clone());
@@ -189,12 +216,12 @@ fn route(state: &mut RouterState) {
     }
     state.spare = jobs;
     let routed_end = Stamp::now();
-    for j in to_cache.iter_mut().chain(to_scheduler.iter_mut()) {
+    for j in local.jobs_mut() {
         j.reply.stamps.routed_end = routed_end;
     }
-    send_local(shared, to_cache, to_scheduler);
+    local.send(shared);
     for (node, jobs) in remote {
-        match &shared.forwarder {
+        match shared.forwarder() {
             Some(f) => f.forward(&node, jobs),
             None => {
                 for job in jobs {
@@ -207,5 +234,30 @@ fn route(state: &mut RouterState) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Json, Node, Operation};
+
+    #[tokio::test]
+    async fn keyed_operations_go_to_the_cache_the_others_to_the_scheduler() {
+        let node = Node::builder()
+            .handler("t", |op: Operation| async move { Ok(op.payload) })
+            .start()
+            .await
+            .unwrap();
+        let plain = || Operation::new("t", Json::null());
+        let mut local = LocalBatches::with_capacity(3);
+        local.push(node.admit_for_test(plain()));
+        local.push(node.admit_for_test(plain().with_idempotency_key("k")));
+        local.push(node.admit_for_test(plain().with_key("routing key only")));
+        assert_eq!(local.to_cache.len(), 1);
+        assert!(local.to_cache[0].op.idempotency_key.is_some());
+        assert_eq!(local.to_scheduler.len(), 2);
+        assert_eq!(local.jobs_mut().count(), 3);
+        node.shutdown(std::time::Duration::from_secs(1)).await;
     }
 }

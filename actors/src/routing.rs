@@ -3,7 +3,8 @@
 //! The Router reads an immutable [`RoutingTable`] snapshot, swapped atomically when the
 //! table changes (directly on a single node; through Raft in a cluster), so a lookup
 //! never waits for a message. [`pick`] is a plain function of the table, the operation's
-//! key and a round-robin counter.
+//! key and a round-robin counter; consistent hashing uses the
+//! [stable hash](crate::hash) every node computes alike.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use futures::FutureExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::hash::{mix, stable_hash};
 use crate::op::{NodeId, OpType};
 
 /// How the owner of an operation type is chosen among the candidate nodes.
@@ -95,27 +97,9 @@ pub enum PickError {
     NoHealthyNode(String),
 }
 
-/// FNV-1a: a tiny, stable hash (the same in every process and version), which
-/// consistent hashing needs so every node maps a key to the same owner.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// SplitMix64's finaliser: spreads the bits of a combined hash evenly.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// The rendezvous weight of `node` for a key whose hash is `key_hash`.
 fn rendezvous_score(key_hash: u64, node: &str) -> u64 {
-    mix(key_hash ^ fnv1a(node.as_bytes()).rotate_left(17))
+    mix(key_hash ^ stable_hash(node.as_bytes()).rotate_left(17))
 }
 
 /// The nodes that may run a type: the route's list (in its order) or every node that
@@ -182,7 +166,7 @@ pub fn pick(
             .min_by(|a, b| a.load.cmp(&b.load).then_with(|| a.id.cmp(&b.id)))
             .unwrap_or(first),
         (Strategy::ConsistentHash, Some(k)) => {
-            let kh = fnv1a(k.as_bytes());
+            let kh = stable_hash(k.as_bytes());
             healthy()
                 .map(|n| (rendezvous_score(kh, &n.id), n))
                 .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| a.id.cmp(&b.id)))

@@ -4,7 +4,9 @@
 //! [`Queues`] is the pure core: it orders waiting operations (priority, then arrival),
 //! drops expired ones, and decides when a type's queue is flushed (`batch_size` waiting,
 //! or the oldest has waited `batch_flush`), all with time passed in. The actor owns it,
-//! counts running operations, and arms a timer when a queue waits for its flush.
+//! decides how many operations run (it alone takes the node's
+//! [running slots](crate::slots::RunningSlots)), gives each started operation's queue
+//! slot back, and arms a timer when a queue waits for its flush.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -17,8 +19,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::events::{now_ms, Event, EventKind};
 use crate::executor::ExecutorMsg;
 use crate::job::Job;
-use crate::node::NodeShared;
 use crate::op::{OpStatus, OpType};
+use crate::shared::NodeShared;
+use crate::slots::{QueueSlot, Started};
 use crate::trace::Stamp;
 
 /// What the pure queue needs to know of an item.
@@ -236,7 +239,7 @@ pub enum SchedulerMsg {
 pub struct Scheduler;
 
 pub struct SchedulerArgs {
-    pub shared: Arc<NodeShared>,
+    pub(crate) shared: Arc<NodeShared>,
 }
 
 pub struct SchedulerState {
@@ -248,10 +251,11 @@ pub struct SchedulerState {
 impl Scheduler {
     fn run(&self, myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
         let shared = &state.shared;
-        let running = &shared.metrics.running;
+        let running = shared.running();
+        let metrics = shared.metrics();
         loop {
             let now = Instant::now();
-            let d = state.queues.dispatch(now, running.load(Ordering::Acquire));
+            let d = state.queues.dispatch(now, running.count());
             for job in d.expired {
                 job.reply.fail(
                     OpStatus::Expired,
@@ -259,20 +263,16 @@ impl Scheduler {
                 );
             }
             for (_, mut batch) in d.batches {
-                running.fetch_add(batch.len(), Ordering::AcqRel);
-                if let Some(first) = batch.first() {
-                    first.reply.entry.release(batch.len());
-                }
-                for job in &mut batch {
-                    job.reply.queued = false;
-                }
-                shared.metrics.batches.fetch_add(1, Ordering::Relaxed);
-                shared.metrics.batch_sizes.record(batch.len() as u64);
+                // Out of the queue: its slots go back, running slots are taken.
+                QueueSlot::release_all(batch.iter_mut().map(|j| &mut j.reply.slot));
+                let batch = Started::new(batch, running);
+                metrics.batches.fetch_add(1, Ordering::Relaxed);
+                metrics.batch_sizes.record(batch.len() as u64);
                 if let Some(first) = batch.first() {
                     shared
-                        .events
+                        .events()
                         .publish(EventKind::BatchScheduled, || Event::BatchScheduled {
-                            node: shared.node_id.clone(),
+                            node: shared.node_id().clone(),
                             op_type: first.op.op_type.clone(),
                             size: batch.len(),
                             timestamp: now_ms(),
@@ -280,12 +280,9 @@ impl Scheduler {
                 }
                 shared.send_executor(ExecutorMsg::Run(batch));
             }
-            if d.blocked_on_slots {
-                shared.slots_wanted.store(true, Ordering::Release);
-                // An executor may have freed slots before it saw the flag: look again.
-                if running.load(Ordering::Acquire) < shared.config.batch.max_concurrent {
-                    continue;
-                }
+            // An executor may have freed slots before it saw the flag: look again.
+            if d.blocked_on_slots && running.want(shared.config().batch.max_concurrent) {
+                continue;
             }
             if let Some(at) = d.wake_at {
                 if state.timer_at.is_none_or(|t| at < t || t <= now) {
@@ -310,7 +307,7 @@ impl Actor for Scheduler {
         args: SchedulerArgs,
     ) -> Result<SchedulerState, ActorProcessingErr> {
         Ok(SchedulerState {
-            queues: Queues::new(args.shared.config.batch.clone()),
+            queues: Queues::new(args.shared.config().batch.clone()),
             shared: args.shared,
             timer_at: None,
         })

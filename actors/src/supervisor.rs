@@ -2,7 +2,7 @@
 //! and restarts any of them that fails.
 //!
 //! Callers never hold a child's `ActorRef` directly: they send through
-//! [`NodeShared`](crate::node::NodeShared), which reads the current ref from a swap cell,
+//! `NodeShared`, which reads the current ref from a swap cell,
 //! so a restarted child is reached without anyone noticing. What the failed child held
 //! (queued operations) is completed as failed, with the reason, by the dropped
 //! [`Reply`](crate::job::Reply)s.
@@ -13,9 +13,9 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 
 use crate::cache::{Cache, CacheArgs};
 use crate::executor::{Executor, ExecutorArgs};
-use crate::node::NodeShared;
 use crate::router::{Router, RouterArgs};
 use crate::scheduler::{Scheduler, SchedulerArgs};
+use crate::shared::NodeShared;
 
 /// The engine's child actors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,9 +55,9 @@ impl ChildKind {
     ];
 }
 
-pub struct NodeSupervisor;
+pub(crate) struct NodeSupervisor;
 
-pub struct SupervisorState {
+pub(crate) struct SupervisorState {
     shared: Arc<NodeShared>,
     children: Vec<(ActorId, ChildKind)>,
 }
@@ -72,27 +72,27 @@ async fn spawn_child(
         ChildKind::Router => {
             let (r, _) = Actor::spawn_linked(None, Router, RouterArgs { shared: s }, sup).await?;
             let id = r.get_id();
-            shared.refs.router.store(Some(Arc::new(r)));
+            shared.install_router(r);
             id
         }
         ChildKind::Cache => {
             let (r, _) = Actor::spawn_linked(None, Cache, CacheArgs { shared: s }, sup).await?;
             let id = r.get_id();
-            shared.refs.cache.store(Some(Arc::new(r)));
+            shared.install_cache(r);
             id
         }
         ChildKind::Scheduler => {
             let (r, _) =
                 Actor::spawn_linked(None, Scheduler, SchedulerArgs { shared: s }, sup).await?;
             let id = r.get_id();
-            shared.refs.scheduler.store(Some(Arc::new(r)));
+            shared.install_scheduler(r);
             id
         }
         ChildKind::Executor => {
             let (r, _) =
                 Actor::spawn_linked(None, Executor, ExecutorArgs { shared: s }, sup).await?;
             let id = r.get_id();
-            shared.refs.executor.store(Some(Arc::new(r)));
+            shared.install_executor(r);
             id
         }
     };
@@ -137,7 +137,7 @@ impl Actor for NodeSupervisor {
             return Ok(());
         };
         let kind = state.children[pos].1;
-        state.shared.metrics.actor_restarted(kind);
+        state.shared.metrics().actor_restarted(kind);
         tracing::error!(actor = ?kind, cause = %cause, "engine actor stopped; restarting it");
         let new_id = spawn_child(kind, &state.shared, myself.get_cell()).await?;
         state.children[pos].0 = new_id;

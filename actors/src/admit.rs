@@ -1,0 +1,122 @@
+//! The door: where a submitted operation is accepted or refused, before any actor sees it.
+//!
+//! [`NodeShared::admit`] checks the operation against the node's state (accepting?), the
+//! limits, and the handler registry (or, for a type this node forwards, the cluster's
+//! routes), then takes a [`QueueSlot`] of its type: a full queue refuses it with
+//! [`SubmitError::Overloaded`] (a 429 with Retry-After). An accepted operation becomes a
+//! boxed [`Job`] whose [`Reply`] holds the slot, and a [`Ticket`] for the caller. Refusals
+//! are counted; nothing refused ever reaches an actor.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::handler::{HandlerKind, TypeEntry};
+use crate::job::{Job, Reply, Ticket, Tracked};
+use crate::op::{OpType, Operation, SubmitError};
+use crate::shared::NodeShared;
+use crate::slots::QueueSlot;
+use crate::trace::{OpTrace, Stage};
+
+/// Whether an operation may be routed to another node, or must run here.
+#[derive(Clone, Copy)]
+pub(crate) enum Admit {
+    /// Submitted to this node: the Router picks its owner.
+    Routed,
+    /// Routed here by another node: runs here or is refused.
+    Here,
+}
+
+impl NodeShared {
+    /// Accepts `op` (tracked in the store when `track`), or says why not.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        op: Operation,
+        track: bool,
+        how: Admit,
+        now: Instant,
+    ) -> Result<(Box<Job>, Ticket), SubmitError> {
+        let slot = match self.check(&op, how, now) {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.metrics().rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        self.op_accepted();
+        let origin = matches!(how, Admit::Routed);
+        let tracing = self.tracing();
+        let trace = (tracing.is_some() || op.trace_context.is_some())
+            .then(|| OpTrace::begin(op.trace_context, tracing.map(|t| &t.sampler), origin));
+        let tracked = track.then(|| {
+            let t = Arc::new(Tracked::new(&op, trace.as_ref().map(|t| t.trace_id)));
+            self.store().insert(t.clone());
+            t
+        });
+        let submit_ctx = trace
+            .as_ref()
+            .filter(|t| t.origin)
+            .map(|t| t.context(Stage::Submit));
+        let (reply, rx) = Reply::new(&op, trace, slot, self.clone(), tracked, now);
+        let deadline = op
+            .deadline
+            .unwrap_or(now + self.config().limits.default_deadline);
+        let ticket = Ticket::new(op.id, submit_ctx, rx);
+        Ok((
+            Box::new(Job {
+                op,
+                deadline,
+                reply,
+            }),
+            ticket,
+        ))
+    }
+
+    /// Checks `op` and takes a slot of its type's queue.
+    fn check(&self, op: &Operation, how: Admit, now: Instant) -> Result<QueueSlot, SubmitError> {
+        if !self.is_accepting() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let config = self.config();
+        config.limits.check(op, now)?;
+        let entry = match (self.registry().get(&op.op_type), how) {
+            (Some(e), _) => e.clone(),
+            (None, Admit::Routed) => self.remote_entry(&op.op_type)?,
+            (None, Admit::Here) => {
+                return Err(SubmitError::NoRoute {
+                    op_type: op.op_type.to_string(),
+                })
+            }
+        };
+        QueueSlot::try_take(entry, config.queue_capacity).ok_or_else(|| SubmitError::Overloaded {
+            op_type: op.op_type.to_string(),
+            capacity: config.queue_capacity,
+            retry_after: config.overload_retry_after,
+        })
+    }
+
+    /// The entry of a type this node has no handler for, if the cluster routes it
+    /// somewhere: an explicit route, or a node that serves it.
+    fn remote_entry(&self, op_type: &OpType) -> Result<Arc<TypeEntry>, SubmitError> {
+        let remote = self.remote_types();
+        if let Some(e) = remote.get(op_type) {
+            return Ok(e.clone());
+        }
+        let table = self.routes().snapshot();
+        let routed =
+            table.routes.contains_key(op_type) || table.nodes.iter().any(|n| n.serves(op_type));
+        if self.forwarder().is_none() || !routed {
+            return Err(SubmitError::NoRoute {
+                op_type: op_type.to_string(),
+            });
+        }
+        let entry = remote.entry(op_type.clone()).or_insert_with(|| {
+            Arc::new(TypeEntry::new(
+                op_type.clone(),
+                HandlerKind::Remote,
+                self.config().retry.clone(),
+            ))
+        });
+        Ok(entry.clone())
+    }
+}

@@ -1,0 +1,380 @@
+//! Slots: how many operations of a type may wait, and how many may run on the node.
+//!
+//! At the door, an operation takes a `QueueSlot` of its type (one atomic add; a full
+//! queue refuses it with `SubmitError::Overloaded`, a 429). Its
+//! [`Reply`](crate::job::Reply) holds the slot until the Scheduler hands the operation to
+//! the Executor, or until it completes first (answered from the cache, expired in the
+//! queue, forwarded and answered by its owner, dropped with an actor that stopped): the
+//! slot is given back on the way out whichever way that is, and only once.
+//!
+//! Running slots belong to the Scheduler: it alone takes them, up to `max_concurrent`,
+//! wrapping each batch it starts in a [`Started`] that carries them to the Executor. Each
+//! operation then holds a `RunningSlot` while its handler runs and gives it back as it
+//! finishes, waking the Scheduler if it waits for one. A batch lost on the way (the
+//! Executor stopped) gives its slots back too. [`RunningSlots`] counts them; readers
+//! (`/v1/metrics`, `/metrics`) see the count through `Node::running`.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::handler::TypeEntry;
+use crate::job::Job;
+use crate::shared::NodeShared;
+
+/// One slot of a type's queue, taken at admission and given back once: by
+/// [`release`](Self::release) / [`release_all`](Self::release_all) when the operation
+/// leaves the queue, or on drop. It also keeps the type's entry (its counters) for the
+/// operation's whole life.
+pub(crate) struct QueueSlot {
+    entry: Arc<TypeEntry>,
+    held: bool,
+}
+
+impl QueueSlot {
+    /// Takes a slot of `entry`'s queue, unless `capacity` are taken already.
+    pub(crate) fn try_take(entry: Arc<TypeEntry>, capacity: usize) -> Option<QueueSlot> {
+        // Built only once the reservation holds: a slot dropped unreserved would give
+        // back one it never took.
+        if entry.try_reserve(capacity) {
+            Some(QueueSlot { entry, held: true })
+        } else {
+            None
+        }
+    }
+
+    /// The type of the operation that holds the slot.
+    pub(crate) fn entry(&self) -> &Arc<TypeEntry> {
+        &self.entry
+    }
+
+    /// Whether the slot is still taken.
+    #[cfg(test)]
+    fn is_held(&self) -> bool {
+        self.held
+    }
+
+    /// Gives the slot back, if still taken.
+    pub(crate) fn release(&mut self) {
+        if std::mem::replace(&mut self.held, false) {
+            self.entry.release(1);
+        }
+    }
+
+    /// Gives back every slot of `slots` still taken, with one atomic operation per run of
+    /// slots of the same type (a batch is all of one type: one in all).
+    pub(crate) fn release_all<'a>(slots: impl IntoIterator<Item = &'a mut QueueSlot>) {
+        let mut pending: Option<(&'a TypeEntry, usize)> = None;
+        for slot in slots {
+            if !std::mem::replace(&mut slot.held, false) {
+                continue;
+            }
+            let slot: &'a QueueSlot = slot;
+            let entry: &'a TypeEntry = &slot.entry;
+            match &mut pending {
+                Some((e, n)) if std::ptr::eq(*e, entry) => *n += 1,
+                _ => {
+                    if let Some((e, n)) = pending.replace((entry, 1)) {
+                        e.release(n);
+                    }
+                }
+            }
+        }
+        if let Some((e, n)) = pending {
+            e.release(n);
+        }
+    }
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// The node's running operations: taken by the Scheduler, given back by each operation
+/// as its handler finishes.
+#[derive(Default)]
+pub struct RunningSlots {
+    running: AtomicUsize,
+    /// The Scheduler waits for a slot: the next one given back wakes it.
+    wanted: AtomicBool,
+}
+
+impl RunningSlots {
+    /// Operations whose handler runs now (or that are on their way to the Executor).
+    pub fn count(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
+    fn take(&self, n: usize) {
+        self.running.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// The Scheduler has work that waits only for a slot: the next slot given back wakes
+    /// it. Returns whether fewer than `max` run now (a slot was given back before the
+    /// flag was seen: the Scheduler looks again at once).
+    pub(crate) fn want(&self, max: usize) -> bool {
+        // SeqCst with `give_back`: either it sees the flag, or this sees its slot.
+        self.wanted.store(true, Ordering::SeqCst);
+        self.running.load(Ordering::SeqCst) < max
+    }
+
+    /// Gives back `n` slots; returns whether the Scheduler waits for one (the caller wakes
+    /// it). The flag is only read, not written, while nobody waits.
+    pub(crate) fn give_back(&self, n: usize) -> bool {
+        self.running.fetch_sub(n, Ordering::SeqCst);
+        self.wanted.load(Ordering::SeqCst) && self.wanted.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// A batch the Scheduler started: each of its operations holds a running slot. The
+/// Executor turns it into one `RunningSlot` per operation (`run`); a batch
+/// dropped before that (its message lost with a stopped Executor) gives its slots back.
+pub struct Started {
+    jobs: Vec<Box<Job>>,
+}
+
+impl Started {
+    /// Takes a running slot for each of `jobs`. Only the Scheduler calls this.
+    pub(crate) fn new(jobs: Vec<Box<Job>>, slots: &RunningSlots) -> Started {
+        slots.take(jobs.len());
+        Started { jobs }
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    pub fn first(&self) -> Option<&Job> {
+        self.jobs.first().map(|j| &**j)
+    }
+
+    /// Splits off the operations from `at` on, with their slots.
+    pub(crate) fn split_off(&mut self, at: usize) -> Started {
+        Started {
+            jobs: self.jobs.split_off(at),
+        }
+    }
+
+    /// Each operation with its running slot. Operations the iterator did not yield when it
+    /// is dropped give their slots back.
+    pub(crate) fn run(mut self, shared: &NodeShared) -> StartedIter<'_> {
+        StartedIter {
+            jobs: std::mem::take(&mut self.jobs).into_iter(),
+            shared,
+        }
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(first) = self.jobs.first() {
+            first.reply.shared.running_slots_freed(self.jobs.len());
+        }
+    }
+}
+
+/// The operations of a [`Started`] batch, each with its [`RunningSlot`].
+pub(crate) struct StartedIter<'a> {
+    jobs: std::vec::IntoIter<Box<Job>>,
+    shared: &'a NodeShared,
+}
+
+impl<'a> Iterator for StartedIter<'a> {
+    type Item = (Box<Job>, RunningSlot<'a>);
+    fn next(&mut self) -> Option<Self::Item> {
+        let job = self.jobs.next()?;
+        Some((
+            job,
+            RunningSlot {
+                shared: self.shared,
+            },
+        ))
+    }
+}
+
+impl Drop for StartedIter<'_> {
+    fn drop(&mut self) {
+        let left = self.jobs.len();
+        if left > 0 {
+            self.shared.running_slots_freed(left);
+        }
+    }
+}
+
+/// One running slot, held while an operation's handler runs; given back on drop (the
+/// handler finished, or the node abandoned it at the end of the grace period).
+pub(crate) struct RunningSlot<'a> {
+    shared: &'a NodeShared,
+}
+
+impl Drop for RunningSlot<'_> {
+    fn drop(&mut self) {
+        self.shared.running_slots_freed(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::{HandlerKind, RetryPolicy};
+    use proptest::prelude::*;
+
+    fn entry(name: &str) -> Arc<TypeEntry> {
+        Arc::new(TypeEntry::new(
+            name.into(),
+            HandlerKind::Remote,
+            RetryPolicy::default(),
+        ))
+    }
+
+    #[test]
+    fn a_queue_slot_is_given_back_once_whichever_way_it_goes() {
+        let e = entry("t");
+        let mut a = QueueSlot::try_take(e.clone(), 3).unwrap();
+        let b = QueueSlot::try_take(e.clone(), 3).unwrap();
+        let c = QueueSlot::try_take(e.clone(), 3).unwrap();
+        assert!(QueueSlot::try_take(e.clone(), 3).is_none(), "full");
+        assert_eq!(e.queued(), 3);
+        a.release();
+        a.release();
+        assert!(!a.is_held());
+        assert_eq!(e.queued(), 2);
+        drop(a);
+        assert_eq!(e.queued(), 2, "released, then dropped: counted once");
+        drop(b);
+        assert_eq!(e.queued(), 1, "dropped while held");
+        let mut c = [c];
+        QueueSlot::release_all(c.iter_mut());
+        QueueSlot::release_all(c.iter_mut());
+        assert_eq!(e.queued(), 0);
+        drop(c);
+        assert_eq!(e.queued(), 0);
+    }
+
+    #[test]
+    fn release_all_counts_each_type_apart() {
+        let (x, y) = (entry("x"), entry("y"));
+        let mut slots: Vec<QueueSlot> = [&x, &x, &y, &x, &y]
+            .into_iter()
+            .map(|e| QueueSlot::try_take(e.clone(), 10).unwrap())
+            .collect();
+        slots[1].release();
+        assert_eq!((x.queued(), y.queued()), (2, 2));
+        QueueSlot::release_all(slots.iter_mut());
+        assert_eq!((x.queued(), y.queued()), (0, 0));
+        drop(slots);
+        assert_eq!((x.queued(), y.queued()), (0, 0));
+    }
+
+    #[test]
+    fn running_slots_wake_the_scheduler_once() {
+        let r = RunningSlots::default();
+        r.take(3);
+        assert_eq!(r.count(), 3);
+        assert!(!r.give_back(1), "nobody waits");
+        assert!(!r.want(2), "two run, two allowed");
+        assert!(r.give_back(1), "the first slot back wakes the Scheduler");
+        assert!(!r.give_back(1), "once");
+        assert_eq!(r.count(), 0);
+        assert!(r.want(1));
+    }
+
+    async fn node_with_jobs(n: usize) -> (crate::Node, Vec<Box<Job>>) {
+        let node = crate::Node::builder()
+            .handler("t", |op: crate::Operation| async move { Ok(op.payload) })
+            .start()
+            .await
+            .unwrap();
+        let jobs = (0..n)
+            .map(|_| node.admit_for_test(crate::Operation::new("t", crate::Json::null())))
+            .collect();
+        (node, jobs)
+    }
+
+    #[tokio::test]
+    async fn a_started_batch_gives_its_running_slots_back_however_it_ends() {
+        let (node, mut jobs) = node_with_jobs(6).await;
+        let shared = node.shared().clone();
+        let running = shared.running();
+        // Lost on the way to the Executor.
+        let lost = Started::new(jobs.drain(..2).collect(), running);
+        assert_eq!(running.count(), 2);
+        drop(lost);
+        assert_eq!(running.count(), 0);
+        // Split, then partly run: each slot is given back once.
+        let mut batch = Started::new(jobs, running);
+        let rest = batch.split_off(2);
+        assert_eq!((batch.len(), rest.len(), running.count()), (2, 2, 4));
+        drop(rest);
+        assert_eq!(running.count(), 2);
+        let mut each = batch.run(&shared);
+        let (_job, slot) = each.next().unwrap();
+        assert_eq!(running.count(), 2);
+        drop(each);
+        assert_eq!(running.count(), 1, "the one not yet taken out went back");
+        drop(slot);
+        assert_eq!(running.count(), 0);
+        node.shutdown(std::time::Duration::from_secs(1)).await;
+        assert_eq!(node.running(), 0);
+    }
+
+    /// What a random sequence of admissions, releases and drops does to one type.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Admit,
+        Release(usize),
+        ReleaseAll,
+        Drop(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => Just(Step::Admit),
+            2 => any::<usize>().prop_map(Step::Release),
+            1 => Just(Step::ReleaseAll),
+            2 => any::<usize>().prop_map(Step::Drop),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn queue_slots_never_exceed_capacity_nor_leak(
+            cap in 0usize..8,
+            steps in proptest::collection::vec(step(), 0..100),
+        ) {
+            let e = entry("t");
+            let mut slots: Vec<QueueSlot> = Vec::new();
+            for s in steps {
+                match s {
+                    Step::Admit => {
+                        let before = e.queued();
+                        match QueueSlot::try_take(e.clone(), cap) {
+                            Some(slot) => slots.push(slot),
+                            None => prop_assert_eq!(before, cap),
+                        }
+                    }
+                    Step::Release(i) if !slots.is_empty() => {
+                        let n = slots.len();
+                        slots[i % n].release()
+                    }
+                    Step::ReleaseAll => QueueSlot::release_all(slots.iter_mut()),
+                    Step::Drop(i) if !slots.is_empty() => {
+                        let n = slots.len();
+                        slots.swap_remove(i % n);
+                    }
+                    _ => {}
+                }
+                prop_assert!(e.queued() <= cap);
+                let held = slots.iter().filter(|s| s.is_held()).count();
+                prop_assert_eq!(e.queued(), held);
+            }
+            drop(slots);
+            prop_assert_eq!(e.queued(), 0);
+        }
+    }
+}
