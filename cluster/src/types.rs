@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::Cursor;
 
-use opmesh_actors::{NodeId, OpType, Route};
+use opmesh_actors::{stable_id, NodeId, OpType, Route};
 use serde::{Deserialize, Serialize};
 
 /// Raft's numeric node id: a stable 64-bit hash of the node's name (see [`raft_id`]).
@@ -46,18 +46,11 @@ pub type SnapshotMeta = openraft::SnapshotMeta<RaftId, Member>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 pub type SnapshotData = Cursor<Vec<u8>>;
 
-/// The Raft id of the node named `name`: FNV-1a of its bytes, mixed. Stable across
-/// processes and versions, so every node computes the same id; a join whose id collides
-/// with another name's is refused.
+/// The Raft id of the node named `name`: the engine's [`stable_id`] (FNV-1a of its
+/// bytes, folded). Stable across processes and versions, so every node computes the same
+/// id; a join whose id collides with another name's is refused.
 pub fn raft_id(name: &str) -> RaftId {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.as_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^ (h >> 33)
+    stable_id(name)
 }
 
 /// Whether a node may be routed to.

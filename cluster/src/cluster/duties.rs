@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
+use opmesh_actors::{Backoff, Jitter};
 use tokio_util::sync::CancellationToken;
 
 use super::Inner;
@@ -38,6 +39,9 @@ use crate::types::{ClusterState, Command, Member, NodeStatus, RaftId};
 const RESTART_MIN: Duration = Duration::from_millis(100);
 /// The longest wait before a duty is restarted.
 const RESTART_MAX: Duration = Duration::from_secs(5);
+/// A node joining through its seeds retries from this wait, doubling, up to the next.
+const JOIN_RETRY_MIN: Duration = Duration::from_millis(100);
+const JOIN_RETRY_MAX: Duration = Duration::from_secs(2);
 /// A duty that ran this long before it failed starts again after [`RESTART_MIN`].
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
@@ -137,7 +141,7 @@ pub(super) async fn supervise<F, Fut>(
     F: FnMut() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut backoff = RESTART_MIN;
+    let mut backoff = Backoff::doubling(RESTART_MIN, RESTART_MAX, Jitter::Down(0.0)).series();
     loop {
         let started = tokio::time::Instant::now();
         let cause = match tokio::spawn(run()).await {
@@ -151,20 +155,20 @@ pub(super) async fn supervise<F, Fut>(
             return;
         }
         if started.elapsed() >= HEALTHY_RUN {
-            backoff = RESTART_MIN;
+            backoff.reset();
         }
+        let wait = backoff.next_wait(0.0);
         restarts.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             duty = name,
             cause = %cause,
-            restart_in_ms = backoff.as_millis() as u64,
+            restart_in_ms = wait.as_millis() as u64,
             "a cluster duty failed: restarting it"
         );
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(RESTART_MAX);
     }
 }
 
@@ -219,7 +223,8 @@ impl Inner {
             tracing::info!(node = %self.me.name, "rejoining with the state in the data dir");
             return;
         }
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff =
+            Backoff::doubling(JOIN_RETRY_MIN, JOIN_RETRY_MAX, Jitter::Down(0.0)).series();
         loop {
             for seed in &self.cfg.join {
                 match self.join_via(seed).await {
@@ -234,10 +239,9 @@ impl Inner {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_wait(0.0)) => {}
                 _ = self.stop.cancelled() => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 

@@ -5,51 +5,22 @@
 //! queue at once, encodes it into one reused buffer and writes it with one `write_all`
 //! (at `flush_bytes`, or when the queue is empty), so one system call carries many frames
 //! under load. A lost connection discards what waited (counted as dropped) and redials
-//! with exponential backoff and jitter ([`Backoff`]); a new address for the peer redials
+//! with exponential backoff and jitter (the engine's [`Backoff`], jittered in the upper
+//! half); a new address for the peer redials
 //! at once.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use opmesh_actors::{Backoff, Jitter};
+
 use super::handshake::dial;
 use super::{Peer, Shared};
 use crate::codec::{self, Message};
-
-/// Exponential backoff with jitter between `min` and `max`.
-#[derive(Debug, Clone)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    /// The wait before the next attempt: a uniform pick in `[d/2, d]` (never below
-    /// `min`), where `d` doubles from `min` to `max`. `fraction` in `[0, 1]` is the pick;
-    /// the jitter keeps nodes that lost the same peer from redialing in lockstep.
-    fn next_wait(&mut self, fraction: f64) -> Duration {
-        let d = self.next;
-        self.next = (d * 2).min(self.max);
-        (d / 2 + (d / 2).mul_f64(fraction.clamp(0.0, 1.0))).max(self.min)
-    }
-}
 
 /// Why a link ended.
 enum LinkEnd {
@@ -63,7 +34,8 @@ enum LinkEnd {
 /// The writer of one peer: dial, handshake, then write what is queued, until stopped.
 pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
     let config = &shared.config;
-    let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    let mut backoff =
+        Backoff::doubling(config.reconnect_min, config.reconnect_max, Jitter::Half).series();
     let mut ever_up = false;
     // The failure last logged as a warning: a peer that stays down is warned about once
     // per distinct error, not at every retry.
@@ -299,20 +271,5 @@ mod tests {
         assert_eq!(*a_in.links.lock(), [b.clone(), b_down, b]);
         a.shutdown().await;
         b2.shutdown().await;
-    }
-
-    #[test]
-    fn backoff_doubles_within_its_bounds_with_jitter() {
-        let min = Duration::from_millis(50);
-        let max = Duration::from_secs(2);
-        let mut b = Backoff::new(min, max);
-        let full: Vec<_> = (0..8).map(|_| b.next_wait(1.0)).collect();
-        let ms: Vec<_> = full.iter().map(|d| d.as_millis()).collect();
-        assert_eq!(ms, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
-        let mut b = Backoff::new(min, max);
-        let low: Vec<_> = (0..8).map(|_| b.next_wait(0.0).as_millis()).collect();
-        assert_eq!(low, [50, 50, 100, 200, 400, 800, 1000, 1000]);
-        b.reset();
-        assert_eq!(b.next_wait(0.5), min);
     }
 }
