@@ -364,12 +364,11 @@ impl Inner {
                 leader: e.leader,
             });
         }
-        // Operations routed here before the change finish; forwarded ones come back.
-        // (The engine's in-flight count has no notification to wait on, so this looks
-        // every few milliseconds, within the grace period.)
-        let until = Instant::now() + grace;
-        while Instant::now() < until && (self.in_flight() > 0 || !self.outbox.is_empty()) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // Operations routed here before the change finish; forwarded ones come back. An
+        // operation waiting in the outbox is in flight too (its reply completes it), so
+        // the engine's drain, woken by the last completion, waits for both.
+        if let Some(node) = self.node.get() {
+            node.drain(grace).await;
         }
         let r = match self
             .to_leader(Rpc::Leave {
