@@ -75,16 +75,15 @@ impl ServeError {
 /// read these lines), serves until SIGINT or SIGTERM and stops. Returns how many
 /// operations were left unfinished when the grace period ended.
 pub async fn serve(cfg: &Config) -> Result<usize, ServeError> {
+    // Before anything says the node is up: a signal from then on starts a drain.
+    let signal = shutdown_signal();
     let running = start(cfg).await?;
     if let Some(c) = &running.cluster {
         println!("opmesh cluster port {}", c.cluster_addr());
     }
     println!("opmesh listening on http://{}", running.http_addr());
     tracing::info!(node = %cfg.node_id, addr = %running.http_addr(), profile = ?cfg.profile, "serving");
-    running
-        .run_until(shutdown_signal())
-        .await
-        .map_err(ServeError::Stop)
+    running.run_until(signal).await.map_err(ServeError::Stop)
 }
 
 /// A node that serves: its engine, its cluster membership (if any), its HTTP api and its
@@ -230,25 +229,37 @@ pub async fn run_until(
     Ok(left)
 }
 
-/// Completes on SIGINT or SIGTERM (what Kubernetes sends a pod it stops).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// A future that completes on SIGINT or SIGTERM (what Kubernetes sends a pod it stops).
+///
+/// The handlers are installed when this is called, not when the future is first polled:
+/// a signal that arrives between the two (say, right after the node printed that it
+/// listens) is kept, rather than ending the process with the default action.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut int = signal(SignalKind::interrupt()).ok();
+        async move {
+            // A handler that could not be installed never fires.
+            async fn recv(s: Option<&mut tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
+            tokio::select! {
+                _ = recv(int.as_mut()) => tracing::info!("received SIGINT"),
+                _ = recv(term.as_mut()) => tracing::info!("received SIGTERM"),
+            }
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("received SIGINT"),
-        _ = term => tracing::info!("received SIGTERM"),
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("received Ctrl-C");
     }
 }
 
