@@ -444,6 +444,12 @@ fn encode_cluster(c: &ClusterSource, out: &mut Out) -> fmt::Result {
          of included).",
         cluster.leader_changes(),
     )?;
+    out.counter(
+        "opmesh_cluster_duty_restarts_total",
+        "Times a cluster background duty (heartbeats, failure detection, voter balancing, \
+         the applied-state watcher) failed and was restarted.",
+        cluster.duty_restarts(),
+    )?;
 
     let links = &status.links;
     out.counters(

@@ -576,6 +576,11 @@ async fn a_two_node_cluster_exposes_raft_link_and_registry_figures() {
             m.value("opmesh_raft_leader_changes_total", &[]) >= 1.0,
             "{me}: it has seen a leader"
         );
+        assert_eq!(
+            m.value("opmesh_cluster_duty_restarts_total", &[]),
+            0.0,
+            "{me}: no cluster duty failed"
+        );
         // The registry, as every node sees it.
         for n in ["node-1", "node-2"] {
             assert_eq!(
@@ -801,6 +806,7 @@ async fn the_dashboard_and_the_alerts_query_only_metrics_a_cluster_exposes() {
         "OpmeshNodeDown",
         "OpmeshTraceSpansDropped",
         "OpmeshActorRestarts",
+        "OpmeshClusterDutyRestarts",
     ] {
         assert!(alert_names.contains(a), "no alert {a}");
     }
