@@ -129,8 +129,8 @@ mod tests {
         assert_eq!(j.delay(2, 1.0), ms(10));
     }
 
-    /// The waits of the cluster transport's redial backoff, value for value (its own test
-    /// pins the same figures), so it can move to this type without a change.
+    /// The waits of the cluster transport's redial backoff, value for value: the figures
+    /// its own hand-written backoff had, before it moved to this type.
     #[test]
     fn half_jitter_series_matches_the_transport_redial_waits() {
         let (min, max) = (ms(50), Duration::from_secs(2));
@@ -144,7 +144,8 @@ mod tests {
         assert_eq!(b.next_wait(0.5), min);
     }
 
-    /// The transport's redial backoff as written in the cluster crate: state that doubles.
+    /// The transport's redial backoff as the cluster crate had it before it moved to this
+    /// type (state that doubles): the reference the property below holds it to.
     struct TransportBackoff {
         min: Duration,
         max: Duration,
