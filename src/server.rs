@@ -78,7 +78,7 @@ pub async fn serve(cfg: &Config) -> Result<usize, ServeError> {
     // Before anything says the node is up: a signal from then on starts a drain.
     let signal = shutdown_signal();
     let running = start(cfg).await?;
-    if let Some(c) = &running.cluster {
+    if let Some(c) = running.cluster() {
         println!("opmesh cluster port {}", c.cluster_addr());
     }
     println!("opmesh listening on http://{}", running.http_addr());
@@ -90,7 +90,7 @@ pub async fn serve(cfg: &Config) -> Result<usize, ServeError> {
 /// trace pipeline.
 pub struct Running {
     pub node: Node,
-    pub cluster: Option<Cluster>,
+    /// The HTTP api; it also holds the node's cluster handle (see [`Running::cluster`]).
     pub http: api::Server,
     pub telemetry: Telemetry,
     grace: Duration,
@@ -130,11 +130,10 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         shutdown_grace: cfg.shutdown_grace,
         telemetry: telemetry.clone(),
     };
-    let http = api::start(node.clone(), cluster.clone(), listener, &settings)
-        .map_err(listen(cfg.http.addr))?;
+    let http =
+        api::start(node.clone(), cluster, listener, &settings).map_err(listen(cfg.http.addr))?;
     Ok(Running {
         node,
-        cluster,
         http,
         telemetry,
         grace: cfg.shutdown_grace,
@@ -175,6 +174,11 @@ impl Running {
     /// Where the HTTP api listens.
     pub fn http_addr(&self) -> SocketAddr {
         self.http.addr
+    }
+
+    /// The node's cluster, when it runs in one.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.http.cluster()
     }
 
     /// Serves until `signal` completes (or a client makes the node leave its cluster),
