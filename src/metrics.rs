@@ -213,21 +213,17 @@ impl OpmeshCollector {
              operation forwarded to its owner counts on the origin and on the owner.",
             types.iter().zip(&names).flat_map(|(t, name)| {
                 let tm = &t.metrics;
-                [
-                    tm.succeeded.load(Relaxed),
-                    tm.failed.load(Relaxed),
-                    tm.expired.load(Relaxed),
-                ]
-                .into_iter()
-                .zip(OUTCOMES)
-                .map(move |(v, outcome)| ([("type", *name), ("outcome", outcome)], v))
+                [tm.succeeded.get(), tm.failed.get(), tm.expired.get()]
+                    .into_iter()
+                    .zip(OUTCOMES)
+                    .map(move |(v, outcome)| ([("type", *name), ("outcome", outcome)], v))
             }),
         )?;
         out.counter(
             "opmesh_ops_rejected_total",
             "Submissions refused before they were accepted: invalid input, unknown type or \
              no route, a full queue (429), or the node shutting down.",
-            m.rejected.load(Relaxed),
+            m.rejected.get(),
         )?;
         out.histograms(
             "opmesh_op_duration",
@@ -265,7 +261,7 @@ impl OpmeshCollector {
         out.gauge(
             "opmesh_ops_in_flight",
             "Operations accepted and not yet finished: queued, running, or being answered.",
-            m.in_flight.load(Relaxed),
+            m.in_flight(),
         )?;
         out.gauge(
             "opmesh_ops_running",
@@ -278,7 +274,7 @@ impl OpmeshCollector {
             types
                 .iter()
                 .zip(&names)
-                .map(|(t, name)| ([("type", *name)], t.metrics.retries.load(Relaxed))),
+                .map(|(t, name)| ([("type", *name)], t.metrics.retries.get())),
         )?;
 
         let c = node.cache_stats();
@@ -327,6 +323,18 @@ impl OpmeshCollector {
             "opmesh_batches_total",
             "Batches the scheduler handed to the executor.",
             m.batches.load(Relaxed),
+        )?;
+        let took = node.shard_operations();
+        let shard_names: Vec<String> = (0..took.len()).map(|i| i.to_string()).collect();
+        out.counters(
+            "opmesh_shard_operations_total",
+            "Operations each shard of the engine's hot path took (routed by its router, or \
+             forwarded to it by a peer), by shard (0 to engine.shards - 1): how evenly the \
+             work spreads over the cores.",
+            shard_names
+                .iter()
+                .zip(&took)
+                .map(|(name, n)| ([("shard", name.as_str())], *n)),
         )?;
         out.counters(
             "opmesh_actor_restarts_total",

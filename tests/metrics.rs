@@ -413,6 +413,17 @@ async fn a_scrape_counts_exactly_the_work_done() {
         echo_ran + RESIZE_BAD as f64 + 1.0,
         "operations handed to the executor"
     );
+    // Shards: every operation accepted went through one shard of the hot path.
+    let shards = m.find("opmesh_shard_operations_total", &[]);
+    assert!(!shards.is_empty(), "one sample per shard");
+    assert!(shards
+        .iter()
+        .all(|s| s.labels["shard"].parse::<usize>().is_ok()));
+    assert_eq!(
+        shards.iter().map(|s| s.value).sum::<f64>(),
+        echo_ok + RESIZE_BAD as f64 + 1.0,
+        "operations the shards took"
+    );
 
     assert_eq!(m.value("opmesh_cache_hits_total", &[]), 1.0);
     assert_eq!(m.value("opmesh_cache_misses_total", &[]), 1.0);

@@ -7,10 +7,10 @@
 //! boxed [`Job`] whose [`Reply`] holds the slot, and a [`Ticket`] for the caller. Refusals
 //! are counted; nothing refused ever reaches an actor.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::counter::{Anchor, StripedArc};
 use crate::handler::{HandlerKind, TypeEntry};
 use crate::job::{Job, Reply, Ticket, Tracked};
 use crate::op::{OpType, Operation, SubmitError};
@@ -29,17 +29,20 @@ pub(crate) enum Admit {
 
 impl NodeShared {
     /// Accepts `op` (tracked in the store when `track`), or says why not.
+    /// `node` is this node's striped handle: the accepted operation holds a reference
+    /// to it taken on the calling thread's stripe.
     pub(crate) fn admit(
-        self: &Arc<Self>,
+        &self,
+        node: &StripedArc<NodeShared>,
         op: Operation,
         track: bool,
         how: Admit,
         now: Instant,
     ) -> Result<(Box<Job>, Ticket), SubmitError> {
-        let slot = match self.check(&op, how, now) {
-            Ok(slot) => slot,
+        let (slot, shard) = match self.check(&op, how, now) {
+            Ok(checked) => checked,
             Err(e) => {
-                self.metrics().rejected.fetch_add(1, Ordering::Relaxed);
+                self.metrics().rejected.inc();
                 return Err(e);
             }
         };
@@ -57,7 +60,7 @@ impl NodeShared {
             .as_ref()
             .filter(|t| t.origin)
             .map(|t| t.context(Stage::Submit));
-        let (reply, rx) = Reply::new(&op, trace, slot, self.clone(), tracked, now);
+        let (reply, rx) = Reply::new(&op, trace, slot, node.anchor(), tracked, now);
         let deadline = op
             .deadline
             .unwrap_or(now + self.config().limits.default_deadline);
@@ -67,20 +70,26 @@ impl NodeShared {
                 op,
                 deadline,
                 reply,
+                shard,
             }),
             ticket,
         ))
     }
 
-    /// Checks `op` and takes a slot of its type's queue.
-    fn check(&self, op: &Operation, how: Admit, now: Instant) -> Result<QueueSlot, SubmitError> {
+    /// Checks `op`, picks its shard and takes a slot of its type's queue there.
+    fn check(
+        &self,
+        op: &Operation,
+        how: Admit,
+        now: Instant,
+    ) -> Result<(QueueSlot, usize), SubmitError> {
         if !self.is_accepting() {
             return Err(SubmitError::ShuttingDown);
         }
         let config = self.config();
         config.limits.check(op, now)?;
-        let entry = match (self.registry().get(&op.op_type), how) {
-            (Some(e), _) => e.clone(),
+        let entry = match (self.registry().striped(&op.op_type), how) {
+            (Some(e), _) => e.anchor(),
             (None, Admit::Routed) => self.remote_entry(&op.op_type)?,
             (None, Admit::Here) => {
                 return Err(SubmitError::NoRoute {
@@ -88,19 +97,23 @@ impl NodeShared {
                 })
             }
         };
-        QueueSlot::try_take(entry, config.queue_capacity).ok_or_else(|| SubmitError::Overloaded {
-            op_type: op.op_type.to_string(),
-            capacity: config.queue_capacity,
-            retry_after: config.overload_retry_after,
-        })
+        let shard = self.shards().of().op(op);
+        let slot = QueueSlot::try_take(entry, config.queue_capacity).ok_or_else(|| {
+            SubmitError::Overloaded {
+                op_type: op.op_type.to_string(),
+                capacity: config.queue_capacity,
+                retry_after: config.overload_retry_after,
+            }
+        })?;
+        Ok((slot, shard))
     }
 
     /// The entry of a type this node has no handler for, if the cluster routes it
     /// somewhere: an explicit route, or a node that serves it.
-    fn remote_entry(&self, op_type: &OpType) -> Result<Arc<TypeEntry>, SubmitError> {
+    fn remote_entry(&self, op_type: &OpType) -> Result<Anchor<TypeEntry>, SubmitError> {
         let remote = self.remote_types();
         if let Some(e) = remote.get(op_type) {
-            return Ok(e.clone());
+            return Ok(e.anchor());
         }
         let table = self.routes().snapshot();
         let routed =
@@ -111,12 +124,12 @@ impl NodeShared {
             });
         }
         let entry = remote.entry(op_type.clone()).or_insert_with(|| {
-            Arc::new(TypeEntry::new(
+            StripedArc::new(Arc::new(TypeEntry::new(
                 op_type.clone(),
                 HandlerKind::Remote,
                 self.config().retry.clone(),
-            ))
+            )))
         });
-        Ok(entry.clone())
+        Ok(entry.anchor())
     }
 }

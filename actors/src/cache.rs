@@ -7,6 +7,10 @@
 //! When a keyed operation completes, its [`Reply`](crate::job::Reply) tells the Cache,
 //! which stores a success and answers every operation that joined.
 //!
+//! Each [shard](crate::shard) has a Cache, holding the keys that map to its shard (every
+//! repeat of a key goes there) with its share of `cache.capacity`; their counters are the
+//! node's, shared.
+//!
 //! [`ResultCache`] is the pure core (time passed in); [`Cache`] owns it and the mailbox.
 
 use std::collections::HashMap;
@@ -96,8 +100,9 @@ pub struct ResultCache<W> {
 }
 
 impl<W> ResultCache<W> {
+    /// `counters` may be shared by several caches (one per shard): each adds its own
+    /// size to `size`, and takes it back when dropped.
     pub fn new(capacity: NonZeroUsize, ttl: Duration, counters: Arc<CacheCounters>) -> Self {
-        counters.size.store(0, Ordering::Relaxed);
         ResultCache {
             done: LruCache::new(capacity),
             in_flight: HashMap::new(),
@@ -116,7 +121,7 @@ impl<W> ResultCache<W> {
             }
             self.done.pop(&key);
             c.expirations.fetch_add(1, Ordering::Relaxed);
-            c.size.store(self.done.len(), Ordering::Relaxed);
+            c.size.fetch_sub(1, Ordering::Relaxed);
         }
         if let Some(waiters) = self.in_flight.get_mut(&key) {
             waiters.push(waiter);
@@ -134,12 +139,16 @@ impl<W> ResultCache<W> {
     pub fn complete(&mut self, key: CacheKey, outcome: &OpOutcome, now: Instant) -> Vec<W> {
         let waiters = self.in_flight.remove(&key).unwrap_or_default();
         if outcome.status == OpStatus::Succeeded {
-            if let Some((old_key, _)) = self.done.push(key.clone(), (outcome.clone(), now)) {
-                if old_key != key {
+            match self.done.push(key.clone(), (outcome.clone(), now)) {
+                // Replaced the same key's older result: the size stays.
+                Some((old_key, _)) if old_key == key => {}
+                Some(_) => {
                     self.counters.evictions.fetch_add(1, Ordering::Relaxed);
                 }
+                None => {
+                    self.counters.size.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            self.counters.size.store(self.done.len(), Ordering::Relaxed);
         }
         waiters
     }
@@ -150,6 +159,15 @@ impl<W> ResultCache<W> {
 
     pub fn is_empty(&self) -> bool {
         self.done.is_empty()
+    }
+}
+
+impl<W> Drop for ResultCache<W> {
+    fn drop(&mut self) {
+        // A restarted Cache starts empty: what this one held is no longer counted.
+        self.counters
+            .size
+            .fetch_sub(self.done.len(), Ordering::Relaxed);
     }
 }
 
@@ -165,10 +183,12 @@ pub struct Cache;
 
 pub struct CacheArgs {
     pub(crate) shared: Arc<NodeShared>,
+    pub(crate) shard: usize,
 }
 
 pub struct CacheState {
     shared: Arc<NodeShared>,
+    shard: usize,
     cache: ResultCache<Box<Job>>,
 }
 
@@ -192,9 +212,14 @@ impl Actor for Cache {
         args: CacheArgs,
     ) -> Result<CacheState, ActorProcessingErr> {
         let cfg = &args.shared.config().cache;
-        let cache = ResultCache::new(cfg.capacity, cfg.ttl, args.shared.cache_counters().clone());
+        // The node's capacity, shared out between the shards' caches.
+        let shards = args.shared.shards().len();
+        let capacity =
+            NonZeroUsize::new(cfg.capacity.get().div_ceil(shards)).unwrap_or(cfg.capacity);
+        let cache = ResultCache::new(capacity, cfg.ttl, args.shared.cache_counters().clone());
         Ok(CacheState {
             shared: args.shared,
+            shard: args.shard,
             cache,
         })
     }
@@ -239,7 +264,9 @@ impl Actor for Cache {
                     j.reply.stamps.cache_out = cache_out;
                 }
                 if !misses.is_empty() {
-                    state.shared.send_scheduler(SchedulerMsg::Enqueue(misses));
+                    state
+                        .shared
+                        .send_scheduler(state.shard, SchedulerMsg::Enqueue(misses));
                 }
             }
             CacheMsg::Completed { key, outcome } => {

@@ -1,4 +1,5 @@
-//! The Executor actor: runs batches of operations through their handlers.
+//! The Executor actor: runs batches of operations through their handlers. Each
+//! [shard](crate::shard) has one, fed by its Scheduler.
 //!
 //! Each batch runs in a task of its own, its operations concurrently, so a slow handler
 //! never holds the mailbox. Every operation runs under its deadline with its type's
@@ -9,7 +10,6 @@
 //! once, waking the Scheduler if it waits for one.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -101,7 +101,7 @@ async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
 /// job): 10,000 sleeping operations take a third less memory that way.
 async fn run_one(shared: &NodeShared, mut job: Box<Job>, slot: RunningSlot<'_>) {
     job.reply.mark_running(&job.op.op_type);
-    let entry = job.reply.entry().clone();
+    let entry = &**job.reply.entry();
     let ctx = job.reply.execute_context();
     let (op, deadline) = (&job.op, job.deadline);
     let mut attempts = 0u32;
@@ -183,7 +183,7 @@ async fn run_one(shared: &NodeShared, mut job: Box<Job>, slot: RunningSlot<'_>) 
                 break (OpStatus::Failed, None, Some(final_error(&err, attempts)))
             }
         };
-        entry.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        entry.metrics.retries.inc();
         if ctx.is_some() {
             retries.push((attempts, trace::Stamp::now(), err.message.clone()));
         }

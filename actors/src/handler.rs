@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backoff::{Backoff, Jitter};
+use crate::counter::{Padded, StripedArc};
 use crate::metrics::TypeMetrics;
 use crate::op::{Json, OpType, Operation};
 
@@ -187,7 +188,9 @@ pub struct TypeEntry {
     pub retry: RetryPolicy,
     /// Operations accepted and not yet handed to an executor; bounded by the queue
     /// capacity at the door. Counts the type's [`QueueSlot`](crate::slots::QueueSlot)s.
-    queued: AtomicUsize,
+    /// One count for the whole node, so the limit is exact; on a line of its own, so
+    /// the counting does not slow down readers of the fields above.
+    queued: Padded<AtomicUsize>,
     pub metrics: TypeMetrics,
 }
 
@@ -197,23 +200,24 @@ impl TypeEntry {
             name,
             handler,
             retry,
-            queued: AtomicUsize::new(0),
+            queued: Padded::default(),
             metrics: TypeMetrics::default(),
         }
     }
 
     /// How many operations of this type wait in the scheduler's queue.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.queued.0.load(Ordering::Relaxed)
     }
 
     /// Reserves a queue slot, failing when `capacity` are taken. Only
     /// [`QueueSlot`](crate::slots::QueueSlot) calls this (and the test below): the slot
     /// gives it back exactly once.
     pub(crate) fn try_reserve(&self, capacity: usize) -> bool {
-        let prev = self.queued.fetch_add(1, Ordering::AcqRel);
+        let c = &self.queued.0;
+        let prev = c.fetch_add(1, Ordering::AcqRel);
         if prev >= capacity {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+            c.fetch_sub(1, Ordering::AcqRel);
             false
         } else {
             true
@@ -222,14 +226,15 @@ impl TypeEntry {
 
     /// Gives back `n` reserved slots; only [`QueueSlot`](crate::slots::QueueSlot) calls it.
     pub(crate) fn release(&self, n: usize) {
-        self.queued.fetch_sub(n, Ordering::AcqRel);
+        self.queued.0.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
 /// The handlers of a node by type. Built once, before the node starts; read without locks.
 #[derive(Clone, Default)]
 pub struct HandlerRegistry {
-    types: HashMap<OpType, Arc<TypeEntry>>,
+    /// Each entry striped: every operation holds its type's entry (see `QueueSlot`).
+    types: HashMap<OpType, StripedArc<TypeEntry>>,
 }
 
 impl HandlerRegistry {
@@ -253,15 +258,21 @@ impl HandlerRegistry {
 
     fn insert(&mut self, op_type: &str, handler: HandlerKind, retry: RetryPolicy) {
         let entry = TypeEntry::new(op_type.into(), handler, retry);
-        self.types.insert(entry.name.clone(), Arc::new(entry));
+        self.types
+            .insert(entry.name.clone(), StripedArc::new(Arc::new(entry)));
     }
 
     pub fn get(&self, op_type: &str) -> Option<&Arc<TypeEntry>> {
+        self.types.get(op_type).map(StripedArc::get)
+    }
+
+    /// The entry of `op_type`, to take references from (one per operation).
+    pub(crate) fn striped(&self, op_type: &str) -> Option<&StripedArc<TypeEntry>> {
         self.types.get(op_type)
     }
 
     pub fn types(&self) -> impl Iterator<Item = &Arc<TypeEntry>> {
-        self.types.values()
+        self.types.values().map(StripedArc::get)
     }
 
     pub fn type_names(&self) -> Vec<OpType> {

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::cache::CacheKey;
+use crate::counter::Anchor;
 use crate::events::{now_ms, Event, EventKind};
 use crate::handler::TypeEntry;
 use crate::op::{NodeId, OpId, OpOutcome, OpStatus, Operation, TraceContext, TraceId};
@@ -32,6 +33,8 @@ pub struct Job {
     /// The effective deadline (the operation's own or the node default).
     pub deadline: Instant,
     pub reply: Reply,
+    /// The [shard](crate::shard) that owns it on this node, picked at the door.
+    pub(crate) shard: usize,
 }
 
 /// When an operation reached each stage on this node (unset: it did not). One clock
@@ -64,7 +67,8 @@ pub struct Reply {
     tracked: Option<Arc<Tracked>>,
     /// The type's queue slot while the operation waits (and the type's entry always).
     pub(crate) slot: QueueSlot,
-    pub(crate) shared: Arc<NodeShared>,
+    /// The node, counted on the accepting thread's stripe.
+    pub(crate) shared: Anchor<NodeShared>,
     /// Set for an operation with an idempotency key that runs (is not answered from the
     /// cache): its outcome is stored and handed to operations that joined it.
     pub(crate) cache_key: Option<CacheKey>,
@@ -77,7 +81,7 @@ impl Reply {
         op: &Operation,
         trace: Option<OpTrace>,
         slot: QueueSlot,
-        shared: Arc<NodeShared>,
+        shared: Anchor<NodeShared>,
         tracked: Option<Arc<Tracked>>,
         accepted_at: Instant,
     ) -> (Self, oneshot::Receiver<OpOutcome>) {

@@ -6,8 +6,9 @@
 //! visits the [`cache::Cache`] actor first (a stored result answers at once, a key in
 //! flight is joined); the [`scheduler::Scheduler`] queues it per type and hands batches to
 //! the [`executor::Executor`], which runs the handler with retries under the deadline. The
-//! [`job::Reply`] carried along completes the operation exactly once. All four actors run
-//! under one supervisor that restarts any that fails.
+//! [`job::Reply`] carried along completes the operation exactly once. A node runs
+//! several copies of these four actors, one [`shard`] per core by default, each owning a
+//! share of the operations; all run under one supervisor that restarts any that fails.
 //!
 //! This crate never talks to the network: the cluster layer plugs in through
 //! [`router::Forwarder`] and [`routing::RouteStore`].
@@ -30,6 +31,8 @@
 //! - [`trace`]: stage stamps and the spans a finished operation leaves.
 //! - [`events`]: live events for watchers (`/v1/events`).
 //! - [`metrics`]: counters and latency histograms, read when scraped.
+//! - [`counter`]: counters striped by thread, so cores do not share their lines.
+//! - [`shard`]: the copies of the hot path, and which one an operation belongs to.
 //! - `shared`: the state the node handle and its actors share, private to the engine.
 //! - [`supervisor`]: starts the four actors and restarts any that fails.
 
@@ -38,6 +41,7 @@
 mod admit;
 pub mod backoff;
 pub mod cache;
+pub mod counter;
 pub mod events;
 pub mod executor;
 pub mod handler;
@@ -49,6 +53,7 @@ pub mod op;
 pub mod router;
 pub mod routing;
 pub mod scheduler;
+pub mod shard;
 mod shared;
 pub mod slots;
 pub mod supervisor;

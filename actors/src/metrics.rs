@@ -1,16 +1,19 @@
 //! Counters and latency histograms the engine records as operations finish.
 //!
-//! Recording is cheap and lock-light: counters are atomics, and each operation's latency
-//! goes into the histogram shard of the thread that completes it, so two workers rarely
-//! share a lock. Readers (`/v1/metrics`, the bench) merge the shards into snapshots.
+//! Recording is cheap and lock-light: counters are [striped by thread](crate::counter),
+//! and each operation's latency goes into the histogram stripe of the thread that
+//! completes it, so two cores rarely share a cache line or a lock. Readers
+//! (`/v1/metrics`, the bench) sum and merge the stripes into snapshots.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::counter::{stripe, stripes, Counter, Gauge, Padded};
 use crate::op::OpStatus;
 use crate::supervisor::ChildKind;
 
@@ -47,10 +50,10 @@ impl Latency {
 }
 
 /// A histogram with fixed bucket bounds, as Prometheus exposes them: atomic counts,
-/// sharded by thread like the latency histograms, merged when read.
+/// striped by thread like the latency histograms, merged when read.
 pub struct Buckets {
     bounds: &'static [u64],
-    shards: [BucketShard; SHARDS],
+    shards: Box<[Padded<BucketShard>]>,
 }
 
 struct BucketShard {
@@ -99,16 +102,20 @@ impl Buckets {
     pub fn new(bounds: &'static [u64]) -> Self {
         Buckets {
             bounds,
-            shards: std::array::from_fn(|_| BucketShard {
-                counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-                sum: AtomicU64::new(0),
-            }),
+            shards: (0..stripes())
+                .map(|_| {
+                    Padded(BucketShard {
+                        counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+                        sum: AtomicU64::new(0),
+                    })
+                })
+                .collect(),
         }
     }
 
     pub fn record(&self, value: u64) {
         let i = self.bounds.partition_point(|b| *b < value);
-        let s = &self.shards[shard()];
+        let s = &self.shards[stripe()].0;
         s.counts[i].fetch_add(1, Ordering::Relaxed);
         s.sum.fetch_add(value, Ordering::Relaxed);
     }
@@ -116,7 +123,7 @@ impl Buckets {
     pub fn snapshot(&self) -> BucketSnapshot {
         let mut per = vec![0u64; self.bounds.len() + 1];
         let mut sum = 0u64;
-        for s in &self.shards {
+        for Padded(s) in self.shards.iter() {
             for (p, c) in per.iter_mut().zip(s.counts.iter()) {
                 *p += c.load(Ordering::Relaxed);
             }
@@ -160,40 +167,24 @@ impl Default for StageLatency {
 
 /// Counters of one operation type.
 pub struct TypeMetrics {
-    pub succeeded: AtomicU64,
-    pub failed: AtomicU64,
-    pub expired: AtomicU64,
-    pub retries: AtomicU64,
-    /// Sharded by thread, so executors on different workers rarely share a lock.
-    latency: [Mutex<Histogram<u64>>; SHARDS],
+    pub succeeded: Counter,
+    pub failed: Counter,
+    pub expired: Counter,
+    pub retries: Counter,
+    /// Striped by thread, so executors on different cores rarely share a lock; a
+    /// stripe's histogram is made when its first latency is recorded.
+    latency: Box<[OnceLock<Mutex<Histogram<u64>>>]>,
     pub stages: StageLatency,
-}
-
-const SHARDS: usize = 4;
-
-/// This thread's shard: threads take shards in turn as they first record.
-fn shard() -> usize {
-    use std::cell::Cell;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    SHARD.with(|s| {
-        if s.get() == usize::MAX {
-            s.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
-        }
-        s.get()
-    })
 }
 
 impl Default for TypeMetrics {
     fn default() -> Self {
         TypeMetrics {
-            succeeded: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            expired: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
-            latency: std::array::from_fn(|_| Mutex::new(new_histogram())),
+            succeeded: Counter::default(),
+            failed: Counter::default(),
+            expired: Counter::default(),
+            retries: Counter::default(),
+            latency: (0..stripes()).map(|_| OnceLock::new()).collect(),
             stages: StageLatency::default(),
         }
     }
@@ -218,21 +209,22 @@ impl TypeMetrics {
             OpStatus::Expired => &self.expired,
             _ => return,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        c.inc();
     }
 
     pub(crate) fn record_latency(&self, micros: u64) {
-        self.latency[shard()]
+        self.latency[stripe()]
+            .get_or_init(|| Mutex::new(new_histogram()))
             .lock()
             .saturating_record(micros.max(1));
     }
 
     pub fn snapshot(&self, queued: usize) -> TypeStats {
         TypeStats {
-            succeeded: self.succeeded.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            expired: self.expired.load(Ordering::Relaxed),
-            retries: self.retries.load(Ordering::Relaxed),
+            succeeded: self.succeeded.get(),
+            failed: self.failed.get(),
+            expired: self.expired.get(),
+            retries: self.retries.get(),
             queued,
             latency: {
                 let mut all = new_histogram();
@@ -243,7 +235,7 @@ impl TypeMetrics {
     }
 
     pub(crate) fn merge_latency_into(&self, into: &mut Histogram<u64>) {
-        for h in &self.latency {
+        for h in self.latency.iter().filter_map(OnceLock::get) {
             let _ = into.add(&*h.lock());
         }
     }
@@ -252,14 +244,14 @@ impl TypeMetrics {
 /// Node-wide counters. How many operations run now is the Scheduler's count, not a
 /// counter here: see [`RunningSlots`](crate::slots::RunningSlots) and `Node::running`.
 pub struct NodeMetrics {
-    pub accepted: AtomicU64,
-    pub rejected: AtomicU64,
-    pub completed: AtomicU64,
-    pub succeeded: AtomicU64,
-    pub failed: AtomicU64,
-    pub expired: AtomicU64,
-    /// Operations accepted and not yet completed.
-    pub in_flight: AtomicUsize,
+    pub accepted: Counter,
+    pub rejected: Counter,
+    pub completed: Counter,
+    pub succeeded: Counter,
+    pub failed: Counter,
+    pub expired: Counter,
+    /// Operations accepted and not yet completed: see [`in_flight`](Self::in_flight).
+    pub(crate) in_flight: Gauge,
     /// Engine actors restarted, all kinds together.
     pub actor_restarts: AtomicU64,
     /// Engine actors restarted, per [`ChildKind::index`].
@@ -273,13 +265,13 @@ pub struct NodeMetrics {
 impl Default for NodeMetrics {
     fn default() -> Self {
         NodeMetrics {
-            accepted: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
-            succeeded: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            expired: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            accepted: Counter::default(),
+            rejected: Counter::default(),
+            completed: Counter::default(),
+            succeeded: Counter::default(),
+            failed: Counter::default(),
+            expired: Counter::default(),
+            in_flight: Gauge::default(),
             actor_restarts: AtomicU64::new(0),
             restarts_by_kind: Default::default(),
             batches: AtomicU64::new(0),
@@ -291,13 +283,18 @@ impl Default for NodeMetrics {
 
 impl NodeMetrics {
     pub(crate) fn completed(&self, status: OpStatus) {
-        self.completed.fetch_add(1, Ordering::Relaxed);
+        self.completed.inc();
         let c = match status {
             OpStatus::Succeeded => &self.succeeded,
             OpStatus::Failed => &self.failed,
             _ => &self.expired,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        c.inc();
+    }
+
+    /// Operations accepted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get(Ordering::Acquire).max(0) as usize
     }
 
     /// The supervisor restarted an actor of `kind`.
@@ -314,7 +311,7 @@ impl NodeMetrics {
 
     /// Completions per second over the recent window (about the last ten seconds).
     pub fn throughput(&self, now: Instant) -> f64 {
-        let total = self.completed.load(Ordering::Relaxed);
+        let total = self.completed.get();
         self.throughput.lock().observe(now, total)
     }
 }

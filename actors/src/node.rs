@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::admit::Admit;
 use crate::cache::CacheStats;
+use crate::counter::StripedArc;
 use crate::events::EventBus;
 use crate::handler::{Handler, HandlerRegistry, HandlerResult, RetryPolicy, TypeEntry};
 use crate::job::{Job, Ticket, Tracked};
@@ -25,6 +26,7 @@ use crate::op::{Limits, NodeId, OpId, OpOutcome, OpType, Operation, SubmitError}
 use crate::router::{dispatch_local, Forwarder};
 use crate::routing::{LocalRoutes, NodeView, Route, RouteError, RouteStore, RoutingTable};
 use crate::scheduler::BatchPolicy;
+use crate::shard::shard_count;
 use crate::shared::{NodeShared, SharedParts};
 #[cfg(feature = "test-util")]
 use crate::supervisor::ChildKind;
@@ -55,6 +57,9 @@ pub struct EngineConfig {
     pub retention_max: usize,
     /// The retry policy of handlers registered without one.
     pub retry: RetryPolicy,
+    /// Copies of the hot path (Router, Cache, Scheduler, Executor), each owning a share
+    /// of the operations; 0 = one per runtime worker thread. See [`crate::shard`].
+    pub shards: usize,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +80,7 @@ impl Default for EngineConfig {
             retention: Duration::from_secs(300),
             retention_max: 100_000,
             retry: RetryPolicy::default(),
+            shards: 0,
         }
     }
 }
@@ -177,18 +183,23 @@ impl NodeBuilder {
                 }],
             }))
         });
-        let shared = Arc::new(NodeShared::new(SharedParts {
-            node_id: self.node_id,
-            config: self.config,
-            registry: self.registry,
-            routes,
-            forwarder: self.forwarder,
-            tracing: self.tracing,
-        }));
+        let shards = shard_count(self.config.shards);
+        let shared = Arc::new(NodeShared::new(
+            SharedParts {
+                node_id: self.node_id,
+                config: self.config,
+                registry: self.registry,
+                routes,
+                forwarder: self.forwarder,
+                tracing: self.tracing,
+            },
+            shards,
+        ));
         let (sup, join) = Actor::spawn(None, NodeSupervisor, shared.clone())
             .await
             .map_err(|e| StartError::Spawn(e.to_string()))?;
         Ok(Node {
+            anchors: StripedArc::new(shared.clone()),
             shared,
             supervisor: sup,
             join: Arc::new(Mutex::new(Some(join))),
@@ -200,6 +211,8 @@ impl NodeBuilder {
 #[derive(Clone)]
 pub struct Node {
     shared: Arc<NodeShared>,
+    /// What each accepted operation holds on to (see [`StripedArc`]).
+    anchors: StripedArc<NodeShared>,
     supervisor: ActorRef<()>,
     join: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
@@ -237,6 +250,9 @@ pub struct NodeStats {
     pub cache_hit_rate: f64,
     pub actor_restarts: u64,
     pub batches: u64,
+    /// Operations each shard of the hot path took, in shard order: how evenly the work
+    /// spreads over the cores.
+    pub shard_operations: Vec<u64>,
     pub uptime_seconds: f64,
     /// Milliseconds since the Unix epoch.
     pub timestamp: u64,
@@ -291,10 +307,10 @@ impl Node {
     }
 
     fn enqueue_one(&self, op: Operation, track: bool) -> Result<Ticket, SubmitError> {
-        let (job, ticket) = self
-            .shared
-            .admit(op, track, Admit::Routed, Instant::now())?;
-        self.shared.hand_to_router([job]);
+        let (job, ticket) =
+            self.shared
+                .admit(&self.anchors, op, track, Admit::Routed, Instant::now())?;
+        self.shared.hand_one_to_router(job);
         Ok(ticket)
     }
 
@@ -311,7 +327,7 @@ impl Node {
             .into_iter()
             .map(|op| {
                 self.shared
-                    .admit(op, track, Admit::Routed, now)
+                    .admit(&self.anchors, op, track, Admit::Routed, now)
                     .map(|(job, t)| {
                         jobs.push(job);
                         t
@@ -334,7 +350,7 @@ impl Node {
             .into_iter()
             .map(|op| {
                 self.shared
-                    .admit(op, false, Admit::Here, now)
+                    .admit(&self.anchors, op, false, Admit::Here, now)
                     .map(|(job, t)| {
                         jobs.push(job);
                         t
@@ -417,10 +433,20 @@ impl Node {
             .registry()
             .types()
             .cloned()
-            .chain(s.remote_types().iter().map(|e| e.value().clone()))
+            .chain(s.remote_types().iter().map(|e| e.value().get().clone()))
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    /// How many shards the hot path runs in (`EngineConfig::shards`, resolved).
+    pub fn shards(&self) -> usize {
+        self.shared.shards().len()
+    }
+
+    /// Operations each shard took so far, in shard order. Live, for exporters.
+    pub fn shard_operations(&self) -> Vec<u64> {
+        self.shared.shards().took()
     }
 
     /// How long ago the node started.
@@ -445,15 +471,18 @@ impl Node {
         let mut overall = crate::metrics::new_histogram();
         let mut per_type = BTreeMap::new();
         let mut queued = 0;
-        let remote: Vec<Arc<TypeEntry>> =
-            s.remote_types().iter().map(|e| e.value().clone()).collect();
+        let remote: Vec<Arc<TypeEntry>> = s
+            .remote_types()
+            .iter()
+            .map(|e| e.value().get().clone())
+            .collect();
         for e in s.registry().types().chain(remote.iter()) {
             e.metrics.merge_latency_into(&mut overall);
             queued += e.queued();
             per_type.insert(e.name.to_string(), e.metrics.snapshot(e.queued()));
         }
-        let succeeded = m.succeeded.load(Ordering::Relaxed);
-        let completed = m.completed.load(Ordering::Relaxed);
+        let succeeded = m.succeeded.get();
+        let completed = m.completed.get();
         let cache_stats = s.cache_counters().snapshot();
         NodeStats {
             node_id: s.node_id().to_string(),
@@ -461,14 +490,14 @@ impl Node {
             is_accepting: self.is_accepting(),
             active_operations: s.running().count(),
             queued_operations: queued,
-            in_flight_operations: m.in_flight.load(Ordering::Relaxed),
+            in_flight_operations: m.in_flight(),
             completed_operations: completed,
             total_processed: completed,
-            total_operations: m.accepted.load(Ordering::Relaxed),
+            total_operations: m.accepted.get(),
             succeeded_operations: succeeded,
-            failed_operations: m.failed.load(Ordering::Relaxed),
-            expired_operations: m.expired.load(Ordering::Relaxed),
-            rejected_operations: m.rejected.load(Ordering::Relaxed),
+            failed_operations: m.failed.get(),
+            expired_operations: m.expired.get(),
+            rejected_operations: m.rejected.get(),
             success_rate: if completed == 0 {
                 1.0
             } else {
@@ -481,6 +510,7 @@ impl Node {
             cache_stats,
             actor_restarts: m.actor_restarts.load(Ordering::Acquire),
             batches: m.batches.load(Ordering::Relaxed),
+            shard_operations: s.shards().took(),
             uptime_seconds: s.uptime().as_secs_f64(),
             timestamp: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -518,7 +548,9 @@ impl Node {
             cell.stop(Some("node shutdown".into()));
         }
         // Whatever never reached an actor fails here, with the reason, on drop.
-        drop(self.shared.intake().take(Vec::new()));
+        for shard in self.shared.shards().iter() {
+            drop(shard.intake.take(Vec::new()));
+        }
         left
     }
 
@@ -531,15 +563,25 @@ impl Node {
     /// handing it to an actor: for unit tests that drive one step by hand.
     #[cfg(test)]
     pub(crate) fn admit_for_test(&self, op: Operation) -> Box<Job> {
-        let admitted = self.shared.admit(op, false, Admit::Here, Instant::now());
+        let admitted = self
+            .shared
+            .admit(&self.anchors, op, false, Admit::Here, Instant::now());
         admitted.map(|(job, _)| job).expect("admitted")
     }
 
-    /// Kills one engine actor, as a crash would; its supervisor restarts it. For tests
-    /// and fault drills: only with the `test-util` feature.
+    /// Kills the engine actor of `kind` in the first shard, as a crash would; its
+    /// supervisor restarts it. For tests and fault drills: only with the `test-util`
+    /// feature.
     #[cfg(feature = "test-util")]
     pub fn kill_actor(&self, kind: ChildKind) {
-        if let Some(c) = self.shared.actor(kind) {
+        self.kill_shard_actor(0, kind);
+    }
+
+    /// Kills the engine actor of `kind` in `shard` (nothing when there is no such
+    /// shard), as a crash would. Only with the `test-util` feature.
+    #[cfg(feature = "test-util")]
+    pub fn kill_shard_actor(&self, shard: usize, kind: ChildKind) {
+        if let Some(c) = self.shared.actor(shard, kind) {
             c.kill();
         }
     }

@@ -1,13 +1,15 @@
 //! The Router actor: picks the owner node of each accepted operation and passes it on.
 //!
-//! Submissions land in the Router's [`Intake`], a mailbox that coalesces: the first
-//! operation after a drain sends one `Drain` message, and the Router takes everything
-//! that arrived by then in one go. Under load, one message carries hundreds of
-//! operations, which is how four actor hops cost a fraction of one each.
+//! Each [shard](crate::shard) has a Router. Submissions land in its shard's [`Intake`], a
+//! mailbox that coalesces: the first operation after a drain sends one `Drain` message,
+//! and the Router takes everything that arrived by then in one go. Under load, one
+//! message carries hundreds of operations, which is how four actor hops cost a fraction
+//! of one each.
 //!
 //! Each operation's owner comes from [`routing::pick`](crate::routing::pick) on the current routing-table
 //! snapshot. Local ones go to the Cache (those with an idempotency key) or straight to
-//! the Scheduler; remote ones go to the [`Forwarder`], which the cluster layer provides.
+//! the Scheduler of the same shard; remote ones go to the [`Forwarder`], which the
+//! cluster layer provides.
 
 use std::sync::Arc;
 
@@ -19,6 +21,7 @@ use crate::job::Job;
 use crate::op::{NodeId, OpStatus};
 use crate::routing::pick;
 use crate::scheduler::SchedulerMsg;
+use crate::shard::split;
 use crate::shared::NodeShared;
 use crate::trace::Stamp;
 
@@ -74,10 +77,12 @@ pub struct Router;
 
 pub struct RouterArgs {
     pub(crate) shared: Arc<NodeShared>,
+    pub(crate) shard: usize,
 }
 
 pub struct RouterState {
     shared: Arc<NodeShared>,
+    shard: usize,
     rr: u64,
     /// The buffer of the previous drain, handed back to the intake on the next one.
     spare: Vec<Box<Job>>,
@@ -95,6 +100,7 @@ impl Actor for Router {
     ) -> Result<RouterState, ActorProcessingErr> {
         Ok(RouterState {
             shared: args.shared,
+            shard: args.shard,
             rr: 0,
             spare: Vec::new(),
         })
@@ -106,7 +112,7 @@ impl Actor for Router {
         state: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
         // After a restart, a `Drain` may have been lost with the old mailbox.
-        if state.shared.intake().len() > 0 {
+        if state.shared.shards().get(state.shard).intake.len() > 0 {
             myself.cast(RouterMsg::Drain)?;
         }
         Ok(())
@@ -161,33 +167,38 @@ impl LocalBatches {
         self.to_cache.iter_mut().chain(self.to_scheduler.iter_mut())
     }
 
-    /// Hands both batches on (nothing is sent for an empty one).
-    pub(crate) fn send(self, shared: &NodeShared) {
+    /// Hands both batches on to the actors of `shard` (nothing is sent for an empty one).
+    pub(crate) fn send(self, shared: &NodeShared, shard: usize) {
         if !self.to_cache.is_empty() {
-            shared.send_cache(CacheMsg::Admit(self.to_cache));
+            shared.send_cache(shard, CacheMsg::Admit(self.to_cache));
         }
         if !self.to_scheduler.is_empty() {
-            shared.send_scheduler(SchedulerMsg::Enqueue(self.to_scheduler));
+            shared.send_scheduler(shard, SchedulerMsg::Enqueue(self.to_scheduler));
         }
     }
 }
 
-/// Hands jobs that run on this node on, to the Cache or the Scheduler.
+/// Hands jobs that run on this node on, to the Cache or the Scheduler of their shards.
 pub(crate) fn dispatch_local(shared: &NodeShared, jobs: Vec<Box<Job>>) {
-    let mut local = LocalBatches::with_capacity(jobs.len());
-    for job in jobs {
-        local.push(job);
-    }
-    local.send(shared);
+    split(shared.shards().len(), jobs, |shard, jobs| {
+        shared.shards().get(shard).took(jobs.len());
+        let mut local = LocalBatches::with_capacity(jobs.len());
+        for job in jobs {
+            local.push(job);
+        }
+        local.send(shared, shard);
+    });
 }
 
 fn route(state: &mut RouterState) {
     let shared = &state.shared;
-    let mut jobs = shared.intake().take(std::mem::take(&mut state.spare));
+    let shard = shared.shards().get(state.shard);
+    let mut jobs = shard.intake.take(std::mem::take(&mut state.spare));
     if jobs.is_empty() {
         state.spare = jobs;
         return;
     }
+    shard.took(jobs.len());
     let table = shared.routes().snapshot();
     let routed = Stamp::now();
     let mut local = LocalBatches::with_capacity(jobs.len());
@@ -200,15 +211,15 @@ fn route(state: &mut RouterState) {
             job.op.key.as_deref(),
             &mut state.rr,
         ) {
-            Ok(node) if node == *shared.node_id() => {
+            Ok(node) if node == shared.node_id() => {
                 job.reply.target = None;
                 local.push(job);
             }
             Ok(node) => {
                 job.reply.target = Some(node.clone());
-                match remote.iter_mut().find(|(n, _)| *n == node) {
+                match remote.iter_mut().find(|(n, _)| n == node) {
                     Some((_, v)) => v.push(job),
-                    None => remote.push((node, vec![job])),
+                    None => remote.push((node.clone(), vec![job])),
                 }
             }
             Err(e) => job.reply.fail(OpStatus::Failed, e.to_string()),
@@ -219,7 +230,7 @@ fn route(state: &mut RouterState) {
     for j in local.jobs_mut() {
         j.reply.stamps.routed_end = routed_end;
     }
-    local.send(shared);
+    local.send(shared, state.shard);
     for (node, jobs) in remote {
         match shared.forwarder() {
             Some(f) => f.forward(&node, jobs),

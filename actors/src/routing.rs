@@ -104,12 +104,12 @@ fn rendezvous_score(key_hash: u64, node: &str) -> u64 {
 
 /// The nodes that may run a type: the route's list (in its order) or every node that
 /// serves the type. Iterated without allocating; picks run once per operation.
-enum Candidates<'a> {
+enum Candidates<'a, 's> {
     Listed(&'a RoutingTable, std::slice::Iter<'a, NodeId>),
-    Serving(&'a str, std::slice::Iter<'a, NodeView>),
+    Serving(&'s str, std::slice::Iter<'a, NodeView>),
 }
 
-impl<'a> Iterator for Candidates<'a> {
+impl<'a> Iterator for Candidates<'a, '_> {
     type Item = &'a NodeView;
     fn next(&mut self) -> Option<&'a NodeView> {
         match self {
@@ -127,7 +127,11 @@ impl<'a> Iterator for Candidates<'a> {
 }
 
 impl RoutingTable {
-    fn candidates<'a>(&'a self, op_type: &'a str, route: Option<&'a Route>) -> Candidates<'a> {
+    fn candidates<'a, 's>(
+        &'a self,
+        op_type: &'s str,
+        route: Option<&'a Route>,
+    ) -> Candidates<'a, 's> {
         match route {
             Some(r) if !r.nodes.is_empty() => Candidates::Listed(self, r.nodes.iter()),
             _ => Candidates::Serving(op_type, self.nodes.iter()),
@@ -140,12 +144,12 @@ impl RoutingTable {
 /// Only healthy nodes are picked. With no explicit route, operations with a key use
 /// consistent hashing (cache affinity) and the others round robin. `rr` is the caller's
 /// round-robin counter; it is advanced when used.
-pub fn pick(
-    table: &RoutingTable,
+pub fn pick<'t>(
+    table: &'t RoutingTable,
     op_type: &str,
     key: Option<&str>,
     rr: &mut u64,
-) -> Result<NodeId, PickError> {
+) -> Result<&'t NodeId, PickError> {
     let route = table.routes.get(op_type);
     let healthy = || table.candidates(op_type, route).filter(|n| n.healthy);
     let Some(first) = healthy().next() else {
@@ -180,7 +184,7 @@ pub fn pick(
             healthy().nth(i).unwrap_or(first)
         }
     };
-    Ok(chosen.id.clone())
+    Ok(&chosen.id)
 }
 
 /// Why a route change was refused.
@@ -314,8 +318,8 @@ mod tests {
     fn single_node_picks_itself() {
         let t = table(vec![node("a", true, 0)]);
         let mut rr = 0;
-        assert_eq!(&*pick(&t, "echo", None, &mut rr).unwrap(), "a");
-        assert_eq!(&*pick(&t, "echo", Some("k"), &mut rr).unwrap(), "a");
+        assert_eq!(&**pick(&t, "echo", None, &mut rr).unwrap(), "a");
+        assert_eq!(&**pick(&t, "echo", Some("k"), &mut rr).unwrap(), "a");
         assert_eq!(
             pick(&t, "nope", None, &mut rr),
             Err(PickError::NoNodeServes("nope".into()))
@@ -351,7 +355,7 @@ mod tests {
             },
         );
         let mut rr = 0;
-        assert_eq!(&*pick(&t, "echo", None, &mut rr).unwrap(), "b");
+        assert_eq!(&**pick(&t, "echo", None, &mut rr).unwrap(), "b");
         t.routes.insert(
             "echo".into(),
             Route {
@@ -359,9 +363,9 @@ mod tests {
                 nodes: vec!["c".into(), "a".into()],
             },
         );
-        assert_eq!(&*pick(&t, "echo", None, &mut rr).unwrap(), "c");
+        assert_eq!(&**pick(&t, "echo", None, &mut rr).unwrap(), "c");
         t.nodes[2].healthy = false;
-        assert_eq!(&*pick(&t, "echo", None, &mut rr).unwrap(), "a");
+        assert_eq!(&**pick(&t, "echo", None, &mut rr).unwrap(), "a");
         t.nodes[0].healthy = false;
         assert_eq!(
             pick(&t, "echo", None, &mut rr),
@@ -405,7 +409,7 @@ mod tests {
             t.routes.insert("echo".into(), Route { strategy: s, nodes: vec![] });
             let mut rr = rr0;
             match pick(&t, "echo", key.as_deref(), &mut rr) {
-                Ok(id) => prop_assert!(t.nodes.iter().any(|n| n.id == id && n.healthy)),
+                Ok(id) => prop_assert!(t.nodes.iter().any(|n| n.id == *id && n.healthy)),
                 Err(e) => {
                     prop_assert!(health.iter().all(|h| !h));
                     prop_assert_eq!(e, PickError::NoHealthyNode("echo".into()));
@@ -430,7 +434,7 @@ mod tests {
                 let b = pick(&after, "echo", Some(k), &mut rr).unwrap();
                 // Stable for the same table.
                 prop_assert_eq!(&a, &pick(&before, "echo", Some(k), &mut rr).unwrap());
-                if *a != *format!("n{down}") {
+                if **a != *format!("n{down}") {
                     prop_assert_eq!(a, b);
                 } else {
                     prop_assert_ne!(b, a);

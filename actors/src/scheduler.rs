@@ -1,5 +1,7 @@
 //! The Scheduler actor: bounded per-type queues, priority first, handed to the Executor
-//! in batches, never more than `max_concurrent` operations running at once.
+//! in batches, never more than `max_concurrent` operations running at once on the node.
+//! Each [shard](crate::shard) has one, queueing the operations of its shard; they all take
+//! running slots from the node's one count.
 //!
 //! [`Queues`] is the pure core: it orders waiting operations (priority, then arrival),
 //! drops expired ones, and decides when a type's queue is flushed (`batch_size` waiting,
@@ -50,13 +52,17 @@ impl Queued for Job {
 
 /// The waiting items of one type: highest priority first, FIFO within a priority.
 struct TypeQueue<T> {
+    /// The queue's own copy of the type name: cloning it never touches the reference
+    /// count of an operation's name, which other cores may be counting too.
+    name: OpType,
     by_priority: BTreeMap<Reverse<i32>, VecDeque<(Instant, T)>>,
     len: usize,
 }
 
 impl<T: Queued> TypeQueue<T> {
-    fn new() -> Self {
+    fn new(name: &str) -> Self {
         TypeQueue {
+            name: name.into(),
             by_priority: BTreeMap::new(),
             len: 0,
         }
@@ -141,15 +147,20 @@ impl<T: Queued> Queues<T> {
         }
     }
 
-    pub fn push(&mut self, op_type: &OpType, item: T, now: Instant) {
-        let q = self
-            .queues
-            .entry(op_type.clone())
-            .or_insert_with(TypeQueue::new);
-        if q.len == 0 {
-            self.ready.push_back(op_type.clone());
+    pub fn push(&mut self, op_type: &str, item: T, now: Instant) {
+        self.queue_of(op_type).push(item, now);
+    }
+
+    /// The queue of `op_type`, made on first use, marked ready: the caller adds an item.
+    fn queue_of(&mut self, op_type: &str) -> &mut TypeQueue<T> {
+        if !self.queues.contains_key(op_type) {
+            self.queues.insert(op_type.into(), TypeQueue::new(op_type));
         }
-        q.push(item, now);
+        let q = self.queues.get_mut(op_type).expect("made above");
+        if q.len == 0 {
+            self.ready.push_back(q.name.clone());
+        }
+        q
     }
 
     /// Items waiting, all types.
@@ -240,10 +251,12 @@ pub struct Scheduler;
 
 pub struct SchedulerArgs {
     pub(crate) shared: Arc<NodeShared>,
+    pub(crate) shard: usize,
 }
 
 pub struct SchedulerState {
     shared: Arc<NodeShared>,
+    shard: usize,
     queues: Queues<Box<Job>>,
     timer_at: Option<Instant>,
 }
@@ -278,10 +291,11 @@ impl Scheduler {
                             timestamp: now_ms(),
                         });
                 }
-                shared.send_executor(ExecutorMsg::Run(batch));
+                shared.send_executor(state.shard, ExecutorMsg::Run(batch));
             }
             // An executor may have freed slots before it saw the flag: look again.
-            if d.blocked_on_slots && running.want(shared.config().batch.max_concurrent) {
+            let max = shared.config().batch.max_concurrent;
+            if d.blocked_on_slots && running.want(state.shard, max) {
                 continue;
             }
             if let Some(at) = d.wake_at {
@@ -309,6 +323,7 @@ impl Actor for Scheduler {
         Ok(SchedulerState {
             queues: Queues::new(args.shared.config().batch.clone()),
             shared: args.shared,
+            shard: args.shard,
             timer_at: None,
         })
     }
@@ -325,8 +340,7 @@ impl Actor for Scheduler {
                 let queued = Stamp::from_instant(now);
                 for mut job in jobs {
                     job.reply.stamps.queued = queued;
-                    let t = job.op.op_type.clone();
-                    state.queues.push(&t, job, now);
+                    state.queues.queue_of(&job.op.op_type).push(job, now);
                 }
             }
             SchedulerMsg::SlotsFreed => {}

@@ -2,8 +2,9 @@
 //! to the engine.
 //!
 //! Actors reach the node's settings, counters and each other through its methods: a
-//! message to another actor goes through the current ref in a swap cell, so a restarted
-//! actor is reached without anyone noticing; the lifecycle (accepting, stopping, stopped)
+//! message to another actor goes to the actor of the same [shard](crate::shard) through
+//! the current ref in a swap cell, so a restarted actor is reached without anyone
+//! noticing; the lifecycle (accepting, stopping, stopped)
 //! and the wait for an idle node (`drain`) live here too. The hot path reads plain fields
 //! through inlined getters: no lock, no extra atomic.
 
@@ -18,6 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{CacheCounters, CacheKey, CacheMsg};
+use crate::counter::StripedArc;
 use crate::events::EventBus;
 use crate::executor::ExecutorMsg;
 use crate::handler::{HandlerRegistry, TypeEntry};
@@ -25,22 +27,14 @@ use crate::job::{Job, OpStore};
 use crate::metrics::NodeMetrics;
 use crate::node::EngineConfig;
 use crate::op::{NodeId, OpOutcome, OpType};
-use crate::router::{Forwarder, Intake, RouterMsg};
+use crate::router::{Forwarder, RouterMsg};
 use crate::routing::RouteStore;
 use crate::scheduler::SchedulerMsg;
+use crate::shard::{split, ShardOf, Shards};
 use crate::slots::RunningSlots;
 #[cfg(feature = "test-util")]
 use crate::supervisor::ChildKind;
 use crate::trace::Tracing;
-
-/// The current ref of each engine actor, swapped when the supervisor restarts one.
-#[derive(Default)]
-struct Refs {
-    router: ArcSwapOption<ActorRef<RouterMsg>>,
-    cache: ArcSwapOption<ActorRef<CacheMsg>>,
-    scheduler: ArcSwapOption<ActorRef<SchedulerMsg>>,
-    executor: ArcSwapOption<ActorRef<ExecutorMsg>>,
-}
 
 /// Waiters for an idle node (no operation in flight). Whoever finishes the last operation
 /// in flight wakes them, and only when there are any: the hot path reads one counter.
@@ -90,11 +84,11 @@ pub(crate) struct NodeShared {
     /// Live events for watchers.
     events: Arc<EventBus>,
     /// Types this node accepts and forwards but has no handler for (cluster only).
-    remote_types: DashMap<OpType, Arc<TypeEntry>>,
+    remote_types: DashMap<OpType, StripedArc<TypeEntry>>,
     store: OpStore,
-    intake: Intake,
+    /// The copies of the hot path: intakes and actors.
+    shards: Shards,
     running: RunningSlots,
-    refs: Refs,
     idle: Idle,
     accepting: AtomicBool,
     stopping: AtomicBool,
@@ -111,7 +105,8 @@ fn send<M: ractor::Message>(cell: &ArcSwapOption<ActorRef<M>>, msg: M) {
 }
 
 impl NodeShared {
-    pub(crate) fn new(parts: SharedParts) -> Self {
+    /// A node of `shards` shards (at least one).
+    pub(crate) fn new(parts: SharedParts, shards: usize) -> Self {
         NodeShared {
             store: OpStore::new(parts.config.retention, parts.config.retention_max),
             node_id: parts.node_id,
@@ -124,9 +119,8 @@ impl NodeShared {
             tracing: parts.tracing,
             events: Arc::new(EventBus::default()),
             remote_types: DashMap::new(),
-            intake: Intake::default(),
-            running: RunningSlots::default(),
-            refs: Refs::default(),
+            shards: Shards::new(shards),
+            running: RunningSlots::new(shards.max(1)),
             idle: Idle::default(),
             accepting: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
@@ -170,7 +164,7 @@ impl NodeShared {
     pub(crate) fn store(&self) -> &OpStore {
         &self.store
     }
-    pub(crate) fn remote_types(&self) -> &DashMap<OpType, Arc<TypeEntry>> {
+    pub(crate) fn remote_types(&self) -> &DashMap<OpType, StripedArc<TypeEntry>> {
         &self.remote_types
     }
     /// The node's running slots (the Scheduler takes them).
@@ -178,77 +172,81 @@ impl NodeShared {
         &self.running
     }
 
-    // Messages to the actors.
+    // Shards and messages to their actors.
 
-    /// Adds accepted jobs to the Router's intake, waking it if it was idle.
-    pub(crate) fn hand_to_router(&self, jobs: impl IntoIterator<Item = Box<Job>>) {
-        if self.intake.push(jobs) {
-            send(&self.refs.router, RouterMsg::Drain);
+    pub(crate) fn shards(&self) -> &Shards {
+        &self.shards
+    }
+
+    /// Adds accepted jobs to their shards' intakes, waking each Router that was idle.
+    pub(crate) fn hand_to_router(&self, jobs: Vec<Box<Job>>) {
+        split(self.shards.len(), jobs, |s, jobs| self.push_intake(s, jobs));
+    }
+    /// [`hand_to_router`](Self::hand_to_router) for one job, without a buffer.
+    pub(crate) fn hand_one_to_router(&self, job: Box<Job>) {
+        self.push_intake(job.shard, [job]);
+    }
+    fn push_intake(&self, s: usize, jobs: impl IntoIterator<Item = Box<Job>>) {
+        let shard = self.shards.get(s);
+        if shard.intake.push(jobs) {
+            send(&shard.refs.router, RouterMsg::Drain);
         }
     }
-    /// The Router's intake (it drains it).
-    pub(crate) fn intake(&self) -> &Intake {
-        &self.intake
+    pub(crate) fn send_scheduler(&self, shard: usize, msg: SchedulerMsg) {
+        send(&self.shards.get(shard).refs.scheduler, msg)
     }
-    pub(crate) fn send_scheduler(&self, msg: SchedulerMsg) {
-        send(&self.refs.scheduler, msg)
+    pub(crate) fn send_executor(&self, shard: usize, msg: ExecutorMsg) {
+        send(&self.shards.get(shard).refs.executor, msg)
     }
-    pub(crate) fn send_executor(&self, msg: ExecutorMsg) {
-        send(&self.refs.executor, msg)
+    pub(crate) fn send_cache(&self, shard: usize, msg: CacheMsg) {
+        send(&self.shards.get(shard).refs.cache, msg)
     }
-    pub(crate) fn send_cache(&self, msg: CacheMsg) {
-        send(&self.refs.cache, msg)
-    }
+    /// A keyed operation finished: tells the Cache of its key's shard.
     pub(crate) fn cache_completed(&self, key: CacheKey, outcome: OpOutcome) {
-        self.send_cache(CacheMsg::Completed { key, outcome })
+        let shard = ShardOf::here(self.shards.len()).key(&key.0, &key.1);
+        self.send_cache(shard, CacheMsg::Completed { key, outcome })
     }
-    /// Running operations finished: give their slots back and wake the Scheduler if it
-    /// waits for one.
+    /// Running operations finished: give their slots back and wake the Schedulers that
+    /// wait for one.
     pub(crate) fn running_slots_freed(&self, n: usize) {
-        if self.running.give_back(n) {
-            self.send_scheduler(SchedulerMsg::SlotsFreed);
-        }
+        self.running.give_back(n, |shard| {
+            self.send_scheduler(shard, SchedulerMsg::SlotsFreed)
+        });
     }
 
     // The actors themselves (the supervisor installs them).
 
-    pub(crate) fn install_router(&self, r: ActorRef<RouterMsg>) {
-        self.refs.router.store(Some(Arc::new(r)));
+    pub(crate) fn install_router(&self, shard: usize, r: ActorRef<RouterMsg>) {
+        self.shards.get(shard).refs.router.store(Some(Arc::new(r)));
     }
-    pub(crate) fn install_cache(&self, r: ActorRef<CacheMsg>) {
-        self.refs.cache.store(Some(Arc::new(r)));
+    pub(crate) fn install_cache(&self, shard: usize, r: ActorRef<CacheMsg>) {
+        self.shards.get(shard).refs.cache.store(Some(Arc::new(r)));
     }
-    pub(crate) fn install_scheduler(&self, r: ActorRef<SchedulerMsg>) {
-        self.refs.scheduler.store(Some(Arc::new(r)));
+    pub(crate) fn install_scheduler(&self, shard: usize, r: ActorRef<SchedulerMsg>) {
+        self.shards
+            .get(shard)
+            .refs
+            .scheduler
+            .store(Some(Arc::new(r)));
     }
-    pub(crate) fn install_executor(&self, r: ActorRef<ExecutorMsg>) {
-        self.refs.executor.store(Some(Arc::new(r)));
+    pub(crate) fn install_executor(&self, shard: usize, r: ActorRef<ExecutorMsg>) {
+        self.shards
+            .get(shard)
+            .refs
+            .executor
+            .store(Some(Arc::new(r)));
     }
 
-    /// The current actor of `kind`, if it runs.
+    /// The current actor of `kind` in `shard`, if it runs.
     #[cfg(feature = "test-util")]
-    pub(crate) fn actor(&self, kind: ChildKind) -> Option<ActorCell> {
-        let r = &self.refs;
-        match kind {
-            ChildKind::Router => r.router.load().as_ref().map(|a| a.get_cell()),
-            ChildKind::Cache => r.cache.load().as_ref().map(|a| a.get_cell()),
-            ChildKind::Scheduler => r.scheduler.load().as_ref().map(|a| a.get_cell()),
-            ChildKind::Executor => r.executor.load().as_ref().map(|a| a.get_cell()),
-        }
+    pub(crate) fn actor(&self, shard: usize, kind: ChildKind) -> Option<ActorCell> {
+        (shard < self.shards.len()).then(|| self.shards.get(shard).refs.cell(kind))?
     }
 
-    /// Forgets every actor (at shutdown); returns those that ran, to be stopped.
+    /// Forgets every actor of every shard (at shutdown); returns those that ran, to be
+    /// stopped.
     pub(crate) fn take_actors(&self) -> Vec<ActorCell> {
-        let r = &self.refs;
-        [
-            r.router.swap(None).map(|a| a.get_cell()),
-            r.cache.swap(None).map(|a| a.get_cell()),
-            r.scheduler.swap(None).map(|a| a.get_cell()),
-            r.executor.swap(None).map(|a| a.get_cell()),
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
+        self.shards.iter().flat_map(|s| s.refs.take()).collect()
     }
 
     // Lifecycle.
@@ -280,27 +278,32 @@ impl NodeShared {
 
     /// An operation was accepted.
     pub(crate) fn op_accepted(&self) {
-        self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-        self.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.metrics.accepted.inc();
+        self.metrics.in_flight.add(1, Ordering::SeqCst);
     }
 
-    /// An accepted operation has completed; wakes [`wait_idle`](Self::wait_idle) when it
-    /// was the last one in flight and someone waits.
+    /// An accepted operation has completed; wakes [`wait_idle`](Self::wait_idle) when
+    /// someone waits and none is left in flight.
     pub(crate) fn op_finished(&self) {
         // SeqCst with `wait_idle`: either it sees this count, or this sees its waiter.
-        let before = self.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if before == 1 && self.idle.waiters.load(Ordering::SeqCst) > 0 {
+        // The in-flight count is striped: of two last operations finishing at once, the
+        // later one in that order sees both gone.
+        self.metrics.in_flight.add(-1, Ordering::SeqCst);
+        if self.idle.waiters.load(Ordering::SeqCst) > 0
+            && self.metrics.in_flight.get(Ordering::SeqCst) == 0
+        {
             self.idle.notify.notify_waiters();
         }
     }
 
     /// Operations accepted and not yet completed.
     pub(crate) fn in_flight(&self) -> usize {
-        self.metrics.in_flight.load(Ordering::Acquire)
+        self.metrics.in_flight()
     }
 
     /// Waits until no operation is in flight, or `until`. Returns whether the node is
-    /// idle. Woken by the last completion, never by polling.
+    /// idle. Woken by the last completion, never by polling. While the node still
+    /// accepts, "idle" is a moment: an operation accepted meanwhile may or may not count.
     pub(crate) async fn wait_idle(&self, until: Instant) -> bool {
         let _waiter = IdleWaiter::new(&self.idle);
         loop {
@@ -308,7 +311,7 @@ impl NodeShared {
             tokio::pin!(notified);
             // Registered before the check, so a completion after it wakes this one.
             notified.as_mut().enable();
-            if self.metrics.in_flight.load(Ordering::SeqCst) == 0 {
+            if self.metrics.in_flight.get(Ordering::SeqCst) == 0 {
                 return true;
             }
             if tokio::time::timeout_at(until.into(), notified)

@@ -17,6 +17,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::counter::Anchor;
 use crate::handler::TypeEntry;
 use crate::job::Job;
 use crate::shared::NodeShared;
@@ -26,13 +27,13 @@ use crate::shared::NodeShared;
 /// leaves the queue, or on drop. It also keeps the type's entry (its counters) for the
 /// operation's whole life.
 pub(crate) struct QueueSlot {
-    entry: Arc<TypeEntry>,
+    entry: Anchor<TypeEntry>,
     held: bool,
 }
 
 impl QueueSlot {
     /// Takes a slot of `entry`'s queue, unless `capacity` are taken already.
-    pub(crate) fn try_take(entry: Arc<TypeEntry>, capacity: usize) -> Option<QueueSlot> {
+    pub(crate) fn try_take(entry: Anchor<TypeEntry>, capacity: usize) -> Option<QueueSlot> {
         // Built only once the reservation holds: a slot dropped unreserved would give
         // back one it never took.
         if entry.try_reserve(capacity) {
@@ -44,7 +45,7 @@ impl QueueSlot {
 
     /// The type of the operation that holds the slot.
     pub(crate) fn entry(&self) -> &Arc<TypeEntry> {
-        &self.entry
+        &self.entry.0
     }
 
     /// Whether the slot is still taken.
@@ -69,7 +70,7 @@ impl QueueSlot {
                 continue;
             }
             let slot: &'a QueueSlot = slot;
-            let entry: &'a TypeEntry = &slot.entry;
+            let entry: &'a TypeEntry = &slot.entry.0;
             match &mut pending {
                 Some((e, n)) if std::ptr::eq(*e, entry) => *n += 1,
                 _ => {
@@ -91,16 +92,26 @@ impl Drop for QueueSlot {
     }
 }
 
-/// The node's running operations: taken by the Scheduler, given back by each operation
-/// as its handler finishes.
-#[derive(Default)]
+/// The node's running operations: taken by the Schedulers (one per shard), given back by
+/// each operation as its handler finishes.
 pub struct RunningSlots {
     running: AtomicUsize,
-    /// The Scheduler waits for a slot: the next one given back wakes it.
-    wanted: AtomicBool,
+    /// Per shard: its Scheduler waits for a slot, and the next one given back wakes it.
+    wanted: Box<[AtomicBool]>,
+    /// How many of `wanted` are set: the hot path reads this one counter only.
+    waiting: AtomicUsize,
 }
 
 impl RunningSlots {
+    /// For a node of `shards` Schedulers.
+    pub(crate) fn new(shards: usize) -> Self {
+        RunningSlots {
+            running: AtomicUsize::new(0),
+            wanted: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
     /// Operations whose handler runs now (or that are on their way to the Executor).
     pub fn count(&self) -> usize {
         self.running.load(Ordering::Acquire)
@@ -110,20 +121,30 @@ impl RunningSlots {
         self.running.fetch_add(n, Ordering::AcqRel);
     }
 
-    /// The Scheduler has work that waits only for a slot: the next slot given back wakes
-    /// it. Returns whether fewer than `max` run now (a slot was given back before the
-    /// flag was seen: the Scheduler looks again at once).
-    pub(crate) fn want(&self, max: usize) -> bool {
+    /// The Scheduler of `shard` has work that waits only for a slot: the next slot given
+    /// back wakes it. Returns whether fewer than `max` run now (a slot was given back
+    /// before the flag was seen: the Scheduler looks again at once).
+    pub(crate) fn want(&self, shard: usize, max: usize) -> bool {
         // SeqCst with `give_back`: either it sees the flag, or this sees its slot.
-        self.wanted.store(true, Ordering::SeqCst);
+        if !self.wanted[shard].swap(true, Ordering::SeqCst) {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+        }
         self.running.load(Ordering::SeqCst) < max
     }
 
-    /// Gives back `n` slots; returns whether the Scheduler waits for one (the caller wakes
-    /// it). The flag is only read, not written, while nobody waits.
-    pub(crate) fn give_back(&self, n: usize) -> bool {
+    /// Gives back `n` slots and calls `wake` with each shard whose Scheduler waits for
+    /// one. The flags are only read, not written, while nobody waits.
+    pub(crate) fn give_back(&self, n: usize, mut wake: impl FnMut(usize)) {
         self.running.fetch_sub(n, Ordering::SeqCst);
-        self.wanted.load(Ordering::SeqCst) && self.wanted.swap(false, Ordering::SeqCst)
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        for (shard, flag) in self.wanted.iter().enumerate() {
+            if flag.load(Ordering::SeqCst) && flag.swap(false, Ordering::SeqCst) {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                wake(shard);
+            }
+        }
     }
 }
 
@@ -221,24 +242,25 @@ impl Drop for RunningSlot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::counter::StripedArc;
     use crate::handler::{HandlerKind, RetryPolicy};
     use proptest::prelude::*;
 
-    fn entry(name: &str) -> Arc<TypeEntry> {
-        Arc::new(TypeEntry::new(
+    fn entry(name: &str) -> StripedArc<TypeEntry> {
+        StripedArc::new(Arc::new(TypeEntry::new(
             name.into(),
             HandlerKind::Remote,
             RetryPolicy::default(),
-        ))
+        )))
     }
 
     #[test]
     fn a_queue_slot_is_given_back_once_whichever_way_it_goes() {
         let e = entry("t");
-        let mut a = QueueSlot::try_take(e.clone(), 3).unwrap();
-        let b = QueueSlot::try_take(e.clone(), 3).unwrap();
-        let c = QueueSlot::try_take(e.clone(), 3).unwrap();
-        assert!(QueueSlot::try_take(e.clone(), 3).is_none(), "full");
+        let mut a = QueueSlot::try_take(e.anchor(), 3).unwrap();
+        let b = QueueSlot::try_take(e.anchor(), 3).unwrap();
+        let c = QueueSlot::try_take(e.anchor(), 3).unwrap();
+        assert!(QueueSlot::try_take(e.anchor(), 3).is_none(), "full");
         assert_eq!(e.queued(), 3);
         a.release();
         a.release();
@@ -261,7 +283,7 @@ mod tests {
         let (x, y) = (entry("x"), entry("y"));
         let mut slots: Vec<QueueSlot> = [&x, &x, &y, &x, &y]
             .into_iter()
-            .map(|e| QueueSlot::try_take(e.clone(), 10).unwrap())
+            .map(|e| QueueSlot::try_take(e.anchor(), 10).unwrap())
             .collect();
         slots[1].release();
         assert_eq!((x.queued(), y.queued()), (2, 2));
@@ -272,16 +294,24 @@ mod tests {
     }
 
     #[test]
-    fn running_slots_wake_the_scheduler_once() {
-        let r = RunningSlots::default();
-        r.take(3);
-        assert_eq!(r.count(), 3);
-        assert!(!r.give_back(1), "nobody waits");
-        assert!(!r.want(2), "two run, two allowed");
-        assert!(r.give_back(1), "the first slot back wakes the Scheduler");
-        assert!(!r.give_back(1), "once");
-        assert_eq!(r.count(), 0);
-        assert!(r.want(1));
+    fn running_slots_wake_each_waiting_scheduler_once() {
+        let r = RunningSlots::new(3);
+        let woken = |r: &RunningSlots, n| {
+            let mut v = Vec::new();
+            r.give_back(n, |s| v.push(s));
+            v
+        };
+        r.take(4);
+        assert_eq!(r.count(), 4);
+        assert_eq!(woken(&r, 1), Vec::<usize>::new(), "nobody waits");
+        assert!(!r.want(2, 3), "three run, three allowed");
+        assert!(!r.want(0, 3));
+        assert!(!r.want(0, 3), "asking twice counts once");
+        assert_eq!(woken(&r, 1), vec![0, 2], "the first slot back wakes both");
+        assert_eq!(woken(&r, 1), Vec::<usize>::new(), "once");
+        assert_eq!(r.waiting.load(Ordering::SeqCst), 0);
+        assert_eq!(r.count(), 1);
+        assert!(r.want(1, 2));
     }
 
     async fn node_with_jobs(n: usize) -> (crate::Node, Vec<Box<Job>>) {
@@ -353,7 +383,7 @@ mod tests {
                 match s {
                     Step::Admit => {
                         let before = e.queued();
-                        match QueueSlot::try_take(e.clone(), cap) {
+                        match QueueSlot::try_take(e.anchor(), cap) {
                             Some(slot) => slots.push(slot),
                             None => prop_assert_eq!(before, cap),
                         }

@@ -1,5 +1,6 @@
-//! The node supervisor: starts the Router, Cache, Scheduler and Executor linked to it,
-//! and restarts any of them that fails.
+//! The node supervisor: starts the Router, Cache, Scheduler and Executor of every
+//! [shard](crate::shard) linked to it, and restarts any of them that fails (in its shard;
+//! the other shards go on).
 //!
 //! Callers never hold a child's `ActorRef` directly: they send through
 //! `NodeShared`, which reads the current ref from a swap cell,
@@ -57,46 +58,56 @@ impl ChildKind {
 
 pub(crate) struct NodeSupervisor;
 
+/// A supervised actor: its id, its kind and its shard.
+struct Child {
+    id: ActorId,
+    kind: ChildKind,
+    shard: usize,
+}
+
 pub(crate) struct SupervisorState {
     shared: Arc<NodeShared>,
-    children: Vec<(ActorId, ChildKind)>,
+    children: Vec<Child>,
 }
 
 async fn spawn_child(
     kind: ChildKind,
+    shard: usize,
     shared: &Arc<NodeShared>,
     sup: ActorCell,
-) -> Result<ActorId, ActorProcessingErr> {
+) -> Result<Child, ActorProcessingErr> {
     let s = shared.clone();
     let id = match kind {
         ChildKind::Router => {
-            let (r, _) = Actor::spawn_linked(None, Router, RouterArgs { shared: s }, sup).await?;
+            let args = RouterArgs { shared: s, shard };
+            let (r, _) = Actor::spawn_linked(None, Router, args, sup).await?;
             let id = r.get_id();
-            shared.install_router(r);
+            shared.install_router(shard, r);
             id
         }
         ChildKind::Cache => {
-            let (r, _) = Actor::spawn_linked(None, Cache, CacheArgs { shared: s }, sup).await?;
+            let args = CacheArgs { shared: s, shard };
+            let (r, _) = Actor::spawn_linked(None, Cache, args, sup).await?;
             let id = r.get_id();
-            shared.install_cache(r);
+            shared.install_cache(shard, r);
             id
         }
         ChildKind::Scheduler => {
-            let (r, _) =
-                Actor::spawn_linked(None, Scheduler, SchedulerArgs { shared: s }, sup).await?;
+            let args = SchedulerArgs { shared: s, shard };
+            let (r, _) = Actor::spawn_linked(None, Scheduler, args, sup).await?;
             let id = r.get_id();
-            shared.install_scheduler(r);
+            shared.install_scheduler(shard, r);
             id
         }
         ChildKind::Executor => {
-            let (r, _) =
-                Actor::spawn_linked(None, Executor, ExecutorArgs { shared: s }, sup).await?;
+            let args = ExecutorArgs { shared: s };
+            let (r, _) = Actor::spawn_linked(None, Executor, args, sup).await?;
             let id = r.get_id();
-            shared.install_executor(r);
+            shared.install_executor(shard, r);
             id
         }
     };
-    Ok(id)
+    Ok(Child { id, kind, shard })
 }
 
 impl Actor for NodeSupervisor {
@@ -110,8 +121,10 @@ impl Actor for NodeSupervisor {
         shared: Arc<NodeShared>,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let mut children = Vec::new();
-        for kind in ChildKind::ALL {
-            children.push((spawn_child(kind, &shared, myself.get_cell()).await?, kind));
+        for shard in 0..shared.shards().len() {
+            for kind in ChildKind::ALL {
+                children.push(spawn_child(kind, shard, &shared, myself.get_cell()).await?);
+            }
         }
         Ok(SupervisorState { shared, children })
     }
@@ -133,14 +146,13 @@ impl Actor for NodeSupervisor {
             return Ok(());
         }
         let id = cell.get_id();
-        let Some(pos) = state.children.iter().position(|(c, _)| *c == id) else {
+        let Some(pos) = state.children.iter().position(|c| c.id == id) else {
             return Ok(());
         };
-        let kind = state.children[pos].1;
+        let (kind, shard) = (state.children[pos].kind, state.children[pos].shard);
         state.shared.metrics().actor_restarted(kind);
-        tracing::error!(actor = ?kind, cause = %cause, "engine actor stopped; restarting it");
-        let new_id = spawn_child(kind, &state.shared, myself.get_cell()).await?;
-        state.children[pos].0 = new_id;
+        tracing::error!(actor = ?kind, shard, cause = %cause, "engine actor stopped; restarting it");
+        state.children[pos] = spawn_child(kind, shard, &state.shared, myself.get_cell()).await?;
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ pub(super) struct RawEngine {
     batch_size: u64,
     batch_flush_ms: u64,
     max_concurrent: u64,
+    shards: u64,
     max_payload_bytes: u64,
     max_metadata_entries: u64,
     max_metadata_bytes: u64,
@@ -145,6 +146,7 @@ impl RawEngine {
                 self.result_retention_secs,
                 1..=604_800,
             )?,
+            shards: check.count("engine.shards", self.shards, 0..=1024)?,
             retention_max: check.count(
                 "engine.result_retention_max",
                 self.result_retention_max,

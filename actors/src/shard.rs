@@ -1,0 +1,267 @@
+//! Shards: the engine's hot path, several times over, so a node uses its cores.
+//!
+//! A node runs `engine.shards` copies of its Router, Cache, Scheduler and Executor (one
+//! per runtime worker by default), all under the one supervisor. Each [`Shard`] has its
+//! own intake and actors and owns a partition of the work, chosen at the door by
+//! [`ShardOf`] and kept to the end:
+//!
+//! - an operation with an idempotency key goes to the shard of that key (type and key
+//!   hashed), so its Cache sees every repeat of the key (single-flight holds);
+//! - one with a routing key goes to the shard of that key, so operations with one key
+//!   keep their order (priority, then FIFO, as on a one-shard node);
+//! - the rest go to the submitting thread's home shard: threads take home shards in
+//!   turn, so submitters spread over the shards without sharing a lock or a mailbox,
+//!   and a single hot type spreads too.
+//!
+//! What stays node-wide: the queue capacity of each type (one count at the door), the
+//! running slots (`engine.max_concurrent`, which every Scheduler takes from), and the
+//! counters, summed when read.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwapOption;
+use ractor::{ActorCell, ActorRef};
+
+use crate::cache::CacheMsg;
+use crate::counter::Padded;
+use crate::executor::ExecutorMsg;
+use crate::hash::{mix, stable_hash};
+use crate::job::Job;
+use crate::op::{OpType, Operation};
+use crate::router::{Intake, RouterMsg};
+use crate::scheduler::SchedulerMsg;
+use crate::supervisor::ChildKind;
+
+/// The current ref of each actor of a shard, swapped when the supervisor restarts one.
+#[derive(Default)]
+pub(crate) struct Refs {
+    pub(crate) router: ArcSwapOption<ActorRef<RouterMsg>>,
+    pub(crate) cache: ArcSwapOption<ActorRef<CacheMsg>>,
+    pub(crate) scheduler: ArcSwapOption<ActorRef<SchedulerMsg>>,
+    pub(crate) executor: ArcSwapOption<ActorRef<ExecutorMsg>>,
+}
+
+impl Refs {
+    /// The actor of `kind`, if it runs.
+    #[cfg(feature = "test-util")]
+    pub(crate) fn cell(&self, kind: ChildKind) -> Option<ActorCell> {
+        match kind {
+            ChildKind::Router => self.router.load().as_ref().map(|a| a.get_cell()),
+            ChildKind::Cache => self.cache.load().as_ref().map(|a| a.get_cell()),
+            ChildKind::Scheduler => self.scheduler.load().as_ref().map(|a| a.get_cell()),
+            ChildKind::Executor => self.executor.load().as_ref().map(|a| a.get_cell()),
+        }
+    }
+
+    /// Forgets every actor; returns those that ran.
+    pub(crate) fn take(&self) -> impl Iterator<Item = ActorCell> {
+        [
+            self.router.swap(None).map(|a| a.get_cell()),
+            self.cache.swap(None).map(|a| a.get_cell()),
+            self.scheduler.swap(None).map(|a| a.get_cell()),
+            self.executor.swap(None).map(|a| a.get_cell()),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+/// One copy of the hot path: an intake and the four actors that serve it.
+#[derive(Default)]
+pub(crate) struct Shard {
+    pub(crate) intake: Intake,
+    pub(crate) refs: Refs,
+    /// Operations this shard took (routed by its Router, or forwarded here), on a line of
+    /// its own: how evenly the work spreads.
+    pub(crate) took: Padded<AtomicU64>,
+}
+
+impl Shard {
+    pub(crate) fn took(&self, n: usize) {
+        self.took.0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// How many shards `requested` means: itself, or with 0 the runtime's worker threads
+/// (the machine's cores when called outside a runtime).
+pub fn shard_count(requested: usize) -> usize {
+    if requested > 0 {
+        return requested;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => h.metrics().num_workers().max(1),
+        Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// Picks the shard of each operation (see the module docs). The same operation always
+/// maps to the same shard when it has a key; without one, to the calling thread's home.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ShardOf {
+    n: usize,
+    home: usize,
+}
+
+impl ShardOf {
+    /// For `n` shards, on the calling thread.
+    pub(crate) fn here(n: usize) -> Self {
+        ShardOf {
+            n,
+            home: if n == 1 { 0 } else { home_index() % n },
+        }
+    }
+
+    pub(crate) fn op(&self, op: &Operation) -> usize {
+        if self.n == 1 {
+            return 0;
+        }
+        match op.idempotency_key.as_deref().or(op.key.as_deref()) {
+            Some(key) => self.key(&op.op_type, key),
+            None => self.home,
+        }
+    }
+
+    /// The shard of `key` for `op_type`: where the Cache holds that idempotency key.
+    pub(crate) fn key(&self, op_type: &OpType, key: &str) -> usize {
+        if self.n == 1 {
+            return 0;
+        }
+        let h = mix(stable_hash(op_type.as_bytes()) ^ stable_hash(key.as_bytes()).rotate_left(1));
+        (h % self.n as u64) as usize
+    }
+}
+
+/// Splits `jobs` by the shard each was given at the door, calling `each` once per shard
+/// that gets any, in shard order. One shard (the common case of a single operation, or
+/// of a thread's own operations without keys) costs no extra buffer.
+pub(crate) fn split(
+    shards: usize,
+    jobs: Vec<Box<Job>>,
+    mut each: impl FnMut(usize, Vec<Box<Job>>),
+) {
+    let Some(first) = jobs.first() else { return };
+    let s0 = first.shard;
+    if jobs.iter().all(|j| j.shard == s0) {
+        each(s0, jobs);
+        return;
+    }
+    let mut groups: Vec<Vec<Box<Job>>> = (0..shards).map(|_| Vec::new()).collect();
+    for job in jobs {
+        groups[job.shard].push(job);
+    }
+    for (s, g) in groups.into_iter().enumerate() {
+        if !g.is_empty() {
+            each(s, g);
+        }
+    }
+}
+
+/// This thread's number, taken in turn by threads as they first submit: the home shard
+/// is this number modulo the shard count, so consecutive submitting threads (runtime
+/// workers, HTTP workers) get consecutive shards.
+fn home_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static HOME: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    HOME.with(|h| {
+        if h.get() == usize::MAX {
+            h.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        h.get()
+    })
+}
+
+/// The shards of a node.
+pub(crate) struct Shards {
+    shards: Box<[Shard]>,
+}
+
+impl Shards {
+    pub(crate) fn new(n: usize) -> Self {
+        Shards {
+            shards: (0..n.max(1)).map(|_| Shard::default()).collect(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub(crate) fn get(&self, i: usize) -> &Shard {
+        &self.shards[i]
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Shard> {
+        self.shards.iter()
+    }
+
+    /// Operations each shard took so far, in shard order.
+    pub(crate) fn took(&self) -> Vec<u64> {
+        self.shards
+            .iter()
+            .map(|s| s.took.0.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The picker for the calling thread.
+    pub(crate) fn of(&self) -> ShardOf {
+        ShardOf::here(self.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Json;
+
+    fn op(key: Option<&str>, idem: Option<&str>) -> Operation {
+        let mut op = Operation::new("t", Json::null());
+        if let Some(k) = key {
+            op = op.with_key(k);
+        }
+        if let Some(k) = idem {
+            op = op.with_idempotency_key(k);
+        }
+        op
+    }
+
+    #[test]
+    fn keyed_operations_map_to_one_shard_from_any_thread() {
+        let a = ShardOf { n: 8, home: 0 };
+        let b = ShardOf { n: 8, home: 5 };
+        for i in 0..100 {
+            let k = format!("k{i}");
+            assert_eq!(a.op(&op(Some(&k), None)), b.op(&op(Some(&k), None)));
+            // The idempotency key decides, whatever the routing key.
+            assert_eq!(
+                a.op(&op(Some("x"), Some(&k))),
+                b.op(&op(Some("y"), Some(&k)))
+            );
+            assert_eq!(a.op(&op(None, Some(&k))), a.key(&"t".into(), &k));
+        }
+        // Unkeyed ones stay home.
+        assert_eq!(a.op(&op(None, None)), 0);
+        assert_eq!(b.op(&op(None, None)), 5);
+    }
+
+    #[test]
+    fn keys_spread_over_every_shard() {
+        let s = ShardOf { n: 8, home: 0 };
+        let mut seen = [0usize; 8];
+        for i in 0..8000 {
+            seen[s.key(&"t".into(), &format!("key-{i}"))] += 1;
+        }
+        for (i, n) in seen.iter().enumerate() {
+            assert!((700..1300).contains(n), "shard {i}: {n} of 8000");
+        }
+    }
+
+    #[test]
+    fn one_shard_takes_everything() {
+        let s = ShardOf::here(1);
+        assert_eq!(s.op(&op(Some("a"), Some("b"))), 0);
+        assert_eq!(s.op(&op(None, None)), 0);
+    }
+}

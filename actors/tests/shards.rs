@@ -1,0 +1,274 @@
+//! A node whose hot path runs in several shards: the work spreads, and what a one-shard
+//! node promises still holds across them (order within a key, one run per idempotency
+//! key, node-wide limits, supervision of every shard).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opmesh_actors::{
+    BatchPolicy, ChildKind, EngineConfig, HandlerError, Json, Node, OpStatus, Operation,
+    SubmitError,
+};
+use parking_lot::Mutex;
+
+fn sharded(shards: usize) -> EngineConfig {
+    EngineConfig {
+        shards,
+        ..EngineConfig::default()
+    }
+}
+
+async fn echo(op: Operation) -> Result<Json, HandlerError> {
+    Ok(op.payload)
+}
+
+async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_node_has_a_shard_per_worker_and_keys_spread_over_them() {
+    let node = Node::builder().handler("echo", echo).start().await.unwrap();
+    assert_eq!(node.shards(), 2, "one per runtime worker");
+    node.shutdown(Duration::from_secs(1)).await;
+
+    let node = Node::builder()
+        .config(sharded(4))
+        .handler("echo", echo)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(node.shards(), 4);
+    let tickets: Vec<_> = (0..400)
+        .map(|i| {
+            node.enqueue(Operation::new("echo", Json::null()).with_key(format!("k{i}")))
+                .unwrap()
+        })
+        .collect();
+    for t in tickets {
+        assert_eq!(t.await.status, OpStatus::Succeeded);
+    }
+    let took = node.stats().shard_operations;
+    assert_eq!(took.len(), 4);
+    assert_eq!(took.iter().sum::<u64>(), 400);
+    for (i, n) in took.iter().enumerate() {
+        assert!(
+            *n >= 50,
+            "shard {i} took {n} of 400 keyed operations: {took:?}"
+        );
+    }
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operations_with_one_key_run_in_the_order_they_were_submitted() {
+    let seen: Arc<Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
+    let s = seen.clone();
+    let node = Node::builder()
+        .config(EngineConfig {
+            shards: 4,
+            // One at a time per batch turn, so the order of runs is the order of queues.
+            batch: BatchPolicy {
+                batch_size: 1,
+                batch_flush: Duration::ZERO,
+                max_concurrent: 1,
+            },
+            ..EngineConfig::default()
+        })
+        .handler("log", move |op: Operation| {
+            let s = s.clone();
+            async move {
+                let n: u64 = op.payload.decode().unwrap();
+                s.lock()
+                    .entry(op.key.as_deref().unwrap_or("").to_string())
+                    .or_default()
+                    .push(n);
+                Ok(Json::null())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    // Four submitters at once, each with its own keys, from the runtime's threads.
+    let submitters: Vec<_> = (0..4)
+        .map(|w| {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let mut tickets = Vec::new();
+                for n in 0..100u64 {
+                    let key = format!("w{w}-k{}", n % 5);
+                    let op = Operation::new("log", Json::encode(&n).unwrap()).with_key(key);
+                    tickets.push(node.enqueue(op).unwrap());
+                    if n % 10 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                for t in tickets {
+                    assert_eq!(t.await.status, OpStatus::Succeeded);
+                }
+            })
+        })
+        .collect();
+    for s in submitters {
+        s.await.unwrap();
+    }
+    let seen = std::mem::take(&mut *seen.lock());
+    assert_eq!(seen.len(), 20);
+    for (key, runs) in seen.iter() {
+        assert_eq!(runs.len(), 20, "{key}");
+        assert!(
+            runs.windows(2).all(|w| w[0] < w[1]),
+            "{key} ran out of order: {runs:?}"
+        );
+    }
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotency_key_runs_once_whichever_thread_submits_it() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let node = Node::builder()
+        .config(sharded(4))
+        .handler("once", move |_op: Operation| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(Json::encode(&"done").unwrap())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let node = node.clone();
+            tokio::spawn(async move {
+                // Different routing keys: the idempotency key decides the shard.
+                let op = Operation::new("once", Json::null())
+                    .with_key(format!("r{i}"))
+                    .with_idempotency_key("the-key");
+                node.submit(op).await.unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        let o = t.await.unwrap();
+        assert_eq!(o.status, OpStatus::Succeeded);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one run for 16 submissions");
+    let c = node.cache_stats();
+    assert_eq!((c.misses, c.hits), (1, 15));
+    assert_eq!(c.size, 1);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_wide_limits_hold_across_shards() {
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    // Handlers wait at the gate until the test opens it.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (r, p, g) = (running.clone(), peak.clone(), gate.clone());
+    let node = Node::builder()
+        .config(EngineConfig {
+            shards: 4,
+            batch: BatchPolicy {
+                batch_size: 8,
+                batch_flush: Duration::ZERO,
+                max_concurrent: 3,
+            },
+            queue_capacity: 50,
+            ..EngineConfig::default()
+        })
+        .handler("slow", move |_op: Operation| {
+            let (r, p, g) = (r.clone(), p.clone(), g.clone());
+            async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(now, Ordering::SeqCst);
+                let _pass = g.acquire().await.unwrap();
+                r.fetch_sub(1, Ordering::SeqCst);
+                Ok(Json::null())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    // The queue capacity is the type's, not a shard's: keys over every shard, and once
+    // 50 wait, the next is refused whichever shard it belongs to.
+    let mut tickets = Vec::new();
+    let mut refused = 0;
+    for i in 0..200 {
+        match node.enqueue(Operation::new("slow", Json::null()).with_key(format!("k{i}"))) {
+            Ok(t) => tickets.push(t),
+            Err(SubmitError::Overloaded { capacity, .. }) => {
+                assert_eq!(capacity, 50);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // 50 wait; at most 3 left the queue to run (none can finish before the gate opens).
+    assert!(
+        (50..=53).contains(&tickets.len()),
+        "{} accepted, {refused} refused",
+        tickets.len()
+    );
+    wait_for("three running", Duration::from_secs(5), || {
+        node.running() == 3
+    })
+    .await;
+    gate.add_permits(1000);
+    for t in tickets {
+        assert_eq!(t.await.status, OpStatus::Succeeded);
+    }
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        3,
+        "max_concurrent is the node's"
+    );
+    assert_eq!(node.running(), 0);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_that_dies_in_one_shard_is_restarted_and_the_others_go_on() {
+    let node = Node::builder()
+        .config(sharded(3))
+        .handler("echo", echo)
+        .start()
+        .await
+        .unwrap();
+    for kind in ChildKind::ALL {
+        let before = node.metrics().actor_restarts_of(kind);
+        node.kill_shard_actor(2, kind);
+        wait_for("the restart", Duration::from_secs(5), || {
+            node.metrics().actor_restarts_of(kind) == before + 1
+        })
+        .await;
+        // Every shard works afterwards: keys over all three.
+        let tickets: Vec<_> = (0..60)
+            .map(|i| {
+                node.enqueue(Operation::new("echo", Json::null()).with_key(format!("{i}")))
+                    .unwrap()
+            })
+            .collect();
+        for t in tickets {
+            let o = tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("no operation hangs");
+            assert_eq!(o.status, OpStatus::Succeeded, "{kind:?}: {o:?}");
+        }
+    }
+    assert_eq!(node.stats().actor_restarts, 4);
+    // A shard that does not exist: nothing happens.
+    node.kill_shard_actor(7, ChildKind::Router);
+    node.shutdown(Duration::from_secs(1)).await;
+}
