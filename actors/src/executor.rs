@@ -11,6 +11,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -21,7 +22,7 @@ use crate::handler::{GiveUpReason, HandlerError, HandlerKind, RetryDecision};
 use crate::job::Job;
 use crate::op::{OpOutcome, OpStatus};
 use crate::shared::NodeShared;
-use crate::slots::{RunningSlot, Started};
+use crate::slots::{RunningSlot, SlotReturns, Started};
 use crate::trace;
 
 /// Messages of the [`Executor`] actor.
@@ -80,13 +81,27 @@ impl Actor for Executor {
 }
 
 async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
+    // Declared first, dropped last: it gives back whatever the operations below left.
+    let returns = SlotReturns::new(&shared);
     let mut running: FuturesUnordered<_> = batch
-        .run(&shared)
+        .run(&returns)
         .map(|(job, slot)| run_one(&shared, job, slot))
         .collect();
+    // Runs the operations; whenever the task is about to wait, the running slots of
+    // those that finished go back to the node at once.
+    let all_done = std::future::poll_fn(|cx| loop {
+        match running.poll_next_unpin(cx) {
+            Poll::Ready(Some(())) => continue,
+            Poll::Ready(None) => return Poll::Ready(()),
+            Poll::Pending => {
+                returns.flush();
+                return Poll::Pending;
+            }
+        }
+    });
     tokio::select! {
         biased;
-        _ = async { while running.next().await.is_some() {} } => {}
+        _ = all_done => {}
         // The shutdown grace period is over: dropping the operations still running fails
         // each with the reason (a dropped `Reply` does that). One wait per task, not one
         // per operation.

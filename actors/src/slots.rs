@@ -181,12 +181,12 @@ impl Started {
         }
     }
 
-    /// Each operation with its running slot. Operations the iterator did not yield when it
-    /// is dropped give their slots back.
-    pub(crate) fn run(mut self, shared: &NodeShared) -> StartedIter<'_> {
+    /// Each operation with its running slot, which goes back through `returns`.
+    /// Operations the iterator did not yield when it is dropped give their slots back.
+    pub(crate) fn run<'a>(mut self, returns: &'a SlotReturns<'a>) -> StartedIter<'a> {
         StartedIter {
             jobs: std::mem::take(&mut self.jobs).into_iter(),
-            shared,
+            returns,
         }
     }
 }
@@ -202,7 +202,7 @@ impl Drop for Started {
 /// The operations of a [`Started`] batch, each with its [`RunningSlot`].
 pub(crate) struct StartedIter<'a> {
     jobs: std::vec::IntoIter<Box<Job>>,
-    shared: &'a NodeShared,
+    returns: &'a SlotReturns<'a>,
 }
 
 impl<'a> Iterator for StartedIter<'a> {
@@ -212,7 +212,7 @@ impl<'a> Iterator for StartedIter<'a> {
         Some((
             job,
             RunningSlot {
-                shared: self.shared,
+                returns: self.returns,
             },
         ))
     }
@@ -222,20 +222,54 @@ impl Drop for StartedIter<'_> {
     fn drop(&mut self) {
         let left = self.jobs.len();
         if left > 0 {
-            self.shared.running_slots_freed(left);
+            self.returns.shared.running_slots_freed(left);
         }
     }
 }
 
-/// One running slot, held while an operation's handler runs; given back on drop (the
-/// handler finished, or the node abandoned it at the end of the grace period).
-pub(crate) struct RunningSlot<'a> {
+/// Running slots given back by the operations of one Executor task, handed to the node
+/// together: by [`flush`](Self::flush) (the task calls it whenever it waits) or on drop.
+/// One atomic operation on the node's running count per wake-up of the task, instead of
+/// one per operation.
+pub(crate) struct SlotReturns<'a> {
     shared: &'a NodeShared,
+    /// Only this task counts here (atomic only so the task's future may be `Send`).
+    pending: AtomicUsize,
+}
+
+impl<'a> SlotReturns<'a> {
+    pub(crate) fn new(shared: &'a NodeShared) -> Self {
+        SlotReturns {
+            shared,
+            pending: AtomicUsize::new(0),
+        }
+    }
+
+    /// Gives the slots collected so far back to the node.
+    pub(crate) fn flush(&self) {
+        let n = self.pending.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            self.shared.running_slots_freed(n);
+        }
+    }
+}
+
+impl Drop for SlotReturns<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// One running slot, held while an operation's handler runs; given back on drop (the
+/// handler finished, or the node abandoned it at the end of the grace period) to its
+/// task's [`SlotReturns`].
+pub(crate) struct RunningSlot<'a> {
+    returns: &'a SlotReturns<'a>,
 }
 
 impl Drop for RunningSlot<'_> {
     fn drop(&mut self) {
-        self.shared.running_slots_freed(1);
+        self.returns.pending.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -342,12 +376,31 @@ mod tests {
         assert_eq!((batch.len(), rest.len(), running.count()), (2, 2, 4));
         drop(rest);
         assert_eq!(running.count(), 2);
-        let mut each = batch.run(&shared);
+        let returns = SlotReturns::new(&shared);
+        let mut each = batch.run(&returns);
         let (_job, slot) = each.next().unwrap();
         assert_eq!(running.count(), 2);
         drop(each);
         assert_eq!(running.count(), 1, "the one not yet taken out went back");
         drop(slot);
+        assert_eq!(
+            running.count(),
+            1,
+            "a finished one waits for its task's flush"
+        );
+        returns.flush();
+        assert_eq!(running.count(), 0);
+        // Whatever was not flushed goes back when the task ends.
+        let (_job, slot) = Started::new(
+            vec![node.admit_for_test(crate::Operation::new("t", crate::Json::null()))],
+            running,
+        )
+        .run(&returns)
+        .next()
+        .unwrap();
+        assert_eq!(running.count(), 1);
+        drop(slot);
+        drop(returns);
         assert_eq!(running.count(), 0);
         node.shutdown(std::time::Duration::from_secs(1)).await;
         assert_eq!(node.running(), 0);
