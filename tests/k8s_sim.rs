@@ -22,6 +22,7 @@ mod k8s_support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::BIN;
@@ -62,8 +63,11 @@ impl Sim {
             eprintln!("SKIPPED {test}: the `ip` command (iproute2) is not installed");
             return None;
         };
+        // Unique per test and per process: names of links are at most 15 bytes.
+        static RUNS: AtomicU32 = AtomicU32::new(0);
+        let run = RUNS.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
-        let id = format!("om{}", pid % 100_000);
+        let id = format!("om{}{run}", pid % 100_000);
         let probe = format!("{id}probe");
         let ok = Command::new(&ip)
             .args(["netns", "add", &probe])
@@ -78,7 +82,7 @@ impl Sim {
             return None;
         }
         let _ = Command::new(&ip).args(["netns", "del", &probe]).status();
-        let net = format!("10.77.{}", pid % 250);
+        let net = format!("10.77.{}", (pid * 4 + run) % 250);
         let sim = Sim {
             rendered: Rendered::render("dev"),
             bridge: format!("{id}br"),
@@ -352,8 +356,11 @@ impl Drop for Sim {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for o in self.namespaces.clone() {
-            self.delete_namespace(o);
+        // Nothing here may panic: a failed step is already unwinding.
+        for o in std::mem::take(&mut self.namespaces) {
+            let ns = self.ns(o);
+            let _ = Command::new(&self.ip).args(["netns", "del", &ns]).status();
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&ns));
         }
         let _ = Command::new(&self.ip)
             .args(["link", "del", &self.bridge])
