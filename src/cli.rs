@@ -76,6 +76,14 @@ pub struct ServeArgs {
     /// http://127.0.0.1:4317 (Jaeger) [default: not exported]
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Take this node's id, cluster address and seeds from its StatefulSet pod
+    /// (POD_NAME, POD_NAMESPACE, cluster.service): cluster.bootstrap = "ordinal"
+    #[arg(long)]
+    pub bootstrap_from_ordinal: bool,
+    /// Check the configuration (defaults, profile, file, environment and these flags),
+    /// print what the node would run as, and exit: 0 when it is valid, 2 otherwise
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl ServeArgs {
@@ -91,6 +99,7 @@ impl ServeArgs {
             cluster_secret: self.cluster_secret,
             data_dir: self.data_dir,
             otlp_endpoint: self.otlp_endpoint,
+            bootstrap_from_ordinal: self.bootstrap_from_ordinal,
         }
     }
 }

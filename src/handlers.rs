@@ -1,7 +1,8 @@
 //! The handlers the `opmesh` binary ships: `echo` (returns the payload), `sleep`
 //! (`{"ms": N}`, for tests and benchmarks), `resize` (fits image dimensions in a box: a
 //! small CPU-only type for demos of routing) and `http` (POSTs the payload to a URL, for
-//! webhooks), registered on a [`NodeBuilder`] from the configuration.
+//! webhooks), registered on a [`NodeBuilder`] from the configuration (`handlers.builtin`
+//! chooses the built-in ones).
 
 use std::time::Duration;
 
@@ -95,12 +96,49 @@ pub async fn resize(op: Operation) -> Result<Json, HandlerError> {
         .map_err(|e| HandlerError::fatal(e.to_string()))
 }
 
-/// Registers `echo`, `sleep`, `resize` and every configured `http` target on `builder`.
-pub fn register_builtins(mut builder: NodeBuilder, http: &[HttpTarget]) -> NodeBuilder {
-    builder = builder
-        .handler("echo", echo)
-        .handler("sleep", sleep)
-        .handler("resize", resize);
+/// A handler built into the binary, which `handlers.builtin` turns on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Builtin {
+    Echo,
+    Sleep,
+    Resize,
+}
+
+impl Builtin {
+    /// Every built-in handler, in the order they are listed.
+    pub const ALL: [Builtin; 3] = [Builtin::Echo, Builtin::Sleep, Builtin::Resize];
+
+    /// The operation type it serves.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Builtin::Echo => "echo",
+            Builtin::Sleep => "sleep",
+            Builtin::Resize => "resize",
+        }
+    }
+
+    /// The built-in handler of the type `name`, if there is one.
+    pub fn from_name(name: &str) -> Option<Builtin> {
+        Builtin::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
+/// Registers every built-in handler (`echo`, `sleep`, `resize`) and every configured
+/// `http` target on `builder`.
+pub fn register_builtins(builder: NodeBuilder, http: &[HttpTarget]) -> NodeBuilder {
+    register(builder, &Builtin::ALL, http)
+}
+
+/// Registers the built-in handlers `builtin` and every configured `http` target on
+/// `builder`.
+pub fn register(mut builder: NodeBuilder, builtin: &[Builtin], http: &[HttpTarget]) -> NodeBuilder {
+    for b in builtin {
+        builder = match b {
+            Builtin::Echo => builder.handler("echo", echo),
+            Builtin::Sleep => builder.handler("sleep", sleep),
+            Builtin::Resize => builder.handler("resize", resize),
+        };
+    }
     if !http.is_empty() {
         let client = reqwest::Client::builder()
             .build()

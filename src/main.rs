@@ -15,6 +15,7 @@ use opmesh::cli::{Cli, Command, ServeArgs};
 use opmesh::{config, server};
 
 async fn serve(args: ServeArgs) -> ExitCode {
+    let check_only = args.check_config;
     let cfg = match config::load(&args.load_options()) {
         Ok(c) => c,
         Err(e) => {
@@ -22,6 +23,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if check_only {
+        println!("{}", cfg.summary());
+        return ExitCode::SUCCESS;
+    }
     match server::serve(&cfg).await {
         Ok(0) => ExitCode::SUCCESS,
         // Operations left unfinished when the grace period ended.

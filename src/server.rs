@@ -112,7 +112,7 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         .node_id(cfg.node_id.as_str())
         .config(cfg.engine.clone())
         .tracing(telemetry.tracing());
-    let builder = handlers::register_builtins(builder, &cfg.http_handlers);
+    let builder = handlers::register(builder, &cfg.builtin_handlers, &cfg.http_handlers);
     let cluster = match &cfg.cluster {
         None => None,
         Some(c) => Some(start_cluster(c, http_addr, &builder).await?),
@@ -148,7 +148,12 @@ async fn start_cluster(
     builder: &NodeBuilder,
 ) -> Result<Cluster, ServeError> {
     let cfg = ClusterConfig {
-        http_addr: http_addr.to_string(),
+        // Set when the configuration knows a better name (a pod's DNS name).
+        http_addr: if cfg.http_addr.is_empty() {
+            http_addr.to_string()
+        } else {
+            cfg.http_addr.clone()
+        },
         serves: serves(&cfg.serves, builder.handler_types())?,
         ..cfg.clone()
     };

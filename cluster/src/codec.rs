@@ -47,7 +47,7 @@ use wincode::{SchemaRead, SchemaWrite};
 use crate::types::{Command, CommandResult, Member, NodeRecord, RaftId, TypeConfig};
 
 /// The version of the frames below. A dialer whose `Hello` names another is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bytes of the length prefix in front of every frame body.
 pub const LEN_PREFIX: usize = 4;
@@ -133,6 +133,9 @@ pub enum Rpc {
     Leave {
         name: String,
     },
+    /// A node with no cluster yet asks whether the receiver belongs to one, before it
+    /// decides to bootstrap (see [`crate::formation`]).
+    Probe,
 }
 
 /// The answer to an [`Rpc`], variant for variant; `Error` when the receiver could not
@@ -145,6 +148,10 @@ pub enum RpcReply {
     Written(Result<CommandResult, WriteRefused>),
     Joined(Result<(), WriteRefused>),
     Left(Result<(), WriteRefused>),
+    /// Whether the receiver belongs to a cluster (its Raft group is initialized).
+    Probed {
+        member: bool,
+    },
     Error(String),
 }
 
@@ -168,6 +175,7 @@ impl Clone for RpcReply {
             RpcReply::Written(r) => RpcReply::Written(r.clone()),
             RpcReply::Joined(r) => RpcReply::Joined(r.clone()),
             RpcReply::Left(r) => RpcReply::Left(r.clone()),
+            RpcReply::Probed { member } => RpcReply::Probed { member: *member },
             RpcReply::Error(e) => RpcReply::Error(e.clone()),
         }
     }

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use opmesh_actors::OpType;
 
+use crate::formation::SeedBootstrap;
 use crate::secret::Secret;
 
 /// Everything a node needs to take part in a cluster. Its `Debug` never shows the secret.
@@ -40,6 +41,9 @@ pub struct ClusterConfig {
     pub http_addr: String,
     /// Seed cluster addresses; empty = bootstrap a cluster of one when there is no state.
     pub join: Vec<String>,
+    /// With seeds and no state: only join them (the default), or bootstrap a new cluster
+    /// when none of them belongs to one (see [`crate::formation`]).
+    pub bootstrap: SeedBootstrap,
     /// Raft log, vote and snapshots; `None` = in memory.
     pub data_dir: Option<PathBuf>,
     /// The operation types this node serves.
@@ -87,6 +91,7 @@ impl ClusterConfig {
             advertise: String::new(),
             http_addr: String::new(),
             join: Vec::new(),
+            bootstrap: SeedBootstrap::Never,
             data_dir: None,
             serves: Vec::new(),
             heartbeat: Duration::from_millis(100),

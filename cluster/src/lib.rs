@@ -11,6 +11,8 @@
 //!   Raft leader, and the supervised background duties.
 //! - [`membership`]: the pure decisions behind those duties: which nodes the leader marks
 //!   down or up, which learners may vote, the next voter set.
+//! - [`formation`]: the pure decision of a node with no state between joining a cluster
+//!   one of its seeds belongs to and bootstrapping one.
 //! - [`remote`]: operations forwarded to their owner and their replies: the origin's
 //!   outbox (re-sent, re-routed, expired) and the wire form of an operation.
 //! - [`network`]: Raft's RPCs as request/response frames on the same links, with the
@@ -31,6 +33,7 @@
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod formation;
 pub mod membership;
 pub mod network;
 pub mod remote;
@@ -43,4 +46,5 @@ pub use cluster::{
     Cluster, ClusterError, ClusterStatus, JoinError, JoinFailure, LeaveError, NodeStatusView,
 };
 pub use config::{ClusterConfig, LinkConfigError, Voters, VotersError};
+pub use formation::SeedBootstrap;
 pub use secret::Secret;

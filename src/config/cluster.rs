@@ -12,9 +12,10 @@ use std::time::Duration;
 use figment::value::Value;
 use serde::Deserialize;
 
+use self::ordinal::PodPlace;
 use super::check::{is_host_port, is_node_id, Check, GIB, KIB, MIB};
 use super::error::ConfigError;
-use crate::cluster::{ClusterConfig, Secret, Voters};
+use crate::cluster::{ClusterConfig, Secret, SeedBootstrap, Voters};
 use crate::op::validate_type_name;
 
 /// What stands for the cluster secret wherever a value would be shown.
@@ -43,18 +44,45 @@ pub(super) struct RawCluster {
     flush_bytes: u64,
     linger_us: u64,
     max_frame_bytes: u64,
+    bootstrap: String,
+    pod: String,
+    namespace: String,
+    service: String,
+    domain: String,
+    seed_ordinals: u64,
+    bootstrap_wait_ms: u64,
+}
+
+/// Where a cluster node's identity comes from (`cluster.bootstrap`).
+enum Identity {
+    /// `node.id`, `cluster.advertise` and `cluster.join` as set (`"seeds"`).
+    AsSet,
+    /// Derived from the StatefulSet pod (`"ordinal"`, see [`ordinal`]).
+    Pod(PodPlace),
 }
 
 impl RawCluster {
-    /// `handled`: the types this node has a handler for, which `serves` may name.
+    /// `handled`: the types this node has a handler for, which `serves` may name. In
+    /// ordinal mode the returned config's `node` is the pod name, which then is the
+    /// node's id everywhere.
     pub(super) fn validate(
         self,
         check: &Check<'_>,
         node_id: &str,
+        http_port: u16,
         max_type_len: usize,
         handled: &[&str],
     ) -> Result<Option<ClusterConfig>, ConfigError> {
         if self.addr.is_empty() {
+            if self.bootstrap == "ordinal" {
+                return Err(check.missing(
+                    "cluster.addr",
+                    "cluster.bootstrap",
+                    "a pod that takes its place in the cluster from its ordinal listens on \
+                     the cluster port: set cluster.addr (or OPMESH_CLUSTER_ADDR), such as \
+                     0.0.0.0:7071",
+                ));
+            }
             if !self.join.is_empty() {
                 return Err(check.missing(
                     "cluster.addr",
@@ -74,6 +102,8 @@ impl RawCluster {
                  [::]:7071",
             )
         })?;
+
+        let identity = self.identity(check, node_id, addr)?;
 
         let secret = match self.secret {
             Value::String(_, s) if s.is_empty() => {
@@ -107,7 +137,9 @@ impl RawCluster {
             }
         };
 
-        let advertise = if self.advertise.is_empty() {
+        let advertise = if let Identity::Pod(p) = &identity {
+            format!("{}:{}", p.host, addr.port())
+        } else if self.advertise.is_empty() {
             if addr.ip().is_unspecified() {
                 return Err(check.invalid(
                     "cluster.advertise",
@@ -190,15 +222,45 @@ impl RawCluster {
             .and_then(|n| Voters::try_from(n).ok())
             .ok_or_else(|| check.invalid("cluster.voters", self.voters, "1, 3 or 5"))?;
 
+        let (node, join, bootstrap, http_addr) = match identity {
+            Identity::AsSet => (
+                node_id.to_owned(),
+                self.join,
+                SeedBootstrap::Never,
+                String::new(),
+            ),
+            Identity::Pod(p) => {
+                let bootstrap = if p.first {
+                    SeedBootstrap::WhenNoSeedHasACluster {
+                        wait: check.millis(
+                            "cluster.bootstrap_wait_ms",
+                            self.bootstrap_wait_ms,
+                            0..=3_600_000,
+                        )?,
+                    }
+                } else {
+                    SeedBootstrap::Never
+                };
+                // Other nodes and the dashboard reach this pod's api by its DNS name; a
+                // port 0 is known only once bound, and then the server fills it in.
+                let http_addr = match http_port {
+                    0 => String::new(),
+                    port => format!("{}:{port}", p.host),
+                };
+                (p.node, p.seeds, bootstrap, http_addr)
+            }
+        };
+
         Ok(Some(ClusterConfig {
-            node: node_id.to_owned(),
+            node,
             cluster_id: self.id,
             secret,
             listen: addr,
             advertise,
-            // The bound HTTP address, filled in when the node starts.
-            http_addr: String::new(),
-            join: self.join,
+            // Empty: the bound HTTP address, filled in when the node starts.
+            http_addr,
+            join,
+            bootstrap,
             data_dir: (!self.data_dir.is_empty()).then(|| PathBuf::from(self.data_dir)),
             serves: self.serves.iter().map(|t| t.as_str().into()).collect(),
             heartbeat: Duration::from_millis(heartbeat_ms),
@@ -230,5 +292,143 @@ impl RawCluster {
     }
 }
 
+impl RawCluster {
+    /// Checks `cluster.bootstrap` and, for `"ordinal"`, the pod's identity keys, and
+    /// derives the pod's place from them.
+    fn identity(
+        &self,
+        check: &Check<'_>,
+        node_id: &str,
+        addr: SocketAddr,
+    ) -> Result<Identity, ConfigError> {
+        match self.bootstrap.as_str() {
+            "seeds" => return Ok(Identity::AsSet),
+            "ordinal" => {}
+            other => {
+                return Err(check.invalid(
+                    "cluster.bootstrap",
+                    other,
+                    "\"seeds\" (join cluster.join, or bootstrap when it is empty) or \
+                     \"ordinal\" (a StatefulSet pod: everything from POD_NAME)",
+                ))
+            }
+        }
+        for (key, set) in [
+            ("cluster.join", !self.join.is_empty()),
+            ("cluster.advertise", !self.advertise.is_empty()),
+        ] {
+            if set {
+                return Err(check.invalid(
+                    key,
+                    if key == "cluster.join" {
+                        self.join.join(",")
+                    } else {
+                        self.advertise.clone()
+                    },
+                    "empty when cluster.bootstrap = \"ordinal\", which derives it from \
+                     the pod's name",
+                ));
+            }
+        }
+        if self.pod.is_empty() {
+            return Err(check.missing(
+                "cluster.pod",
+                "cluster.bootstrap",
+                "set POD_NAME from the downward API (fieldRef metadata.name), or \
+                 OPMESH_CLUSTER__POD",
+            ));
+        }
+        if !is_node_id(&self.pod) || ordinal::split_pod_name(&self.pod).is_none() {
+            return Err(check.invalid(
+                "cluster.pod",
+                &self.pod,
+                "a StatefulSet pod name, <set>-<ordinal> such as opmesh-0, at most 64 \
+                 characters from a-z 0-9 . -",
+            ));
+        }
+        let from_file = check
+            .figment
+            .find_metadata("node.id")
+            .is_some_and(|md| md.name.starts_with("config/default.toml"));
+        if !from_file && node_id != self.pod {
+            return Err(check.invalid(
+                "node.id",
+                node_id,
+                format!(
+                    "unset, or the pod name ({}): with cluster.bootstrap = \"ordinal\" the \
+                     node id is the pod name",
+                    self.pod
+                ),
+            ));
+        }
+        if self.namespace.is_empty() {
+            return Err(check.missing(
+                "cluster.namespace",
+                "cluster.bootstrap",
+                "set POD_NAMESPACE from the downward API (fieldRef metadata.namespace), \
+                 or OPMESH_CLUSTER__NAMESPACE",
+            ));
+        }
+        for (key, value) in [
+            ("cluster.namespace", &self.namespace),
+            ("cluster.service", &self.service),
+        ] {
+            if !is_dns_label(value) {
+                return Err(check.invalid(
+                    key,
+                    value,
+                    "a DNS label: 1 to 63 characters from a-z 0-9 -, starting and ending \
+                     with a letter or digit",
+                ));
+            }
+        }
+        if !self.domain.split('.').all(is_dns_label) {
+            return Err(check.invalid(
+                "cluster.domain",
+                &self.domain,
+                "the cluster's DNS domain, such as cluster.local",
+            ));
+        }
+        let seed_ordinals = check.range("cluster.seed_ordinals", self.seed_ordinals, 1..=64)?;
+        let place = ordinal::place(
+            &self.pod,
+            &self.service,
+            &self.namespace,
+            &self.domain,
+            addr.port(),
+            seed_ordinals as u32,
+        )
+        .expect("the pod name was checked");
+        if addr.port() == 0 {
+            return Err(check.invalid(
+                "cluster.addr",
+                addr,
+                "a fixed port when cluster.bootstrap = \"ordinal\": the other pods dial it",
+            ));
+        }
+        if place.host.len() > 253 {
+            return Err(check.invalid(
+                "cluster.pod",
+                &self.pod,
+                format!(
+                    "a name that keeps the pod's DNS name ({}) within 253 characters",
+                    place.host
+                ),
+            ));
+        }
+        Ok(Identity::Pod(place))
+    }
+}
+
+/// A Kubernetes DNS label (RFC 1123): what a namespace or a Service may be named.
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+mod ordinal;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,7 @@
-//! `[[handlers.http]]`: operation types served by POSTing to a URL, each with its
-//! timeout and a retry policy that falls back to `[retry]` key by key.
+//! `[handlers]`: which built-in handlers a node registers (`builtin`: a deployment that
+//! serves real traffic turns `sleep` off), and `[[handlers.http]]`: operation types
+//! served by POSTing to a URL, each with its timeout and a retry policy that falls back
+//! to `[retry]` key by key.
 
 use std::time::Duration;
 
@@ -7,16 +9,15 @@ use serde::Deserialize;
 
 use super::check::{is_http_url, Check, INITIAL_BACKOFF_MS, MAX_ATTEMPTS, MAX_BACKOFF_MS};
 use super::error::ConfigError;
-use crate::handlers::HttpTarget;
+use crate::handlers::{Builtin, HttpTarget};
 use crate::op::validate_type_name;
 use crate::RetryPolicy;
 
-/// The operation types the binary always registers; an `http` handler may not take them.
-const BUILTIN_TYPES: &[&str] = &["echo", "sleep", "resize"];
-
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHandlers {
+    /// config/default.toml lists them all.
+    builtin: Vec<String>,
     #[serde(default)]
     http: Vec<RawHttpTarget>,
 }
@@ -41,7 +42,20 @@ impl RawHandlers {
         check: &Check<'_>,
         max_type_len: usize,
         retry: &RetryPolicy,
-    ) -> Result<Vec<HttpTarget>, ConfigError> {
+    ) -> Result<(Vec<Builtin>, Vec<HttpTarget>), ConfigError> {
+        let mut builtin: Vec<Builtin> = Vec::with_capacity(self.builtin.len());
+        for (i, name) in self.builtin.iter().enumerate() {
+            match Builtin::from_name(name) {
+                Some(b) if !builtin.contains(&b) => builtin.push(b),
+                _ => {
+                    return Err(check.invalid(
+                        &format!("handlers.builtin[{i}]"),
+                        name,
+                        format!("one of {}, listed once", builtin_names()),
+                    ))
+                }
+            }
+        }
         let mut http_handlers: Vec<HttpTarget> = Vec::with_capacity(self.http.len());
         for (i, t) in self.http.into_iter().enumerate() {
             let prefix = format!("handlers.http[{i}]");
@@ -58,13 +72,17 @@ impl RawHandlers {
                     ),
                 ));
             }
-            if BUILTIN_TYPES.contains(&t.op_type.as_str())
+            // Built-in names stay reserved when their handler is off.
+            if Builtin::from_name(&t.op_type).is_some()
                 || http_handlers.iter().any(|h| h.op_type == t.op_type)
             {
                 return Err(check.invalid(
                     &key("type"),
                     &t.op_type,
-                    "a type no other handler has (built in: echo, sleep, resize)",
+                    format!(
+                        "a type no other handler has (built in: {})",
+                        builtin_names()
+                    ),
                 ));
             }
             if !is_http_url(&t.url) {
@@ -102,15 +120,20 @@ impl RawHandlers {
                 },
             });
         }
-        Ok(http_handlers)
+        Ok((builtin, http_handlers))
     }
 }
 
-/// The types this node has a handler for: the built-in ones, then `targets`' in order.
-pub(super) fn handled_types(targets: &[HttpTarget]) -> Vec<&str> {
-    BUILTIN_TYPES
+fn builtin_names() -> String {
+    Builtin::ALL.map(Builtin::name).join(", ")
+}
+
+/// The types this node has a handler for: the built-in ones it registers, then
+/// `targets`' in order.
+pub(super) fn handled_types<'a>(builtin: &[Builtin], targets: &'a [HttpTarget]) -> Vec<&'a str> {
+    builtin
         .iter()
-        .copied()
+        .map(|b| b.name())
         .chain(targets.iter().map(|h| h.op_type.as_str()))
         .collect()
 }
@@ -120,6 +143,57 @@ mod tests {
     use std::time::Duration;
 
     use crate::config::testutil::{load_err, load_ok, user_file, with_file, EnvGuard};
+    use crate::config::LoadOptions;
+    use crate::handlers::Builtin;
+
+    #[test]
+    fn builtin_handlers_can_be_turned_off_one_by_one() {
+        let mut env = EnvGuard::new();
+        let file = user_file("[handlers]\nbuiltin = [\"echo\", \"resize\"]\n");
+        let c = load_ok(&with_file(&file));
+        assert_eq!(c.builtin_handlers, [Builtin::Echo, Builtin::Resize]);
+
+        env.set("OPMESH_HANDLERS__BUILTIN", "echo");
+        assert_eq!(
+            load_ok(&LoadOptions::default()).builtin_handlers,
+            [Builtin::Echo]
+        );
+        env.set("OPMESH_HANDLERS__BUILTIN", "");
+        assert!(load_ok(&LoadOptions::default()).builtin_handlers.is_empty());
+        drop(env);
+        let _env = EnvGuard::new();
+
+        for (list, expected) in [
+            (
+                "[\"echo\", \"nap\"]",
+                "`handlers.builtin[1]`: \"nap\" (allowed: one of echo, sleep, resize, listed once)",
+            ),
+            ("[\"echo\", \"echo\"]", "`handlers.builtin[1]`: \"echo\""),
+        ] {
+            let file = user_file(&format!("[handlers]\nbuiltin = {list}\n"));
+            let msg = load_err(&with_file(&file)).to_string();
+            assert!(msg.contains(expected), "{list}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_type_whose_builtin_is_off_is_neither_served_nor_free_for_an_http_handler() {
+        let _env = EnvGuard::new();
+        let file = user_file(
+            "[handlers]\nbuiltin = [\"echo\"]\n\n[cluster]\naddr = \"127.0.0.1:7071\"\n\
+             secret = \"correct-horse-battery-staple\"\nserves = [\"sleep\"]\n",
+        );
+        let msg = load_err(&with_file(&file)).to_string();
+        assert!(msg.contains("`cluster.serves[0]`: \"sleep\""), "{msg}");
+        assert!(msg.contains("handler for, listed once: echo)"), "{msg}");
+
+        let file = user_file(
+            "[handlers]\nbuiltin = [\"echo\"]\n[[handlers.http]]\ntype = \"sleep\"\n\
+             url = \"http://x\"\ntimeout_ms = 1\n",
+        );
+        let msg = load_err(&with_file(&file)).to_string();
+        assert!(msg.contains("`handlers.http[0].type`: \"sleep\""), "{msg}");
+    }
 
     #[test]
     fn http_handlers_load_with_their_own_or_the_default_retry() {

@@ -39,7 +39,12 @@ pub const PROFILE_ENV: &str = "OPMESH_PROFILE";
 /// Keys whose value is a string that may look like a number (`node.id = "007"`, a
 /// secret of digits). Their environment variables are read as given, not parsed into a
 /// TOML value: the short forms first, then the `SECTION__KEY` forms, which win.
+///
+/// `POD_NAME` and `POD_NAMESPACE` are what a Kubernetes pod spec sets from the downward
+/// API; only `cluster.bootstrap = "ordinal"` reads them.
 const STRING_ENV: &[(&str, &str)] = &[
+    ("POD_NAME", "cluster.pod"),
+    ("POD_NAMESPACE", "cluster.namespace"),
     ("OPMESH_NODE_ID", "node.id"),
     ("OPMESH_HTTP_ADDR", "http.addr"),
     ("OPMESH_CLUSTER_ADDR", "cluster.addr"),
@@ -52,6 +57,9 @@ const STRING_ENV: &[(&str, &str)] = &[
     ("OPMESH_CLUSTER__ID", "cluster.id"),
     ("OPMESH_CLUSTER__SECRET", "cluster.secret"),
     ("OPMESH_CLUSTER__DATA_DIR", "cluster.data_dir"),
+    ("OPMESH_CLUSTER__POD", "cluster.pod"),
+    ("OPMESH_CLUSTER__NAMESPACE", "cluster.namespace"),
+    ("OPMESH_CLUSTER__SERVICE", "cluster.service"),
 ];
 
 /// Keys whose value is a list of strings. Their environment variables hold the items
@@ -61,6 +69,7 @@ const LIST_ENV: &[(&str, &str)] = &[
     ("OPMESH_JOIN", "cluster.join"),
     ("OPMESH_CLUSTER__JOIN", "cluster.join"),
     ("OPMESH_CLUSTER__SERVES", "cluster.serves"),
+    ("OPMESH_HANDLERS__BUILTIN", "handlers.builtin"),
 ];
 
 /// The profile to apply: `--profile`, else `OPMESH_PROFILE` when set and not empty.
@@ -167,6 +176,12 @@ pub(super) fn merge(opts: &LoadOptions, profile: Option<&str>) -> Result<Figment
         figment = figment.merge(Layer::fixed(
             Serialized::default("cluster.data_dir", dir.to_string_lossy().into_owned()),
             "flag `--data-dir`".into(),
+        ));
+    }
+    if opts.bootstrap_from_ordinal {
+        figment = figment.merge(Layer::fixed(
+            Serialized::default("cluster.bootstrap", "ordinal"),
+            "flag `--bootstrap-from-ordinal`".into(),
         ));
     }
     if let Some(url) = &opts.otlp_endpoint {
@@ -374,7 +389,7 @@ mod tests {
             previous = line;
         }
         assert_eq!(
-            keys, 52,
+            keys, 60,
             "a key was added or removed: document it and update this count"
         );
     }

@@ -14,7 +14,8 @@
 //!
 //! Each section of the file has its own module, which owns its raw struct (the keys as
 //! written), its validation and its tests: `node` (`[node]`, `[http]`, `[shutdown]`),
-//! `engine` (`[engine]`, `[cache]`, `[retry]`), `handlers` (`[[handlers.http]]`),
+//! `engine` (`[engine]`, `[cache]`, `[retry]`), `handlers` (`[handlers]`: the built-in
+//! handlers on, and `[[handlers.http]]`),
 //! `cluster` (`[cluster]`, checked into the cluster crate's `ClusterConfig`) and `telemetry` (`[telemetry]`). Beside
 //! them, `layers` builds the merged layers and knows where each value was set, `error`
 //! holds [`ConfigError`] and its mapping from figment's errors, and `check` the range
@@ -25,7 +26,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::handlers::HttpTarget;
+use crate::handlers::{Builtin, HttpTarget};
 use crate::telemetry::TelemetrySettings;
 use crate::EngineConfig;
 
@@ -62,6 +63,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// After a shutdown signal, how long in-flight work gets to finish.
     pub shutdown_grace: Duration,
+    /// The built-in handlers this node registers (`handlers.builtin`), each once.
+    pub builtin_handlers: Vec<Builtin>,
     /// Operation types served by POSTing to a URL, in the order configured.
     pub http_handlers: Vec<HttpTarget>,
     /// The profile that was applied, if any.
@@ -72,6 +75,71 @@ pub struct Config {
     /// fill in, and an empty `serves` means every type this node has a handler for.
     pub cluster: Option<crate::cluster::ClusterConfig>,
     pub telemetry: TelemetrySettings,
+}
+
+impl Config {
+    /// What the node would run as, one `name: value` per line, for `serve
+    /// --check-config` (never the secret).
+    pub fn summary(&self) -> String {
+        let mut lines = vec![
+            "configuration: ok".to_owned(),
+            format!("node: {}", self.node_id),
+            format!("http: {}", self.http.addr),
+            format!(
+                "handlers: {}",
+                self.builtin_handlers
+                    .iter()
+                    .map(|b| b.name())
+                    .chain(self.http_handlers.iter().map(|h| h.op_type.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            format!("shutdown_grace_secs: {}", self.shutdown_grace.as_secs()),
+        ];
+        match &self.cluster {
+            None => lines.push("cluster: none".into()),
+            Some(c) => {
+                use crate::cluster::SeedBootstrap;
+                lines.push(format!("cluster: {}", c.listen));
+                lines.push(format!("advertise: {}", c.advertise));
+                if !c.http_addr.is_empty() {
+                    lines.push(format!("http_advertise: {}", c.http_addr));
+                }
+                lines.push(format!("join: {}", c.join.join(",")));
+                lines.push(format!(
+                    "bootstrap: {}",
+                    match (c.join.is_empty(), c.bootstrap) {
+                        (true, _) => "alone when the data dir holds no state".to_owned(),
+                        (false, SeedBootstrap::Never) => "never (join only)".to_owned(),
+                        (false, SeedBootstrap::WhenNoSeedHasACluster { wait }) => format!(
+                            "when no seed belongs to a cluster (waiting up to {}s for \
+                             unreachable seeds)",
+                            wait.as_secs()
+                        ),
+                    }
+                ));
+                lines.push(format!(
+                    "data_dir: {}",
+                    c.data_dir
+                        .as_ref()
+                        .map_or("(in memory)".into(), |d| d.display().to_string())
+                ));
+                lines.push(format!("write_timeout_ms: {}", c.write_timeout.as_millis()));
+            }
+        }
+        lines.push(format!(
+            "traces: {}",
+            self.telemetry
+                .traces
+                .as_ref()
+                .map_or("off".to_owned(), |t| format!(
+                    "{} ({})",
+                    t.endpoint,
+                    t.protocol.as_str()
+                ))
+        ));
+        lines.join("\n")
+    }
 }
 
 /// What the command line contributes: the profile, the user file and the flags that
@@ -97,6 +165,8 @@ pub struct LoadOptions {
     pub data_dir: Option<PathBuf>,
     /// `--otlp-endpoint`: sets `telemetry.endpoint` and turns traces on.
     pub otlp_endpoint: Option<String>,
+    /// `--bootstrap-from-ordinal`: sets `cluster.bootstrap = "ordinal"`.
+    pub bootstrap_from_ordinal: bool,
 }
 
 /// Merges the layers chosen by `opts` and the environment, and validates the result.
@@ -123,7 +193,6 @@ struct Raw {
     shutdown: RawShutdown,
     cluster: RawCluster,
     telemetry: RawTelemetry,
-    #[serde(default)]
     handlers: RawHandlers,
 }
 
@@ -139,11 +208,14 @@ impl Raw {
         let engine = self.engine.validate(check, self.cache, retry)?;
         let shutdown_grace = self.shutdown.validate(check)?;
         let max_type_len = engine.limits.max_type_len;
-        let http_handlers = self.handlers.validate(check, max_type_len, &engine.retry)?;
-        let handled = handlers::handled_types(&http_handlers);
-        let cluster = self
-            .cluster
-            .validate(check, &node_id, max_type_len, &handled)?;
+        let (builtin_handlers, http_handlers) =
+            self.handlers.validate(check, max_type_len, &engine.retry)?;
+        let handled = handlers::handled_types(&builtin_handlers, &http_handlers);
+        let cluster =
+            self.cluster
+                .validate(check, &node_id, http.addr.port(), max_type_len, &handled)?;
+        // A pod that takes its place from its ordinal is named after the pod.
+        let node_id = cluster.as_ref().map_or(node_id, |c| c.node.clone());
         let telemetry = self.telemetry.validate(check)?;
 
         Ok(Config {
@@ -151,6 +223,7 @@ impl Raw {
             http,
             engine,
             shutdown_grace,
+            builtin_handlers,
             http_handlers,
             profile,
             cluster,
@@ -207,6 +280,7 @@ mod tests {
         );
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert!(c.http_handlers.is_empty());
+        assert_eq!(c.builtin_handlers, Builtin::ALL);
         assert!(c.cluster.is_none(), "a single node by default");
     }
 }

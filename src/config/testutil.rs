@@ -9,8 +9,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use super::{load, Config, ConfigError, LoadOptions};
 
 /// Serializes every test that reads or writes the process environment, and restores
-/// it afterwards. On creation it removes every `OPMESH_*` variable, so a developer's
-/// shell cannot change what the tests see.
+/// it afterwards. On creation it removes every `OPMESH_*` variable (and the pod's
+/// `POD_NAME` and `POD_NAMESPACE`), so a developer's shell cannot change what the tests
+/// see.
 pub(super) struct EnvGuard {
     saved: Vec<(OsString, Option<OsString>)>,
     _lock: MutexGuard<'static, ()>,
@@ -26,7 +27,11 @@ impl EnvGuard {
             _lock: lock,
         };
         for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("OPMESH_") {
+            let name_str = name.to_string_lossy();
+            if name_str.starts_with("OPMESH_")
+                || name_str == "POD_NAME"
+                || name_str == "POD_NAMESPACE"
+            {
                 guard.save(&name);
                 std::env::remove_var(&name);
             }

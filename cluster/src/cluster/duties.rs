@@ -9,7 +9,8 @@
 //!   loads), swap the routing table in, keep links to every registered node, route again
 //!   what waits on a node no longer up, and expire what waited too long.
 //! - [`Duty::BootstrapOrJoin`]: once, at start: bootstrap a cluster of one or join the
-//!   seeds (retrying until it has).
+//!   seeds (retrying until it has); a node that may bootstrap when no seed has a cluster
+//!   asks them first ([`formation::decide`]).
 //! - counting leader changes, for [`Cluster::leader_changes`](super::Cluster).
 //!
 //! [`supervise`] runs each: a duty that panics, or that returns while the cluster is not
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Inner;
 use crate::codec::Message;
+use crate::formation::{self, Formation, SeedBootstrap};
 use crate::membership;
 use crate::store::routing_table;
 use crate::types::{ClusterState, Command, Member, NodeStatus, RaftId};
@@ -207,21 +209,27 @@ async fn count_changes(
 
 impl Inner {
     async fn bootstrap_or_join(self: Arc<Self>) {
-        let raft = self.raft();
-        let initialized = raft.is_initialized().await.unwrap_or(false);
+        let initialized = self.raft().is_initialized().await.unwrap_or(false);
         if !initialized && self.cfg.join.is_empty() {
-            let mut members = BTreeMap::new();
-            members.insert(self.me.raft_id, Self::member(&self.me));
-            match raft.initialize(members).await {
-                Ok(()) => tracing::info!(node = %self.me.name, "bootstrapped a new cluster"),
-                Err(e) => tracing::warn!("bootstrap refused: {e}"),
-            }
-            // The leader duties register this node once it leads.
+            self.bootstrap().await;
             return;
         }
         if self.cfg.join.is_empty() {
             tracing::info!(node = %self.me.name, "rejoining with the state in the data dir");
             return;
+        }
+        if let (false, SeedBootstrap::WhenNoSeedHasACluster { wait }) =
+            (initialized, self.cfg.bootstrap)
+        {
+            match self.ask_seeds(wait).await {
+                Some(Formation::Join) => {}
+                Some(Formation::Bootstrap) => {
+                    self.bootstrap().await;
+                    return;
+                }
+                // Stopped while asking.
+                _ => return,
+            }
         }
         let mut backoff =
             Backoff::doubling(JOIN_RETRY_MIN, JOIN_RETRY_MAX, Jitter::Down(0.0)).series();
@@ -241,6 +249,47 @@ impl Inner {
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_wait(0.0)) => {}
                 _ = self.stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Starts a cluster of this node alone; the leader duties register it once it leads.
+    async fn bootstrap(&self) {
+        let mut members = BTreeMap::new();
+        members.insert(self.me.raft_id, Self::member(&self.me));
+        match self.raft().initialize(members).await {
+            Ok(()) => tracing::info!(node = %self.me.name, "bootstrapped a new cluster"),
+            Err(e) => tracing::warn!("bootstrap refused: {e}"),
+        }
+    }
+
+    /// Asks every seed, round after round with a backoff, whether it belongs to a
+    /// cluster, until [`formation::decide`] says to join or to bootstrap; `None` when the
+    /// cluster stops first.
+    async fn ask_seeds(&self, wait: Duration) -> Option<Formation> {
+        let started = Instant::now();
+        let mut backoff =
+            Backoff::doubling(JOIN_RETRY_MIN, JOIN_RETRY_MAX, Jitter::Down(0.0)).series();
+        loop {
+            let answers =
+                futures::future::join_all(self.cfg.join.iter().map(|s| self.probe(s))).await;
+            let decision = formation::decide(&answers, started.elapsed(), wait);
+            match decision {
+                Formation::Join => {
+                    tracing::info!(node = %self.me.name, "a seed belongs to a cluster: joining it");
+                    return Some(decision);
+                }
+                Formation::Bootstrap => {
+                    tracing::info!(node = %self.me.name, ?answers, "no seed belongs to a cluster: bootstrapping one");
+                    return Some(decision);
+                }
+                Formation::AskAgain => {
+                    tracing::info!(node = %self.me.name, ?answers, "asking the seeds again before bootstrapping")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_wait(0.0)) => {}
+                _ = self.stop.cancelled() => return None,
             }
         }
     }

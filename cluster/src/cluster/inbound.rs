@@ -1,7 +1,7 @@
 //! What a node does with each message that arrives on a link ([`Inbound`]): operations
 //! forwarded here are run and their outcomes sent back, replies complete what this node
-//! forwarded, Raft RPCs and remote writes (join, leave, a write for the leader) are
-//! answered, and pings are answered with this node's load while pongs are noted for the
+//! forwarded, Raft RPCs, remote writes (join, leave, a write for the leader) and probes
+//! (does this node belong to a cluster?) are answered, and pings are answered with this node's load while pongs are noted for the
 //! failure detector.
 //!
 //! It runs on the transport's reader tasks, so nothing here waits: work that waits (an
@@ -195,6 +195,11 @@ impl Inner {
                 None => RpcReply::Left(self.remove(&name).await),
                 Some(Ok(reply)) => reply,
                 Some(Err(e)) => RpcReply::Left(Err(e)),
+            },
+            // A Raft that cannot say (it stopped) answers "member": the asker then joins,
+            // never bootstraps a second cluster beside this one.
+            Rpc::Probe => RpcReply::Probed {
+                member: raft.is_initialized().await.unwrap_or(true),
             },
         }
     }

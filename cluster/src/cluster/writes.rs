@@ -5,7 +5,7 @@
 //! one is known) instead of hanging. On the leader, [`Inner::admit`] adds a joining node
 //! (as a learner that must catch up, then to the registry) and [`Inner::remove`] takes a
 //! leaving one out; [`Inner::leave`] is a node's own hand-off; [`Inner::join_via`] asks a
-//! seed to admit this node.
+//! seed to admit this node and [`Inner::probe`] whether a seed belongs to a cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -20,11 +20,14 @@ use opmesh_actors::{NodeId, RouteError};
 
 use super::{Inner, JoinFailure, LeaveError, LINK_BACK_WAIT};
 use crate::codec::{Rpc, RpcReply, WriteRefused};
+use crate::formation::SeedAnswer;
 use crate::membership;
 use crate::types::{raft_id, Command, CommandResult, Member, NodeRecord, NodeStatus, RaftId};
 
 /// How long joining waits for the link to a seed before asking it anyway.
 const SEED_LINK_WAIT: Duration = Duration::from_secs(2);
+/// How long a probe waits for the link to a seed, then for its answer.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
 
 fn refused(message: impl Into<String>, leader: Option<Member>) -> WriteRefused {
     WriteRefused {
@@ -158,6 +161,29 @@ impl Inner {
             }),
             Ok(other) => Err(JoinFailure::Unexpected(format!("{other:?}"))),
             Err(e) => Err(JoinFailure::Unreachable(e)),
+        }
+    }
+
+    /// Asks the node at `seed` whether it belongs to a cluster, within about twice
+    /// [`PROBE_WAIT`].
+    pub(super) async fn probe(&self, seed: &str) -> SeedAnswer {
+        let peer = format!("probe@{seed}");
+        let t = self.transport();
+        t.add_peer(&peer, seed);
+        t.wait_connected(&peer, PROBE_WAIT).await;
+        let r = self.calls.call(t, &peer, Rpc::Probe, PROBE_WAIT).await;
+        t.remove_peer(&peer);
+        match r {
+            Ok(RpcReply::Probed { member: true }) => SeedAnswer::InCluster,
+            Ok(RpcReply::Probed { member: false }) => SeedAnswer::NoCluster,
+            Ok(other) => {
+                tracing::warn!(%seed, "unexpected answer to a probe: {other:?}");
+                SeedAnswer::Unreachable
+            }
+            Err(e) => {
+                tracing::debug!(%seed, "probe failed: {e}");
+                SeedAnswer::Unreachable
+            }
         }
     }
 

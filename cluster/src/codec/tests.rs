@@ -173,6 +173,7 @@ fn every_message() -> Vec<Message> {
         Rpc::InstallSnapshot(install_snapshot()),
         Rpc::Join(record("d")),
         Rpc::Leave { name: "b".into() },
+        Rpc::Probe,
     ]
     .into_iter()
     .chain(every_command().into_iter().map(Rpc::ClientWrite));
@@ -206,6 +207,8 @@ fn every_message() -> Vec<Message> {
         })),
         RpcReply::Left(Ok(())),
         RpcReply::Left(Err(refused)),
+        RpcReply::Probed { member: true },
+        RpcReply::Probed { member: false },
         RpcReply::Error("unknown request".into()),
     ];
     msgs.extend(

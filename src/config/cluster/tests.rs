@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::config::testutil::{load_err, load_ok, user_file, with_file, EnvGuard};
-use crate::config::LoadOptions;
+use crate::config::{load, LoadOptions};
 
 const SECRET: &str = "correct-horse-battery-staple";
 
@@ -362,4 +362,170 @@ fn secret_never_shows_in_debug_output_or_error_messages() {
             );
         }
     }
+}
+
+/// A pod of the StatefulSet `opmesh`, as Kubernetes starts it: the downward API's
+/// POD_NAME and POD_NAMESPACE, and the flag.
+fn pod(env: &mut EnvGuard, name: &str) -> LoadOptions {
+    env.set("POD_NAME", name);
+    env.set("POD_NAMESPACE", "shop");
+    LoadOptions {
+        cluster_addr: Some("0.0.0.0:7071".into()),
+        http_addr: Some("0.0.0.0:7070".into()),
+        bootstrap_from_ordinal: true,
+        ..cluster_flags()
+    }
+}
+
+#[test]
+fn an_ordinal_pod_derives_its_id_addresses_and_seeds() {
+    let mut env = EnvGuard::new();
+    let c = load_ok(&pod(&mut env, "opmesh-1"));
+    assert_eq!(c.node_id, "opmesh-1");
+    let c = c.cluster.unwrap();
+    assert_eq!(c.node, "opmesh-1");
+    assert_eq!(
+        c.advertise,
+        "opmesh-1.opmesh-peers.shop.svc.cluster.local:7071"
+    );
+    assert_eq!(
+        c.http_addr,
+        "opmesh-1.opmesh-peers.shop.svc.cluster.local:7070"
+    );
+    assert_eq!(
+        c.join,
+        [
+            "opmesh-0.opmesh-peers.shop.svc.cluster.local:7071",
+            "opmesh-2.opmesh-peers.shop.svc.cluster.local:7071",
+        ]
+    );
+    assert_eq!(c.bootstrap, SeedBootstrap::Never);
+
+    let c = cluster_of(&pod(&mut env, "opmesh-0"));
+    assert_eq!(
+        c.bootstrap,
+        SeedBootstrap::WhenNoSeedHasACluster {
+            wait: Duration::from_secs(30)
+        }
+    );
+    assert_eq!(c.join.len(), 2);
+
+    // The keys, from the environment as a manifest would set them.
+    env.set("OPMESH_CLUSTER__SERVICE", "peers");
+    env.set("OPMESH_CLUSTER__SEED_ORDINALS", "5");
+    env.set("OPMESH_CLUSTER__DOMAIN", "example.org");
+    env.set("OPMESH_CLUSTER__BOOTSTRAP_WAIT_MS", "0");
+    let c = cluster_of(&pod(&mut env, "opmesh-0"));
+    assert_eq!(c.join.len(), 4);
+    assert_eq!(c.join[0], "opmesh-1.peers.shop.svc.example.org:7071");
+    assert_eq!(
+        c.bootstrap,
+        SeedBootstrap::WhenNoSeedHasACluster {
+            wait: Duration::ZERO
+        }
+    );
+
+    // Without the flag, the key alone.
+    drop(env);
+    let mut env = EnvGuard::new();
+    let mut opts = pod(&mut env, "opmesh-2");
+    opts.bootstrap_from_ordinal = false;
+    env.set("OPMESH_CLUSTER__BOOTSTRAP", "ordinal");
+    assert_eq!(cluster_of(&opts).node, "opmesh-2");
+    // And with neither, POD_NAME changes nothing.
+    drop(env);
+    let mut env = EnvGuard::new();
+    let mut opts = pod(&mut env, "opmesh-2");
+    opts.bootstrap_from_ordinal = false;
+    opts.cluster_addr = Some("127.0.0.1:7071".into());
+    assert_eq!(load_ok(&opts).node_id, "node-1");
+}
+
+#[test]
+fn a_bad_ordinal_setting_is_named() {
+    let mut env = EnvGuard::new();
+    let opts = pod(&mut env, "opmesh-x");
+    let msg = load_err(&opts).to_string();
+    assert!(
+        msg.starts_with(
+            "invalid value for `cluster.pod`: \"opmesh-x\" (allowed: a StatefulSet pod name"
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("environment variable `POD_NAME`"), "{msg}");
+
+    std::env::remove_var("POD_NAME");
+    let msg = load_err(&opts).to_string();
+    assert!(msg.contains("`cluster.pod`"), "{msg}");
+    assert!(msg.contains("POD_NAME"), "{msg}");
+
+    let opts = pod(&mut env, "opmesh-0");
+    std::env::remove_var("POD_NAMESPACE");
+    let msg = load_err(&opts).to_string();
+    assert!(msg.contains("`cluster.namespace`"), "{msg}");
+    assert!(msg.contains("POD_NAMESPACE"), "{msg}");
+
+    let cases: [(&str, &str, &str); 6] = [
+        (
+            "OPMESH_CLUSTER__SERVICE",
+            "Peers",
+            "`cluster.service`: \"Peers\" (allowed: a DNS label",
+        ),
+        (
+            "OPMESH_CLUSTER__SEED_ORDINALS",
+            "0",
+            "`cluster.seed_ordinals`: 0 (allowed: 1..=64)",
+        ),
+        (
+            "OPMESH_CLUSTER__BOOTSTRAP",
+            "dns",
+            "`cluster.bootstrap`: \"dns\" (allowed: \"seeds\"",
+        ),
+        (
+            "OPMESH_JOIN",
+            "a:1",
+            "`cluster.join`: \"a:1\" (allowed: empty when cluster.bootstrap = \"ordinal\"",
+        ),
+        (
+            "OPMESH_NODE_ID",
+            "n1",
+            "`node.id`: \"n1\" (allowed: unset, or the pod name (opmesh-0)",
+        ),
+        (
+            "OPMESH_CLUSTER__DOMAIN",
+            "a..b",
+            "`cluster.domain`: \"a..b\"",
+        ),
+    ];
+    drop(env);
+    for (var, value, expected) in cases {
+        let mut env = EnvGuard::new();
+        let mut opts = pod(&mut env, "opmesh-0");
+        // The flag would win over the variable.
+        opts.bootstrap_from_ordinal = var != "OPMESH_CLUSTER__BOOTSTRAP";
+        env.set(var, value);
+        let msg = match load(&opts) {
+            Ok(_) => panic!("{var}={value} should be rejected"),
+            Err(e) => e.to_string(),
+        };
+        assert!(msg.contains(expected), "{var}={value}: {msg}");
+    }
+
+    // The node id may repeat the pod name.
+    let mut env = EnvGuard::new();
+    let opts = pod(&mut env, "opmesh-0");
+    env.set("OPMESH_NODE_ID", "opmesh-0");
+    assert_eq!(load_ok(&opts).node_id, "opmesh-0");
+
+    // A cluster port is required, with a fixed port.
+    drop(env);
+    let mut env = EnvGuard::new();
+    let mut opts = pod(&mut env, "opmesh-0");
+    opts.cluster_addr = None;
+    let msg = load_err(&opts).to_string();
+    assert!(msg.contains("`cluster.addr`"), "{msg}");
+    assert!(msg.contains("--bootstrap-from-ordinal"), "{msg}");
+    opts.cluster_addr = Some("0.0.0.0:0".into());
+    let msg = load_err(&opts).to_string();
+    assert!(msg.contains("a fixed port"), "{msg}");
 }
