@@ -8,8 +8,11 @@
 //! answers: one seed in a cluster is enough to join it, which is how such a node restarted
 //! with an empty volume finds the others instead of starting a second cluster; it
 //! bootstraps only when every seed said it has none (a cold start: every pod is up and
-//! empty), or when none said it has one for the whole wait (some pods cannot be reached at
-//! all: not scheduled, or their names do not resolve yet).
+//! empty), or, once the wait is over, when none said it has one and enough said they have
+//! none that, with this node, they are a majority of the seed set (some pods cannot be
+//! reached: not scheduled yet, or their names do not resolve yet). Without that majority
+//! it never bootstraps: a node cut off from the others (a partition), or restarted empty
+//! while they run but cannot answer, keeps asking instead of starting a second cluster.
 //!
 //! The duty that runs this ([`crate::cluster`]) does the asking and the waiting; nothing
 //! here reads a clock or the network.
@@ -23,7 +26,8 @@ pub enum SeedBootstrap {
     #[default]
     Never,
     /// Ask the seeds first, and bootstrap a new cluster when none of them belongs to one:
-    /// each answered that it has none, or none answered that it has one within `wait`.
+    /// each answered that it has none, or, after `wait`, none answered that it has one
+    /// and a majority (this node included) answered that they have none.
     WhenNoSeedHasACluster { wait: Duration },
 }
 
@@ -52,9 +56,15 @@ pub enum Formation {
 /// The decision after the latest round of answers (one per seed), `asked_for` after the
 /// first round was sent, for a node that may bootstrap after `wait`.
 pub fn decide(answers: &[SeedAnswer], asked_for: Duration, wait: Duration) -> Formation {
+    let empty = answers
+        .iter()
+        .filter(|a| **a == SeedAnswer::NoCluster)
+        .count();
+    // This node and the seeds that answered "no cluster", out of itself and every seed.
+    let majority = 2 * (empty + 1) > answers.len() + 1;
     if answers.contains(&SeedAnswer::InCluster) {
         Formation::Join
-    } else if answers.iter().all(|a| *a == SeedAnswer::NoCluster) || asked_for >= wait {
+    } else if empty == answers.len() || (asked_for >= wait && majority) {
         Formation::Bootstrap
     } else {
         Formation::AskAgain
@@ -94,7 +104,11 @@ mod tests {
 
     #[test]
     fn an_unreachable_seed_is_waited_for_until_the_wait_is_over() {
-        for answers in [vec![Unreachable], vec![NoCluster, Unreachable]] {
+        // Two of three (this node and one empty seed), three of five: a majority.
+        for answers in [
+            vec![NoCluster, Unreachable],
+            vec![NoCluster, NoCluster, Unreachable, Unreachable],
+        ] {
             assert_eq!(decide(&answers, SOON, WAIT), Formation::AskAgain);
             assert_eq!(
                 decide(&answers, WAIT - SOON, WAIT),
@@ -102,6 +116,25 @@ mod tests {
                 "{answers:?}"
             );
             assert_eq!(decide(&answers, WAIT, WAIT), Formation::Bootstrap);
+        }
+    }
+
+    #[test]
+    fn without_a_majority_that_answered_it_never_bootstraps() {
+        // Cut off from every seed (a partition, or restarted empty while the others
+        // cannot answer), or hearing from too few: ask again, however long it takes.
+        for answers in [
+            vec![Unreachable],
+            vec![Unreachable, Unreachable],
+            vec![NoCluster, Unreachable, Unreachable, Unreachable],
+        ] {
+            for asked_for in [WAIT, WAIT * 100] {
+                assert_eq!(
+                    decide(&answers, asked_for, WAIT),
+                    Formation::AskAgain,
+                    "{answers:?}"
+                );
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! A node with no state that may bootstrap when no seed has a cluster (a StatefulSet's
 //! ordinal 0): it joins the cluster a seed belongs to, bootstraps when every seed is up
-//! and empty, and bootstraps after its wait when no seed can be reached. Nodes are tasks
-//! of one process on loopback.
+//! and empty or, after its wait, when a majority is (one seed cannot be reached), and
+//! never when no seed answers. Nodes are tasks of one process on loopback.
 
 use std::time::{Duration, Instant};
 
@@ -100,17 +100,49 @@ async fn every_seed_up_and_empty_means_the_first_bootstraps_and_the_others_join(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_no_seed_reachable_it_bootstraps_after_its_wait() {
+async fn with_a_seed_unreachable_it_bootstraps_after_its_wait_when_a_majority_is_empty() {
+    // Three seeds' worth: z, an empty node that only joins, and one that never answers
+    // (a pod not scheduled yet). z and the empty one are two of three.
     let nobody = format!("127.0.0.1:{}", free_port());
+    let ports = [free_port(), free_port()];
+    let z_addr = format!("127.0.0.1:{}", ports[0]);
+    let y_addr = format!("127.0.0.1:{}", ports[1]);
     let wait = Duration::from_millis(500);
     let t0 = Instant::now();
     let bootstrap = SeedBootstrap::WhenNoSeedHasACluster { wait };
-    let (z, _zn) = start(config("z", 0, vec![nobody], bootstrap)).await;
-    one_cluster(&[&z], 1).await;
+    let (y, _yn) = start(config(
+        "y",
+        ports[1],
+        vec![z_addr, nobody.clone()],
+        SeedBootstrap::Never,
+    ))
+    .await;
+    let (z, _zn) = start(config("z", ports[0], vec![y_addr, nobody], bootstrap)).await;
+    one_cluster(&[&z, &y], 2).await;
     assert!(
         t0.elapsed() >= wait,
         "bootstrapped before its wait: {:?}",
         t0.elapsed()
     );
+    for c in [z, y] {
+        c.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_from_every_seed_it_never_bootstraps() {
+    // Restarted empty while the others run but cannot be reached (a partition): starting
+    // a cluster of its own would split the set in two. It keeps asking instead.
+    let nobody = [free_port(), free_port()].map(|p| format!("127.0.0.1:{p}"));
+    let wait = Duration::from_millis(100);
+    let bootstrap = SeedBootstrap::WhenNoSeedHasACluster { wait };
+    let (z, _zn) = start(config("z", 0, nobody.to_vec(), bootstrap)).await;
+    // Ten times its wait, checked all along: never a leader, never a member.
+    let until = Instant::now() + wait * 10;
+    while Instant::now() < until {
+        let s = z.status();
+        assert!(s.leader.is_none(), "bootstrapped alone: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     z.shutdown().await;
 }
