@@ -10,14 +10,8 @@ use opmesh_actors::{
     RetryPolicy, SubmitError,
 };
 
-/// Waits until `cond` holds, failing the test after `deadline`.
-async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !cond() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+mod common;
+use common::wait_for;
 
 fn json(v: serde_json::Value) -> Json {
     Json::encode(&v).unwrap()

@@ -5,12 +5,15 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opmesh_actors::{
     BatchPolicy, ChildKind, EngineConfig, HandlerError, Json, Node, OpStatus, Operation,
     SubmitError,
 };
+
+mod common;
+use common::wait_for;
 use parking_lot::Mutex;
 
 fn sharded(shards: usize) -> EngineConfig {
@@ -22,14 +25,6 @@ fn sharded(shards: usize) -> EngineConfig {
 
 async fn echo(op: Operation) -> Result<Json, HandlerError> {
     Ok(op.payload)
-}
-
-async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !cond() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
