@@ -704,3 +704,46 @@ impl Exporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opmesh_actors::OpStatus;
+
+    #[test]
+    fn every_recorded_span_is_exported_dropped_or_pending() {
+        // Nothing listens on port 1: every export fails. A queue of 4 operations fills
+        // at once, so spans are dropped both at the door and after a failed export.
+        let settings = TelemetrySettings {
+            traces: Some(TraceSettings {
+                endpoint: "http://127.0.0.1:1".into(),
+                protocol: Protocol::Grpc,
+                service_name: "opmesh-test".into(),
+                sampling_ratio: 1.0,
+                queue_ops: 4,
+                batch_spans: 8,
+                export_interval: Duration::from_millis(10),
+                export_timeout: Duration::from_secs(2),
+            }),
+            jaeger_ui_url: None,
+        };
+        let t = Telemetry::start(&settings, "node-a").unwrap();
+        let sink = t.tracing().sink;
+        for _ in 0..100 {
+            sink.record(crate::otlp::tests::record(OpStatus::Succeeded, Vec::new()));
+        }
+        assert_eq!(t.stats().spans_recorded, 400);
+        let s = t.shutdown(Duration::from_secs(10));
+        // Flushed: nothing is left pending, and nothing reached a receiver.
+        assert_eq!(
+            (
+                s.spans_recorded,
+                s.spans_exported,
+                s.spans_dropped,
+                s.spans_pending
+            ),
+            (400, 0, 400, 0),
+            "{s:?}"
+        );
+    }
+}
