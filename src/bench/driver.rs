@@ -8,11 +8,13 @@
 //! Open loop (`--rate`): request `k` of a driver is due at `k / rate` after the phase
 //! started ([`Pace`]): the arrival schedule is computed from the clock, never from how
 //! often the driver woke, so a driver that stalled issues everything that fell due
-//! meanwhile as soon as it runs again. Each time the driver wakes (a completion, or its
-//! 1 ms timer tick, tokio's timer resolution) it issues every request due by now, as long
-//! as a slot is free. Latency is measured from each request's **intended** start (its
-//! slot in the schedule), not from when it was sent: a stalled generator, the 1 ms tick
-//! or a full in-flight cap cannot hide the wait they cause (the coordinated-omission
+//! meanwhile as soon as it runs again. Each time the driver wakes (a completion, or the
+//! [`Pacer`]'s tick every [`PACE_TICK`]: tokio's own timer only has 1 ms, which would
+//! charge up to a millisecond of the generator's lag to every operation) it issues every
+//! request due by now, as long as a slot is free. Latency is measured from each request's
+//! **intended** start (its slot in the schedule), not from when it was sent: a stalled
+//! generator, the pacer's tick or a full in-flight cap cannot hide the wait they cause
+//! (the coordinated-omission
 //! error; wrk2 and HdrHistogram's corrected recording measure the same way). The time
 //! from send to answer (service time) is recorded beside it in a second histogram.
 //! Requests that were due while every slot was busy are counted in `delayed`.
@@ -28,9 +30,9 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::task::AtomicWaker;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::time::{Interval, MissedTickBehavior};
 
 use super::inflight::InFlight;
 
@@ -115,6 +117,80 @@ impl Pace {
     /// When request `k` is due, from the start.
     pub(crate) fn intended(&self, k: u64) -> Duration {
         Duration::from_secs_f64(k as f64 / self.per_sec)
+    }
+}
+
+/// How often the [`Pacer`] wakes the open-loop drivers. The kernel's timer slack (50 µs
+/// by default) comes on top.
+pub(crate) const PACE_TICK: Duration = Duration::from_micros(50);
+
+/// The open-loop drivers' clock: a thread that wakes every driver each [`PACE_TICK`], so
+/// that a driver with nothing finishing still issues its requests within about that of
+/// their due time. A thread, not a tokio timer: tokio's timer wheel ticks in whole
+/// milliseconds. Stops when dropped.
+pub(crate) struct Pacer {
+    shared: Arc<PacerShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct PacerShared {
+    stop: AtomicBool,
+    drivers: Box<[AtomicWaker]>,
+}
+
+/// One driver's registration with the [`Pacer`].
+pub(crate) struct PaceSlot {
+    shared: Arc<PacerShared>,
+    index: usize,
+}
+
+impl PaceSlot {
+    fn register(&self, cx: &Context<'_>) {
+        self.shared.drivers[self.index].register(cx.waker());
+    }
+}
+
+impl Pacer {
+    /// Starts the pacer's thread for `drivers` drivers.
+    pub(crate) fn start(drivers: usize) -> std::io::Result<Pacer> {
+        let shared = Arc::new(PacerShared {
+            stop: AtomicBool::new(false),
+            drivers: (0..drivers).map(|_| AtomicWaker::new()).collect(),
+        });
+        let thread = std::thread::Builder::new()
+            .name("bench-pacer".into())
+            .spawn({
+                let shared = shared.clone();
+                move || {
+                    while !shared.stop.load(Ordering::Acquire) {
+                        std::thread::sleep(PACE_TICK);
+                        for w in shared.drivers.iter() {
+                            w.wake();
+                        }
+                    }
+                }
+            })?;
+        Ok(Pacer {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Driver `index`'s registration.
+    pub(crate) fn slot(&self, index: usize) -> PaceSlot {
+        PaceSlot {
+            shared: self.shared.clone(),
+            index,
+        }
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -269,7 +345,7 @@ pub(crate) struct DriverOut {
 struct Schedule {
     pace: Pace,
     start: Instant,
-    tick: Interval,
+    tick: PaceSlot,
     /// Requests issued so far.
     issued: u64,
     /// Requests already counted as delayed are those before this index.
@@ -284,12 +360,14 @@ struct Sent {
 }
 
 /// One driver task: keeps up to `slots` requests of `load` in flight until the phase's
-/// operations are all claimed and finished.
+/// operations are all claimed and finished. An open loop needs `pace`, its registration
+/// with the phase's [`Pacer`].
 pub(crate) async fn drive<L: Load>(
     load: Arc<L>,
     shared: Arc<PhaseShared>,
     slots: usize,
     arrivals: Arrivals,
+    pace: Option<PaceSlot>,
 ) -> DriverOut {
     let mut inflight: InFlight<L::Fut> = InFlight::new(slots);
     let now = Instant::now();
@@ -306,19 +384,16 @@ pub(crate) async fn drive<L: Load>(
     };
     let mut left = 0u64;
     let mut exhausted = false;
-    let mut schedule = match arrivals {
-        Arrivals::Closed => None,
-        Arrivals::Open { per_sec } => {
-            let mut tick = tokio::time::interval(Duration::from_millis(1));
-            tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-            Some(Schedule {
-                pace: Pace::new(per_sec),
-                start: Instant::now(),
-                tick,
-                issued: 0,
-                delayed_upto: 0,
-            })
-        }
+    let mut schedule = match (arrivals, pace) {
+        (Arrivals::Closed, _) => None,
+        (Arrivals::Open { per_sec }, Some(tick)) => Some(Schedule {
+            pace: Pace::new(per_sec),
+            start: Instant::now(),
+            tick,
+            issued: 0,
+            delayed_upto: 0,
+        }),
+        (Arrivals::Open { .. }, None) => unreachable!("an open-loop driver runs with a pacer"),
     };
 
     std::future::poll_fn(|cx: &mut Context<'_>| {
@@ -328,7 +403,7 @@ pub(crate) async fn drive<L: Load>(
             None => u64::MAX,
             Some(s) => {
                 if !exhausted {
-                    while s.tick.poll_tick(cx).is_ready() {}
+                    s.tick.register(cx);
                 }
                 s.pace.due_by(s.start.elapsed()).saturating_sub(s.issued)
             }

@@ -8,8 +8,9 @@
 //! as the previous one in its slot finished, and latency is measured from its send. With
 //! `--rate`, open loop: requests fall due on a fixed arrival schedule, still never more
 //! than `--concurrency` at once, and latency is measured from each operation's intended
-//! start (its slot in the schedule), so that neither a stalled generator, nor tokio's
-//! 1 ms timer, nor the in-flight cap hides the wait it causes (no coordinated omission);
+//! start (its slot in the schedule), so that neither a stalled generator, nor its timer
+//! (a pacer thread that wakes the drivers every 50 µs), nor the in-flight cap hides the
+//! wait it causes (no coordinated omission);
 //! the time from send to answer is reported beside it (`service_*`), and requests held
 //! back by the cap are counted in `delayed_ops`.
 //!
@@ -54,7 +55,7 @@ use opmesh_actors::{Json, Node, OpType};
 use opmesh_cluster::{Cluster, ClusterConfig};
 
 use self::driver::{
-    drive, new_histogram, Arrivals, ErrorSamples, Load, PhaseShared, EARLY_FAILURES,
+    drive, new_histogram, Arrivals, ErrorSamples, Load, Pacer, PhaseShared, EARLY_FAILURES,
 };
 use self::report::{group, report};
 use self::targets::{http_client, Http, InProcess, Route};
@@ -371,11 +372,18 @@ async fn phase<L: Load>(
     });
     let drivers = plan.drivers();
     let arrivals = plan.arrivals();
+    let pacer = match arrivals {
+        Arrivals::Closed => None,
+        Arrivals::Open { .. } => {
+            Some(Pacer::start(drivers).context("starting the open-loop pacer thread")?)
+        }
+    };
     let start = Instant::now();
     let tasks: Vec<_> = (0..drivers)
         .map(|i| {
             let slots = plan.concurrency / drivers + usize::from(i < plan.concurrency % drivers);
-            tokio::spawn(drive(load.clone(), shared.clone(), slots, arrivals))
+            let pace = pacer.as_ref().map(|p| p.slot(i));
+            tokio::spawn(drive(load.clone(), shared.clone(), slots, arrivals, pace))
         })
         .collect();
     let mut result = PhaseResult {
@@ -392,6 +400,7 @@ async fn phase<L: Load>(
     };
     let outs = futures::future::join_all(tasks).await;
     result.seconds = start.elapsed().as_secs_f64();
+    drop(pacer);
     if let Some(t) = ticker {
         t.abort();
     }
