@@ -506,7 +506,7 @@ async fn http_batches_and_baseline() {
 async fn http_failures_are_counted_apart_and_checked_against_the_ratio() {
     let server = FakeServer::start().await;
     let url = server.url();
-    let args = parse(&[
+    let argv = [
         "--target",
         &url,
         "--type",
@@ -517,8 +517,8 @@ async fn http_failures_are_counted_apart_and_checked_against_the_ratio() {
         "1",
         "--warmup",
         "0",
-    ]);
-    let r = run_report(&args).await.unwrap();
+    ];
+    let r = run_report(&parse(&argv)).await.unwrap();
     // Only the 200 that succeeded count as operations; the 100 failures are errors.
     assert_eq!((r.ops, r.errors, r.requests), (200, 100, 300));
     assert_eq!(
@@ -545,18 +545,7 @@ async fn http_failures_are_counted_apart_and_checked_against_the_ratio() {
     );
     // A third failed: allowed at 0.34, not at 0.33.
     for (ratio, passes) in [("0.34", true), ("0.33", false)] {
-        let mut argv = vec![
-            "--target",
-            &url,
-            "--type",
-            "flaky",
-            "--ops",
-            "300",
-            "--concurrency",
-            "1",
-            "--warmup",
-            "0",
-        ];
+        let mut argv = argv.to_vec();
         argv.extend(["--max-error-ratio", ratio]);
         let r = run_report(&parse(&argv)).await.unwrap();
         assert_eq!(r.check().is_ok(), passes, "{ratio}: {r:?}");
