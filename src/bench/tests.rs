@@ -620,6 +620,24 @@ fn error_samples_keep_the_first_distinct_reasons() {
     assert_eq!(a.others, 5 + 6);
 }
 
+/// The report of one measured phase (no warm-up) of `load`, run as the flags `argv` say.
+async fn measure_load<L: Load>(load: L, argv: &[&str]) -> BenchReport {
+    let mut all = vec!["--in-process", "--warmup", "0"];
+    all.extend_from_slice(argv);
+    let plan = parse(&all).plan().unwrap();
+    let result = phase(
+        &Arc::new(load),
+        &plan,
+        plan.ops,
+        "run",
+        "a test load",
+        false,
+    )
+    .await
+    .unwrap();
+    report(&plan, "in-process", None, &result)
+}
+
 /// Answers every request at once, but blocks its driver's thread for 50 ms the first
 /// time it issues one: a generator that stalled.
 #[derive(Default)]
@@ -643,24 +661,8 @@ async fn a_stalled_generator_is_charged_its_own_delay() {
     // One driver (one slot), 1000/s: request k is due k ms after the start. The first
     // issue stalls 50 ms, so requests 1..49 go out at least 50 ms after the start, each
     // at least (50 - k) ms after it was due.
-    let plan = parse(&[
-        "--in-process",
-        "--rate",
-        "1000",
-        "--ops",
-        "60",
-        "--concurrency",
-        "1",
-        "--warmup",
-        "0",
-    ])
-    .plan()
-    .unwrap();
-    let load = Arc::new(Stalling::default());
-    let result = phase(&load, &plan, 60, "run", "a stalling load", false)
-        .await
-        .unwrap();
-    let r = report(&plan, "in-process", None, &result);
+    let argv = ["--rate", "1000", "--ops", "60", "--concurrency", "1"];
+    let r = measure_load(Stalling::default(), &argv).await;
     assert_eq!((r.ops, r.errors), (60, 0));
     assert_eq!(r.latency_from, "intended_start");
     // Request 1 waited at least 49 ms; of 60, the 31 largest waits are all >= 19 ms.
@@ -700,22 +702,11 @@ impl Load for SlowSuccesses {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_count_as_errors_not_as_operations_or_latency() {
-    let plan = parse(&[
-        "--in-process",
-        "--ops",
-        "90",
-        "--concurrency",
-        "3",
-        "--warmup",
-        "0",
-    ])
-    .plan()
-    .unwrap();
-    let load = Arc::new(SlowSuccesses::default());
-    let result = phase(&load, &plan, 90, "run", "a failing load", false)
-        .await
-        .unwrap();
-    let r = report(&plan, "in-process", None, &result);
+    let r = measure_load(
+        SlowSuccesses::default(),
+        &["--ops", "90", "--concurrency", "3"],
+    )
+    .await;
     assert_eq!((r.ops, r.errors, r.requests), (30, 60, 90));
     assert_eq!(r.latency_from, "sent");
     // Only the slow successes are in the histogram: 60 instant failures would have
