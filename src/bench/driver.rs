@@ -16,7 +16,10 @@
 //! generator, the pacer's tick or a full in-flight cap cannot hide the wait they cause
 //! (the coordinated-omission
 //! error; wrk2 and HdrHistogram's corrected recording measure the same way). The time
-//! from send to answer (service time) is recorded beside it in a second histogram.
+//! from send to answer (service time) is recorded beside it in a second histogram, and
+//! how late each request was sent (its send lag: the generator's own delay, or a wait for
+//! a free slot) in a third, so that a missed latency target can be told apart between
+//! the generator and what it drives.
 //! Requests that were due while every slot was busy are counted in `delayed`.
 //!
 //! Only succeeded operations are recorded in the histograms and counted in `ops`; failed
@@ -330,6 +333,8 @@ pub(crate) struct DriverOut {
     pub hist: Histogram<u64>,
     /// Open loop: latency of succeeded operations from the send (service time).
     pub service: Option<Histogram<u64>>,
+    /// Open loop: how late succeeded operations were sent, after their intended start.
+    pub lag: Option<Histogram<u64>>,
     /// Succeeded operations.
     pub ops: u64,
     /// Failed operations.
@@ -375,6 +380,7 @@ pub(crate) async fn drive<L: Load>(
     let mut out = DriverOut {
         hist: new_histogram(),
         service: matches!(arrivals, Arrivals::Open { .. }).then(new_histogram),
+        lag: matches!(arrivals, Arrivals::Open { .. }).then(new_histogram),
         ops: 0,
         errors: 0,
         error_samples: ErrorSamples::default(),
@@ -446,6 +452,10 @@ pub(crate) async fn drive<L: Load>(
                     out.hist.saturating_record_n(from_due.max(1), ok);
                     if let Some(service) = out.service.as_mut() {
                         service.saturating_record_n(from_sent.max(1), ok);
+                    }
+                    if let Some(lag) = out.lag.as_mut() {
+                        let late = sent[idx].at.saturating_duration_since(sent[idx].due);
+                        lag.saturating_record_n((late.as_micros() as u64).max(1), ok);
                     }
                     out.ops += ok;
                 }

@@ -11,7 +11,8 @@
 //! start (its slot in the schedule), so that neither a stalled generator, nor its timer
 //! (a pacer thread that wakes the drivers every 50 µs), nor the in-flight cap hides the
 //! wait it causes (no coordinated omission);
-//! the time from send to answer is reported beside it (`service_*`), and requests held
+//! the time from send to answer (`service_*`) and how late each was sent
+//! (`send_lag_*`) are reported beside it, and requests held
 //! back by the cap are counted in `delayed_ops`.
 //!
 //! Latencies are recorded in microseconds in per-driver HDR histograms (1 µs to 1 hour,
@@ -332,6 +333,8 @@ struct PhaseResult {
     hist: hdrhistogram::Histogram<u64>,
     /// Open loop: succeeded operations' latency from the send.
     service: Option<hdrhistogram::Histogram<u64>>,
+    /// Open loop: how late succeeded operations were sent.
+    lag: Option<hdrhistogram::Histogram<u64>>,
     /// Succeeded operations.
     ops: u64,
     errors: u64,
@@ -389,6 +392,7 @@ async fn phase<L: Load>(
     let mut result = PhaseResult {
         hist: new_histogram(),
         service: None,
+        lag: None,
         ops: 0,
         errors: 0,
         error_samples: ErrorSamples::default(),
@@ -413,12 +417,8 @@ async fn phase<L: Load>(
             .hist
             .add(&out.hist)
             .expect("histograms share their bounds");
-        if let Some(h) = out.service {
-            match result.service.as_mut() {
-                Some(all) => all.add(&h).expect("histograms share their bounds"),
-                None => result.service = Some(h),
-            }
-        }
+        merge(&mut result.service, out.service);
+        merge(&mut result.lag, out.lag);
         result.ops += out.ops;
         result.errors += out.errors;
         result.error_samples.merge(out.error_samples);
@@ -438,6 +438,18 @@ async fn phase<L: Load>(
         );
     }
     Ok(result)
+}
+
+/// Adds a driver's optional histogram to the phase's.
+fn merge(
+    all: &mut Option<hdrhistogram::Histogram<u64>>,
+    one: Option<hdrhistogram::Histogram<u64>>,
+) {
+    match (all.as_mut(), one) {
+        (Some(all), Some(h)) => all.add(&h).expect("histograms share their bounds"),
+        (None, h) => *all = h,
+        (Some(_), None) => {}
+    }
 }
 
 fn progress_bar(label: &'static str, len: u64) -> ProgressBar {

@@ -58,6 +58,17 @@ pub struct BenchReport {
     pub service_p999_us: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_max_us: Option<u64>,
+    /// Open loop: how late operations were sent after their intended start (the
+    /// generator's own delay, or a wait for a free slot under `--concurrency`). Roughly,
+    /// corrected latency = send lag + service time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_lag_p50_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_lag_p99_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_lag_p999_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_lag_max_us: Option<u64>,
     /// `errors` over all operations of the measured phase (succeeded and failed).
     pub error_ratio: f64,
     /// `--max-error-ratio`: a run with a higher `error_ratio` exits non-zero.
@@ -169,6 +180,8 @@ pub(super) fn report(
     let [p50, p95, p99, p999, max] = percentiles(&r.hist);
     let service = r.service.as_ref().map(percentiles);
     let service_at = |i: usize| service.map(|s| s[i]);
+    let lag = r.lag.as_ref().map(percentiles);
+    let lag_at = |i: usize| lag.map(|s| s[i]);
     let all = r.ops + r.errors;
     BenchReport {
         ops: r.ops,
@@ -194,6 +207,10 @@ pub(super) fn report(
         service_p99_us: service_at(2),
         service_p999_us: service_at(3),
         service_max_us: service_at(4),
+        send_lag_p50_us: lag_at(0),
+        send_lag_p99_us: lag_at(2),
+        send_lag_p999_us: lag_at(3),
+        send_lag_max_us: lag_at(4),
         error_ratio: if all > 0 {
             r.errors as f64 / all as f64
         } else {
@@ -301,6 +318,21 @@ pub fn render_text(report: &BenchReport) -> String {
         let _ = writeln!(
             out,
             "  service   p50 {} · p99 {} · p99.9 {} · max {} µs  (from the send, leaving out any wait before it)",
+            group(p50),
+            group(p99),
+            group(p999),
+            group(max)
+        );
+    }
+    if let (Some(p50), Some(p99), Some(p999), Some(max)) = (
+        report.send_lag_p50_us,
+        report.send_lag_p99_us,
+        report.send_lag_p999_us,
+        report.send_lag_max_us,
+    ) {
+        let _ = writeln!(
+            out,
+            "  send lag  p50 {} · p99 {} · p99.9 {} · max {} µs  (how late after the intended start)",
             group(p50),
             group(p99),
             group(p999),

@@ -19,13 +19,17 @@ pub(super) fn parse(argv: &[&str]) -> BenchArgs {
         .args
 }
 
-const EXTRAS: [&str; 29] = [
+const EXTRAS: [&str; 33] = [
     "latency_from",
     "service_p50_us",
     "service_p95_us",
     "service_p99_us",
     "service_p999_us",
     "service_max_us",
+    "send_lag_p50_us",
+    "send_lag_p99_us",
+    "send_lag_p999_us",
+    "send_lag_max_us",
     "error_ratio",
     "max_error_ratio",
     "error_samples",
@@ -673,6 +677,9 @@ async fn a_stalled_generator_is_charged_its_own_delay() {
         .service_p50_us
         .expect("an open loop reports the service time");
     assert!(service <= r.p50_us, "{r:?}");
+    // The stall shows as send lag: request 1 went out at least 49 ms late.
+    assert!(r.send_lag_max_us.unwrap() >= 49_000, "{r:?}");
+    assert!(r.send_lag_p50_us.unwrap() >= 19_000, "{r:?}");
     let v = serde_json::to_value(&r).unwrap();
     assert_report_shape(&v);
     assert!(v["service_p99_us"].is_number(), "{v}");
