@@ -69,6 +69,7 @@ fn in_process_bench_reports_one_json_line() {
         "service_p50_us",
         "service_p99_us",
         "service_max_us",
+        "send_lag_p99_us",
         "delayed_ops",
     ] {
         assert!(v[k].is_number(), "{k} missing in {v}");
