@@ -365,22 +365,21 @@ struct Sent {
 }
 
 /// One driver task: keeps up to `slots` requests of `load` in flight until the phase's
-/// operations are all claimed and finished. An open loop needs `pace`, its registration
-/// with the phase's [`Pacer`].
+/// operations are all claimed and finished. Closed loop when `open` is `None`; else open
+/// loop on this driver's schedule, woken by its registration with the phase's [`Pacer`].
 pub(crate) async fn drive<L: Load>(
     load: Arc<L>,
     shared: Arc<PhaseShared>,
     slots: usize,
-    arrivals: Arrivals,
-    pace: Option<PaceSlot>,
+    open: Option<(Pace, PaceSlot)>,
 ) -> DriverOut {
     let mut inflight: InFlight<L::Fut> = InFlight::new(slots);
     let now = Instant::now();
     let mut sent = vec![Sent { at: now, due: now }; slots];
     let mut out = DriverOut {
         hist: new_histogram(),
-        service: matches!(arrivals, Arrivals::Open { .. }).then(new_histogram),
-        lag: matches!(arrivals, Arrivals::Open { .. }).then(new_histogram),
+        service: open.is_some().then(new_histogram),
+        lag: open.is_some().then(new_histogram),
         ops: 0,
         errors: 0,
         error_samples: ErrorSamples::default(),
@@ -390,17 +389,13 @@ pub(crate) async fn drive<L: Load>(
     };
     let mut left = 0u64;
     let mut exhausted = false;
-    let mut schedule = match (arrivals, pace) {
-        (Arrivals::Closed, _) => None,
-        (Arrivals::Open { per_sec }, Some(tick)) => Some(Schedule {
-            pace: Pace::new(per_sec),
-            start: Instant::now(),
-            tick,
-            issued: 0,
-            delayed_upto: 0,
-        }),
-        (Arrivals::Open { .. }, None) => unreachable!("an open-loop driver runs with a pacer"),
-    };
+    let mut schedule = open.map(|(pace, tick)| Schedule {
+        pace,
+        start: Instant::now(),
+        tick,
+        issued: 0,
+        delayed_upto: 0,
+    });
 
     std::future::poll_fn(|cx: &mut Context<'_>| {
         // Requests this driver may issue now: all that the schedule says are due by now,

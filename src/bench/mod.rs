@@ -56,7 +56,7 @@ use opmesh_actors::{Json, Node, OpType};
 use opmesh_cluster::{Cluster, ClusterConfig};
 
 use self::driver::{
-    drive, new_histogram, Arrivals, ErrorSamples, Load, Pacer, PhaseShared, EARLY_FAILURES,
+    drive, new_histogram, Arrivals, ErrorSamples, Load, Pace, Pacer, PhaseShared, EARLY_FAILURES,
 };
 use self::report::{group, report};
 use self::targets::{http_client, Http, InProcess, Route};
@@ -385,8 +385,11 @@ async fn phase<L: Load>(
     let tasks: Vec<_> = (0..drivers)
         .map(|i| {
             let slots = plan.concurrency / drivers + usize::from(i < plan.concurrency % drivers);
-            let pace = pacer.as_ref().map(|p| p.slot(i));
-            tokio::spawn(drive(load.clone(), shared.clone(), slots, arrivals, pace))
+            let open = match (arrivals, &pacer) {
+                (Arrivals::Open { per_sec }, Some(p)) => Some((Pace::new(per_sec), p.slot(i))),
+                _ => None,
+            };
+            tokio::spawn(drive(load.clone(), shared.clone(), slots, open))
         })
         .collect();
     let mut result = PhaseResult {
