@@ -10,10 +10,9 @@
 //! than `--concurrency` at once, and latency is measured from each operation's intended
 //! start (its slot in the schedule), so that neither a stalled generator, nor its timer
 //! (a pacer thread that wakes the drivers every 50 µs), nor the in-flight cap hides the
-//! wait it causes (no coordinated omission);
-//! the time from send to answer (`service_*`) and how late each was sent
-//! (`send_lag_*`) are reported beside it, and requests held
-//! back by the cap are counted in `delayed_ops`.
+//! wait it causes (no coordinated omission). The time from send to answer (`service_*`)
+//! and how late each operation was sent (`send_lag_*`) are reported beside it, and
+//! requests held back by the cap are counted in `delayed_ops`.
 //!
 //! Latencies are recorded in microseconds in per-driver HDR histograms (1 µs to 1 hour,
 //! 3 significant digits) merged at the end. With `--batch`, every operation of a batch is
