@@ -438,7 +438,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use opentelemetry::KeyValue;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -447,7 +447,9 @@ mod tests {
     use opmesh_actors::OpId;
     use prost::Message;
 
-    fn record(status: OpStatus, events: Vec<SpanEvent>) -> OpSpans {
+    /// One operation's four spans (submit, route, cache, execute), for tests here and
+    /// in `telemetry`.
+    pub(crate) fn record(status: OpStatus, events: Vec<SpanEvent>) -> OpSpans {
         let base = 0x1234_5678_9abc_def0;
         let t0 = Stamp::now();
         let spans = [Stage::Submit, Stage::Route, Stage::Cache, Stage::Execute]

@@ -4,7 +4,10 @@
 //! The engine does not build OpenTelemetry spans while an operation runs: it hands each
 //! finished operation's spans to [`Telemetry::tracing`]'s sink as one plain record. A
 //! bounded queue takes the record, or counts its spans dropped when full, so a slow or
-//! unreachable receiver never slows operations. An exporter thread writes the records
+//! unreachable receiver never slows operations. Every span handed to the pipeline is
+//! counted ([`TelemetryStats::spans_recorded`]), so that each one is accounted for as
+//! exported, dropped, or still pending (queued, being encoded, or in a request not yet
+//! answered): a span is never counted in none of them. An exporter thread writes the records
 //! as OTLP requests ([`crate::otlp`]: protobuf straight from the records, no per-span
 //! allocation) and sends them in batches over gRPC or http/protobuf, a few requests in
 //! flight. `tracing` spans (route writes, cluster changes) reach the same queue through
@@ -85,6 +88,9 @@ pub struct TelemetrySettings {
 /// Counters of the telemetry pipeline and of trace input, read by `/metrics`.
 #[derive(Debug, Default)]
 pub struct TelemetryCounters {
+    /// Spans handed to the pipeline (queued, or dropped because the queue was full).
+    /// Counted on the path of every traced operation, so sharded by thread.
+    spans_recorded: Striped,
     /// Spans the receiver accepted.
     pub spans_exported: AtomicU64,
     /// Spans dropped: the export queue was full, or their export failed.
@@ -95,6 +101,50 @@ pub struct TelemetryCounters {
     pub traceparent_invalid: AtomicU64,
 }
 
+impl TelemetryCounters {
+    /// Spans handed to the pipeline so far.
+    pub fn spans_recorded(&self) -> u64 {
+        self.spans_recorded.sum()
+    }
+
+    fn record(&self, spans: u64) {
+        self.spans_recorded.add(spans);
+    }
+}
+
+/// A counter sharded by thread: threads take shards in turn as they first add, so that
+/// the workers that finish operations rarely write the same cache line. Summed at read.
+#[derive(Debug, Default)]
+struct Striped([Padded; STRIPES]);
+
+const STRIPES: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
+impl Striped {
+    fn add(&self, n: u64) {
+        use std::cell::Cell;
+        use std::sync::atomic::AtomicUsize;
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+        }
+        let i = STRIPE.with(|s| {
+            if s.get() == usize::MAX {
+                s.set(NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES);
+            }
+            s.get()
+        });
+        self.0[i].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sum(&self) -> u64 {
+        self.0.iter().map(|p| p.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
 /// A point-in-time copy of [`TelemetryCounters`].
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct TelemetryStats {
@@ -102,6 +152,12 @@ pub struct TelemetryStats {
     pub spans_dropped: u64,
     pub export_failures: u64,
     pub traceparent_invalid: u64,
+    /// Spans handed to the pipeline: each is exported, dropped or pending.
+    pub spans_recorded: u64,
+    /// Spans recorded but neither exported nor dropped yet: queued, being encoded, or in
+    /// an export request not yet answered. Read after [`Telemetry::shutdown`]: the spans
+    /// it could not flush in time.
+    pub spans_pending: u64,
 }
 
 /// What the exporter thread receives.
@@ -183,11 +239,18 @@ impl Telemetry {
 
     pub fn stats(&self) -> TelemetryStats {
         let c = &self.inner.counters;
+        let spans_exported = c.spans_exported.load(Ordering::Acquire);
+        let spans_dropped = c.spans_dropped.load(Ordering::Acquire);
+        // Read last: a span is recorded before it can be exported or dropped, so the
+        // difference is never short of what is pending.
+        let spans_recorded = c.spans_recorded();
         TelemetryStats {
-            spans_exported: c.spans_exported.load(Ordering::Relaxed),
-            spans_dropped: c.spans_dropped.load(Ordering::Relaxed),
+            spans_exported,
+            spans_dropped,
             export_failures: c.export_failures.load(Ordering::Relaxed),
             traceparent_invalid: c.traceparent_invalid.load(Ordering::Relaxed),
+            spans_recorded,
+            spans_pending: spans_recorded.saturating_sub(spans_exported + spans_dropped),
         }
     }
 
@@ -255,15 +318,23 @@ impl Telemetry {
             .is_ok()
     }
 
-    /// Flushes (within `timeout`) and stops the exporter.
-    pub fn shutdown(&self, timeout: Duration) {
+    /// Flushes (within `timeout`) and stops the exporter. Returns the counters then: their
+    /// `spans_pending` are the spans the flush could not export in time (logged too).
+    pub fn shutdown(&self, timeout: Duration) -> TelemetryStats {
         let Some(p) = &self.inner.pipeline else {
-            return;
+            return self.stats();
         };
-        if !self.flush(timeout) {
-            tracing::warn!(?timeout, "trace export did not finish before shutdown");
-        }
+        let flushed = self.flush(timeout);
         let _ = p.provider.shutdown_with_timeout(Duration::from_millis(100));
+        let stats = self.stats();
+        if !flushed || stats.spans_pending > 0 {
+            tracing::warn!(
+                ?timeout,
+                pending = stats.spans_pending,
+                "trace export did not finish before shutdown: spans still pending were not exported"
+            );
+        }
+        stats
     }
 }
 
@@ -283,8 +354,9 @@ struct QueueSink {
 impl SpanSink for QueueSink {
     fn record(&self, spans: OpSpans) {
         let n = spans.spans.len() as u64;
+        self.counters.record(n);
         if self.tx.try_send(Item::Op(spans)).is_err() {
-            self.counters.spans_dropped.fetch_add(n, Ordering::Relaxed);
+            self.counters.spans_dropped.fetch_add(n, Ordering::Release);
         }
     }
 }
@@ -300,8 +372,9 @@ impl SpanProcessor for QueueProcessor {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
 
     fn on_end(&self, span: SpanData) {
+        self.counters.record(1);
         if self.tx.try_send(Item::Span(Box::new(span))).is_err() {
-            self.counters.spans_dropped.fetch_add(1, Ordering::Relaxed);
+            self.counters.spans_dropped.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -458,7 +531,10 @@ struct Exporter {
     sender: crate::otlp::Sender,
     sdk: opentelemetry_otlp::SpanExporter,
     sdk_batch: Vec<SpanData>,
-    in_flight: tokio::task::JoinSet<(u64, Result<(), String>)>,
+    in_flight: tokio::task::JoinSet<Result<(), String>>,
+    /// Spans of each export request in flight, so that a request whose task failed is
+    /// still counted (dropped).
+    in_flight_spans: std::collections::HashMap<tokio::task::Id, u64>,
     last_warning: Option<Instant>,
 }
 
@@ -483,6 +559,7 @@ impl Exporter {
             sdk,
             sdk_batch: Vec::new(),
             in_flight: tokio::task::JoinSet::new(),
+            in_flight_spans: std::collections::HashMap::new(),
             last_warning: None,
             t,
             counters,
@@ -536,7 +613,7 @@ impl Exporter {
                     self.send_all().await;
                     due = None;
                 }
-                Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
+                Some(done) = self.in_flight.join_next_with_id(), if !self.in_flight.is_empty() => {
                     self.settle(done);
                 }
             }
@@ -555,7 +632,7 @@ impl Exporter {
             return;
         }
         while self.in_flight.len() >= IN_FLIGHT {
-            if let Some(done) = self.in_flight.join_next().await {
+            if let Some(done) = self.in_flight.join_next_with_id().await {
                 self.settle(done);
             }
         }
@@ -563,13 +640,13 @@ impl Exporter {
         let body = self.encoder.finish();
         let sender = self.sender.clone();
         let timeout = self.t.export_timeout;
-        self.in_flight.spawn(async move {
-            let result = match tokio::time::timeout(timeout, sender.send(body)).await {
+        let task = self.in_flight.spawn(async move {
+            match tokio::time::timeout(timeout, sender.send(body)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {timeout:?}")),
-            };
-            (n, result)
+            }
         });
+        self.in_flight_spans.insert(task.id(), n);
     }
 
     async fn send_sdk(&mut self) {
@@ -588,28 +665,33 @@ impl Exporter {
     }
 
     async fn settle_all(&mut self) {
-        while let Some(done) = self.in_flight.join_next().await {
+        while let Some(done) = self.in_flight.join_next_with_id().await {
             self.settle(done);
         }
     }
 
-    fn settle(&mut self, done: Result<(u64, Result<(), String>), tokio::task::JoinError>) {
-        match done {
-            Ok((n, result)) => self.account(n, result),
-            Err(e) => self.account(0, Err(format!("the export task failed: {e}"))),
-        }
+    fn settle(
+        &mut self,
+        done: Result<(tokio::task::Id, Result<(), String>), tokio::task::JoinError>,
+    ) {
+        let (id, result) = match done {
+            Ok((id, result)) => (id, result),
+            Err(e) => (e.id(), Err(format!("the export task failed: {e}"))),
+        };
+        let n = self.in_flight_spans.remove(&id).unwrap_or(0);
+        self.account(n, result);
     }
 
     fn account(&mut self, n: u64, result: Result<(), String>) {
         match result {
             Ok(()) => {
-                self.counters.spans_exported.fetch_add(n, Ordering::Relaxed);
+                self.counters.spans_exported.fetch_add(n, Ordering::Release);
             }
             Err(e) => {
                 self.counters
                     .export_failures
                     .fetch_add(1, Ordering::Relaxed);
-                self.counters.spans_dropped.fetch_add(n, Ordering::Relaxed);
+                self.counters.spans_dropped.fetch_add(n, Ordering::Release);
                 // One warning a minute: an unreachable receiver must not flood the log.
                 if self
                     .last_warning
@@ -620,5 +702,48 @@ impl Exporter {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opmesh_actors::OpStatus;
+
+    #[test]
+    fn every_recorded_span_is_exported_dropped_or_pending() {
+        // Nothing listens on port 1: every export fails. A queue of 4 operations fills
+        // at once, so spans are dropped both at the door and after a failed export.
+        let settings = TelemetrySettings {
+            traces: Some(TraceSettings {
+                endpoint: "http://127.0.0.1:1".into(),
+                protocol: Protocol::Grpc,
+                service_name: "opmesh-test".into(),
+                sampling_ratio: 1.0,
+                queue_ops: 4,
+                batch_spans: 8,
+                export_interval: Duration::from_millis(10),
+                export_timeout: Duration::from_secs(2),
+            }),
+            jaeger_ui_url: None,
+        };
+        let t = Telemetry::start(&settings, "node-a").unwrap();
+        let sink = t.tracing().sink;
+        for _ in 0..100 {
+            sink.record(crate::otlp::tests::record(OpStatus::Succeeded, Vec::new()));
+        }
+        assert_eq!(t.stats().spans_recorded, 400);
+        let s = t.shutdown(Duration::from_secs(10));
+        // Flushed: nothing is left pending, and nothing reached a receiver.
+        assert_eq!(
+            (
+                s.spans_recorded,
+                s.spans_exported,
+                s.spans_dropped,
+                s.spans_pending
+            ),
+            (400, 0, 400, 0),
+            "{s:?}"
+        );
     }
 }

@@ -43,6 +43,13 @@ fn in_process_bench_reports_one_json_line() {
     let v = last_json(&out);
     check(&v, 5000);
     assert!(v["rss_peak_bytes"].as_u64().unwrap() >= v["rss_idle_bytes"].as_u64().unwrap());
+    assert_eq!(v["rss_peak_source"], "vmhwm_reset", "{v}");
+    assert_eq!(v["latency_from"], "sent", "{v}");
+    assert_eq!(
+        (v["error_ratio"].as_f64(), v["max_error_ratio"].as_f64()),
+        (Some(0.0), Some(0.0))
+    );
+    assert!(v.get("service_p99_us").is_none(), "{v}");
     // Open loop at a fixed rate.
     let (code, out, err) = cli(&[
         "bench",
@@ -54,7 +61,19 @@ fn in_process_bench_reports_one_json_line() {
         "--json",
     ]);
     assert_eq!(code, 0, "{err}");
-    check(&last_json(&out), 2000);
+    let v = last_json(&out);
+    check(&v, 2000);
+    // Latency from each operation's slot in the schedule, the service time beside it.
+    assert_eq!(v["latency_from"], "intended_start", "{v}");
+    for k in [
+        "service_p50_us",
+        "service_p99_us",
+        "service_max_us",
+        "send_lag_p99_us",
+        "delayed_ops",
+    ] {
+        assert!(v[k].is_number(), "{k} missing in {v}");
+    }
 }
 
 #[test]
@@ -96,4 +115,110 @@ fn bench_refuses_bad_arguments_clearly() {
     let (code, _, err) = cli(&["bench", "--in-process", "--type", "nope", "--ops", "10"]);
     assert_ne!(code, 0);
     assert!(err.contains("nope"), "{err}");
+}
+
+/// A minimal HTTP/1.1 server with keep-alive that answers `POST /v1/ops?wait=true` as a
+/// node would, except that every third operation fails. Its threads end with the test.
+fn flaky_server() -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicU64::new(0));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut len = 0;
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let n = count.fetch_add(1, Ordering::Relaxed);
+                    let answer = if n % 3 == 2 {
+                        format!(r#"{{"id":"{n}","status":"failed","error":"asked to fail"}}"#)
+                    } else {
+                        format!(r#"{{"id":"{n}","status":"succeeded","result":1}}"#)
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if stream.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn failures_are_counted_apart_and_fail_the_run_beyond_the_allowed_ratio() {
+    let url = flaky_server();
+    let argv = [
+        "bench",
+        "--target",
+        &url,
+        "--ops",
+        "300",
+        "--concurrency",
+        "4",
+        "--warmup",
+        "0",
+        "--json",
+    ];
+    // By default no failure is allowed: the report is printed, then the run fails.
+    let (code, out, err) = cli(&argv);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("100 of 300 operations failed"), "{err}");
+    assert!(err.contains("--max-error-ratio 0"), "{err}");
+    assert!(err.contains("asked to fail"), "{err}");
+    let v = last_json(&out);
+    assert_eq!(
+        (v["ops"].as_u64(), v["errors"].as_u64()),
+        (Some(200), Some(100)),
+        "{v}"
+    );
+    assert_eq!(
+        v["error_samples"][0]["reason"],
+        "operation failed: asked to fail"
+    );
+    assert_eq!(v["error_samples"][0]["count"], 100);
+    let ratio = v["error_ratio"].as_f64().unwrap();
+    assert!((ratio - 1.0 / 3.0).abs() < 1e-9, "{v}");
+    // Allowed: the same run passes.
+    let mut allowed = argv.to_vec();
+    allowed.extend(["--max-error-ratio", "0.34"]);
+    let (code, out, err) = cli(&allowed);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(last_json(&out)["max_error_ratio"], 0.34);
+    // The text report lists the reasons beside the count.
+    let (code, out, _) = cli(&argv[..argv.len() - 1]);
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("100 × operation failed: asked to fail"),
+        "{out}"
+    );
 }

@@ -5,26 +5,41 @@
 //! A run is a warm-up phase (discarded) and a measured phase of `--ops` operations, each
 //! run by a few driver tasks (see [`driver`](self::driver)) that keep `--concurrency`
 //! requests in flight between them. Closed loop by default: a request is issued as soon
-//! as the previous one in its slot finished. With `--rate`, open loop: requests are issued
-//! at a fixed arrival rate, still never more than `--concurrency` at once; tokio's timer
-//! ticks every millisecond, so arrivals are released in per-millisecond steps, and
-//! latency is measured from the moment a request is issued (a request held back by the
-//! in-flight cap is counted in `delayed_ops`, its wait is not in the latency).
+//! as the previous one in its slot finished, and latency is measured from its send. With
+//! `--rate`, open loop: requests fall due on a fixed arrival schedule, still never more
+//! than `--concurrency` at once, and latency is measured from each operation's intended
+//! start (its slot in the schedule), so that neither a stalled generator, nor its timer
+//! (a pacer thread that wakes the drivers every 50 µs), nor the in-flight cap hides the
+//! wait it causes (no coordinated omission). The time from send to answer (`service_*`)
+//! and how late each operation was sent (`send_lag_*`) are reported beside it, and
+//! requests held back by the cap are counted in `delayed_ops`.
 //!
 //! Latencies are recorded in microseconds in per-driver HDR histograms (1 µs to 1 hour,
 //! 3 significant digits) merged at the end. With `--batch`, every operation of a batch is
 //! recorded with the latency of its request, and `--concurrency` caps requests in flight.
 //!
-//! Errors: a refused submission, a non-2xx answer, a transport error and any status but
-//! `succeeded` count as errors and the run goes on; but if the first 100 requests all
-//! fail (nothing listening, an unknown type), or every request of a shorter run fails,
-//! the run stops with an error that quotes the first failure. An in-process run against
-//! an unknown type therefore fails, naming the type.
+//! Only succeeded operations count: `ops`, `ops_per_sec` and the percentiles leave
+//! failures out (a fast refusal must not raise throughput or lower a percentile). A
+//! refused submission, a non-2xx answer, a transport error and any status but
+//! `succeeded` count in `errors`, with the first few distinct reasons and how many failed
+//! for each (`error_samples`). The run goes on; at the end `opmesh bench` prints the
+//! report and exits non-zero when more than `--max-error-ratio` (default 0: any) of the
+//! operations failed. If the first 100 requests all fail (nothing listening, an unknown
+//! type), or every request of a shorter run fails, the run stops early with an error that
+//! quotes the first failure. An in-process run against an unknown type therefore fails,
+//! naming the type.
 //!
-//! In process, memory is the process's resident set: read once when the node has started
-//! and before any load (idle), and every 10 ms during warm-up and the run (peak). The
-//! difference includes the bench's own state per slot (about 100 bytes), not only the
-//! engine's.
+//! `--remote` runs two embedded nodes joined over loopback links, the type pinned to the
+//! second: every operation's `executed_by` must name the second node, or it counts as a
+//! failure and the run fails however many were allowed to. With `--otlp-endpoint`, both
+//! nodes export their spans there (each as its own `service.instance.id`).
+//!
+//! In process, memory is the process's resident set (see [`rss`](self::rss)): read once
+//! when the node has started and before any load (idle); then the kernel's high-water
+//! mark (`VmHWM`) is reset to it, and read after the run (peak), so warm-up and run are
+//! covered without sampling and start-up is not. Where the mark cannot be reset the peak
+//! is the lifetime one, and the report says so (`rss_peak_source`). The difference
+//! includes the bench's own state per slot (about 100 bytes), not only the engine's.
 //!
 //! What a run reports, and the `--json` keys that are a contract, live in `report`; the
 //! targets a driver loads (an embedded node, a node over HTTP) in `targets`.
@@ -39,11 +54,15 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use opmesh_actors::{Json, Node, OpType};
 use opmesh_cluster::{Cluster, ClusterConfig};
 
-use self::driver::{drive, new_histogram, Arrivals, Load, PhaseShared, EARLY_FAILURES};
+use self::driver::{
+    drive, new_histogram, Arrivals, ErrorSamples, Load, Pace, Pacer, PhaseShared, EARLY_FAILURES,
+};
 use self::report::{group, report};
 use self::targets::{http_client, Http, InProcess, Route};
 
+pub use self::driver::ErrorSample;
 pub use self::report::{render_json, render_text, BenchReport, REPORT_KEYS};
+pub use self::rss::PeakSource;
 
 mod driver;
 mod inflight;
@@ -52,9 +71,6 @@ mod rss;
 mod targets;
 #[cfg(test)]
 mod tests;
-
-/// How often the in-process memory sampler reads the RSS.
-const RSS_EVERY: Duration = Duration::from_millis(10);
 
 /// How often the progress bar is updated (with the rate over that interval).
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
@@ -134,6 +150,11 @@ pub struct BenchArgs {
         requires = "otlp_endpoint"
     )]
     pub sampling: f64,
+
+    /// The share of operations that may fail, 0.0..=1.0: above it the bench exits
+    /// non-zero after its report, naming the share and the first reasons.
+    #[arg(long, value_name = "RATIO", default_value_t = 0.0)]
+    pub max_error_ratio: f64,
 }
 
 /// Runs the bench as `opmesh bench` does: a progress bar on stderr when it is a terminal
@@ -146,10 +167,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", render_text(&report));
     }
-    Ok(())
+    report.check()
 }
 
-/// Runs the bench and returns its report, printing nothing.
+/// Runs the bench and returns its report, printing nothing. The report's
+/// [`check`](BenchReport::check) tells whether the run passes (`opmesh bench` exits
+/// non-zero when it does not).
 pub async fn run_report(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     execute(args, false).await
 }
@@ -191,6 +214,7 @@ struct Plan {
     remote: bool,
     /// `--otlp-endpoint` and `--sampling`.
     traces: Option<(String, f64)>,
+    max_error_ratio: f64,
 }
 
 impl BenchArgs {
@@ -228,6 +252,12 @@ impl BenchArgs {
                 bail!("--rate must be a positive number of operations per second, got {r}");
             }
         }
+        if !(0.0..=1.0).contains(&self.max_error_ratio) {
+            bail!(
+                "--max-error-ratio must be from 0.0 to 1.0 (the share of operations that may fail), got {}",
+                self.max_error_ratio
+            );
+        }
         let payload = match &self.payload {
             Some(text) => Json::from_bytes(text.clone().into_bytes())
                 .map_err(|e| anyhow!("--payload is not valid JSON: {e}"))?,
@@ -253,6 +283,7 @@ impl BenchArgs {
                     Some((url.clone(), self.sampling))
                 }
             },
+            max_error_ratio: self.max_error_ratio,
         })
     }
 }
@@ -297,9 +328,18 @@ impl Plan {
 
 /// What one phase (warm-up, baseline or run) measured.
 struct PhaseResult {
+    /// Succeeded operations' latency (from the intended start in an open loop).
     hist: hdrhistogram::Histogram<u64>,
+    /// Open loop: succeeded operations' latency from the send.
+    service: Option<hdrhistogram::Histogram<u64>>,
+    /// Open loop: how late succeeded operations were sent.
+    lag: Option<hdrhistogram::Histogram<u64>>,
+    /// Succeeded operations.
     ops: u64,
     errors: u64,
+    error_samples: ErrorSamples,
+    /// Of `errors`: operations that ran on another node than required.
+    elsewhere: u64,
     requests: u64,
     delayed_requests: u64,
     seconds: f64,
@@ -334,17 +374,31 @@ async fn phase<L: Load>(
     });
     let drivers = plan.drivers();
     let arrivals = plan.arrivals();
+    let pacer = match arrivals {
+        Arrivals::Closed => None,
+        Arrivals::Open { .. } => {
+            Some(Pacer::start(drivers).context("starting the open-loop pacer thread")?)
+        }
+    };
     let start = Instant::now();
     let tasks: Vec<_> = (0..drivers)
         .map(|i| {
             let slots = plan.concurrency / drivers + usize::from(i < plan.concurrency % drivers);
-            tokio::spawn(drive(load.clone(), shared.clone(), slots, arrivals))
+            let open = match (arrivals, &pacer) {
+                (Arrivals::Open { per_sec }, Some(p)) => Some((Pace::new(per_sec), p.slot(i))),
+                _ => None,
+            };
+            tokio::spawn(drive(load.clone(), shared.clone(), slots, open))
         })
         .collect();
     let mut result = PhaseResult {
         hist: new_histogram(),
+        service: None,
+        lag: None,
         ops: 0,
         errors: 0,
+        error_samples: ErrorSamples::default(),
+        elsewhere: 0,
         requests: 0,
         delayed_requests: 0,
         seconds: 0.0,
@@ -352,6 +406,7 @@ async fn phase<L: Load>(
     };
     let outs = futures::future::join_all(tasks).await;
     result.seconds = start.elapsed().as_secs_f64();
+    drop(pacer);
     if let Some(t) = ticker {
         t.abort();
     }
@@ -364,8 +419,12 @@ async fn phase<L: Load>(
             .hist
             .add(&out.hist)
             .expect("histograms share their bounds");
+        merge(&mut result.service, out.service);
+        merge(&mut result.lag, out.lag);
         result.ops += out.ops;
         result.errors += out.errors;
+        result.error_samples.merge(out.error_samples);
+        result.elsewhere += out.elsewhere;
         result.requests += out.requests;
         result.delayed_requests += out.delayed_requests;
     }
@@ -381,6 +440,18 @@ async fn phase<L: Load>(
         );
     }
     Ok(result)
+}
+
+/// Adds a driver's optional histogram to the phase's.
+fn merge(
+    all: &mut Option<hdrhistogram::Histogram<u64>>,
+    one: Option<hdrhistogram::Histogram<u64>>,
+) {
+    match (all.as_mut(), one) {
+        (Some(all), Some(h)) => all.add(&h).expect("histograms share their bounds"),
+        (None, h) => *all = h,
+        (Some(_), None) => {}
+    }
 }
 
 fn progress_bar(label: &'static str, len: u64) -> ProgressBar {
@@ -402,18 +473,29 @@ async fn execute(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport
     }
 }
 
-/// Two embedded nodes joined over loopback links, `op_type` pinned to the second.
-/// Returns the first (where operations are submitted) and both for shutdown.
-async fn remote_pair(op_type: &str) -> anyhow::Result<(Node, Vec<(Cluster, Node)>)> {
+/// The names of the two embedded nodes of a `--remote` run: operations are submitted to
+/// the first and must run on the second.
+const REMOTE_NODES: [&str; 2] = ["bench-a", "bench-b"];
+
+/// Two embedded nodes joined over loopback links, `op_type` pinned to the second, each
+/// with its own trace pipeline when there is one (`telemetry`, in [`REMOTE_NODES`]
+/// order). Returns the first (where operations are submitted) and both for shutdown.
+async fn remote_pair(
+    op_type: &str,
+    telemetry: &[crate::telemetry::Telemetry],
+) -> anyhow::Result<(Node, Vec<(Cluster, Node)>)> {
     let mut pair = Vec::new();
     let mut seed: Option<String> = None;
-    for name in ["bench-a", "bench-b"] {
+    for (i, name) in REMOTE_NODES.into_iter().enumerate() {
         let mut cfg = ClusterConfig::new(name, b"opmesh-bench-loopback-secret");
         cfg.join = seed.iter().cloned().collect();
         let cluster = Cluster::start(cfg)
             .await
             .context("starting a cluster node")?;
-        let builder = crate::handlers::register_builtins(Node::builder().node_id(name), &[]);
+        let mut builder = crate::handlers::register_builtins(Node::builder().node_id(name), &[]);
+        if let Some(t) = telemetry.get(i) {
+            builder = builder.tracing(t.tracing());
+        }
         let node = cluster
             .start_node(builder)
             .await
@@ -436,7 +518,7 @@ async fn remote_pair(op_type: &str) -> anyhow::Result<(Node, Vec<(Cluster, Node)
         op_type,
         opmesh_actors::Route {
             strategy: opmesh_actors::Strategy::Pinned,
-            nodes: vec!["bench-b".into()],
+            nodes: vec![REMOTE_NODES[1].into()],
         },
     )
     .await
@@ -458,26 +540,57 @@ fn bench_trace_settings(endpoint: &str, ratio: f64) -> crate::telemetry::TraceSe
     }
 }
 
-async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> {
-    let telemetry = match &plan.traces {
-        None => None,
-        Some((endpoint, ratio)) => Some(
-            crate::telemetry::Telemetry::start(
-                &crate::telemetry::TelemetrySettings {
-                    traces: Some(bench_trace_settings(endpoint, *ratio)),
-                    jaeger_ui_url: None,
-                },
-                "node-1",
-            )
-            .context("starting the trace exporter")?,
-        ),
+/// The trace pipelines of an in-process run: none, or one per embedded node.
+fn start_telemetry(plan: &Plan) -> anyhow::Result<Vec<crate::telemetry::Telemetry>> {
+    let Some((endpoint, ratio)) = &plan.traces else {
+        return Ok(Vec::new());
     };
+    let nodes: &[&str] = if plan.remote {
+        &REMOTE_NODES
+    } else {
+        &["node-1"]
+    };
+    let settings = crate::telemetry::TelemetrySettings {
+        traces: Some(bench_trace_settings(endpoint, *ratio)),
+        jaeger_ui_url: None,
+    };
+    nodes
+        .iter()
+        .map(|node| {
+            crate::telemetry::Telemetry::start(&settings, node)
+                .context("starting the trace exporter")
+        })
+        .collect()
+}
+
+/// Flushes and stops the trace pipelines; their counters then, summed.
+async fn finish_telemetry(
+    telemetry: Vec<crate::telemetry::Telemetry>,
+) -> anyhow::Result<crate::telemetry::TelemetryStats> {
+    tokio::task::spawn_blocking(move || {
+        let mut sum = crate::telemetry::TelemetryStats::default();
+        for t in telemetry {
+            let s = t.shutdown(Duration::from_secs(30));
+            sum.spans_exported += s.spans_exported;
+            sum.spans_dropped += s.spans_dropped;
+            sum.export_failures += s.export_failures;
+            sum.traceparent_invalid += s.traceparent_invalid;
+            sum.spans_recorded += s.spans_recorded;
+            sum.spans_pending += s.spans_pending;
+        }
+        sum
+    })
+    .await
+    .context("flushing the trace exporters")
+}
+
+async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> {
+    let telemetry = start_telemetry(plan)?;
     let (node, pair) = if plan.remote {
-        let (a, pair) = remote_pair(&plan.op_type).await?;
-        (a, pair)
+        remote_pair(&plan.op_type, &telemetry).await?
     } else {
         let mut builder = crate::handlers::register_builtins(Node::builder(), &[]);
-        if let Some(t) = &telemetry {
+        if let Some(t) = telemetry.first() {
             builder = builder.tracing(t.tracing());
         }
         let node = builder
@@ -486,13 +599,21 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
             .context("starting the embedded node")?;
         (node, Vec::new())
     };
+    let owner = plan.remote.then_some(REMOTE_NODES[1]);
     let load = Arc::new(InProcess {
         node: node.clone(),
         op_type: OpType::from(plan.op_type.as_str()),
         payload: plan.payload.clone(),
+        owner,
     });
-    let idle = rss::current_rss();
-    let sampler = rss::PeakSampler::start(RSS_EVERY);
+    let idle = rss::read().map(|m| m.rss);
+    let peak_source = idle.map(|_| {
+        if rss::reset_peak() {
+            PeakSource::VmhwmReset
+        } else {
+            PeakSource::VmhwmLifetime
+        }
+    });
     let what = "the embedded node";
     let measured = async {
         if plan.warmup > 0 {
@@ -501,7 +622,7 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
         phase(&load, plan, plan.ops, "run", what, progress).await
     }
     .await;
-    let peak = sampler.map(rss::PeakSampler::finish);
+    let peak = rss::peak();
     drop(load);
     node.shutdown(SHUTDOWN_GRACE).await;
     for (c, n) in &pair {
@@ -513,18 +634,19 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
     } else {
         "in-process"
     };
-    let mut report = report(plan, mode, None, &measured?);
-    if let Some(t) = telemetry {
-        let stats = tokio::task::spawn_blocking(move || {
-            t.shutdown(Duration::from_secs(30));
-            t.stats()
-        })
-        .await?;
+    let measured = measured?;
+    let mut report = report(plan, mode, None, &measured);
+    if !telemetry.is_empty() {
         report.sampling = plan.traces.as_ref().map(|(_, r)| *r);
-        report.trace_export = Some(stats);
+        report.trace_export = Some(finish_telemetry(telemetry).await?);
+    }
+    if let Some(node) = owner {
+        report.executed_by = Some(node);
+        report.executed_elsewhere = Some(measured.elsewhere);
     }
     report.rss_idle_bytes = idle;
     report.rss_peak_bytes = peak;
+    report.rss_peak_source = peak_source;
     report.rss_delta_bytes = idle.zip(peak).map(|(i, p)| p.saturating_sub(i));
     Ok(report)
 }

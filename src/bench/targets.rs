@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use opmesh_actors::{Json, Node, OpType, Operation, Ticket};
+use opmesh_actors::{Json, Node, OpOutcome, OpType, Operation, Ticket};
 use serde::Deserialize;
 
 use super::driver::{Done, Load};
@@ -22,11 +22,17 @@ pub(crate) struct InProcess {
     pub node: Node,
     pub op_type: OpType,
     pub payload: Json,
+    /// The node every operation must run on (its outcome's `executed_by`), if the run
+    /// requires one (`--remote`): a success elsewhere counts as a failure.
+    pub owner: Option<&'static str>,
 }
 
 /// A request to the embedded node: waiting for its outcome, or refused at the door.
 pub(crate) enum InProcessFut {
-    Waiting(Ticket),
+    Waiting {
+        ticket: Ticket,
+        owner: Option<&'static str>,
+    },
     Refused(Option<String>),
 }
 
@@ -35,19 +41,36 @@ impl Future for InProcessFut {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Done> {
         match self.get_mut() {
-            InProcessFut::Waiting(ticket) => Pin::new(ticket).poll(cx).map(|outcome| {
-                if outcome.is_success() {
-                    Done::ok(1)
-                } else {
-                    let why = outcome.error.unwrap_or_default();
-                    Done::failed(1, format!("operation {}: {why}", outcome.status.as_str()))
-                }
-            }),
+            InProcessFut::Waiting { ticket, owner } => Pin::new(ticket)
+                .poll(cx)
+                .map(|outcome| judge_outcome(outcome, *owner)),
             InProcessFut::Refused(why) => Poll::Ready(Done::failed(
                 1,
                 format!("refused: {}", why.take().unwrap_or_default()),
             )),
         }
+    }
+}
+
+/// Reads an operation's outcome: a success counts only on `owner`, when there is one.
+pub(crate) fn judge_outcome(outcome: OpOutcome, owner: Option<&'static str>) -> Done {
+    if !outcome.is_success() {
+        let why = outcome.error.unwrap_or_default();
+        return Done::failed(1, format!("operation {}: {why}", outcome.status.as_str()));
+    }
+    match (owner, outcome.executed_by.as_deref()) {
+        (Some(want), ran) if ran != Some(want) => {
+            let mut done = Done::failed(
+                1,
+                format!(
+                    "ran on {}, not on {want} where the type is pinned",
+                    ran.unwrap_or("no node")
+                ),
+            );
+            done.elsewhere = 1;
+            done
+        }
+        _ => Done::ok(1),
     }
 }
 
@@ -57,7 +80,10 @@ impl Load for InProcess {
     fn issue(&self, _ops: u32) -> InProcessFut {
         let op = Operation::new(self.op_type.clone(), self.payload.clone());
         match self.node.enqueue(op) {
-            Ok(ticket) => InProcessFut::Waiting(ticket),
+            Ok(ticket) => InProcessFut::Waiting {
+                ticket,
+                owner: self.owner,
+            },
             Err(e) => InProcessFut::Refused(Some(e.to_string())),
         }
     }

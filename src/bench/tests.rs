@@ -4,7 +4,7 @@
 
 use super::*;
 use clap::Parser;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Parser)]
@@ -19,7 +19,20 @@ pub(super) fn parse(argv: &[&str]) -> BenchArgs {
         .args
 }
 
-const EXTRAS: [&str; 15] = [
+const EXTRAS: [&str; 33] = [
+    "latency_from",
+    "service_p50_us",
+    "service_p95_us",
+    "service_p99_us",
+    "service_p999_us",
+    "service_max_us",
+    "send_lag_p50_us",
+    "send_lag_p99_us",
+    "send_lag_p999_us",
+    "send_lag_max_us",
+    "error_ratio",
+    "max_error_ratio",
+    "error_samples",
     "mode",
     "target",
     "type",
@@ -31,10 +44,15 @@ const EXTRAS: [&str; 15] = [
     "delayed_ops",
     "warmup_ops",
     "first_error",
+    "executed_by",
+    "executed_elsewhere",
     "rss_idle_bytes",
     "rss_peak_bytes",
     "rss_delta_bytes",
+    "rss_peak_source",
     "baseline",
+    "sampling",
+    "trace_export",
 ];
 
 pub(super) fn assert_report_shape(v: &serde_json::Value) {
@@ -140,6 +158,13 @@ fn invalid_arguments_are_clear_errors() {
     assert!(err(&["--in-process", "--rate", "0"]).contains("--rate"));
     assert!(err(&["--in-process", "--rate", "NaN"]).contains("--rate"));
     assert!(err(&["--in-process", "--payload-bytes", "0"]).contains("--payload-bytes"));
+    for ratio in ["1.5", "-0.1", "NaN"] {
+        let e = err(&["--in-process", &format!("--max-error-ratio={ratio}")]);
+        assert!(
+            e.contains("--max-error-ratio must be from 0.0 to 1.0"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
@@ -175,7 +200,15 @@ async fn in_process_echo_run_counts_every_op() {
     let (idle, peak) = (r.rss_idle_bytes.unwrap(), r.rss_peak_bytes.unwrap());
     assert!(idle > 0 && peak >= idle);
     assert_eq!(r.rss_delta_bytes, Some(peak - idle));
+    // Where the kernel lets the mark be reset (Linux 4.0 and later), it was.
+    assert!(r.rss_peak_source.is_some(), "{r:?}");
+    #[cfg(target_os = "linux")]
+    assert_eq!(r.rss_peak_source, Some(PeakSource::VmhwmReset));
     assert!(r.first_error.is_none());
+    assert!(r.error_samples.is_empty() && r.error_ratio == 0.0);
+    assert_eq!(r.latency_from, "sent");
+    assert!(r.service_p50_us.is_none());
+    r.check().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,11 +507,12 @@ async fn http_batches_and_baseline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_failures_are_counted_not_fatal() {
+async fn http_failures_are_counted_apart_and_checked_against_the_ratio() {
     let server = FakeServer::start().await;
-    let args = parse(&[
+    let url = server.url();
+    let argv = [
         "--target",
-        &server.url(),
+        &url,
         "--type",
         "flaky",
         "--ops",
@@ -487,13 +521,39 @@ async fn http_failures_are_counted_not_fatal() {
         "1",
         "--warmup",
         "0",
-    ]);
-    let r = run_report(&args).await.unwrap();
-    assert_eq!((r.ops, r.errors), (300, 100));
+    ];
+    let r = run_report(&parse(&argv)).await.unwrap();
+    // Only the 200 that succeeded count as operations; the 100 failures are errors.
+    assert_eq!((r.ops, r.errors, r.requests), (200, 100, 300));
     assert_eq!(
         r.first_error.as_deref(),
         Some("operation failed: asked to fail")
     );
+    assert_eq!(
+        r.error_samples,
+        vec![ErrorSample {
+            reason: "operation failed: asked to fail".into(),
+            count: 100
+        }]
+    );
+    assert!((r.error_ratio - 1.0 / 3.0).abs() < 1e-9, "{r:?}");
+    // By default no failure is allowed: the check names the share and the reason.
+    let e = r.check().unwrap_err().to_string();
+    assert!(e.contains("100 of 300 operations failed"), "{e}");
+    assert!(e.contains("--max-error-ratio 0"), "{e}");
+    assert!(e.contains("asked to fail"), "{e}");
+    let text = render_text(&r);
+    assert!(
+        text.contains("100 × operation failed: asked to fail"),
+        "{text}"
+    );
+    // A third failed: allowed at 0.34, not at 0.33.
+    for (ratio, passes) in [("0.34", true), ("0.33", false)] {
+        let mut argv = argv.to_vec();
+        argv.extend(["--max-error-ratio", ratio]);
+        let r = run_report(&parse(&argv)).await.unwrap();
+        assert_eq!(r.check().is_ok(), passes, "{ratio}: {r:?}");
+    }
     let boom = parse(&[
         "--target",
         &server.url(),
@@ -521,4 +581,302 @@ async fn nothing_listening_stops_the_run_clearly() {
     assert!(e.contains("first 100 requests"), "{e}");
     assert!(e.contains(&url), "{e}");
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn the_open_loop_schedule_is_pure() {
+    let pace = driver::Pace::new(1000.0);
+    // The first request is due at once, then one every millisecond.
+    assert_eq!(pace.due_by(Duration::ZERO), 1);
+    assert_eq!(pace.due_by(Duration::from_micros(999)), 1);
+    assert_eq!(pace.due_by(Duration::from_millis(1)), 2);
+    // However long the driver was away, everything due meanwhile is due now.
+    assert_eq!(pace.due_by(Duration::from_millis(50)), 51);
+    assert_eq!(pace.intended(0), Duration::ZERO);
+    assert_eq!(pace.intended(50), Duration::from_millis(50));
+    for k in [0, 1, 7, 999, 123_456] {
+        // Request k is due at its intended start, not before.
+        assert!(pace.due_by(pace.intended(k)) > k, "{k}");
+    }
+}
+
+#[test]
+fn error_samples_keep_the_first_distinct_reasons() {
+    let mut a = driver::ErrorSamples::default();
+    a.add("x", 2);
+    a.add("y", 1);
+    a.add("x", 3);
+    let mut b = driver::ErrorSamples::default();
+    for (i, r) in ["y", "p", "q", "r", "s", "t"].iter().enumerate() {
+        b.add(r, i as u64 + 1);
+    }
+    a.merge(b);
+    let kept: Vec<(&str, u64)> = a
+        .samples
+        .iter()
+        .map(|s| (s.reason.as_str(), s.count))
+        .collect();
+    assert_eq!(
+        kept,
+        [("x", 5), ("y", 2), ("p", 2), ("q", 3), ("r", 4)],
+        "{a:?}"
+    );
+    assert_eq!(a.others, 5 + 6);
+}
+
+/// The report of one measured phase (no warm-up) of `load`, run as the flags `argv` say.
+async fn measure_load<L: Load>(load: L, argv: &[&str]) -> BenchReport {
+    let mut all = vec!["--in-process", "--warmup", "0"];
+    all.extend_from_slice(argv);
+    let plan = parse(&all).plan().unwrap();
+    let result = phase(
+        &Arc::new(load),
+        &plan,
+        plan.ops,
+        "run",
+        "a test load",
+        false,
+    )
+    .await
+    .unwrap();
+    report(&plan, "in-process", None, &result)
+}
+
+/// Answers every request at once, but blocks its driver's thread for 50 ms the first
+/// time it issues one: a generator that stalled.
+#[derive(Default)]
+struct Stalling {
+    stalled: AtomicBool,
+}
+
+impl Load for Stalling {
+    type Fut = std::future::Ready<driver::Done>;
+
+    fn issue(&self, ops: u32) -> Self::Fut {
+        if !self.stalled.swap(true, Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::future::ready(driver::Done::ok(ops))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_generator_is_charged_its_own_delay() {
+    // One driver (one slot), 1000/s: request k is due k ms after the start. The first
+    // issue stalls 50 ms, so requests 1..49 go out at least 50 ms after the start, each
+    // at least (50 - k) ms after it was due.
+    let argv = ["--rate", "1000", "--ops", "60", "--concurrency", "1"];
+    let r = measure_load(Stalling::default(), &argv).await;
+    assert_eq!((r.ops, r.errors), (60, 0));
+    assert_eq!(r.latency_from, "intended_start");
+    // Request 1 waited at least 49 ms; of 60, the 31 largest waits are all >= 19 ms.
+    assert!(r.max_us >= 49_000, "{r:?}");
+    assert!(r.p50_us >= 19_000, "{r:?}");
+    // Measured from the send, the same run looks fast: that is what it would hide.
+    let service = r
+        .service_p50_us
+        .expect("an open loop reports the service time");
+    assert!(service <= r.p50_us, "{r:?}");
+    // The stall shows as send lag: request 1 went out at least 49 ms late.
+    assert!(r.send_lag_max_us.unwrap() >= 49_000, "{r:?}");
+    assert!(r.send_lag_p50_us.unwrap() >= 19_000, "{r:?}");
+    let v = serde_json::to_value(&r).unwrap();
+    assert_report_shape(&v);
+    assert!(v["service_p99_us"].is_number(), "{v}");
+}
+
+/// Every third request succeeds after 20 ms; the others fail at once.
+#[derive(Default)]
+struct SlowSuccesses {
+    n: AtomicU64,
+}
+
+impl Load for SlowSuccesses {
+    type Fut = std::pin::Pin<Box<dyn std::future::Future<Output = driver::Done> + Send>>;
+
+    fn issue(&self, ops: u32) -> Self::Fut {
+        let n = self.n.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async move {
+            if n % 3 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                driver::Done::ok(ops)
+            } else {
+                driver::Done::failed(ops, format!("refused: number {}", n % 3))
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_count_as_errors_not_as_operations_or_latency() {
+    let r = measure_load(
+        SlowSuccesses::default(),
+        &["--ops", "90", "--concurrency", "3"],
+    )
+    .await;
+    assert_eq!((r.ops, r.errors, r.requests), (30, 60, 90));
+    assert_eq!(r.latency_from, "sent");
+    // Only the slow successes are in the histogram: 60 instant failures would have
+    // put the median near zero.
+    assert!(r.p50_us >= 20_000, "{r:?}");
+    assert!(r.ops_per_sec <= 30.0 / r.seconds + 1e-9, "{r:?}");
+    let reasons: Vec<(&str, u64)> = r
+        .error_samples
+        .iter()
+        .map(|s| (s.reason.as_str(), s.count))
+        .collect();
+    let mut sorted = reasons.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        [("refused: number 1", 30), ("refused: number 2", 30)],
+        "{r:?}"
+    );
+    let e = r.check().unwrap_err().to_string();
+    assert!(e.contains("60 of 90 operations failed"), "{e}");
+    assert!(e.contains("refused: number"), "{e}");
+}
+
+#[test]
+fn a_success_on_another_node_than_required_is_a_failure() {
+    use opmesh_actors::{OpId, OpOutcome, OpStatus};
+    let outcome = |by: Option<&str>| {
+        let mut o = OpOutcome::new(OpId::new(), OpStatus::Succeeded);
+        o.executed_by = by.map(Into::into);
+        o
+    };
+    let here = targets::judge_outcome(outcome(Some("bench-a")), Some("bench-b"));
+    assert_eq!((here.ok, here.failed, here.elsewhere), (0, 1, 1));
+    assert_eq!(
+        here.error.as_deref(),
+        Some("ran on bench-a, not on bench-b where the type is pinned")
+    );
+    let nowhere = targets::judge_outcome(outcome(None), Some("bench-b"));
+    assert_eq!((nowhere.ok, nowhere.elsewhere), (0, 1));
+    let there = targets::judge_outcome(outcome(Some("bench-b")), Some("bench-b"));
+    assert_eq!((there.ok, there.failed), (1, 0));
+    let any = targets::judge_outcome(outcome(Some("bench-a")), None);
+    assert_eq!((any.ok, any.failed), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_run_proves_where_its_operations_ran() {
+    let args = parse(&[
+        "--in-process",
+        "--remote",
+        "--ops",
+        "300",
+        "--concurrency",
+        "16",
+        "--warmup",
+        "0",
+    ]);
+    let r = run_report(&args).await.unwrap();
+    assert_eq!((r.ops, r.errors), (300, 0), "{r:?}");
+    assert_eq!(r.mode, "in-process-remote");
+    assert_eq!(
+        (r.executed_by, r.executed_elsewhere),
+        (Some("bench-b"), Some(0))
+    );
+    r.check().unwrap();
+    // Had some run on the first node, the run fails, however many errors it allows.
+    let mut wrong = r.clone();
+    wrong.executed_elsewhere = Some(3);
+    wrong.errors = 3;
+    wrong.error_ratio = 0.01;
+    wrong.max_error_ratio = 1.0;
+    let e = wrong.check().unwrap_err().to_string();
+    assert!(
+        e.contains("--remote: 3 of 303 operations ran on another node than bench-b"),
+        "{e}"
+    );
+}
+
+/// An OTLP receiver that counts spans per `service.instance.id`.
+#[derive(Clone, Default)]
+struct SpansByNode(Arc<parking_lot::Mutex<std::collections::HashMap<String, u64>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for SpansByNode
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        for rs in request.into_inner().resource_spans {
+            let node = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.instance.id")
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    Value::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let n: usize = rs.scope_spans.iter().map(|s| s.spans.len()).sum();
+            *self.0.lock().entry(node).or_default() += n as u64;
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_run_exports_both_nodes_spans_to_the_endpoint() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let received = SpansByNode::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(received.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let args = parse(&[
+        "--in-process",
+        "--remote",
+        "--ops",
+        "200",
+        "--concurrency",
+        "8",
+        "--warmup",
+        "0",
+        "--otlp-endpoint",
+        &endpoint,
+    ]);
+    let r = run_report(&args).await.unwrap();
+    assert_eq!((r.ops, r.errors), (200, 0), "{r:?}");
+    let t = r.trace_export.clone().expect("trace counters");
+    let by_node = received.0.lock().clone();
+    // Both nodes traced, and what they handed over is exactly what arrived.
+    assert!(
+        by_node.get("bench-a").is_some_and(|n| *n >= 200),
+        "{by_node:?}"
+    );
+    assert!(
+        by_node.get("bench-b").is_some_and(|n| *n >= 200),
+        "{by_node:?}"
+    );
+    let total: u64 = by_node.values().sum();
+    assert_eq!(
+        (
+            t.spans_recorded,
+            t.spans_exported,
+            t.spans_dropped,
+            t.spans_pending
+        ),
+        (total, total, 0, 0),
+        "{t:?} {by_node:?}"
+    );
+    let v = serde_json::to_value(&r).unwrap();
+    assert_report_shape(&v);
 }
