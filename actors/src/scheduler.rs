@@ -6,7 +6,7 @@
 //! [`Queues`] is the pure core: it orders waiting operations (priority, then arrival),
 //! drops expired ones, and decides when a type's queue is flushed (`batch_size` waiting,
 //! or the oldest has waited `batch_flush`), all with time passed in. The actor owns it,
-//! decides how many operations run (it alone takes the node's
+//! decides how many operations run (the Schedulers alone take the node's
 //! [running slots](crate::slots::RunningSlots)), gives each started operation's queue
 //! slot back, and arms a timer when a queue waits for its flush.
 
@@ -266,9 +266,20 @@ impl Scheduler {
         let shared = &state.shared;
         let running = shared.running();
         let metrics = shared.metrics();
+        let max = shared.config().batch.max_concurrent;
         loop {
             let now = Instant::now();
-            let d = state.queues.dispatch(now, running.count());
+            // The Schedulers of all shards take from the node's one count: this one
+            // takes what it may need first (atomically), dispatches within that, and
+            // gives back what it did not use.
+            let want = state.queues.len().min(max);
+            let granted = if want > 0 {
+                running.try_take(want, max)
+            } else {
+                0
+            };
+            let d = state.queues.dispatch(now, max - granted);
+            let mut used = 0;
             for job in d.expired {
                 job.reply.fail(
                     OpStatus::Expired,
@@ -276,9 +287,10 @@ impl Scheduler {
                 );
             }
             for (_, mut batch) in d.batches {
-                // Out of the queue: its slots go back, running slots are taken.
+                // Out of the queue: its slots go back; it holds running slots now.
                 QueueSlot::release_all(batch.iter_mut().map(|j| &mut j.reply.slot));
-                let batch = Started::new(batch, running);
+                used += batch.len();
+                let batch = Started::taken(batch);
                 metrics.batches.fetch_add(1, Ordering::Relaxed);
                 metrics.batch_sizes.record(batch.len() as u64);
                 if let Some(first) = batch.first() {
@@ -293,8 +305,10 @@ impl Scheduler {
                 }
                 shared.send_executor(state.shard, ExecutorMsg::Run(batch));
             }
+            if granted > used {
+                shared.running_slots_freed(granted - used);
+            }
             // An executor may have freed slots before it saw the flag: look again.
-            let max = shared.config().batch.max_concurrent;
             if d.blocked_on_slots && running.want(state.shard, max) {
                 continue;
             }

@@ -117,8 +117,26 @@ impl RunningSlots {
         self.running.load(Ordering::Acquire)
     }
 
-    fn take(&self, n: usize) {
-        self.running.fetch_add(n, Ordering::AcqRel);
+    /// Takes up to `want` slots without ever letting more than `max` run; returns how
+    /// many it took. Schedulers of several shards take from the one count at once: the
+    /// check and the take are one atomic step.
+    pub(crate) fn try_take(&self, want: usize, max: usize) -> usize {
+        let mut now = self.running.load(Ordering::Acquire);
+        loop {
+            let n = want.min(max.saturating_sub(now));
+            if n == 0 {
+                return 0;
+            }
+            match self.running.compare_exchange_weak(
+                now,
+                now + n,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return n,
+                Err(current) => now = current,
+            }
+        }
     }
 
     /// The Scheduler of `shard` has work that waits only for a slot: the next slot given
@@ -156,9 +174,9 @@ pub struct Started {
 }
 
 impl Started {
-    /// Takes a running slot for each of `jobs`. Only the Scheduler calls this.
-    pub(crate) fn new(jobs: Vec<Box<Job>>, slots: &RunningSlots) -> Started {
-        slots.take(jobs.len());
+    /// `jobs`, each holding a running slot the Scheduler has taken already
+    /// ([`RunningSlots::try_take`]). Only the Scheduler calls this.
+    pub(crate) fn taken(jobs: Vec<Box<Job>>) -> Started {
         Started { jobs }
     }
 
@@ -328,6 +346,29 @@ mod tests {
     }
 
     #[test]
+    fn slots_are_never_taken_beyond_the_maximum() {
+        let r = RunningSlots::new(1);
+        assert_eq!(r.try_take(5, 8), 5);
+        assert_eq!(r.try_take(5, 8), 3, "only what is left");
+        assert_eq!(r.try_take(1, 8), 0);
+        r.give_back(2, |_| {});
+        assert_eq!(r.try_take(0, 8), 0);
+        assert_eq!(r.try_take(9, 8), 2);
+        assert_eq!(r.count(), 8);
+        // Several takers at once never pass the maximum together.
+        let r = std::sync::Arc::new(RunningSlots::new(1));
+        let takers: Vec<_> = (0..4)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || (0..1000).map(|_| r.try_take(3, 100)).sum::<usize>())
+            })
+            .collect();
+        let taken: usize = takers.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(taken, 100);
+        assert_eq!(r.count(), 100);
+    }
+
+    #[test]
     fn running_slots_wake_each_waiting_scheduler_once() {
         let r = RunningSlots::new(3);
         let woken = |r: &RunningSlots, n| {
@@ -335,7 +376,7 @@ mod tests {
             r.give_back(n, |s| v.push(s));
             v
         };
-        r.take(4);
+        assert_eq!(r.try_take(4, 100), 4);
         assert_eq!(r.count(), 4);
         assert_eq!(woken(&r, 1), Vec::<usize>::new(), "nobody waits");
         assert!(!r.want(2, 3), "three run, three allowed");
@@ -366,12 +407,14 @@ mod tests {
         let shared = node.shared().clone();
         let running = shared.running();
         // Lost on the way to the Executor.
-        let lost = Started::new(jobs.drain(..2).collect(), running);
+        assert_eq!(running.try_take(2, 10), 2);
+        let lost = Started::taken(jobs.drain(..2).collect());
         assert_eq!(running.count(), 2);
         drop(lost);
         assert_eq!(running.count(), 0);
         // Split, then partly run: each slot is given back once.
-        let mut batch = Started::new(jobs, running);
+        assert_eq!(running.try_take(4, 10), 4);
+        let mut batch = Started::taken(jobs);
         let rest = batch.split_off(2);
         assert_eq!((batch.len(), rest.len(), running.count()), (2, 2, 4));
         drop(rest);
@@ -391,10 +434,10 @@ mod tests {
         returns.flush();
         assert_eq!(running.count(), 0);
         // Whatever was not flushed goes back when the task ends.
-        let (_job, slot) = Started::new(
-            vec![node.admit_for_test(crate::Operation::new("t", crate::Json::null()))],
-            running,
-        )
+        assert_eq!(running.try_take(1, 10), 1);
+        let (_job, slot) = Started::taken(vec![
+            node.admit_for_test(crate::Operation::new("t", crate::Json::null()))
+        ])
         .run(&returns)
         .next()
         .unwrap();
