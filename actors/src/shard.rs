@@ -31,6 +31,7 @@ use crate::job::Job;
 use crate::op::{OpType, Operation};
 use crate::router::{Intake, RouterMsg};
 use crate::scheduler::SchedulerMsg;
+#[cfg(feature = "test-util")]
 use crate::supervisor::ChildKind;
 
 /// The current ref of each actor of a shard, swapped when the supervisor restarts one.

@@ -78,7 +78,14 @@ impl Load for InProcess {
     type Fut = InProcessFut;
 
     fn issue(&self, _ops: u32) -> InProcessFut {
-        let op = Operation::new(self.op_type.clone(), self.payload.clone());
+        // Each operation brings its own type name and payload, as a caller building one
+        // (or the HTTP api parsing one) does: clones of one shared `Arc` and `Bytes`
+        // would make every core count references on the same two cache lines, a cost of
+        // this generator, not of the engine.
+        let op = Operation::new(
+            &*self.op_type,
+            Json::from_trusted(self.payload.as_bytes().to_vec()),
+        );
         match self.node.enqueue(op) {
             Ok(ticket) => InProcessFut::Waiting {
                 ticket,
