@@ -123,14 +123,20 @@ impl ShardOf {
         }
     }
 
-    /// The shard of `key` for `op_type`: where the Cache holds that idempotency key.
+    /// The shard of `key` for `op_type`.
     pub(crate) fn key(&self, op_type: &OpType, key: &str) -> usize {
-        if self.n == 1 {
-            return 0;
-        }
-        let h = mix(stable_hash(op_type.as_bytes()) ^ stable_hash(key.as_bytes()).rotate_left(1));
-        (h % self.n as u64) as usize
+        key_shard(self.n, op_type, key)
     }
+}
+
+/// The shard of `key` for `op_type` among `n`: where every operation with that key goes,
+/// and where the Cache holds it when it is an idempotency key.
+pub(crate) fn key_shard(n: usize, op_type: &str, key: &str) -> usize {
+    if n == 1 {
+        return 0;
+    }
+    let h = mix(stable_hash(op_type.as_bytes()) ^ stable_hash(key.as_bytes()).rotate_left(1));
+    (h % n as u64) as usize
 }
 
 /// Splits `jobs` by the shard each was given at the door, calling `each` once per shard

@@ -30,7 +30,7 @@ use crate::op::{NodeId, OpOutcome, OpType};
 use crate::router::{Forwarder, RouterMsg};
 use crate::routing::RouteStore;
 use crate::scheduler::SchedulerMsg;
-use crate::shard::{split, ShardOf, Shards};
+use crate::shard::{key_shard, split, Shards};
 use crate::slots::RunningSlots;
 #[cfg(feature = "test-util")]
 use crate::supervisor::ChildKind;
@@ -203,7 +203,7 @@ impl NodeShared {
     }
     /// A keyed operation finished: tells the Cache of its key's shard.
     pub(crate) fn cache_completed(&self, key: CacheKey, outcome: OpOutcome) {
-        let shard = ShardOf::here(self.shards.len()).key(&key.0, &key.1);
+        let shard = key_shard(self.shards.len(), &key.0, &key.1);
         self.send_cache(shard, CacheMsg::Completed { key, outcome })
     }
     /// Running operations finished: give their slots back and wake the Schedulers that
