@@ -253,7 +253,7 @@ pub struct OpTrace {
 impl OpTrace {
     /// The trace of an operation accepted here, continuing `parent` if it has one.
     pub fn begin(parent: Option<TraceContext>, sampler: Option<&Sampler>, origin: bool) -> Self {
-        let base = rand::random::<u64>();
+        let base = ids::next_u64();
         match parent {
             Some(p) => OpTrace {
                 trace_id: p.trace_id,
@@ -263,7 +263,7 @@ impl OpTrace {
                 origin,
             },
             None => {
-                let trace_id = rand::random::<u128>().max(1);
+                let trace_id = ids::next_u128().max(1);
                 OpTrace {
                     trace_id,
                     parent: 0,
@@ -316,6 +316,30 @@ impl OpTrace {
     }
 }
 
+/// Trace and span ids: random, as W3C Trace Context asks, drawn from a small fast
+/// generator per thread (xoshiro, seeded from the OS through `rand`'s thread generator).
+/// They need to be unique and unguessable enough not to collide, not secret: ChaCha,
+/// `rand`'s default, cost a tenth of a traced operation's remaining overhead at 1 %
+/// sampling.
+mod ids {
+    use std::cell::RefCell;
+
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    thread_local! {
+        static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+    }
+
+    pub(super) fn next_u64() -> u64 {
+        RNG.with(|r| r.borrow_mut().random())
+    }
+
+    pub(super) fn next_u128() -> u128 {
+        RNG.with(|r| r.borrow_mut().random())
+    }
+}
+
 thread_local! {
     static CURRENT: Cell<Option<TraceContext>> = const { Cell::new(None) };
 }
@@ -358,6 +382,23 @@ impl<F: Future + Unpin> Future for InContext<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_ids_do_not_repeat_within_or_across_threads() {
+        let draw = || (0..10_000).map(|_| ids::next_u128()).collect::<Vec<_>>();
+        let mut all = draw();
+        all.extend(std::thread::spawn(draw).join().unwrap());
+        all.extend(std::thread::spawn(draw).join().unwrap());
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "every thread's generator is seeded apart");
+        // Every bit is used (not a counter in disguise).
+        let or = all.iter().fold(0u128, |a, b| a | b);
+        let and = all.iter().fold(u128::MAX, |a, b| a & b);
+        assert_eq!((or, and), (u128::MAX, 0));
+        assert_ne!(ids::next_u64(), ids::next_u64());
+    }
 
     #[test]
     fn span_ids_are_distinct_and_stable() {
