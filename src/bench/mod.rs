@@ -606,14 +606,17 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
         payload: plan.payload.clone(),
         owner,
     });
-    let idle = rss::read().map(|m| m.rss);
-    let peak_source = idle.map(|_| {
+    let peak_source = rss::read().map(|_| {
         if rss::reset_peak() {
             PeakSource::VmhwmReset
         } else {
             PeakSource::VmhwmLifetime
         }
     });
+    // Idle is read after the reset: the mark only grows from there, so the peak is never
+    // below it (read before, memory other threads freed meanwhile could put the reset
+    // mark under the idle reading).
+    let idle = peak_source.and(rss::read().map(|m| m.rss));
     let what = "the embedded node";
     let measured = async {
         if plan.warmup > 0 {
