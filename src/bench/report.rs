@@ -419,7 +419,6 @@ pub(super) fn group(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::run_report;
     use crate::bench::tests::{assert_report_shape, parse};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,7 +431,7 @@ mod tests {
             "8",
             "--json",
         ]);
-        let r = run_report(&args).await.unwrap();
+        let r = crate::bench::tests::run_alone(&args).await.unwrap();
         let line = render_json(&r).unwrap();
         assert!(!line.contains('\n'));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();

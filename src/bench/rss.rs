@@ -103,6 +103,11 @@ pub(crate) mod tests {
         QUIET.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Held by every test that resets the mark and reads it back later (an in-process
+    /// bench run, the test below): one reset at a time in this process, so one test's
+    /// reset cannot put another's peak below its idle reading.
+    pub(crate) static RESETS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     #[test]
     fn status_fields_are_parsed_in_bytes() {
         let status =
@@ -139,6 +144,7 @@ pub(crate) mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn the_peak_sees_memory_touched_and_freed_and_a_reset_forgets_it() {
+        let _alone = RESETS.blocking_lock();
         let window = quiet();
         let before = read().unwrap();
         let big = vec![1u8; 64 << 20];

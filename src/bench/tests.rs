@@ -13,6 +13,13 @@ struct Cli {
     args: BenchArgs,
 }
 
+/// Runs an in-process bench alone among the tests that reset the process's memory
+/// high-water mark (see `rss::tests::RESETS`).
+pub(super) async fn run_alone(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let _alone = super::rss::tests::RESETS.lock().await;
+    run_report(args).await
+}
+
 pub(super) fn parse(argv: &[&str]) -> BenchArgs {
     Cli::try_parse_from(std::iter::once("bench").chain(argv.iter().copied()))
         .expect("flags parse")
@@ -189,7 +196,7 @@ async fn in_process_echo_run_counts_every_op() {
         "64",
         "--json",
     ]);
-    let r = run_report(&args).await.unwrap();
+    let r = run_alone(&args).await.unwrap();
     assert_eq!(r.ops, 3000);
     assert_eq!(r.errors, 0);
     assert_eq!(r.requests, 3000);
@@ -214,7 +221,7 @@ async fn in_process_echo_run_counts_every_op() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_type_fails_the_run_naming_the_type() {
     let args = parse(&["--in-process", "--type", "no-such-type", "--ops", "1000"]);
-    let e = run_report(&args).await.unwrap_err().to_string();
+    let e = run_alone(&args).await.unwrap_err().to_string();
     assert!(e.contains("first 100 requests"), "{e}");
     assert!(e.contains("no-such-type"), "{e}");
     // A run shorter than 100 requests fails too when every request failed.
@@ -227,7 +234,7 @@ async fn an_unknown_type_fails_the_run_naming_the_type() {
         "--warmup",
         "0",
     ]);
-    let e = run_report(&args).await.unwrap_err().to_string();
+    let e = run_alone(&args).await.unwrap_err().to_string();
     assert!(e.contains("all 5 requests"), "{e}");
 }
 
@@ -245,7 +252,7 @@ async fn a_failing_handler_is_quoted() {
         "--warmup",
         "0",
     ]);
-    let e = run_report(&args).await.unwrap_err().to_string();
+    let e = run_alone(&args).await.unwrap_err().to_string();
     assert!(e.contains("sleep expects"), "{e}");
 }
 
@@ -264,7 +271,7 @@ async fn as_many_slots_as_ops_put_every_op_in_flight_at_once() {
         "--warmup",
         "0",
     ]);
-    let r = run_report(&args).await.unwrap();
+    let r = run_alone(&args).await.unwrap();
     assert_eq!((r.ops, r.errors), (400, 0));
     // One wave of 300 ms, not two: no driver held back operations it had no slot for.
     assert!(r.seconds < 0.55, "{r:?}");
@@ -284,7 +291,7 @@ async fn open_loop_keeps_to_the_rate() {
         "--warmup",
         "0",
     ]);
-    let r = run_report(&args).await.unwrap();
+    let r = run_alone(&args).await.unwrap();
     assert_eq!((r.ops, r.errors), (2000, 0));
     // The last operation is not due before (2000 - drivers) / 20000 s.
     assert!(r.seconds >= 0.095, "{r:?}");
@@ -310,7 +317,7 @@ async fn open_loop_counts_ops_held_back_by_the_cap() {
         "--warmup",
         "0",
     ]);
-    let r = run_report(&args).await.unwrap();
+    let r = run_alone(&args).await.unwrap();
     assert_eq!((r.ops, r.errors), (200, 0));
     // At most 4 in flight for 20 ms each: 200 ops take about a second, not 40 ms.
     assert!(r.seconds >= 0.9, "{r:?}");
@@ -771,7 +778,7 @@ async fn a_remote_run_proves_where_its_operations_ran() {
         "--warmup",
         "0",
     ]);
-    let r = run_report(&args).await.unwrap();
+    let r = run_alone(&args).await.unwrap();
     assert_eq!((r.ops, r.errors), (300, 0), "{r:?}");
     assert_eq!(r.mode, "in-process-remote");
     assert_eq!(
@@ -853,7 +860,7 @@ async fn a_remote_run_exports_both_nodes_spans_to_the_endpoint() {
         "--otlp-endpoint",
         &endpoint,
     ]);
-    let r = run_report(&args).await.unwrap();
+    let r = run_alone(&args).await.unwrap();
     assert_eq!((r.ops, r.errors), (200, 0), "{r:?}");
     let t = r.trace_export.clone().expect("trace counters");
     let by_node = received.0.lock().clone();
