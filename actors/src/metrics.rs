@@ -18,7 +18,7 @@ use crate::op::OpStatus;
 use crate::supervisor::ChildKind;
 
 /// A latency histogram: 1 µs to 1 hour at 2 significant digits (1 % precision), about
-/// 25 KB, so a node with many types and shards stays small.
+/// 25 KB, so a node with many types and stripes stays small.
 pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("static histogram bounds are valid")
 }
@@ -53,10 +53,10 @@ impl Latency {
 /// striped by thread like the latency histograms, merged when read.
 pub struct Buckets {
     bounds: &'static [u64],
-    shards: Box<[Padded<BucketShard>]>,
+    stripes: Box<[Padded<BucketStripe>]>,
 }
 
-struct BucketShard {
+struct BucketStripe {
     /// Per bucket (not cumulative); one more than `bounds` for +Inf.
     counts: Box<[AtomicU64]>,
     sum: AtomicU64,
@@ -102,9 +102,9 @@ impl Buckets {
     pub fn new(bounds: &'static [u64]) -> Self {
         Buckets {
             bounds,
-            shards: (0..stripes())
+            stripes: (0..stripes())
                 .map(|_| {
-                    Padded(BucketShard {
+                    Padded(BucketStripe {
                         counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
                         sum: AtomicU64::new(0),
                     })
@@ -115,7 +115,7 @@ impl Buckets {
 
     pub fn record(&self, value: u64) {
         let i = self.bounds.partition_point(|b| *b < value);
-        let s = &self.shards[stripe()].0;
+        let s = &self.stripes[stripe()].0;
         s.counts[i].fetch_add(1, Ordering::Relaxed);
         s.sum.fetch_add(value, Ordering::Relaxed);
     }
@@ -123,7 +123,7 @@ impl Buckets {
     pub fn snapshot(&self) -> BucketSnapshot {
         let mut per = vec![0u64; self.bounds.len() + 1];
         let mut sum = 0u64;
-        for Padded(s) in self.shards.iter() {
+        for Padded(s) in self.stripes.iter() {
             for (p, c) in per.iter_mut().zip(s.counts.iter()) {
                 *p += c.load(Ordering::Relaxed);
             }
