@@ -7,7 +7,7 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opmesh::cache::{CacheCounters, Lookup, ResultCache};
+use opmesh::cache::{CacheCounters, CacheKey, Lookup, ResultCache};
 use opmesh::routing::{pick, NodeView, Route, RoutingTable, Strategy};
 use opmesh::scheduler::{BatchPolicy, Queued, Queues};
 use opmesh::{OpId, OpOutcome, OpStatus, OpType};
@@ -91,15 +91,19 @@ fn main() {
     let now = Instant::now();
     let ty: OpType = "echo".into();
     let outcome = OpOutcome::new(OpId::new(), OpStatus::Succeeded);
+    let key = |k: &str| CacheKey {
+        op_type: ty.clone(),
+        owner: None,
+        key: k.into(),
+    };
     for k in &keys {
-        let key = (ty.clone(), k.as_str().into());
-        if let Lookup::Miss(_) = cache.lookup(key, 0, now) {
-            cache.complete((ty.clone(), k.as_str().into()), &outcome, now);
+        if let Lookup::Miss(_) = cache.lookup(key(k), 0, 0, now) {
+            cache.complete(key(k), &outcome, now);
         }
     }
     measure("cache lookup, hit", 2_000_000, |i| {
-        let key = (ty.clone(), keys[(i & 1023) as usize].as_str().into());
-        black_box(matches!(cache.lookup(key, i, now), Lookup::Hit(..)));
+        let key = key(&keys[(i & 1023) as usize]);
+        black_box(matches!(cache.lookup(key, 0, i, now), Lookup::Hit(..)));
     });
 
     let mut q: Queues<Item> = Queues::new(BatchPolicy {

@@ -109,6 +109,15 @@ pub struct Target {
     /// The node to talk to
     #[arg(long, env = "OPMESH_TARGET", default_value = "http://127.0.0.1:7070")]
     pub target: String,
+    /// The API token to send (`Authorization: Bearer`), when the node checks tokens.
+    /// Other users can see flags in the process list: prefer OPMESH_TOKEN
+    #[arg(
+        long,
+        env = "OPMESH_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<Secret>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -204,11 +213,45 @@ pub enum ClusterCmd {
     Leave(ReadArgs),
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .expect("an HTTP client with default settings builds")
+impl Command {
+    /// The node a client command talks to (`None` for `serve` and `bench`).
+    fn target(&self) -> Option<&Target> {
+        Some(match self {
+            Command::Serve(_) | Command::Bench(_) => return None,
+            Command::Submit(a) => &a.target,
+            Command::Get(a) => &a.target,
+            Command::Health(a) | Command::Metrics(a) => &a.target,
+            Command::Routes(
+                RoutesCmd::List(read)
+                | RoutesCmd::Get { read, .. }
+                | RoutesCmd::Set { read, .. }
+                | RoutesCmd::Delete { read, .. },
+            ) => &read.target,
+            Command::Cluster(
+                ClusterCmd::Status(read) | ClusterCmd::Join { read, .. } | ClusterCmd::Leave(read),
+            ) => &read.target,
+        })
+    }
+}
+
+/// The `Authorization` header of `token`, marked sensitive (kept out of debug output).
+pub(crate) fn bearer_header(token: &Secret) -> anyhow::Result<reqwest::header::HeaderMap> {
+    let mut value = [b"Bearer ", token.expose()].concat();
+    value.retain(|b| *b != b'\n' && *b != b'\r');
+    let mut value = reqwest::header::HeaderValue::from_bytes(&value)
+        .map_err(|_| anyhow::anyhow!("--token / OPMESH_TOKEN holds a character a header cannot"))?;
+    value.set_sensitive(true);
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    Ok(headers)
+}
+
+fn client(target: Option<&Target>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(120));
+    if let Some(token) = target.and_then(|t| t.token.as_ref()) {
+        b = b.default_headers(bearer_header(token)?);
+    }
+    Ok(b.build()?)
 }
 
 /// Sends a request and returns the JSON answer; a refusal becomes an error naming the
@@ -262,7 +305,7 @@ fn print_op(v: &Value) {
 
 /// Runs a client command.
 pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
-    let c = client();
+    let c = client(cmd.target())?;
     match cmd {
         Command::Submit(a) => {
             let payload: Value = match &a.payload {

@@ -24,6 +24,7 @@ pub use opmesh_actors::*;
 pub use opmesh_cluster as cluster;
 
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -129,6 +129,12 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         keep_alive: cfg.http.keep_alive,
         shutdown_grace: cfg.shutdown_grace,
         telemetry: telemetry.clone(),
+        tokens: cfg
+            .auth
+            .tokens
+            .as_ref()
+            .map(|(path, set)| crate::auth::Tokens::new(path.clone(), set.clone())),
+        protect_metrics: cfg.auth.protect_metrics,
     };
     let http =
         api::start(node.clone(), cluster, listener, &settings).map_err(listen(cfg.http.addr))?;

@@ -517,6 +517,8 @@ fn failed_operations_link_to_their_traces_in_jaeger() {
             keep_alive: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(1),
             telemetry,
+            tokens: None,
+            protect_metrics: false,
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let server = opmesh::api::start(node.clone(), None, listener, &settings).unwrap();

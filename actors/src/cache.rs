@@ -29,8 +29,38 @@ use crate::scheduler::SchedulerMsg;
 use crate::shared::NodeShared;
 use crate::trace::{CacheVerdict, Stamp};
 
-/// A result's identity: the operation type and its idempotency key.
-pub type CacheKey = (OpType, Box<str>);
+/// A result's identity: the operation type, who submitted it and its idempotency key.
+/// With API tokens on, two clients' equal keys are two keys.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub op_type: OpType,
+    pub owner: Option<Arc<str>>,
+    pub key: Box<str>,
+}
+
+impl CacheKey {
+    /// The key of `op`, when it has an idempotency key.
+    pub fn of(op: &crate::op::Operation) -> Option<CacheKey> {
+        Some(CacheKey {
+            op_type: op.op_type.clone(),
+            owner: op.owner.clone(),
+            key: op.idempotency_key.as_deref()?.into(),
+        })
+    }
+}
+
+/// What a repeat of an idempotency key must match: a hash of the payload's bytes. A key
+/// sent again with another payload is a client's mistake, refused rather than answered
+/// with the first payload's result.
+pub fn fingerprint(payload: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(payload)
+}
+
+/// The error of an operation refused because its idempotency key was used before with
+/// another payload; the api answers it with 409 `idempotency_key_reused`.
+pub const KEY_REUSED: &str =
+    "idempotency_key_reused: this idempotency key was used with a different payload";
 
 /// Counters of the cache, readable while it runs.
 #[derive(Default)]
@@ -88,13 +118,18 @@ pub enum Lookup<W> {
     Joined,
     /// Nothing known: the caller runs it; the key is now in flight.
     Miss(W),
+    /// The key is known (stored or in flight) with another payload: the waiter is handed
+    /// back to be refused.
+    Reused(W),
 }
 
 /// LRU + TTL store of successful results, plus the waiters of keys in flight. Generic
 /// over the waiter so it is tested without actors.
 pub struct ResultCache<W> {
-    done: LruCache<CacheKey, (OpOutcome, Instant)>,
-    in_flight: HashMap<CacheKey, Vec<W>>,
+    /// Stored results, with the payload fingerprint and when they were stored.
+    done: LruCache<CacheKey, (OpOutcome, u64, Instant)>,
+    /// Keys running now, with the payload fingerprint and the waiters that joined.
+    in_flight: HashMap<CacheKey, (u64, Vec<W>)>,
     ttl: Duration,
     counters: Arc<CacheCounters>,
 }
@@ -111,11 +146,14 @@ impl<W> ResultCache<W> {
         }
     }
 
-    /// Looks `key` up for `waiter` at time `now`.
-    pub fn lookup(&mut self, key: CacheKey, waiter: W, now: Instant) -> Lookup<W> {
+    /// Looks `key` up for `waiter`, whose payload has fingerprint `print`, at time `now`.
+    pub fn lookup(&mut self, key: CacheKey, print: u64, waiter: W, now: Instant) -> Lookup<W> {
         let c = &self.counters;
-        if let Some((outcome, at)) = self.done.get(&key) {
+        if let Some((outcome, stored, at)) = self.done.get(&key) {
             if now.duration_since(*at) < self.ttl {
+                if *stored != print {
+                    return Lookup::Reused(waiter);
+                }
                 c.hits.fetch_add(1, Ordering::Relaxed);
                 return Lookup::Hit(waiter, outcome.clone());
             }
@@ -123,23 +161,28 @@ impl<W> ResultCache<W> {
             c.expirations.fetch_add(1, Ordering::Relaxed);
             c.size.fetch_sub(1, Ordering::Relaxed);
         }
-        if let Some(waiters) = self.in_flight.get_mut(&key) {
+        if let Some((running, waiters)) = self.in_flight.get_mut(&key) {
+            if *running != print {
+                return Lookup::Reused(waiter);
+            }
             waiters.push(waiter);
             c.hits.fetch_add(1, Ordering::Relaxed);
             c.joined.fetch_add(1, Ordering::Relaxed);
             return Lookup::Joined;
         }
         c.misses.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.insert(key, Vec::new());
+        self.in_flight.insert(key, (print, Vec::new()));
         Lookup::Miss(waiter)
     }
 
     /// Records the outcome of the run for `key`; returns the waiters that joined it.
     /// Only successes are stored: a failed run is not an answer to reuse.
     pub fn complete(&mut self, key: CacheKey, outcome: &OpOutcome, now: Instant) -> Vec<W> {
-        let waiters = self.in_flight.remove(&key).unwrap_or_default();
+        let Some((print, waiters)) = self.in_flight.remove(&key) else {
+            return Vec::new();
+        };
         if outcome.status == OpStatus::Succeeded {
-            match self.done.push(key.clone(), (outcome.clone(), now)) {
+            match self.done.push(key.clone(), (outcome.clone(), print, now)) {
                 // Replaced the same key's older result: the size stays.
                 Some((old_key, _)) if old_key == key => {}
                 Some(_) => {
@@ -237,18 +280,23 @@ impl Actor for Cache {
                 let mut misses = Vec::new();
                 for mut job in jobs {
                     job.reply.stamps.cache_in = cache_in;
-                    let Some(ik) = job.op.idempotency_key.as_deref() else {
+                    let Some(key) = CacheKey::of(&job.op) else {
                         misses.push(job);
                         continue;
                     };
-                    let key: CacheKey = (job.op.op_type.clone(), ik.into());
+                    let print = fingerprint(job.op.payload.as_bytes());
                     // A joined operation waits with the run it joined; its cache span
                     // lasts until that run's answer.
                     job.reply.cache_verdict = Some(CacheVerdict::Joined);
-                    match state.cache.lookup(key.clone(), job, now) {
+                    match state.cache.lookup(key.clone(), print, job, now) {
                         Lookup::Hit(mut j, outcome) => {
                             j.reply.cache_verdict = Some(CacheVerdict::Hit);
                             answer_from_cache(j, &outcome)
+                        }
+                        Lookup::Reused(j) => {
+                            let id = j.op.id;
+                            j.reply
+                                .finish(OpOutcome::failure(id, OpStatus::Failed, KEY_REUSED));
                         }
                         Lookup::Joined => {}
                         Lookup::Miss(j) => {
@@ -289,7 +337,11 @@ mod tests {
     }
 
     fn key(k: &str) -> CacheKey {
-        ("t".into(), k.into())
+        CacheKey {
+            op_type: "t".into(),
+            owner: None,
+            key: k.into(),
+        }
     }
 
     fn cache(cap: usize, ttl_ms: u64) -> ResultCache<u32> {
@@ -304,12 +356,12 @@ mod tests {
     fn miss_then_join_then_hit() {
         let t0 = Instant::now();
         let mut c = cache(10, 1000);
-        assert_eq!(c.lookup(key("a"), 1, t0), Lookup::Miss(1));
-        assert_eq!(c.lookup(key("a"), 2, t0), Lookup::Joined);
-        assert_eq!(c.lookup(key("a"), 3, t0), Lookup::Joined);
+        assert_eq!(c.lookup(key("a"), 0, 1, t0), Lookup::Miss(1));
+        assert_eq!(c.lookup(key("a"), 0, 2, t0), Lookup::Joined);
+        assert_eq!(c.lookup(key("a"), 0, 3, t0), Lookup::Joined);
         let ok = outcome(OpStatus::Succeeded);
         assert_eq!(c.complete(key("a"), &ok, t0), vec![2, 3]);
-        match c.lookup(key("a"), 4, t0 + Duration::from_millis(10)) {
+        match c.lookup(key("a"), 0, 4, t0 + Duration::from_millis(10)) {
             Lookup::Hit(4, o) => assert_eq!(o.id, ok.id),
             other => panic!("{other:?}"),
         }
@@ -322,18 +374,18 @@ mod tests {
     fn failures_are_not_stored_and_ttl_expires() {
         let t0 = Instant::now();
         let mut c = cache(10, 100);
-        assert_eq!(c.lookup(key("a"), 1, t0), Lookup::Miss(1));
+        assert_eq!(c.lookup(key("a"), 0, 1, t0), Lookup::Miss(1));
         assert!(c
             .complete(key("a"), &outcome(OpStatus::Failed), t0)
             .is_empty());
-        assert_eq!(c.lookup(key("a"), 2, t0), Lookup::Miss(2));
+        assert_eq!(c.lookup(key("a"), 0, 2, t0), Lookup::Miss(2));
         c.complete(key("a"), &outcome(OpStatus::Succeeded), t0);
         assert!(matches!(
-            c.lookup(key("a"), 3, t0 + Duration::from_millis(50)),
+            c.lookup(key("a"), 0, 3, t0 + Duration::from_millis(50)),
             Lookup::Hit(3, _)
         ));
         assert_eq!(
-            c.lookup(key("a"), 4, t0 + Duration::from_millis(150)),
+            c.lookup(key("a"), 0, 4, t0 + Duration::from_millis(150)),
             Lookup::Miss(4)
         );
         assert_eq!(c.counters.snapshot().expirations, 1);
@@ -344,16 +396,40 @@ mod tests {
         let t0 = Instant::now();
         let mut c = cache(2, 10_000);
         for (i, k) in ["a", "b"].iter().enumerate() {
-            c.lookup(key(k), i as u32, t0);
+            c.lookup(key(k), 0, i as u32, t0);
             c.complete(key(k), &outcome(OpStatus::Succeeded), t0);
         }
-        assert!(matches!(c.lookup(key("a"), 9, t0), Lookup::Hit(..)));
-        c.lookup(key("c"), 3, t0);
+        assert!(matches!(c.lookup(key("a"), 0, 9, t0), Lookup::Hit(..)));
+        c.lookup(key("c"), 0, 3, t0);
         c.complete(key("c"), &outcome(OpStatus::Succeeded), t0);
         assert_eq!(c.len(), 2);
         assert_eq!(c.counters.snapshot().evictions, 1);
-        assert!(matches!(c.lookup(key("a"), 9, t0), Lookup::Hit(..)));
-        assert_eq!(c.lookup(key("b"), 9, t0), Lookup::Miss(9));
+        assert!(matches!(c.lookup(key("a"), 0, 9, t0), Lookup::Hit(..)));
+        assert_eq!(c.lookup(key("b"), 0, 9, t0), Lookup::Miss(9));
+    }
+
+    #[test]
+    fn a_key_again_with_another_payload_is_refused_and_owners_have_their_own_keys() {
+        let t0 = Instant::now();
+        let mut c = cache(10, 1000);
+        assert_eq!(c.lookup(key("a"), 7, 1, t0), Lookup::Miss(1));
+        // In flight: another payload is refused, the same one joins.
+        assert_eq!(c.lookup(key("a"), 8, 2, t0), Lookup::Reused(2));
+        assert_eq!(c.lookup(key("a"), 7, 3, t0), Lookup::Joined);
+        assert_eq!(
+            c.complete(key("a"), &outcome(OpStatus::Succeeded), t0),
+            vec![3]
+        );
+        // Stored: the same.
+        assert_eq!(c.lookup(key("a"), 8, 4, t0), Lookup::Reused(4));
+        assert!(matches!(c.lookup(key("a"), 7, 5, t0), Lookup::Hit(5, _)));
+        // Another owner's equal key is another key.
+        let theirs = CacheKey {
+            owner: Some("other".into()),
+            ..key("a")
+        };
+        assert_eq!(c.lookup(theirs, 8, 6, t0), Lookup::Miss(6));
+        assert_ne!(fingerprint(b"{\"a\":1}"), fingerprint(b"{\"a\":2}"));
     }
 
     proptest::proptest! {
@@ -363,7 +439,7 @@ mod tests {
             let mut c = cache(cap, 10_000);
             for k in keys {
                 let k = key(&k.to_string());
-                if let Lookup::Miss(_) = c.lookup(k.clone(), 0, t0) {
+                if let Lookup::Miss(_) = c.lookup(k.clone(), 0, 0, t0) {
                     c.complete(k, &outcome(OpStatus::Succeeded), t0);
                 }
                 proptest::prop_assert!(c.len() <= cap);

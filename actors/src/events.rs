@@ -98,6 +98,9 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         trace_id: Option<String>,
         timestamp: u64,
+        /// Who submitted it: with API tokens on, only they and admins see the event.
+        #[serde(skip)]
+        owner: Option<Arc<str>>,
     },
     /// An operation finished: succeeded (`operation:success`), or failed or expired
     /// (`operation:failure`).
@@ -117,12 +120,26 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         trace_id: Option<String>,
         timestamp: u64,
+        /// Who submitted it: with API tokens on, only they and admins see the event.
+        #[serde(skip)]
+        owner: Option<Arc<str>>,
     },
     /// A periodic snapshot of the node's figures (whatever the publisher collected).
     MetricsCollected(serde_json::Value),
 }
 
 impl Event {
+    /// Who submitted the operation an event is about (`None` for node-wide events, and
+    /// for operations submitted without a token).
+    pub fn owner(&self) -> Option<&str> {
+        match self {
+            Event::OperationStarted { owner, .. } | Event::OperationFinished { owner, .. } => {
+                owner.as_deref()
+            }
+            _ => None,
+        }
+    }
+
     pub fn kind(&self) -> EventKind {
         match self {
             Event::BatchScheduled { .. } => EventKind::BatchScheduled,

@@ -73,6 +73,8 @@ pub struct Reply {
     /// cache): its outcome is stored and handed to operations that joined it.
     pub(crate) cache_key: Option<CacheKey>,
     pub(crate) accepted_at: Instant,
+    /// Who submitted it ([`Operation::owner`]), for the events it publishes.
+    owner: Option<Arc<str>>,
     done: bool,
 }
 
@@ -99,6 +101,7 @@ impl Reply {
             shared,
             cache_key: None,
             accepted_at,
+            owner: op.owner.clone(),
             done: false,
         };
         (reply, rx)
@@ -123,6 +126,7 @@ impl Reply {
                 op_type: op_type.clone(),
                 trace_id: self.trace.as_ref().map(|t| format!("{:032x}", t.trace_id)),
                 timestamp: now_ms(),
+                owner: self.owner.clone(),
             });
     }
 
@@ -239,6 +243,7 @@ impl Reply {
             duration_us: latency.as_micros() as u64,
             trace_id: outcome.trace_id.map(|t| t.to_string()),
             timestamp: now_ms(),
+            owner: self.owner.clone(),
         });
     }
 
@@ -344,6 +349,8 @@ pub struct Tracked {
     pub op_type: Arc<str>,
     /// The operation's trace id, when it carries a trace context.
     pub trace_id: Option<u128>,
+    /// Who submitted it ([`Operation::owner`]).
+    pub owner: Option<Arc<str>>,
     status: AtomicU8,
     outcome: OnceLock<OpOutcome>,
     finished_at: OnceLock<Instant>,
@@ -355,6 +362,7 @@ impl Tracked {
             id: op.id,
             op_type: op.op_type.clone(),
             trace_id,
+            owner: op.owner.clone(),
             status: AtomicU8::new(OpStatus::Queued.to_u8()),
             outcome: OnceLock::new(),
             finished_at: OnceLock::new(),

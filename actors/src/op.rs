@@ -8,8 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,20 +22,19 @@ pub type NodeId = Arc<str>;
 
 /// A unique operation id, shown as a UUID-formatted string.
 ///
-/// Ids are made of a random per-process prefix and a counter, so making one costs an
-/// atomic increment, and ids from different processes do not collide.
+/// Ids are random version-4 UUIDs drawn from the thread's cryptographically secure
+/// generator (122 random bits), so an id cannot be guessed from another one: knowing an
+/// operation's id is what lets a client read its result.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OpId(pub u128);
 
 impl OpId {
-    /// A fresh id, unique within this process and, with overwhelming probability, across
-    /// processes.
+    /// A fresh random id (a UUID of version 4, variant RFC 4122).
     pub fn new() -> Self {
-        static PREFIX: OnceLock<u64> = OnceLock::new();
-        static COUNTER: AtomicU64 = AtomicU64::new(1);
-        let prefix = *PREFIX.get_or_init(rand::random::<u64>);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        OpId(((prefix as u128) << 64) | n as u128)
+        use rand::Rng;
+        let bits: u128 = rand::rng().random();
+        // Version 4 in bits 76..80, variant 0b10 in bits 62..64.
+        OpId((bits & !(0xF << 76) & !(0b11 << 62)) | (0x4 << 76) | (0b10 << 62))
     }
 }
 
@@ -218,6 +216,9 @@ pub struct Operation {
     /// cached result, and ones that arrive while it runs join it.
     pub idempotency_key: Option<String>,
     pub trace_context: Option<TraceContext>,
+    /// Who submitted it (the API token's name), when the node checks tokens: only they
+    /// (or an admin) may read it, and their idempotency keys are theirs alone.
+    pub owner: Option<Arc<str>>,
 }
 
 impl Operation {
@@ -233,6 +234,7 @@ impl Operation {
             deadline: None,
             idempotency_key: None,
             trace_context: None,
+            owner: None,
         }
     }
 
@@ -264,6 +266,11 @@ impl Operation {
 
     pub fn with_trace_context(mut self, ctx: TraceContext) -> Self {
         self.trace_context = Some(ctx);
+        self
+    }
+
+    pub fn with_owner(mut self, owner: impl Into<Arc<str>>) -> Self {
+        self.owner = Some(owner.into());
         self
     }
 }
@@ -510,6 +517,13 @@ mod tests {
         let a = OpId::new();
         let b = OpId::new();
         assert_ne!(a, b);
+        // Random version-4 UUIDs: no shared prefix, no counter to guess the next one by.
+        for id in [a, b] {
+            let u = uuid::Uuid::from_u128(id.0);
+            assert_eq!(u.get_version_num(), 4, "{u}");
+            assert_eq!(u.get_variant(), uuid::Variant::RFC4122, "{u}");
+        }
+        assert_ne!(a.0 >> 64, b.0 >> 64, "the high halves differ too");
         let parsed: OpId = a.to_string().parse().unwrap();
         assert_eq!(a, parsed);
         assert!("not-an-id".parse::<OpId>().is_err());

@@ -203,7 +203,7 @@ impl NodeShared {
     }
     /// A keyed operation finished: tells the Cache of its key's shard.
     pub(crate) fn cache_completed(&self, key: CacheKey, outcome: OpOutcome) {
-        let shard = key_shard(self.shards.len(), &key.0, &key.1);
+        let shard = key_shard(self.shards.len(), &key.op_type, &key.key);
         self.send_cache(shard, CacheMsg::Completed { key, outcome })
     }
     /// Running operations finished: give their slots back and wake the Schedulers that

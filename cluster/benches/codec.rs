@@ -35,6 +35,7 @@ fn small_op(id: u128) -> WireOp {
             span_id: 1,
             flags: 1,
         }),
+        owner: None,
     }
 }
 

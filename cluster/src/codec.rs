@@ -96,6 +96,8 @@ pub struct WireOp {
     pub remaining_us: Option<u64>,
     /// The sender's span, so the owner's span is its child.
     pub trace: Option<WireTrace>,
+    /// Who submitted it (the API token's name), when the origin checks tokens.
+    pub owner: Option<String>,
 }
 
 /// A span context carried across nodes.
@@ -363,7 +365,7 @@ type MetadataLen = BincodeLen<{ 64 * 1024 }>;
 
 /// The fewest bytes a [`WireOp`] encodes to (every string and list empty, every option
 /// `None`): a count larger than the rest of the body divided by this is a lie.
-const MIN_WIRE_OP: usize = 16 + 8 + 1 + 1 + 8 + 8 + 4 + 1 + 1;
+const MIN_WIRE_OP: usize = 16 + 8 + 1 + 1 + 8 + 8 + 4 + 1 + 1 + 1;
 /// The same for a [`WireReply`].
 const MIN_WIRE_REPLY: usize = 16 + 1 + 1 + 1 + 1 + 4;
 

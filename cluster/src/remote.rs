@@ -44,6 +44,7 @@ pub fn to_wire(job: &Job, now: Instant) -> WireOp {
             span_id: t.span_id,
             flags: t.flags,
         }),
+        owner: op.owner.as_deref().map(str::to_owned),
     }
 }
 
@@ -64,6 +65,7 @@ pub fn from_wire(w: WireOp, now: Instant) -> Operation {
             span_id: t.span_id,
             flags: t.flags,
         }),
+        owner: w.owner.map(Into::into),
     }
 }
 

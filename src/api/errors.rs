@@ -27,6 +27,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     retry_after: Option<Duration>,
+    /// One more header of the answer (`WWW-Authenticate` of a 401, `Allow` of a 405).
+    header: Option<Box<(header::HeaderName, header::HeaderValue)>>,
 }
 
 impl ApiError {
@@ -36,7 +38,17 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            header: None,
         }
+    }
+
+    pub(crate) fn with_header(
+        mut self,
+        name: header::HeaderName,
+        value: header::HeaderValue,
+    ) -> Self {
+        self.header = Some(Box::new((name, value)));
+        self
     }
 
     pub(crate) fn body(&self) -> ErrorBody {
@@ -84,6 +96,9 @@ impl ResponseError for ApiError {
         let mut r = HttpResponse::build(self.status);
         if let Some(d) = self.retry_after {
             r.insert_header((header::RETRY_AFTER, d.as_secs().max(1).to_string()));
+        }
+        if let Some(h) = &self.header {
+            r.insert_header((h.0.clone(), h.1.clone()));
         }
         r.json(self.body())
     }

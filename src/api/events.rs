@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
+use crate::api::auth::Caller;
 use crate::api::ApiError;
 
 /// How often `metrics:collected` is published while somebody watches it.
@@ -138,6 +139,9 @@ pub struct Failure {
     pub duration_us: u64,
     /// How many times the handler ran.
     pub attempts: u32,
+    /// Who submitted it: with tokens on, only they and admins see it.
+    #[serde(skip)]
+    owner: Option<Arc<str>>,
 }
 
 impl Failure {
@@ -154,6 +158,7 @@ impl Failure {
                 duration_us,
                 trace_id,
                 timestamp,
+                owner,
                 ..
             } => Some(Failure {
                 id: id.to_string(),
@@ -166,6 +171,7 @@ impl Failure {
                 timestamp: *timestamp,
                 duration_us: *duration_us,
                 attempts: *attempts,
+                owner: owner.clone(),
             }),
             _ => None,
         }
@@ -189,8 +195,16 @@ impl FailureLog {
         ring.push_back(f);
     }
 
-    fn recent(&self, limit: usize) -> Vec<Failure> {
-        self.ring.lock().iter().rev().take(limit).cloned().collect()
+    /// The newest `limit` failures `caller` may see.
+    fn recent(&self, limit: usize, caller: &Caller) -> Vec<Failure> {
+        self.ring
+            .lock()
+            .iter()
+            .rev()
+            .filter(|f| caller.may_see(f.owner.as_deref()))
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     fn missed(&self) -> u64 {
@@ -233,12 +247,13 @@ pub struct FailuresAnswer {
 }
 
 /// The node's most recent failed or expired operations, newest first (at most 100 are
-/// kept).
+/// kept). With tokens on, a caller sees the ones it submitted (an admin sees all).
 #[utoipa::path(get, path = "/v1/failures",
     params(("limit" = Option<usize>, Query, description = "at most this many (1..=100, default 100)")),
     responses((status = 200, body = FailuresAnswer), (status = 400, body = crate::api::ErrorBody)))]
 pub(crate) async fn failures(
     live: web::Data<Live>,
+    req: actix_web::HttpRequest,
     q: web::Query<FailuresQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let limit = match &q.limit {
@@ -246,7 +261,7 @@ pub(crate) async fn failures(
         Some(s) => parse_in_range("limit", s, 1, MAX_FAILURES)?,
     };
     Ok(HttpResponse::Ok().json(FailuresAnswer {
-        failures: live.failures.recent(limit),
+        failures: live.failures.recent(limit, &Caller::of(&req)),
         missed: live.failures.missed(),
     }))
 }
@@ -319,6 +334,7 @@ fn parse_kinds(s: &str) -> Result<Kinds, ApiError> {
         (status = 400, body = crate::api::ErrorBody)))]
 pub(crate) async fn events(
     live: web::Data<Live>,
+    req: actix_web::HttpRequest,
     q: web::Query<EventsQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let kinds = match &q.types {
@@ -329,7 +345,8 @@ pub(crate) async fn events(
         None => DEFAULT_BUFFER,
         Some(s) => parse_in_range("buffer", s, 1, MAX_BUFFER)?,
     };
-    let stream = EventStream::new(live.node.events(), kinds, buffer, live.stop.clone());
+    let mut stream = EventStream::new(live.node.events(), kinds, buffer, live.stop.clone());
+    stream.caller = Caller::of(&req);
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
@@ -348,6 +365,8 @@ struct EventStream {
     /// The id of the last event sent to this client.
     seq: u64,
     opened: bool,
+    /// Whose stream it is: events of operations it may not see are left out.
+    caller: Caller,
 }
 
 impl EventStream {
@@ -363,6 +382,10 @@ impl EventStream {
             keep_alive,
             seq: 0,
             opened: false,
+            caller: Caller {
+                name: None,
+                scope: crate::auth::Scope::Admin,
+            },
         }
     }
 
@@ -406,6 +429,7 @@ impl EventStream {
 
     fn write(&mut self, r: Received, buf: &mut BytesMut) {
         match r {
+            Received::Event(e) if !self.caller.may_see(e.owner()) => {}
             Received::Event(e) => {
                 self.seq += 1;
                 write_frame(buf, e.kind().name(), Some(self.seq), &*e);
@@ -508,12 +532,22 @@ mod tests {
                 timestamp: i as u64,
                 duration_us: 0,
                 attempts: 1,
+                owner: Some(if i % 2 == 0 { "even" } else { "odd" }.into()),
             });
         }
-        let r = log.recent(3);
+        let caller = |name: &str, scope| Caller {
+            name: Some(name.into()),
+            scope,
+        };
+        let admin = caller("root", crate::auth::Scope::Admin);
+        let r = log.recent(3, &admin);
         let ids: Vec<&str> = r.iter().map(|f| f.id.as_str()).collect();
         assert_eq!(ids, ["104", "103", "102"]);
-        assert_eq!(log.recent(1000).len(), MAX_FAILURES);
+        assert_eq!(log.recent(1000, &admin).len(), MAX_FAILURES);
+        // A token sees its own failures only.
+        let r = log.recent(3, &caller("odd", crate::auth::Scope::Submit));
+        let ids: Vec<&str> = r.iter().map(|f| f.id.as_str()).collect();
+        assert_eq!(ids, ["103", "101", "99"]);
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 //!
 //! One module per concern, in the order a request meets them:
 //!
+//! - [`auth`]: every endpoint and who may call it; the token check before each handler.
 //! - [`model`]: request and answer bodies.
 //! - [`errors`]: [`ApiError`], how the engine's errors map onto statuses, body reading.
 //! - [`ops`]: submit, batch, read an operation.
@@ -24,6 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use opmesh_actors::Node;
@@ -33,6 +35,7 @@ use crate::telemetry::Telemetry;
 use dashboard::Dashboard;
 use events::Live;
 
+pub mod auth;
 pub mod cluster;
 pub mod dashboard;
 pub mod errors;
@@ -62,6 +65,9 @@ pub struct ApiSettings {
     pub shutdown_grace: Duration,
     /// The trace pipeline's counters and the dashboard's Jaeger link.
     pub telemetry: Telemetry,
+    /// The api's tokens (`None`: open) and whether `/metrics` needs one.
+    pub tokens: Option<Arc<crate::auth::Tokens>>,
+    pub protect_metrics: bool,
 }
 
 /// Most operations one batch request may carry.
@@ -78,39 +84,39 @@ pub(crate) struct AppState {
     telemetry: Telemetry,
 }
 
-async fn not_found(req: HttpRequest) -> HttpResponse {
-    let status = StatusCode::NOT_FOUND;
-    HttpResponse::build(status).json(ErrorBody {
-        error: "not_found".into(),
-        message: format!("no endpoint {} {}", req.method(), req.path()),
-    })
+/// What answers a request no endpoint takes: 405 with `Allow` when the path is an
+/// endpoint's with another method, else 404.
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let allowed = auth::allowed_methods(req.path());
+    if allowed.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no endpoint {} {}", req.method(), req.path()),
+        ));
+    }
+    let allow = allowed.join(", ");
+    Err(ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} {} is not allowed; allowed: {allow}",
+            req.method(),
+            req.path()
+        ),
+    )
+    .with_header(
+        header::ALLOW,
+        HeaderValue::from_str(&allow).expect("method names are header-safe"),
+    ))
 }
 
-/// Adds opmesh's routes to an actix-web service config.
+/// Adds opmesh's routes to an actix-web service config: every row of
+/// [`auth::ENDPOINTS`], and nothing else.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/ops", web::post().to(ops::submit))
-        .route("/v1/ops/batch", web::post().to(ops::submit_batch))
-        .route("/v1/ops/{id}", web::get().to(ops::get_op))
-        .route("/v1/routes", web::get().to(routes::list_routes))
-        .route("/v1/routes/{type}", web::get().to(routes::get_route))
-        .route("/v1/routes/{type}", web::put().to(routes::put_route))
-        .route("/v1/routes/{type}", web::delete().to(routes::delete_route))
-        .route("/v1/health", web::get().to(probes::health))
-        .route("/v1/metrics", web::get().to(probes::metrics))
-        .route("/metrics", web::get().to(probes::prometheus_metrics))
-        .route("/healthz", web::get().to(probes::healthz))
-        .route("/readyz", web::get().to(probes::readyz))
-        .route("/v1/cluster", web::get().to(cluster::cluster_status))
-        .route("/v1/cluster/leave", web::post().to(cluster::cluster_leave))
-        .route("/v1/cluster/join", web::post().to(cluster::cluster_join))
-        .route("/v1/bench/hello", web::post().to(probes::hello))
-        .route("/openapi.json", web::get().to(openapi::openapi_json))
-        .route("/v1/events", web::get().to(events::events))
-        .route("/v1/failures", web::get().to(events::failures))
-        .route("/v1/dashboard/config", web::get().to(dashboard::config))
-        .route("/", web::get().to(dashboard::index))
-        .route("/dashboard/app.js", web::get().to(dashboard::app_js))
-        .route("/dashboard/style.css", web::get().to(dashboard::style_css));
+    for e in auth::ENDPOINTS {
+        cfg.route(e.path, e.route());
+    }
 }
 
 fn query_error(e: actix_web::error::QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
@@ -140,6 +146,8 @@ pub struct Server {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     /// The event streams and their background tasks.
     live: Live,
+    /// Stops the tokens file's watcher.
+    watching: tokio_util::sync::CancellationToken,
 }
 
 /// Binds the api for `node` and starts serving. The caller decides when to stop (see
@@ -164,9 +172,19 @@ pub fn start(
         node: state.node.id().to_string(),
         telemetry: settings.telemetry.clone(),
     });
+    let guard = web::Data::new(auth::Guard {
+        tokens: settings.tokens.clone(),
+        protect_metrics: settings.protect_metrics,
+    });
+    let watching = tokio_util::sync::CancellationToken::new();
+    if let Some(tokens) = &settings.tokens {
+        tokio::spawn(tokens.clone().watch(watching.clone()));
+    }
     let live_state = live.clone();
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(actix_web::middleware::from_fn(auth::authorize))
+            .app_data(guard.clone())
             .app_data(state.clone())
             .app_data(live_state.clone())
             .app_data(dashboard.clone())
@@ -195,6 +213,7 @@ pub fn start(
         cluster,
         left,
         live: Live::clone(&live),
+        watching,
     })
 }
 
@@ -215,6 +234,7 @@ impl Server {
     /// stops serving.
     pub async fn stop(self) -> std::io::Result<()> {
         self.live.shutdown();
+        self.watching.cancel();
         self.handle.stop(true).await;
         match self.task.await {
             Ok(r) => r,

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use opmesh_actors::{Json, OpId, Operation, SubmitError, Ticket, TraceContext};
+use opmesh_actors::cache::KEY_REUSED;
+use opmesh_actors::{Json, OpId, OpOutcome, Operation, SubmitError, Ticket, TraceContext};
 
+use super::auth::Caller;
 use super::errors::{parse, read_body, ApiError, ErrorBody};
 use super::model::{
     BatchAnswer, BatchItem, BatchRequest, OpAnswer, OpRequest, TypedBatch, WaitQuery,
@@ -49,6 +51,7 @@ fn metadata_value(k: &str, v: serde_json::Value) -> Result<String, ApiError> {
 fn to_operation(
     r: OpRequest,
     parent: Option<TraceContext>,
+    caller: &Caller,
     now: Instant,
 ) -> Result<Operation, ApiError> {
     let payload = match r.payload {
@@ -59,6 +62,7 @@ fn to_operation(
     op.trace_context = parent;
     op.key = r.key;
     op.idempotency_key = r.idempotency_key;
+    op.owner = caller.name.clone();
     op.priority = r.priority.unwrap_or(0);
     if let Some(ms) = r.deadline_ms {
         if ms <= 0 {
@@ -89,13 +93,28 @@ fn with_op_headers(mut r: HttpResponse, id: &str, trace: Option<&TraceContext>) 
     r
 }
 
+/// An operation refused because its idempotency key was used before with another
+/// payload (the Cache decides it where the key's results are kept).
+fn key_reused(o: &OpOutcome) -> Option<ApiError> {
+    (o.error.as_deref() == Some(KEY_REUSED)).then(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_reused",
+            "field `idempotency_key`: this key was used with a different payload; use a new \
+             key for a new operation",
+        )
+    })
+}
+
 /// Submit one operation.
 #[utoipa::path(post, path = "/v1/ops", request_body = OpRequest,
     params(("wait" = Option<bool>, Query, description = "answer with the result when it is done")),
     responses(
         (status = 202, description = "accepted", body = OpAnswer),
         (status = 200, description = "finished (with ?wait=true)", body = OpAnswer),
-        (status = 400, body = ErrorBody), (status = 404, description = "unknown type", body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "unknown type", body = ErrorBody),
+        (status = 409, description = "idempotency key used with another payload (with ?wait=true)", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn submit(
     st: web::Data<AppState>,
@@ -106,12 +125,15 @@ pub(super) async fn submit(
     let bytes = read_body(body, st.max_body_bytes).await?;
     let r: OpRequest = parse(&bytes, "request body")?;
     let parent = trace_parent(&req, &st.telemetry);
-    let op = to_operation(r, parent, Instant::now())?;
+    let op = to_operation(r, parent, &Caller::of(&req), Instant::now())?;
     let ticket = st.node.enqueue_tracked(op)?;
     let id = ticket.id.to_string();
     let trace = ticket.trace;
     let resp = if q.wait {
         let outcome = ticket.await;
+        if let Some(e) = key_reused(&outcome) {
+            return Err(e);
+        }
         HttpResponse::Ok().json(OpAnswer::from_outcome(&outcome))
     } else {
         HttpResponse::Accepted().json(OpAnswer::queued(ticket.id, trace.map(|t| t.trace_id_hex())))
@@ -135,6 +157,7 @@ pub(super) async fn submit_batch(
         return Err(SubmitError::ShuttingDown.into());
     }
     let parent = trace_parent(&req, &st.telemetry);
+    let caller = Caller::of(&req);
     let now = Instant::now();
     // Each entry keeps its place: the index of its operation, or why it was refused.
     let mut slots: Vec<Result<usize, ErrorBody>> = Vec::new();
@@ -151,7 +174,7 @@ pub(super) async fn submit_batch(
     if let Ok(b) = serde_json::from_slice::<TypedBatch>(&bytes) {
         check_batch_len(b.ops.len())?;
         for r in b.ops {
-            add(to_operation(r, parent, now));
+            add(to_operation(r, parent, &caller, now));
         }
     } else {
         let b: BatchRequest = parse(&bytes, "request body")?;
@@ -159,7 +182,7 @@ pub(super) async fn submit_batch(
         for (i, raw) in b.ops.iter().enumerate() {
             add(
                 parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]"))
-                    .and_then(|r| to_operation(r, parent, now)),
+                    .and_then(|r| to_operation(r, parent, &caller, now)),
             );
         }
     }
@@ -189,7 +212,11 @@ pub(super) async fn submit_batch(
         });
     }
     for (pos, t) in pending {
-        results[pos] = BatchItem::Answer(OpAnswer::from_outcome(&t.await));
+        let outcome = t.await;
+        results[pos] = match key_reused(&outcome) {
+            Some(e) => BatchItem::Refused(e.body()),
+            None => BatchItem::Answer(OpAnswer::from_outcome(&outcome)),
+        };
     }
     let status = if q.wait {
         StatusCode::OK
@@ -212,9 +239,12 @@ fn check_batch_len(n: usize) -> Result<(), ApiError> {
 
 /// The status of an operation, and its result once it finished.
 #[utoipa::path(get, path = "/v1/ops/{id}", params(("id" = String, Path, description = "operation id")),
-    responses((status = 200, body = OpAnswer), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = OpAnswer), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "unknown, forgotten, or submitted with another token", body = ErrorBody)))]
 pub(super) async fn get_op(
     st: web::Data<AppState>,
+    req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let op_id: OpId = id.parse().map_err(|_| {
@@ -224,7 +254,9 @@ pub(super) async fn get_op(
             format!("`{id}` is not an operation id (a UUID)"),
         )
     })?;
-    let t = st.node.status(&op_id).ok_or_else(|| {
+    let caller = Caller::of(&req);
+    // Another token's operation reads as unknown: its existence is not told either.
+    let t = st.node.status(&op_id).filter(|t| caller.may_see(t.owner.as_deref())).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",

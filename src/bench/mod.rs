@@ -89,6 +89,16 @@ pub struct BenchArgs {
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
 
+    /// The API token to send with --target, when the node checks tokens (prefer
+    /// OPMESH_TOKEN: flags show in the process list).
+    #[arg(
+        long,
+        env = "OPMESH_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<crate::config::Secret>,
+
     /// Operations to measure.
     #[arg(long, value_name = "N", default_value_t = 200_000)]
     pub ops: u64,
@@ -215,6 +225,8 @@ struct Plan {
     /// `--otlp-endpoint` and `--sampling`.
     traces: Option<(String, f64)>,
     max_error_ratio: f64,
+    /// `--token`, sent with every HTTP request.
+    token: Option<crate::config::Secret>,
 }
 
 impl BenchArgs {
@@ -274,6 +286,7 @@ impl BenchArgs {
             baseline: self.baseline,
             warmup: self.warmup.unwrap_or((self.ops / 10).min(10_000)),
             remote: self.remote,
+            token: self.token.clone(),
             traces: match &self.otlp_endpoint {
                 None => None,
                 Some(url) => {
@@ -655,7 +668,8 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
 }
 
 async fn http(plan: &Plan, base: &reqwest::Url, progress: bool) -> anyhow::Result<BenchReport> {
-    let client = http_client(plan.concurrency).context("building the HTTP client")?;
+    let client =
+        http_client(plan.concurrency, plan.token.as_ref()).context("building the HTTP client")?;
     let batch = plan.per_request();
     let target = base.as_str().trim_end_matches('/').to_owned();
     let measure = |route: Route, label: &'static str| {

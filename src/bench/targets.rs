@@ -125,13 +125,19 @@ pub(crate) struct Http {
 }
 
 /// Builds the HTTP client every HTTP load of one run shares.
-pub(crate) fn http_client(concurrency: usize) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
+pub(crate) fn http_client(
+    concurrency: usize,
+    token: Option<&crate::config::Secret>,
+) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
-        .timeout(HTTP_TIMEOUT)
-        .build()
+        .timeout(HTTP_TIMEOUT);
+    if let Some(token) = token {
+        b = b.default_headers(crate::cli::bearer_header(token)?);
+    }
+    Ok(b.build()?)
 }
 
 impl Http {

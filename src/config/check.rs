@@ -150,6 +150,14 @@ pub(super) fn is_node_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// An API token's name, as the audit trail and logs show it.
+pub fn is_token_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'@'))
+}
+
 /// `host:port` another node can dial: an IP address and port (`10.0.0.5:7071`,
 /// `[fd00::5]:7071`) or a DNS name and port (`opmesh-0.opmesh:7071`). Port 0 is not one.
 pub(super) fn is_host_port(s: &str) -> bool {

@@ -64,6 +64,16 @@ pub enum ConfigError {
         origin: Option<String>,
         hint: String,
     },
+
+    /// The api would serve anyone on a non-loopback address: no tokens, and
+    /// `auth.anonymous` does not say that is meant.
+    #[error(
+        "http.addr {addr} is not a loopback address and the api has no tokens: set \
+         `auth.tokens_file` (OPMESH_AUTH__TOKENS_FILE) to a tokens file, or \
+         `auth.anonymous = true` (OPMESH_AUTH__ANONYMOUS=true) to serve anyone who can \
+         reach the port"
+    )]
+    Open { addr: std::net::SocketAddr },
 }
 
 impl ConfigError {

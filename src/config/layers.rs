@@ -60,6 +60,7 @@ const STRING_ENV: &[(&str, &str)] = &[
     ("OPMESH_CLUSTER__POD", "cluster.pod"),
     ("OPMESH_CLUSTER__NAMESPACE", "cluster.namespace"),
     ("OPMESH_CLUSTER__SERVICE", "cluster.service"),
+    ("OPMESH_AUTH__TOKENS_FILE", "auth.tokens_file"),
 ];
 
 /// Keys whose value is a list of strings. Their environment variables hold the items
@@ -389,7 +390,7 @@ mod tests {
             previous = line;
         }
         assert_eq!(
-            keys, 60,
+            keys, 63,
             "a key was added or removed: document it and update this count"
         );
     }
@@ -519,6 +520,7 @@ mod tests {
     fn short_env_aliases_set_node_id_and_http_addr() {
         let mut env = EnvGuard::new();
         env.set("OPMESH_HTTP_ADDR", "0.0.0.0:7171");
+        env.set("OPMESH_AUTH__ANONYMOUS", "true");
         env.set("OPMESH_NODE_ID", "edge-7");
         let c = load_ok(&LoadOptions::default());
         assert_eq!(c.http.addr, "0.0.0.0:7171".parse::<SocketAddr>().unwrap());
@@ -537,6 +539,7 @@ mod tests {
         let mut env = EnvGuard::new();
         env.set("OPMESH_NODE__ID", "007");
         env.set("OPMESH_HTTP__ADDR", "[::]:7070");
+        env.set("OPMESH_AUTH__ANONYMOUS", "true");
         let c = load_ok(&LoadOptions::default());
         assert_eq!(c.node_id, "007");
         assert_eq!(c.http.addr, "[::]:7070".parse::<SocketAddr>().unwrap());

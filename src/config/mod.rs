@@ -30,6 +30,7 @@ use crate::handlers::{Builtin, HttpTarget};
 use crate::telemetry::TelemetrySettings;
 use crate::EngineConfig;
 
+use self::auth::RawAuth;
 use self::check::Check;
 use self::cluster::RawCluster;
 use self::engine::{RawCache, RawEngine, RawRetry};
@@ -37,6 +38,8 @@ use self::handlers::RawHandlers;
 use self::node::{RawHttp, RawNode, RawShutdown};
 use self::telemetry::RawTelemetry;
 
+pub use self::auth::AuthConfig;
+pub use self::check::is_token_name;
 pub use self::error::ConfigError;
 pub use self::layers::{PROFILES, PROFILE_ENV};
 pub use self::node::HttpConfig;
@@ -44,6 +47,7 @@ pub use self::node::HttpConfig;
 /// [`LoadOptions`] or a [`ConfigError`] never reveals it.
 pub use crate::cluster::Secret;
 
+mod auth;
 mod check;
 mod cluster;
 mod engine;
@@ -60,6 +64,8 @@ mod testutil;
 pub struct Config {
     pub node_id: String,
     pub http: HttpConfig,
+    /// Who may call the api (`[auth]`).
+    pub auth: AuthConfig,
     pub engine: EngineConfig,
     /// After a shutdown signal, how long in-flight work gets to finish.
     pub shutdown_grace: Duration,
@@ -85,6 +91,14 @@ impl Config {
             "configuration: ok".to_owned(),
             format!("node: {}", self.node_id),
             format!("http: {}", self.http.addr),
+            format!(
+                "auth: {}",
+                match &self.auth.tokens {
+                    Some((path, set)) => format!("{} tokens from {}", set.len(), path.display()),
+                    None if self.auth.anonymous => "none (anonymous: open to anyone)".into(),
+                    None => "none (open on loopback only)".into(),
+                }
+            ),
             format!(
                 "handlers: {}",
                 self.builtin_handlers
@@ -187,6 +201,7 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
 struct Raw {
     node: RawNode,
     http: RawHttp,
+    auth: RawAuth,
     engine: RawEngine,
     cache: RawCache,
     retry: RawRetry,
@@ -204,6 +219,7 @@ impl Raw {
     fn validate(self, check: &Check<'_>, profile: Option<String>) -> Result<Config, ConfigError> {
         let node_id = self.node.validate(check)?;
         let http = self.http.validate(check)?;
+        let auth = self.auth.validate(check, http.addr)?;
         let retry = self.retry.validate(check)?;
         let engine = self.engine.validate(check, self.cache, retry)?;
         let shutdown_grace = self.shutdown.validate(check)?;
@@ -221,6 +237,7 @@ impl Raw {
         Ok(Config {
             node_id,
             http,
+            auth,
             engine,
             shutdown_grace,
             builtin_handlers,

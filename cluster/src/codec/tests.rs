@@ -27,6 +27,7 @@ fn op(id: u128) -> WireOp {
             span_id: 7,
             flags: 1,
         }),
+        owner: Some("deployer".into()),
     }
 }
 
@@ -41,6 +42,7 @@ fn bare_op() -> WireOp {
         priority: 0,
         remaining_us: None,
         trace: None,
+        owner: None,
     }
 }
 

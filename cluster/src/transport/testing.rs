@@ -106,6 +106,7 @@ pub fn small_op(id: u128) -> WireOp {
         priority: 0,
         remaining_us: None,
         trace: None,
+        owner: None,
     }
 }
 

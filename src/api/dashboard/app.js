@@ -2,6 +2,10 @@
 // (/v1/cluster, /v1/routes, /v1/metrics, /v1/failures) and follows the node's live events
 // (/v1/events: metrics:collected about every second, operation:failure as they happen).
 // If the event stream is down it polls /v1/metrics every second until it is back.
+// When the node checks API tokens and answers 401, the page asks for a token and keeps it
+// in this tab only (sessionStorage); it is sent as `Authorization: Bearer` with every
+// request, the event stream included (read with fetch, since EventSource cannot send
+// headers).
 //
 // Every figure has a stable id or data-* attribute (data-node-id, data-route-type,
 // data-op-type, data-failure-id, #throughput, #completed...) for tests and scripts.
@@ -19,7 +23,7 @@ const state = {
   failures: [], // newest first
   failureIds: new Set(),
   throughput: [], // the last SPARK_POINTS samples
-  stream: null,
+  stream: null, // the AbortController of the open event stream
   pollTimer: null,
   renderTimer: null,
 };
@@ -90,8 +94,29 @@ function replaceRows(tbody, rows, emptyText, colspan) {
     : [el('tr', { class: 'empty' }, el('td', { colspan }, emptyText))]));
 }
 
+const TOKEN_KEY = 'opmesh-token';
+
+function headers(accept) {
+  const h = { accept };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) h.authorization = `Bearer ${token}`;
+  return h;
+}
+
+/** The node refused this tab's token (or it has none): ask for one. */
+function askForToken(status) {
+  const form = $('token-form');
+  if (!form.hidden) return;
+  form.hidden = false;
+  showError(status === 403
+    ? 'the token of this tab may not read this node: give a token with scope read'
+    : 'this node asks for an API token');
+  $('token-input').focus();
+}
+
 async function getJson(path) {
-  const r = await fetch(path, { headers: { accept: 'application/json' }, cache: 'no-store' });
+  const r = await fetch(path, { headers: headers('application/json'), cache: 'no-store' });
+  if (r.status === 401 || r.status === 403) askForToken(r.status);
   if (!r.ok) throw new Error(`${path} answered ${r.status}`);
   return r.json();
 }
@@ -312,27 +337,74 @@ function stopPolling() {
   state.pollTimer = null;
 }
 
-function openStream() {
-  if (!window.EventSource) {
-    startPolling();
-    return;
+const STREAM_RETRY_MS = 2000;
+
+function onEvent(name, data) {
+  if (name === 'metrics:collected') takeMetrics(JSON.parse(data));
+  else if (name === 'operation:failure') takeFailures([JSON.parse(data)]);
+  else if (name === 'events:dropped') {
+    const n = JSON.parse(data).dropped;
+    setText('failures-summary', `this page missed ${int(n)} events; reloading the list`);
+    getJson('/v1/failures').then((r) => takeFailures(r.failures)).catch(() => {});
   }
-  const es = new EventSource('/v1/events?types=metrics:collected,operation:failure');
-  state.stream = es;
-  es.onopen = () => {
+}
+
+/** Hands each complete server-sent event in `buf` to onEvent; returns what is left. */
+function takeFrames(buf) {
+  let end;
+  while ((end = buf.indexOf('\n\n')) >= 0) {
+    const frame = buf.slice(0, end);
+    buf = buf.slice(end + 2);
+    let name = 'message';
+    const data = [];
+    for (const line of frame.split('\n')) {
+      if (line.startsWith('event:')) name = line.slice(6).trim();
+      else if (line.startsWith('data:')) data.push(line.slice(5).trimStart());
+    }
+    if (data.length) onEvent(name, data.join('\n'));
+  }
+  return buf;
+}
+
+/** Follows /v1/events; when it ends or fails, polls until it opens again. */
+async function openStream() {
+  const abort = new AbortController();
+  state.stream = abort;
+  try {
+    const r = await fetch('/v1/events?types=metrics:collected,operation:failure', {
+      headers: headers('text/event-stream'), cache: 'no-store', signal: abort.signal,
+    });
+    if (r.status === 401 || r.status === 403) askForToken(r.status);
+    if (!r.ok || !r.body) throw new Error(`/v1/events answered ${r.status}`);
     stopPolling();
     setStreamState('live', 'live');
     showError(null);
-  };
-  es.addEventListener('metrics:collected', (e) => takeMetrics(JSON.parse(e.data)));
-  es.addEventListener('operation:failure', (e) => takeFailures([JSON.parse(e.data)]));
-  es.addEventListener('events:dropped', (e) => {
-    const n = JSON.parse(e.data).dropped;
-    setText('failures-summary', `this page missed ${int(n)} events; reloading the list`);
-    getJson('/v1/failures').then((r) => takeFailures(r.failures)).catch(() => {});
-  });
-  // EventSource reconnects by itself; meanwhile the figures come from polling.
-  es.onerror = () => startPolling();
+    const reader = r.body.getReader();
+    const text = new TextDecoder();
+    let buf = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf = takeFrames(buf + text.decode(value, { stream: true }));
+    }
+  } catch (e) {
+    if (abort.signal.aborted) return;
+  }
+  if (state.stream !== abort) return;
+  startPolling();
+  setTimeout(() => { if (state.stream === abort) openStream(); }, STREAM_RETRY_MS);
+}
+
+function useToken(event) {
+  event.preventDefault();
+  const token = $('token-input').value.trim();
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $('token-input').value = '';
+  $('token-form').hidden = true;
+  showError(null);
+  if (state.stream) state.stream.abort();
+  start();
 }
 
 async function refreshSlow() {
@@ -365,7 +437,8 @@ async function start() {
     getJson('/v1/failures').then((r) => takeFailures(r.failures)).catch(() => {}),
   ]);
   render();
-  setInterval(refreshSlow, SLOW_REFRESH_MS);
+  if (state.slowTimer === undefined) state.slowTimer = setInterval(refreshSlow, SLOW_REFRESH_MS);
 }
 
+$('token-form').addEventListener('submit', useToken);
 start();

@@ -369,6 +369,7 @@ fn secret_never_shows_in_debug_output_or_error_messages() {
 fn pod(env: &mut EnvGuard, name: &str) -> LoadOptions {
     env.set("POD_NAME", name);
     env.set("POD_NAMESPACE", "shop");
+    env.set("OPMESH_AUTH__ANONYMOUS", "true");
     LoadOptions {
         cluster_addr: Some("0.0.0.0:7071".into()),
         http_addr: Some("0.0.0.0:7070".into()),
