@@ -549,3 +549,58 @@ fn failed_operations_link_to_their_traces_in_jaeger() {
     assert_eq!(left, 0);
     drop(b);
 }
+
+/// A node that checks tokens: the page asks for one, keeps it in the tab, and then shows
+/// the node and its live figures with it (the event stream included).
+#[test]
+fn the_dashboard_asks_for_a_token_when_the_node_checks_them() {
+    let Some(chromium) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        "[[token]]\nname = \"viewer\"\nsecret = \"viewer-secret-000000\"\nscopes = [\"read\"]\n",
+    )
+    .unwrap();
+    let s = Server::start(
+        &["--node-id", "locked-1"],
+        &[("OPMESH_AUTH__TOKENS_FILE", tokens.to_str().unwrap())],
+    );
+    let mut b = Browser::launch(&chromium);
+    b.open(&s.url("/"));
+    b.wait_for(
+        "the token form",
+        "!document.getElementById('token-form').hidden",
+    );
+    assert_eq!(
+        b.eval("document.getElementById('node-id').textContent"),
+        json!("?"),
+        "nothing is shown without a token"
+    );
+    b.eval(
+        "document.getElementById('token-input').value = 'viewer-secret-000000'; \
+         document.getElementById('token-form').requestSubmit(); true",
+    );
+    b.wait_for(
+        "the node, read with the token",
+        "document.getElementById('node-id').textContent === 'locked-1'",
+    );
+    b.wait_for(
+        "the live event stream",
+        "document.getElementById('stream-status').dataset.state === 'live'",
+    );
+    assert_eq!(
+        b.eval("document.getElementById('token-form').hidden"),
+        json!(true)
+    );
+    assert_eq!(
+        b.eval("sessionStorage.getItem('opmesh-token')"),
+        json!("viewer-secret-000000"),
+        "kept in this tab's session storage"
+    );
+    assert_eq!(
+        b.eval("localStorage.length"),
+        json!(0),
+        "never in storage that outlives the tab"
+    );
+}
