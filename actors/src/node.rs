@@ -379,8 +379,25 @@ impl Node {
         self.shared.routes().snapshot()
     }
 
-    /// Sets the route of `op_type`. In a cluster this waits until Raft commits it.
+    /// Sets the route of `op_type`. In a cluster this waits until Raft commits it. The
+    /// audit trail records it as this node's own change (`node:<id>`).
     pub async fn set_route(&self, op_type: &str, route: Route) -> Result<u64, RouteError> {
+        self.set_route_as(op_type, route, &self.by_me()).await
+    }
+
+    /// Who this node is in the audit trail.
+    fn by_me(&self) -> String {
+        format!("node:{}", self.id())
+    }
+
+    /// [`set_route`](Self::set_route), asked for by `by` (an API token's name), as the
+    /// audit trail records it.
+    pub async fn set_route_as(
+        &self,
+        op_type: &str,
+        route: Route,
+        by: &str,
+    ) -> Result<u64, RouteError> {
         crate::op::validate_type_name(op_type, self.shared.config().limits.max_type_len).map_err(
             |e| RouteError::Invalid {
                 field: "type",
@@ -390,12 +407,29 @@ impl Node {
                 },
             },
         )?;
-        self.shared.routes().set_route(op_type.into(), route).await
+        self.shared
+            .routes()
+            .set_route(op_type.into(), route, by.into())
+            .await
     }
 
     /// Removes the route of `op_type`. In a cluster this waits until Raft commits it.
     pub async fn remove_route(&self, op_type: &str) -> Result<u64, RouteError> {
-        self.shared.routes().remove_route(op_type.into()).await
+        self.remove_route_as(op_type, &self.by_me()).await
+    }
+
+    /// [`remove_route`](Self::remove_route), asked for by `by`.
+    pub async fn remove_route_as(&self, op_type: &str, by: &str) -> Result<u64, RouteError> {
+        self.shared
+            .routes()
+            .remove_route(op_type.into(), by.into())
+            .await
+    }
+
+    /// The newest `limit` changes of the routing table (and, in a cluster, of the node
+    /// registry), newest first, with who made them and when.
+    pub fn audit(&self, limit: usize) -> Vec<crate::routing::AuditEntry> {
+        self.shared.routes().audit(limit)
     }
 
     /// The node's live events.

@@ -6,7 +6,7 @@
 //! key and a round-robin counter; consistent hashing uses the
 //! [stable hash](crate::hash) every node computes alike.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -207,15 +207,70 @@ pub enum RouteError {
     },
 }
 
+/// One committed change of the routing table (or, in a cluster, of the node registry),
+/// as the audit trail lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When it was asked for, in milliseconds since the Unix epoch (the asking node's
+    /// clock).
+    pub at_ms: u64,
+    /// Who asked: an API token's name, `anonymous` on a node without tokens, or
+    /// `node:<id>` for a change a node made by itself (joining, a peer marked down).
+    pub by: String,
+    /// `route.set`, `route.remove`, `node.joined`, `node.status` or `node.left`.
+    pub action: String,
+    /// The operation type or the node it changed.
+    pub subject: String,
+    /// What it became (`round_robin [a, b]`, `down`), empty when nothing more is to say.
+    pub detail: String,
+    /// The table's version after it.
+    pub version: u64,
+}
+
+impl AuditEntry {
+    /// The audit trail's view of a route set to `route`.
+    pub fn route_detail(route: &Route) -> String {
+        format!(
+            "{} [{}]",
+            route.strategy.as_str(),
+            route
+                .nodes
+                .iter()
+                .map(|n| &**n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// Milliseconds since the Unix epoch, as audit entries carry them.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How many audit entries are kept unless configured otherwise.
+pub const DEFAULT_AUDIT_ENTRIES: usize = 10_000;
+
 /// Where the routing table lives and how it changes. On a single node, in memory
 /// ([`LocalRoutes`]); in a cluster, replicated by Raft (a write waits for the commit).
+/// Every change is recorded in the audit trail with who asked for it (`by`: an API token's
+/// name, `anonymous`, or `node:<id>`).
 pub trait RouteStore: Send + Sync + 'static {
     /// The current snapshot; cheap, never waits.
     fn snapshot(&self) -> Arc<RoutingTable>;
     /// Sets the route of `op_type`; resolves to the new table version.
-    fn set_route(&self, op_type: OpType, route: Route) -> BoxFuture<'static, RouteResult>;
+    fn set_route(
+        &self,
+        op_type: OpType,
+        route: Route,
+        by: Arc<str>,
+    ) -> BoxFuture<'static, RouteResult>;
     /// Removes the route of `op_type`; resolves to the new table version.
-    fn remove_route(&self, op_type: OpType) -> BoxFuture<'static, RouteResult>;
+    fn remove_route(&self, op_type: OpType, by: Arc<str>) -> BoxFuture<'static, RouteResult>;
+    /// The newest `limit` entries of the audit trail, newest first.
+    fn audit(&self, limit: usize) -> Vec<AuditEntry>;
 }
 
 /// The answer to a route change: the table version that has it, or why it was refused.
@@ -224,27 +279,44 @@ pub type RouteResult = Result<u64, RouteError>;
 /// The routing table of a node that is alone: changes apply at once, in memory.
 pub struct LocalRoutes {
     table: ArcSwap<RoutingTable>,
-    write: Mutex<()>,
+    /// Held while a change is made; holds the audit trail, oldest first.
+    write: Mutex<VecDeque<AuditEntry>>,
+    audit_limit: usize,
 }
 
 impl LocalRoutes {
     pub fn new(table: RoutingTable) -> Self {
         LocalRoutes {
             table: ArcSwap::from_pointee(table),
-            write: Mutex::new(()),
+            write: Mutex::new(VecDeque::new()),
+            audit_limit: DEFAULT_AUDIT_ENTRIES,
         }
     }
 
+    /// Changes the table with `f` and records the change as `action` on `subject` by `by`.
     fn update(
         &self,
+        (action, subject, detail): (&str, &OpType, String),
+        by: Arc<str>,
         f: impl FnOnce(&mut RoutingTable) -> Result<(), RouteError>,
     ) -> Result<u64, RouteError> {
-        let _guard = self.write.lock();
+        let mut audit = self.write.lock();
         let mut next = RoutingTable::clone(&self.table.load());
         f(&mut next)?;
         next.version += 1;
         let v = next.version;
         self.table.store(Arc::new(next));
+        if audit.len() >= self.audit_limit {
+            audit.pop_front();
+        }
+        audit.push_back(AuditEntry {
+            at_ms: now_ms(),
+            by: by.to_string(),
+            action: action.into(),
+            subject: subject.to_string(),
+            detail,
+            version: v,
+        });
         Ok(v)
     }
 }
@@ -273,21 +345,39 @@ impl RouteStore for LocalRoutes {
         self.table.load_full()
     }
 
-    fn set_route(&self, op_type: OpType, route: Route) -> BoxFuture<'static, RouteResult> {
-        let r = self.update(|t| {
+    fn set_route(
+        &self,
+        op_type: OpType,
+        route: Route,
+        by: Arc<str>,
+    ) -> BoxFuture<'static, RouteResult> {
+        let what = ("route.set", &op_type, AuditEntry::route_detail(&route));
+        let r = self.update(what, by, |t| {
             validate_route(t, &route)?;
-            t.routes.insert(op_type, route);
+            t.routes.insert(op_type.clone(), route);
             Ok(())
         });
         futures::future::ready(r).boxed()
     }
 
-    fn remove_route(&self, op_type: OpType) -> BoxFuture<'static, RouteResult> {
-        let r = self.update(|t| match t.routes.remove(&op_type) {
-            Some(_) => Ok(()),
-            None => Err(RouteError::NotFound(op_type.to_string())),
+    fn remove_route(&self, op_type: OpType, by: Arc<str>) -> BoxFuture<'static, RouteResult> {
+        let r = self.update(("route.remove", &op_type, String::new()), by, |t| {
+            match t.routes.remove(&op_type) {
+                Some(_) => Ok(()),
+                None => Err(RouteError::NotFound(op_type.to_string())),
+            }
         });
         futures::future::ready(r).boxed()
+    }
+
+    fn audit(&self, limit: usize) -> Vec<AuditEntry> {
+        self.write
+            .lock()
+            .iter()
+            .rev()
+            .take(limit)
+            .cloned()
+            .collect()
     }
 }
 

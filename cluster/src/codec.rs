@@ -44,7 +44,7 @@ use wincode::containers;
 use wincode::len::BincodeLen;
 use wincode::{SchemaRead, SchemaWrite};
 
-use crate::types::{Command, CommandResult, Member, NodeRecord, RaftId, TypeConfig};
+use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfig};
 
 /// The version of the frames below. A dialer whose `Hello` names another is refused.
 pub const PROTOCOL_VERSION: u16 = 2;
@@ -127,13 +127,17 @@ pub enum Rpc {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<RaftId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A write for the leader to replicate.
-    ClientWrite(Command),
-    /// A node asks to join.
-    Join(NodeRecord),
-    /// A node leaves.
+    /// A write for the leader to replicate, with who asked for it.
+    ClientWrite(Request),
+    /// A node asks to join; `by` asked it to (see [`AuditEntry::by`](crate::types::AuditEntry)).
+    Join {
+        record: NodeRecord,
+        by: String,
+    },
+    /// A node leaves; `by` asked it to.
     Leave {
         name: String,
+        by: String,
     },
     /// A node with no cluster yet asks whether the receiver belongs to one, before it
     /// decides to bootstrap (see [`crate::formation`]).

@@ -54,6 +54,8 @@ pub struct ClusterConfig {
     pub down_after: Duration,
     /// How long a write waits for its commit before failing.
     pub write_timeout: Duration,
+    /// How many committed changes the audit trail keeps (`cluster.audit_entries`).
+    pub audit_entries: usize,
     /// Raft's shortest election timeout; the longest is twice it.
     pub election_timeout: Duration,
     /// How many nodes vote in Raft; the others are learners.
@@ -97,6 +99,7 @@ impl ClusterConfig {
             heartbeat: Duration::from_millis(100),
             down_after: Duration::from_millis(1000),
             write_timeout: Duration::from_secs(3),
+            audit_entries: crate::store::DEFAULT_AUDIT_ENTRIES,
             election_timeout: Duration::from_millis(200),
             voters: Voters::Three,
             flush_bytes: Self::DEFAULT_FLUSH_BYTES,

@@ -43,15 +43,18 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use self::log::LogStore;
-pub use self::state::{apply_command, routing_table, SnapshotBuilder, StateMachineStore};
+pub use self::state::{
+    apply_command, apply_request, routing_table, SnapshotBuilder, StateMachineStore,
+};
 use crate::types::{ClusterState, SnapshotMeta};
 
 /// The name of the redb file inside the data dir.
 pub const DATA_FILE: &str = "raft.redb";
 
 /// The layout version this build writes and reads. A file of another version is refused at
-/// open rather than misread.
-pub const FORMAT: u32 = 1;
+/// open rather than misread. Version 2: log entries carry who asked for a change and when
+/// (the audit trail).
+pub const FORMAT: u32 = 2;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -118,6 +121,8 @@ from_redb!(
     redb::CommitError
 );
 
+pub use opmesh_actors::routing::DEFAULT_AUDIT_ENTRIES;
+
 /// Opens the Raft storage of a node.
 pub struct Store;
 
@@ -149,7 +154,7 @@ impl Store {
         let db = Arc::new(db);
         Ok((
             LogStore::new(Arc::clone(&db)),
-            StateMachineStore::new(db, restored),
+            StateMachineStore::new(db, restored, DEFAULT_AUDIT_ENTRIES),
         ))
     }
 }
@@ -268,8 +273,8 @@ mod tests {
 
     use super::*;
     use crate::types::{
-        raft_id, Command, Entry, LogId, Member, NodeRecord, NodeStatus, RaftId, StoredMembership,
-        TypeConfig, Vote,
+        raft_id, Command, Entry, LogId, Member, NodeRecord, NodeStatus, RaftId, Request,
+        StoredMembership, TypeConfig, Vote,
     };
 
     struct InMemory;
@@ -315,7 +320,11 @@ mod tests {
     }
 
     fn command(term: u64, index: u64, cmd: Command) -> Entry {
-        entry(term, index, EntryPayload::Normal(cmd))
+        entry(
+            term,
+            index,
+            EntryPayload::Normal(Request::new(cmd, "node:a")),
+        )
     }
 
     fn membership(voters: &[RaftId]) -> Membership<RaftId, Member> {

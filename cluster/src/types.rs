@@ -2,9 +2,11 @@
 //! operation type, a strategy and the nodes that may run it) and the node registry (id,
 //! addresses, the types a node serves, up/down/leaving).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Cursor;
+use std::sync::Arc;
 
+pub use opmesh_actors::routing::AuditEntry;
 use opmesh_actors::{stable_id, NodeId, OpType, Route};
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +33,7 @@ impl std::fmt::Display for Member {
 openraft::declare_raft_types!(
     /// opmesh's Raft: commands change the routing table and the node registry.
     pub TypeConfig:
-        D = Command,
+        D = Request,
         R = CommandResult,
         NodeId = RaftId,
         Node = Member,
@@ -95,9 +97,33 @@ pub struct ClusterState {
     pub routes: BTreeMap<OpType, Route>,
     /// By node name.
     pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// The last committed changes, oldest first, with who made them and when (at most
+    /// `cluster.audit_entries`). Shared, so publishing the state does not copy it.
+    #[serde(default)]
+    pub audit: Arc<VecDeque<AuditEntry>>,
 }
 
-/// A change to the replicated state: the `D` of the Raft log.
+/// A command with who asked for it and when: the `D` of the Raft log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub command: Command,
+    /// See [`AuditEntry::by`].
+    pub by: String,
+    pub at_ms: u64,
+}
+
+impl Request {
+    /// `command`, asked for by `by` now.
+    pub fn new(command: Command, by: impl Into<String>) -> Request {
+        Request {
+            command,
+            by: by.into(),
+            at_ms: opmesh_actors::routing::now_ms(),
+        }
+    }
+}
+
+/// A change to the replicated state (the Raft log carries it in a [`Request`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Sets the route of a type. Refused if it names a node the registry does not know.

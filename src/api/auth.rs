@@ -110,6 +110,7 @@ pub static ENDPOINTS: &[Endpoint] = &[
     endpoint(Method::POST, "/v1/bench/hello", SUBMIT, |r| {
         r.to(probes::hello)
     }),
+    endpoint(Method::GET, "/v1/audit", ADMIN, |r| r.to(routes::audit)),
     endpoint(Method::GET, "/openapi.json", Access::Open, |r| {
         r.to(openapi::openapi_json)
     }),
@@ -168,6 +169,12 @@ impl Caller {
     /// name, so everyone sees everything.
     pub fn may_see(&self, owner: Option<&str>) -> bool {
         self.scope == Scope::Admin || owner == self.name.as_deref()
+    }
+
+    /// Who the audit trail says made a change: the token's name, or `anonymous` on a
+    /// node without tokens.
+    pub fn by(&self) -> &str {
+        self.name.as_deref().unwrap_or("anonymous")
     }
 
     /// The caller of `req`, as [`authorize`] found it (an anonymous admin where it did

@@ -55,9 +55,13 @@ fn no_cluster() -> ApiError {
 /// finish (up to the shutdown grace period), it leaves the registry and the Raft group,
 /// and then the process shuts down.
 #[utoipa::path(post, path = "/v1/cluster/leave", responses((status = 200, description = "left; the node shuts down"), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(super) async fn cluster_leave(st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn cluster_leave(
+    st: web::Data<AppState>,
+    req: actix_web::HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let c = st.cluster.as_ref().ok_or_else(no_cluster)?;
-    c.leave(st.shutdown_grace).await.map_err(|m| {
+    let by = super::auth::Caller::of(&req);
+    c.leave_as(st.shutdown_grace, by.by()).await.map_err(|m| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "leave_failed",
@@ -82,11 +86,13 @@ pub(super) struct JoinRequest {
 #[utoipa::path(post, path = "/v1/cluster/join", request_body = JoinRequest, responses((status = 200, description = "joined"), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn cluster_join(
     st: web::Data<AppState>,
+    http: actix_web::HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let c = st.cluster.as_ref().ok_or_else(no_cluster)?;
     let req: JoinRequest = parse(&body, "join request")?;
-    c.join(&req.seed).await.map_err(|e| match e {
+    let by = super::auth::Caller::of(&http);
+    c.join_as(&req.seed, by.by()).await.map_err(|e| match e {
         opmesh_cluster::JoinError::AlreadyMember { .. } => {
             ApiError::new(StatusCode::CONFLICT, "already_member", e.to_string())
         }

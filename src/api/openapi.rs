@@ -35,6 +35,7 @@ use super::{cluster, dashboard, events, ops, probes, routes};
         cluster::cluster_leave,
         cluster::cluster_join,
         probes::hello,
+        routes::audit,
         events::events,
         events::failures,
         dashboard::config
@@ -50,6 +51,8 @@ use super::{cluster, dashboard, events, ops, probes, routes};
         RoutesAnswer,
         RouteAnswer,
         JoinRequest,
+        routes::AuditView,
+        routes::AuditAnswer,
         events::Failure,
         events::FailuresAnswer,
         dashboard::DashboardConfig

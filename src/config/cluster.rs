@@ -39,6 +39,7 @@ pub(super) struct RawCluster {
     heartbeat_ms: u64,
     down_after_ms: u64,
     write_timeout_ms: u64,
+    audit_entries: u64,
     election_timeout_ms: u64,
     voters: u64,
     flush_bytes: u64,
@@ -269,6 +270,11 @@ impl RawCluster {
                 "cluster.write_timeout_ms",
                 self.write_timeout_ms,
                 100..=600_000,
+            )?,
+            audit_entries: check.count(
+                "cluster.audit_entries",
+                self.audit_entries,
+                1..=1_000_000,
             )?,
             election_timeout: check.millis(
                 "cluster.election_timeout_ms",

@@ -235,7 +235,7 @@ impl Inner {
             Backoff::doubling(JOIN_RETRY_MIN, JOIN_RETRY_MAX, Jitter::Down(0.0)).series();
         loop {
             for seed in &self.cfg.join {
-                match self.join_via(seed).await {
+                match self.join_via(seed, &self.by_me()).await {
                     Ok(()) => {
                         tracing::info!(node = %self.me.name, %seed, "joined the cluster");
                         return;

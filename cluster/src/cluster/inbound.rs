@@ -179,10 +179,16 @@ impl Inner {
             Rpc::InstallSnapshot(r) => {
                 RpcReply::InstallSnapshot(raft.install_snapshot(r).await.map_err(|e| e.to_string()))
             }
-            Rpc::ClientWrite(cmd) => RpcReply::Written(self.write(cmd).await),
-            Rpc::Join(rec) => match self.to_leader(Rpc::Join(rec.clone())).await {
+            Rpc::ClientWrite(req) => RpcReply::Written(self.submit(req).await),
+            Rpc::Join { record, by } => match self
+                .to_leader(Rpc::Join {
+                    record: record.clone(),
+                    by: by.clone(),
+                })
+                .await
+            {
                 None => {
-                    let r = self.admit(rec).await;
+                    let r = self.admit(record, &by).await;
                     if r.is_ok() {
                         self.balance_voters().await;
                     }
@@ -191,8 +197,14 @@ impl Inner {
                 Some(Ok(reply)) => reply,
                 Some(Err(e)) => RpcReply::Joined(Err(e)),
             },
-            Rpc::Leave { name } => match self.to_leader(Rpc::Leave { name: name.clone() }).await {
-                None => RpcReply::Left(self.remove(&name).await),
+            Rpc::Leave { name, by } => match self
+                .to_leader(Rpc::Leave {
+                    name: name.clone(),
+                    by: by.clone(),
+                })
+                .await
+            {
+                None => RpcReply::Left(self.remove(&name, &by).await),
                 Some(Ok(reply)) => reply,
                 Some(Err(e)) => RpcReply::Left(Err(e)),
             },

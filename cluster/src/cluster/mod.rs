@@ -37,7 +37,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use opmesh_actors::job::Job;
 use opmesh_actors::router::Forwarder;
-use opmesh_actors::routing::{validate_route, RouteResult, RouteStore};
+use opmesh_actors::routing::{validate_route, AuditEntry, RouteResult, RouteStore};
 use opmesh_actors::{
     Node, NodeBuilder, NodeId, OpType, Route, RouteError, RoutingTable, StartError,
 };
@@ -106,6 +106,7 @@ impl Cluster {
     /// Opens the store, binds the cluster port and starts this node's Raft.
     pub async fn start(mut cfg: ClusterConfig) -> Result<Cluster, ClusterError> {
         let (log, sm) = Store::open(cfg.data_dir.as_deref())?;
+        let sm = sm.with_audit_limit(cfg.audit_entries);
         // Port 0 (tests) or no advertise address: others dial the address actually bound.
         if cfg.advertise.ends_with(":0") {
             cfg.advertise.clear();
@@ -232,19 +233,30 @@ impl Cluster {
     /// operations finish (up to `grace`), then it is removed from the registry and from
     /// the Raft group.
     pub async fn leave(&self, grace: Duration) -> Result<(), LeaveError> {
-        self.inner.leave(grace).await
+        self.inner.leave(grace, &self.inner.by_me()).await
+    }
+
+    /// [`leave`](Self::leave), asked for by `by` (an API token's name), as the audit
+    /// trail records it.
+    pub async fn leave_as(&self, grace: Duration, by: &str) -> Result<(), LeaveError> {
+        self.inner.leave(grace, by).await
     }
 
     /// Joins the cluster `seed` belongs to. Only a node that belongs to no cluster yet
     /// can: a node that bootstrapped its own holds a log that cannot merge into another.
     pub async fn join(&self, seed: &str) -> Result<(), JoinError> {
+        self.join_as(seed, &self.inner.by_me()).await
+    }
+
+    /// [`join`](Self::join), asked for by `by` (an API token's name).
+    pub async fn join_as(&self, seed: &str, by: &str) -> Result<(), JoinError> {
         if self.inner.raft().is_initialized().await.unwrap_or(true) {
             return Err(JoinError::AlreadyMember {
                 node: self.inner.me.name.to_string(),
             });
         }
         self.inner
-            .join_via(seed)
+            .join_via(seed, by)
             .await
             .map_err(|cause| JoinError::Failed {
                 seed: seed.to_owned(),
@@ -341,26 +353,45 @@ impl RouteStore for ClusterRoutes {
         self.0.table.load_full()
     }
 
-    fn set_route(&self, op_type: OpType, route: Route) -> BoxFuture<'static, RouteResult> {
+    fn set_route(
+        &self,
+        op_type: OpType,
+        route: Route,
+        by: Arc<str>,
+    ) -> BoxFuture<'static, RouteResult> {
         let inner = self.0.clone();
         async move {
             validate_route(&inner.table.load(), &route)?;
             inner
-                .route_write(Command::SetRoute { op_type, route })
+                .route_write(Command::SetRoute { op_type, route }, &by)
                 .await
         }
         .boxed()
     }
 
-    fn remove_route(&self, op_type: OpType) -> BoxFuture<'static, RouteResult> {
+    fn remove_route(&self, op_type: OpType, by: Arc<str>) -> BoxFuture<'static, RouteResult> {
         let inner = self.0.clone();
         async move {
             if !inner.table.load().routes.contains_key(&op_type) {
                 return Err(RouteError::NotFound(op_type.to_string()));
             }
-            inner.route_write(Command::RemoveRoute { op_type }).await
+            inner
+                .route_write(Command::RemoveRoute { op_type }, &by)
+                .await
         }
         .boxed()
+    }
+
+    fn audit(&self, limit: usize) -> Vec<AuditEntry> {
+        self.0
+            .state
+            .load()
+            .audit
+            .iter()
+            .rev()
+            .take(limit)
+            .cloned()
+            .collect()
     }
 }
 

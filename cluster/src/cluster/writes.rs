@@ -22,7 +22,9 @@ use super::{Inner, JoinFailure, LeaveError, LINK_BACK_WAIT};
 use crate::codec::{Rpc, RpcReply, WriteRefused};
 use crate::formation::SeedAnswer;
 use crate::membership;
-use crate::types::{raft_id, Command, CommandResult, Member, NodeRecord, NodeStatus, RaftId};
+use crate::types::{
+    raft_id, Command, CommandResult, Member, NodeRecord, NodeStatus, RaftId, Request,
+};
 
 /// How long joining waits for the link to a seed before asking it anyway.
 const SEED_LINK_WAIT: Duration = Duration::from_secs(2);
@@ -37,9 +39,19 @@ fn refused(message: impl Into<String>, leader: Option<Member>) -> WriteRefused {
 }
 
 impl Inner {
-    /// Commits `cmd` through the leader: here if this node leads, forwarded otherwise.
-    /// Fails with a clear reason within the write timeout instead of hanging.
+    /// Who this node is in the audit trail, for the changes it makes by itself.
+    pub(super) fn by_me(&self) -> String {
+        format!("node:{}", self.me.name)
+    }
+
+    /// Commits `cmd` as this node's own change (see [`Inner::submit`]).
     pub(super) async fn write(&self, cmd: Command) -> Result<CommandResult, WriteRefused> {
+        self.submit(Request::new(cmd, self.by_me())).await
+    }
+
+    /// Commits `req` through the leader: here if this node leads, forwarded otherwise.
+    /// Fails with a clear reason within the write timeout instead of hanging.
+    pub(super) async fn submit(&self, req: Request) -> Result<CommandResult, WriteRefused> {
         let timeout = self.cfg.write_timeout;
         let no_quorum = || {
             refused(
@@ -50,7 +62,7 @@ impl Inner {
                 None,
             )
         };
-        let r = tokio::time::timeout(timeout, self.raft().client_write(cmd.clone())).await;
+        let r = tokio::time::timeout(timeout, self.raft().client_write(req.clone())).await;
         match r {
             Ok(Ok(resp)) => Ok(resp.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
@@ -60,7 +72,7 @@ impl Inner {
                             .add_peer(&leader.name, &leader.cluster_addr);
                         match self
                             .calls
-                            .call(self.transport(), &leader.name, Rpc::ClientWrite(cmd), timeout)
+                            .call(self.transport(), &leader.name, Rpc::ClientWrite(req), timeout)
                             .await
                         {
                             Ok(RpcReply::Written(r)) => r,
@@ -96,8 +108,8 @@ impl Inner {
             .await;
     }
 
-    pub(super) async fn route_write(&self, cmd: Command) -> RouteResult {
-        match self.write(cmd).await {
+    pub(super) async fn route_write(&self, cmd: Command, by: &str) -> RouteResult {
+        match self.submit(Request::new(cmd, by)).await {
             Ok(CommandResult { error: Some(e), .. }) => Err(RouteError::Unavailable(e)),
             Ok(r) => {
                 self.applied(r.version).await;
@@ -137,8 +149,9 @@ impl Inner {
         )
     }
 
-    /// Asks the node at `seed` to admit this one (it forwards to the leader).
-    pub(super) async fn join_via(&self, seed: &str) -> Result<(), JoinFailure> {
+    /// Asks the node at `seed` to admit this one (it forwards to the leader); `by` asked
+    /// for it (the audit trail's who).
+    pub(super) async fn join_via(&self, seed: &str, by: &str) -> Result<(), JoinFailure> {
         let peer = format!("seed@{seed}");
         let t = self.transport();
         t.add_peer(&peer, seed);
@@ -148,7 +161,10 @@ impl Inner {
             .call(
                 t,
                 &peer,
-                Rpc::Join(self.me.clone()),
+                Rpc::Join {
+                    record: self.me.clone(),
+                    by: by.to_owned(),
+                },
                 self.cfg.write_timeout * 4,
             )
             .await;
@@ -189,7 +205,7 @@ impl Inner {
 
     /// On the leader: adds `rec` as a learner (waiting until it has caught up) and to
     /// the registry.
-    pub(super) async fn admit(&self, rec: NodeRecord) -> Result<(), WriteRefused> {
+    pub(super) async fn admit(&self, rec: NodeRecord, by: &str) -> Result<(), WriteRefused> {
         if rec.raft_id != raft_id(&rec.name) {
             return Err(refused(
                 format!("node `{}` sent a wrong Raft id", rec.name),
@@ -284,7 +300,8 @@ impl Inner {
             // as the voter upkeep counts it, so it can vote as soon as it is registered.
             self.wait_caught_up(id, self.cfg.write_timeout).await;
         }
-        if let CommandResult { error: Some(e), .. } = self.write(Command::NodeJoined(rec)).await? {
+        let joined = Request::new(Command::NodeJoined(rec), by);
+        if let CommandResult { error: Some(e), .. } = self.submit(joined).await? {
             return Err(refused(e, None));
         }
         if demoted {
@@ -327,10 +344,9 @@ impl Inner {
     }
 
     /// On the leader: removes `name` from the registry and from the Raft group.
-    pub(super) async fn remove(&self, name: &str) -> Result<(), WriteRefused> {
-        if let CommandResult { error: Some(e), .. } =
-            self.write(Command::NodeLeft { name: name.into() }).await?
-        {
+    pub(super) async fn remove(&self, name: &str, by: &str) -> Result<(), WriteRefused> {
+        let left = Request::new(Command::NodeLeft { name: name.into() }, by);
+        if let CommandResult { error: Some(e), .. } = self.submit(left).await? {
             tracing::warn!(node = name, "registry removal: {e}");
         }
         let id = raft_id(name);
@@ -356,7 +372,7 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) async fn leave(&self, grace: Duration) -> Result<(), LeaveError> {
+    pub(super) async fn leave(&self, grace: Duration, by: &str) -> Result<(), LeaveError> {
         if self.leaving.swap(true, Ordering::AcqRel) {
             return Err(LeaveError::AlreadyLeaving);
         }
@@ -378,10 +394,13 @@ impl Inner {
         }
         tracing::info!(node = %name, "leaving the cluster: handing off");
         let marked = self
-            .write(Command::SetStatus {
-                name: name.clone(),
-                status: NodeStatus::Leaving,
-            })
+            .submit(Request::new(
+                Command::SetStatus {
+                    name: name.clone(),
+                    status: NodeStatus::Leaving,
+                },
+                by,
+            ))
             .await;
         if let Err(e) = marked {
             self.leaving.store(false, Ordering::Release);
@@ -399,10 +418,11 @@ impl Inner {
         let r = match self
             .to_leader(Rpc::Leave {
                 name: name.to_string(),
+                by: by.to_owned(),
             })
             .await
         {
-            None => self.remove(&name).await,
+            None => self.remove(&name, by).await,
             Some(Ok(RpcReply::Left(r))) => r,
             Some(Ok(other)) => Err(refused(format!("unexpected answer {other:?}"), None)),
             Some(Err(e)) => Err(e),

@@ -23,8 +23,8 @@ use tokio::sync::watch;
 
 use super::{blocking, decode_state, encode_state, load_snapshot, save_snapshot};
 use crate::types::{
-    ClusterState, Command, CommandResult, Entry, LogId, NodeStatus, RaftId, SnapshotData,
-    SnapshotMeta, StoredMembership, TypeConfig,
+    AuditEntry, ClusterState, Command, CommandResult, Entry, LogId, NodeStatus, RaftId, Request,
+    SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
 };
 
 /// Why a command was refused. Its text is what the caller reads in
@@ -94,6 +94,51 @@ pub fn apply_command(state: &mut ClusterState, cmd: Command) -> CommandResult {
             version: state.version,
             error: Some(refusal.to_string()),
         },
+    }
+}
+
+/// Applies a [`Request`]: its command, and when that changed the state, an entry in the
+/// audit trail with who asked and when, keeping the newest `audit_limit` entries.
+/// Refused commands and commands that changed nothing leave no entry.
+pub fn apply_request(state: &mut ClusterState, req: Request, audit_limit: usize) -> CommandResult {
+    let (action, subject, detail) = describe(&req.command);
+    let before = state.version;
+    let result = apply_command(state, req.command);
+    if state.version != before && audit_limit > 0 {
+        let audit = Arc::make_mut(&mut state.audit);
+        while audit.len() >= audit_limit {
+            audit.pop_front();
+        }
+        audit.push_back(AuditEntry {
+            at_ms: req.at_ms,
+            by: req.by,
+            action: action.into(),
+            subject,
+            detail,
+            version: state.version,
+        });
+    }
+    result
+}
+
+/// A command as the audit trail shows it: action, subject and detail.
+fn describe(cmd: &Command) -> (&'static str, String, String) {
+    match cmd {
+        Command::SetRoute { op_type, route } => (
+            "route.set",
+            op_type.to_string(),
+            AuditEntry::route_detail(route),
+        ),
+        Command::RemoveRoute { op_type } => ("route.remove", op_type.to_string(), String::new()),
+        Command::NodeJoined(r) => (
+            "node.joined",
+            r.name.to_string(),
+            format!("cluster {}, http {}", r.cluster_addr, r.http_addr),
+        ),
+        Command::SetStatus { name, status } => {
+            ("node.status", name.to_string(), status.as_str().into())
+        }
+        Command::NodeLeft { name } => ("node.left", name.to_string(), String::new()),
     }
 }
 
@@ -173,12 +218,18 @@ pub struct StateMachineStore {
     state: ClusterState,
     published: Arc<ArcSwap<ClusterState>>,
     version: watch::Sender<u64>,
+    /// The most audit entries the state keeps (`cluster.audit_entries`).
+    audit_limit: usize,
 }
 
 impl StateMachineStore {
     /// A state machine starting from `restored` (a stored snapshot's meta and state), or
     /// empty.
-    pub(super) fn new(db: Arc<Database>, restored: Option<(SnapshotMeta, ClusterState)>) -> Self {
+    pub(super) fn new(
+        db: Arc<Database>,
+        restored: Option<(SnapshotMeta, ClusterState)>,
+        audit_limit: usize,
+    ) -> Self {
         let (last_applied, membership, state) = match restored {
             Some((meta, state)) => (meta.last_log_id, meta.last_membership, state),
             None => (None, StoredMembership::default(), ClusterState::default()),
@@ -191,7 +242,14 @@ impl StateMachineStore {
             published: Arc::new(ArcSwap::from_pointee(state.clone())),
             state,
             version,
+            audit_limit,
         }
+    }
+
+    /// Keeps at most `limit` audit entries from now on (`cluster.audit_entries`).
+    pub fn with_audit_limit(mut self, limit: usize) -> Self {
+        self.audit_limit = limit;
+        self
     }
 
     /// The applied state, swapped as a whole after each applied batch and each installed
@@ -233,8 +291,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for entry in entries {
             self.last_applied = Some(entry.log_id);
             let result = match entry.payload {
-                EntryPayload::Normal(cmd) => {
-                    let result = apply_command(&mut self.state, cmd);
+                EntryPayload::Normal(req) => {
+                    let result = apply_request(&mut self.state, req, self.audit_limit);
                     if let Some(error) = &result.error {
                         tracing::debug!(log_id = %entry.log_id, %error, "command refused");
                     }
