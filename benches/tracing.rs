@@ -208,6 +208,7 @@ fn args(ops: u64, concurrency: usize, traces: Option<(&str, f64)>, rate: Option<
     BenchArgs {
         in_process: true,
         target: None,
+        cacert: None,
         ops,
         concurrency,
         op_type: "echo".into(),

@@ -1,7 +1,9 @@
 //! The command line: `opmesh serve`, `submit`, `get`, `routes`, `health`, `metrics` and
-//! `bench`. Client commands talk to a running node over HTTP (`--target`, default the
-//! local node); every read command has `--json` for the server's answer as is.
+//! `bench`. Client commands talk to a running node over HTTP or https (`--target`,
+//! default the local node; `--cacert` adds the CA of a node's certificate to the
+//! system's roots); every read command has `--json` for the server's answer as is.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -10,6 +12,7 @@ use serde_json::Value;
 
 use crate::bench::BenchArgs;
 use crate::config::Secret;
+use crate::tls;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -80,6 +83,13 @@ pub struct ServeArgs {
     /// (POD_NAME, POD_NAMESPACE, cluster.service): cluster.bootstrap = "ordinal"
     #[arg(long)]
     pub bootstrap_from_ordinal: bool,
+    /// Serve https with this PEM certificate chain (with --tls-key); reloaded when the
+    /// file changes [default: plain http]
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert's certificate
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Check the configuration (defaults, profile, file, environment and these flags),
     /// print what the node would run as, and exit: 0 when it is valid, 2 otherwise
     #[arg(long)]
@@ -100,15 +110,21 @@ impl ServeArgs {
             data_dir: self.data_dir,
             otlp_endpoint: self.otlp_endpoint,
             bootstrap_from_ordinal: self.bootstrap_from_ordinal,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
         }
     }
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// The node to talk to
+    /// The node to talk to: http://HOST:PORT or https://HOST:PORT
     #[arg(long, env = "OPMESH_TARGET", default_value = "http://127.0.0.1:7070")]
     pub target: String,
+    /// A PEM file of CA certificates to trust, beside the system's, for an https
+    /// target whose certificate they signed
+    #[arg(long, env = "OPMESH_CACERT", value_name = "PEM")]
+    pub cacert: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -204,20 +220,52 @@ pub enum ClusterCmd {
     Leave(ReadArgs),
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .expect("an HTTP client with default settings builds")
+impl Command {
+    /// The node a client command talks to; `None` for `serve` and `bench`.
+    fn target(&self) -> Option<&Target> {
+        match self {
+            Command::Submit(a) => Some(&a.target),
+            Command::Get(a) => Some(&a.target),
+            Command::Health(a) | Command::Metrics(a) => Some(&a.target),
+            Command::Routes(RoutesCmd::List(a)) => Some(&a.target),
+            Command::Routes(
+                RoutesCmd::Get { read, .. }
+                | RoutesCmd::Set { read, .. }
+                | RoutesCmd::Delete { read, .. },
+            ) => Some(&read.target),
+            Command::Cluster(ClusterCmd::Status(a) | ClusterCmd::Leave(a)) => Some(&a.target),
+            Command::Cluster(ClusterCmd::Join { read, .. }) => Some(&read.target),
+            Command::Serve(_) | Command::Bench(_) => None,
+        }
+    }
+}
+
+/// The client of the client commands: it trusts the system's roots and, with
+/// `--cacert`, the CA certificates of that file.
+fn client(cacert: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+    let builder = reqwest::Client::builder().timeout(Duration::from_secs(120));
+    let builder = match cacert {
+        None => builder,
+        Some(path) => {
+            let certs = tls::read_ca_file(path).context("--cacert")?;
+            tls::trust(builder, &certs).context("--cacert")?
+        }
+    };
+    builder.build().context("building the HTTP client")
 }
 
 /// Sends a request and returns the JSON answer; a refusal becomes an error naming the
 /// server's code and message.
 async fn call(req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("{what}: could not reach the node"))?;
+    let resp = req.send().await.map_err(|e| {
+        let hint = if tls::is_bad_certificate(&e) {
+            "; its TLS certificate did not verify: pass the CA that signed it with \
+             --cacert <PEM> (or OPMESH_CACERT)"
+        } else {
+            ""
+        };
+        anyhow::Error::new(e).context(format!("{what}: could not reach the node{hint}"))
+    })?;
     let status = resp.status();
     let body: Value = resp
         .json()
@@ -262,7 +310,7 @@ fn print_op(v: &Value) {
 
 /// Runs a client command.
 pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
-    let c = client();
+    let c = client(cmd.target().and_then(|t| t.cacert.as_deref()))?;
     match cmd {
         Command::Submit(a) => {
             let payload: Value = match &a.payload {
