@@ -9,7 +9,7 @@
 //! every `http.tls_reload_secs` and swaps in the new pair when their bytes changed and
 //! both parse and fit together: a Kubernetes Secret update (or a certificate renewed by
 //! hand) takes effect without a restart, for new connections; a bad new pair is logged
-//! and the old one kept ([`Watch::poll`] decides, the task only sleeps and logs).
+//! and the old one kept (`Watch::poll` decides, the task only sleeps and logs).
 //! Connections already open keep the certificate they were made with.
 //!
 //! Client side: [`read_ca_file`] reads a PEM bundle of CA certificates (`--cacert`, a
