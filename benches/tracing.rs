@@ -209,6 +209,7 @@ fn args(ops: u64, concurrency: usize, traces: Option<(&str, f64)>, rate: Option<
         in_process: true,
         target: None,
         token: None,
+        cacert: None,
         ops,
         concurrency,
         op_type: "echo".into(),

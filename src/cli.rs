@@ -1,7 +1,9 @@
 //! The command line: `opmesh serve`, `submit`, `get`, `routes`, `health`, `metrics` and
-//! `bench`. Client commands talk to a running node over HTTP (`--target`, default the
-//! local node); every read command has `--json` for the server's answer as is.
+//! `bench`. Client commands talk to a running node over HTTP or https (`--target`,
+//! default the local node; `--cacert` adds the CA of a node's certificate to the
+//! system's roots); every read command has `--json` for the server's answer as is.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -10,6 +12,7 @@ use serde_json::Value;
 
 use crate::bench::BenchArgs;
 use crate::config::Secret;
+use crate::tls;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,6 +43,9 @@ pub enum Command {
     Health(ReadArgs),
     /// Show a node's metrics.
     Metrics(ReadArgs),
+    /// Show who changed which route or member, and when (newest first; needs an admin
+    /// token when the node checks tokens).
+    Audit(AuditArgs),
     /// Generate load and report throughput and latency.
     Bench(BenchArgs),
 }
@@ -80,6 +86,13 @@ pub struct ServeArgs {
     /// (POD_NAME, POD_NAMESPACE, cluster.service): cluster.bootstrap = "ordinal"
     #[arg(long)]
     pub bootstrap_from_ordinal: bool,
+    /// Serve https with this PEM certificate chain (with --tls-key); reloaded when the
+    /// file changes [default: plain http]
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert's certificate
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Check the configuration (defaults, profile, file, environment and these flags),
     /// print what the node would run as, and exit: 0 when it is valid, 2 otherwise
     #[arg(long)]
@@ -100,13 +113,15 @@ impl ServeArgs {
             data_dir: self.data_dir,
             otlp_endpoint: self.otlp_endpoint,
             bootstrap_from_ordinal: self.bootstrap_from_ordinal,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
         }
     }
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// The node to talk to
+    /// The node to talk to: http://HOST:PORT or https://HOST:PORT
     #[arg(long, env = "OPMESH_TARGET", default_value = "http://127.0.0.1:7070")]
     pub target: String,
     /// The API token to send (`Authorization: Bearer`), when the node checks tokens.
@@ -118,6 +133,10 @@ pub struct Target {
         value_name = "TOKEN"
     )]
     pub token: Option<Secret>,
+    /// A PEM file of CA certificates to trust, beside the system's, for an https
+    /// target whose certificate they signed
+    #[arg(long, env = "OPMESH_CACERT", value_name = "PEM")]
+    pub cacert: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -162,6 +181,15 @@ pub struct GetArgs {
     pub target: Target,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// At most this many entries (1..=10000)
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    #[command(flatten)]
+    pub read: ReadArgs,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -221,6 +249,7 @@ impl Command {
             Command::Submit(a) => &a.target,
             Command::Get(a) => &a.target,
             Command::Health(a) | Command::Metrics(a) => &a.target,
+            Command::Audit(a) => &a.read.target,
             Command::Routes(
                 RoutesCmd::List(read)
                 | RoutesCmd::Get { read, .. }
@@ -246,21 +275,35 @@ pub(crate) fn bearer_header(token: &Secret) -> anyhow::Result<reqwest::header::H
     Ok(headers)
 }
 
+/// The client of the client commands: it sends the target's token, trusts the system's
+/// roots and, with `--cacert`, the CA certificates of that file.
 fn client(target: Option<&Target>) -> anyhow::Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(120));
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(120));
     if let Some(token) = target.and_then(|t| t.token.as_ref()) {
-        b = b.default_headers(bearer_header(token)?);
+        builder = builder.default_headers(bearer_header(token)?);
     }
-    Ok(b.build()?)
+    let builder = match target.and_then(|t| t.cacert.as_deref()) {
+        None => builder,
+        Some(path) => {
+            let certs = tls::read_ca_file(path).context("--cacert")?;
+            tls::trust(builder, &certs).context("--cacert")?
+        }
+    };
+    builder.build().context("building the HTTP client")
 }
 
 /// Sends a request and returns the JSON answer; a refusal becomes an error naming the
 /// server's code and message.
 async fn call(req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("{what}: could not reach the node"))?;
+    let resp = req.send().await.map_err(|e| {
+        let hint = if tls::is_bad_certificate(&e) {
+            "; its TLS certificate did not verify: pass the CA that signed it with \
+             --cacert <PEM> (or OPMESH_CACERT)"
+        } else {
+            ""
+        };
+        anyhow::Error::new(e).context(format!("{what}: could not reach the node{hint}"))
+    })?;
     let status = resp.status();
     let body: Value = resp
         .json()
@@ -276,6 +319,36 @@ async fn call(req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value>
 
 fn url(t: &Target, path: &str) -> String {
     format!("{}{}", t.target.trim_end_matches('/'), path)
+}
+
+/// The audit trail as a table, newest first; times in UTC.
+fn print_audit(v: &Value) {
+    let entries = v["entries"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if entries.is_empty() {
+        println!("no changes recorded");
+        return;
+    }
+    println!(
+        "{:<29}  {:<20}  {:<12}  {:<20}  DETAIL",
+        "WHEN", "BY", "ACTION", "SUBJECT"
+    );
+    for e in entries {
+        let when = e["at_ms"]
+            .as_u64()
+            .map(|ms| httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(ms)))
+            .unwrap_or_default();
+        let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+        println!(
+            "{when:<29}  {:<20}  {:<12}  {:<20}  {}",
+            s("by"),
+            s("action"),
+            s("subject"),
+            s("detail")
+        );
+    }
 }
 
 fn print_json(v: &Value) {
@@ -355,6 +428,15 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
                 println!("queued:    {}", v["queuedOperations"]);
                 println!("completed: {}", v["completedOperations"]);
                 println!("cache:     {}", v["cacheStats"]);
+            }
+        }
+        Command::Audit(a) => {
+            let path = format!("/v1/audit?limit={}", a.limit);
+            let v = call(c.get(url(&a.read.target, &path)), "audit").await?;
+            if a.read.json {
+                print_json(&v)
+            } else {
+                print_audit(&v)
             }
         }
         Command::Metrics(a) => {

@@ -3,22 +3,56 @@
 //! small CPU-only type for demos of routing) and `http` (POSTs the payload to a URL, for
 //! webhooks), registered on a [`NodeBuilder`] from the configuration (`handlers.builtin`
 //! chooses the built-in ones).
+//!
+//! A webhook's URL may carry credentials (`https://user:pass@host/hook?token=…`): it is
+//! used as configured, but every error (and so the operation's error, `/v1/failures`,
+//! the events and the trace) shows it through [`redact_url`]. Each target has its own
+//! client: https with the system's roots plus its `ca_file`, no redirects unless
+//! `follow_redirects`, and its answer read as it arrives up to `max_response_bytes`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use opmesh_actors::{HandlerError, Json, NodeBuilder, Operation, RetryPolicy};
+use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
 /// The most a `sleep` operation may ask for.
 pub const MAX_SLEEP_MS: u64 = 3_600_000;
 
 /// A type served by POSTing the payload to `url`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HttpTarget {
     pub op_type: String,
+    /// As configured: it may hold credentials (`user:pass@`, `?token=`), so it is shown
+    /// only through [`redact_url`] (`Debug` too).
     pub url: String,
     pub timeout: Duration,
     pub retry: RetryPolicy,
+    /// CA certificates the target's certificate may chain to, beside the system's roots
+    /// (the target's `ca_file`).
+    pub trust: Vec<CertificateDer<'static>>,
+    /// The most bytes of an answer read; a longer answer fails the attempt.
+    pub max_response_bytes: usize,
+    /// Whether a 3xx answer is followed (up to 10 times) or fails the operation.
+    pub follow_redirects: bool,
+}
+
+impl std::fmt::Debug for HttpTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpTarget")
+            .field("op_type", &self.op_type)
+            .field("url", &redact_url(&self.url))
+            .field("timeout", &self.timeout)
+            .field("retry", &self.retry)
+            .field(
+                "trust",
+                &format_args!("{} CA certificates", self.trust.len()),
+            )
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("follow_redirects", &self.follow_redirects)
+            .finish()
+    }
 }
 
 /// `echo`: answers with the payload it was given.
@@ -139,36 +173,107 @@ pub fn register(mut builder: NodeBuilder, builtin: &[Builtin], http: &[HttpTarge
             Builtin::Resize => builder.handler("resize", resize),
         };
     }
-    if !http.is_empty() {
-        let client = reqwest::Client::builder()
-            .build()
-            .expect("an HTTP client with default settings builds");
-        for t in http {
-            let client = client.clone();
-            let url = t.url.clone();
-            let timeout = t.timeout;
-            builder = builder.handler_with_retry(
-                &t.op_type,
-                move |op: Operation| post(client.clone(), url.clone(), timeout, op),
-                t.retry.clone(),
-            );
-        }
+    for t in http {
+        let hook = Arc::new(Webhook::new(t));
+        builder = builder.handler_with_retry(
+            &t.op_type,
+            move |op: Operation| post(hook.clone(), op),
+            t.retry.clone(),
+        );
     }
     builder
 }
 
-/// POSTs the payload as JSON; a 2xx answer's body (JSON, or text wrapped as a JSON
-/// string) is the result. Timeouts, connection errors and 5xx are retryable; 4xx is not.
-/// The request carries the operation's `traceparent` (its `op.execute` span), so the
-/// target's own spans join the operation's trace.
-async fn post(
+/// `url` as errors, events and logs may show it: without its userinfo (`user:pass@`),
+/// query string and fragment, which may hold credentials (`?token=…`).
+pub fn redact_url(url: &str) -> String {
+    if let Some(mut u) = reqwest::Url::parse(url).ok().filter(reqwest::Url::has_host) {
+        // Both only fail on URLs without a host, which have no userinfo.
+        let _ = u.set_username("");
+        let _ = u.set_password(None);
+        u.set_query(None);
+        u.set_fragment(None);
+        return u.to_string();
+    }
+    // Not a URL reqwest could call; still never show what may be a secret.
+    let url = &url[..url.find(['?', '#']).unwrap_or(url.len())];
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..start], &url[start + at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Redirects followed at most, with `follow_redirects = true`.
+const MAX_REDIRECTS: usize = 10;
+
+/// One `[[handlers.http]]` target, ready to call.
+struct Webhook {
     client: reqwest::Client,
     url: String,
+    /// `url` as errors show it ([`redact_url`]).
+    shown: String,
     timeout: Duration,
-    op: Operation,
-) -> Result<Json, HandlerError> {
-    let mut req = client
-        .post(&url)
+    max_response_bytes: usize,
+    follow_redirects: bool,
+}
+
+impl Webhook {
+    fn new(t: &HttpTarget) -> Webhook {
+        let redirects = if t.follow_redirects {
+            reqwest::redirect::Policy::limited(MAX_REDIRECTS)
+        } else {
+            reqwest::redirect::Policy::none()
+        };
+        let builder = reqwest::Client::builder().redirect(redirects);
+        let client = crate::tls::trust(builder, &t.trust)
+            .and_then(reqwest::ClientBuilder::build)
+            .expect(
+                "a webhook client builds: its CA certificates were checked with the configuration",
+            );
+        Webhook {
+            client,
+            url: t.url.clone(),
+            shown: redact_url(&t.url),
+            timeout: t.timeout,
+            max_response_bytes: t.max_response_bytes,
+            follow_redirects: t.follow_redirects,
+        }
+    }
+}
+
+/// An error and its causes, without the request's URL (reqwest's own message names it
+/// in full, credentials included, and rarely says what went wrong).
+fn causes(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// POSTs the payload as JSON; a 2xx answer's body (JSON, or text wrapped as a JSON
+/// string) is the result. Timeouts, connection errors and 5xx are retryable; 4xx, a 3xx
+/// that is not followed and an answer over `max_response_bytes` are not. The request
+/// carries the operation's `traceparent` (its `op.execute` span), so the target's own
+/// spans join the operation's trace. Errors show the URL through [`redact_url`].
+async fn post(hook: Arc<Webhook>, op: Operation) -> Result<Json, HandlerError> {
+    let (url, timeout) = (&hook.shown, hook.timeout);
+    let failed = |e: reqwest::Error| {
+        if e.is_timeout() {
+            HandlerError::retryable(format!("POST {url} timed out after {timeout:?}"))
+        } else {
+            HandlerError::retryable(format!("POST {url} failed: {}", causes(e)))
+        }
+    };
+    let mut req = hook
+        .client
+        .post(&hook.url)
         .timeout(timeout)
         .header("content-type", "application/json")
         .header("x-opmesh-op-id", op.id.to_string())
@@ -180,18 +285,14 @@ async fn post(
         .body(op.payload.as_bytes().to_vec())
         .send()
         .await
-        .map_err(|e| {
-            if e.is_timeout() {
-                HandlerError::retryable(format!("POST {url} timed out after {timeout:?}"))
-            } else {
-                HandlerError::retryable(format!("POST {url} failed: {e}"))
-            }
-        })?;
+        .map_err(failed)?;
     let status = resp.status();
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| HandlerError::retryable(format!("reading the answer of {url}: {e}")))?;
+    if status.is_redirection() && !hook.follow_redirects {
+        return Err(HandlerError::fatal(format!(
+            "POST {url} answered {status}: redirects are not followed \
+             (follow_redirects = false)"
+        )));
+    }
     if status.is_server_error() {
         return Err(HandlerError::retryable(format!(
             "POST {url} answered {status}"
@@ -200,6 +301,7 @@ async fn post(
     if !status.is_success() {
         return Err(HandlerError::fatal(format!("POST {url} answered {status}")));
     }
+    let body = read_capped(resp, hook.max_response_bytes, url, failed).await?;
     if body.is_empty() {
         return Ok(Json::null());
     }
@@ -207,4 +309,72 @@ async fn post(
         Json::encode(&String::from_utf8_lossy(&body))
             .map_err(|e| HandlerError::fatal(e.to_string()))
     })
+}
+
+/// Reads an answer's body as it arrives, up to `cap` bytes: a longer one (by its
+/// `Content-Length`, or once more than `cap` bytes have come) fails without reading the
+/// rest.
+async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: usize,
+    url: &str,
+    failed: impl Fn(reqwest::Error) -> HandlerError,
+) -> Result<bytes::Bytes, HandlerError> {
+    let too_large = || {
+        HandlerError::fatal(format!(
+            "POST {url}: the answer is larger than max_response_bytes ({cap} bytes)"
+        ))
+    };
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(too_large());
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(&failed)? {
+        if body.len() + chunk.len() > cap {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redact_url_drops_userinfo_query_and_fragment() {
+        for (url, shown) in [
+            (
+                "https://user:pass@hooks.example.com:8443/in?token=secret#frag",
+                "https://hooks.example.com:8443/in",
+            ),
+            (
+                "http://alice@127.0.0.1:9000/a/b",
+                "http://127.0.0.1:9000/a/b",
+            ),
+            ("http://[::1]:80/x?a=1&b=2", "http://[::1]/x"),
+            (
+                "https://hooks.example.com/in",
+                "https://hooks.example.com/in",
+            ),
+            ("http://h", "http://h/"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn redact_url_hides_secrets_of_what_does_not_parse() {
+        for (url, shown) in [
+            ("http://u:p@bad host/x?token=s", "http://bad host/x"),
+            ("http://u:p@[zz/x", "http://[zz/x"),
+            ("no scheme?token=s", "no scheme"),
+            ("user:pw@host:notaport/path#x", "host:notaport/path"),
+        ] {
+            let got = redact_url(url);
+            assert_eq!(got, shown, "{url}");
+            assert!(!got.contains("token") && !got.contains(":p@"), "{got}");
+        }
+    }
 }

@@ -14,6 +14,9 @@
 //!   `otlp`); [`logging`]: JSON or pretty log lines with trace ids.
 //! - [`handlers`]: the built-in handlers (`echo`, `sleep`, `resize`, webhooks).
 //! - [`api`]: the HTTP api, the live events and the dashboard.
+//! - [`tls`]: the api's TLS (a certificate reloaded when its files change, client
+//!   certificates) and the CA files the clients trust (`--cacert`, a webhook's
+//!   `ca_file`).
 //! - [`metrics`]: `GET /metrics`, read from the engine's counters at scrape time.
 //! - [`bench`]: the load generator behind `opmesh bench`.
 
@@ -34,3 +37,4 @@ pub mod metrics;
 mod otlp;
 pub mod server;
 pub mod telemetry;
+pub mod tls;

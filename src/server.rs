@@ -2,7 +2,9 @@
 //! in which it stops.
 //!
 //! [`start`] builds the node from the configuration, edge first: it binds the HTTP port
-//! (the cluster registry carries its real address), starts trace export and logging,
+//! (the cluster registry carries its real address) and loads its TLS certificate when
+//! `http.tls_cert` is set (a task reloads it when its files change), starts trace export
+//! and logging,
 //! registers the built-in handlers, starts the cluster layer when `cluster.addr` is set,
 //! then the engine on it, then the HTTP api. [`Running::run_until`] serves until a
 //! shutdown signal (or `POST /v1/cluster/leave`) and stops the node in the one order
@@ -21,6 +23,7 @@ use opmesh_cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::api::{self, ApiSettings};
 use crate::config::Config;
 use crate::telemetry::{Telemetry, TelemetryError};
+use crate::tls::{Listener, Reloader, ServerTls, TlsError};
 use crate::{handlers, logging};
 
 /// How long the last spans get to reach the receiver once the node has stopped.
@@ -35,6 +38,9 @@ pub enum ServeError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    /// The api's certificate, key or client CA file cannot be used.
+    #[error("configuration error: TLS for the api: {0}")]
+    Tls(#[from] TlsError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
     /// `cluster.serves` names a type the engine has no handler for.
@@ -65,7 +71,7 @@ impl ServeError {
     /// The process's exit status for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ServeError::Serves { .. } => 2,
+            ServeError::Serves { .. } | ServeError::Tls(_) => 2,
             _ => 1,
         }
     }
@@ -81,7 +87,12 @@ pub async fn serve(cfg: &Config) -> Result<usize, ServeError> {
     if let Some(c) = running.cluster() {
         println!("opmesh cluster port {}", c.cluster_addr());
     }
-    println!("opmesh listening on http://{}", running.http_addr());
+    let scheme = if cfg.http.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("opmesh listening on {scheme}://{}", running.http_addr());
     tracing::info!(node = %cfg.node_id, addr = %running.http_addr(), profile = ?cfg.profile, "serving");
     running.run_until(signal).await.map_err(ServeError::Stop)
 }
@@ -94,6 +105,8 @@ pub struct Running {
     pub http: api::Server,
     pub telemetry: Telemetry,
     grace: Duration,
+    /// Reloads the api's certificate while the node runs (https only).
+    _tls_reload: Option<Reloader>,
 }
 
 /// Builds and starts the node `cfg` describes. Sets up the process's logging (once its
@@ -102,6 +115,7 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
     let listen = |addr: SocketAddr| move |error: std::io::Error| ServeError::Listen { addr, error };
     let listener = std::net::TcpListener::bind(cfg.http.addr).map_err(listen(cfg.http.addr))?;
     let http_addr = listener.local_addr().map_err(listen(cfg.http.addr))?;
+    let (listener, tls_reload) = with_tls(listener, cfg)?;
     let telemetry = Telemetry::start(&cfg.telemetry, &cfg.node_id)?;
     logging::init(telemetry.otel_layer());
     if let Some(t) = &cfg.telemetry.traces {
@@ -143,7 +157,25 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         http,
         telemetry,
         grace: cfg.shutdown_grace,
+        _tls_reload: tls_reload,
     })
+}
+
+/// The api's socket with its TLS config when `http.tls_cert` is set, and the task that
+/// reloads the certificate when its files change.
+fn with_tls(
+    tcp: std::net::TcpListener,
+    cfg: &Config,
+) -> Result<(Listener, Option<Reloader>), ServeError> {
+    let Some(files) = &cfg.http.tls else {
+        return Ok((tcp.into(), None));
+    };
+    let tls = ServerTls::load(files)?;
+    let listener = Listener {
+        tcp,
+        tls: Some(tls.server_config()),
+    };
+    Ok((listener, Some(tls.watch())))
 }
 
 /// Starts the cluster layer the configuration describes, once the values only a running

@@ -376,3 +376,52 @@ fn a_public_address_without_tokens_refuses_to_start() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("auth: none (anonymous"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_changes_are_audited_with_the_tokens_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&tokens_file(dir.path()));
+    let r = send(
+        &s,
+        "PUT",
+        "/v1/routes/echo",
+        Some(ADMIN),
+        Some(json!({"strategy": "least_loaded"})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        send(&s, "DELETE", "/v1/routes/echo", Some(ADMIN), None)
+            .await
+            .status(),
+        200
+    );
+    let v: Value = send(&s, "GET", "/v1/audit?limit=10", Some(ADMIN), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let entries: Vec<(String, String, String)> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap().to_owned();
+            (s("by"), s("action"), s("detail"))
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("deployer".into(), "route.remove".into(), String::new()),
+            (
+                "deployer".into(),
+                "route.set".into(),
+                "least_loaded []".into()
+            ),
+        ]
+    );
+    let r = send(&s, "GET", "/v1/audit?limit=0", Some(ADMIN), None).await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("1..=10000"));
+}

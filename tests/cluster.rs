@@ -16,6 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const SECRET: &str = "a-test-secret-of-enough-length";
+/// The admin token of the tests that turn tokens on (nodes without tokens ignore it).
+const ADMIN_TOKEN: &str = "deployer-secret-0000";
 
 struct NodeSpec<'a> {
     name: &'a str,
@@ -24,6 +26,8 @@ struct NodeSpec<'a> {
     data_dir: Option<&'a std::path::Path>,
     /// The address others dial, when it is not the cluster port (a proxy in front).
     advertise: Option<String>,
+    /// An API tokens file (`auth.tokens_file`).
+    tokens: Option<&'a std::path::Path>,
 }
 
 fn start(spec: &NodeSpec) -> Server {
@@ -46,6 +50,9 @@ fn start(spec: &NodeSpec) -> Server {
     if let Some(a) = &spec.advertise {
         env.push(("OPMESH_CLUSTER__ADVERTISE", a.clone()));
     }
+    if let Some(t) = spec.tokens {
+        env.push(("OPMESH_AUTH__TOKENS_FILE", t.display().to_string()));
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     Server::start(&args, &env)
@@ -61,7 +68,16 @@ async fn try_get(s: &Server, path: &str) -> Option<Value> {
 
 /// Whether `s` sees `n` nodes up and a leader.
 async fn sees_up(s: &Server, n: usize) -> bool {
-    let Some(c) = try_get(s, "/v1/cluster").await else {
+    let c = client()
+        .get(s.url("/v1/cluster"))
+        .bearer_auth(ADMIN_TOKEN)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    let Some(c) = (match c {
+        Ok(r) => r.json::<Value>().await.ok(),
+        Err(_) => None,
+    }) else {
         return false;
     };
     let up = c["nodes"]
@@ -78,6 +94,14 @@ async fn leader_of(s: &Server) -> Option<String> {
 
 /// Starts node-1 (bootstraps) and node-2, node-3 (join it); waits until all see three up.
 async fn three_nodes(dirs: Option<&[std::path::PathBuf; 3]>) -> (Vec<Server>, Vec<u16>) {
+    three_nodes_with(dirs, None).await
+}
+
+/// [`three_nodes`], checking the API tokens of `tokens` when given.
+async fn three_nodes_with(
+    dirs: Option<&[std::path::PathBuf; 3]>,
+    tokens: Option<&std::path::Path>,
+) -> (Vec<Server>, Vec<u16>) {
     let ports = [free_port(), free_port(), free_port()];
     let seed = format!("127.0.0.1:{}", ports[0]);
     let mut servers = Vec::new();
@@ -88,6 +112,7 @@ async fn three_nodes(dirs: Option<&[std::path::PathBuf; 3]>) -> (Vec<Server>, Ve
             join: (i > 0).then(|| seed.clone()),
             data_dir: dirs.map(|d| d[i].as_path()),
             advertise: None,
+            tokens,
         }));
     }
     for s in &servers {
@@ -200,6 +225,95 @@ async fn a_route_set_on_one_node_is_seen_by_all_and_operations_run_on_the_owner(
     let r = set_route(&s[0], "echo", "pinned", &["node-9"]).await;
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("node-9"));
+}
+
+/// Every node answers the same audit trail: who changed which route (the token's name)
+/// and which node joined (the node itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_set_with_a_token_shows_its_name_in_every_nodes_audit_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"deployer\"\nsecret = \"{ADMIN_TOKEN}\"\nscopes = [\"admin\"]\n\n\
+             [[token]]\nname = \"app\"\nsecret = \"app-secret-000000000\"\nscopes = [\"submit\"]\n"
+        ),
+    )
+    .unwrap();
+    let (s, _) = three_nodes_with(None, Some(&tokens)).await;
+    let r = client()
+        .put(s[2].url("/v1/routes/echo"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"strategy": "pinned", "nodes": ["node-2"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let audit = |n: &Server| {
+        let url = n.url("/v1/audit?limit=50");
+        async move {
+            let r = client()
+                .get(url)
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()["entries"]
+                .as_array()
+                .unwrap()
+                .clone()
+        }
+    };
+    for n in &s {
+        wait_until(
+            "the route change in the node's audit trail",
+            Duration::from_secs(5),
+            || async {
+                audit(n).await.first().is_some_and(|e| {
+                    e["by"] == "deployer"
+                        && e["action"] == "route.set"
+                        && e["subject"] == "echo"
+                        && e["detail"] == "pinned [node-2]"
+                })
+            },
+        )
+        .await;
+        let entries = audit(n).await;
+        for joined in ["node-2", "node-3"] {
+            assert!(
+                entries.iter().any(|e| e["action"] == "node.joined"
+                    && e["subject"] == joined
+                    && e["by"] == format!("node:{joined}")),
+                "{joined} joined, by itself: {entries:?}"
+            );
+        }
+        // Newest first, versions going down, times set.
+        let versions: Vec<u64> = entries
+            .iter()
+            .map(|e| e["version"].as_u64().unwrap())
+            .collect();
+        assert!(versions.windows(2).all(|w| w[0] > w[1]), "{versions:?}");
+        assert!(entries
+            .iter()
+            .all(|e| e["at_ms"].as_u64().unwrap() > 1_600_000_000_000));
+    }
+    // Only an admin reads it; the CLI prints it.
+    let r = client()
+        .get(s[0].url("/v1/audit"))
+        .bearer_auth("app-secret-000000000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let (code, out, err) = common::cli(&["audit", "--target", &s[1].base, "--token", ADMIN_TOKEN]);
+    assert_eq!(code, 0, "{err}");
+    let first = out.lines().nth(1).unwrap_or_default();
+    assert!(
+        first.contains("deployer") && first.contains("route.set") && first.contains("echo"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,6 +457,7 @@ async fn a_node_restarted_with_its_data_dir_rejoins_with_its_state() {
         join: None,
         data_dir: Some(&dirs[2]),
         advertise: None,
+        tokens: None,
     });
     wait_until(
         "node-3 has the route set while it was away",
@@ -452,6 +567,7 @@ async fn an_isolated_node_cannot_change_routes_the_majority_goes_on_and_it_heals
                 join: (i > 0).then(|| seed.clone()),
                 data_dir: None,
                 advertise: Some(format!("127.0.0.1:{}", proxies[i])),
+                tokens: None,
             })
         })
         .collect();
@@ -638,6 +754,7 @@ async fn soak_owners_killed_and_restarted_under_load() {
             join: Some(seed.clone()),
             data_dir: None,
             advertise: None,
+            tokens: None,
         });
         for n in &s {
             wait_until(

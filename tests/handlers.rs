@@ -1,5 +1,8 @@
 //! The built-in `http` handler against a real HTTP endpoint in the test process: the
 //! payload is POSTed, the answer is the result, 5xx and timeouts are retried, 4xx is not.
+//! Over https: the target's `ca_file` is trusted, answers are cut at
+//! `max_response_bytes`, redirects are followed only when asked, and credentials in the
+//! URL never show in errors, `/v1/failures` or the event stream.
 
 mod common;
 
@@ -149,4 +152,233 @@ max_attempts = 2
     assert!(v["error"].as_str().unwrap().contains("timed out"), "{v}");
     assert_eq!(v["attempts"], 2);
     assert_eq!(hits.slow.load(Ordering::SeqCst), 2);
+}
+
+/// Starts the https webhook endpoints, serving `leaf`, on a free loopback port; returns
+/// its port.
+fn start_tls_endpoint(leaf: &common::tls::Leaf) -> u16 {
+    const TEN_MB: usize = 10 << 20;
+    let server = HttpServer::new(|| {
+        App::new()
+            .route(
+                "/ok",
+                web::post().to(|body: web::Bytes| async move {
+                    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    HttpResponse::Ok().json(json!({"got": v}))
+                }),
+            )
+            .route(
+                // 10 MB with its length announced.
+                "/big",
+                web::post().to(|| async { HttpResponse::Ok().body(vec![b'x'; TEN_MB]) }),
+            )
+            .route(
+                // 10 MB in chunks, no length: the handler only finds out by reading.
+                "/big-stream",
+                web::post().to(|| async {
+                    let chunk = web::Bytes::from(vec![b'x'; 64 << 10]);
+                    let chunks = futures::stream::iter(
+                        std::iter::repeat_n(chunk, TEN_MB / (64 << 10))
+                            .map(Ok::<_, std::convert::Infallible>),
+                    );
+                    HttpResponse::Ok().streaming(chunks)
+                }),
+            )
+            .route(
+                "/moved",
+                web::post().to(|| async {
+                    HttpResponse::TemporaryRedirect()
+                        .insert_header(("location", "/ok"))
+                        .finish()
+                }),
+            )
+            .route(
+                "/reject",
+                web::post().to(|| async { HttpResponse::BadRequest().finish() }),
+            )
+    })
+    .workers(1)
+    .disable_signals()
+    .listen_rustls_0_23(
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        leaf.server_config(),
+    )
+    .unwrap();
+    let port = server.addrs()[0].port();
+    tokio::spawn(server.run());
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhooks_trust_their_ca_file_cap_answers_and_follow_no_redirect_unasked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::Ca::new("hooks ca");
+    let port = start_tls_endpoint(&ca.server("hooks"));
+    let ca_file = ca.write(dir.path(), "hooks-ca.pem");
+    let base = format!("https://localhost:{port}");
+    let hook = |ty: &str, path: &str, extra: &str| {
+        format!(
+            "[[handlers.http]]\ntype = \"{ty}\"\nurl = \"{base}{path}\"\ntimeout_ms = 10000\n\
+             max_attempts = 1\nca_file = {ca_file:?}\n{extra}\n"
+        )
+    };
+    let cfg = dir.path().join("hooks.toml");
+    std::fs::write(
+        &cfg,
+        [
+            hook("tls-ok", "/ok", ""),
+            hook("tls-big", "/big", ""),
+            hook(
+                "tls-big-stream",
+                "/big-stream",
+                "max_response_bytes = 65536",
+            ),
+            hook("tls-moved", "/moved", ""),
+            hook("tls-moved-followed", "/moved", "follow_redirects = true"),
+            // No ca_file: the system's roots do not know the test CA.
+            format!(
+                "[[handlers.http]]\ntype = \"tls-untrusted\"\nurl = \"{base}/ok\"\n\
+                 timeout_ms = 10000\nmax_attempts = 1\n"
+            ),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let s = Server::start(&["--config", cfg.to_str().unwrap()], &[]);
+    let submit = |ty: &'static str| {
+        let url = s.url("/v1/ops?wait=true");
+        async move {
+            let r = client()
+                .post(url)
+                .json(&json!({"type": ty, "payload": {"n": 1}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let error = |v: &Value| v["error"].as_str().unwrap_or_default().to_owned();
+
+    let v = submit("tls-ok").await;
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(v["result"], json!({"got": {"n": 1}}));
+
+    let v = submit("tls-big").await;
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(
+        error(&v),
+        format!("POST {base}/big: the answer is larger than max_response_bytes (1048576 bytes)")
+    );
+    let v = submit("tls-big-stream").await;
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(
+        error(&v),
+        format!(
+            "POST {base}/big-stream: the answer is larger than max_response_bytes (65536 bytes)"
+        )
+    );
+
+    let v = submit("tls-moved").await;
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(
+        error(&v),
+        format!(
+            "POST {base}/moved answered 307 Temporary Redirect: redirects are not followed \
+             (follow_redirects = false)"
+        )
+    );
+    let v = submit("tls-moved-followed").await;
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(v["result"], json!({"got": {"n": 1}}));
+
+    let v = submit("tls-untrusted").await;
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(
+        error(&v).starts_with(&format!("POST {base}/ok failed: "))
+            && error(&v).contains("invalid peer certificate: UnknownIssuer"),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_credentials_in_the_url_are_never_shown() {
+    use futures::StreamExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::Ca::new("hooks ca");
+    let port = start_tls_endpoint(&ca.server("hooks"));
+    let ca_file = ca.write(dir.path(), "hooks-ca.pem");
+    let cfg = dir.path().join("hooks.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[handlers.http]]\ntype = \"secret-hook\"\n\
+             url = \"https://alice:hunter2@localhost:{port}/reject?token=s3cr3t#frag\"\n\
+             timeout_ms = 10000\nmax_attempts = 1\nca_file = {ca_file:?}\n"
+        ),
+    )
+    .unwrap();
+    let s = Server::start(&["--config", cfg.to_str().unwrap()], &[]);
+
+    // Subscribed before the operation runs, so its failure event is in the stream.
+    let events = client()
+        .get(s.url("/v1/events?types=operation:failure"))
+        .timeout(std::time::Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    let mut events = events.bytes_stream();
+    // The greeting: from here on this client is subscribed.
+    let mut greeting = String::new();
+    while !greeting.contains(": opmesh events\n\n") {
+        let chunk = events.next().await.expect("the greeting").unwrap();
+        greeting.push_str(&String::from_utf8_lossy(&chunk));
+    }
+
+    let v = common::run_op(&s.base, &json!({"type": "secret-hook", "payload": 1})).await;
+    assert_eq!(v["status"], "failed", "{v}");
+    let shown = format!("https://localhost:{port}/reject");
+    assert_eq!(
+        v["error"],
+        format!("POST {shown} answered 400 Bad Request"),
+        "the error names the URL without its credentials"
+    );
+    let id = v["id"].as_str().unwrap().to_owned();
+    let leaks = |text: &str| {
+        ["alice", "hunter2", "s3cr3t", "token", "frag"]
+            .into_iter()
+            .filter(|secret| text.contains(secret))
+            .collect::<Vec<_>>()
+    };
+
+    let got = s.url(&format!("/v1/ops/{id}"));
+    let op = common::get_json(&got).await.to_string();
+    assert!(op.contains(&shown) && leaks(&op).is_empty(), "{op}");
+
+    let failures = s.url("/v1/failures");
+    common::wait_until(
+        "the failure is listed",
+        std::time::Duration::from_secs(10),
+        || async { common::get_json(&failures).await.to_string().contains(&id) },
+    )
+    .await;
+    let listed = common::get_json(&failures).await.to_string();
+    assert!(
+        listed.contains(&shown) && leaks(&listed).is_empty(),
+        "{listed}"
+    );
+
+    let mut seen = String::new();
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !seen.contains(&id) {
+        let chunk = tokio::time::timeout_at(until, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("no failure event for {id}; saw {seen}"))
+            .expect("the stream goes on")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains(&shown) && leaks(&seen).is_empty(), "{seen}");
 }

@@ -464,24 +464,47 @@ mod tests {
     }
 
     #[test]
-    fn local_routes_version_and_validate() {
+    fn local_routes_version_validate_and_audit() {
         use futures::executor::block_on;
         let r = LocalRoutes::new(table(vec![node("a", true, 0)]));
         let pinned = |n: &str| Route {
             strategy: Strategy::Pinned,
             nodes: vec![n.into()],
         };
-        assert_eq!(block_on(r.set_route("echo".into(), pinned("a"))), Ok(2));
+        let by = |b: &str| Arc::<str>::from(b);
+        assert_eq!(
+            block_on(r.set_route("echo".into(), pinned("a"), by("deployer"))),
+            Ok(2)
+        );
         assert_eq!(r.snapshot().routes["echo"].strategy, Strategy::Pinned);
         assert_eq!(
-            block_on(r.set_route("echo".into(), pinned("zz"))),
+            block_on(r.set_route("echo".into(), pinned("zz"), by("x"))),
             Err(RouteError::UnknownNode("zz".into()))
         );
-        assert_eq!(block_on(r.remove_route("echo".into())), Ok(3));
+        assert_eq!(block_on(r.remove_route("echo".into(), by("ops"))), Ok(3));
         assert_eq!(
-            block_on(r.remove_route("echo".into())),
+            block_on(r.remove_route("echo".into(), by("x"))),
             Err(RouteError::NotFound("echo".into()))
         );
+        // Refused changes leave no entry; newest first.
+        let audit: Vec<(String, String, String, u64)> = r
+            .audit(10)
+            .into_iter()
+            .map(|e| (e.by, e.action, e.detail, e.version))
+            .collect();
+        assert_eq!(
+            audit,
+            [
+                ("ops".into(), "route.remove".into(), String::new(), 3),
+                (
+                    "deployer".into(),
+                    "route.set".into(),
+                    "pinned [a]".into(),
+                    2
+                ),
+            ]
+        );
+        assert_eq!(r.audit(1).len(), 1);
     }
 
     proptest! {

@@ -47,7 +47,7 @@ use wincode::{SchemaRead, SchemaWrite};
 use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfig};
 
 /// The version of the frames below. A dialer whose `Hello` names another is refused.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Bytes of the length prefix in front of every frame body.
 pub const LEN_PREFIX: usize = 4;

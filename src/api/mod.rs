@@ -150,14 +150,16 @@ pub struct Server {
     watching: tokio_util::sync::CancellationToken,
 }
 
-/// Binds the api for `node` and starts serving. The caller decides when to stop (see
+/// Binds the api for `node` and starts serving, over https when `listener` brings a TLS
+/// config (a plain `TcpListener` serves http). The caller decides when to stop (see
 /// [`crate::server::run_until`]).
 pub fn start(
     node: Node,
     cluster: Option<Cluster>,
-    listener: std::net::TcpListener,
+    listener: impl Into<crate::tls::Listener>,
     settings: &ApiSettings,
 ) -> std::io::Result<Server> {
+    let listener = listener.into();
     let left = Arc::new(tokio::sync::Notify::new());
     let state = web::Data::new(AppState {
         node,
@@ -196,8 +198,11 @@ pub fn start(
     .workers(settings.workers.max(1))
     .keep_alive(settings.keep_alive)
     .disable_signals()
-    .shutdown_timeout(settings.shutdown_grace.as_secs().max(1))
-    .listen(listener)?;
+    .shutdown_timeout(settings.shutdown_grace.as_secs().max(1));
+    let server = match listener.tls {
+        None => server.listen(listener.tcp)?,
+        Some(tls) => server.listen_rustls_0_23(listener.tcp, tls)?,
+    };
     let addr = server
         .addrs()
         .first()

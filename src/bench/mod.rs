@@ -53,6 +53,7 @@ use anyhow::{anyhow, bail, Context as _};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use opmesh_actors::{Json, Node, OpType};
 use opmesh_cluster::{Cluster, ClusterConfig};
+use rustls::pki_types::CertificateDer;
 
 use self::driver::{
     drive, new_histogram, Arrivals, ErrorSamples, Load, Pace, Pacer, PhaseShared, EARLY_FAILURES,
@@ -85,7 +86,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub in_process: bool,
 
-    /// Drive a running node over HTTP with keep-alive, e.g. http://127.0.0.1:8080.
+    /// Drive a running node over HTTP with keep-alive, e.g. http://127.0.0.1:8080 or
+    /// https://opmesh.example.com:7070.
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
 
@@ -98,6 +100,11 @@ pub struct BenchArgs {
         value_name = "TOKEN"
     )]
     pub token: Option<crate::config::Secret>,
+
+    /// With an https --target: a PEM file of CA certificates to trust beside the
+    /// system's (the CA that signed the node's certificate).
+    #[arg(long, env = "OPMESH_CACERT", value_name = "PEM")]
+    pub cacert: Option<std::path::PathBuf>,
 
     /// Operations to measure.
     #[arg(long, value_name = "N", default_value_t = 200_000)]
@@ -206,8 +213,8 @@ pub fn payload_of_size(n: usize) -> anyhow::Result<Json> {
 
 enum Mode {
     InProcess,
-    /// The target, its path ending in `/`.
-    Http(reqwest::Url),
+    /// The target, its path ending in `/`, and the CA certificates of `--cacert`.
+    Http(reqwest::Url, Vec<CertificateDer<'static>>),
 }
 
 /// Validated arguments.
@@ -239,9 +246,15 @@ impl BenchArgs {
                 bail!("--in-process and --target exclude each other: pass exactly one")
             }
             (true, None) => Mode::InProcess,
-            (false, Some(t)) => Mode::Http(parse_target(t)?),
+            (false, Some(t)) => {
+                let trust = match &self.cacert {
+                    None => Vec::new(),
+                    Some(path) => crate::tls::read_ca_file(path).map_err(|e| anyhow!("--cacert: {e}"))?,
+                };
+                Mode::Http(parse_target(t)?, trust)
+            }
         };
-        let http = matches!(mode, Mode::Http(_));
+        let http = matches!(mode, Mode::Http(..));
         if self.batch.is_some() && !http {
             bail!("--batch needs --target: it posts batches to /v1/ops/batch");
         }
@@ -304,8 +317,8 @@ impl BenchArgs {
 fn parse_target(t: &str) -> anyhow::Result<reqwest::Url> {
     let mut url = reqwest::Url::parse(t)
         .map_err(|e| anyhow!("--target `{t}` is not a URL ({e}); expected http://HOST:PORT"))?;
-    if url.scheme() != "http" {
-        bail!("--target `{t}`: only plain http:// is supported");
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!("--target `{t}`: expected http://HOST:PORT or https://HOST:PORT");
     }
     if url.host_str().is_none_or(str::is_empty) {
         bail!("--target `{t}` has no host; expected http://HOST:PORT");
@@ -482,7 +495,7 @@ async fn execute(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport
     let plan = args.plan()?;
     match &plan.mode {
         Mode::InProcess => in_process(&plan, progress).await,
-        Mode::Http(base) => http(&plan, base, progress).await,
+        Mode::Http(base, trust) => http(&plan, base, trust, progress).await,
     }
 }
 
@@ -667,9 +680,14 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
     Ok(report)
 }
 
-async fn http(plan: &Plan, base: &reqwest::Url, progress: bool) -> anyhow::Result<BenchReport> {
-    let client =
-        http_client(plan.concurrency, plan.token.as_ref()).context("building the HTTP client")?;
+async fn http(
+    plan: &Plan,
+    base: &reqwest::Url,
+    trust: &[CertificateDer<'static>],
+    progress: bool,
+) -> anyhow::Result<BenchReport> {
+    let client = http_client(plan.concurrency, trust, plan.token.as_ref())
+        .context("building the HTTP client")?;
     let batch = plan.per_request();
     let target = base.as_str().trim_end_matches('/').to_owned();
     let measure = |route: Route, label: &'static str| {

@@ -1,6 +1,6 @@
 //! What the bench drives: an embedded [`Node`] through the library API ([`InProcess`]),
-//! or a running node's HTTP api ([`Http`]: single operations, batches, or the plain hello
-//! route used as a baseline).
+//! or a running node's HTTP api, http or https ([`Http`]: single operations, batches, or
+//! the plain hello route used as a baseline).
 //!
 //! Everything a request needs that does not change (the operation type, the payload, the
 //! encoded request body) is built once and cloned cheaply per request.
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use opmesh_actors::{Json, Node, OpOutcome, OpType, Operation, Ticket};
+use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
 use super::driver::{Done, Load};
@@ -124,20 +125,23 @@ pub(crate) struct Http {
     batch: u32,
 }
 
-/// Builds the HTTP client every HTTP load of one run shares.
+/// Builds the HTTP client every HTTP load of one run shares; an https target's
+/// certificate may chain to the system's roots or to `trust` (`--cacert`); `token` goes
+/// with every request.
 pub(crate) fn http_client(
     concurrency: usize,
+    trust: &[CertificateDer<'static>],
     token: Option<&crate::config::Secret>,
 ) -> anyhow::Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .timeout(HTTP_TIMEOUT);
     if let Some(token) = token {
-        b = b.default_headers(crate::cli::bearer_header(token)?);
+        builder = builder.default_headers(crate::cli::bearer_header(token)?);
     }
-    Ok(b.build()?)
+    Ok(crate::tls::trust(builder, trust)?.build()?)
 }
 
 impl Http {

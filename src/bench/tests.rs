@@ -158,7 +158,16 @@ fn invalid_arguments_are_clear_errors() {
     assert!(err(&["--target", "http://h:1", "--batch", "0"]).contains("--batch"));
     let json = err(&["--in-process", "--payload", "{nope"]);
     assert!(json.contains("--payload is not valid JSON"), "{json}");
-    assert!(err(&["--target", "https://h:1"]).contains("http://"));
+    let ftp = err(&["--target", "ftp://h:1"]);
+    assert!(
+        ftp.contains("http://HOST:PORT or https://HOST:PORT"),
+        "{ftp}"
+    );
+    let cacert = err(&["--target", "https://h:1", "--cacert", "/nonexistent/ca.pem"]);
+    assert!(
+        cacert.contains("--cacert") && cacert.contains("/nonexistent/ca.pem"),
+        "{cacert}"
+    );
     assert!(err(&["--target", "not a url"]).contains("not a URL"));
     assert!(err(&["--in-process", "--ops", "0"]).contains("--ops"));
     assert!(err(&["--in-process", "--concurrency", "0"]).contains("--concurrency"));
@@ -183,6 +192,10 @@ fn targets_are_normalised() {
     assert_eq!(
         parse_target("http://h:1/api?x=1").unwrap().as_str(),
         "http://h:1/api/"
+    );
+    assert_eq!(
+        parse_target("https://h:7070").unwrap().as_str(),
+        "https://h:7070/"
     );
 }
 

@@ -51,6 +51,15 @@ impl Check<'_> {
             .map(|md| origin_of(md, &path))
     }
 
+    /// The file `key` names cannot be used; `error` says why and names the file.
+    pub(super) fn file(&self, key: &str, error: impl std::fmt::Display) -> ConfigError {
+        ConfigError::File {
+            key: key.to_owned(),
+            error: error.to_string(),
+            origin: self.origin(key),
+        }
+    }
+
     /// `key` must be set because `needed_by` is.
     pub(super) fn missing(
         &self,

@@ -52,6 +52,18 @@ pub enum ConfigError {
         origin: Option<String>,
     },
 
+    /// A file named by `key` that cannot be used: missing, unreadable, or not what the
+    /// key needs (a PEM certificate, key or CA bundle). `error` names the file.
+    #[error(
+        "invalid value for `{key}`{}: {error}",
+        origin.as_deref().map(|o| format!(" in {o}")).unwrap_or_default()
+    )]
+    File {
+        key: String,
+        error: String,
+        origin: Option<String>,
+    },
+
     /// A key left empty that the value of another key requires; `origin` is where that
     /// other key (`needed_by`) was set, `hint` how to set `key`.
     #[error(

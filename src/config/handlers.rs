@@ -1,13 +1,19 @@
 //! `[handlers]`: which built-in handlers a node registers (`builtin`: a deployment that
 //! serves real traffic turns `sleep` off), and `[[handlers.http]]`: operation types
-//! served by POSTing to a URL, each with its timeout and a retry policy that falls back
-//! to `[retry]` key by key.
+//! served by POSTing to a URL, each with its timeout, a retry policy that falls back
+//! to `[retry]` key by key, and what it trusts and accepts: its `ca_file` (read here,
+//! so a bad one stops start-up), the largest answer it reads (`max_response_bytes`) and
+//! whether it follows redirects.
 
+use std::ops::RangeInclusive;
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::check::{is_http_url, Check, INITIAL_BACKOFF_MS, MAX_ATTEMPTS, MAX_BACKOFF_MS};
+use super::check::{
+    is_http_url, Check, INITIAL_BACKOFF_MS, KIB, MAX_ATTEMPTS, MAX_BACKOFF_MS, MIB,
+};
 use super::error::ConfigError;
 use crate::handlers::{Builtin, HttpTarget};
 use crate::op::validate_type_name;
@@ -32,7 +38,14 @@ struct RawHttpTarget {
     max_attempts: Option<u64>,
     initial_backoff_ms: Option<u64>,
     max_backoff_ms: Option<u64>,
+    ca_file: Option<String>,
+    max_response_bytes: Option<u64>,
+    follow_redirects: Option<bool>,
 }
+
+/// The largest answer a webhook reads when its entry sets none.
+const DEFAULT_MAX_RESPONSE_BYTES: u64 = MIB;
+const MAX_RESPONSE_BYTES: RangeInclusive<u64> = KIB..=256 * MIB;
 
 impl RawHandlers {
     /// `max_type_len` is `engine.max_type_len`; `retry` the `[retry]` policy, which an
@@ -85,7 +98,8 @@ impl RawHandlers {
                     ),
                 ));
             }
-            if !is_http_url(&t.url) {
+            // Parsed as reqwest will (`is_http_url` alone lets `http://a b` through).
+            if !is_http_url(&t.url) || reqwest::Url::parse(&t.url).is_err() {
                 return Err(check.invalid(
                     &key("url"),
                     &t.url,
@@ -107,6 +121,16 @@ impl RawHandlers {
                 None => retry.max_backoff.as_millis() as u64,
             };
             check.backoff_order(&prefix, initial_ms, max_ms, t.max_backoff_ms.is_some())?;
+            let trust = match t.ca_file.as_deref().filter(|f| !f.is_empty()) {
+                None => Vec::new(),
+                Some(file) => crate::tls::read_ca_file(Path::new(file))
+                    .map_err(|e| check.file(&key("ca_file"), e))?,
+            };
+            let max_response_bytes = check.count(
+                &key("max_response_bytes"),
+                t.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
+                MAX_RESPONSE_BYTES,
+            )?;
 
             http_handlers.push(HttpTarget {
                 op_type: t.op_type,
@@ -118,6 +142,9 @@ impl RawHandlers {
                     max_backoff: Duration::from_millis(max_ms),
                     ..retry.clone()
                 },
+                trust,
+                max_response_bytes,
+                follow_redirects: t.follow_redirects.unwrap_or(false),
             });
         }
         Ok((builtin, http_handlers))
@@ -272,5 +299,82 @@ mod tests {
         let file = user_file("[[handlers.http]]\ntype = \"a\"\ntimeout_ms = 1\n");
         let msg = load_err(&with_file(&file)).to_string();
         assert!(msg.contains("missing field `url`"), "{msg}");
+    }
+
+    #[test]
+    fn webhook_tls_cap_and_redirects_have_defaults_and_checked_values() {
+        let _env = EnvGuard::new();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::tls::testutil::Ca::new("hooks ca");
+        let ca_file = crate::tls::testutil::write(dir.path(), "ca.pem", &ca.cert.pem());
+        let file = user_file(&format!(
+            "[[handlers.http]]\ntype = \"a\"\nurl = \"https://x/\"\ntimeout_ms = 1\n\
+             [[handlers.http]]\ntype = \"b\"\nurl = \"https://x/\"\ntimeout_ms = 1\n\
+             ca_file = {ca_file:?}\nmax_response_bytes = 2048\nfollow_redirects = true\n"
+        ));
+        let c = load_ok(&with_file(&file));
+        let [a, b] = &c.http_handlers[..] else {
+            panic!("two handlers expected")
+        };
+        assert_eq!(
+            (a.trust.len(), a.max_response_bytes, a.follow_redirects),
+            (0, 1 << 20, false)
+        );
+        assert_eq!(
+            (b.trust.len(), b.max_response_bytes, b.follow_redirects),
+            (1, 2048, true)
+        );
+
+        let absent = dir.path().join("absent.pem");
+        let cases = [
+            (
+                "max_response_bytes = 1023".to_owned(),
+                "`handlers.http[0].max_response_bytes`: 1023 (allowed: 1024..=268435456)"
+                    .to_owned(),
+            ),
+            (
+                format!("ca_file = {absent:?}"),
+                format!(
+                    "invalid value for `handlers.http[0].ca_file` in config file `{}`: \
+                     cannot read `{}`",
+                    "{file}",
+                    absent.display()
+                ),
+            ),
+            (
+                "url = \"http://a b/\"".to_owned(),
+                "`handlers.http[0].url`: \"http://a b/\"".to_owned(),
+            ),
+        ];
+        for (line, expected) in cases {
+            let file = user_file(&format!(
+                "[[handlers.http]]\ntype = \"a\"\ntimeout_ms = 1\n{}{line}\n",
+                if line.starts_with("url") {
+                    ""
+                } else {
+                    "url = \"https://x/\"\n"
+                }
+            ));
+            let expected = expected.replace("{file}", &file.path().display().to_string());
+            let msg = load_err(&with_file(&file)).to_string();
+            assert!(msg.contains(&expected), "{line}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_webhook_url_is_shown_redacted_in_debug_output() {
+        let _env = EnvGuard::new();
+        let file = user_file(
+            "[[handlers.http]]\ntype = \"a\"\nurl = \"https://u:pw@x/in?token=secret\"\n\
+             timeout_ms = 1\n",
+        );
+        let c = load_ok(&with_file(&file));
+        assert_eq!(c.http_handlers[0].url, "https://u:pw@x/in?token=secret");
+        let debug = format!("{c:?}");
+        assert!(debug.contains("\"https://x/in\""), "{debug}");
+        assert!(
+            !debug.contains("secret") && !debug.contains("pw"),
+            "{debug}"
+        );
     }
 }

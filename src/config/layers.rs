@@ -52,6 +52,9 @@ const STRING_ENV: &[(&str, &str)] = &[
     ("OPMESH_DATA_DIR", "cluster.data_dir"),
     ("OPMESH_NODE__ID", "node.id"),
     ("OPMESH_HTTP__ADDR", "http.addr"),
+    ("OPMESH_HTTP__TLS_CERT", "http.tls_cert"),
+    ("OPMESH_HTTP__TLS_KEY", "http.tls_key"),
+    ("OPMESH_HTTP__TLS_CLIENT_CA", "http.tls_client_ca"),
     ("OPMESH_CLUSTER__ADDR", "cluster.addr"),
     ("OPMESH_CLUSTER__ADVERTISE", "cluster.advertise"),
     ("OPMESH_CLUSTER__ID", "cluster.id"),
@@ -145,6 +148,17 @@ pub(super) fn merge(opts: &LoadOptions, profile: Option<&str>) -> Result<Figment
             Serialized::default("http.addr", addr.clone()),
             "flag `--http-addr`".into(),
         ));
+    }
+    for (flag, key, path) in [
+        ("--tls-cert", "http.tls_cert", &opts.tls_cert),
+        ("--tls-key", "http.tls_key", &opts.tls_key),
+    ] {
+        if let Some(path) = path {
+            figment = figment.merge(Layer::fixed(
+                Serialized::default(key, path.to_string_lossy().into_owned()),
+                format!("flag `{flag}`"),
+            ));
+        }
     }
     if let Some(id) = &opts.node_id {
         figment = figment.merge(Layer::fixed(

@@ -100,6 +100,20 @@ impl Config {
                 }
             ),
             format!(
+                "tls: {}",
+                self.http.tls.as_ref().map_or("off".to_owned(), |t| format!(
+                    "{} (key {}, client certificates: {})",
+                    t.cert.display(),
+                    t.key.display(),
+                    t.client_ca
+                        .as_ref()
+                        .map_or("not asked for".to_owned(), |ca| format!(
+                            "required, CA {}",
+                            ca.display()
+                        ))
+                ))
+            ),
+            format!(
                 "handlers: {}",
                 self.builtin_handlers
                     .iter()
@@ -181,6 +195,10 @@ pub struct LoadOptions {
     pub otlp_endpoint: Option<String>,
     /// `--bootstrap-from-ordinal`: sets `cluster.bootstrap = "ordinal"`.
     pub bootstrap_from_ordinal: bool,
+    /// `--tls-cert`: overrides `http.tls_cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`: overrides `http.tls_key`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Merges the layers chosen by `opts` and the environment, and validates the result.

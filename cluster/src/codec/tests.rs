@@ -10,6 +10,7 @@ use opmesh_actors::{Route, Strategy as RouteStrategy};
 use proptest::prelude::*;
 
 use super::*;
+use crate::types::Command;
 use crate::types::{raft_id, NodeStatus};
 
 fn op(id: u128) -> WireOp {
@@ -117,7 +118,7 @@ fn append_entries() -> AppendEntriesRequest<TypeConfig> {
     for (i, cmd) in every_command().into_iter().enumerate() {
         entries.push(Entry {
             log_id: log_id(2, leader, 11 + i as u64),
-            payload: EntryPayload::Normal(cmd),
+            payload: EntryPayload::Normal(Request::new(cmd, "node:a")),
         });
     }
     entries.push(Entry {
@@ -173,12 +174,22 @@ fn every_message() -> Vec<Message> {
             Some(log_id(3, 1, 41)),
         )),
         Rpc::InstallSnapshot(install_snapshot()),
-        Rpc::Join(record("d")),
-        Rpc::Leave { name: "b".into() },
+        Rpc::Join {
+            record: record("d"),
+            by: "deployer".into(),
+        },
+        Rpc::Leave {
+            name: "b".into(),
+            by: "node:b".into(),
+        },
         Rpc::Probe,
     ]
     .into_iter()
-    .chain(every_command().into_iter().map(Rpc::ClientWrite));
+    .chain(
+        every_command()
+            .into_iter()
+            .map(|c| Rpc::ClientWrite(Request::new(c, "deployer"))),
+    );
     msgs.extend(
         rpcs.enumerate()
             .map(|(i, body)| Message::Request { id: i as u64, body }),
@@ -378,7 +389,10 @@ fn bad_bodies_are_named() {
 
     let mut body = body_of(&Message::Request {
         id: 1,
-        body: Rpc::Leave { name: "b".into() },
+        body: Rpc::Leave {
+            name: "b".into(),
+            by: "node:b".into(),
+        },
     });
     body.extend_from_slice(&[1, 2]);
     assert!(matches!(decode(&body), Err(CodecError::TrailingBytes(2))));

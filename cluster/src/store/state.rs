@@ -466,6 +466,66 @@ mod tests {
     }
 
     #[test]
+    fn committed_changes_are_audited_with_who_and_when_and_the_trail_is_bounded() {
+        let mut state = three_nodes();
+        let req = |cmd: Command, by: &str, at_ms: u64| Request {
+            command: cmd,
+            by: by.into(),
+            at_ms,
+        };
+        let r = apply_request(
+            &mut state,
+            req(set_route("resize", &["b", "a"]), "deployer", 7),
+            3,
+        );
+        assert_eq!(r.error, None);
+        let last = state.audit.back().unwrap();
+        assert_eq!(
+            (
+                last.by.as_str(),
+                last.action.as_str(),
+                last.subject.as_str()
+            ),
+            ("deployer", "route.set", "resize")
+        );
+        assert_eq!(
+            (last.detail.as_str(), last.at_ms, last.version),
+            ("round_robin [b, a]", 7, 4)
+        );
+        // The same route again changes nothing; a refused command neither: no entry.
+        apply_request(&mut state, req(set_route("resize", &["b", "a"]), "x", 8), 3);
+        apply_request(&mut state, req(set_route("resize", &["z"]), "x", 9), 3);
+        assert_eq!(state.audit.len(), 1);
+        for (i, status) in [NodeStatus::Down, NodeStatus::Up, NodeStatus::Down]
+            .into_iter()
+            .enumerate()
+        {
+            let cmd = Command::SetStatus {
+                name: "c".into(),
+                status,
+            };
+            apply_request(&mut state, req(cmd, "node:a", 10 + i as u64), 3);
+        }
+        // Three kept, the oldest gone; every node applying the same log keeps the same.
+        let kept: Vec<(&str, &str, u64)> = state
+            .audit
+            .iter()
+            .map(|e| (e.action.as_str(), e.detail.as_str(), e.at_ms))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("node.status", "down", 10),
+                ("node.status", "up", 11),
+                ("node.status", "down", 12)
+            ]
+        );
+        // A snapshot carries the trail.
+        let back = decode_state(&encode_state(&state).unwrap()).unwrap();
+        assert_eq!(back.audit, state.audit);
+    }
+
+    #[test]
     fn a_joining_node_is_registered_up() {
         let mut state = ClusterState::default();
         let mut down = record("a");
@@ -685,7 +745,7 @@ mod tests {
     fn normal(index: u64, cmd: Command) -> Entry {
         Entry {
             log_id: log_id(index),
-            payload: EntryPayload::Normal(cmd),
+            payload: EntryPayload::Normal(Request::new(cmd, "node:a")),
         }
     }
 
