@@ -216,7 +216,7 @@ async fn bad_routes_are_refused_naming_the_field() {
         json!({"strategy": "pinned", "nodes": ["ghost"]}),
     )
     .await;
-    assert_eq!(st, 400);
+    assert_eq!(st, 409);
     assert_error(&v, "unknown_node", "ghost");
     let (st, v) = put("/v1/routes/echo", json!({"strategy": "pinned", "extra": 1})).await;
     assert_eq!(st, 400);

@@ -223,7 +223,7 @@ async fn a_route_set_on_one_node_is_seen_by_all_and_operations_run_on_the_owner(
     assert!(err.contains("already_member"), "{err}");
     // A route naming an unknown node is refused, naming it.
     let r = set_route(&s[0], "echo", "pinned", &["node-9"]).await;
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 409);
     assert!(r.text().await.unwrap().contains("node-9"));
 }
 

@@ -147,9 +147,18 @@ fn endpoint_of(method: &Method, pattern: &str) -> Option<&'static Endpoint> {
 /// The methods the endpoints at `path` allow, for a 405's `Allow`; empty when no endpoint
 /// has that path.
 pub(super) fn allowed_methods(path: &str) -> Vec<&'static str> {
+    // A literal path (`/v1/ops/batch`) is its own resource, whatever pattern
+    // (`/v1/ops/{id}`) it also matches.
+    let literal = ENDPOINTS.iter().any(|e| e.path == path);
     let mut methods: Vec<&'static str> = ENDPOINTS
         .iter()
-        .filter(|e| actix_web::dev::ResourceDef::new(e.path).is_match(path))
+        .filter(|e| {
+            if literal {
+                e.path == path
+            } else {
+                actix_web::dev::ResourceDef::new(e.path).is_match(path)
+            }
+        })
         .map(|e| e.method.as_str())
         .collect();
     methods.dedup();
@@ -314,6 +323,8 @@ mod tests {
     fn allowed_methods_lists_the_methods_of_a_path() {
         assert_eq!(allowed_methods("/v1/routes/echo"), ["GET", "PUT", "DELETE"]);
         assert_eq!(allowed_methods("/v1/ops"), ["POST"]);
+        assert_eq!(allowed_methods("/v1/ops/batch"), ["POST"]);
+        assert_eq!(allowed_methods("/v1/ops/0b0e"), ["GET"]);
         assert!(allowed_methods("/v1/nothing").is_empty());
     }
 

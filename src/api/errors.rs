@@ -140,9 +140,9 @@ impl From<RouteError> for ApiError {
             RouteError::Invalid { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", msg)
             }
-            RouteError::UnknownNode(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "unknown_node", msg)
-            }
+            // Well formed, but the cluster has no such node (now): a conflict with its
+            // state, not a malformed request.
+            RouteError::UnknownNode(_) => ApiError::new(StatusCode::CONFLICT, "unknown_node", msg),
             RouteError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", msg),
             RouteError::Unavailable(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)

@@ -112,10 +112,22 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
 }
 
 /// Adds opmesh's routes to an actix-web service config: every row of
-/// [`auth::ENDPOINTS`], and nothing else.
+/// [`auth::ENDPOINTS`], and nothing else. The endpoints of one path are one resource,
+/// which answers a method it does not have with 405 (a request never falls through to
+/// another pattern: `GET /v1/ops/batch` is not read as the operation `batch`).
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    let mut paths: Vec<&'static str> = Vec::new();
     for e in auth::ENDPOINTS {
-        cfg.route(e.path, e.route());
+        if !paths.contains(&e.path) {
+            paths.push(e.path);
+        }
+    }
+    for path in paths {
+        let mut resource = web::resource(path).default_service(web::to(not_found));
+        for e in auth::ENDPOINTS.iter().filter(|e| e.path == path) {
+            resource = resource.route(e.route());
+        }
+        cfg.service(resource);
     }
 }
 

@@ -10,35 +10,78 @@ use utoipa::ToSchema;
 
 use super::errors::ErrorBody;
 
-/// An operation to run. Only `type` is required.
+/// An operation to run. Only `type` is required. The limits below are the defaults of
+/// `[engine]` (`max_type_len`, `max_key_bytes`, `max_payload_bytes`,
+/// `max_metadata_entries`, `max_metadata_bytes`).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpRequest {
-    /// The operation type, e.g. `echo`.
+    /// The operation type, e.g. `echo`: a type some node has a handler for.
     #[serde(rename = "type")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[A-Za-z0-9_.:/-]+$",
+        example = "echo"
+    )]
     pub op_type: String,
-    /// Any JSON; handed to the handler as is.
+    /// Any JSON (at most 1 MiB); handed to the handler as is.
     #[schema(value_type = Object)]
     pub payload: Option<Box<RawValue>>,
-    /// Routing key (consistent hashing keeps one key on one node).
+    /// Routing key (consistent hashing keeps one key on one node): 1 to 512 bytes.
+    #[schema(min_length = 1, max_length = 512)]
     pub key: Option<String>,
-    /// Operations with the same type and idempotency key run once.
+    /// Operations with the same type and idempotency key run once: 1 to 512 bytes. With
+    /// API tokens on, a key belongs to the token that used it; used again with another
+    /// payload it is refused (409 `idempotency_key_reused` with `?wait=true`, else the
+    /// operation fails with that error).
+    #[schema(min_length = 1, max_length = 512)]
     pub idempotency_key: Option<String>,
     /// Higher runs first within its type's queue.
+    #[serde(default, deserialize_with = "integral")]
     pub priority: Option<i32>,
     /// Milliseconds from now after which the operation is no longer worth running.
+    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "integral")]
     pub deadline_ms: Option<i64>,
     /// String-to-scalar map carried with the operation (numbers and booleans are kept as
-    /// their text).
+    /// their text): at most 32 entries and 8 KiB of keys and values. (Its exact schema is
+    /// set in [`super::openapi`].)
     #[schema(value_type = Object)]
     pub metadata: Option<BTreeMap<String, serde_json::Value>>,
 }
 
-/// Many operations at once.
+/// An integer field that also takes a JSON number with a zero fraction (`120.0`), as JSON
+/// Schema counts it an integer; anything else (`1.5`, out of range) is refused naming the
+/// field.
+fn integral<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    });
+    whole
+        .and_then(|i| T::try_from(i).ok())
+        .map(Some)
+        .ok_or_else(|| D::Error::custom(format!("expected an integer in range, got {n}")))
+}
+
+/// Many operations at once (at most 100,000). Each entry is an operation as
+/// `POST /v1/ops` takes it; the batch is accepted as a whole and an entry that is not a
+/// valid operation is refused in its own place of the answer (an `ErrorBody` naming its
+/// field, e.g. `ops[3]: missing field `type``), so the entries' schema is left open here.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    #[schema(value_type = Vec<OpRequest>)]
+    #[schema(value_type = Vec<Object>, max_items = 100000)]
     pub ops: Vec<Box<RawValue>>,
 }
 
@@ -117,11 +160,23 @@ pub(super) struct TypedBatch {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteRequest {
-    /// round_robin | least_loaded | consistent_hash | pinned
+    #[schema(value_type = StrategyName)]
     pub strategy: String,
-    /// Node ids; empty or absent: every node that serves the type.
+    /// Node ids (each once, each a node of the cluster); empty or absent: every node that
+    /// serves the type.
     #[serde(default)]
     pub nodes: Option<Vec<String>>,
+}
+
+/// How a route picks a node.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum StrategyName {
+    RoundRobin,
+    LeastLoaded,
+    ConsistentHash,
+    Pinned,
 }
 
 #[derive(Serialize, ToSchema)]

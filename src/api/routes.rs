@@ -49,7 +49,9 @@ pub(super) async fn get_route(
 
 /// Sets the route of one type.
 #[utoipa::path(put, path = "/v1/routes/{type}", params(("type" = String, Path)), request_body = RouteRequest,
-    responses((status = 200, body = RouteAnswer), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = RouteAnswer), (status = 400, body = ErrorBody),
+        (status = 409, description = "names a node the cluster does not have (`unknown_node`)", body = ErrorBody),
+        (status = 503, description = "the cluster could not commit it in time", body = ErrorBody)))]
 pub(super) async fn put_route(
     st: web::Data<AppState>,
     req: HttpRequest,
