@@ -95,7 +95,7 @@ async fn a_repeated_idempotency_key_is_answered_from_the_cache() {
     let body = json!({"type": "echo", "payload": "first", "idempotency_key": "order-7"});
     let (_, a, _) = post(&s, "/v1/ops?wait=true", &body).await;
     assert_eq!(a["cached"], false);
-    let again = json!({"type": "echo", "payload": "second", "idempotency_key": "order-7"});
+    let again = body.clone();
     // The first result is stored when its completion reaches the cache: wait for it.
     wait_until(
         "the cache to hold the result",
@@ -110,6 +110,12 @@ async fn a_repeated_idempotency_key_is_answered_from_the_cache() {
     let (_, m) = get(&s, "/v1/metrics").await;
     assert_eq!(m["cacheStats"]["hits"], 1);
     assert_eq!(m["cacheStats"]["misses"], 1);
+    // The key with another payload is a mistake, not a repeat: refused, never answered
+    // with the first payload's result.
+    let other = json!({"type": "echo", "payload": "second", "idempotency_key": "order-7"});
+    let (status, c, _) = post(&s, "/v1/ops?wait=true", &other).await;
+    assert_eq!(status, 409, "{c}");
+    assert_eq!(c["error"], "idempotency_key_reused");
     assert_eq!(m["cacheHitRate"], 0.5);
 }
 

@@ -14,11 +14,8 @@ use common::{client, Server, BIN};
 use k8s_support::{kubectl_or_skip, overlays, root, strings, summary, Rendered};
 use serde_json::Value;
 
-/// A stand-in for the operator's cluster secret.
-const SECRET: &str = "a-test-secret-of-at-least-16-bytes";
-
 fn secrets() -> BTreeMap<String, String> {
-    BTreeMap::from([("opmesh-cluster/secret".to_owned(), SECRET.to_owned())])
+    k8s_support::operator_secrets()
 }
 
 fn rendered() -> Option<Vec<Rendered>> {

@@ -29,7 +29,6 @@ use common::BIN;
 use k8s_support::{kubectl_or_skip, Pod, Rendered};
 use serde_json::Value;
 
-const SECRET: &str = "a-test-secret-of-at-least-16-bytes";
 /// How long a pod gets to become ready (join), and the cluster to agree.
 const READY: Duration = Duration::from_secs(60);
 
@@ -92,7 +91,12 @@ impl Sim {
             pods: BTreeMap::new(),
             namespaces: BTreeSet::new(),
             ip,
+            // The operator's admin token: the pods check tokens (Secret opmesh-tokens).
             http: reqwest::Client::builder()
+                .default_headers(reqwest::header::HeaderMap::from_iter([(
+                    reqwest::header::AUTHORIZATION,
+                    format!("Bearer {}", k8s_support::ADMIN_TOKEN).parse().unwrap(),
+                )]))
                 .timeout(Duration::from_secs(3))
                 .build()
                 .unwrap(),
@@ -207,7 +211,7 @@ impl Sim {
         if !self.namespaces.contains(&ordinal) {
             self.create_namespace(ordinal);
         }
-        let secrets = BTreeMap::from([("opmesh-cluster/secret".to_owned(), SECRET.to_owned())]);
+        let secrets = k8s_support::operator_secrets();
         let pod: Pod = self.rendered.pod(ordinal, self.dir.path(), &secrets);
         let volume = self.volume(ordinal);
         std::fs::create_dir_all(&volume).unwrap();

@@ -11,6 +11,22 @@ use std::process::Command;
 use serde::Deserialize;
 use serde_json::Value;
 
+/// A stand-in for the operator's cluster secret (Secret `opmesh-cluster`).
+pub const CLUSTER_SECRET: &str = "a-test-secret-of-at-least-16-bytes";
+/// The admin token of the tokens file the tests give the pods (Secret `opmesh-tokens`).
+pub const ADMIN_TOKEN: &str = "k8s-test-admin-token-0001";
+
+/// The Secrets an operator creates (k8s/OPERATOR_PROVIDED), as `name/key` → value.
+pub fn operator_secrets() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("opmesh-cluster/secret".to_owned(), CLUSTER_SECRET.to_owned()),
+        (
+            "opmesh-tokens/tokens.toml".to_owned(),
+            format!("[[token]]\nname = \"operator\"\nsecret = \"{ADMIN_TOKEN}\"\nscopes = [\"admin\"]\n"),
+        ),
+    ])
+}
+
 /// The repository root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -119,8 +135,10 @@ impl Rendered {
             .to_owned()
     }
 
-    /// The opmesh pod of ordinal `ordinal` as a process runs it, its ConfigMap volumes
-    /// written under `dir`, `secrets` giving each `secretKeyRef` (by `name/key`).
+    /// The opmesh pod of ordinal `ordinal` as a process runs it, its ConfigMap and Secret
+    /// volumes written under `dir`, `secrets` giving each Secret's keys (by `name/key`:
+    /// for `secretKeyRef`s and as the files of Secret volumes). A path inside a volume's
+    /// mount point, in the args, the env or the ConfigMap files, points at its copy.
     pub fn pod(&self, ordinal: u32, dir: &Path, secrets: &BTreeMap<String, String>) -> Pod {
         let set = self.statefulset();
         let name = format!("{}-{ordinal}", set["metadata"]["name"].as_str().unwrap());
@@ -168,28 +186,48 @@ impl Rendered {
             env.push((key, value));
         }
 
-        // ConfigMap volumes: their files under `dir`, and the args that name a path in
-        // their mount point pointed there.
+        // ConfigMap and Secret volumes: their files under `dir`, and every path in their
+        // mount points pointed there.
         let volumes = set["spec"]["template"]["spec"]["volumes"]
             .as_array()
             .cloned()
             .unwrap_or_default();
         let mut mounts = Vec::new();
+        let mut files: Vec<(PathBuf, String)> = Vec::new();
         for m in c["volumeMounts"].as_array().into_iter().flatten() {
             let vol = m["name"].as_str().unwrap();
             let path = m["mountPath"].as_str().unwrap().to_owned();
             let Some(v) = volumes.iter().find(|v| v["name"] == vol) else {
                 continue; // a volumeClaimTemplate
             };
+            let local = dir.join(format!("{name}-{vol}"));
             if let Some(cm) = v["configMap"]["name"].as_str() {
-                let local = dir.join(format!("{name}-{vol}"));
-                std::fs::create_dir_all(&local).unwrap();
                 let data = self.get("ConfigMap", cm)["data"].as_object().unwrap();
                 for (file, content) in data {
-                    std::fs::write(local.join(file), content.as_str().unwrap()).unwrap();
+                    files.push((local.join(file), content.as_str().unwrap().to_owned()));
                 }
-                mounts.push((path, local));
+            } else if let Some(secret) = v["secret"]["secretName"].as_str() {
+                let prefix = format!("{secret}/");
+                for (id, content) in secrets {
+                    if let Some(file) = id.strip_prefix(&prefix) {
+                        files.push((local.join(file), content.clone()));
+                    }
+                }
+            } else {
+                continue;
             }
+            std::fs::create_dir_all(&local).unwrap();
+            mounts.push((path, local));
+        }
+        let local_path = |s: &str| -> String {
+            let mut s = s.to_owned();
+            for (path, local) in &mounts {
+                s = s.replace(&format!("{path}/"), &format!("{}/", local.display()));
+            }
+            s
+        };
+        for (file, content) in files {
+            std::fs::write(file, local_path(&content)).unwrap();
         }
         let args = strings(&c["args"])
             .into_iter()
@@ -202,6 +240,7 @@ impl Rendered {
                 a
             })
             .collect();
+        let env = env.into_iter().map(|(k, v)| (k, local_path(&v))).collect();
         Pod { name, args, env }
     }
 }
