@@ -255,6 +255,7 @@ impl RawCluster {
             node,
             cluster_id: self.id,
             secret,
+            previous_secret: None,
             listen: addr,
             advertise,
             // Empty: the bound HTTP address, filled in when the node starts.
@@ -288,6 +289,7 @@ impl RawCluster {
             reconnect_min: ClusterConfig::DEFAULT_RECONNECT_MIN,
             reconnect_max: ClusterConfig::DEFAULT_RECONNECT_MAX,
             handshake_timeout: ClusterConfig::DEFAULT_HANDSHAKE_TIMEOUT,
+            max_pending_handshakes: ClusterConfig::DEFAULT_MAX_PENDING_HANDSHAKES,
         }))
     }
 }

@@ -141,7 +141,7 @@ impl Inner {
     pub(super) async fn join_via(&self, seed: &str) -> Result<(), JoinFailure> {
         let peer = format!("seed@{seed}");
         let t = self.transport();
-        t.add_peer(&peer, seed);
+        t.add_seed(&peer, seed);
         t.wait_connected(&peer, SEED_LINK_WAIT).await;
         let r = self
             .calls
@@ -169,7 +169,7 @@ impl Inner {
     pub(super) async fn probe(&self, seed: &str) -> SeedAnswer {
         let peer = format!("probe@{seed}");
         let t = self.transport();
-        t.add_peer(&peer, seed);
+        t.add_seed(&peer, seed);
         t.wait_connected(&peer, PROBE_WAIT).await;
         let r = self.calls.call(t, &peer, Rpc::Probe, PROBE_WAIT).await;
         t.remove_peer(&peer);
