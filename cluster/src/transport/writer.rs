@@ -4,10 +4,11 @@
 //! [`Transport::send`](super::Transport::send) only queues; this task takes the whole
 //! queue at once, encodes it into one reused buffer as one [`record`](super::record),
 //! seals it and writes it with one `write_all` (at `flush_bytes`, or when the queue is
-//! empty), so one system call and one MAC carry many frames under load. A lost connection discards what waited (counted as dropped) and redials
-//! with exponential backoff and jitter (the engine's [`Backoff`], jittered in the upper
-//! half); a new address for the peer redials
-//! at once.
+//! empty), so one system call and one MAC carry many frames under load. A lost
+//! connection discards what waited (counted as dropped) and redials with exponential
+//! backoff and jitter (the engine's [`Backoff`], jittered in the upper half); a new
+//! address for the peer redials at once. Each dial checks that the node answering is
+//! the peer (see [`handshake`](super::handshake)).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
