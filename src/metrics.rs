@@ -458,6 +458,19 @@ fn encode_cluster(c: &ClusterSource, out: &mut Out) -> fmt::Result {
          the applied-state watcher) failed and was restarted.",
         cluster.duty_restarts(),
     )?;
+    out.counter(
+        "opmesh_cluster_handshakes_refused_total",
+        "Connections to the cluster port refused: a failed or unfinished handshake (a \
+         wrong secret, another cluster, a timeout) or one beyond \
+         cluster.max_pending_handshakes.",
+        cluster.handshakes_refused(),
+    )?;
+    out.counter(
+        "opmesh_cluster_messages_refused_total",
+        "Messages from other nodes dropped because they name another node than the one \
+         their link proved it is (a vote, entries, a Leave or Join, an answer).",
+        cluster.messages_refused(),
+    )?;
 
     let links = &status.links;
     out.counters(

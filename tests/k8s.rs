@@ -412,7 +412,13 @@ fn every_secret_and_configmap_referenced_exists_or_is_provided_by_the_operator()
                     }
                     assert!(c["envFrom"].is_null(), "envFrom is not used");
                 }
+                // An object is optional when every reference to it is (a required key
+                // and an optional one of the same Secret make it required).
+                let mut objects: BTreeMap<(&str, String), bool> = BTreeMap::new();
                 for (kind, name, optional) in refs {
+                    *objects.entry((kind, name)).or_insert(true) &= optional;
+                }
+                for ((kind, name), optional) in objects {
                     if r.find(kind, &name).is_some() {
                         continue;
                     }

@@ -95,7 +95,9 @@ impl Sim {
             http: reqwest::Client::builder()
                 .default_headers(reqwest::header::HeaderMap::from_iter([(
                     reqwest::header::AUTHORIZATION,
-                    format!("Bearer {}", k8s_support::ADMIN_TOKEN).parse().unwrap(),
+                    format!("Bearer {}", k8s_support::ADMIN_TOKEN)
+                        .parse()
+                        .unwrap(),
                 )]))
                 .timeout(Duration::from_secs(3))
                 .build()

@@ -592,6 +592,11 @@ async fn a_two_node_cluster_exposes_raft_link_and_registry_figures() {
             0.0,
             "{me}: no cluster duty failed"
         );
+        assert_eq!(
+            m.value("opmesh_cluster_messages_refused_total", &[]),
+            0.0,
+            "{me}: honest nodes name only themselves"
+        );
         // The registry, as every node sees it.
         for n in ["node-1", "node-2"] {
             assert_eq!(

@@ -9,8 +9,9 @@
 //! |-----|-----------------------|-----------------------------------------------------------------|
 //! | 0   | `Challenge`           | `nonce: [u8; 32]`                                               |
 //! | 1   | `Hello`               | [`Hello`]                                                       |
-//! | 2   | `Welcome`             | —                                                               |
+//! | 2   | `Welcome`             | [`Welcome`]                                                     |
 //! | 3   | `Refused`             | `reason: String`                                                |
+//! | 4   | `DialerNonce`         | `nonce: [u8; 32]`                                               |
 //! | 16  | `Message::OpBatch`    | `u64` count, then that many [`WireOp`]                          |
 //! | 17  | `Message::ReplyBatch` | `u64` count, then that many [`WireReply`]                       |
 //! | 18  | `Message::Request`    | `id: u64`, then the [`Rpc`] as postcard, to the end of the body |
@@ -26,6 +27,10 @@
 //! Tags 0–3 and the layout of `Challenge`, `Hello` and `Refused` never change, so a node of
 //! any version can refuse another with a reason it understands. A change to any other
 //! frame raises the version.
+//!
+//! Frames 0–4 are the handshake and travel bare. Once a link is open, messages travel
+//! inside authenticated records: a `u32` LE length, the frames a writer coalesced (each
+//! with its own prefix, as above) and an HMAC tag (see the transport's `record` module).
 //!
 //! Decoding never panics and never trusts a declared length: a sequence of records may not
 //! declare more records than the rest of the body could hold, byte strings are checked
@@ -47,6 +52,10 @@ use wincode::{SchemaRead, SchemaWrite};
 use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfig};
 
 /// The version of the frames below. A dialer whose `Hello` names another is refused.
+///
+/// 3: the handshake proves both ends (`DialerNonce`, `Welcome` with the acceptor's proof)
+/// and messages travel in authenticated records; Raft writes, joins and leaves carry who
+/// asked for them (the audit trail), and a forwarded operation its submitter.
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Bytes of the length prefix in front of every frame body.
@@ -214,7 +223,19 @@ pub struct Hello {
     pub node: String,
     /// Where the dialer's own cluster port listens, so the acceptor can dial back.
     pub cluster_addr: String,
-    /// HMAC-SHA256 over the challenge's nonce and the fields above (see the transport).
+    /// HMAC-SHA256 over both nonces and the fields above (see the transport's handshake).
+    /// The dialer's nonce follows in [`Frame::DialerNonce`]: this layout never changes.
+    pub proof: [u8; 32],
+}
+
+/// The acceptor's answer to a `Hello` it took: who it is, and proof that it holds the
+/// cluster's secret too.
+#[derive(Debug, Clone, PartialEq, Eq, SchemaWrite, SchemaRead)]
+pub struct Welcome {
+    /// The acceptor's node name.
+    pub node: String,
+    /// HMAC-SHA256 over both nonces, both names and the dialer's fields (see the
+    /// transport's handshake).
     pub proof: [u8; 32],
 }
 
@@ -225,13 +246,17 @@ pub enum Frame {
     Challenge {
         nonce: [u8; 32],
     },
-    /// The dialer's answer.
+    /// The dialer's answer, followed at once by [`Frame::DialerNonce`].
     Hello(Hello),
-    /// The acceptor took the `Hello`: messages follow.
-    Welcome,
+    /// The acceptor took the `Hello`: it proves itself, and the dialer's records follow.
+    Welcome(Welcome),
     /// The acceptor did not; it closes the connection after this frame.
     Refused {
         reason: String,
+    },
+    /// The dialer's own random nonce, right after its `Hello` (whose layout is fixed).
+    DialerNonce {
+        nonce: [u8; 32],
     },
     Message(Message),
 }
@@ -311,9 +336,12 @@ pub fn decode(body: &[u8]) -> Result<Frame, CodecError> {
             nonce: read(&mut rest)?,
         },
         tag::HELLO => Frame::Hello(read(&mut rest)?),
-        tag::WELCOME => Frame::Welcome,
+        tag::WELCOME => Frame::Welcome(read(&mut rest)?),
         tag::REFUSED => Frame::Refused {
             reason: read(&mut rest)?,
+        },
+        tag::DIALER_NONCE => Frame::DialerNonce {
+            nonce: read(&mut rest)?,
         },
         tag::OP_BATCH => Frame::Message(Message::OpBatch(read_records(&mut rest, MIN_WIRE_OP)?)),
         tag::REPLY_BATCH => Frame::Message(Message::ReplyBatch(read_records(
@@ -351,6 +379,7 @@ mod tag {
     pub const HELLO: u8 = 1;
     pub const WELCOME: u8 = 2;
     pub const REFUSED: u8 = 3;
+    pub const DIALER_NONCE: u8 = 4;
     pub const OP_BATCH: u8 = 16;
     pub const REPLY_BATCH: u8 = 17;
     pub const REQUEST: u8 = 18;
@@ -385,13 +414,18 @@ impl Encode for Frame {
                 out.push(tag::HELLO);
                 write(out, hello)
             }
-            Frame::Welcome => {
+            Frame::Welcome(welcome) => {
                 out.push(tag::WELCOME);
-                Ok(())
+                write(out, welcome)
             }
             Frame::Refused { reason } => {
                 out.push(tag::REFUSED);
                 write(out, reason)
+            }
+            Frame::DialerNonce { nonce } => {
+                out.push(tag::DIALER_NONCE);
+                out.extend_from_slice(nonce);
+                Ok(())
             }
             Frame::Message(msg) => msg.encode_body(out),
         }

@@ -8,7 +8,8 @@
 //! ([`ClusterConfig::validate_links`]) before binding.
 //!
 //! The link settings are flat fields beside the others (`max_frame`, `flush_bytes`,
-//! `linger`, `reconnect_min`, `reconnect_max`, `handshake_timeout`), as the binary's
+//! `linger`, `reconnect_min`, `reconnect_max`, `handshake_timeout`,
+//! `max_pending_handshakes`), as the binary's
 //! `[cluster]` section lists the ones it exposes, so one struct literal maps one to the
 //! other; the others take the `DEFAULT_*` constants.
 //!
@@ -31,8 +32,11 @@ pub struct ClusterConfig {
     pub node: String,
     /// Connections from another cluster are refused.
     pub cluster_id: String,
-    /// The shared secret a dialer proves it holds.
+    /// The shared secret both ends of a link prove they hold; this node dials with it.
     pub secret: Secret,
+    /// The secret the cluster is rotating away from: also accepted from a dialer, and
+    /// dialed with when a peer refuses `secret` (see the README's rotation procedure).
+    pub previous_secret: Option<Secret>,
     /// Where the cluster port listens; port 0 takes any free port.
     pub listen: SocketAddr,
     /// The address other nodes dial; empty = the bound listen address.
@@ -61,19 +65,23 @@ pub struct ClusterConfig {
     /// How many nodes vote in Raft; the others are learners.
     pub voters: Voters,
     /// A link writer writes once this much is encoded, without waiting for more.
-    /// Default 64 KiB; at least 1.
+    /// Default 64 KiB; 1..=[`MAX_FLUSH_BYTES`](Self::MAX_FLUSH_BYTES).
     pub flush_bytes: usize,
     /// Zero (the default): a link writer writes as soon as it runs. More: it waits this
     /// long after the first message to coalesce more into the same write.
     pub linger: Duration,
-    /// The largest frame body sent or accepted. Default 16 MiB; at most `u32::MAX`.
+    /// The largest frame body sent or accepted. Default 16 MiB; at most
+    /// [`MAX_MAX_FRAME`](Self::MAX_MAX_FRAME).
     pub max_frame: usize,
     /// Backoff between connection attempts to a peer: from `reconnect_min` (default
     /// 50 ms), doubling, up to `reconnect_max` (default 1 s), with jitter.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
-    /// Bound on connecting plus the handshake, both ways. Default 2 s.
+    /// Bound on connecting plus the whole handshake, both ways. Default 2 s.
     pub handshake_timeout: Duration,
+    /// Inbound connections that may be in the handshake at once (not proven yet); more
+    /// are refused at once. Default 64; 1..=[`MAX_PENDING_HANDSHAKES`](Self::MAX_PENDING_HANDSHAKES).
+    pub max_pending_handshakes: usize,
 }
 
 impl ClusterConfig {
@@ -82,6 +90,15 @@ impl ClusterConfig {
     pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(50);
     pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(1);
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 64;
+    /// A record on a link holds what one write coalesced: less than `flush_bytes`, then
+    /// one more frame. A reader accepts records of one frame and this much more, so
+    /// `flush_bytes` may not exceed it.
+    pub const MAX_FLUSH_BYTES: usize = 16 * 1024 * 1024;
+    /// Keeps a record (one frame, `MAX_FLUSH_BYTES` more and its tag) within its `u32`
+    /// length prefix.
+    pub const MAX_MAX_FRAME: usize = 2 * 1024 * 1024 * 1024 - 1;
+    pub const MAX_PENDING_HANDSHAKES: usize = 65_536;
 
     /// Defaults for tests and embedders: loopback, port 0, in memory, three voters.
     pub fn new(node: &str, secret: impl Into<Secret>) -> Self {
@@ -89,6 +106,7 @@ impl ClusterConfig {
             node: node.to_owned(),
             cluster_id: "opmesh".into(),
             secret: secret.into(),
+            previous_secret: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: String::new(),
             http_addr: String::new(),
@@ -108,16 +126,23 @@ impl ClusterConfig {
             reconnect_min: Self::DEFAULT_RECONNECT_MIN,
             reconnect_max: Self::DEFAULT_RECONNECT_MAX,
             handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
+            max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
         }
+    }
+
+    /// The secrets a dialer's proof is checked against: the current one, then the
+    /// previous one when set.
+    pub fn accepted_secrets(&self) -> impl Iterator<Item = &Secret> {
+        std::iter::once(&self.secret).chain(self.previous_secret.as_ref())
     }
 
     /// Checks the link settings; the first one out of its range is named.
     pub fn validate_links(&self) -> Result<(), LinkConfigError> {
-        if self.max_frame == 0 || self.max_frame > u32::MAX as usize {
+        if self.max_frame == 0 || self.max_frame > Self::MAX_MAX_FRAME {
             return Err(LinkConfigError::MaxFrame(self.max_frame));
         }
-        if self.flush_bytes == 0 {
-            return Err(LinkConfigError::FlushBytes);
+        if self.flush_bytes == 0 || self.flush_bytes > Self::MAX_FLUSH_BYTES {
+            return Err(LinkConfigError::FlushBytes(self.flush_bytes));
         }
         if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
             return Err(LinkConfigError::Reconnect {
@@ -128,6 +153,13 @@ impl ClusterConfig {
         if self.handshake_timeout.is_zero() {
             return Err(LinkConfigError::HandshakeTimeout);
         }
+        if self.max_pending_handshakes == 0
+            || self.max_pending_handshakes > Self::MAX_PENDING_HANDSHAKES
+        {
+            return Err(LinkConfigError::MaxPendingHandshakes(
+                self.max_pending_handshakes,
+            ));
+        }
         Ok(())
     }
 }
@@ -135,14 +167,19 @@ impl ClusterConfig {
 /// A link setting out of its range. The message names the field and the allowed range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LinkConfigError {
-    #[error("max_frame must be 1..={max} bytes, got {0}", max = u32::MAX)]
+    #[error("max_frame must be 1..={max} bytes, got {0}", max = ClusterConfig::MAX_MAX_FRAME)]
     MaxFrame(usize),
-    #[error("flush_bytes must be at least 1")]
-    FlushBytes,
+    #[error("flush_bytes must be 1..={max} bytes, got {0}", max = ClusterConfig::MAX_FLUSH_BYTES)]
+    FlushBytes(usize),
     #[error("reconnect_min must be above zero and at most reconnect_max ({max:?}), got {min:?}")]
     Reconnect { min: Duration, max: Duration },
     #[error("handshake_timeout must be above zero")]
     HandshakeTimeout,
+    #[error(
+        "max_pending_handshakes must be 1..={max}, got {0}",
+        max = ClusterConfig::MAX_PENDING_HANDSHAKES
+    )]
+    MaxPendingHandshakes(usize),
 }
 
 /// How many nodes vote in Raft: one, three or five (an odd number, so a majority is
@@ -220,17 +257,44 @@ mod tests {
         assert!(e.to_string().contains("reconnect_min"), "{e}");
         let mut c = ClusterConfig::new("a", b"s");
         c.flush_bytes = 0;
-        assert_eq!(c.validate_links(), Err(LinkConfigError::FlushBytes));
+        assert_eq!(c.validate_links(), Err(LinkConfigError::FlushBytes(0)));
+        c.flush_bytes = ClusterConfig::MAX_FLUSH_BYTES + 1;
+        assert!(c
+            .validate_links()
+            .unwrap_err()
+            .to_string()
+            .contains("flush_bytes must be 1..=16777216"));
+        let mut c = ClusterConfig::new("a", b"s");
+        c.max_pending_handshakes = 0;
+        assert_eq!(
+            c.validate_links(),
+            Err(LinkConfigError::MaxPendingHandshakes(0))
+        );
         let mut c = ClusterConfig::new("a", b"s");
         c.handshake_timeout = Duration::ZERO;
         assert_eq!(c.validate_links(), Err(LinkConfigError::HandshakeTimeout));
     }
 
     #[test]
-    fn debug_never_shows_the_secret() {
-        let c = ClusterConfig::new("a", b"the cluster secret");
+    fn debug_never_shows_the_secrets() {
+        let mut c = ClusterConfig::new("a", b"the cluster secret");
+        c.previous_secret = Some(Secret::from("the old secret"));
         let shown = format!("{c:?}");
         assert!(!shown.contains("the cluster secret"), "{shown}");
-        assert!(shown.contains("<redacted>"), "{shown}");
+        assert!(!shown.contains("the old secret"), "{shown}");
+        assert!(
+            shown.contains("previous_secret: Some(\"<redacted>\")"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_previous_secret_is_accepted_after_the_current_one() {
+        let mut c = ClusterConfig::new("a", b"new");
+        let only: Vec<_> = c.accepted_secrets().map(Secret::expose).collect();
+        assert_eq!(only, [b"new"]);
+        c.previous_secret = Some(Secret::from("old"));
+        let both: Vec<_> = c.accepted_secrets().map(Secret::expose).collect();
+        assert_eq!(both, [&b"new"[..], b"old"]);
     }
 }

@@ -5,7 +5,8 @@
 //! - [`config`]: [`ClusterConfig`], the one configuration of the cluster layer (identity,
 //!   addresses, failure detection, [`Voters`], link settings), checked before anything
 //!   binds.
-//! - [`secret`]: [`Secret`], the shared key links are authenticated with; never printed.
+//! - [`secret`]: [`Secret`], the shared key links are authenticated with (and the
+//!   previous one, during a rotation); never printed.
 //! - [`cluster`]: the [`Cluster`] handle a node holds: start, join and leave, the engine's
 //!   routing table and forwarder, what each arriving message does, writes through the
 //!   Raft leader, and the supervised background duties.
@@ -17,9 +18,10 @@
 //!   outbox (re-sent, re-routed, expired) and the wire form of an operation.
 //! - [`network`]: Raft's RPCs as request/response frames on the same links, with the
 //!   calls waiting for their answers.
-//! - [`transport`]: length-prefixed frames over TCP, links that open only after an
-//!   authenticated `Hello`, one writer task per peer that coalesces and reconnects, and
-//!   readers that hand messages to the cluster.
+//! - [`transport`]: length-prefixed frames over TCP, links that open only after a mutual
+//!   handshake (both ends prove the secret over both nonces and names) and then carry
+//!   records authenticated under a key of that connection, one writer task per peer
+//!   that coalesces and reconnects, and readers that hand messages to the cluster.
 //! - [`codec`]: the versioned envelope every frame on a link carries, and its one
 //!   `encode`/`decode` (wincode for opmesh's own frames, postcard inside for openraft's
 //!   RPC types).

@@ -1,5 +1,6 @@
 //! Raft's network over opmesh's links: each Raft RPC is a `Request` frame with an id and
-//! its answer a `Response` frame with the same id, on the same links as operations.
+//! its answer a `Response` frame with the same id, on the same links as operations. An
+//! answer is taken only from the node the request went to.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Weak;
@@ -33,7 +34,23 @@ pub enum CallError {
 #[derive(Default)]
 pub struct Calls {
     next: AtomicU64,
-    waiting: DashMap<u64, oneshot::Sender<RpcReply>>,
+    waiting: DashMap<u64, Waiting>,
+}
+
+/// A request sent: the link it went on, and who waits for its answer.
+struct Waiting {
+    peer: String,
+    tx: oneshot::Sender<RpcReply>,
+}
+
+/// An answer from a node other than the one the request went to: dropped, and the call
+/// goes on waiting for the right one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("an answer to request {id} from node `{from}`, which was sent to node `{asked}`")]
+pub struct WrongResponder {
+    pub id: u64,
+    pub from: String,
+    pub asked: String,
 }
 
 impl Calls {
@@ -47,7 +64,13 @@ impl Calls {
     ) -> Result<RpcReply, CallError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.waiting.insert(id, tx);
+        self.waiting.insert(
+            id,
+            Waiting {
+                peer: peer.to_owned(),
+                tx,
+            },
+        );
         if transport.send(peer, Message::Request { id, body }).is_err() {
             self.waiting.remove(&id);
             return Err(CallError::NotConnected(peer.to_owned()));
@@ -65,11 +88,31 @@ impl Calls {
         }
     }
 
-    /// An answer arrived; the caller may have given up on it already.
-    pub fn answer(&self, id: u64, reply: RpcReply) {
-        if let Some((_, tx)) = self.waiting.remove(&id) {
-            let _ = tx.send(reply);
+    /// An answer arrived from the node `from` (the name its link proved); the caller may
+    /// have given up on it already. `identity` tells the name the node at the other end
+    /// of a link proved (for a seed, whose link is named by its address).
+    pub fn answer(
+        &self,
+        from: &str,
+        id: u64,
+        reply: RpcReply,
+        identity: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<(), WrongResponder> {
+        let Some(asked) = self.waiting.get(&id).map(|w| w.peer.clone()) else {
+            return Ok(());
+        };
+        let asked = identity(&asked).unwrap_or(asked);
+        if asked != from {
+            return Err(WrongResponder {
+                id,
+                from: from.to_owned(),
+                asked,
+            });
         }
+        if let Some((_, w)) = self.waiting.remove(&id) {
+            let _ = w.tx.send(reply);
+        }
+        Ok(())
     }
 }
 
@@ -184,5 +227,52 @@ impl<L: Links> RaftNetwork<TypeConfig> for PeerClient<L> {
             Ok(other) => Err(unexpected(other)),
             Err(e) => Err(unreachable(&e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_answer_counts_only_from_the_node_asked() {
+        let calls = Calls::default();
+        let (tx, mut rx) = oneshot::channel();
+        calls.waiting.insert(
+            7,
+            Waiting {
+                peer: "b".into(),
+                tx,
+            },
+        );
+        let reply = || RpcReply::Probed { member: true };
+        let named = |link: &str| Some(link.to_owned());
+        assert_eq!(
+            calls.answer("c", 7, reply(), named),
+            Err(WrongResponder {
+                id: 7,
+                from: "c".into(),
+                asked: "b".into()
+            })
+        );
+        assert!(rx.try_recv().is_err(), "still waiting");
+        assert_eq!(calls.answer("b", 7, reply(), named), Ok(()));
+        assert_eq!(rx.try_recv().unwrap(), reply());
+        // Late or unknown: ignored.
+        assert_eq!(calls.answer("c", 7, reply(), named), Ok(()));
+
+        // A seed's link is named by its address; the answer comes from the name it proved.
+        let (tx, mut rx) = oneshot::channel();
+        calls.waiting.insert(
+            8,
+            Waiting {
+                peer: "seed@10.0.0.1:7071".into(),
+                tx,
+            },
+        );
+        let proved = |_: &str| Some("s".to_owned());
+        assert!(calls.answer("t", 8, reply(), proved).is_err());
+        assert_eq!(calls.answer("s", 8, reply(), proved), Ok(()));
+        assert_eq!(rx.try_recv().unwrap(), reply());
     }
 }

@@ -1,4 +1,4 @@
-//! The cluster's shared secret: the key a dialer proves it holds when it opens a link
+//! The cluster's shared secret: the key both ends of a link prove they hold when it opens
 //! (see [`crate::transport`]'s handshake).
 //!
 //! A [`Secret`] never prints its bytes: `Debug` and `Display` show `<redacted>`, so a

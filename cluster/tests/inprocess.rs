@@ -1,11 +1,18 @@
 //! Several nodes as tasks of one process, on loopback: the cluster's logic end to end
 //! (joining, route replication, remote execution, re-routing when an owner stops,
-//! failure detection, leaving, refusing writes without a quorum).
+//! failure detection, leaving, refusing writes without a quorum, rotating the secret,
+//! refusing nodes without it and messages that name another node than their link's).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use openraft::raft::VoteRequest;
+use openraft::Vote;
 use opmesh_actors::{HandlerError, Json, Node, OpStatus, Operation, Route, RouteError, Strategy};
-use opmesh_cluster::{Cluster, ClusterConfig};
+use opmesh_cluster::codec::{Message, Rpc};
+use opmesh_cluster::transport::{Inbound, SendError, Transport};
+use opmesh_cluster::types::{raft_id, NodeRecord, NodeStatus};
+use opmesh_cluster::{Cluster, ClusterConfig, Secret};
 
 const SECRET: &[u8] = b"in-process-test-secret";
 
@@ -22,6 +29,15 @@ impl Member {
 }
 
 async fn member(name: &str, join: Option<&str>) -> Member {
+    member_with(name, join, |_| {}).await
+}
+
+/// A member whose configuration `tune` changes last.
+async fn member_with(
+    name: &str,
+    join: Option<&str>,
+    tune: impl FnOnce(&mut ClusterConfig),
+) -> Member {
     let mut cfg = ClusterConfig::new(name, SECRET);
     cfg.join = join.map(str::to_owned).into_iter().collect();
     cfg.heartbeat = Duration::from_millis(50);
@@ -29,6 +45,7 @@ async fn member(name: &str, join: Option<&str>) -> Member {
     cfg.election_timeout = Duration::from_millis(150);
     cfg.write_timeout = Duration::from_secs(2);
     cfg.serves = vec!["echo".into(), "slow".into()];
+    tune(&mut cfg);
     let cluster = Cluster::start(cfg).await.expect("cluster starts");
     let builder = Node::builder()
         .node_id(name)
@@ -214,4 +231,206 @@ async fn a_node_leaves_cleanly_and_without_a_quorum_writes_fail_clearly() {
     assert!(matches!(e, RouteError::NoQuorum { .. }), "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     left.stop().await;
+}
+
+/// Every member sees all of them up, a leader, and its links to the others up.
+async fn all_linked(m: &[Member]) {
+    for x in m {
+        wait_for("everyone up and linked", Duration::from_secs(20), || {
+            let s = x.cluster.status();
+            let peers_up = s
+                .links
+                .iter()
+                .filter(|l| l.connected && m.iter().any(|o| o.cluster.name() == l.peer))
+                .count();
+            up_count(x) == m.len() && s.leader.is_some() && peers_up == m.len() - 1
+        })
+        .await;
+    }
+}
+
+/// An operation submitted on each member runs on the next one.
+async fn each_runs_on_the_next(m: &[Member]) {
+    for (i, from) in m.iter().enumerate() {
+        let owner = m[(i + 1) % m.len()].cluster.name().to_owned();
+        let v = from
+            .node
+            .set_route("echo", pinned(&[&owner]))
+            .await
+            .unwrap();
+        wait_for("the route here", Duration::from_secs(5), || {
+            from.node.routes().version >= v
+        })
+        .await;
+        let o = from
+            .node
+            .submit(Operation::new("echo", Json::encode(&i).unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(o.status, OpStatus::Succeeded, "{o:?}");
+        assert_eq!(o.executed_by.as_deref(), Some(owner.as_str()));
+    }
+}
+
+/// Restarts member `i` (in memory, on the same address, joining the next member) with
+/// the secrets `current` and `previous`.
+async fn restart(m: &mut [Member], i: usize, current: &[u8], previous: Option<&[u8]>) {
+    let name = m[i].cluster.name().to_owned();
+    let addr = m[i].cluster.cluster_addr().to_owned();
+    let seed = m[(i + 1) % m.len()].cluster.cluster_addr().to_owned();
+    m[i].stop().await;
+    m[i] = member_with(&name, Some(&seed), |c| {
+        c.listen = addr.parse().unwrap();
+        c.secret = Secret::from(current);
+        c.previous_secret = previous.map(Secret::from);
+    })
+    .await;
+    all_linked(m).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_secret_rotation_keeps_the_cluster_connected() {
+    const NEW: &[u8] = b"the-next-in-process-secret";
+    let mut m = three().await;
+    all_linked(&m).await;
+    // One at a time: the new secret, the old one still accepted (and dialed with when a
+    // peer refuses the new one).
+    for i in 0..3 {
+        restart(&mut m, i, NEW, Some(SECRET)).await;
+    }
+    each_runs_on_the_next(&m).await;
+    // Then the old one retired, one at a time.
+    for i in 0..3 {
+        restart(&mut m, i, NEW, None).await;
+    }
+    each_runs_on_the_next(&m).await;
+
+    // A node left with the old secret only cannot join.
+    let refused_before: u64 = m.iter().map(|x| x.cluster.handshakes_refused()).sum();
+    let seed = m[0].cluster.cluster_addr().to_owned();
+    let stale = member("stale", Some(&seed)).await;
+    wait_for("the stale node refused", Duration::from_secs(10), || {
+        m.iter()
+            .map(|x| x.cluster.handshakes_refused())
+            .sum::<u64>()
+            >= refused_before + 2
+    })
+    .await;
+    for x in &m {
+        assert_eq!(x.cluster.status().nodes.len(), 3);
+        assert!(x.cluster.status().links.iter().all(|l| l.peer != "stale"));
+    }
+    assert!(!stale.cluster.is_ready());
+    stale.stop().await;
+    for x in &m {
+        x.stop().await;
+    }
+}
+
+/// What a bare transport standing in for a node does with what arrives: nothing.
+#[derive(Default)]
+struct Quiet;
+
+impl Inbound for Quiet {
+    fn on_message(&self, _from: &str, _msg: Message) {}
+}
+
+/// A bare transport named `name` with `secret`, dialing the member `to`.
+async fn impostor(name: &str, secret: &[u8], to: &Member) -> Transport {
+    let mut cfg = ClusterConfig::new(name, secret);
+    cfg.handshake_timeout = Duration::from_millis(500);
+    let t = Transport::start(&cfg, Arc::new(Quiet)).await.unwrap();
+    t.add_peer(to.cluster.name(), to.cluster.cluster_addr());
+    t
+}
+
+fn leader_of(m: &[Member]) -> &Member {
+    let name = m[0].cluster.status().leader.unwrap();
+    m.iter().find(|x| x.cluster.name() == name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_vote_or_join_naming_another_node_is_dropped() {
+    let m = three().await;
+    let leader = leader_of(&m);
+    let victim = m
+        .iter()
+        .find(|x| x.cluster.name() != leader.cluster.name())
+        .unwrap();
+    let victim_name = victim.cluster.name().to_owned();
+    let term = leader.cluster.status().term;
+
+    // A node that holds the secret, linked as `x`, speaks for the victim.
+    let x = impostor("x", SECRET, leader).await;
+    assert!(
+        x.wait_connected(leader.cluster.name(), Duration::from_secs(10))
+            .await
+    );
+    let send = |id, body| x.send(leader.cluster.name(), Message::Request { id, body });
+    send(
+        1,
+        Rpc::Leave {
+            name: victim_name.clone(),
+            by: "x".into(),
+        },
+    )
+    .unwrap();
+    send(
+        2,
+        Rpc::Vote(VoteRequest {
+            vote: Vote::new(term + 10, raft_id(&victim_name)),
+            last_log_id: None,
+        }),
+    )
+    .unwrap();
+    send(
+        3,
+        Rpc::Join {
+            record: NodeRecord {
+                name: victim_name.as_str().into(),
+                raft_id: raft_id(&victim_name),
+                cluster_addr: "127.0.0.1:1".into(),
+                http_addr: String::new(),
+                serves: vec![],
+                status: NodeStatus::Up,
+            },
+            by: "x".into(),
+        },
+    )
+    .unwrap();
+    wait_for("three messages dropped", Duration::from_secs(5), || {
+        leader.cluster.messages_refused() == 3
+    })
+    .await;
+    // Nothing happened: the victim is still a member, the term did not move.
+    for x in &m {
+        assert_eq!(up_count(x), 3);
+    }
+    let status = leader.cluster.status();
+    assert_eq!(status.term, term);
+    assert_eq!(status.leader.as_deref(), Some(leader.cluster.name()));
+    x.shutdown().await;
+
+    // A node without the secret gets no link at all: nothing it sends arrives.
+    let refused = leader.cluster.handshakes_refused();
+    let wrong = impostor("wrong", b"not-the-cluster-secret", leader).await;
+    wait_for("the wrong secret refused", Duration::from_secs(10), || {
+        leader.cluster.handshakes_refused() > refused
+    })
+    .await;
+    let vote = Rpc::Vote(VoteRequest {
+        vote: Vote::new(term + 10, raft_id("wrong")),
+        last_log_id: None,
+    });
+    assert_eq!(
+        wrong.send(
+            leader.cluster.name(),
+            Message::Request { id: 1, body: vote }
+        ),
+        Err(SendError::NotConnected)
+    );
+    wrong.shutdown().await;
+    for x in &m {
+        x.stop().await;
+    }
 }

@@ -1,7 +1,7 @@
 //! `[cluster]`: whether this node runs alone or in a cluster and, in one, how it
 //! listens, whom it joins, how it authenticates and its timings, checked into the
-//! cluster crate's own [`ClusterConfig`] (its [`Secret`] never shows in an error, a log
-//! or `Debug` output). Two fields are known only once the node starts, and
+//! cluster crate's own [`ClusterConfig`] (its [`Secret`]s, the current one and the
+//! previous one of a rotation, never show in an error, a log or `Debug` output). Two fields are known only once the node starts, and
 //! [`crate::server`] fills them in: `http_addr` (the bound HTTP address) and, when
 //! `serves` is empty, every type the node has a handler for.
 
@@ -34,6 +34,8 @@ pub(super) struct RawCluster {
     /// Any type: one of the wrong type is reported by `validate`, redacted, rather than
     /// by figment, whose message would quote it.
     secret: Value,
+    /// As `secret`; empty = none.
+    previous_secret: Value,
     data_dir: String,
     serves: Vec<String>,
     heartbeat_ms: u64,
@@ -45,6 +47,7 @@ pub(super) struct RawCluster {
     flush_bytes: u64,
     linger_us: u64,
     max_frame_bytes: u64,
+    max_pending_handshakes: u64,
     bootstrap: String,
     pod: String,
     namespace: String,
@@ -106,8 +109,9 @@ impl RawCluster {
 
         let identity = self.identity(check, node_id, addr)?;
 
-        let secret = match self.secret {
-            Value::String(_, s) if s.is_empty() => {
+        let secret = match secret_key(check, "cluster.secret", &self.secret)? {
+            Some(secret) => secret,
+            None => {
                 return Err(check.missing(
                     "cluster.secret",
                     "cluster.addr",
@@ -118,25 +122,8 @@ impl RawCluster {
                     ),
                 ))
             }
-            Value::String(_, s) if s.len() >= MIN_SECRET_BYTES => Secret::from(s),
-            Value::String(_, s) => {
-                return Err(check.invalid(
-                    "cluster.secret",
-                    REDACTED,
-                    format!(
-                        "at least {MIN_SECRET_BYTES} bytes; this one has {}",
-                        s.len()
-                    ),
-                ))
-            }
-            _ => {
-                return Err(check.invalid(
-                    "cluster.secret",
-                    REDACTED,
-                    format!("a string of at least {MIN_SECRET_BYTES} bytes"),
-                ))
-            }
         };
+        let previous_secret = secret_key(check, "cluster.previous_secret", &self.previous_secret)?;
 
         let advertise = if let Identity::Pod(p) = &identity {
             format!("{}:{}", p.host, addr.port())
@@ -256,6 +243,7 @@ impl RawCluster {
             node,
             cluster_id: self.id,
             secret,
+            previous_secret,
             listen: addr,
             advertise,
             // Empty: the bound HTTP address, filled in when the node starts.
@@ -294,6 +282,11 @@ impl RawCluster {
             reconnect_min: ClusterConfig::DEFAULT_RECONNECT_MIN,
             reconnect_max: ClusterConfig::DEFAULT_RECONNECT_MAX,
             handshake_timeout: ClusterConfig::DEFAULT_HANDSHAKE_TIMEOUT,
+            max_pending_handshakes: check.count(
+                "cluster.max_pending_handshakes",
+                self.max_pending_handshakes,
+                1..=4096,
+            )?,
         }))
     }
 }
@@ -423,6 +416,28 @@ impl RawCluster {
             ));
         }
         Ok(Identity::Pod(place))
+    }
+}
+
+/// A secret key's value: `None` when empty, else a string of at least
+/// [`MIN_SECRET_BYTES`]. An error shows it redacted, whatever its type.
+fn secret_key(check: &Check<'_>, key: &str, value: &Value) -> Result<Option<Secret>, ConfigError> {
+    match value {
+        Value::String(_, s) if s.is_empty() => Ok(None),
+        Value::String(_, s) if s.len() >= MIN_SECRET_BYTES => Ok(Some(Secret::from(s.clone()))),
+        Value::String(_, s) => Err(check.invalid(
+            key,
+            REDACTED,
+            format!(
+                "at least {MIN_SECRET_BYTES} bytes; this one has {}",
+                s.len()
+            ),
+        )),
+        _ => Err(check.invalid(
+            key,
+            REDACTED,
+            format!("a string of at least {MIN_SECRET_BYTES} bytes"),
+        )),
     }
 }
 

@@ -59,6 +59,7 @@ const STRING_ENV: &[(&str, &str)] = &[
     ("OPMESH_CLUSTER__ADVERTISE", "cluster.advertise"),
     ("OPMESH_CLUSTER__ID", "cluster.id"),
     ("OPMESH_CLUSTER__SECRET", "cluster.secret"),
+    ("OPMESH_CLUSTER__PREVIOUS_SECRET", "cluster.previous_secret"),
     ("OPMESH_CLUSTER__DATA_DIR", "cluster.data_dir"),
     ("OPMESH_CLUSTER__POD", "cluster.pod"),
     ("OPMESH_CLUSTER__NAMESPACE", "cluster.namespace"),
@@ -404,7 +405,7 @@ mod tests {
             previous = line;
         }
         assert_eq!(
-            keys, 68,
+            keys, 70,
             "a key was added or removed: document it and update this count"
         );
     }

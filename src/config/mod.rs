@@ -135,6 +135,14 @@ impl Config {
                 }
                 lines.push(format!("join: {}", c.join.join(",")));
                 lines.push(format!(
+                    "previous_secret: {}",
+                    if c.previous_secret.is_some() {
+                        "set (accepted from other nodes, dialed with when refused)"
+                    } else {
+                        "none"
+                    }
+                ));
+                lines.push(format!(
                     "bootstrap: {}",
                     match (c.join.is_empty(), c.bootstrap) {
                         (true, _) => "alone when the data dir holds no state".to_owned(),

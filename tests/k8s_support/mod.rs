@@ -168,12 +168,12 @@ impl Rendered {
                     r["name"].as_str().unwrap(),
                     r["key"].as_str().unwrap()
                 );
-                secrets
-                    .get(&id)
-                    .unwrap_or_else(|| {
-                        panic!("{}: env {key}: no value for Secret {id}", self.overlay)
-                    })
-                    .clone()
+                match secrets.get(&id) {
+                    Some(v) => v.clone(),
+                    // Kubernetes leaves the variable unset.
+                    None if r["optional"] == true => continue,
+                    None => panic!("{}: env {key}: no value for Secret {id}", self.overlay),
+                }
             } else if let Some(r) = e["valueFrom"].get("configMapKeyRef") {
                 self.get("ConfigMap", r["name"].as_str().unwrap())["data"]
                     [r["key"].as_str().unwrap()]

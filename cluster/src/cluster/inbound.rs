@@ -1,21 +1,32 @@
 //! What a node does with each message that arrives on a link ([`Inbound`]): operations
 //! forwarded here are run and their outcomes sent back, replies complete what this node
 //! forwarded, Raft RPCs, remote writes (join, leave, a write for the leader) and probes
-//! (does this node belong to a cluster?) are answered, and pings are answered with this node's load while pongs are noted for the
-//! failure detector.
+//! (does this node belong to a cluster?) are answered, and pings are answered with this
+//! node's load while pongs are noted for the failure detector.
+//!
+//! A message that names its sender must name the node its link proved it is (the
+//! `from` of [`Inbound::on_message`]): a vote request names its candidate, entries and
+//! snapshots their leader, a `Leave` the node leaving, a `Join` the joiner (which a
+//! member may forward for another node), an answer must come from the node asked
+//! ([`Calls::answer`](crate::network::Calls::answer)). One that names another node is
+//! logged, counted ([`Cluster::messages_refused`](super::Cluster::messages_refused)) and
+//! dropped: [`impersonation`] decides.
 //!
 //! It runs on the transport's reader tasks, so nothing here waits: work that waits (an
 //! RPC answer, a write through Raft) is spawned.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
+use openraft::Vote;
 use opmesh_actors::NodeId;
 
 use super::{Inner, LINK_BACK_WAIT};
-use crate::codec::{Message, Rpc, RpcReply, WireOp, WireReply};
+use crate::codec::{Message, Rpc, RpcReply, WireOp, WireReply, WriteRefused};
 use crate::remote::{collect_replies, from_wire, refused_reply};
 use crate::transport::Inbound;
+use crate::types::{raft_id, RaftId};
 
 /// What one node heard last from another.
 #[derive(Clone, Copy)]
@@ -63,6 +74,10 @@ impl Inner {
             Message::OpBatch(ops) => self.run_forwarded(from, ops),
             Message::ReplyBatch(replies) => self.outbox.complete(&NodeId::from(from), replies),
             Message::Request { id, body } => {
+                if let Some(claim) = impersonation(from, &body, || self.is_member(from)) {
+                    self.refuse(from, &claim);
+                    return;
+                }
                 let inner = self.clone();
                 let from = from.to_owned();
                 tokio::spawn(async move {
@@ -73,7 +88,12 @@ impl Inner {
                     let _ = t.send(&from, Message::Response { id, body: reply });
                 });
             }
-            Message::Response { id, body } => self.calls.answer(id, body),
+            Message::Response { id, body } => {
+                let identity = |link: &str| self.transport().peer_identity(link);
+                if let Err(wrong) = self.calls.answer(from, id, body, identity) {
+                    self.refuse(from, &wrong.to_string());
+                }
+            }
             Message::Ping { seq, load } => {
                 self.heard(from, load, false);
                 let _ = self.transport().send(
@@ -86,6 +106,25 @@ impl Inner {
             }
             Message::Pong { load, .. } => self.heard(from, load, true),
         }
+    }
+
+    /// Drops a message that names another node than its link's.
+    fn refuse(&self, from: &str, claim: &str) {
+        self.messages_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            node = from,
+            "dropped {claim}: it names another node than the one this link proved it is"
+        );
+    }
+
+    /// Whether `name` is in the Raft group (a voter or a learner).
+    fn is_member(&self, name: &str) -> bool {
+        let m = self.raft().metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .get_node(&raft_id(name))
+            .is_some()
     }
 
     /// Notes a peer's load. Only a `Pong` (`answered`) counts as hearing from it: it
@@ -197,22 +236,148 @@ impl Inner {
                 Some(Ok(reply)) => reply,
                 Some(Err(e)) => RpcReply::Joined(Err(e)),
             },
-            Rpc::Leave { name, by } => match self
-                .to_leader(Rpc::Leave {
-                    name: name.clone(),
-                    by: by.clone(),
-                })
-                .await
-            {
-                None => RpcReply::Left(self.remove(&name, &by).await),
-                Some(Ok(reply)) => reply,
-                Some(Err(e)) => RpcReply::Left(Err(e)),
+            // Not forwarded: the leader takes a Leave only from the node leaving, which
+            // asks the leader named here again.
+            Rpc::Leave { name, by } => match self.leader() {
+                (Some(id), _) if id == self.me.raft_id => {
+                    RpcReply::Left(self.remove(&name, &by).await)
+                }
+                (_, leader) => RpcReply::Left(Err(WriteRefused {
+                    message: format!("node `{}` is not the leader", self.me.name),
+                    leader,
+                })),
             },
             // A Raft that cannot say (it stopped) answers "member": the asker then joins,
             // never bootstraps a second cluster beside this one.
             Rpc::Probe => RpcReply::Probed {
                 member: raft.is_initialized().await.unwrap_or(true),
             },
+        }
+    }
+}
+
+/// What `rpc` claims of its sender when that is not `from`, the node its link proved it
+/// is: `None` when it claims nothing or the truth. Raft's requests name their candidate
+/// or leader by Raft id; a `Leave` names the node leaving; a `Join` names the joiner,
+/// which a seed that is a member (`from_is_member`, asked only then) forwards to the
+/// leader on the joiner's behalf.
+pub(super) fn impersonation(
+    from: &str,
+    rpc: &Rpc,
+    from_is_member: impl FnOnce() -> bool,
+) -> Option<String> {
+    let other = |vote: &Vote<RaftId>| {
+        vote.leader_id()
+            .voted_for()
+            .filter(|id| *id != raft_id(from))
+    };
+    match rpc {
+        Rpc::Vote(r) => other(&r.vote).map(|id| format!("a vote request for Raft node {id}")),
+        Rpc::AppendEntries(r) => other(&r.vote).map(|id| format!("entries from Raft leader {id}")),
+        Rpc::InstallSnapshot(r) => {
+            other(&r.vote).map(|id| format!("a snapshot from Raft leader {id}"))
+        }
+        Rpc::Leave { name, .. } if name != from => Some(format!("a Leave for node `{name}`")),
+        Rpc::Join { record: rec, .. } if &*rec.name != from && !from_is_member() => {
+            Some(format!("a Join for node `{}` from a non-member", rec.name))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+    use openraft::{SnapshotMeta, StoredMembership};
+
+    use super::*;
+    use crate::types::{NodeRecord, NodeStatus};
+
+    fn vote(name: &str) -> Vote<RaftId> {
+        Vote::new(3, raft_id(name))
+    }
+
+    fn every_claim(name: &str) -> Vec<Rpc> {
+        vec![
+            Rpc::Vote(VoteRequest {
+                vote: vote(name),
+                last_log_id: None,
+            }),
+            Rpc::AppendEntries(AppendEntriesRequest {
+                vote: vote(name),
+                prev_log_id: None,
+                entries: vec![],
+                leader_commit: None,
+            }),
+            Rpc::InstallSnapshot(InstallSnapshotRequest {
+                vote: vote(name),
+                meta: SnapshotMeta {
+                    last_log_id: None,
+                    last_membership: StoredMembership::default(),
+                    snapshot_id: "s".into(),
+                },
+                offset: 0,
+                data: vec![],
+                done: true,
+            }),
+            Rpc::Leave {
+                name: name.into(),
+                by: "deployer".into(),
+            },
+            Rpc::Join {
+                record: NodeRecord {
+                    name: name.into(),
+                    raft_id: raft_id(name),
+                    cluster_addr: "127.0.0.1:1".into(),
+                    http_addr: String::new(),
+                    serves: vec![],
+                    status: NodeStatus::Up,
+                },
+                by: format!("node:{name}"),
+            },
+        ]
+    }
+
+    #[test]
+    fn a_request_that_names_another_sender_is_an_impersonation() {
+        let never = || -> bool { panic!("membership is asked only for a Join") };
+        for rpc in every_claim("b") {
+            assert_eq!(impersonation("b", &rpc, || false), None, "{rpc:?}");
+            let claim = match &rpc {
+                Rpc::Join { .. } => impersonation("c", &rpc, || false),
+                other => impersonation("c", other, never),
+            };
+            assert!(claim.is_some(), "{rpc:?}");
+        }
+        let claims: Vec<String> = every_claim("b")
+            .iter()
+            .filter_map(|r| impersonation("c", r, || false))
+            .collect();
+        let b = raft_id("b");
+        assert_eq!(
+            claims,
+            [
+                format!("a vote request for Raft node {b}"),
+                format!("entries from Raft leader {b}"),
+                format!("a snapshot from Raft leader {b}"),
+                "a Leave for node `b`".to_owned(),
+                "a Join for node `b` from a non-member".to_owned(),
+            ]
+        );
+        // A member forwards a joiner's Join to the leader.
+        let join = every_claim("b").pop().unwrap();
+        assert_eq!(impersonation("c", &join, || true), None);
+        // Requests that name no sender.
+        for rpc in [
+            Rpc::Probe,
+            Rpc::ClientWrite(crate::types::Request::new(
+                crate::types::Command::RemoveRoute {
+                    op_type: "echo".into(),
+                },
+                "deployer",
+            )),
+        ] {
+            assert_eq!(impersonation("c", &rpc, never), None);
         }
     }
 }

@@ -85,6 +85,9 @@ struct Inner {
     /// Times a background duty ended or panicked and was restarted (see
     /// [`Cluster::duty_restarts`]).
     duty_restarts: Arc<AtomicU64>,
+    /// Messages dropped for naming another node than their link's (see
+    /// [`Cluster::messages_refused`]).
+    messages_refused: AtomicU64,
 }
 
 /// A node's handle on its cluster. Cheap to clone.
@@ -148,6 +151,7 @@ impl Cluster {
             leaving: AtomicBool::new(false),
             leader_changes: Arc::default(),
             duty_restarts: Arc::default(),
+            messages_refused: AtomicU64::new(0),
             cfg,
         });
         inbound.attach(&inner);
@@ -296,6 +300,22 @@ impl Cluster {
     /// Zero on a healthy node; each restart is also logged with its cause.
     pub fn duty_restarts(&self) -> u64 {
         self.inner.duty_restarts.load(Ordering::Relaxed)
+    }
+
+    /// How many messages from other nodes this node dropped since it started because
+    /// they named another node than the one their link proved it is: a vote request for
+    /// another candidate, entries or a snapshot from another leader, a `Leave` for
+    /// another node, a `Join` for another node from a non-member, an answer to a request
+    /// sent to another node. Each is also logged.
+    pub fn messages_refused(&self) -> u64 {
+        self.inner.messages_refused.load(Ordering::Relaxed)
+    }
+
+    /// How many connections to this node's cluster port were refused since it started:
+    /// a failed or unfinished handshake (a wrong secret, another cluster, a timeout), or
+    /// one beyond `max_pending_handshakes`.
+    pub fn handshakes_refused(&self) -> u64 {
+        self.inner.transport().handshakes_refused()
     }
 
     /// The index of the last Raft log entry this node knows is committed, asked of the

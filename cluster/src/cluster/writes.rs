@@ -30,6 +30,8 @@ use crate::types::{
 const SEED_LINK_WAIT: Duration = Duration::from_secs(2);
 /// How long a probe waits for the link to a seed, then for its answer.
 const PROBE_WAIT: Duration = Duration::from_secs(1);
+/// How many times a leaving node asks again the leader a former leader named.
+const LEAVE_REDIRECTS: usize = 2;
 
 fn refused(message: impl Into<String>, leader: Option<Member>) -> WriteRefused {
     WriteRefused {
@@ -134,19 +136,22 @@ impl Inner {
                 None,
             )));
         };
+        Some(self.call_leader(leader, rpc).await)
+    }
+
+    /// Sends `rpc` to `leader` and returns its answer.
+    async fn call_leader(&self, leader: Member, rpc: Rpc) -> Result<RpcReply, WriteRefused> {
         self.transport()
             .add_peer(&leader.name, &leader.cluster_addr);
-        Some(
-            self.calls
-                .call(
-                    self.transport(),
-                    &leader.name,
-                    rpc,
-                    self.cfg.write_timeout * 3,
-                )
-                .await
-                .map_err(|e| refused(format!("leader is {leader}: {e}"), Some(leader))),
-        )
+        self.calls
+            .call(
+                self.transport(),
+                &leader.name,
+                rpc,
+                self.cfg.write_timeout * 3,
+            )
+            .await
+            .map_err(|e| refused(format!("leader is {leader}: {e}"), Some(leader)))
     }
 
     /// Asks the node at `seed` to admit this one (it forwards to the leader); `by` asked
@@ -154,7 +159,7 @@ impl Inner {
     pub(super) async fn join_via(&self, seed: &str, by: &str) -> Result<(), JoinFailure> {
         let peer = format!("seed@{seed}");
         let t = self.transport();
-        t.add_peer(&peer, seed);
+        t.add_seed(&peer, seed);
         t.wait_connected(&peer, SEED_LINK_WAIT).await;
         let r = self
             .calls
@@ -185,7 +190,7 @@ impl Inner {
     pub(super) async fn probe(&self, seed: &str) -> SeedAnswer {
         let peer = format!("probe@{seed}");
         let t = self.transport();
-        t.add_peer(&peer, seed);
+        t.add_seed(&peer, seed);
         t.wait_connected(&peer, PROBE_WAIT).await;
         let r = self.calls.call(t, &peer, Rpc::Probe, PROBE_WAIT).await;
         t.remove_peer(&peer);
@@ -415,13 +420,28 @@ impl Inner {
         if let Some(node) = self.node.get() {
             node.drain(grace).await;
         }
-        let r = match self
-            .to_leader(Rpc::Leave {
-                name: name.to_string(),
-                by: by.to_owned(),
-            })
-            .await
-        {
+        let rpc = Rpc::Leave {
+            name: name.to_string(),
+            by: by.to_owned(),
+        };
+        let mut answer = self.to_leader(rpc.clone()).await;
+        // A node that stopped leading names the leader it knows: ask that one (a Leave is
+        // not forwarded, as the leader takes it only from the node leaving).
+        for _ in 0..LEAVE_REDIRECTS {
+            let Some(Ok(RpcReply::Left(Err(WriteRefused {
+                leader: Some(leader),
+                ..
+            })))) = &answer
+            else {
+                break;
+            };
+            answer = if leader.name == self.cfg.node {
+                None
+            } else {
+                Some(self.call_leader(leader.clone(), rpc.clone()).await)
+            };
+        }
+        let r = match answer {
             None => self.remove(&name, by).await,
             Some(Ok(RpcReply::Left(r))) => r,
             Some(Ok(other)) => Err(refused(format!("unexpected answer {other:?}"), None)),

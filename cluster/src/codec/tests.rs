@@ -246,10 +246,14 @@ fn every_frame() -> Vec<Frame> {
             cluster_addr: "10.0.0.1:7000".into(),
             proof: [3; 32],
         }),
-        Frame::Welcome,
+        Frame::Welcome(Welcome {
+            node: "b".into(),
+            proof: [4; 32],
+        }),
         Frame::Refused {
             reason: "wrong secret".into(),
         },
+        Frame::DialerNonce { nonce: [5; 32] },
     ];
     frames.extend(every_message().into_iter().map(Frame::Message));
     frames
@@ -545,7 +549,7 @@ proptest! {
 
     #[test]
     fn random_bytes_behind_every_tag_decode_or_fail(
-        tag in prop_oneof![0..4u8, 16..22u8],
+        tag in prop_oneof![0..5u8, 16..22u8],
         bytes in proptest::collection::vec(any::<u8>(), 0..512),
     ) {
         let mut body = vec![tag];

@@ -1,4 +1,5 @@
-//! Links between nodes: length-prefixed [`codec`](crate::codec) frames over TCP.
+//! Links between nodes: [`codec`](crate::codec) frames over TCP, in authenticated
+//! records once a mutual handshake has opened the link.
 //!
 //! Each node dials each peer it knows and sends only on that outbound connection; it only
 //! reads from the connections others dialed to it. Two connections per pair of nodes, one
@@ -7,17 +8,24 @@
 //!
 //! An operation forwarded to another node is [`Transport::send`]: the message joins the
 //! peer's outbox and the caller goes on. The peer's writer task takes everything waiting,
-//! encodes it into one reused buffer and writes it with one `write_all`, so under load one
-//! system call carries many frames. On the peer, the reader of the connection decodes the
-//! frames and hands each message to [`Inbound::on_message`].
+//! encodes it into one reused buffer as one record and writes it with one `write_all`, so
+//! under load one system call and one MAC carry many frames. On the peer, the reader of
+//! the connection checks the record's tag, decodes its frames and hands each message to
+//! [`Inbound::on_message`].
 //!
-//! A connection opens with a handshake: the acceptor sends a random nonce
-//! ([`Frame::Challenge`](crate::codec::Frame::Challenge)); the dialer answers `Hello` with
-//! its name, its address and an HMAC-SHA256 proof over the nonce and those fields under
-//! the cluster's secret; the acceptor checks the protocol version, the cluster id and the
-//! proof, and answers `Welcome` or `Refused { reason }` and closes. A connection that
+//! A connection opens with a handshake in which both ends prove they hold the cluster's
+//! secret (or, during a rotation, the previous one) over both ends' random nonces and
+//! names: the acceptor sends `Challenge`, the dialer `Hello` and its own nonce, the
+//! acceptor `Welcome` with its name and proof (or `Refused` and closes), and the dialer,
+//! having checked that proof and that the acceptor is the node it meant to dial, sends an
+//! empty first record that proves it derived the same link key. From then on every
+//! record carries an HMAC tag under that key and an implicit sequence number: a record
+//! altered, replayed, reordered or dropped on the way closes the link. A connection that
 //! sends anything else, a frame over the limit or bytes that do not decode is closed with
-//! a logged reason; the node keeps serving everything else.
+//! a logged reason; the node keeps serving everything else. At most
+//! `max_pending_handshakes` connections may be in the handshake at once, each for at
+//! most `handshake_timeout`, and refusals are logged at most once per address per ten
+//! seconds.
 //!
 //! A writer whose connection fails redials with exponential backoff and jitter. While a
 //! link is down, `send` refuses at once ([`SendError::NotConnected`]) and whatever was
@@ -28,17 +36,21 @@
 //!
 //! - this module: the [`Transport`] handle (peers, `send`, link stats, shutdown) and the
 //!   state its tasks share;
-//! - `handshake`: dialing and accepting, `Challenge`/`Hello`/`Welcome`/`Refused` and the
-//!   HMAC proof;
-//! - `writer`: the per-peer writer task that coalesces the outbox into few writes and
+//! - `handshake`: dialing and accepting, `Challenge`/`Hello`/`DialerNonce`/`Welcome`/
+//!   `Refused`, the proofs and the link key;
+//! - `record`: sealing and opening the authenticated records links carry after it;
+//! - `writer`: the per-peer writer task that coalesces the outbox into few records and
 //!   redials with backoff;
-//! - `reader`: accepting connections, reading frames and handing messages to
-//!   [`Inbound`].
+//! - `reader`: accepting connections (within the limit on pending handshakes), reading
+//!   records and handing messages to [`Inbound`];
+//! - `refusals`: how often a refused connection is logged.
 //!
 //! Its settings are the link fields of [`ClusterConfig`].
 
 mod handshake;
 mod reader;
+mod record;
+mod refusals;
 mod writer;
 
 #[cfg(test)]
@@ -52,18 +64,21 @@ use std::time::Duration;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, Instrument};
 
+use self::refusals::RefusalLog;
 use crate::codec::Message;
 use crate::config::{ClusterConfig, LinkConfigError};
 
 /// Where a transport delivers what arrives.
 pub trait Inbound: Send + Sync + 'static {
-    /// A message from the node named `from`. Called on the connection's reader task, in
-    /// the order the peer sent them: it must not block (hand the message to an actor).
+    /// A message from the node named `from`: the name it proved in the handshake, which
+    /// the layers above check any name a message claims against. Called on the
+    /// connection's reader task, in the order the peer sent them: it must not block (hand
+    /// the message to an actor).
     fn on_message(&self, from: &str, msg: Message);
 
     /// The outbound link to `peer` connected (`up`) or was lost.
@@ -133,6 +148,12 @@ struct Shared {
     peers: DashMap<String, Arc<Peer>>,
     /// Some outbound link came up (see [`Transport::wait_connected`]).
     link_up: Notify,
+    /// One permit per inbound connection in the handshake.
+    pending: Arc<Semaphore>,
+    /// When a refused connection was last logged, per address.
+    refusals: Mutex<RefusalLog>,
+    /// Inbound connections refused, logged or not.
+    handshakes_refused: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     runtime: tokio::runtime::Handle,
@@ -141,6 +162,11 @@ struct Shared {
 /// One peer: its outbox, its writer's controls, its counters.
 struct Peer {
     name: String,
+    /// The name the acceptor must prove when dialed: `name`, or `None` for a seed known
+    /// only by its address.
+    expect: Option<String>,
+    /// The name the acceptor proved on the last connection that opened.
+    identity: Mutex<Option<String>>,
     addr: Mutex<String>,
     outbox: Mutex<Outbox>,
     /// A message joined an empty outbox.
@@ -200,6 +226,9 @@ impl Transport {
             local_addr,
             peers: DashMap::default(),
             link_up: Notify::new(),
+            pending: Arc::new(Semaphore::new(config.max_pending_handshakes)),
+            refusals: Mutex::default(),
+            handshakes_refused: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
@@ -225,7 +254,30 @@ impl Transport {
     /// or moves it to `addr` if the address changed (the link is down, and `send`
     /// refuses, until the new address answers). Callable from any thread.
     pub fn add_peer(&self, name: &str, addr: &str) {
-        self.shared().add_peer(name, addr);
+        self.shared().add_peer(name, addr, true);
+    }
+
+    /// Like [`add_peer`](Self::add_peer), for a node known only by its address (a seed):
+    /// the link opens to whichever node there proves it holds the secret, whatever its
+    /// name ([`peer_identity`](Self::peer_identity) tells it). `label` names the link
+    /// here and must not be a node's name.
+    pub fn add_seed(&self, label: &str, addr: &str) {
+        self.shared().add_peer(label, addr, false);
+    }
+
+    /// The name the node at the other end of the link `peer` proved in its last
+    /// handshake: `peer` itself for a peer added by name, the seed's name for a seed.
+    /// `None` before the link first opened.
+    pub fn peer_identity(&self, peer: &str) -> Option<String> {
+        let peer = self.shared().peers.get(peer)?;
+        let identity = peer.identity.lock().clone();
+        identity
+    }
+
+    /// Inbound connections refused since the transport started: a failed or timed-out
+    /// handshake, or one beyond `max_pending_handshakes`.
+    pub fn handshakes_refused(&self) -> u64 {
+        self.shared().handshakes_refused.load(Ordering::Relaxed)
     }
 
     /// Stops the writer of `name` and closes its outbound link; waiting messages are
@@ -319,11 +371,12 @@ impl Shared {
     fn ensure_peer(self: &Arc<Self>, name: &str, addr: &str) -> Arc<Peer> {
         match self.peers.get(name) {
             Some(peer) => Arc::clone(peer.value()),
-            None => self.add_peer(name, addr),
+            None => self.add_peer(name, addr, true),
         }
     }
 
-    fn add_peer(self: &Arc<Self>, name: &str, addr: &str) -> Arc<Peer> {
+    /// `named`: the acceptor must prove it is `name` (a seed's label is no node's name).
+    fn add_peer(self: &Arc<Self>, name: &str, addr: &str, named: bool) -> Arc<Peer> {
         if let Some(peer) = self.peers.get(name) {
             let mut current = peer.addr.lock();
             if *current != addr {
@@ -337,7 +390,8 @@ impl Shared {
             return Arc::clone(peer.value());
         }
         let entry = self.peers.entry(name.to_string()).or_insert_with(|| {
-            let peer = Arc::new(Peer::new(name, addr, self.shutdown.child_token()));
+            let expect = named.then(|| name.to_string());
+            let peer = Arc::new(Peer::new(name, expect, addr, self.shutdown.child_token()));
             let span = tracing::info_span!("cluster_link", node = %self.config.node, peer = name);
             self.spawn(writer::run_link(Arc::clone(self), Arc::clone(&peer)).instrument(span));
             peer
@@ -347,9 +401,11 @@ impl Shared {
 }
 
 impl Peer {
-    fn new(name: &str, addr: &str, stop: CancellationToken) -> Peer {
+    fn new(name: &str, expect: Option<String>, addr: &str, stop: CancellationToken) -> Peer {
         Peer {
             name: name.to_string(),
+            expect,
+            identity: Mutex::new(None),
             addr: Mutex::new(addr.to_string()),
             outbox: Mutex::new(Outbox::default()),
             wake: Notify::new(),

@@ -1,24 +1,30 @@
 //! The inbound side of links: accept connections, run the acceptor's handshake, then
-//! read frames and hand each message to [`Inbound::on_message`](super::Inbound), in the
-//! order the peer sent them.
+//! read records, check each one's tag and hand the messages in it to
+//! [`Inbound::on_message`](super::Inbound), in the order the peer sent them.
 //!
-//! A length prefix is checked against the limit before anything is allocated for the
-//! body; a frame over the limit, one that does not decode or a handshake frame after
-//! `Welcome` closes the connection with a logged reason. A node that dials in and is not
-//! a peer yet (a node joining through this seed) is added as one, so answers can flow
-//! back on this node's own outbound link.
+//! At most `max_pending_handshakes` connections may be in the handshake at once; one
+//! more is refused at once, before anything is read from it, and refusals are logged at
+//! most once per address per ten seconds (see [`refusals`](super::refusals)). A length
+//! prefix is checked against the limit before anything is allocated for the body; a
+//! record whose tag does not check out, a frame over the limit, one that does not
+//! decode or a handshake frame after the handshake closes the connection with a logged
+//! reason, and nothing in or after that record is delivered. A node that dials in and is
+//! not a peer yet (a node joining through this seed) is added as one once its handshake
+//! is done, so answers can flow back on this node's own outbound link.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn, Instrument};
 
-use super::handshake::{accept, Refusal};
+use super::handshake::{accept, Accepted, Refusal};
+use super::record::{max_record, Opener};
 use super::{Peer, Shared};
 use crate::codec::{self, CodecError, Frame, LEN_PREFIX};
 
@@ -48,10 +54,18 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, remote)) => {
-                let span = tracing::info_span!("cluster_inbound", remote = %remote);
-                shared.spawn(serve(Arc::clone(&shared), stream, remote).instrument(span));
-            }
+            Ok((stream, remote)) => match Arc::clone(&shared.pending).try_acquire_owned() {
+                Ok(permit) => {
+                    let span = tracing::info_span!("cluster_inbound", remote = %remote);
+                    shared
+                        .spawn(serve(Arc::clone(&shared), stream, remote, permit).instrument(span));
+                }
+                Err(_) => {
+                    let busy = Refusal::Busy(shared.config.max_pending_handshakes);
+                    refuse_now(&stream, &busy);
+                    shared.log_refusal(remote, &busy);
+                }
+            },
             Err(e) => {
                 // Out of file descriptors and the like: pause rather than spin.
                 warn!(error = %e, "accepting a cluster connection failed");
@@ -65,8 +79,42 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     debug!("stopped accepting");
 }
 
-/// One connection another node dialed: the handshake, then its messages, until it closes.
-async fn serve(shared: Arc<Shared>, mut stream: TcpStream, remote: SocketAddr) {
+/// Tells a connection it is refused without waiting on it: the frame goes into the
+/// socket's buffer if it fits (it is small), and the connection closes when dropped.
+fn refuse_now(stream: &TcpStream, refusal: &Refusal) {
+    let mut out = Vec::new();
+    if let Some(reason) = refusal.public_reason() {
+        if codec::encode(&Frame::Refused { reason }, &mut out).is_ok() {
+            let _ = stream.try_write(&out);
+        }
+    }
+}
+
+impl Shared {
+    /// Counts a refused connection and logs it, unless one from the same address was
+    /// logged less than ten seconds ago.
+    fn log_refusal(&self, remote: SocketAddr, reason: &Refusal) {
+        self.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+        match self.refusals.lock().note(remote.ip(), Instant::now()) {
+            Some(suppressed) => warn!(
+                remote = %remote,
+                reason = %reason,
+                suppressed,
+                "refused a cluster connection (suppressed: refusals from this address not logged since the last line)"
+            ),
+            None => debug!(remote = %remote, reason = %reason, "refused a cluster connection"),
+        }
+    }
+}
+
+/// One connection another node dialed: the handshake (holding one of the pending
+/// handshakes' permits), then its messages, until it closes.
+async fn serve(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
     let config = &shared.config;
     let _ = stream.set_nodelay(true);
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
@@ -76,13 +124,12 @@ async fn serve(shared: Arc<Shared>, mut stream: TcpStream, remote: SocketAddr) {
             r.unwrap_or(Err(Refusal::Timeout(config.handshake_timeout)))
         }
     };
-    let hello = match handshake {
-        Ok(hello) => hello,
+    let Accepted { hello, opener } = match handshake {
+        Ok(accepted) => accepted,
         Err(refusal) => {
-            warn!(remote = %remote, reason = %refusal, "refused a cluster connection");
-            if !matches!(refusal, Refusal::Closed | Refusal::Io(_)) {
+            shared.log_refusal(remote, &refusal);
+            if let Some(reason) = refusal.public_reason() {
                 let mut out = Vec::new();
-                let reason = refusal.to_string();
                 if codec::encode(&Frame::Refused { reason }, &mut out).is_ok() {
                     let _ =
                         tokio::time::timeout(Duration::from_millis(200), stream.write_all(&out))
@@ -92,11 +139,12 @@ async fn serve(shared: Arc<Shared>, mut stream: TcpStream, remote: SocketAddr) {
             return;
         }
     };
+    drop(permit);
     // A node that dialed this one but is not a peer yet (a node joining through this
     // seed): dial back, so answers can flow.
     let peer = shared.ensure_peer(&hello.node, &hello.cluster_addr);
     info!(peer = %hello.node, remote = %remote, "inbound link open");
-    let end = read_messages(&shared, &hello.node, &peer, &mut stream, &mut rbuf).await;
+    let end = read_messages(&shared, &hello.node, &peer, &mut stream, &mut rbuf, opener).await;
     match end {
         Ok(()) => info!(peer = %hello.node, remote = %remote, "inbound link closed"),
         Err(reason) => warn!(
@@ -108,25 +156,21 @@ async fn serve(shared: Arc<Shared>, mut stream: TcpStream, remote: SocketAddr) {
     }
 }
 
-/// Decodes frames as they arrive and hands each message on, in order.
+/// Checks records as they arrive and hands their messages on, in order.
 async fn read_messages(
     shared: &Shared,
     from: &str,
     peer: &Peer,
     stream: &mut TcpStream,
     rbuf: &mut BytesMut,
+    mut opener: Opener,
 ) -> Result<(), String> {
-    let max = shared.config.max_frame;
+    let max_frame = shared.config.max_frame;
+    let max_record = max_record(max_frame);
     loop {
-        while let Some(body) = next_body(rbuf, max).map_err(|e| e.to_string())? {
-            match codec::decode(&body) {
-                Ok(Frame::Message(msg)) => {
-                    peer.frames_received.fetch_add(1, Ordering::Relaxed);
-                    shared.inbound.on_message(from, msg);
-                }
-                Ok(_) => return Err("handshake frame after Welcome".into()),
-                Err(e) => return Err(e.to_string()),
-            }
+        while let Some(record) = next_body(rbuf, max_record).map_err(|e| e.to_string())? {
+            let frames = opener.open(&record).map_err(|e| e.to_string())?;
+            deliver(shared, from, peer, frames, max_frame)?;
         }
         if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
@@ -137,7 +181,7 @@ async fn read_messages(
         };
         match read {
             Ok(0) if rbuf.is_empty() => return Ok(()),
-            Ok(0) => return Err("closed in the middle of a frame".into()),
+            Ok(0) => return Err("closed in the middle of a record".into()),
             Ok(n) => {
                 peer.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -146,11 +190,41 @@ async fn read_messages(
     }
 }
 
+/// Decodes the frames of one authenticated record and hands each message on. A frame
+/// never spans two records.
+fn deliver(
+    shared: &Shared,
+    from: &str,
+    peer: &Peer,
+    mut frames: &[u8],
+    max_frame: usize,
+) -> Result<(), String> {
+    while let Some(prefix) = frames.first_chunk::<LEN_PREFIX>() {
+        let len = codec::body_len(*prefix, max_frame).map_err(|e| e.to_string())?;
+        let Some(body) = frames.get(LEN_PREFIX..LEN_PREFIX + len) else {
+            return Err("a frame runs past the end of its record".into());
+        };
+        match codec::decode(body) {
+            Ok(Frame::Message(msg)) => {
+                peer.frames_received.fetch_add(1, Ordering::Relaxed);
+                shared.inbound.on_message(from, msg);
+            }
+            Ok(_) => return Err("handshake frame after the handshake".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+        frames = &frames[LEN_PREFIX + len..];
+    }
+    if !frames.is_empty() {
+        return Err("a frame's length prefix runs past the end of its record".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use super::*;
-    use crate::codec::{Message, WireOp, PROTOCOL_VERSION};
+    use crate::codec::{Message, WireOp};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_oversized_length_prefix_closes_the_connection() {
@@ -163,12 +237,17 @@ mod tests {
         let reason = raw.expect_refused().await;
         assert!(reason.contains("exceeds the limit"), "{reason}");
 
-        // After it: over the link's max_frame.
-        let mut raw = Raw::connect(a.local_addr()).await;
-        let hello = raw.hello("b", PROTOCOL_VERSION, "test", SECRET);
-        raw.send(&hello).await;
-        assert!(matches!(raw.next().await, Some(Frame::Welcome)));
-        raw.write(&1025u32.to_le_bytes()).await;
+        // After it: a record over what a writer can coalesce.
+        let mut raw = Raw::open(a.local_addr(), "b").await;
+        raw.write(&(max_record(1024) as u32 + 1).to_le_bytes())
+            .await;
+        raw.expect_closed().await;
+
+        // A frame over the link's max_frame, inside a record that checks out.
+        let mut raw = Raw::open(a.local_addr(), "b").await;
+        let mut frame = 1025u32.to_le_bytes().to_vec();
+        frame.extend_from_slice(&[0; 1025]);
+        raw.send_sealed(&frame).await;
         raw.expect_closed().await;
 
         // A sender does not send what its peer would refuse.
@@ -190,6 +269,61 @@ mod tests {
         assert_eq!(c.links()[0].dropped, 1);
         assert!(c.is_connected("a"));
         for t in [a, c] {
+            t.shutdown().await;
+        }
+    }
+
+    /// a's link to b through a proxy that tampers with the first connection; returns
+    /// once a's first ping went through (unit 3, the first record after record 0).
+    async fn tampered_link(tamper: Tamper) -> (Transport, Transport, Arc<Collect>) {
+        let (a, _) = start("a").await;
+        let (b, b_in) = start("b").await;
+        let proxy = Proxy::start(b.local_addr(), Some(tamper)).await;
+        a.add_peer("b", &proxy.addr.to_string());
+        until("a's link", || a.is_connected("b")).await;
+        a.send("b", ping(1)).unwrap();
+        until("the first ping", || !b_in.pings_from("a").is_empty()).await;
+        (a, b, b_in)
+    }
+
+    /// The link is lost and comes back (the proxy lets the next connection be).
+    async fn relinked(a: &Transport) {
+        until("a's link back", || {
+            a.links()[0].reconnects == 1 && a.is_connected("b")
+        })
+        .await;
+    }
+
+    use super::super::Transport;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flipped_byte_closes_the_link_and_nothing_after_it_is_delivered() {
+        let (a, b, b_in) = tampered_link(Tamper::Flip(4)).await;
+        a.send("b", ping(2)).unwrap();
+        a.send("b", ping(3)).unwrap();
+        relinked(&a).await;
+        a.send("b", ping(4)).unwrap();
+        until("the ping on the new link", || {
+            b_in.pings_from("a").last() == Some(&4)
+        })
+        .await;
+        assert_eq!(b_in.pings_from("a"), [1, 4]);
+        for t in [a, b] {
+            t.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replayed_record_closes_the_link() {
+        let (a, b, b_in) = tampered_link(Tamper::Replay(3)).await;
+        relinked(&a).await;
+        a.send("b", ping(2)).unwrap();
+        until("the ping on the new link", || {
+            b_in.pings_from("a").last() == Some(&2)
+        })
+        .await;
+        assert_eq!(b_in.pings_from("a"), [1, 2], "the replay was not delivered");
+        for t in [a, b] {
             t.shutdown().await;
         }
     }

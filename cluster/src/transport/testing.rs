@@ -1,6 +1,6 @@
 //! What the transport's tests share: an [`Inbound`] that records, transports on
-//! loopback, waiting with a deadline, and a hand-driven dialer ([`Raw`]) that sends what a
-//! transport never would.
+//! loopback, waiting with a deadline, a hand-driven dialer ([`Raw`]) that sends what a
+//! transport never would, and a [`Proxy`] that forwards a link and tampers with it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use hmac::Mac;
 use parking_lot::Mutex;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
-use super::handshake::{proof, read_frame};
+use super::handshake::{acceptor_proof, dialer_proof, link_key, read_frame, Transcript};
+use super::record::Sealer;
 use super::{Inbound, Transport};
-use crate::codec::{self, Frame, Hello, Message, WireOp};
+use crate::codec::{self, Frame, Hello, Message, Welcome, WireOp, LEN_PREFIX, PROTOCOL_VERSION};
 use crate::config::ClusterConfig;
+use crate::secret::Secret;
 
 pub const SECRET: &[u8] = b"cluster secret";
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -114,40 +116,101 @@ pub fn small_op(id: u128) -> WireOp {
 pub struct Raw {
     stream: TcpStream,
     rbuf: BytesMut,
-    nonce: [u8; 32],
+    /// The acceptor's challenge.
+    pub nonce: [u8; 32],
+    /// What the last [`Raw::send_hello`] sent, to check the `Welcome` against.
+    sent: Option<(Hello, [u8; 32], Secret)>,
+    sealer: Option<Sealer>,
 }
 
 impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let mut rbuf = BytesMut::new();
-        let Some(Frame::Challenge { nonce }) =
-            bounded("challenge", read_frame(&mut stream, &mut rbuf, 1024))
-                .await
-                .unwrap()
-        else {
+        let mut raw = Raw::connect_only(addr).await;
+        let Some(Frame::Challenge { nonce }) = raw.next().await else {
             panic!("no challenge");
         };
+        raw.nonce = nonce;
+        raw
+    }
+
+    /// Connects and reads nothing.
+    pub async fn connect_only(addr: SocketAddr) -> Raw {
         Raw {
-            stream,
-            rbuf,
-            nonce,
+            stream: TcpStream::connect(addr).await.unwrap(),
+            rbuf: BytesMut::new(),
+            nonce: [0; 32],
+            sent: None,
+            sealer: None,
         }
     }
 
-    pub fn hello(&self, node: &str, version: u16, cluster_id: &str, secret: &[u8]) -> Frame {
-        let mut hello = Hello {
+    /// A `Hello` to the challenge, proven with `secret`, and the dialer nonce after it.
+    pub async fn send_hello(&mut self, node: &str, version: u16, cluster_id: &str, secret: &[u8]) {
+        let dialer_nonce: [u8; 32] = rand::random();
+        let hello = signed_hello(
+            node,
             version,
-            cluster_id: cluster_id.into(),
-            node: node.into(),
-            cluster_addr: "127.0.0.1:1".into(),
-            proof: [0; 32],
+            cluster_id,
+            secret,
+            &self.nonce,
+            &dialer_nonce,
+        );
+        self.send(&Frame::Hello(hello.clone())).await;
+        self.send(&Frame::DialerNonce {
+            nonce: dialer_nonce,
+        })
+        .await;
+        self.sent = Some((hello, dialer_nonce, Secret::from(secret)));
+    }
+
+    /// Reads the `Welcome`, checks its proof and sends record 0: the link is open.
+    pub async fn finish(&mut self) -> Welcome {
+        let Some(Frame::Welcome(welcome)) = self.next().await else {
+            panic!("expected Welcome");
         };
-        hello.proof = proof(secret, &self.nonce, &hello)
-            .finalize()
-            .into_bytes()
-            .into();
-        Frame::Hello(hello)
+        let (hello, dialer_nonce, secret) = self.sent.take().expect("a Hello was sent");
+        let t = Transcript {
+            hello: &hello,
+            acceptor_nonce: &self.nonce,
+            dialer_nonce: &dialer_nonce,
+        };
+        acceptor_proof(&secret, &t, &welcome.node)
+            .verify_slice(&welcome.proof)
+            .expect("the acceptor's proof");
+        self.sealer = Some(Sealer::new(link_key(&secret, &t, &welcome.node)));
+        self.send_record(&[]).await;
+        welcome
+    }
+
+    /// The whole handshake as `node`, with the test secret.
+    pub async fn open(addr: SocketAddr, node: &str) -> Raw {
+        let mut raw = Raw::connect(addr).await;
+        raw.send_hello(node, PROTOCOL_VERSION, "test", SECRET).await;
+        raw.finish().await;
+        raw
+    }
+
+    /// One sealed record holding `messages`.
+    pub async fn send_record(&mut self, messages: &[Message]) {
+        let mut buf = Vec::new();
+        Sealer::begin(&mut buf);
+        for m in messages {
+            codec::encode(m, &mut buf).unwrap();
+        }
+        self.sealer
+            .as_mut()
+            .expect("the handshake is done")
+            .seal(&mut buf);
+        self.write(&buf).await;
+    }
+
+    /// One sealed record holding these bytes as they are.
+    pub async fn send_sealed(&mut self, bytes: &[u8]) {
+        let mut buf = Vec::new();
+        Sealer::begin(&mut buf);
+        buf.extend_from_slice(bytes);
+        self.sealer.as_mut().unwrap().seal(&mut buf);
+        self.write(&buf).await;
     }
 
     pub async fn send(&mut self, frame: &Frame) {
@@ -191,6 +254,103 @@ impl Raw {
             }
         }
     }
+}
+
+/// A `Hello` from `node` proven with `secret` over both nonces.
+pub fn signed_hello(
+    node: &str,
+    version: u16,
+    cluster_id: &str,
+    secret: &[u8],
+    acceptor_nonce: &[u8; 32],
+    dialer_nonce: &[u8; 32],
+) -> Hello {
+    let mut hello = Hello {
+        version,
+        cluster_id: cluster_id.into(),
+        node: node.into(),
+        cluster_addr: "127.0.0.1:1".into(),
+        proof: [0; 32],
+    };
+    let t = Transcript {
+        hello: &hello,
+        acceptor_nonce,
+        dialer_nonce,
+    };
+    let proof = dialer_proof(&Secret::from(secret), &t)
+        .finalize()
+        .into_bytes()
+        .into();
+    hello.proof = proof;
+    hello
+}
+
+/// What a [`Proxy`] does to the dialer's side of the first connection it forwards.
+/// Units are the length-prefixed pieces the dialer sends: 0 `Hello`, 1 `DialerNonce`,
+/// 2 record 0, then one per record.
+#[derive(Clone, Copy, Debug)]
+pub enum Tamper {
+    /// Flips the last byte of unit `n` (inside its tag, or its frames if it has none).
+    Flip(usize),
+    /// Sends unit `n` twice.
+    Replay(usize),
+}
+
+/// Forwards connections to `target` both ways, tampering with the first one.
+pub struct Proxy {
+    pub addr: SocketAddr,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr, tamper: Option<Tamper>) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut tamper = tamper;
+            while let Ok((dialer, _)) = listener.accept().await {
+                let Ok(acceptor) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                tokio::spawn(forward(dialer, acceptor, tamper.take()));
+            }
+        });
+        Proxy { addr }
+    }
+}
+
+async fn forward(dialer: TcpStream, acceptor: TcpStream, tamper: Option<Tamper>) {
+    let (mut dr, mut dw) = dialer.into_split();
+    let (mut ar, mut aw) = acceptor.into_split();
+    let back = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut ar, &mut dw).await;
+    });
+    let mut buf = BytesMut::new();
+    let mut unit = 0;
+    'read: while dr.read_buf(&mut buf).await.is_ok_and(|n| n > 0) {
+        while let Some(prefix) = buf.first_chunk::<LEN_PREFIX>() {
+            let len = LEN_PREFIX + u32::from_le_bytes(*prefix) as usize;
+            if buf.len() < len {
+                break;
+            }
+            let mut piece = buf.split_to(len).to_vec();
+            let copies = match tamper {
+                Some(Tamper::Flip(n)) if n == unit => {
+                    *piece.last_mut().unwrap() ^= 0x01;
+                    1
+                }
+                Some(Tamper::Replay(n)) if n == unit => 2,
+                _ => 1,
+            };
+            for _ in 0..copies {
+                if aw.write_all(&piece).await.is_err() {
+                    break 'read;
+                }
+            }
+            unit += 1;
+        }
+    }
+    drop(aw);
+    let _ = back.await;
 }
 
 /// `good` still links to `to` and delivers.

@@ -2,12 +2,13 @@
 //! peer is removed or the transport stops.
 //!
 //! [`Transport::send`](super::Transport::send) only queues; this task takes the whole
-//! queue at once, encodes it into one reused buffer and writes it with one `write_all`
-//! (at `flush_bytes`, or when the queue is empty), so one system call carries many frames
-//! under load. A lost connection discards what waited (counted as dropped) and redials
-//! with exponential backoff and jitter (the engine's [`Backoff`], jittered in the upper
-//! half); a new address for the peer redials
-//! at once.
+//! queue at once, encodes it into one reused buffer as one [`record`](super::record),
+//! seals it and writes it with one `write_all` (at `flush_bytes`, or when the queue is
+//! empty), so one system call and one MAC carry many frames under load. A lost
+//! connection discards what waited (counted as dropped) and redials with exponential
+//! backoff and jitter (the engine's [`Backoff`], jittered in the upper half); a new
+//! address for the peer redials at once. Each dial checks that the node answering is
+//! the peer (see [`handshake`](super::handshake)).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use tracing::{debug, info, warn};
 
 use opmesh_actors::{Backoff, Jitter};
 
-use super::handshake::dial;
+use super::handshake::{dial, Dialed};
+use super::record::Sealer;
 use super::{Peer, Shared};
 use crate::codec::{self, Message};
 
@@ -47,21 +49,34 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
         let addr = peer.addr.lock().clone();
         let attempt = tokio::select! {
             _ = peer.stop.cancelled() => break,
-            r = tokio::time::timeout(config.handshake_timeout, dial(&shared, &addr)) => r,
+            r = dial(&shared, &addr, peer.expect.as_deref()) => r,
         };
         let error = match attempt {
-            Ok(Ok(mut stream)) => {
+            Ok(Dialed {
+                mut stream,
+                mut sealer,
+                acceptor,
+            }) => {
                 if ever_up {
                     peer.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 ever_up = true;
                 warned = None;
                 backoff.reset();
+                *peer.identity.lock() = Some(acceptor);
                 peer.outbox.lock().connected = true;
                 shared.link_up.notify_waiters();
                 info!(addr = %addr, "link up");
                 shared.inbound.on_link(&peer.name, true);
-                let end = pump(&shared, &peer, &mut stream, &mut buf, &mut batch).await;
+                let end = pump(
+                    &shared,
+                    &peer,
+                    &mut stream,
+                    &mut sealer,
+                    &mut buf,
+                    &mut batch,
+                )
+                .await;
                 peer.count_dropped(peer.disconnect());
                 shared.inbound.on_link(&peer.name, false);
                 match end {
@@ -74,11 +89,7 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
                     }
                 }
             }
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!(
-                "connecting and the handshake took over {:?}",
-                config.handshake_timeout
-            )),
+            Err(e) => Some(e.to_string()),
         };
         if let Some(error) = error {
             peer.record_error(&error);
@@ -100,15 +111,19 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
     debug!("link writer stopped");
 }
 
-/// Writes what the outbox holds, coalesced, until the link fails or the writer is stopped.
+/// Writes what the outbox holds, coalesced into sealed records, until the link fails or
+/// the writer is stopped.
 async fn pump(
     shared: &Shared,
     peer: &Peer,
     stream: &mut TcpStream,
+    sealer: &mut Sealer,
     buf: &mut Vec<u8>,
     batch: &mut Vec<Message>,
 ) -> LinkEnd {
     let config = &shared.config;
+    buf.clear();
+    Sealer::begin(buf);
     let (mut rd, mut wr) = stream.split();
     // The acceptor never writes after Welcome: a read that returns is the connection
     // closing, noticed even while nothing is sent.
@@ -158,6 +173,11 @@ async fn pump(
                     }
                 }
                 if buf.len() >= config.flush_bytes || messages.as_slice().is_empty() {
+                    if Sealer::is_empty(buf) {
+                        // Everything in it was dropped.
+                        continue;
+                    }
+                    sealer.seal(buf);
                     let written = tokio::select! {
                         _ = peer.stop.cancelled() => None,
                         r = wr.write_all(buf) => Some(r),
@@ -177,6 +197,7 @@ async fn pump(
                         .fetch_add(buf.len() as u64, Ordering::Relaxed);
                     pending = 0;
                     buf.clear();
+                    Sealer::begin(buf);
                 }
             }
         }

@@ -39,6 +39,8 @@ fn cluster_flags_set_a_cluster_with_the_documented_defaults() {
     assert_eq!(c.flush_bytes, 64 * 1024);
     assert_eq!(c.linger, Duration::ZERO);
     assert_eq!(c.max_frame, 16 * 1024 * 1024);
+    assert!(c.previous_secret.is_none());
+    assert_eq!(c.max_pending_handshakes, 64);
 
     let c = cluster_of(&LoadOptions {
         join: vec!["10.0.0.5:7071".into(), "opmesh-0.opmesh.svc:7071".into()],
@@ -70,6 +72,8 @@ fn cluster_keys_load_from_a_file() {
         flush_bytes = 1024
         linger_us = 250
         max_frame_bytes = 65536
+        max_pending_handshakes = 8
+        previous_secret = "the-secret-before-this-one"
         "#
     ));
     let c = cluster_of(&with_file(&file));
@@ -90,6 +94,11 @@ fn cluster_keys_load_from_a_file() {
     assert_eq!(c.flush_bytes, 1024);
     assert_eq!(c.linger, Duration::from_micros(250));
     assert_eq!(c.max_frame, 65536);
+    assert_eq!(c.max_pending_handshakes, 8);
+    assert_eq!(
+        c.previous_secret.as_ref().map(Secret::expose),
+        Some(&b"the-secret-before-this-one"[..])
+    );
 }
 
 #[test]
@@ -113,6 +122,14 @@ fn cluster_short_env_forms_are_read_as_written() {
     assert_eq!(c.secret.expose(), b"1234567890123456789");
     assert_eq!(c.data_dir, Some(PathBuf::from("/data/007")));
     assert_eq!(c.join, ["10.0.0.5:7071", "opmesh-0.opmesh:7071"]);
+
+    // The previous secret, digits too.
+    env.set("OPMESH_CLUSTER__PREVIOUS_SECRET", "9876543210987654321");
+    let c = cluster_of(&LoadOptions::default());
+    assert_eq!(
+        c.previous_secret.as_ref().map(Secret::expose),
+        Some(&b"9876543210987654321"[..])
+    );
 
     // The two-underscore forms win; lists are comma separated there too.
     env.set("OPMESH_CLUSTER__JOIN", "10.0.0.6:7071");
@@ -175,6 +192,31 @@ fn short_secret_is_rejected() {
         "invalid value for `cluster.secret`: \"<redacted>\" (allowed: at least 16 bytes; \
          this one has 15) in environment variable `OPMESH_CLUSTER_SECRET`"
     );
+}
+
+#[test]
+fn a_short_or_mistyped_previous_secret_is_rejected_redacted() {
+    let mut env = EnvGuard::new();
+    env.set("OPMESH_CLUSTER__PREVIOUS_SECRET", "fifteen-bytes!!");
+    let msg = load_err(&cluster_flags()).to_string();
+    assert_eq!(
+        msg,
+        "invalid value for `cluster.previous_secret`: \"<redacted>\" (allowed: at least 16 \
+         bytes; this one has 15) in environment variable `OPMESH_CLUSTER__PREVIOUS_SECRET`"
+    );
+    drop(env);
+    let _env = EnvGuard::new();
+    let file = user_file("[cluster]\nprevious_secret = 1234567890123456789\n");
+    let msg = load_err(&LoadOptions {
+        config_file: Some(file.path().to_owned()),
+        ..cluster_flags()
+    })
+    .to_string();
+    assert!(
+        msg.starts_with("invalid value for `cluster.previous_secret`: \"<redacted>\""),
+        "{msg}"
+    );
+    assert!(!msg.contains("1234567890123456789"), "{msg}");
 }
 
 #[test]
@@ -293,6 +335,14 @@ fn bad_cluster_values_are_rejected_naming_the_key() {
             "max_frame_bytes = 65535",
             "`cluster.max_frame_bytes`: 65535 (allowed: 65536..=1073741824)",
         ),
+        (
+            "max_pending_handshakes = 0",
+            "`cluster.max_pending_handshakes`: 0 (allowed: 1..=4096)",
+        ),
+        (
+            "max_pending_handshakes = 4097",
+            "`cluster.max_pending_handshakes`: 4097 (allowed: 1..=4096)",
+        ),
     ];
     for (line, expected) in cases {
         // A valid cluster, the case's line replacing the key it names.
@@ -311,7 +361,9 @@ fn bad_cluster_values_are_rejected_naming_the_key() {
 
 #[test]
 fn secret_never_shows_in_debug_output_or_error_messages() {
-    let _env = EnvGuard::new();
+    let mut env = EnvGuard::new();
+    let previous = "the-previous-cluster-secret";
+    env.set("OPMESH_CLUSTER__PREVIOUS_SECRET", previous);
     let opts = LoadOptions {
         join: vec!["10.0.0.5:7071".into()],
         ..cluster_flags()
@@ -319,8 +371,22 @@ fn secret_never_shows_in_debug_output_or_error_messages() {
     assert!(!format!("{opts:?}").contains(SECRET), "{opts:?}");
     let c = load_ok(&opts);
     let shown = format!("{c:?}");
-    assert!(!shown.contains(SECRET), "{shown}");
+    assert!(
+        !shown.contains(SECRET) && !shown.contains(previous),
+        "{shown}"
+    );
     assert!(shown.contains("secret: \"<redacted>\""), "{shown}");
+    assert!(
+        shown.contains("previous_secret: Some(\"<redacted>\")"),
+        "{shown}"
+    );
+    // `serve --check-config` says a previous secret is set, never what it is.
+    let summary = c.summary();
+    assert!(summary.contains("previous_secret: set"), "{summary}");
+    assert!(
+        !summary.contains(SECRET) && !summary.contains(previous),
+        "{summary}"
+    );
 
     // Errors while a secret is set, or about the secret itself.
     let mut errors = vec![
@@ -357,7 +423,8 @@ fn secret_never_shows_in_debug_output_or_error_messages() {
             assert!(
                 !shown.contains(SECRET)
                     && !shown.contains(digits)
-                    && !shown.contains("correct-horse"),
+                    && !shown.contains("correct-horse")
+                    && !shown.contains(previous),
                 "{shown}"
             );
         }
