@@ -292,8 +292,8 @@ async fn idempotency_key_answers_from_cache_and_joins_in_flight() {
         .unwrap();
     // Ten at once with one key: one run, everyone gets its result.
     let tickets: Vec<_> = (0..10)
-        .map(|i| {
-            node.enqueue(Operation::new("work", json(i.into())).with_idempotency_key("k"))
+        .map(|_| {
+            node.enqueue(Operation::new("work", json(7.into())).with_idempotency_key("k"))
                 .unwrap()
         })
         .collect();
@@ -312,24 +312,43 @@ async fn idempotency_key_answers_from_cache_and_joins_in_flight() {
     assert!(results.iter().all(|r| *r == results[0]));
     // Later: answered from the stored result.
     let o = node
-        .submit(Operation::new("work", json(99.into())).with_idempotency_key("k"))
+        .submit(Operation::new("work", json(7.into())).with_idempotency_key("k"))
         .await
         .unwrap();
     assert!(o.cached);
     assert_eq!(o.attempts, 0);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // The key with another payload is refused, not answered with the stored result.
+    let o = node
+        .submit(Operation::new("work", json(99.into())).with_idempotency_key("k"))
+        .await
+        .unwrap();
+    assert_eq!(o.status, OpStatus::Failed);
+    assert_eq!(o.error.as_deref(), Some(opmesh_actors::cache::KEY_REUSED));
+    assert!(!o.cached);
+    // Another owner's equal key is a key of its own: it runs.
+    let o = node
+        .submit(
+            Operation::new("work", json(99.into()))
+                .with_idempotency_key("k")
+                .with_owner("other-app"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((o.status, o.cached), (OpStatus::Succeeded, false));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
     // Another key runs.
     node.submit(Operation::new("work", json(1.into())).with_idempotency_key("other"))
         .await
         .unwrap();
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
     // The cache stores a result when its completion message arrives, just after the answer.
-    wait_for("the second result stored", Duration::from_secs(5), || {
-        node.cache_stats().size == 2
+    wait_for("the three results stored", Duration::from_secs(5), || {
+        node.cache_stats().size == 3
     })
     .await;
     let c = node.cache_stats();
-    assert_eq!((c.hits, c.misses, c.joined, c.size), (10, 2, 9, 2));
+    assert_eq!((c.hits, c.misses, c.joined, c.size), (10, 3, 9, 3));
     node.shutdown(Duration::from_secs(1)).await;
 }
 
