@@ -76,7 +76,9 @@ fn main() {
                 &format!("routing pick {label}, {nodes} node(s)"),
                 2_000_000,
                 |i| {
-                    black_box(pick(&t, "echo", Some(&keys[(i & 1023) as usize]), &mut rr).ok());
+                    black_box(
+                        pick(&t, "echo", Some(&keys[(i & 1023) as usize]), None, &mut rr).ok(),
+                    );
                 },
             );
         }

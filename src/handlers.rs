@@ -260,8 +260,11 @@ fn causes(e: reqwest::Error) -> String {
 /// POSTs the payload as JSON; a 2xx answer's body (JSON, or text wrapped as a JSON
 /// string) is the result. Timeouts, connection errors and 5xx are retryable; 4xx, a 3xx
 /// that is not followed and an answer over `max_response_bytes` are not. The request
-/// carries the operation's `traceparent` (its `op.execute` span), so the target's own
-/// spans join the operation's trace. Errors show the URL through [`redact_url`].
+/// carries `Idempotency-Key` (the operation's [`effect_key`](Operation::effect_key):
+/// the same on every attempt and re-run, so the target can apply the effect once; bytes
+/// a header cannot hold are percent-encoded) and the operation's `traceparent` (its
+/// `op.execute` span), so the target's own spans join the operation's trace. Errors show
+/// the URL through [`redact_url`].
 async fn post(hook: Arc<Webhook>, op: Operation) -> Result<Json, HandlerError> {
     let (url, timeout) = (&hook.shown, hook.timeout);
     let failed = |e: reqwest::Error| {
@@ -276,6 +279,7 @@ async fn post(hook: Arc<Webhook>, op: Operation) -> Result<Json, HandlerError> {
         .post(&hook.url)
         .timeout(timeout)
         .header("content-type", "application/json")
+        .header("idempotency-key", header_safe(&op.effect_key()))
         .header("x-opmesh-op-id", op.id.to_string())
         .header("x-opmesh-op-type", &*op.op_type);
     if let Some(t) = opmesh_actors::trace::current() {
@@ -311,6 +315,13 @@ async fn post(hook: Arc<Webhook>, op: Operation) -> Result<Json, HandlerError> {
     })
 }
 
+/// `s` as a header value: visible ASCII and spaces kept, every other byte (controls,
+/// UTF-8 beyond ASCII, `%` itself) percent-encoded.
+fn header_safe(s: &str) -> String {
+    const UNSAFE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    percent_encoding::utf8_percent_encode(s, UNSAFE).to_string()
+}
+
 /// Reads an answer's body as it arrives, up to `cap` bytes: a longer one (by its
 /// `Content-Length`, or once more than `cap` bytes have come) fails without reading the
 /// rest.
@@ -340,7 +351,16 @@ async fn read_capped(
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{header_safe, redact_url};
+
+    #[test]
+    fn header_safe_keeps_visible_ascii_and_encodes_the_rest() {
+        assert_eq!(header_safe("order-7 a/b:c"), "order-7 a/b:c");
+        assert_eq!(header_safe("ä\n%"), "%C3%A4%0A%25");
+        for s in ["ä\n%", "\u{7f}x", "日本"] {
+            assert!(actix_web::http::header::HeaderValue::from_str(&header_safe(s)).is_ok());
+        }
+    }
 
     #[test]
     fn redact_url_drops_userinfo_query_and_fragment() {

@@ -225,6 +225,43 @@ async fn a_route_set_on_one_node_is_seen_by_all_and_operations_run_on_the_owner(
     let r = set_route(&s[0], "echo", "pinned", &["node-9"]).await;
     assert_eq!(r.status(), 409);
     assert!(r.text().await.unwrap().contains("node-9"));
+    // An idempotency key has one owner in the cluster whatever the strategy: repeats sent
+    // to any node, round robin over two owners, are answered by the first run.
+    let r = set_route(&s[0], "echo", "round_robin", &["node-2", "node-3"]).await;
+    assert_eq!(r.status(), 200);
+    for n in &s {
+        wait_until(
+            "the round robin route everywhere",
+            Duration::from_secs(5),
+            || async {
+                route_on(n, "echo")
+                    .await
+                    .is_some_and(|(strategy, _)| strategy == "round_robin")
+            },
+        )
+        .await;
+    }
+    let mut ran_on = std::collections::BTreeSet::new();
+    let mut first_id = None;
+    for i in 0..12 {
+        let body = json!({"type": "echo", "payload": {"order": 7}, "idempotency_key": "order-7"});
+        let (code, v) = submit_wait(&s[i % 3], body).await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["status"], "succeeded", "{v}");
+        ran_on.insert(v["executed_by"].as_str().unwrap().to_owned());
+        match &first_id {
+            None => {
+                assert_eq!(v["cached"], false, "{v}");
+                first_id = Some(v["id"].clone());
+            }
+            Some(_) => {
+                // The first run's result is stored when its completion reaches the cache,
+                // just after its answer: a repeat joins or reads it, never runs again.
+                assert_eq!(v["cached"], true, "run again: {v}");
+            }
+        }
+    }
+    assert_eq!(ran_on.len(), 1, "one owner for the key: {ran_on:?}");
 }
 
 /// Every node answers the same audit trail: who changed which route (the token's name)

@@ -19,13 +19,22 @@ struct Hits {
     flaky: AtomicUsize,
     bad: AtomicUsize,
     slow: AtomicUsize,
+    /// The `Idempotency-Key` of every call to `/flaky`, in order.
+    flaky_keys: parking_lot::Mutex<Vec<String>>,
+}
+
+fn idempotency_key(req: &actix_web::HttpRequest) -> String {
+    req.headers()
+        .get("idempotency-key")
+        .map_or(String::new(), |v| v.to_str().unwrap_or("").to_owned())
 }
 
 /// Starts the webhook endpoints on a free loopback port; returns its base URL.
 fn start_endpoint(hits: Arc<Hits>) -> String {
     let data = web::Data::from(hits);
-    let server = HttpServer::new(move || {
-        App::new()
+    let server =
+        HttpServer::new(move || {
+            App::new()
             .app_data(data.clone())
             .route(
                 "/ok",
@@ -37,13 +46,15 @@ fn start_endpoint(hits: Arc<Hits>) -> String {
                             .headers()
                             .get("x-opmesh-op-id")
                             .map(|v| v.to_str().unwrap_or("").to_owned());
-                        HttpResponse::Ok().json(json!({"got": v, "op_id": id}))
+                        let key = idempotency_key(&req);
+                        HttpResponse::Ok().json(json!({"got": v, "op_id": id, "key": key}))
                     },
                 ),
             )
             .route(
                 "/flaky",
-                web::post().to(|h: web::Data<Hits>| async move {
+                web::post().to(|h: web::Data<Hits>, req: actix_web::HttpRequest| async move {
+                    h.flaky_keys.lock().push(idempotency_key(&req));
                     // Fails twice, then works.
                     if h.flaky.fetch_add(1, Ordering::SeqCst) < 2 {
                         HttpResponse::ServiceUnavailable().finish()
@@ -67,11 +78,11 @@ fn start_endpoint(hits: Arc<Hits>) -> String {
                     HttpResponse::Ok().finish()
                 }),
             )
-    })
-    .workers(1)
-    .disable_signals()
-    .bind("127.0.0.1:0")
-    .unwrap();
+        })
+        .workers(1)
+        .disable_signals()
+        .bind("127.0.0.1:0")
+        .unwrap();
     let addr = server.addrs()[0];
     tokio::spawn(server.run());
     format!("http://{addr}")
@@ -118,29 +129,34 @@ max_attempts = 2
     )
     .unwrap();
     let s = Server::start(&["--config", cfg.to_str().unwrap()], &[]);
-    let submit = |ty: &'static str, payload: Value| {
+    let submit_with = |body: Value| {
         let url = s.url("/v1/ops?wait=true");
         async move {
-            let r = client()
-                .post(url)
-                .json(&json!({"type": ty, "payload": payload}))
-                .send()
-                .await
-                .unwrap();
+            let r = client().post(url).json(&body).send().await.unwrap();
             assert_eq!(r.status(), 200);
             r.json::<Value>().await.unwrap()
         }
     };
+    let submit =
+        |ty: &'static str, payload: Value| submit_with(json!({"type": ty, "payload": payload}));
     let v = submit("hook-ok", json!({"order": 7})).await;
     assert_eq!(v["status"], "succeeded", "{v}");
     assert_eq!(v["result"]["got"], json!({"order": 7}));
     assert_eq!(v["result"]["op_id"], v["id"]);
+    // Without an idempotency key, the operation's id is the key of its effect.
+    assert_eq!(v["result"]["key"], v["id"]);
     assert_eq!(hits.ok.load(Ordering::SeqCst), 1);
+    let v =
+        submit_with(json!({"type": "hook-ok", "payload": 1, "idempotency_key": "order-7 ä"})).await;
+    assert_eq!(v["result"]["key"], "order-7 %C3%A4", "{v}");
 
     let v = submit("hook-flaky", json!(1)).await;
     assert_eq!(v["status"], "succeeded", "{v}");
     assert_eq!(v["attempts"], 3);
     assert_eq!(v["result"], "plain text");
+    // Every attempt carries the same key, so the target can apply the effect once.
+    let id = v["id"].as_str().unwrap();
+    assert_eq!(*hits.flaky_keys.lock(), [id, id, id]);
 
     let v = submit("hook-bad", json!(1)).await;
     assert_eq!(v["status"], "failed");

@@ -273,6 +273,19 @@ impl Operation {
         self.owner = Some(owner.into());
         self
     }
+
+    /// The key a handler applies this operation's side effect once by: its idempotency
+    /// key (`<owner>/<key>` when it has an owner, since with API tokens on two tokens'
+    /// equal keys are two keys), else its id. The same on every attempt, re-run and
+    /// retry, and on whichever node runs it: the built-in HTTP handler sends it as
+    /// `Idempotency-Key`, so a receiver can apply each effect once.
+    pub fn effect_key(&self) -> String {
+        match (&self.idempotency_key, &self.owner) {
+            (Some(k), Some(owner)) => format!("{owner}/{k}"),
+            (Some(k), None) => k.clone(),
+            (None, _) => self.id.to_string(),
+        }
+    }
 }
 
 /// Where an operation is in its life.
@@ -511,6 +524,17 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_effect_key_is_the_idempotency_key_scoped_by_owner_else_the_id() {
+        let op = Operation::new("t", Json::null());
+        assert_eq!(op.effect_key(), op.id.to_string());
+        let keyed = op.clone().with_idempotency_key("order-7");
+        assert_eq!(keyed.effect_key(), "order-7");
+        assert_eq!(keyed.with_owner("app").effect_key(), "app/order-7");
+        // An owner alone changes nothing: the id is unique already.
+        assert_eq!(op.clone().with_owner("app").effect_key(), op.id.to_string());
+    }
 
     #[test]
     fn op_ids_are_unique_and_round_trip() {

@@ -19,7 +19,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::cache::CacheMsg;
 use crate::job::Job;
 use crate::op::{NodeId, OpStatus};
-use crate::routing::pick;
+use crate::routing::{affinity, pick};
 use crate::scheduler::SchedulerMsg;
 use crate::shard::split;
 use crate::shared::NodeShared;
@@ -205,10 +205,16 @@ fn route(state: &mut RouterState) {
     let mut remote: Vec<(NodeId, Vec<Box<Job>>)> = Vec::new();
     for mut job in jobs.drain(..) {
         job.reply.stamps.routed = routed;
+        let op = &job.op;
+        let placed = op
+            .idempotency_key
+            .as_deref()
+            .map(|k| affinity(op.owner.as_deref(), k));
         match pick(
             &table,
-            &job.op.op_type,
-            job.op.key.as_deref(),
+            &op.op_type,
+            op.key.as_deref(),
+            placed,
             &mut state.rr,
         ) {
             Ok(node) if node == shared.node_id() => {

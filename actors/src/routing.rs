@@ -139,15 +139,39 @@ impl RoutingTable {
     }
 }
 
+/// The hash an operation with an idempotency key is placed by ([`pick`]'s `affinity`):
+/// of the key, and of its owner when it has one (two owners' equal keys are two keys).
+pub fn affinity(owner: Option<&str>, idempotency_key: &str) -> u64 {
+    let k = stable_hash(idempotency_key.as_bytes());
+    match owner {
+        Some(o) => mix(k ^ stable_hash(o.as_bytes()).rotate_left(29)),
+        None => k,
+    }
+}
+
+/// The healthy node with the highest rendezvous weight for a key hashed to `kh`.
+fn rendezvous<'t>(healthy: impl Iterator<Item = &'t NodeView>, kh: u64) -> Option<&'t NodeView> {
+    healthy
+        .map(|n| (rendezvous_score(kh, &n.id), n))
+        .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| a.id.cmp(&b.id)))
+        .map(|(_, n)| n)
+}
+
 /// Picks the node that runs an operation of `op_type` with routing `key`.
 ///
 /// Only healthy nodes are picked. With no explicit route, operations with a key use
 /// consistent hashing (cache affinity) and the others round robin. `rr` is the caller's
 /// round-robin counter; it is advanced when used.
+///
+/// An operation with an idempotency key (`affinity`, see [`affinity`]) goes to the
+/// healthy node its key hashes to, whatever the strategy (a pinned route stays pinned):
+/// every node sends the same key to the same owner, whose cache runs it once and answers
+/// its repeats; when that owner is down the key moves to the next node of its ranking.
 pub fn pick<'t>(
     table: &'t RoutingTable,
     op_type: &str,
     key: Option<&str>,
+    affinity: Option<u64>,
     rr: &mut u64,
 ) -> Result<&'t NodeId, PickError> {
     let route = table.routes.get(op_type);
@@ -166,16 +190,14 @@ pub fn pick<'t>(
     };
     let chosen = match (strategy, key) {
         (Strategy::Pinned, _) => first,
+        (_, _) if affinity.is_some() => {
+            rendezvous(healthy(), affinity.unwrap_or_default()).unwrap_or(first)
+        }
         (Strategy::LeastLoaded, _) => healthy()
             .min_by(|a, b| a.load.cmp(&b.load).then_with(|| a.id.cmp(&b.id)))
             .unwrap_or(first),
         (Strategy::ConsistentHash, Some(k)) => {
-            let kh = stable_hash(k.as_bytes());
-            healthy()
-                .map(|n| (rendezvous_score(kh, &n.id), n))
-                .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| a.id.cmp(&b.id)))
-                .map(|(_, n)| n)
-                .unwrap_or(first)
+            rendezvous(healthy(), stable_hash(k.as_bytes())).unwrap_or(first)
         }
         (Strategy::RoundRobin, _) | (Strategy::ConsistentHash, None) => {
             let count = healthy().count() as u64;
@@ -408,12 +430,78 @@ mod tests {
     fn single_node_picks_itself() {
         let t = table(vec![node("a", true, 0)]);
         let mut rr = 0;
-        assert_eq!(&**pick(&t, "echo", None, &mut rr).unwrap(), "a");
-        assert_eq!(&**pick(&t, "echo", Some("k"), &mut rr).unwrap(), "a");
+        assert_eq!(&**pick(&t, "echo", None, None, &mut rr).unwrap(), "a");
+        assert_eq!(&**pick(&t, "echo", Some("k"), None, &mut rr).unwrap(), "a");
         assert_eq!(
-            pick(&t, "nope", None, &mut rr),
+            pick(&t, "nope", None, None, &mut rr),
             Err(PickError::NoNodeServes("nope".into()))
         );
+    }
+
+    #[test]
+    fn an_idempotency_key_goes_to_one_node_whatever_the_strategy_and_pinned_stays_pinned() {
+        let mut t = table(vec![
+            node("a", true, 5),
+            node("b", true, 0),
+            node("c", true, 9),
+        ]);
+        let keys: Vec<u64> = (0..64)
+            .map(|i| affinity(None, &format!("order-{i}")))
+            .collect();
+        let mut owners = std::collections::HashSet::new();
+        for s in [
+            Strategy::RoundRobin,
+            Strategy::LeastLoaded,
+            Strategy::ConsistentHash,
+        ] {
+            t.routes.insert(
+                "echo".into(),
+                Route {
+                    strategy: s,
+                    nodes: vec![],
+                },
+            );
+            for (i, &k) in keys.iter().enumerate() {
+                let mut rr = i as u64;
+                let first = pick(&t, "echo", None, Some(k), &mut rr).unwrap().clone();
+                // Any round-robin position, any routing key, any load: the same node.
+                for other in 0..5u64 {
+                    let mut rr = other * 7;
+                    t.nodes[0].load = other;
+                    let again = pick(&t, "echo", Some("rk"), Some(k), &mut rr).unwrap();
+                    assert_eq!(*again, first, "{s:?}");
+                }
+                owners.insert(first);
+            }
+        }
+        assert_eq!(owners.len(), 3, "keys spread over the nodes");
+        // Its owner down: the key moves, and every key of the others stays.
+        let before: Vec<NodeId> = keys
+            .iter()
+            .map(|&k| pick(&t, "echo", None, Some(k), &mut 0).unwrap().clone())
+            .collect();
+        t.nodes[1].healthy = false;
+        for (&k, was) in keys.iter().zip(&before) {
+            let now = pick(&t, "echo", None, Some(k), &mut 0).unwrap();
+            assert_ne!(&**now, "b");
+            if &**was != "b" {
+                assert_eq!(now, was, "only the down node's keys move");
+            }
+        }
+        // Pinned stays pinned.
+        t.routes.insert(
+            "echo".into(),
+            Route {
+                strategy: Strategy::Pinned,
+                nodes: vec!["c".into()],
+            },
+        );
+        for &k in &keys {
+            assert_eq!(&**pick(&t, "echo", None, Some(k), &mut 0).unwrap(), "c");
+        }
+        // An owner's key is its own.
+        assert_ne!(affinity(Some("app"), "k"), affinity(None, "k"));
+        assert_ne!(affinity(Some("app"), "k"), affinity(Some("other"), "k"));
     }
 
     #[test]
@@ -425,7 +513,7 @@ mod tests {
         ]);
         let mut rr = 0;
         let picks: Vec<String> = (0..4)
-            .map(|_| pick(&t, "echo", None, &mut rr).unwrap().to_string())
+            .map(|_| pick(&t, "echo", None, None, &mut rr).unwrap().to_string())
             .collect();
         assert_eq!(picks, ["a", "c", "a", "c"]);
     }
@@ -445,7 +533,7 @@ mod tests {
             },
         );
         let mut rr = 0;
-        assert_eq!(&**pick(&t, "echo", None, &mut rr).unwrap(), "b");
+        assert_eq!(&**pick(&t, "echo", None, None, &mut rr).unwrap(), "b");
         t.routes.insert(
             "echo".into(),
             Route {
@@ -453,12 +541,12 @@ mod tests {
                 nodes: vec!["c".into(), "a".into()],
             },
         );
-        assert_eq!(&**pick(&t, "echo", None, &mut rr).unwrap(), "c");
+        assert_eq!(&**pick(&t, "echo", None, None, &mut rr).unwrap(), "c");
         t.nodes[2].healthy = false;
-        assert_eq!(&**pick(&t, "echo", None, &mut rr).unwrap(), "a");
+        assert_eq!(&**pick(&t, "echo", None, None, &mut rr).unwrap(), "a");
         t.nodes[0].healthy = false;
         assert_eq!(
-            pick(&t, "echo", None, &mut rr),
+            pick(&t, "echo", None, None, &mut rr),
             Err(PickError::NoHealthyNode("echo".into()))
         );
     }
@@ -521,7 +609,7 @@ mod tests {
             let s = [Strategy::RoundRobin, Strategy::LeastLoaded, Strategy::ConsistentHash, Strategy::Pinned][strategy];
             t.routes.insert("echo".into(), Route { strategy: s, nodes: vec![] });
             let mut rr = rr0;
-            match pick(&t, "echo", key.as_deref(), &mut rr) {
+            match pick(&t, "echo", key.as_deref(), None, &mut rr) {
                 Ok(id) => prop_assert!(t.nodes.iter().any(|n| n.id == *id && n.healthy)),
                 Err(e) => {
                     prop_assert!(health.iter().all(|h| !h));
@@ -543,10 +631,10 @@ mod tests {
             after.nodes[down].healthy = false;
             let mut rr = 0;
             for k in &keys {
-                let a = pick(&before, "echo", Some(k), &mut rr).unwrap();
-                let b = pick(&after, "echo", Some(k), &mut rr).unwrap();
+                let a = pick(&before, "echo", Some(k), None, &mut rr).unwrap();
+                let b = pick(&after, "echo", Some(k), None, &mut rr).unwrap();
                 // Stable for the same table.
-                prop_assert_eq!(&a, &pick(&before, "echo", Some(k), &mut rr).unwrap());
+                prop_assert_eq!(&a, &pick(&before, "echo", Some(k), None, &mut rr).unwrap());
                 if **a != *format!("n{down}") {
                     prop_assert_eq!(a, b);
                 } else {
@@ -561,7 +649,7 @@ mod tests {
             let mut rr = 0;
             let mut counts = std::collections::HashMap::new();
             for _ in 0..n * rounds {
-                *counts.entry(pick(&t, "echo", None, &mut rr).unwrap()).or_insert(0usize) += 1;
+                *counts.entry(pick(&t, "echo", None, None, &mut rr).unwrap()).or_insert(0usize) += 1;
             }
             prop_assert_eq!(counts.len(), n);
             prop_assert!(counts.values().all(|&c| c == rounds));
