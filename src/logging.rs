@@ -40,14 +40,19 @@ impl LogFormat {
 /// builds it.
 pub type OtelLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
 
-/// The level filter: `RUST_LOG`, else `LOG_LEVEL`, else info (openraft at error: its
-/// routine warnings are not the operator's concern unless asked for).
+/// The level filter: `RUST_LOG`, else `LOG_LEVEL`, else [`DEFAULT_FILTER`].
 fn filter() -> EnvFilter {
     let spec = std::env::var("RUST_LOG")
         .or_else(|_| std::env::var("LOG_LEVEL"))
-        .unwrap_or_else(|_| "info,openraft=error".into());
+        .unwrap_or_else(|_| DEFAULT_FILTER.into());
     EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"))
 }
+
+/// Info, openraft at error (its routine warnings are not the operator's concern unless
+/// asked for), and nothing of openraft's replication: it logs an ERROR twice a second
+/// for each peer it cannot reach, which the links already say once when the peer goes,
+/// every 30 s while it stays away and once when it comes back.
+pub const DEFAULT_FILTER: &str = "info,openraft=error,openraft::replication=off";
 
 /// Installs the global subscriber: the log layer, and `otel` (the trace export of
 /// `tracing` spans) when given. Call once.

@@ -28,8 +28,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     match server::serve(&cfg).await {
-        Ok(0) => ExitCode::SUCCESS,
-        // Operations left unfinished when the grace period ended.
+        Ok(stopped) if stopped.is_clean() => ExitCode::SUCCESS,
+        // Operations left unfinished when the grace period ended, or a hand-off cut
+        // short (both logged).
         Ok(_) => ExitCode::from(1),
         Err(e) => {
             eprintln!("opmesh: {e}");

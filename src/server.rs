@@ -77,10 +77,27 @@ impl ServeError {
     }
 }
 
+/// How a node stopped: what was cut short. A clean stop has neither.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    /// Operations still unfinished when the grace period ended (they failed with a
+    /// reason).
+    pub unfinished: usize,
+    /// Why the hand-off to the cluster did not complete, when it did not.
+    pub handoff: Option<String>,
+}
+
+impl Stopped {
+    /// Whether everything finished: the process then exits 0, else 1.
+    pub fn is_clean(&self) -> bool {
+        self.unfinished == 0 && self.handoff.is_none()
+    }
+}
+
 /// Starts the node `cfg` describes, says where it listens on stdout (tests and scripts
-/// read these lines), serves until SIGINT or SIGTERM and stops. Returns how many
-/// operations were left unfinished when the grace period ended.
-pub async fn serve(cfg: &Config) -> Result<usize, ServeError> {
+/// read these lines), serves until SIGINT or SIGTERM and stops: the hand-off, the drain
+/// and the exit are each bounded, so a node always exits. Returns what was cut short.
+pub async fn serve(cfg: &Config) -> Result<Stopped, ServeError> {
     // Before anything says the node is up: a signal from then on starts a drain.
     let signal = shutdown_signal();
     let running = start(cfg).await?;
@@ -226,8 +243,8 @@ impl Running {
 
     /// Serves until `signal` completes (or a client makes the node leave its cluster),
     /// stops the node (see [`run_until`]) and flushes the last spans, the drain's
-    /// failures among them. Returns how many operations were left unfinished.
-    pub async fn run_until(self, signal: impl Future<Output = ()>) -> std::io::Result<usize> {
+    /// failures among them. Returns what was cut short.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> std::io::Result<Stopped> {
         let left = run_until(self.node, self.http, self.grace, signal).await;
         let t = self.telemetry;
         let _ = tokio::task::spawn_blocking(move || t.shutdown(TRACE_FLUSH)).await;
@@ -236,25 +253,29 @@ impl Running {
 }
 
 /// Serves until `signal` completes, then shuts down gracefully: a node still in a
-/// cluster hands its work off and leaves it, readiness turns false and new submissions
-/// are refused (503), accepted operations get `grace` to finish, the HTTP server finishes
-/// its open requests, then the engine and the cluster layer stop. Returns how many
-/// operations were still unfinished when the grace period ended (they fail with a reason).
+/// cluster hands its work off and leaves it (each cluster step within
+/// `cluster.leave_timeout_ms`, whatever the cluster's state), readiness turns false and
+/// new submissions are refused (503), accepted operations get `grace` to finish, the
+/// HTTP server finishes its open requests, then the engine and the cluster layer stop.
+/// Returns what was cut short: operations still unfinished when the grace period ended
+/// (they fail with a reason), and a hand-off that did not complete.
 pub async fn run_until(
     node: Node,
     server: api::Server,
     grace: Duration,
     signal: impl Future<Output = ()>,
-) -> std::io::Result<usize> {
+) -> std::io::Result<Stopped> {
     let left_cluster = tokio::select! {
         _ = signal => false,
         _ = server.left_cluster() => true,
     };
     let cluster = server.cluster().cloned();
+    let mut handoff = None;
     if let (Some(c), false) = (&cluster, left_cluster) {
         // A clean exit hands this node's work off first.
         if let Err(e) = c.leave(grace).await {
-            tracing::warn!("could not leave the cluster cleanly: {e}");
+            tracing::warn!("could not leave the cluster cleanly, stopping anyway: {e}");
+            handoff = Some(e.to_string());
         }
     }
     tracing::info!(?grace, "shutting down: draining accepted operations");
@@ -273,7 +294,10 @@ pub async fn run_until(
     }
     served?;
     tracing::info!(left, "stopped");
-    Ok(left)
+    Ok(Stopped {
+        unfinished: left,
+        handoff,
+    })
 }
 
 /// A future that completes on SIGINT or SIGTERM (what Kubernetes sends a pod it stops).

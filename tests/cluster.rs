@@ -28,6 +28,8 @@ struct NodeSpec<'a> {
     advertise: Option<String>,
     /// An API tokens file (`auth.tokens_file`).
     tokens: Option<&'a std::path::Path>,
+    /// More environment (settings of the test).
+    env: &'a [(&'a str, &'a str)],
 }
 
 fn start(spec: &NodeSpec) -> Server {
@@ -52,6 +54,9 @@ fn start(spec: &NodeSpec) -> Server {
     }
     if let Some(t) = spec.tokens {
         env.push(("OPMESH_AUTH__TOKENS_FILE", t.display().to_string()));
+    }
+    for (k, v) in spec.env {
+        env.push((k, v.to_string()));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -94,13 +99,14 @@ async fn leader_of(s: &Server) -> Option<String> {
 
 /// Starts node-1 (bootstraps) and node-2, node-3 (join it); waits until all see three up.
 async fn three_nodes(dirs: Option<&[std::path::PathBuf; 3]>) -> (Vec<Server>, Vec<u16>) {
-    three_nodes_with(dirs, None).await
+    three_nodes_with(dirs, None, &[]).await
 }
 
-/// [`three_nodes`], checking the API tokens of `tokens` when given.
+/// [`three_nodes`], checking the API tokens of `tokens` when given, with more `env`.
 async fn three_nodes_with(
     dirs: Option<&[std::path::PathBuf; 3]>,
     tokens: Option<&std::path::Path>,
+    env: &[(&str, &str)],
 ) -> (Vec<Server>, Vec<u16>) {
     let ports = [free_port(), free_port(), free_port()];
     let seed = format!("127.0.0.1:{}", ports[0]);
@@ -113,6 +119,7 @@ async fn three_nodes_with(
             data_dir: dirs.map(|d| d[i].as_path()),
             advertise: None,
             tokens,
+            env,
         }));
     }
     for s in &servers {
@@ -278,7 +285,7 @@ async fn a_route_set_with_a_token_shows_its_name_in_every_nodes_audit_trail() {
         ),
     )
     .unwrap();
-    let (s, _) = three_nodes_with(None, Some(&tokens)).await;
+    let (s, _) = three_nodes_with(None, Some(&tokens), &[]).await;
     let r = client()
         .put(s[2].url("/v1/routes/echo"))
         .bearer_auth(ADMIN_TOKEN)
@@ -460,6 +467,58 @@ async fn killing_the_leader_elects_another_and_route_writes_work_again() {
     eprintln!("leader killed: route writes work again after {took:?}");
 }
 
+/// SIGTERM always ends a node, in bounded time, whatever is left of its cluster: each
+/// cluster step of the hand-off gives up after `cluster.leave_timeout_ms`, the drain
+/// after the grace period (what a StatefulSet's deletion and a lost quorum do together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_every_node_in_bounded_time_even_without_a_quorum() {
+    const LEAVE_MS: u64 = 1000;
+    const GRACE_S: u64 = 2;
+    let env = [
+        ("OPMESH_CLUSTER__LEAVE_TIMEOUT_MS", "1000"),
+        ("OPMESH_SHUTDOWN__GRACE_SECS", "2"),
+    ];
+    // Two cluster steps, the drain, and 5 s for the process to start and stop.
+    let bound = Duration::from_millis(2 * LEAVE_MS) + Duration::from_secs(GRACE_S + 5);
+    let exit_code = |code: Option<i32>| code.expect("exited, not killed by a signal");
+
+    // One of three killed, SIGTERM to the other two together.
+    let (mut s, _) = three_nodes_with(None, None, &env).await;
+    s[2].signal("KILL");
+    s[2].wait_exit(Duration::from_secs(5));
+    let t = Instant::now();
+    s[0].signal("TERM");
+    s[1].signal("TERM");
+    for n in &mut s[..2] {
+        let code = exit_code(n.wait_exit(bound));
+        assert!(code == 0 || code == 1, "exit code {code}");
+    }
+    eprintln!("two of three stopped together in {:?}", t.elapsed());
+
+    // A leader whose followers are both gone: it cannot mark itself leaving nor be
+    // removed, says so and exits 1, within the bound.
+    let (mut s, _) = three_nodes_with(None, None, &env).await;
+    let leader = leader_of(&s[0]).await.unwrap();
+    let idx = ["node-1", "node-2", "node-3"]
+        .iter()
+        .position(|n| *n == leader)
+        .unwrap();
+    for (i, n) in s.iter_mut().enumerate() {
+        if i != idx {
+            n.signal("KILL");
+            n.wait_exit(Duration::from_secs(5));
+        }
+    }
+    let t = Instant::now();
+    s[idx].signal("TERM");
+    assert_eq!(
+        exit_code(s[idx].wait_exit(bound)),
+        1,
+        "a hand-off cut short exits 1"
+    );
+    eprintln!("a leader without quorum stopped in {:?}", t.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_with_its_data_dir_rejoins_with_its_state() {
     let tmp = tempfile::tempdir().unwrap();
@@ -495,6 +554,7 @@ async fn a_node_restarted_with_its_data_dir_rejoins_with_its_state() {
         data_dir: Some(&dirs[2]),
         advertise: None,
         tokens: None,
+        env: &[],
     });
     wait_until(
         "node-3 has the route set while it was away",
@@ -605,6 +665,7 @@ async fn an_isolated_node_cannot_change_routes_the_majority_goes_on_and_it_heals
                 data_dir: None,
                 advertise: Some(format!("127.0.0.1:{}", proxies[i])),
                 tokens: None,
+                env: &[],
             })
         })
         .collect();
@@ -792,6 +853,7 @@ async fn soak_owners_killed_and_restarted_under_load() {
             data_dir: None,
             advertise: None,
             tokens: None,
+            env: &[],
         });
         for n in &s {
             wait_until(

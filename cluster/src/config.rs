@@ -58,6 +58,11 @@ pub struct ClusterConfig {
     pub down_after: Duration,
     /// How long a write waits for its commit before failing.
     pub write_timeout: Duration,
+    /// How long each step of a leave's hand-off (marking this node leaving; its removal
+    /// from the registry and the Raft group) may take before the node gives up on it and
+    /// exits anyway (`cluster.leave_timeout_ms`): a leave never waits for a quorum
+    /// without a deadline.
+    pub leave_timeout: Duration,
     /// How many committed changes the audit trail keeps (`cluster.audit_entries`).
     pub audit_entries: usize,
     /// Raft's shortest election timeout; the longest is twice it.
@@ -117,6 +122,7 @@ impl ClusterConfig {
             heartbeat: Duration::from_millis(100),
             down_after: Duration::from_millis(1000),
             write_timeout: Duration::from_secs(3),
+            leave_timeout: Duration::from_secs(5),
             audit_entries: crate::store::DEFAULT_AUDIT_ENTRIES,
             election_timeout: Duration::from_millis(200),
             voters: Voters::Three,

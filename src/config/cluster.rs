@@ -41,6 +41,7 @@ pub(super) struct RawCluster {
     heartbeat_ms: u64,
     down_after_ms: u64,
     write_timeout_ms: u64,
+    leave_timeout_ms: u64,
     audit_entries: u64,
     election_timeout_ms: u64,
     voters: u64,
@@ -257,6 +258,11 @@ impl RawCluster {
             write_timeout: check.millis(
                 "cluster.write_timeout_ms",
                 self.write_timeout_ms,
+                100..=600_000,
+            )?,
+            leave_timeout: check.millis(
+                "cluster.leave_timeout_ms",
+                self.leave_timeout_ms,
                 100..=600_000,
             )?,
             audit_entries: check.count(

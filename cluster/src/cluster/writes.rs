@@ -361,18 +361,31 @@ impl Inner {
             m.membership_config.membership().voter_ids().collect()
         };
         let raft = self.raft();
+        // A membership change needs a quorum too: bounded like any write.
+        let timeout = self.cfg.write_timeout;
+        let no_quorum = |what: &str| {
+            refused(
+                format!("cannot remove {what} `{name}`: not committed within {timeout:?} (no quorum reachable?)"),
+                None,
+            )
+        };
         if voters.contains(&id) {
             // Keep the voter count: promote a learner in its place when there is one.
             let rest = membership::voters_without(&voters, id, &self.up_learners());
-            raft.change_membership(rest, false)
+            tokio::time::timeout(timeout, raft.change_membership(rest, false))
                 .await
+                .map_err(|_| no_quorum("voter"))?
                 .map_err(|e| refused(format!("cannot remove voter `{name}`: {e}"), None))?;
         } else {
             let mut gone = BTreeSet::new();
             gone.insert(id);
-            raft.change_membership(ChangeMembers::RemoveNodes(gone), false)
-                .await
-                .map_err(|e| refused(format!("cannot remove learner `{name}`: {e}"), None))?;
+            tokio::time::timeout(
+                timeout,
+                raft.change_membership(ChangeMembers::RemoveNodes(gone), false),
+            )
+            .await
+            .map_err(|_| no_quorum("learner"))?
+            .map_err(|e| refused(format!("cannot remove learner `{name}`: {e}"), None))?;
         }
         Ok(())
     }
@@ -398,15 +411,24 @@ impl Inner {
             return Ok(());
         }
         tracing::info!(node = %name, "leaving the cluster: handing off");
-        let marked = self
-            .submit(Request::new(
-                Command::SetStatus {
-                    name: name.clone(),
-                    status: NodeStatus::Leaving,
-                },
-                by,
-            ))
-            .await;
+        let limit = self.cfg.leave_timeout;
+        let cut = |step: &str| WriteRefused {
+            message: format!(
+                "{step} took longer than cluster.leave_timeout_ms ({limit:?}): the cluster \
+                 may have lost its quorum"
+            ),
+            leader: None,
+        };
+        let mark = self.submit(Request::new(
+            Command::SetStatus {
+                name: name.clone(),
+                status: NodeStatus::Leaving,
+            },
+            by,
+        ));
+        let marked = tokio::time::timeout(limit, mark)
+            .await
+            .unwrap_or_else(|_| Err(cut("marking this node leaving")));
         if let Err(e) = marked {
             self.leaving.store(false, Ordering::Release);
             return Err(LeaveError::NotMarked {
@@ -420,6 +442,21 @@ impl Inner {
         if let Some(node) = self.node.get() {
             node.drain(grace).await;
         }
+        let removal = self.removal(&name, by);
+        let r = tokio::time::timeout(limit, removal)
+            .await
+            .unwrap_or_else(|_| Err(cut("the removal from the cluster")));
+        r.map_err(|e| LeaveError::NotRemoved {
+            message: e.message,
+            leader: e.leader,
+        })?;
+        tracing::info!(node = %name, "left the cluster");
+        Ok(())
+    }
+
+    /// Asks the leader (this node, or the one it knows, following redirects) to remove
+    /// this node, named `name`, from the registry and the Raft group.
+    async fn removal(&self, name: &NodeId, by: &str) -> Result<(), WriteRefused> {
         let rpc = Rpc::Leave {
             name: name.to_string(),
             by: by.to_owned(),
@@ -441,17 +478,11 @@ impl Inner {
                 Some(self.call_leader(leader.clone(), rpc.clone()).await)
             };
         }
-        let r = match answer {
-            None => self.remove(&name, by).await,
+        match answer {
+            None => self.remove(name, by).await,
             Some(Ok(RpcReply::Left(r))) => r,
             Some(Ok(other)) => Err(refused(format!("unexpected answer {other:?}"), None)),
             Some(Err(e)) => Err(e),
-        };
-        r.map_err(|e| LeaveError::NotRemoved {
-            message: e.message,
-            leader: e.leader,
-        })?;
-        tracing::info!(node = %name, "left the cluster");
-        Ok(())
+        }
     }
 }

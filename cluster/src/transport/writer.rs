@@ -24,6 +24,10 @@ use super::record::Sealer;
 use super::{Peer, Shared};
 use crate::codec::{self, Message};
 
+/// While a peer stays unreachable, how often it is logged again (with the failed
+/// attempts since), beside the line when it goes and the one when it comes back.
+const STILL_DOWN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why a link ended.
 enum LinkEnd {
     /// The writer was told to stop.
@@ -39,9 +43,12 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
     let mut backoff =
         Backoff::doubling(config.reconnect_min, config.reconnect_max, Jitter::Half).series();
     let mut ever_up = false;
-    // The failure last logged as a warning: a peer that stays down is warned about once
-    // per distinct error, not at every retry.
+    // The failure last logged as a warning, when, and the failed attempts since: a peer
+    // that stays down is warned about once per distinct error and then once every
+    // STILL_DOWN_EVERY, not at every retry.
     let mut warned: Option<String> = None;
+    let mut warned_at = tokio::time::Instant::now();
+    let mut failed_since_warned: u64 = 0;
     // Reused across connections: the encode buffer and the batch taken from the outbox.
     let mut buf = Vec::with_capacity(config.flush_bytes + 4096);
     let mut batch: Vec<Message> = Vec::new();
@@ -96,7 +103,16 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
             if warned.as_deref() != Some(error.as_str()) {
                 warn!(addr = %addr, error = %error, "cannot reach peer; retrying with backoff");
                 warned = Some(error);
+                warned_at = tokio::time::Instant::now();
+                failed_since_warned = 0;
+            } else if warned_at.elapsed() >= STILL_DOWN_EVERY {
+                failed_since_warned += 1;
+                warn!(addr = %addr, error = %error, attempts = failed_since_warned,
+                    since_secs = warned_at.elapsed().as_secs(), "still cannot reach peer");
+                warned_at = tokio::time::Instant::now();
+                failed_since_warned = 0;
             } else {
+                failed_since_warned += 1;
                 debug!(addr = %addr, error = %error, "cannot reach peer");
             }
         }
