@@ -40,7 +40,11 @@ fn free_port() -> u16 {
 fn spawn(name: &str, port: u16, join: Option<u16>) -> Proc {
     let mut cmd = Command::new(BIN);
     cmd.args(["serve", "--http-addr", "127.0.0.1:0", "--node-id", name])
-        .args(["--cluster-addr", &format!("127.0.0.1:{port}")])
+        .args([
+            "--cluster-addr",
+            &format!("127.0.0.1:{port}"),
+            "--ephemeral",
+        ])
         .env("OPMESH_CLUSTER_SECRET", SECRET)
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())

@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// (POD_NAME, POD_NAMESPACE, cluster.service): cluster.bootstrap = "ordinal"
     #[arg(long)]
     pub bootstrap_from_ordinal: bool,
+    /// In a cluster, run without a data dir (in memory), accepting that a voter that
+    /// restarts empty can lose a committed change: cluster.ephemeral = true
+    #[arg(long)]
+    pub ephemeral: bool,
     /// Serve https with this PEM certificate chain (with --tls-key); reloaded when the
     /// file changes [default: plain http]
     #[arg(long, value_name = "PEM")]
@@ -113,6 +117,7 @@ impl ServeArgs {
             data_dir: self.data_dir,
             otlp_endpoint: self.otlp_endpoint,
             bootstrap_from_ordinal: self.bootstrap_from_ordinal,
+            ephemeral: self.ephemeral,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
         }

@@ -44,9 +44,13 @@ fn start(spec: &NodeSpec) -> Server {
         args.push("--join".into());
         args.push(j.clone());
     }
-    if let Some(d) = spec.data_dir {
-        args.push("--data-dir".into());
-        args.push(d.display().to_string());
+    match spec.data_dir {
+        Some(d) => {
+            args.push("--data-dir".into());
+            args.push(d.display().to_string());
+        }
+        // In memory: the test accepts what a voter without its log risks.
+        None => args.push("--ephemeral".into()),
     }
     let mut env = vec![("OPMESH_CLUSTER_SECRET", SECRET.to_string())];
     if let Some(a) = &spec.advertise {
@@ -744,6 +748,7 @@ async fn garbage_and_wrong_secrets_on_the_cluster_port_are_refused_and_a_node_le
             "intruder",
             "--cluster-addr",
             "127.0.0.1:0",
+            "--ephemeral",
             "--join",
             &format!("127.0.0.1:{}", ports[0]),
         ],

@@ -486,7 +486,7 @@ async fn a_scrape_counts_exactly_the_work_done() {
 
 fn start_node(name: &str, port: u16, join: Option<&str>) -> Server {
     let addr = format!("127.0.0.1:{port}");
-    let mut args = vec!["--node-id", name, "--cluster-addr", &addr];
+    let mut args = vec!["--node-id", name, "--cluster-addr", &addr, "--ephemeral"];
     if let Some(j) = join {
         args.extend(["--join", j]);
     }

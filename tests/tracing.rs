@@ -258,6 +258,7 @@ async fn one_operation_across_two_nodes_is_one_trace() {
             name.to_string(),
             "--cluster-addr".into(),
             format!("127.0.0.1:{}", ports[i]),
+            "--ephemeral".into(),
         ];
         if i > 0 {
             args.extend(["--join".into(), format!("127.0.0.1:{}", ports[0])]);

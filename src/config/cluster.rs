@@ -37,6 +37,7 @@ pub(super) struct RawCluster {
     /// As `secret`; empty = none.
     previous_secret: Value,
     data_dir: String,
+    ephemeral: bool,
     serves: Vec<String>,
     heartbeat_ms: u64,
     down_after_ms: u64,
@@ -204,6 +205,16 @@ impl RawCluster {
                     "{}..=600000, more than twice cluster.heartbeat_ms ({heartbeat_ms})",
                     2 * heartbeat_ms + 1
                 ),
+            ));
+        }
+        if self.data_dir.is_empty() && !self.ephemeral {
+            return Err(check.missing(
+                "cluster.data_dir",
+                "cluster.addr",
+                "a node of a cluster keeps its Raft log and vote there (--data-dir DIR, \
+                 OPMESH_DATA_DIR); a voter that restarts empty can elect a leader without a \
+                 committed change. To run in memory anyway, set cluster.ephemeral = true \
+                 (--ephemeral)",
             ));
         }
         let voters = usize::try_from(self.voters)

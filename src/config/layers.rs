@@ -194,6 +194,12 @@ pub(super) fn merge(opts: &LoadOptions, profile: Option<&str>) -> Result<Figment
             "flag `--data-dir`".into(),
         ));
     }
+    if opts.ephemeral {
+        figment = figment.merge(Layer::fixed(
+            Serialized::default("cluster.ephemeral", true),
+            "flag `--ephemeral`".into(),
+        ));
+    }
     if opts.bootstrap_from_ordinal {
         figment = figment.merge(Layer::fixed(
             Serialized::default("cluster.bootstrap", "ordinal"),
@@ -405,7 +411,7 @@ mod tests {
             previous = line;
         }
         assert_eq!(
-            keys, 71,
+            keys, 72,
             "a key was added or removed: document it and update this count"
         );
     }

@@ -203,6 +203,8 @@ pub struct LoadOptions {
     pub otlp_endpoint: Option<String>,
     /// `--bootstrap-from-ordinal`: sets `cluster.bootstrap = "ordinal"`.
     pub bootstrap_from_ordinal: bool,
+    /// `--ephemeral`: sets `cluster.ephemeral = true`.
+    pub ephemeral: bool,
     /// `--tls-cert`: overrides `http.tls_cert`.
     pub tls_cert: Option<PathBuf>,
     /// `--tls-key`: overrides `http.tls_key`.

@@ -12,6 +12,7 @@ fn cluster_flags() -> LoadOptions {
     LoadOptions {
         cluster_addr: Some("127.0.0.1:7071".into()),
         cluster_secret: Some(Secret::from(SECRET.to_owned())),
+        ephemeral: true,
         ..LoadOptions::default()
     }
 }
@@ -350,6 +351,7 @@ fn bad_cluster_values_are_rejected_naming_the_key() {
         let mut lines = vec![
             "addr = \"127.0.0.1:7071\"".to_owned(),
             format!("secret = \"{SECRET}\""),
+            "ephemeral = true".to_owned(),
         ];
         lines.retain(|l| !l.starts_with(&format!("{key} ")));
         lines.push(line.to_owned());
@@ -596,4 +598,35 @@ fn a_bad_ordinal_setting_is_named() {
     opts.cluster_addr = Some("0.0.0.0:0".into());
     let msg = load_err(&opts).to_string();
     assert!(msg.contains("a fixed port"), "{msg}");
+}
+
+#[test]
+fn a_cluster_node_needs_a_data_dir_unless_it_says_it_is_ephemeral() {
+    let _env = EnvGuard::new();
+    let in_memory = LoadOptions {
+        ephemeral: false,
+        ..cluster_flags()
+    };
+    let msg = load_err(&in_memory).to_string();
+    for part in [
+        "`cluster.data_dir` must be set",
+        "--data-dir",
+        "cluster.ephemeral = true",
+        "--ephemeral",
+    ] {
+        assert!(msg.contains(part), "{part}: {msg}");
+    }
+    let on_disk = LoadOptions {
+        data_dir: Some("/var/lib/opmesh".into()),
+        ..in_memory.clone()
+    };
+    assert_eq!(
+        cluster_of(&on_disk).data_dir,
+        Some(PathBuf::from("/var/lib/opmesh"))
+    );
+    assert_eq!(
+        cluster_of(&cluster_flags()).data_dir,
+        None,
+        "ephemeral: in memory"
+    );
 }
