@@ -293,7 +293,8 @@ impl Actor for Cache {
                             j.reply.cache_verdict = Some(CacheVerdict::Hit);
                             answer_from_cache(j, &outcome)
                         }
-                        Lookup::Reused(j) => {
+                        Lookup::Reused(mut j) => {
+                            j.reply.cache_verdict = Some(CacheVerdict::Reused);
                             let id = j.op.id;
                             j.reply
                                 .finish(OpOutcome::failure(id, OpStatus::Failed, KEY_REUSED));

@@ -169,6 +169,8 @@ pub enum CacheVerdict {
     Joined,
     /// Not stored: it runs.
     Miss,
+    /// The key was used with another payload: refused.
+    Reused,
 }
 
 impl CacheVerdict {
@@ -177,6 +179,7 @@ impl CacheVerdict {
             CacheVerdict::Hit => "hit",
             CacheVerdict::Joined => "joined",
             CacheVerdict::Miss => "miss",
+            CacheVerdict::Reused => "reused",
         }
     }
 }
