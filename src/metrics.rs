@@ -264,6 +264,12 @@ impl OpmeshCollector {
             m.in_flight(),
         )?;
         out.gauge(
+            "opmesh_result_store_bytes",
+            "Bytes of results and errors of finished operations kept for GET /v1/ops/{id} \
+             (at most engine.result_store_bytes; the oldest go first).",
+            node.result_store_bytes(),
+        )?;
+        out.gauge(
             "opmesh_ops_running",
             "Operations whose handler runs now.",
             node.running(),

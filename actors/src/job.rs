@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use crate::cache::CacheKey;
 use crate::counter::Anchor;
 use crate::events::{now_ms, Event, EventKind};
 use crate::handler::TypeEntry;
-use crate::op::{NodeId, OpId, OpOutcome, OpStatus, Operation, TraceContext, TraceId};
+use crate::op::{Json, NodeId, OpId, OpOutcome, OpStatus, Operation, TraceContext, TraceId};
 use crate::shared::NodeShared;
 use crate::slots::QueueSlot;
 use crate::trace::{CacheVerdict, OpSpans, OpTrace, SpanEvent, Stage, Stamp};
@@ -214,7 +214,7 @@ impl Reply {
             self.shared.cache_completed(key, outcome.clone());
         }
         if let Some(t) = self.tracked.take() {
-            t.finish(outcome.clone());
+            self.shared.store().finished(&t, outcome.clone());
         }
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(outcome);
@@ -354,6 +354,8 @@ pub struct Tracked {
     status: AtomicU8,
     outcome: OnceLock<OpOutcome>,
     finished_at: OnceLock<Instant>,
+    /// The bytes of its outcome the store counts (result and error), once finished.
+    stored: AtomicUsize,
 }
 
 impl Tracked {
@@ -366,6 +368,7 @@ impl Tracked {
             status: AtomicU8::new(OpStatus::Queued.to_u8()),
             outcome: OnceLock::new(),
             finished_at: OnceLock::new(),
+            stored: AtomicUsize::new(0),
         }
     }
 
@@ -389,22 +392,44 @@ impl Tracked {
     }
 }
 
+/// How the error of an operation whose result was too large to keep begins.
+pub const TOO_LARGE: &str = "result too large to store";
+
+/// What the store keeps of finished operations: for how long, how many, how many bytes
+/// of results in all, and the largest result it keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreLimits {
+    pub retention: Duration,
+    pub max_entries: usize,
+    /// Results and errors of finished operations together, at most.
+    pub max_bytes: usize,
+    /// A larger result is not kept: the record says it was too large to store.
+    pub max_result_bytes: usize,
+}
+
 /// Recent tracked operations by id: every one in flight, and finished ones for
-/// `retention` or until `max_finished` newer ones push them out.
+/// `retention`, until `max_entries` newer ones push them out, or until their results
+/// take more than `max_bytes` (oldest first). Eviction runs when a record is added, when
+/// one finishes, and on [`sweep`](Self::sweep), which the node calls every second, so
+/// old results go even when nothing new arrives.
 pub struct OpStore {
     map: DashMap<OpId, Arc<Tracked>>,
     order: Mutex<VecDeque<Arc<Tracked>>>,
-    retention: Duration,
-    max_entries: usize,
+    limits: StoreLimits,
+    /// The bytes of results and errors of the finished records held.
+    bytes: AtomicUsize,
 }
 
 impl OpStore {
-    pub fn new(retention: Duration, max_entries: usize) -> Self {
+    pub fn new(limits: StoreLimits) -> Self {
         OpStore {
             map: DashMap::new(),
             order: Mutex::new(VecDeque::new()),
-            retention,
-            max_entries: max_entries.max(1),
+            limits: StoreLimits {
+                max_entries: limits.max_entries.max(1),
+                ..limits
+            },
+            bytes: AtomicUsize::new(0),
         }
     }
 
@@ -415,17 +440,58 @@ impl OpStore {
         self.evict(&mut order, Instant::now());
     }
 
-    /// Drops finished records that are too old, or too many. Records in flight are kept:
-    /// they are bounded by the queue capacity.
+    /// Records `t`'s outcome: counted against the byte budget, or, for a result over
+    /// `max_result_bytes`, kept without its result and with an error that says why.
+    pub(crate) fn finished(&self, t: &Tracked, mut outcome: OpOutcome) {
+        let size = outcome.result.as_ref().map_or(0, Json::len);
+        if size > self.limits.max_result_bytes {
+            outcome.result = None;
+            outcome.error = Some(format!(
+                "{TOO_LARGE}: {size} bytes, over engine.max_stored_result_bytes ({})",
+                self.limits.max_result_bytes
+            ));
+        }
+        let bytes = outcome.result.as_ref().map_or(0, Json::len)
+            + outcome.error.as_ref().map_or(0, String::len);
+        t.stored.store(bytes, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        t.finish(outcome);
+        if self.bytes.load(Ordering::Relaxed) > self.limits.max_bytes {
+            let mut order = self.order.lock();
+            self.evict(&mut order, Instant::now());
+        }
+    }
+
+    /// Evicts what is too old or over the budgets, without waiting for new records.
+    pub fn sweep(&self) {
+        let mut order = self.order.lock();
+        self.evict(&mut order, Instant::now());
+    }
+
+    /// The bytes of results and errors held.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn remove(&self, t: &Tracked) {
+        self.map.remove(&t.id);
+        self.bytes
+            .fetch_sub(t.stored.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Drops finished records that are too old, too many, or over the byte budget,
+    /// oldest first. Records in flight are kept: they are bounded by the queue capacity.
     fn evict(&self, order: &mut VecDeque<Arc<Tracked>>, now: Instant) {
-        let cutoff = now.checked_sub(self.retention).unwrap_or(now);
-        // Look at a bounded number of records per call so inserts stay cheap.
-        for _ in 0..8 {
+        let cutoff = now.checked_sub(self.limits.retention).unwrap_or(now);
+        // Look at a bounded number of records per call so inserts stay cheap; a record
+        // over the byte budget is rare and large, and each eviction frees much.
+        for _ in 0..64 {
             let Some(front) = order.front() else { break };
-            let over = order.len() > self.max_entries;
+            let over = order.len() > self.limits.max_entries
+                || self.bytes.load(Ordering::Relaxed) > self.limits.max_bytes;
             if front.finished_before(cutoff) || (over && front.status().is_final()) {
                 let t = order.pop_front().expect("front exists");
-                self.map.remove(&t.id);
+                self.remove(&t);
             } else if over && !front.status().is_final() {
                 // Still running: move it behind the others and look further.
                 let t = order.pop_front().expect("front exists");
@@ -446,5 +512,67 @@ impl OpStore {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(max_bytes: usize, max_result_bytes: usize, retention_ms: u64) -> OpStore {
+        OpStore::new(StoreLimits {
+            retention: Duration::from_millis(retention_ms),
+            max_entries: 1000,
+            max_bytes,
+            max_result_bytes,
+        })
+    }
+
+    /// A tracked operation, inserted, finished with a result of `size` bytes.
+    fn finish(s: &OpStore, size: usize) -> OpId {
+        let op = Operation::new("t", Json::null());
+        let t = Arc::new(Tracked::new(&op, None));
+        s.insert(t.clone());
+        let mut o = OpOutcome::new(op.id, OpStatus::Succeeded);
+        o.result = Some(Json::from_trusted(bytes::Bytes::from(vec![b'1'; size])));
+        s.finished(&t, o);
+        op.id
+    }
+
+    #[test]
+    fn results_over_the_byte_budget_push_out_the_oldest() {
+        let s = store(10_000, 10_000, 60_000);
+        let ids: Vec<OpId> = (0..5).map(|_| finish(&s, 3_000)).collect();
+        // 15,000 bytes asked, 10,000 allowed: the two oldest went.
+        assert!(s.bytes() <= 10_000, "{}", s.bytes());
+        assert_eq!(s.bytes(), 9_000);
+        assert!(s.get(&ids[0]).is_none() && s.get(&ids[1]).is_none());
+        for id in &ids[2..] {
+            assert!(s.get(id).is_some());
+        }
+    }
+
+    #[test]
+    fn a_result_over_the_cap_is_kept_as_too_large_to_store() {
+        let s = store(10_000, 1_000, 60_000);
+        let id = finish(&s, 5_000);
+        let t = s.get(&id).expect("the record stays");
+        let o = t.outcome().unwrap();
+        assert_eq!(o.status, OpStatus::Succeeded);
+        assert!(o.result.is_none());
+        let e = o.error.as_deref().unwrap();
+        assert!(e.starts_with(TOO_LARGE) && e.contains("5000 bytes"), "{e}");
+        assert_eq!(s.bytes(), e.len(), "only the error is held");
+    }
+
+    #[test]
+    fn a_sweep_drops_old_results_without_anything_new() {
+        let s = store(1 << 20, 1 << 20, 20);
+        let id = finish(&s, 100);
+        assert!(s.get(&id).is_some());
+        std::thread::sleep(Duration::from_millis(30));
+        s.sweep();
+        assert!(s.get(&id).is_none());
+        assert_eq!(s.bytes(), 0);
     }
 }

@@ -55,6 +55,12 @@ pub struct EngineConfig {
     pub retention: Duration,
     /// How many tracked operations are kept at most.
     pub retention_max: usize,
+    /// Bytes of results (and errors) of finished tracked operations kept at most; the
+    /// oldest go first.
+    pub result_store_bytes: usize,
+    /// A larger result is not kept for `GET /v1/ops/{id}`: its record says it was too
+    /// large to store (the submitter waiting for it still gets it).
+    pub max_stored_result_bytes: usize,
     /// The retry policy of handlers registered without one.
     pub retry: RetryPolicy,
     /// Copies of the hot path (Router, Cache, Scheduler, Executor), each owning a share
@@ -79,6 +85,8 @@ impl Default for EngineConfig {
             },
             retention: Duration::from_secs(300),
             retention_max: 100_000,
+            result_store_bytes: 64 << 20,
+            max_stored_result_bytes: 1 << 20,
             retry: RetryPolicy::default(),
             shards: 0,
         }
@@ -198,12 +206,33 @@ impl NodeBuilder {
         let (sup, join) = Actor::spawn(None, NodeSupervisor, shared.clone())
             .await
             .map_err(|e| StartError::Spawn(e.to_string()))?;
+        tokio::spawn(sweep_store(Arc::downgrade(&shared)));
         Ok(Node {
             anchors: StripedArc::new(shared.clone()),
             shared,
             supervisor: sup,
             join: Arc::new(Mutex::new(Some(join))),
         })
+    }
+}
+
+/// How often finished records that are too old or over the store's budgets are dropped
+/// when nothing else makes the store evict.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Sweeps the node's store every [`SWEEP_EVERY`] until the node stops (or is dropped).
+async fn sweep_store(shared: std::sync::Weak<NodeShared>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.stopped().is_cancelled() {
+            return;
+        }
+        shared.store().sweep();
     }
 }
 
@@ -253,6 +282,9 @@ pub struct NodeStats {
     /// Operations each shard of the hot path took, in shard order: how evenly the work
     /// spreads over the cores.
     pub shard_operations: Vec<u64>,
+    /// Bytes of results (and errors) of finished operations kept for
+    /// `GET /v1/ops/{id}` (at most `result_store_bytes`).
+    pub result_store_bytes: usize,
     pub uptime_seconds: f64,
     /// Milliseconds since the Unix epoch.
     pub timestamp: u64,
@@ -367,6 +399,11 @@ impl Node {
         if !jobs.is_empty() {
             self.shared.hand_to_router(jobs);
         }
+    }
+
+    /// Bytes of results (and errors) of finished operations kept for `status`.
+    pub fn result_store_bytes(&self) -> usize {
+        self.shared.store().bytes()
     }
 
     /// The record of a tracked operation, while it runs and for the retention period.
@@ -545,6 +582,7 @@ impl Node {
             actor_restarts: m.actor_restarts.load(Ordering::Acquire),
             batches: m.batches.load(Ordering::Relaxed),
             shard_operations: s.shards().took(),
+            result_store_bytes: s.store().bytes(),
             uptime_seconds: s.uptime().as_secs_f64(),
             timestamp: SystemTime::now()
                 .duration_since(UNIX_EPOCH)

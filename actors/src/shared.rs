@@ -108,7 +108,12 @@ impl NodeShared {
     /// A node of `shards` shards (at least one).
     pub(crate) fn new(parts: SharedParts, shards: usize) -> Self {
         NodeShared {
-            store: OpStore::new(parts.config.retention, parts.config.retention_max),
+            store: OpStore::new(crate::job::StoreLimits {
+                retention: parts.config.retention,
+                max_entries: parts.config.retention_max,
+                max_bytes: parts.config.result_store_bytes,
+                max_result_bytes: parts.config.max_stored_result_bytes,
+            }),
             node_id: parts.node_id,
             config: parts.config,
             registry: parts.registry,

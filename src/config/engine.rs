@@ -27,6 +27,8 @@ pub(super) struct RawEngine {
     overload_retry_after_ms: u64,
     result_retention_secs: u64,
     result_retention_max: u64,
+    result_store_bytes: u64,
+    max_stored_result_bytes: u64,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +154,22 @@ impl RawEngine {
                 self.result_retention_max,
                 1..=10_000_000,
             )?,
+            result_store_bytes: check.count(
+                "engine.result_store_bytes",
+                self.result_store_bytes,
+                MIB..=4095 * MIB,
+            )?,
+            max_stored_result_bytes: {
+                let store = self.result_store_bytes;
+                if self.max_stored_result_bytes > store {
+                    return Err(check.invalid(
+                        "engine.max_stored_result_bytes",
+                        self.max_stored_result_bytes,
+                        format!("0..={store}, at most engine.result_store_bytes"),
+                    ));
+                }
+                self.max_stored_result_bytes as usize
+            },
             retry,
         })
     }
@@ -184,6 +202,26 @@ mod tests {
             msg.starts_with(
                 "invalid value for `retry.max_backoff_ms`: 100 (allowed: 500..=3600000"
             ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn result_store_budgets_are_checked_against_each_other() {
+        let _env = EnvGuard::new();
+        let file = user_file(
+            "[engine]\nresult_store_bytes = 2097152\nmax_stored_result_bytes = 2097153\n",
+        );
+        let msg = load_err(&with_file(&file)).to_string();
+        assert!(
+            msg.starts_with("invalid value for `engine.max_stored_result_bytes`: 2097153")
+                && msg.contains("at most engine.result_store_bytes"),
+            "{msg}"
+        );
+        let file = user_file("[engine]\nresult_store_bytes = 1000\n");
+        let msg = load_err(&with_file(&file)).to_string();
+        assert!(
+            msg.contains("`engine.result_store_bytes`: 1000 (allowed: 1048576..="),
             "{msg}"
         );
     }

@@ -311,6 +311,8 @@ mod tests {
         assert_eq!(e.overload_retry_after, Duration::from_secs(1));
         assert_eq!(e.retention, Duration::from_secs(300));
         assert_eq!(e.retention_max, 100_000);
+        assert_eq!(e.result_store_bytes, 64 * 1024 * 1024);
+        assert_eq!(e.max_stored_result_bytes, 1024 * 1024);
         assert_eq!(e.cache.capacity.get(), 100_000);
         assert_eq!(e.cache.ttl, Duration::from_secs(300));
         assert_eq!(

@@ -1,0 +1,137 @@
+//! Bounds a node keeps under what clients send it: finished results kept for
+//! `GET /v1/ops/{id}` stay within `engine.result_store_bytes`, evicted oldest first, and
+//! a result over `engine.max_stored_result_bytes` is kept as "too large to store".
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, wait_until, Server};
+use serde_json::{json, Value};
+
+/// The process's resident memory, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kb * 1024
+}
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_results_stay_within_the_result_store_budget() {
+    const BUDGET: u64 = 16 * MIB;
+    let s = Server::start(
+        &[],
+        &[
+            ("OPMESH_ENGINE__RESULT_STORE_BYTES", &BUDGET.to_string()),
+            (
+                "OPMESH_ENGINE__MAX_STORED_RESULT_BYTES",
+                &(2 * MIB).to_string(),
+            ),
+            ("OPMESH_ENGINE__MAX_PAYLOAD_BYTES", &(4 * MIB).to_string()),
+        ],
+    );
+    let idle = rss(s.pid());
+    // 400 echo operations of 900 KB, one after another, each waited for: 360 MB of
+    // results asked to be kept.
+    let payload = Value::String("x".repeat(900 * 1024));
+    let c = client();
+    let mut ids = Vec::new();
+    let mut peak = 0;
+    for _ in 0..400 {
+        let r = c
+            .post(s.url("/v1/ops?wait=true"))
+            .json(&json!({"type": "echo", "payload": payload}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["status"], "succeeded");
+        ids.push(v["id"].as_str().unwrap().to_owned());
+        peak = peak.max(rss(s.pid()));
+    }
+    let m: Value = c
+        .get(s.url("/v1/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let held = m["resultStoreBytes"]
+        .as_u64()
+        .expect("resultStoreBytes in /v1/metrics");
+    assert!(
+        held <= BUDGET,
+        "the store holds {held} bytes, over its budget {BUDGET}"
+    );
+    // The newest are readable, the oldest evicted (404), none a panic.
+    let get = |id: &str| c.get(s.url(&format!("/v1/ops/{id}"))).send();
+    let newest = get(ids.last().unwrap()).await.unwrap();
+    assert_eq!(newest.status(), 200);
+    assert!(
+        newest.json::<Value>().await.unwrap()["result"] == payload,
+        "the newest result"
+    );
+    let oldest = get(&ids[0]).await.unwrap();
+    assert_eq!(oldest.status(), 404);
+    // Resident memory follows the budget: under it plus 64 MiB above idle, at the peak and
+    // once the last answers are gone.
+    let bound = idle + BUDGET + 64 * MIB;
+    wait_until(
+        "resident memory back within the budget",
+        Duration::from_secs(10),
+        || async { rss(s.pid()) <= bound },
+    )
+    .await;
+    eprintln!(
+        "idle {} MiB, peak {} MiB, after {} MiB, store {} MiB (budget {} MiB)",
+        idle / MIB,
+        peak / MIB,
+        rss(s.pid()) / MIB,
+        held / MIB,
+        BUDGET / MIB
+    );
+    assert!(
+        peak <= bound + 32 * MIB,
+        "peak {} MiB over idle {} MiB",
+        peak / MIB,
+        idle / MIB
+    );
+
+    // A result over the cap: the submitter that waits gets it; the record keeps the
+    // status and says why the result is gone.
+    let big = Value::String("y".repeat(3 * 1024 * 1024));
+    let r = c
+        .post(s.url("/v1/ops?wait=true"))
+        .json(&json!({"type": "echo", "payload": big}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["result"] == big,
+        "the waiting submitter gets the whole result"
+    );
+    let kept: Value = get(v["id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kept["status"], "succeeded");
+    assert!(kept["result"].is_null());
+    let e = kept["error"].as_str().unwrap();
+    assert!(
+        e.starts_with("result too large to store") && e.contains("max_stored_result_bytes"),
+        "{e}"
+    );
+}
