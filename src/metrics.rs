@@ -472,6 +472,12 @@ fn encode_cluster(c: &ClusterSource, out: &mut Out) -> fmt::Result {
         cluster.handshakes_refused(),
     )?;
     out.counter(
+        "opmesh_cluster_replies_dropped_total",
+        "Replies to operations other nodes forwarded here that were dropped because the \
+         link back was down and the peer's buffer (cluster.reply_buffer_bytes) was full.",
+        cluster.replies_dropped(),
+    )?;
+    out.counter(
         "opmesh_cluster_messages_refused_total",
         "Messages from other nodes dropped because they name another node than the one \
          their link proved it is (a vote, entries, a Leave or Join, an answer).",

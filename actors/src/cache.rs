@@ -24,7 +24,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Serialize;
 
 use crate::job::Job;
-use crate::op::{OpOutcome, OpStatus, OpType};
+use crate::op::{Json, OpOutcome, OpStatus, OpType};
 use crate::scheduler::SchedulerMsg;
 use crate::shared::NodeShared;
 use crate::trace::{CacheVerdict, Stamp};
@@ -55,6 +55,13 @@ impl CacheKey {
 pub fn fingerprint(payload: &[u8]) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault};
     BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(payload)
+}
+
+/// What a stored result takes: its key, its result and error, and a fixed part.
+fn entry_bytes(key: &CacheKey, o: &OpOutcome) -> usize {
+    64 + key.key.len()
+        + o.result.as_ref().map_or(0, Json::len)
+        + o.error.as_ref().map_or(0, String::len)
 }
 
 /// The error of an operation refused because its idempotency key was used before with
@@ -126,6 +133,9 @@ pub enum Lookup<W> {
 /// LRU + TTL store of successful results, plus the waiters of keys in flight. Generic
 /// over the waiter so it is tested without actors.
 pub struct ResultCache<W> {
+    /// The bytes of the stored keys and results, at most `max_bytes`.
+    bytes: usize,
+    max_bytes: usize,
     /// Stored results, with the payload fingerprint and when they were stored.
     done: LruCache<CacheKey, (OpOutcome, u64, Instant)>,
     /// Keys running now, with the payload fingerprint and the waiters that joined.
@@ -138,7 +148,20 @@ impl<W> ResultCache<W> {
     /// `counters` may be shared by several caches (one per shard): each adds its own
     /// size to `size`, and takes it back when dropped.
     pub fn new(capacity: NonZeroUsize, ttl: Duration, counters: Arc<CacheCounters>) -> Self {
+        Self::with_max_bytes(capacity, usize::MAX, ttl, counters)
+    }
+
+    /// A cache that also keeps its stored keys and results within `max_bytes`, the least
+    /// recently used going first.
+    pub fn with_max_bytes(
+        capacity: NonZeroUsize,
+        max_bytes: usize,
+        ttl: Duration,
+        counters: Arc<CacheCounters>,
+    ) -> Self {
         ResultCache {
+            bytes: 0,
+            max_bytes,
             done: LruCache::new(capacity),
             in_flight: HashMap::new(),
             ttl,
@@ -157,7 +180,9 @@ impl<W> ResultCache<W> {
                 c.hits.fetch_add(1, Ordering::Relaxed);
                 return Lookup::Hit(waiter, outcome.clone());
             }
-            self.done.pop(&key);
+            if let Some((outcome, _, _)) = self.done.pop(&key) {
+                self.bytes -= entry_bytes(&key, &outcome);
+            }
             c.expirations.fetch_add(1, Ordering::Relaxed);
             c.size.fetch_sub(1, Ordering::Relaxed);
         }
@@ -181,19 +206,38 @@ impl<W> ResultCache<W> {
         let Some((print, waiters)) = self.in_flight.remove(&key) else {
             return Vec::new();
         };
-        if outcome.status == OpStatus::Succeeded {
+        // A result larger than the whole budget is not stored: it would push out all
+        // the others and then itself.
+        if outcome.status == OpStatus::Succeeded && entry_bytes(&key, outcome) <= self.max_bytes {
+            self.bytes += entry_bytes(&key, outcome);
             match self.done.push(key.clone(), (outcome.clone(), print, now)) {
                 // Replaced the same key's older result: the size stays.
-                Some((old_key, _)) if old_key == key => {}
-                Some(_) => {
+                Some((old_key, (old, _, _))) if old_key == key => {
+                    self.bytes -= entry_bytes(&old_key, &old);
+                }
+                Some((old_key, (old, _, _))) => {
+                    self.bytes -= entry_bytes(&old_key, &old);
                     self.counters.evictions.fetch_add(1, Ordering::Relaxed);
                 }
                 None => {
                     self.counters.size.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            while self.bytes > self.max_bytes {
+                let Some((old_key, (old, _, _))) = self.done.pop_lru() else {
+                    break;
+                };
+                self.bytes -= entry_bytes(&old_key, &old);
+                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                self.counters.size.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         waiters
+    }
+
+    /// The bytes of the stored keys and results.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn len(&self) -> usize {
@@ -259,7 +303,12 @@ impl Actor for Cache {
         let shards = args.shared.shards().len();
         let capacity =
             NonZeroUsize::new(cfg.capacity.get().div_ceil(shards)).unwrap_or(cfg.capacity);
-        let cache = ResultCache::new(capacity, cfg.ttl, args.shared.cache_counters().clone());
+        let cache = ResultCache::with_max_bytes(
+            capacity,
+            cfg.max_bytes.div_ceil(shards),
+            cfg.ttl,
+            args.shared.cache_counters().clone(),
+        );
         Ok(CacheState {
             shared: args.shared,
             shard: args.shard,
@@ -431,6 +480,43 @@ mod tests {
         };
         assert_eq!(c.lookup(theirs, 8, 6, t0), Lookup::Miss(6));
         assert_ne!(fingerprint(b"{\"a\":1}"), fingerprint(b"{\"a\":2}"));
+    }
+
+    #[test]
+    fn stored_results_stay_within_the_byte_budget_least_recently_used_first() {
+        let t0 = Instant::now();
+        let counters = Arc::new(CacheCounters::default());
+        let mut c: ResultCache<u32> = ResultCache::with_max_bytes(
+            NonZeroUsize::new(100).unwrap(),
+            10_000,
+            Duration::from_secs(60),
+            counters.clone(),
+        );
+        let big = |n: usize| {
+            let mut o = outcome(OpStatus::Succeeded);
+            o.result = Some(Json::from_trusted(bytes::Bytes::from(vec![b'1'; n])));
+            o
+        };
+        for k in ["a", "b", "c"] {
+            c.lookup(key(k), 0, 0, t0);
+            c.complete(key(k), &big(3_000), t0);
+        }
+        // "a" is used again: "b" is now the least recently used.
+        assert!(matches!(c.lookup(key("a"), 0, 1, t0), Lookup::Hit(..)));
+        c.lookup(key("d"), 0, 0, t0);
+        c.complete(key("d"), &big(3_000), t0);
+        assert!(c.bytes() <= 10_000, "{}", c.bytes());
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.lookup(key("b"), 0, 9, t0), Lookup::Miss(9), "evicted");
+        assert!(matches!(c.lookup(key("a"), 0, 9, t0), Lookup::Hit(..)));
+        let s = counters.snapshot();
+        assert_eq!((s.size, s.evictions), (3, 1));
+        // A result larger than the whole budget is not kept, and pushes out nothing.
+        c.lookup(key("huge"), 0, 0, t0);
+        c.complete(key("huge"), &big(20_000), t0);
+        assert!(c.bytes() <= 10_000);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.lookup(key("huge"), 0, 9, t0), Lookup::Miss(9));
     }
 
     proptest::proptest! {

@@ -38,6 +38,9 @@ use crate::trace::Tracing;
 pub struct CacheConfig {
     pub capacity: NonZeroUsize,
     pub ttl: Duration,
+    /// Bytes of stored results (keys and results) at most, shared out between the
+    /// shards' caches like `capacity`; past it the least recently used go.
+    pub max_bytes: usize,
 }
 
 /// Everything the engine needs to know, validated by the caller (the binary's config
@@ -82,6 +85,7 @@ impl Default for EngineConfig {
             cache: CacheConfig {
                 capacity: NonZeroUsize::new(100_000).expect("non-zero"),
                 ttl: Duration::from_secs(300),
+                max_bytes: 64 << 20,
             },
             retention: Duration::from_secs(300),
             retention_max: 100_000,

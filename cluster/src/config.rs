@@ -58,6 +58,9 @@ pub struct ClusterConfig {
     pub down_after: Duration,
     /// How long a write waits for its commit before failing.
     pub write_timeout: Duration,
+    /// The most bytes of replies kept per peer while the link back to it is down
+    /// (`cluster.reply_buffer_bytes`); past it replies are dropped and counted.
+    pub reply_buffer_bytes: usize,
     /// How long each step of a leave's hand-off (marking this node leaving; its removal
     /// from the registry and the Raft group) may take before the node gives up on it and
     /// exits anyway (`cluster.leave_timeout_ms`): a leave never waits for a quorum
@@ -122,6 +125,7 @@ impl ClusterConfig {
             heartbeat: Duration::from_millis(100),
             down_after: Duration::from_millis(1000),
             write_timeout: Duration::from_secs(3),
+            reply_buffer_bytes: 64 << 20,
             leave_timeout: Duration::from_secs(5),
             audit_entries: crate::store::DEFAULT_AUDIT_ENTRIES,
             election_timeout: Duration::from_millis(200),

@@ -43,6 +43,7 @@ pub(super) struct RawCluster {
     down_after_ms: u64,
     write_timeout_ms: u64,
     leave_timeout_ms: u64,
+    reply_buffer_bytes: u64,
     audit_entries: u64,
     election_timeout_ms: u64,
     voters: u64,
@@ -275,6 +276,11 @@ impl RawCluster {
                 "cluster.leave_timeout_ms",
                 self.leave_timeout_ms,
                 100..=600_000,
+            )?,
+            reply_buffer_bytes: check.count(
+                "cluster.reply_buffer_bytes",
+                self.reply_buffer_bytes,
+                KIB..=4095 * MIB,
             )?,
             audit_entries: check.count(
                 "cluster.audit_entries",

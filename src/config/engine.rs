@@ -36,6 +36,7 @@ pub(super) struct RawEngine {
 pub(super) struct RawCache {
     capacity: u64,
     ttl_secs: u64,
+    max_bytes: u64,
 }
 
 #[derive(Deserialize)]
@@ -80,6 +81,7 @@ impl RawCache {
             )?)
             .expect("range starts at 1"),
             ttl: check.secs("cache.ttl_secs", self.ttl_secs, 1..=604_800)?,
+            max_bytes: check.count("cache.max_bytes", self.max_bytes, MIB..=4095 * MIB)?,
         })
     }
 }

@@ -36,8 +36,11 @@ pub(super) struct Heard {
     pub(super) load: u64,
 }
 
-/// Most unsent replies kept per peer while its link is down.
-const MAX_UNSENT: usize = 100_000;
+/// What a reply takes in a peer's buffer of unsent replies: its result, its error and
+/// a fixed part for the rest.
+fn reply_bytes(r: &WireReply) -> usize {
+    64 + r.result.as_ref().map_or(0, Vec::len) + r.error.as_ref().map_or(0, String::len)
+}
 
 /// Frames arriving on links, handed to the cluster (once it is built, while it runs).
 #[derive(Default)]
@@ -155,7 +158,7 @@ impl Inner {
             tracing::info!(node = %peer, count = waiting.len(), "link is back: sending waiting operations again");
             let _ = self.transport().send(&peer, Message::OpBatch(waiting));
         }
-        if let Some((_, replies)) = self.unsent.remove(&peer) {
+        if let Some((_, (_, replies))) = self.unsent.remove(&peer) {
             let _ = self.transport().send(&peer, Message::ReplyBatch(replies));
         }
     }
@@ -195,11 +198,19 @@ impl Inner {
             .send(peer, Message::ReplyBatch(replies.clone()))
             .is_err()
         {
+            let bytes: usize = replies.iter().map(reply_bytes).sum();
             let mut kept = self.unsent.entry(peer.clone()).or_default();
-            if kept.len() + replies.len() <= MAX_UNSENT {
-                kept.extend(replies);
+            let (held, list) = &mut *kept;
+            if *held + bytes <= self.cfg.reply_buffer_bytes {
+                *held += bytes;
+                list.extend(replies);
             } else {
-                tracing::warn!(node = %peer, count = replies.len(), "link down and too many replies kept: dropping (the origin sends the operations again when the link is back)");
+                self.replies_dropped
+                    .fetch_add(replies.len() as u64, Ordering::Relaxed);
+                tracing::warn!(node = %peer, count = replies.len(), held = *held,
+                    limit = self.cfg.reply_buffer_bytes,
+                    "link down and its buffer of unsent replies full (cluster.reply_buffer_bytes): \
+                     dropping them (the origin sends the operations again when the link is back)");
             }
         }
     }

@@ -76,8 +76,12 @@ struct Inner {
     heard: DashMap<NodeId, Heard>,
     calls: Calls,
     outbox: Outbox,
-    /// Replies that could not be sent (the link back was down), sent when it comes back.
-    unsent: DashMap<NodeId, Vec<WireReply>>,
+    /// Replies that could not be sent (the link back was down), sent when it comes back,
+    /// with their bytes (at most `cluster.reply_buffer_bytes` per peer).
+    unsent: DashMap<NodeId, (usize, Vec<WireReply>)>,
+    /// Replies dropped because a peer's buffer of unsent replies was full (see
+    /// [`Cluster::replies_dropped`]).
+    replies_dropped: AtomicU64,
     stop: CancellationToken,
     leaving: AtomicBool,
     /// Times the Raft leader this node knows of changed (see [`Cluster::leader_changes`]).
@@ -152,6 +156,7 @@ impl Cluster {
             leader_changes: Arc::default(),
             duty_restarts: Arc::default(),
             messages_refused: AtomicU64::new(0),
+            replies_dropped: AtomicU64::new(0),
             cfg,
         });
         inbound.attach(&inner);
@@ -309,6 +314,14 @@ impl Cluster {
     /// sent to another node. Each is also logged.
     pub fn messages_refused(&self) -> u64 {
         self.inner.messages_refused.load(Ordering::Relaxed)
+    }
+
+    /// How many replies to operations other nodes forwarded here were dropped since this
+    /// node started because the link back was down and the peer's buffer of unsent
+    /// replies (`cluster.reply_buffer_bytes`) was full. The origin sends those operations
+    /// again when the link is back; each drop is also logged.
+    pub fn replies_dropped(&self) -> u64 {
+        self.inner.replies_dropped.load(Ordering::Relaxed)
     }
 
     /// How many connections to this node's cluster port were refused since it started:
