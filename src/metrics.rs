@@ -317,6 +317,11 @@ impl OpmeshCollector {
             "Results held in the cache now.",
             c.size,
         )?;
+        out.gauge(
+            "opmesh_cache_bytes",
+            "Bytes of the keys and results held in the cache now (at most cache.max_bytes).",
+            c.bytes,
+        )?;
 
         out.histograms::<0>(
             "opmesh_batch_size",

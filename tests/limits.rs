@@ -1,6 +1,7 @@
 //! Bounds a node keeps under what clients send it: finished results kept for
-//! `GET /v1/ops/{id}` stay within `engine.result_store_bytes`, evicted oldest first, and
-//! a result over `engine.max_stored_result_bytes` is kept as "too large to store".
+//! `GET /v1/ops/{id}` stay within `engine.result_store_bytes`, evicted oldest first, a
+//! result over `engine.max_stored_result_bytes` is kept as "too large to store", and the
+//! results of idempotency keys stay within `cache.max_bytes`.
 
 mod common;
 
@@ -25,11 +26,14 @@ const MIB: u64 = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_results_stay_within_the_result_store_budget() {
-    const BUDGET: u64 = 16 * MIB;
+    const STORE: u64 = 16 * MIB;
+    const CACHE: u64 = 8 * MIB;
+    const BUDGET: u64 = STORE + CACHE;
     let s = Server::start(
         &[],
         &[
-            ("OPMESH_ENGINE__RESULT_STORE_BYTES", &BUDGET.to_string()),
+            ("OPMESH_ENGINE__RESULT_STORE_BYTES", &STORE.to_string()),
+            ("OPMESH_CACHE__MAX_BYTES", &CACHE.to_string()),
             (
                 "OPMESH_ENGINE__MAX_STORED_RESULT_BYTES",
                 &(2 * MIB).to_string(),
@@ -38,16 +42,17 @@ async fn large_results_stay_within_the_result_store_budget() {
         ],
     );
     let idle = rss(s.pid());
-    // 400 echo operations of 900 KB, one after another, each waited for: 360 MB of
-    // results asked to be kept.
+    // 400 echo operations of 900 KB, one after another, each waited for, each with an
+    // idempotency key of its own: 360 MB of results asked to be kept, twice.
     let payload = Value::String("x".repeat(900 * 1024));
     let c = client();
     let mut ids = Vec::new();
     let mut peak = 0;
-    for _ in 0..400 {
+    for i in 0..400 {
+        let body = json!({"type": "echo", "payload": payload, "idempotency_key": format!("k-{i}")});
         let r = c
             .post(s.url("/v1/ops?wait=true"))
-            .json(&json!({"type": "echo", "payload": payload}))
+            .json(&body)
             .send()
             .await
             .unwrap();
@@ -69,9 +74,15 @@ async fn large_results_stay_within_the_result_store_budget() {
         .as_u64()
         .expect("resultStoreBytes in /v1/metrics");
     assert!(
-        held <= BUDGET,
-        "the store holds {held} bytes, over its budget {BUDGET}"
+        held <= STORE,
+        "the store holds {held} bytes, over its budget {STORE}"
     );
+    let cached = m["cacheStats"]["bytes"].as_u64().expect("cacheStats.bytes");
+    assert!(
+        cached <= CACHE,
+        "the cache holds {cached} bytes, over its budget {CACHE}"
+    );
+    assert!(cached > CACHE / 2, "the cache is used: {cached} bytes");
     // The newest are readable, the oldest evicted (404), none a panic.
     let get = |id: &str| c.get(s.url(&format!("/v1/ops/{id}"))).send();
     let newest = get(ids.last().unwrap()).await.unwrap();
@@ -92,12 +103,14 @@ async fn large_results_stay_within_the_result_store_budget() {
     )
     .await;
     eprintln!(
-        "idle {} MiB, peak {} MiB, after {} MiB, store {} MiB (budget {} MiB)",
+        "idle {} MiB, peak {} MiB, after {} MiB; store {} of {} MiB, cache {} of {} MiB",
         idle / MIB,
         peak / MIB,
         rss(s.pid()) / MIB,
         held / MIB,
-        BUDGET / MIB
+        STORE / MIB,
+        cached / MIB,
+        CACHE / MIB
     );
     assert!(
         peak <= bound + 32 * MIB,

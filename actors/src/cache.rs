@@ -78,6 +78,8 @@ pub struct CacheCounters {
     pub evictions: AtomicU64,
     pub expirations: AtomicU64,
     pub size: AtomicUsize,
+    /// Bytes of the stored keys and results, all shards together.
+    pub bytes: AtomicUsize,
 }
 
 /// A snapshot of the cache counters.
@@ -93,6 +95,8 @@ pub struct CacheStats {
     /// Results found too old (TTL) and dropped.
     pub expirations: u64,
     pub size: usize,
+    /// Bytes of the stored keys and results (at most `cache.max_bytes`).
+    pub bytes: usize,
     pub hit_rate: f64,
 }
 
@@ -107,6 +111,7 @@ impl CacheCounters {
             evictions: self.evictions.load(Ordering::Relaxed),
             expirations: self.expirations.load(Ordering::Relaxed),
             size: self.size.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
             hit_rate: if hits + misses == 0 {
                 0.0
             } else {
@@ -171,21 +176,22 @@ impl<W> ResultCache<W> {
 
     /// Looks `key` up for `waiter`, whose payload has fingerprint `print`, at time `now`.
     pub fn lookup(&mut self, key: CacheKey, print: u64, waiter: W, now: Instant) -> Lookup<W> {
-        let c = &self.counters;
         if let Some((outcome, stored, at)) = self.done.get(&key) {
             if now.duration_since(*at) < self.ttl {
                 if *stored != print {
                     return Lookup::Reused(waiter);
                 }
-                c.hits.fetch_add(1, Ordering::Relaxed);
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 return Lookup::Hit(waiter, outcome.clone());
             }
+            // Too old: dropped, and looked up as if it never was.
             if let Some((outcome, _, _)) = self.done.pop(&key) {
-                self.bytes -= entry_bytes(&key, &outcome);
+                self.take_bytes(entry_bytes(&key, &outcome));
             }
-            c.expirations.fetch_add(1, Ordering::Relaxed);
-            c.size.fetch_sub(1, Ordering::Relaxed);
+            self.counters.expirations.fetch_add(1, Ordering::Relaxed);
+            self.counters.size.fetch_sub(1, Ordering::Relaxed);
         }
+        let c = &self.counters;
         if let Some((running, waiters)) = self.in_flight.get_mut(&key) {
             if *running != print {
                 return Lookup::Reused(waiter);
@@ -209,14 +215,14 @@ impl<W> ResultCache<W> {
         // A result larger than the whole budget is not stored: it would push out all
         // the others and then itself.
         if outcome.status == OpStatus::Succeeded && entry_bytes(&key, outcome) <= self.max_bytes {
-            self.bytes += entry_bytes(&key, outcome);
+            self.add_bytes(entry_bytes(&key, outcome));
             match self.done.push(key.clone(), (outcome.clone(), print, now)) {
                 // Replaced the same key's older result: the size stays.
                 Some((old_key, (old, _, _))) if old_key == key => {
-                    self.bytes -= entry_bytes(&old_key, &old);
+                    self.take_bytes(entry_bytes(&old_key, &old));
                 }
                 Some((old_key, (old, _, _))) => {
-                    self.bytes -= entry_bytes(&old_key, &old);
+                    self.take_bytes(entry_bytes(&old_key, &old));
                     self.counters.evictions.fetch_add(1, Ordering::Relaxed);
                 }
                 None => {
@@ -227,7 +233,7 @@ impl<W> ResultCache<W> {
                 let Some((old_key, (old, _, _))) = self.done.pop_lru() else {
                     break;
                 };
-                self.bytes -= entry_bytes(&old_key, &old);
+                self.take_bytes(entry_bytes(&old_key, &old));
                 self.counters.evictions.fetch_add(1, Ordering::Relaxed);
                 self.counters.size.fetch_sub(1, Ordering::Relaxed);
             }
@@ -238,6 +244,16 @@ impl<W> ResultCache<W> {
     /// The bytes of the stored keys and results.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    fn add_bytes(&mut self, n: usize) {
+        self.bytes += n;
+        self.counters.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn take_bytes(&mut self, n: usize) {
+        self.bytes -= n;
+        self.counters.bytes.fetch_sub(n, Ordering::Relaxed);
     }
 
     pub fn len(&self) -> usize {
@@ -255,6 +271,7 @@ impl<W> Drop for ResultCache<W> {
         self.counters
             .size
             .fetch_sub(self.done.len(), Ordering::Relaxed);
+        self.counters.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
