@@ -514,6 +514,7 @@ fn failed_operations_link_to_their_traces_in_jaeger() {
             addr: "127.0.0.1:0".parse().unwrap(),
             workers: 1,
             max_body_bytes: 1 << 20,
+            max_batch_ops: 1000,
             keep_alive: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(1),
             telemetry,

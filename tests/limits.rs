@@ -148,3 +148,50 @@ async fn large_results_stay_within_the_result_store_budget() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_or_a_batch_over_its_limit_is_refused_naming_the_limit() {
+    let s = Server::start(
+        &[],
+        &[
+            ("OPMESH_ENGINE__MAX_DEADLINE_MS", "60000"),
+            ("OPMESH_HTTP__MAX_BATCH_OPS", "10"),
+        ],
+    );
+    let c = client();
+    let post = |path: &'static str, body: Value| {
+        let r = c.post(s.url(path)).json(&body).send();
+        async move {
+            let r = r.await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, v) = post(
+        "/v1/ops?wait=true",
+        json!({"type": "echo", "deadline_ms": 60000}),
+    )
+    .await;
+    assert_eq!((status, &v["status"]), (200, &json!("succeeded")), "{v}");
+    let (status, v) = post("/v1/ops", json!({"type": "echo", "deadline_ms": 60001})).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"], "invalid_field");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("deadline_ms") && msg.contains("engine.max_deadline_ms"),
+        "{msg}"
+    );
+
+    let ops = |n: usize| json!({"ops": (0..n).map(|i| json!({"type": "echo", "payload": i})).collect::<Vec<_>>()});
+    let (status, _) = post("/v1/ops/batch?wait=true", ops(10)).await;
+    assert_eq!(status, 200);
+    let (status, v) = post("/v1/ops/batch", ops(11)).await;
+    assert_eq!(status, 413, "{v}");
+    assert_eq!(v["error"], "batch_too_large");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("http.max_batch_ops"),
+        "{v}"
+    );
+}

@@ -404,6 +404,9 @@ pub struct Limits {
     pub max_key_len: usize,
     /// Used when an operation has no deadline of its own.
     pub default_deadline: Duration,
+    /// The latest deadline an operation may ask for, from when it is accepted: what
+    /// one operation may hold a slot and its memory for.
+    pub max_deadline: Duration,
 }
 
 impl Default for Limits {
@@ -415,6 +418,7 @@ impl Default for Limits {
             max_metadata_bytes: 8 << 10,
             max_key_len: 512,
             default_deadline: Duration::from_secs(30),
+            max_deadline: Duration::from_secs(3600),
         }
     }
 }
@@ -516,6 +520,17 @@ impl Limits {
             if d <= now {
                 return Err(SubmitError::DeadlineInPast);
             }
+            let asked = d.duration_since(now);
+            if asked > self.max_deadline {
+                return Err(SubmitError::Invalid {
+                    field: "deadline_ms",
+                    reason: format!(
+                        "is {} ms, over the limit of {} ms (engine.max_deadline_ms)",
+                        asked.as_millis(),
+                        self.max_deadline.as_millis()
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -524,6 +539,36 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deadline_over_the_limit_is_refused_naming_the_field_and_the_limit() {
+        let limits = Limits {
+            max_deadline: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let now = Instant::now();
+        let op = Operation::new("t", Json::null());
+        let within = Operation {
+            deadline: Some(now + Duration::from_secs(60)),
+            ..op.clone()
+        };
+        assert_eq!(limits.check(&within, now), Ok(()));
+        let over = Operation {
+            deadline: Some(now + Duration::from_secs(61)),
+            ..op
+        };
+        match limits.check(&over, now) {
+            Err(SubmitError::Invalid { field, reason }) => {
+                assert_eq!(field, "deadline_ms");
+                assert!(
+                    reason.contains("61000 ms") && reason.contains("60000 ms"),
+                    "{reason}"
+                );
+                assert!(reason.contains("engine.max_deadline_ms"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn the_effect_key_is_the_idempotency_key_scoped_by_owner_else_the_id() {

@@ -60,6 +60,8 @@ pub struct ApiSettings {
     pub workers: usize,
     /// Largest request body accepted (a batch included).
     pub max_body_bytes: usize,
+    /// Most operations one batch request may carry (`http.max_batch_ops`).
+    pub max_batch_ops: usize,
     pub keep_alive: Duration,
     /// How long in-flight operations get to finish after a shutdown signal.
     pub shutdown_grace: Duration,
@@ -70,13 +72,11 @@ pub struct ApiSettings {
     pub protect_metrics: bool,
 }
 
-/// Most operations one batch request may carry.
-pub const MAX_BATCH: usize = 100_000;
-
 pub(crate) struct AppState {
     node: Node,
     cluster: Option<Cluster>,
     max_body_bytes: usize,
+    max_batch_ops: usize,
     shutdown_grace: Duration,
     /// Fired when the node has left its cluster (`POST /v1/cluster/leave`): the process
     /// then shuts down.
@@ -177,6 +177,7 @@ pub fn start(
         node,
         cluster: cluster.clone(),
         max_body_bytes: settings.max_body_bytes,
+        max_batch_ops: settings.max_batch_ops,
         shutdown_grace: settings.shutdown_grace,
         left: left.clone(),
         telemetry: settings.telemetry.clone(),

@@ -40,8 +40,9 @@ pub struct OpRequest {
     /// Higher runs first within its type's queue.
     #[serde(default, deserialize_with = "integral")]
     pub priority: Option<i32>,
-    /// Milliseconds from now after which the operation is no longer worth running.
-    #[schema(minimum = 1)]
+    /// Milliseconds from now after which the operation is no longer worth running: at most
+    /// `engine.max_deadline_ms` (one hour by default).
+    #[schema(minimum = 1, maximum = 3600000)]
     #[serde(default, deserialize_with = "integral")]
     pub deadline_ms: Option<i64>,
     /// String-to-scalar map carried with the operation (numbers and booleans are kept as

@@ -17,7 +17,7 @@ use super::errors::{parse, read_body, ApiError, ErrorBody};
 use super::model::{
     BatchAnswer, BatchItem, BatchRequest, OpAnswer, OpRequest, TypedBatch, WaitQuery,
 };
-use super::{AppState, MAX_BATCH};
+use super::AppState;
 use crate::telemetry::Telemetry;
 
 const OP_ID_HEADER: &str = "x-opmesh-op-id";
@@ -172,13 +172,13 @@ pub(super) async fn submit_batch(
     // Fast path: every entry is well formed, parsed in one pass. Otherwise parse entry by
     // entry so each refusal names its own field.
     if let Ok(b) = serde_json::from_slice::<TypedBatch>(&bytes) {
-        check_batch_len(b.ops.len())?;
+        check_batch_len(b.ops.len(), st.max_batch_ops)?;
         for r in b.ops {
             add(to_operation(r, parent, &caller, now));
         }
     } else {
         let b: BatchRequest = parse(&bytes, "request body")?;
-        check_batch_len(b.ops.len())?;
+        check_batch_len(b.ops.len(), st.max_batch_ops)?;
         for (i, raw) in b.ops.iter().enumerate() {
             add(
                 parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]"))
@@ -226,12 +226,12 @@ pub(super) async fn submit_batch(
     Ok(HttpResponse::build(status).json(BatchAnswer { results }))
 }
 
-fn check_batch_len(n: usize) -> Result<(), ApiError> {
-    if n > MAX_BATCH {
+fn check_batch_len(n: usize, max: usize) -> Result<(), ApiError> {
+    if n > max {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
-            format!("field `ops` has {n} operations, over the limit of {MAX_BATCH}"),
+            format!("field `ops` has {n} operations, over the limit of {max} (http.max_batch_ops)"),
         ));
     }
     Ok(())

@@ -24,6 +24,7 @@ pub(super) struct RawEngine {
     max_key_bytes: u64,
     max_type_len: u64,
     default_deadline_ms: u64,
+    max_deadline_ms: u64,
     overload_retry_after_ms: u64,
     result_retention_secs: u64,
     result_retention_max: u64,
@@ -141,7 +142,12 @@ impl RawEngine {
                 default_deadline: check.millis(
                     "engine.default_deadline_ms",
                     self.default_deadline_ms,
-                    1..=86_400_000,
+                    1..=self.max_deadline_ms.min(86_400_000),
+                )?,
+                max_deadline: check.millis(
+                    "engine.max_deadline_ms",
+                    self.max_deadline_ms,
+                    1..=604_800_000,
                 )?,
             },
             cache: cache.validate(check)?,

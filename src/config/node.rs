@@ -24,6 +24,8 @@ pub struct HttpConfig {
     /// Worker threads, at least 1 (`workers = 0` resolved to the number of CPU cores).
     pub workers: usize,
     pub max_body_bytes: usize,
+    /// Most operations one batch request may carry (`http.max_batch_ops`).
+    pub max_batch_ops: usize,
     /// Idle keep-alive connections close after this; zero closes after each response.
     pub keep_alive: Duration,
     /// `None`: plain HTTP. Otherwise https with these files, reloaded when they change.
@@ -42,6 +44,7 @@ pub(super) struct RawHttp {
     addr: String,
     workers: u64,
     max_body_bytes: u64,
+    max_batch_ops: u64,
     keep_alive_secs: u64,
     tls_cert: String,
     tls_key: String,
@@ -92,6 +95,7 @@ impl RawHttp {
                 self.max_body_bytes,
                 KIB..=256 * MIB,
             )?,
+            max_batch_ops: check.count("http.max_batch_ops", self.max_batch_ops, 1..=1_000_000)?,
             keep_alive: check.secs("http.keep_alive_secs", self.keep_alive_secs, 0..=3600)?,
             tls: self.tls(check)?,
         })
