@@ -158,6 +158,7 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         workers: cfg.http.workers,
         max_body_bytes: cfg.http.max_body_bytes,
         max_batch_ops: cfg.http.max_batch_ops,
+        max_subscribers: cfg.max_subscribers,
         keep_alive: cfg.http.keep_alive,
         shutdown_grace: cfg.shutdown_grace,
         telemetry: telemetry.clone(),

@@ -515,6 +515,7 @@ fn failed_operations_link_to_their_traces_in_jaeger() {
             workers: 1,
             max_body_bytes: 1 << 20,
             max_batch_ops: 1000,
+            max_subscribers: 16,
             keep_alive: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(1),
             telemetry,

@@ -195,3 +195,36 @@ async fn a_deadline_or_a_batch_over_its_limit_is_refused_naming_the_limit() {
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_past_max_subscribers_are_refused_until_one_ends() {
+    let s = Server::start(&[], &[("OPMESH_EVENTS__MAX_SUBSCRIBERS", "2")]);
+    let c = client();
+    let open = || c.get(s.url("/v1/events")).send();
+    let first = open().await.unwrap();
+    let second = open().await.unwrap();
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = open().await.unwrap();
+    assert_eq!(third.status(), 503);
+    let v: Value = third.json().await.unwrap();
+    assert_eq!(v["error"], "too_many_subscribers");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("events.max_subscribers"),
+        "{v}"
+    );
+    // One client goes away: its place is free again.
+    drop(first);
+    wait_until(
+        "a place for another stream",
+        Duration::from_secs(10),
+        || async { open().await.unwrap().status() == 200 },
+    )
+    .await;
+    drop(second);
+}

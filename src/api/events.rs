@@ -44,6 +44,8 @@ pub const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
 pub const DEFAULT_BUFFER: usize = 1024;
 /// The largest `?buffer=` a client may ask for.
 pub const MAX_BUFFER: usize = 65_536;
+/// Event streams open at once unless `events.max_subscribers` says otherwise.
+pub const DEFAULT_MAX_SUBSCRIBERS: usize = 256;
 /// How many recent failures the node keeps for `GET /v1/failures`.
 pub const MAX_FAILURES: usize = 100;
 /// Failure events the recorder may fall behind by before it misses some.
@@ -62,12 +64,29 @@ pub struct Live {
     node: Node,
     failures: Arc<FailureLog>,
     stop: CancellationToken,
+    /// Event streams open now, and how many may be (`events.max_subscribers`).
+    streams: Arc<std::sync::atomic::AtomicUsize>,
+    max_streams: usize,
+}
+
+/// A stream's place among the open ones, given back when the stream ends.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Live {
     /// Starts the metrics publisher and the failure recorder for `node`. Must be called
     /// inside a tokio runtime.
     pub fn start(node: Node, cluster: Option<Cluster>) -> Live {
+        Self::with_max_streams(node, cluster, DEFAULT_MAX_SUBSCRIBERS)
+    }
+
+    /// [`start`](Self::start), allowing at most `max_streams` open event streams.
+    pub fn with_max_streams(node: Node, cluster: Option<Cluster>, max_streams: usize) -> Live {
         let stop = CancellationToken::new();
         let failures = Arc::new(FailureLog::default());
         tokio::spawn(publish_metrics(node.clone(), cluster, stop.clone()));
@@ -79,7 +98,20 @@ impl Live {
             node,
             failures,
             stop,
+            streams: Arc::default(),
+            max_streams,
         }
+    }
+
+    /// A place for one more event stream, or `None` when `max_streams` are open.
+    fn open_stream(&self) -> Option<StreamSlot> {
+        use std::sync::atomic::Ordering;
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_streams).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamSlot(self.streams.clone()))
     }
 
     /// Stops the background tasks and ends every open event stream (each client gets the
@@ -331,7 +363,8 @@ fn parse_kinds(s: &str) -> Result<Kinds, ApiError> {
         ("buffer" = Option<usize>, Query, description = "events this client may fall behind by before it misses some (1..=65536, default 1024)")),
     responses(
         (status = 200, description = "a stream of events", content_type = "text/event-stream", body = String),
-        (status = 400, body = crate::api::ErrorBody)))]
+        (status = 400, body = crate::api::ErrorBody),
+        (status = 503, description = "events.max_subscribers streams are open (`too_many_subscribers`)", body = crate::api::ErrorBody)))]
 pub(crate) async fn events(
     live: web::Data<Live>,
     req: actix_web::HttpRequest,
@@ -345,8 +378,20 @@ pub(crate) async fn events(
         None => DEFAULT_BUFFER,
         Some(s) => parse_in_range("buffer", s, 1, MAX_BUFFER)?,
     };
+    let slot = live.open_stream().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_subscribers",
+            format!(
+                "{} event streams are open, the most this node serves \
+                 (events.max_subscribers); try again later",
+                live.max_streams
+            ),
+        )
+    })?;
     let mut stream = EventStream::new(live.node.events(), kinds, buffer, live.stop.clone());
     stream.caller = Caller::of(&req);
+    stream.slot = Some(slot);
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
@@ -367,6 +412,8 @@ struct EventStream {
     opened: bool,
     /// Whose stream it is: events of operations it may not see are left out.
     caller: Caller,
+    /// Its place among the open streams, given back when it ends.
+    slot: Option<StreamSlot>,
 }
 
 impl EventStream {
@@ -386,6 +433,7 @@ impl EventStream {
                 name: None,
                 scope: crate::auth::Scope::Admin,
             },
+            slot: None,
         }
     }
 

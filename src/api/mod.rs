@@ -62,6 +62,8 @@ pub struct ApiSettings {
     pub max_body_bytes: usize,
     /// Most operations one batch request may carry (`http.max_batch_ops`).
     pub max_batch_ops: usize,
+    /// Event streams open at once at most (`events.max_subscribers`).
+    pub max_subscribers: usize,
     pub keep_alive: Duration,
     /// How long in-flight operations get to finish after a shutdown signal.
     pub shutdown_grace: Duration,
@@ -182,7 +184,11 @@ pub fn start(
         left: left.clone(),
         telemetry: settings.telemetry.clone(),
     });
-    let live = web::Data::new(Live::start(state.node.clone(), cluster.clone()));
+    let live = web::Data::new(Live::with_max_streams(
+        state.node.clone(),
+        cluster.clone(),
+        settings.max_subscribers,
+    ));
     let dashboard = web::Data::new(Dashboard {
         node: state.node.id().to_string(),
         telemetry: settings.telemetry.clone(),

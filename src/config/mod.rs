@@ -35,7 +35,7 @@ use self::check::Check;
 use self::cluster::RawCluster;
 use self::engine::{RawCache, RawEngine, RawRetry};
 use self::handlers::RawHandlers;
-use self::node::{RawHttp, RawNode, RawShutdown};
+use self::node::{RawEvents, RawHttp, RawNode, RawShutdown};
 use self::telemetry::RawTelemetry;
 
 pub use self::auth::AuthConfig;
@@ -69,6 +69,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// After a shutdown signal, how long in-flight work gets to finish.
     pub shutdown_grace: Duration,
+    /// Event streams (`GET /v1/events`) open at once at most (`events.max_subscribers`).
+    pub max_subscribers: usize,
     /// The built-in handlers this node registers (`handlers.builtin`), each once.
     pub builtin_handlers: Vec<Builtin>,
     /// Operation types served by POSTing to a URL, in the order configured.
@@ -234,6 +236,7 @@ struct Raw {
     cache: RawCache,
     retry: RawRetry,
     shutdown: RawShutdown,
+    events: RawEvents,
     cluster: RawCluster,
     telemetry: RawTelemetry,
     handlers: RawHandlers,
@@ -251,6 +254,7 @@ impl Raw {
         let retry = self.retry.validate(check)?;
         let engine = self.engine.validate(check, self.cache, retry)?;
         let shutdown_grace = self.shutdown.validate(check)?;
+        let max_subscribers = self.events.validate(check)?;
         let max_type_len = engine.limits.max_type_len;
         let (builtin_handlers, http_handlers) =
             self.handlers.validate(check, max_type_len, &engine.retry)?;
@@ -268,6 +272,7 @@ impl Raw {
             auth,
             engine,
             shutdown_grace,
+            max_subscribers,
             builtin_handlers,
             http_handlers,
             profile,

@@ -58,6 +58,19 @@ pub(super) struct RawShutdown {
     grace_secs: u64,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEvents {
+    max_subscribers: u64,
+}
+
+impl RawEvents {
+    /// Event streams (`GET /v1/events`) open at once at most.
+    pub(super) fn validate(self, check: &Check<'_>) -> Result<usize, ConfigError> {
+        check.count("events.max_subscribers", self.max_subscribers, 1..=65_536)
+    }
+}
+
 const WORKERS: RangeInclusive<u64> = 1..=256;
 
 impl RawNode {

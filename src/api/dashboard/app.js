@@ -103,8 +103,12 @@ function headers(accept) {
   return h;
 }
 
-/** The node refused this tab's token (or it has none): ask for one. */
-function askForToken(status) {
+/**
+ * The node refused a request sent with `sent` (this tab's token then, or none): ask for a
+ * token, unless the tab has had another one since (an answer to an older request).
+ */
+function askForToken(status, sent) {
+  if (sessionStorage.getItem(TOKEN_KEY) !== sent) return;
   const form = $('token-form');
   if (!form.hidden) return;
   form.hidden = false;
@@ -115,8 +119,9 @@ function askForToken(status) {
 }
 
 async function getJson(path) {
+  const sent = sessionStorage.getItem(TOKEN_KEY);
   const r = await fetch(path, { headers: headers('application/json'), cache: 'no-store' });
-  if (r.status === 401 || r.status === 403) askForToken(r.status);
+  if (r.status === 401 || r.status === 403) askForToken(r.status, sent);
   if (!r.ok) throw new Error(`${path} answered ${r.status}`);
   return r.json();
 }
@@ -370,11 +375,12 @@ function takeFrames(buf) {
 async function openStream() {
   const abort = new AbortController();
   state.stream = abort;
+  const sent = sessionStorage.getItem(TOKEN_KEY);
   try {
     const r = await fetch('/v1/events?types=metrics:collected,operation:failure', {
       headers: headers('text/event-stream'), cache: 'no-store', signal: abort.signal,
     });
-    if (r.status === 401 || r.status === 403) askForToken(r.status);
+    if (r.status === 401 || r.status === 403) askForToken(r.status, sent);
     if (!r.ok || !r.body) throw new Error(`/v1/events answered ${r.status}`);
     stopPolling();
     setStreamState('live', 'live');
