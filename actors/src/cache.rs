@@ -214,8 +214,9 @@ impl<W> ResultCache<W> {
         };
         // A result larger than the whole budget is not stored: it would push out all
         // the others and then itself.
-        if outcome.status == OpStatus::Succeeded && entry_bytes(&key, outcome) <= self.max_bytes {
-            self.add_bytes(entry_bytes(&key, outcome));
+        let size = entry_bytes(&key, outcome);
+        if outcome.status == OpStatus::Succeeded && size <= self.max_bytes {
+            self.add_bytes(size);
             match self.done.push(key.clone(), (outcome.clone(), print, now)) {
                 // Replaced the same key's older result: the size stays.
                 Some((old_key, (old, _, _))) if old_key == key => {

@@ -188,18 +188,16 @@ pub fn pick<'t>(
         (None, Some(_)) => Strategy::ConsistentHash,
         (None, None) => Strategy::RoundRobin,
     };
-    let chosen = match (strategy, key) {
-        (Strategy::Pinned, _) => first,
-        (_, _) if affinity.is_some() => {
-            rendezvous(healthy(), affinity.unwrap_or_default()).unwrap_or(first)
-        }
-        (Strategy::LeastLoaded, _) => healthy()
+    let chosen = match (strategy, key, affinity) {
+        (Strategy::Pinned, _, _) => first,
+        (_, _, Some(kh)) => rendezvous(healthy(), kh).unwrap_or(first),
+        (Strategy::LeastLoaded, _, _) => healthy()
             .min_by(|a, b| a.load.cmp(&b.load).then_with(|| a.id.cmp(&b.id)))
             .unwrap_or(first),
-        (Strategy::ConsistentHash, Some(k)) => {
+        (Strategy::ConsistentHash, Some(k), None) => {
             rendezvous(healthy(), stable_hash(k.as_bytes())).unwrap_or(first)
         }
-        (Strategy::RoundRobin, _) | (Strategy::ConsistentHash, None) => {
+        (Strategy::RoundRobin, _, None) | (Strategy::ConsistentHash, None, None) => {
             let count = healthy().count() as u64;
             let i = (*rr % count) as usize;
             *rr = rr.wrapping_add(1);
