@@ -194,8 +194,76 @@ impl Collector for OpmeshCollector {
         if let Some(c) = &self.cluster {
             encode_cluster(c, &mut out)?;
         }
+        if let Some(p) = Process::read() {
+            encode_process(&p, &mut out)?;
+        }
         Ok(())
     }
+}
+
+/// The process's own figures, from `/proc/self` (Linux; elsewhere none are exposed).
+#[derive(Debug, Default, PartialEq)]
+struct Process {
+    resident_bytes: u64,
+    cpu_seconds: f64,
+    threads: u64,
+    open_fds: u64,
+}
+
+/// Clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`: 100 on every Linux ABI).
+const USER_HZ: f64 = 100.0;
+
+impl Process {
+    fn read() -> Option<Process> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let mut p = Process::parse(&status, &stat)?;
+        p.open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        Some(p)
+    }
+
+    /// Resident memory and threads from `status`, user and system CPU time from `stat`.
+    fn parse(status: &str, stat: &str) -> Option<Process> {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        // After the command name, which may hold spaces and parentheses: state is
+        // field 3, utime and stime fields 14 and 15.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+        Some(Process {
+            resident_bytes: field("VmRSS:")? * 1024,
+            cpu_seconds: (ticks(14)? + ticks(15)?) as f64 / USER_HZ,
+            threads: field("Threads:")?,
+            open_fds: 0,
+        })
+    }
+}
+
+fn encode_process(p: &Process, out: &mut Out) -> fmt::Result {
+    out.gauge(
+        "process_resident_memory_bytes",
+        "Resident memory of the process, in bytes.",
+        p.resident_bytes,
+    )?;
+    let mut m = out.enc.encode_descriptor(
+        "process_cpu_seconds",
+        "CPU time the process used, user and system, in seconds.",
+        None,
+        MetricType::Counter,
+    )?;
+    m.encode_counter::<NoLabelSet, _, f64>(&p.cpu_seconds, None)?;
+    out.gauge("process_threads", "Threads of the process.", p.threads)?;
+    out.gauge(
+        "process_open_fds",
+        "File descriptors the process has open (connections included).",
+        p.open_fds,
+    )
 }
 
 impl OpmeshCollector {
@@ -568,6 +636,25 @@ fn encode_cluster(c: &ClusterSource, out: &mut Out) -> fmt::Result {
 mod tests {
     use super::*;
     use opmesh_actors::{HandlerError, Json, Operation};
+
+    #[test]
+    fn process_figures_are_read_from_status_and_stat() {
+        let status = "Name:\topmesh\nVmRSS:\t   20480 kB\nThreads:\t17\n";
+        // A command name with a space and a parenthesis, then fields 3.. with utime 250
+        // and stime 50 ticks at 14 and 15.
+        let stat = "4242 (op mesh) ) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 17 0";
+        let p = Process::parse(status, stat).unwrap();
+        assert_eq!(
+            p,
+            Process {
+                resident_bytes: 20480 * 1024,
+                cpu_seconds: 3.0,
+                threads: 17,
+                open_fds: 0,
+            }
+        );
+        assert_eq!(Process::parse("nothing", stat), None);
+    }
 
     #[tokio::test]
     async fn a_scrape_reads_the_engine_counters() {

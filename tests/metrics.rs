@@ -365,6 +365,14 @@ async fn a_scrape_counts_exactly_the_work_done() {
     let m = parse(&text);
     m.check_well_formed();
 
+    // The process's own figures, as the kernel tells them.
+    let rss = m.value("process_resident_memory_bytes", &[]);
+    assert!(rss > 4e6 && rss < 4e9, "resident memory {rss}");
+    assert!(m.value("process_cpu_seconds_total", &[]) > 0.0);
+    assert!(m.value("process_threads", &[]) >= 2.0);
+    assert!(m.value("process_open_fds", &[]) >= 3.0);
+    assert_eq!(m.types["process_cpu_seconds"], "counter");
+
     let ops = |ty: &str, outcome: &str| {
         m.value("opmesh_ops_total", &[("type", ty), ("outcome", outcome)])
     };
