@@ -32,7 +32,12 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const RAFT_ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The node's metrics as OpenMetrics text, read now.
-pub async fn render(node: &Node, cluster: Option<&Cluster>, telemetry: &Telemetry) -> String {
+pub async fn render(
+    node: &Node,
+    cluster: Option<&Cluster>,
+    telemetry: &Telemetry,
+    http: Option<&crate::api::traffic::HttpMetrics>,
+) -> String {
     let cluster = match cluster {
         Some(c) => Some(ClusterSource {
             committed: tokio::time::timeout(RAFT_ASK_TIMEOUT, c.committed_index())
@@ -48,6 +53,7 @@ pub async fn render(node: &Node, cluster: Option<&Cluster>, telemetry: &Telemetr
         node: node.clone(),
         cluster,
         telemetry: telemetry.clone(),
+        http: http.map(|h| (h.requests(), h.durations())),
     }));
     let mut out = String::with_capacity(32 * 1024);
     prometheus_client::encoding::text::encode(&mut out, &registry)
@@ -60,7 +66,15 @@ struct OpmeshCollector {
     node: Node,
     cluster: Option<ClusterSource>,
     telemetry: Telemetry,
+    /// The api's requests by route and status, and durations by route, read before
+    /// encoding.
+    http: Option<HttpFigures>,
 }
+
+type HttpFigures = (
+    Vec<(crate::api::traffic::Endpoint, String, u64)>,
+    Vec<(crate::api::traffic::Endpoint, BucketSnapshot)>,
+);
 
 struct ClusterSource {
     cluster: Cluster,
@@ -193,6 +207,34 @@ impl Collector for OpmeshCollector {
         self.encode_telemetry(&mut out)?;
         if let Some(c) = &self.cluster {
             encode_cluster(c, &mut out)?;
+        }
+        // Families with no series yet (nothing served) are left out.
+        if let Some((requests, durations)) = self.http.as_ref().filter(|(r, _)| !r.is_empty()) {
+            out.counters(
+                "opmesh_http_requests_total",
+                "HTTP requests answered, by endpoint (method and route pattern; route \
+                 unmatched for a request no endpoint takes) and status.",
+                requests.iter().map(|((method, route), status, n)| {
+                    (
+                        [
+                            ("method", *method),
+                            ("route", *route),
+                            ("status", status.as_str()),
+                        ],
+                        *n,
+                    )
+                }),
+            )?;
+            out.histograms(
+                "opmesh_http_request_duration",
+                Some(&Unit::Seconds),
+                "Time to answer an HTTP request (to the response's head for a stream), by \
+                 endpoint.",
+                1e9,
+                durations.iter().map(|((method, route), s)| {
+                    ([("method", *method), ("route", *route)], s.clone())
+                }),
+            )?;
         }
         if let Some(p) = Process::read() {
             encode_process(&p, &mut out)?;
@@ -679,7 +721,7 @@ mod tests {
             .unwrap();
         assert!(!failed.is_success());
         assert!(node.enqueue(Operation::new("nope", Json::null())).is_err());
-        let text = render(&node, None, &Telemetry::disabled()).await;
+        let text = render(&node, None, &Telemetry::disabled(), None).await;
         let build = format!(
             "opmesh_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")

@@ -913,3 +913,64 @@ async fn the_dashboard_and_the_alerts_query_only_metrics_a_cluster_exposes() {
         "observability/README.md does not list {undocumented:?}"
     );
 }
+
+#[tokio::test]
+async fn http_requests_are_counted_by_route_and_status_and_timed() {
+    let s = Server::start(&[], &[]);
+    let before = scrape(&s).await;
+    let count = |m: &Scrape, route: &str, status: &str| {
+        m.find(
+            "opmesh_http_requests_total",
+            &[("route", route), ("status", status)],
+        )
+        .iter()
+        .map(|s| s.value)
+        .sum::<f64>()
+    };
+    for i in 0..3 {
+        let (code, _) = submit(&s, json!({"type": "echo", "payload": i}), &[]).await;
+        assert_eq!(code, 200);
+    }
+    let r = client()
+        .post(s.url("/v1/ops"))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let id = uuid::Uuid::new_v4();
+    let r = client()
+        .get(s.url(&format!("/v1/ops/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = client()
+        .get(s.url("/no/such/endpoint"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let after = scrape(&s).await;
+    let delta =
+        |route: &str, status: &str| count(&after, route, status) - count(&before, route, status);
+    assert_eq!(delta("/v1/ops", "200"), 3.0);
+    assert_eq!(delta("/v1/ops", "400"), 1.0);
+    // The pattern, never the concrete id: one series for every id.
+    assert_eq!(delta("/v1/ops/{id}", "404"), 1.0);
+    assert_eq!(delta("unmatched", "404"), 1.0);
+    assert!(after
+        .find(
+            "opmesh_http_requests_total",
+            &[("route", &format!("/v1/ops/{id}"))]
+        )
+        .is_empty());
+    let timed = |m: &Scrape| {
+        m.try_value(
+            "opmesh_http_request_duration_seconds_count",
+            &[("method", "POST"), ("route", "/v1/ops")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(timed(&after) - timed(&before), 4.0);
+}

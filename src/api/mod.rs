@@ -45,6 +45,7 @@ pub mod openapi;
 pub mod ops;
 pub mod probes;
 pub mod routes;
+pub mod traffic;
 
 pub use errors::{ApiError, ErrorBody};
 pub use model::{
@@ -84,6 +85,8 @@ pub(crate) struct AppState {
     /// then shuts down.
     left: Arc<tokio::sync::Notify>,
     telemetry: Telemetry,
+    /// Requests by endpoint and status, for `GET /metrics`.
+    traffic: web::Data<traffic::HttpMetrics>,
 }
 
 /// What answers a request no endpoint takes: 405 with `Allow` when the path is an
@@ -175,7 +178,9 @@ pub fn start(
 ) -> std::io::Result<Server> {
     let listener = listener.into();
     let left = Arc::new(tokio::sync::Notify::new());
+    let traffic = web::Data::new(traffic::HttpMetrics::default());
     let state = web::Data::new(AppState {
+        traffic: traffic.clone(),
         node,
         cluster: cluster.clone(),
         max_body_bytes: settings.max_body_bytes,
@@ -205,6 +210,9 @@ pub fn start(
     let server = HttpServer::new(move || {
         App::new()
             .wrap(actix_web::middleware::from_fn(auth::authorize))
+            // Outermost: refusals are counted too.
+            .wrap(actix_web::middleware::from_fn(traffic::measure))
+            .app_data(traffic.clone())
             .app_data(guard.clone())
             .app_data(state.clone())
             .app_data(live_state.clone())

@@ -48,7 +48,13 @@ pub(super) async fn metrics(st: web::Data<AppState>) -> HttpResponse {
 /// Node metrics in the Prometheus / OpenMetrics text format (see `observability/`).
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "OpenMetrics text")))]
 pub(super) async fn prometheus_metrics(st: web::Data<AppState>) -> HttpResponse {
-    let body = crate::metrics::render(&st.node, st.cluster.as_ref(), &st.telemetry).await;
+    let body = crate::metrics::render(
+        &st.node,
+        st.cluster.as_ref(),
+        &st.telemetry,
+        Some(&st.traffic),
+    )
+    .await;
     HttpResponse::Ok()
         .content_type(crate::metrics::CONTENT_TYPE)
         .body(body)
