@@ -264,24 +264,22 @@ impl Process {
         Some(p)
     }
 
-    /// Resident memory and threads from `status`, user and system CPU time from `stat`.
+    /// Resident memory (read as the bench reads it) and threads from `status`, user and
+    /// system CPU time from `stat`.
     fn parse(status: &str, stat: &str) -> Option<Process> {
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|n| n.parse::<u64>().ok())
-        };
+        let threads = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse::<u64>().ok());
         // After the command name, which may hold spaces and parentheses: state is
         // field 3, utime and stime fields 14 and 15.
         let rest = &stat[stat.rfind(')')? + 1..];
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
         Some(Process {
-            resident_bytes: field("VmRSS:")? * 1024,
+            resident_bytes: crate::bench::rss::parse_status(status)?.rss,
             cpu_seconds: (ticks(14)? + ticks(15)?) as f64 / USER_HZ,
-            threads: field("Threads:")?,
+            threads: threads?,
             open_fds: 0,
         })
     }
@@ -681,7 +679,7 @@ mod tests {
 
     #[test]
     fn process_figures_are_read_from_status_and_stat() {
-        let status = "Name:\topmesh\nVmRSS:\t   20480 kB\nThreads:\t17\n";
+        let status = "Name:\topmesh\nVmHWM:\t   40960 kB\nVmRSS:\t   20480 kB\nThreads:\t17\n";
         // A command name with a space and a parenthesis, then fields 3.. with utime 250
         // and stime 50 ticks at 14 and 15.
         let stat = "4242 (op mesh) ) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 17 0";

@@ -68,7 +68,7 @@ pub use self::rss::PeakSource;
 mod driver;
 mod inflight;
 mod report;
-mod rss;
+pub(crate) mod rss;
 mod targets;
 #[cfg(test)]
 mod tests;
