@@ -378,6 +378,11 @@ impl OpmeshCollector {
             node.result_store_bytes(),
         )?;
         out.gauge(
+            "opmesh_result_store_budget_bytes",
+            "engine.result_store_bytes: the most opmesh_result_store_bytes may be.",
+            node.config().result_store_bytes,
+        )?;
+        out.gauge(
             "opmesh_ops_running",
             "Operations whose handler runs now.",
             node.running(),
@@ -429,6 +434,11 @@ impl OpmeshCollector {
             "opmesh_cache_bytes",
             "Bytes of the keys and results held in the cache now (at most cache.max_bytes).",
             c.bytes,
+        )?;
+        out.gauge(
+            "opmesh_cache_budget_bytes",
+            "cache.max_bytes: the most opmesh_cache_bytes may be.",
+            node.config().cache.max_bytes,
         )?;
 
         out.histograms::<0>(
