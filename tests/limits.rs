@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, wait_until, Server};
+use common::{client, get_json, wait_until, Server};
 use serde_json::{json, Value};
 
 /// The process's resident memory, in bytes.
@@ -62,14 +62,7 @@ async fn large_results_stay_within_the_result_store_budget() {
         ids.push(v["id"].as_str().unwrap().to_owned());
         peak = peak.max(rss(s.pid()));
     }
-    let m: Value = c
-        .get(s.url("/v1/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let m = get_json(&s.url("/v1/metrics")).await;
     let held = m["resultStoreBytes"]
         .as_u64()
         .expect("resultStoreBytes in /v1/metrics");
