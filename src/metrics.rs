@@ -596,9 +596,25 @@ fn encode_cluster(c: &ClusterSource, out: &mut Out) -> fmt::Result {
     )?;
     out.counter(
         "opmesh_cluster_replies_dropped_total",
-        "Replies to operations other nodes forwarded here that were dropped because the \
-         link back was down and the peer's buffer (cluster.reply_buffer_bytes) was full.",
+        "Replies to operations other nodes forwarded here that were dropped because that \
+         node's buffer of unacknowledged replies (cluster.reply_buffer_bytes) was full.",
         cluster.replies_dropped(),
+    )?;
+    out.gauge(
+        "opmesh_cluster_forwarded_waiting",
+        "Operations this node forwarded to their owner and waits to hear about.",
+        status.forwarded_waiting as u64,
+    )?;
+    out.gauge(
+        "opmesh_cluster_replies_unacknowledged",
+        "Replies to operations other nodes forwarded here, sent and not acknowledged yet \
+         (sent again until they are).",
+        status.replies_unacknowledged as u64,
+    )?;
+    out.gauge(
+        "opmesh_cluster_replies_unacknowledged_bytes",
+        "The bytes of those replies (at most cluster.reply_buffer_bytes per node).",
+        status.replies_unacknowledged_bytes as u64,
     )?;
     out.counter(
         "opmesh_cluster_messages_refused_total",

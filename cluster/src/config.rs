@@ -58,8 +58,8 @@ pub struct ClusterConfig {
     pub down_after: Duration,
     /// How long a write waits for its commit before failing.
     pub write_timeout: Duration,
-    /// The most bytes of replies kept per peer while the link back to it is down
-    /// (`cluster.reply_buffer_bytes`); past it replies are dropped and counted.
+    /// The most bytes of replies kept per peer until it acknowledges them
+    /// (`cluster.reply_buffer_bytes`); past it the oldest are dropped and counted.
     pub reply_buffer_bytes: usize,
     /// How long each step of a leave's hand-off (marking this node leaving; its removal
     /// from the registry and the Raft group) may take before the node gives up on it and

@@ -16,6 +16,8 @@
 //!   one of its seeds belongs to and bootstrapping one.
 //! - [`remote`]: operations forwarded to their owner and their replies: the origin's
 //!   outbox (re-sent, re-routed, expired) and the wire form of an operation.
+//! - [`replies`]: the owner's ledger of each origin's reply batches until acknowledged
+//!   and of its operations running here, so each runs once and each outcome arrives.
 //! - [`network`]: Raft's RPCs as request/response frames on the same links, with the
 //!   calls waiting for their answers.
 //! - [`transport`]: length-prefixed frames over TCP, links that open only after a mutual
@@ -39,6 +41,7 @@ pub mod formation;
 pub mod membership;
 pub mod network;
 pub mod remote;
+pub mod replies;
 pub mod secret;
 pub mod store;
 pub mod transport;

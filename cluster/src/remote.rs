@@ -4,8 +4,14 @@
 //! The origin keeps every operation it forwarded ([`Outbox`]) until its reply comes:
 //! when the link to the owner comes back after a break, what is still waiting is sent
 //! again; when the owner is marked down, it is routed again to a healthy node; when its
-//! deadline passes first, it expires with the reason. Delivery is at least once: an
-//! operation with an idempotency key is answered from the owner's cache on a repeat.
+//! deadline passes first, it expires with the reason. The owner runs an operation it
+//! receives again only once per run of its process: it keeps reply batches until the
+//! origin acknowledges them and knows what is running (see [`crate::replies`]), so a
+//! link break neither loses a reply nor runs an operation twice. Only an owner that dies
+//! (or is marked down) with operations in flight makes the origin run them again
+//! elsewhere: at least once, and an operation with an idempotency key is then answered
+//! from the new owner's cache if it had run there, or carries the same `Idempotency-Key`
+//! to the handler.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -37,6 +37,8 @@ pub(super) async fn cluster_status(st: web::Data<AppState>) -> HttpResponse {
                     "link": "self",
                 }],
                 "forwarded_waiting": 0,
+                "replies_unacknowledged": 0,
+                "replies_unacknowledged_bytes": 0,
                 "links": [],
             }))
         }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
-use opmesh_actors::{Backoff, Jitter};
+use opmesh_actors::{Backoff, Jitter, NodeId};
 use tokio_util::sync::CancellationToken;
 
 use super::Inner;
@@ -391,6 +391,24 @@ impl Inner {
                 }
             }
             self.outbox.expire(Instant::now());
+            self.resend_unacknowledged(&state);
+        }
+    }
+
+    /// Sends again the reply batches a node has not acknowledged for a while (the batch
+    /// or its acknowledgement was lost with a link), and forgets the ledger of a node
+    /// that is no longer a member once it runs nothing there and no batch to it was sent
+    /// for a minute.
+    fn resend_unacknowledged(&self, state: &ClusterState) {
+        let now = Instant::now();
+        self.ledgers.retain(|peer, ledger| {
+            state.nodes.contains_key(peer)
+                || !ledger.get_mut().is_stale(now, Duration::from_secs(60))
+        });
+        let after = (self.cfg.heartbeat * 4).max(Duration::from_secs(1));
+        let peers: Vec<NodeId> = self.ledgers.iter().map(|e| e.key().clone()).collect();
+        for peer in peers {
+            self.send_again(&peer, after);
         }
     }
 

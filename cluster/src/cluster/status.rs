@@ -28,6 +28,10 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatusView>,
     /// Operations this node forwarded and waits to hear about.
     pub forwarded_waiting: usize,
+    /// Replies to operations other nodes forwarded here, sent and not acknowledged yet
+    /// (sent again until they are), and their bytes.
+    pub replies_unacknowledged: usize,
+    pub replies_unacknowledged_bytes: usize,
     pub links: Vec<LinkStats>,
 }
 
@@ -104,6 +108,11 @@ impl Inner {
                 }
             })
             .collect();
+        let (replies_unacknowledged, replies_unacknowledged_bytes) = self
+            .ledgers
+            .iter()
+            .map(|l| l.lock().held())
+            .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2));
         ClusterStatus {
             cluster_id: self.cfg.cluster_id.clone(),
             node: self.me.name.to_string(),
@@ -115,6 +124,8 @@ impl Inner {
             raft_state: format!("{:?}", m.state).to_lowercase(),
             nodes,
             forwarded_waiting: self.outbox.len(),
+            replies_unacknowledged,
+            replies_unacknowledged_bytes,
             links: t.links(),
         }
     }
