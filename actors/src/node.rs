@@ -192,6 +192,7 @@ impl NodeBuilder {
                     healthy: true,
                     serves: self.registry.type_names(),
                     load: 0,
+                    overloaded: Vec::new(),
                 }],
             }))
         });

@@ -16,8 +16,8 @@
 //! | 17  | `Message::ReplyBatch` | `seq: u64`, then a `u64` count and that many [`WireReply`]      |
 //! | 18  | `Message::Request`    | `id: u64`, then the [`Rpc`] as postcard, to the end of the body |
 //! | 19  | `Message::Response`   | `id: u64`, then the [`RpcReply`] as postcard, to the end        |
-//! | 20  | `Message::Ping`       | `seq: u64, load: u64`                                           |
-//! | 21  | `Message::Pong`       | `seq: u64, load: u64`                                           |
+//! | 20  | `Message::Ping`       | `seq: u64, load: u64`, then a `u64` count of overloaded types   |
+//! | 21  | `Message::Pong`       | the same as `Ping`                                              |
 //! | 22  | `Message::ReplyAck`   | `u64` count, then that many `seq: u64`                          |
 //!
 //! opmesh's own frames derive wincode; openraft's RPC types implement only serde, so they
@@ -58,7 +58,8 @@ use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfi
 /// 3: the handshake proves both ends (`DialerNonce`, `Welcome` with the acceptor's proof)
 /// and messages travel in authenticated records; Raft writes, joins and leaves carry who
 /// asked for them (the audit trail), and a forwarded operation its submitter.
-/// 4: reply batches carry a sequence number and are acknowledged (`ReplyAck`).
+/// 4: reply batches carry a sequence number and are acknowledged (`ReplyAck`);
+/// heartbeats carry the sender's overloaded types.
 pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Bytes of the length prefix in front of every frame body.
@@ -88,14 +89,17 @@ pub enum Message {
         id: u64,
         body: RpcReply,
     },
-    /// Heartbeats; `load` is the number of operations in flight on the sender.
+    /// Heartbeats; `load` is the number of operations in flight on the sender,
+    /// `overloaded` the types whose queue there is over its high watermark.
     Ping {
         seq: u64,
         load: u64,
+        overloaded: Vec<String>,
     },
     Pong {
         seq: u64,
         load: u64,
+        overloaded: Vec<String>,
     },
 }
 
@@ -376,10 +380,12 @@ pub fn decode(body: &[u8]) -> Result<Frame, CodecError> {
         tag::PING => Frame::Message(Message::Ping {
             seq: read(&mut rest)?,
             load: read(&mut rest)?,
+            overloaded: read_records(&mut rest, 8)?,
         }),
         tag::PONG => Frame::Message(Message::Pong {
             seq: read(&mut rest)?,
             load: read(&mut rest)?,
+            overloaded: read_records(&mut rest, 8)?,
         }),
         other => return Err(CodecError::UnknownTag(other)),
     };
@@ -474,17 +480,25 @@ impl Encode for Message {
                 out.extend_from_slice(&id.to_le_bytes());
                 postcard_into(out, body)
             }
-            Message::Ping { seq, load } => {
+            Message::Ping {
+                seq,
+                load,
+                overloaded,
+            } => {
                 out.push(tag::PING);
                 out.extend_from_slice(&seq.to_le_bytes());
                 out.extend_from_slice(&load.to_le_bytes());
-                Ok(())
+                write_records(out, overloaded)
             }
-            Message::Pong { seq, load } => {
+            Message::Pong {
+                seq,
+                load,
+                overloaded,
+            } => {
                 out.push(tag::PONG);
                 out.extend_from_slice(&seq.to_le_bytes());
                 out.extend_from_slice(&load.to_le_bytes());
-                Ok(())
+                write_records(out, overloaded)
             }
         }
     }

@@ -10,6 +10,8 @@
 //! - [`cluster`]: the [`Cluster`] handle a node holds: start, join and leave, the engine's
 //!   routing table and forwarder, what each arriving message does, writes through the
 //!   Raft leader, and the supervised background duties.
+//! - [`flow`]: back-pressure: which types this node tells the others it is overloaded
+//!   with (queues over `flow.high` until under `flow.low`).
 //! - [`membership`]: the pure decisions behind those duties: which nodes the leader marks
 //!   down or up, which learners may vote, the next voter set.
 //! - [`formation`]: the pure decision of a node with no state between joining a cluster
@@ -37,6 +39,7 @@
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod flow;
 pub mod formation;
 pub mod membership;
 pub mod network;

@@ -114,14 +114,24 @@ pub fn reply_from_wire(w: WireReply, peer: &NodeId) -> OpOutcome {
     }
 }
 
+/// The status of a reply that says the owner refused the operation at its door because
+/// its queue of the type was full: the origin routes it again to another node of the
+/// route, or fails it naming the owner when there is none.
+pub const REFUSED_OVERLOADED: u8 = 0xF0;
+
 /// The answer to a submission the owner refused at its door (full queue, no handler,
-/// shutting down): the operation fails with the owner's reason.
+/// shutting down): the operation fails with the owner's reason, or, for a full queue, is
+/// routed again by the origin ([`REFUSED_OVERLOADED`]).
 pub fn refused_reply(id: u128, peer: &NodeId, e: &SubmitError) -> WireReply {
-    reply_to_wire(OpOutcome::failure(
+    let mut r = reply_to_wire(OpOutcome::failure(
         OpId(id),
         OpStatus::Failed,
         format!("node `{peer}` refused the operation: {e}"),
-    ))
+    ));
+    if matches!(e, SubmitError::Overloaded { .. }) {
+        r.status = REFUSED_OVERLOADED;
+    }
+    r
 }
 
 /// What the origin forwarded and waits to hear about, by owner.
@@ -144,10 +154,12 @@ impl Outbox {
     }
 
     /// Completes the operations `peer` answered. Replies to unknown ids (answered
-    /// already: a repeat after a re-send) are ignored.
-    pub fn complete(&self, peer: &NodeId, replies: Vec<WireReply>) {
+    /// already: a repeat after a re-send) are ignored. Answers the operations `peer`
+    /// refused because its queue was full ([`REFUSED_OVERLOADED`]), with its reason,
+    /// for the caller to route again or fail.
+    pub fn complete(&self, peer: &NodeId, replies: Vec<WireReply>) -> Vec<(Box<Job>, String)> {
         let Some(slot) = self.by_peer.get(peer) else {
-            return;
+            return Vec::new();
         };
         let jobs: Vec<(Box<Job>, WireReply)> = {
             let mut held = slot.lock();
@@ -157,10 +169,16 @@ impl Outbox {
                 .collect()
         };
         drop(slot);
+        let mut refused = Vec::new();
         for (job, reply) in jobs {
+            if reply.status == REFUSED_OVERLOADED {
+                refused.push((job, reply.error.unwrap_or_default()));
+                continue;
+            }
             let Job { reply: done, .. } = *job;
             done.finish(reply_from_wire(reply, peer));
         }
+        refused
     }
 
     /// The wire form of everything still waiting on `peer` (to send again after the

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use openraft::raft::VoteRequest;
 use openraft::Vote;
-use opmesh_actors::{HandlerError, Json, Node, OpStatus, Operation, Route, RouteError, Strategy};
+use opmesh_actors::{
+    EngineConfig, HandlerError, Json, Node, OpStatus, Operation, Route, RouteError, Strategy,
+    SubmitError,
+};
 use opmesh_cluster::codec::{Message, Rpc, WireOp, WireReply};
 use opmesh_cluster::transport::{Inbound, SendError, Transport};
 use opmesh_cluster::types::{raft_id, NodeRecord, NodeStatus};
@@ -44,6 +47,16 @@ async fn member_with(
     join: Option<&str>,
     tune: impl FnOnce(&mut ClusterConfig),
 ) -> Member {
+    member_engine(name, join, tune, EngineConfig::default()).await
+}
+
+/// A member with `engine` settings.
+async fn member_engine(
+    name: &str,
+    join: Option<&str>,
+    tune: impl FnOnce(&mut ClusterConfig),
+    engine: EngineConfig,
+) -> Member {
     let mut cfg = ClusterConfig::new(name, SECRET);
     cfg.join = join.map(str::to_owned).into_iter().collect();
     cfg.heartbeat = Duration::from_millis(50);
@@ -55,6 +68,7 @@ async fn member_with(
     let cluster = Cluster::start(cfg).await.expect("cluster starts");
     let builder = Node::builder()
         .node_id(name)
+        .config(engine)
         .handler("echo", |op: Operation| async move { Ok(op.payload) })
         .handler("slow", |op: Operation| async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -625,6 +639,99 @@ async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_ack
     assert_eq!((calls(plain), calls(keyed)), (1, 1), "nothing ran twice");
 
     x.shutdown().await;
+    b.stop().await;
+    a.stop().await;
+}
+
+/// Back-pressure: an owner whose queue of a type passes the high watermark tells the
+/// others; an operation it refuses for a full queue goes to another node of the route or
+/// fails naming it, and while it stays over the watermark the origin's door refuses the
+/// type (429) unless another node can take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_owner_pushes_back_on_the_nodes_that_send_it_work() {
+    let a = member("a", None).await;
+    let seed = a.cluster.cluster_addr().to_owned();
+    let mut small = EngineConfig {
+        queue_capacity: 10,
+        shards: 1,
+        ..EngineConfig::default()
+    };
+    small.batch.max_concurrent = 1;
+    let b = member_engine("b", Some(&seed), |_| {}, small).await;
+    wait_for("b joined", Duration::from_secs(10), || up_count(&a) == 2).await;
+    let v = a.node.set_route("slow", pinned(&["b"])).await.unwrap();
+    wait_for("the route on a", Duration::from_secs(5), || {
+        a.node.routes().version >= v
+    })
+    .await;
+
+    // 30 at once for b, which queues 10 (one runs at a time, 200 ms each): the ones it
+    // refuses have nowhere else to go and fail naming it.
+    let ops: Vec<_> = (0..30)
+        .map(|i| {
+            a.node
+                .enqueue(Operation::new("slow", Json::encode(&i).unwrap()))
+                .expect("accepted at a's door: b has not said it is overloaded yet")
+        })
+        .collect();
+    // b says so in its heartbeats: a's door refuses the type now.
+    wait_for("a refuses slow at its door", Duration::from_secs(5), || {
+        matches!(
+            a.node.enqueue(Operation::new("slow", Json::null())),
+            Err(SubmitError::OwnerOverloaded { ref node, .. }) if node == "b"
+        )
+    })
+    .await;
+    let outcomes = futures::future::join_all(ops).await;
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.status == OpStatus::Failed)
+        .collect();
+    assert!(!failed.is_empty(), "b refused some");
+    for o in &failed {
+        let e = o.error.as_deref().unwrap();
+        assert!(
+            e.starts_with("overloaded: node `b` refused the operation"),
+            "{e}"
+        );
+    }
+    assert!(outcomes
+        .iter()
+        .all(|o| o.status == OpStatus::Succeeded || o.status == OpStatus::Failed));
+    // Drained, b says so and a accepts the type again.
+    wait_for("a accepts slow again", Duration::from_secs(10), || {
+        a.node
+            .routes()
+            .nodes
+            .iter()
+            .all(|n| n.overloaded.is_empty())
+    })
+    .await;
+    a.node
+        .submit(Operation::new("slow", Json::null()))
+        .await
+        .expect("accepted again");
+
+    // With a second node on the route, what b refuses runs on a, and nothing fails.
+    let v = a.node.set_route("slow", pinned(&["b", "a"])).await.unwrap();
+    wait_for("the new route on a", Duration::from_secs(5), || {
+        a.node.routes().version >= v
+    })
+    .await;
+    let outcomes = futures::future::join_all((0..30).map(|i| {
+        a.node
+            .submit(Operation::new("slow", Json::encode(&i).unwrap()))
+    }))
+    .await;
+    let by_a = outcomes
+        .iter()
+        .filter(|o| {
+            let o = o.as_ref().unwrap();
+            assert_eq!(o.status, OpStatus::Succeeded, "{o:?}");
+            o.executed_by.as_deref() == Some("a")
+        })
+        .count();
+    assert!(by_a > 0, "a took what b could not queue");
     b.stop().await;
     a.stop().await;
 }

@@ -122,7 +122,8 @@ impl From<SubmitError> for ApiError {
                 "field `deadline_ms`: the deadline has already passed",
             ),
             SubmitError::NoRoute { .. } => ApiError::new(StatusCode::NOT_FOUND, "no_route", msg),
-            SubmitError::Overloaded { retry_after, .. } => ApiError {
+            SubmitError::Overloaded { retry_after, .. }
+            | SubmitError::OwnerOverloaded { retry_after, .. } => ApiError {
                 retry_after: Some(retry_after),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", msg)
             },

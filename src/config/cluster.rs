@@ -68,6 +68,26 @@ enum Identity {
     Pod(PodPlace),
 }
 
+/// `[flow]`: the watermarks of back-pressure between nodes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFlow {
+    high: f64,
+    low: f64,
+}
+
+impl RawFlow {
+    /// (high, low), fractions of a queue's capacity with `0 <= low < high <= 1`.
+    pub(super) fn validate(self, check: &Check<'_>) -> Result<(f64, f64), ConfigError> {
+        let high = check.range("flow.high", self.high, 0.0..=1.0)?;
+        let low = check.range("flow.low", self.low, 0.0..=1.0)?;
+        if low >= high {
+            return Err(check.invalid("flow.low", low, format!("0.0..{high} (below flow.high)")));
+        }
+        Ok((high, low))
+    }
+}
+
 impl RawCluster {
     /// `handled`: the types this node has a handler for, which `serves` may name. In
     /// ordinal mode the returned config's `node` is the pod name, which then is the
@@ -282,6 +302,9 @@ impl RawCluster {
                 self.reply_buffer_bytes,
                 KIB..=4095 * MIB,
             )?,
+            // Set from `[flow]` by the caller.
+            flow_high: 0.8,
+            flow_low: 0.2,
             audit_entries: check.count(
                 "cluster.audit_entries",
                 self.audit_entries,

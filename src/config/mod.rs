@@ -32,7 +32,7 @@ use crate::EngineConfig;
 
 use self::auth::RawAuth;
 use self::check::Check;
-use self::cluster::RawCluster;
+use self::cluster::{RawCluster, RawFlow};
 use self::engine::{RawCache, RawEngine, RawRetry};
 use self::handlers::RawHandlers;
 use self::node::{RawEvents, RawHttp, RawNode, RawShutdown};
@@ -238,6 +238,7 @@ struct Raw {
     shutdown: RawShutdown,
     events: RawEvents,
     cluster: RawCluster,
+    flow: RawFlow,
     telemetry: RawTelemetry,
     handlers: RawHandlers,
 }
@@ -259,9 +260,14 @@ impl Raw {
         let (builtin_handlers, http_handlers) =
             self.handlers.validate(check, max_type_len, &engine.retry)?;
         let handled = handlers::handled_types(&builtin_handlers, &http_handlers);
-        let cluster =
-            self.cluster
-                .validate(check, &node_id, http.addr.port(), max_type_len, &handled)?;
+        let flow = self.flow.validate(check)?;
+        let cluster = self
+            .cluster
+            .validate(check, &node_id, http.addr.port(), max_type_len, &handled)?
+            .map(|mut c| {
+                (c.flow_high, c.flow_low) = flow;
+                c
+            });
         // A pod that takes its place from its ordinal is named after the pod.
         let node_id = cluster.as_ref().map_or(node_id, |c| c.node.clone());
         let telemetry = self.telemetry.validate(check)?;

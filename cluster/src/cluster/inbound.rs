@@ -20,7 +20,9 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use openraft::Vote;
-use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus};
+use opmesh_actors::job::Job;
+use opmesh_actors::routing::affinity;
+use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus, OpType};
 
 use super::{Inner, LINK_BACK_WAIT};
 use crate::codec::{Message, Rpc, RpcReply, WireOp, WireReply, WriteRefused};
@@ -30,11 +32,13 @@ use crate::transport::Inbound;
 use crate::types::{raft_id, RaftId};
 
 /// What one node heard last from another.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(super) struct Heard {
     /// The last answer (`Pong`); `None` before the first.
     pub(super) at: Option<Instant>,
     pub(super) load: u64,
+    /// The types it is overloaded with (see [`crate::flow`]).
+    pub(super) overloaded: Vec<OpType>,
 }
 
 /// Frames arriving on links, handed to the cluster (once it is built, while it runs).
@@ -72,7 +76,11 @@ impl Inner {
             Message::OpBatch(ops) => self.run_forwarded(from, ops),
             Message::ReplyBatch { seq, replies } => {
                 let replies = Arc::try_unwrap(replies).unwrap_or_else(|r| (*r).clone());
-                self.outbox.complete(&NodeId::from(from), replies);
+                let peer = NodeId::from(from);
+                let refused = self.outbox.complete(&peer, replies);
+                if !refused.is_empty() {
+                    self.route_refused(&peer, refused);
+                }
                 // Acknowledged whether or not anything here waited for it (a repeat, or
                 // replies to this node's previous run): the sender can forget the batch.
                 // A lost acknowledgement only makes the sender send the batch again.
@@ -109,17 +117,63 @@ impl Inner {
                     self.refuse(from, &wrong.to_string());
                 }
             }
-            Message::Ping { seq, load } => {
-                self.heard(from, load, false);
+            Message::Ping {
+                seq,
+                load,
+                overloaded,
+            } => {
+                self.heard(from, load, overloaded, false);
                 let _ = self.transport().send(
                     from,
                     Message::Pong {
                         seq,
                         load: self.in_flight(),
+                        overloaded: self.overloaded.load().to_vec(),
                     },
                 );
             }
-            Message::Pong { load, .. } => self.heard(from, load, true),
+            Message::Pong {
+                load, overloaded, ..
+            } => self.heard(from, load, overloaded, true),
+        }
+    }
+
+    /// Operations `peer` refused because its queue of their type was full: `peer` is
+    /// noted overloaded with the type (until its next heartbeat says otherwise) and each
+    /// goes to another node of its route, or fails naming `peer` when there is none (or
+    /// when its idempotency key belongs to `peer`).
+    fn route_refused(&self, peer: &NodeId, refused: Vec<(Box<Job>, String)>) {
+        if let Some(mut h) = self.heard.get_mut(peer) {
+            for (job, _) in &refused {
+                if !h.overloaded.contains(&job.op.op_type) {
+                    h.overloaded.push(job.op.op_type.clone());
+                }
+            }
+        }
+        self.publish(&self.state.load_full());
+        let table = self.table.load();
+        let mut again = Vec::new();
+        for (job, why) in refused {
+            let op = &job.op;
+            let placed = op
+                .idempotency_key
+                .as_deref()
+                .map(|k| affinity(op.owner.as_deref(), k));
+            if table.overloaded_owner(&op.op_type, placed).is_some() {
+                let Job { reply, .. } = *job;
+                reply.fail(
+                    OpStatus::Failed,
+                    format!("overloaded: {why}; no other node of the route can take it"),
+                );
+            } else {
+                again.push(job);
+            }
+        }
+        if !again.is_empty() {
+            tracing::debug!(node = %peer, count = again.len(), "queue full there: routing operations again");
+            if let Some(node) = self.node.get() {
+                node.reroute(again);
+            }
         }
     }
 
@@ -144,20 +198,24 @@ impl Inner {
 
     /// Notes a peer's load. Only a `Pong` (`answered`) counts as hearing from it: it
     /// proves the links both ways work, where a `Ping` that arrives proves only one.
-    fn heard(&self, from: &str, load: u64, answered: bool) {
+    fn heard(&self, from: &str, load: u64, overloaded: Vec<String>, answered: bool) {
         let now = Instant::now();
-        self.heard
-            .entry(from.into())
-            .and_modify(|h| {
-                h.load = load;
-                if answered {
-                    h.at = Some(now);
-                }
-            })
-            .or_insert(Heard {
-                at: answered.then_some(now),
-                load,
-            });
+        let overloaded: Vec<OpType> = overloaded.into_iter().map(Into::into).collect();
+        let mut h = self.heard.entry(from.into()).or_insert(Heard {
+            at: None,
+            load,
+            overloaded: Vec::new(),
+        });
+        h.load = load;
+        if answered {
+            h.at = Some(now);
+        }
+        if h.overloaded != overloaded {
+            h.overloaded = overloaded;
+            drop(h);
+            // Routes see it now, not at the next heartbeat.
+            self.publish(&self.state.load_full());
+        }
     }
 
     fn on_link(&self, peer: &str, up: bool) {

@@ -51,6 +51,7 @@ pub use crate::config::ClusterConfig;
 use self::duties::Duty;
 use self::inbound::{Heard, InboundAdapter};
 use crate::codec::Message;
+use crate::flow::Flow;
 use crate::network::{Calls, Links, Network};
 use crate::remote::Outbox;
 use crate::replies::Ledger;
@@ -76,6 +77,10 @@ struct Inner {
     /// What the Router reads: the state as a routing table, with the loads last heard.
     table: ArcSwap<RoutingTable>,
     heard: DashMap<NodeId, Heard>,
+    /// The watermarks of this node's queues, and the types over them (what heartbeats
+    /// tell the others, see [`crate::flow`]).
+    flow: Mutex<Flow>,
+    overloaded: ArcSwap<Vec<String>>,
     calls: Calls,
     outbox: Outbox,
     /// For each node that forwarded operations here: the reply batches it has not
@@ -151,6 +156,8 @@ impl Cluster {
             state: sm.state(),
             versions: sm.version_watch(),
             heard: DashMap::new(),
+            flow: Mutex::new(Flow::new(cfg.flow_high, cfg.flow_low)),
+            overloaded: ArcSwap::from_pointee(Vec::new()),
             calls: Calls::default(),
             outbox: Outbox::default(),
             ledgers: DashMap::new(),

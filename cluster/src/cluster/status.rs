@@ -48,6 +48,9 @@ pub struct NodeStatusView {
     pub serves: Vec<String>,
     /// Operations in flight there, as last heard.
     pub load: u64,
+    /// The types whose queue there is over the high watermark (`flow.high`), as last
+    /// heard: new operations of those types go elsewhere or are refused with 429.
+    pub overloaded: Vec<String>,
     /// self, connected or disconnected: this node's link to it.
     pub link: String,
     /// Milliseconds since this node last heard from it.
@@ -70,7 +73,7 @@ impl Inner {
             .values()
             .map(|n| {
                 let is_me = n.name == self.me.name;
-                let heard = self.heard.get(&n.name).map(|h| *h);
+                let heard = self.heard.get(&n.name).map(|h| h.clone());
                 NodeStatusView {
                     id: n.name.to_string(),
                     http_addr: n.http_addr.clone(),
@@ -88,7 +91,14 @@ impl Inner {
                     load: if is_me {
                         self.in_flight()
                     } else {
-                        heard.map_or(0, |h| h.load)
+                        heard.as_ref().map_or(0, |h| h.load)
+                    },
+                    overloaded: if is_me {
+                        self.overloaded.load().to_vec()
+                    } else {
+                        heard.as_ref().map_or_else(Vec::new, |h| {
+                            h.overloaded.iter().map(|t| t.to_string()).collect()
+                        })
                     },
                     link: if is_me {
                         "self"

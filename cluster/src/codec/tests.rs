@@ -165,10 +165,15 @@ fn every_message() -> Vec<Message> {
         Message::ReplyAck {
             seqs: vec![0, 7, u64::MAX],
         },
-        Message::Ping { seq: 1, load: 0 },
+        Message::Ping {
+            seq: 1,
+            load: 0,
+            overloaded: vec![],
+        },
         Message::Pong {
             seq: u64::MAX,
             load: 12,
+            overloaded: vec!["resize".into(), "echo".into()],
         },
     ];
     let rpcs = [
@@ -358,10 +363,17 @@ fn raft_types_survive_postcard_field_by_field() {
 
 #[test]
 fn the_layout_is_as_documented() {
-    let body = body_of(&Message::Ping { seq: 1, load: 2 });
+    let body = body_of(&Message::Ping {
+        seq: 1,
+        load: 2,
+        overloaded: vec!["ab".into()],
+    });
     let mut expected = vec![tag::PING];
     expected.extend_from_slice(&1u64.to_le_bytes());
     expected.extend_from_slice(&2u64.to_le_bytes());
+    expected.extend_from_slice(&1u64.to_le_bytes());
+    expected.extend_from_slice(&2u64.to_le_bytes());
+    expected.extend_from_slice(b"ab");
     assert_eq!(body, expected);
 
     // A batch is a wincode `Vec`: what bincode-compatible readers expect.
@@ -397,7 +409,11 @@ fn bad_bodies_are_named() {
         Err(CodecError::Truncated)
     ));
 
-    let mut body = body_of(&Message::Ping { seq: 1, load: 2 });
+    let mut body = body_of(&Message::Ping {
+        seq: 1,
+        load: 2,
+        overloaded: vec![],
+    });
     body.push(0);
     assert!(matches!(decode(&body), Err(CodecError::TrailingBytes(1))));
 
