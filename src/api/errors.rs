@@ -134,6 +134,28 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<crate::journal::JournalError> for ApiError {
+    /// The journal could not take operations answered 202: none of them was accepted.
+    fn from(e: crate::journal::JournalError) -> Self {
+        use crate::journal::JournalError;
+        match e {
+            JournalError::Closed => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                SubmitError::ShuttingDown.to_string(),
+            ),
+            other => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "journal_write_failed",
+                format!(
+                    "not accepted: the journal (engine.journal) could not write it, so it \
+                     would not survive a restart; nothing was started: {other}"
+                ),
+            ),
+        }
+    }
+}
+
 impl From<RouteError> for ApiError {
     fn from(e: RouteError) -> Self {
         let msg = e.to_string();

@@ -73,6 +73,8 @@ pub struct ApiSettings {
     /// The api's tokens (`None`: open) and whether `/metrics` needs one.
     pub tokens: Option<Arc<crate::auth::Tokens>>,
     pub protect_metrics: bool,
+    /// The journal of accepted operations (`engine.journal`): 202 answers wait for it.
+    pub journal: Option<crate::journal::Journal>,
 }
 
 pub(crate) struct AppState {
@@ -87,6 +89,8 @@ pub(crate) struct AppState {
     telemetry: Telemetry,
     /// Requests by endpoint and status, for `GET /metrics`.
     traffic: web::Data<traffic::HttpMetrics>,
+    /// Where operations answered 202 are written first, when `engine.journal` is on.
+    journal: Option<crate::journal::Journal>,
 }
 
 /// What answers a request no endpoint takes: 405 with `Allow` when the path is an
@@ -165,6 +169,7 @@ pub struct Server {
     live: Live,
     /// Stops the tokens file's watcher.
     watching: tokio_util::sync::CancellationToken,
+    journal: Option<crate::journal::Journal>,
 }
 
 /// Binds the api for `node` and starts serving, over https when `listener` brings a TLS
@@ -188,6 +193,7 @@ pub fn start(
         shutdown_grace: settings.shutdown_grace,
         left: left.clone(),
         telemetry: settings.telemetry.clone(),
+        journal: settings.journal.clone(),
     });
     let live = web::Data::new(Live::with_max_streams(
         state.node.clone(),
@@ -246,6 +252,7 @@ pub fn start(
         left,
         live: Live::clone(&live),
         watching,
+        journal: settings.journal.clone(),
     })
 }
 
@@ -253,6 +260,11 @@ impl Server {
     /// The cluster this node's api speaks for, if any.
     pub fn cluster(&self) -> Option<&Cluster> {
         self.cluster.as_ref()
+    }
+
+    /// The journal of accepted operations, when `engine.journal` is on.
+    pub fn journal(&self) -> Option<&crate::journal::Journal> {
+        self.journal.as_ref()
     }
 
     /// Completes when a client has made this node leave its cluster

@@ -38,10 +38,14 @@ pub(super) async fn metrics(st: web::Data<AppState>) -> HttpResponse {
         node: opmesh_actors::NodeStats,
         /// The trace pipeline: spans exported and dropped, malformed `traceparent`s.
         telemetry: crate::telemetry::TelemetryStats,
+        /// The journal of accepted operations, when `engine.journal` is on.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        journal: Option<crate::journal::JournalFigures>,
     }
     HttpResponse::Ok().json(Answer {
         node: st.node.stats(),
         telemetry: st.telemetry.stats(),
+        journal: st.journal.as_ref().map(|j| j.stats().figures()),
     })
 }
 
@@ -53,6 +57,7 @@ pub(super) async fn prometheus_metrics(st: web::Data<AppState>) -> HttpResponse 
         st.cluster.as_ref(),
         &st.telemetry,
         Some(&st.traffic),
+        st.journal.as_ref().map(|j| j.stats()),
     )
     .await;
     HttpResponse::Ok()

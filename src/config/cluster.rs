@@ -89,6 +89,12 @@ impl RawFlow {
 }
 
 impl RawCluster {
+    /// `cluster.data_dir`, when set: the Raft store's place in a cluster, and the
+    /// journal's on any node.
+    pub(super) fn data_dir(&self) -> Option<PathBuf> {
+        (!self.data_dir.is_empty()).then(|| PathBuf::from(&self.data_dir))
+    }
+
     /// `handled`: the types this node has a handler for, which `serves` may name. In
     /// ordinal mode the returned config's `node` is the pod name, which then is the
     /// node's id everywhere.
