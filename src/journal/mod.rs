@@ -11,9 +11,9 @@
 //! A write that fails starts nothing: the operations fail with the reason and the
 //! requests answer 503 `journal_write_failed`. A watcher task holds each started
 //! operation's [`Ticket`]; when the outcome is recorded (readable at `GET /v1/ops/{id}`)
-//! it queues the id for removal, and the writer removes ids in groups too, without an
-//! fsync of their own (the next durable commit, or one after [`writer::SYNC_AFTER`] of
-//! quiet, makes them durable).
+//! it queues the id for removal, and the writer removes ids in groups too, with the next
+//! append's commit (or on their own after [`writer::SYNC_AFTER`] without one): removals
+//! cost no fsync of their own under load.
 //!
 //! At start ([`Journal::open`]), before the api serves, every entry left is read back and
 //! submitted again with its id, key, idempotency key, owner and what was left of its
@@ -131,7 +131,7 @@ pub struct JournalStats {
     recovered: [AtomicU64; 3],
     /// Time per commit, in nanoseconds.
     commit_ns: Buckets,
-    /// Operations appended per durable commit.
+    /// Operations appended per commit.
     commit_ops: Buckets,
 }
 
@@ -157,7 +157,8 @@ pub struct JournalFigures {
     pub entries: u64,
     pub appended: u64,
     pub removed: u64,
-    /// Transactions committed (group commits of appends, and removals).
+    /// Transactions committed, each fsync'd: the appends of many requests together with
+    /// the removals gathered meanwhile, or removals alone when nothing is appended.
     pub commits: u64,
     /// Commits that failed; their operations were refused with 503.
     pub write_failures: u64,
@@ -193,7 +194,7 @@ impl JournalStats {
         }
     }
 
-    /// Commit durations (ns) and operations appended per durable commit.
+    /// Commit durations (ns) and operations appended per commit that appended.
     pub fn commit_histograms(&self) -> (BucketSnapshot, BucketSnapshot) {
         (self.commit_ns.snapshot(), self.commit_ops.snapshot())
     }

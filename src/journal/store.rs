@@ -6,16 +6,14 @@
 //! | `entries` | operation id (`u128`)    | an [`Entry`](super::entry::Entry), encoded |
 //! | `meta`    | `"format"`               | the layout version (`u32`), see [`FORMAT`] |
 //!
-//! [`JournalStore::commit`] writes a group of appends and removals in one transaction:
-//! durable (fsync'd before it returns) when it appends, since a 202 waits on it; a
-//! group of removals alone may commit without an fsync, made durable by the next
-//! durable commit (a crash before it re-runs operations that had finished: at least
-//! once). Every call blocks; the journal's writer thread makes them.
+//! [`JournalStore::commit`] writes a group of appends and removals in one transaction,
+//! durable (fsync'd) before it returns. Every call blocks; the journal's writer thread
+//! makes them.
 
 use std::path::{Path, PathBuf};
 
 use opmesh_actors::OpId;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::JournalError;
 
@@ -96,13 +94,12 @@ impl JournalStore {
         tx.commit().map_err(write_error)
     }
 
-    /// Adds `appends` and deletes `removes` in one transaction; `durable`: fsync'd before
-    /// this returns. Returns how many of `removes` were there.
+    /// Adds `appends` and deletes `removes` in one transaction, fsync'd before this
+    /// returns. Returns how many of `removes` were there.
     pub fn commit(
         &self,
         appends: &[(OpId, Vec<u8>)],
         removes: &[OpId],
-        durable: bool,
     ) -> Result<u64, JournalError> {
         #[cfg(test)]
         if self.fail_writes.load(std::sync::atomic::Ordering::Relaxed) {
@@ -110,10 +107,7 @@ impl JournalStore {
                 "injected failure: no space left on device".into(),
             ));
         }
-        let mut tx = self.db.begin_write().map_err(write_error)?;
-        if !durable {
-            tx.set_durability(Durability::None).map_err(write_error)?;
-        }
+        let tx = self.db.begin_write().map_err(write_error)?;
         let mut removed = 0;
         {
             let mut table = tx.open_table(ENTRIES).map_err(write_error)?;
@@ -171,9 +165,9 @@ mod tests {
                 .iter()
                 .map(|i| (*i, i.to_string().into_bytes()))
                 .collect();
-            assert_eq!(s.commit(&appends, &[], true).unwrap(), 0);
+            assert_eq!(s.commit(&appends, &[]).unwrap(), 0);
             // Removing one that is there and one that never was counts one.
-            assert_eq!(s.commit(&[], &[id[1], OpId::new()], true).unwrap(), 1);
+            assert_eq!(s.commit(&[], &[id[1], OpId::new()]).unwrap(), 1);
         }
         let s = JournalStore::open(&path).unwrap();
         let mut left: Vec<OpId> = s.entries().unwrap().into_iter().map(|(i, _)| i).collect();
@@ -188,23 +182,6 @@ mod tests {
             .find(|(i, _)| *i == id[0])
             .unwrap();
         assert_eq!(v, id[0].to_string().into_bytes());
-    }
-
-    #[test]
-    fn a_removal_without_fsync_is_kept_by_the_next_durable_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(FILE);
-        let id = ids(2);
-        {
-            let s = JournalStore::open(&path).unwrap();
-            s.commit(&[(id[0], vec![1]), (id[1], vec![2])], &[], true)
-                .unwrap();
-            assert_eq!(s.commit(&[], &[id[0]], false).unwrap(), 1);
-            s.commit(&[], &[], true).unwrap();
-        }
-        let s = JournalStore::open(&path).unwrap();
-        let left: Vec<OpId> = s.entries().unwrap().into_iter().map(|(i, _)| i).collect();
-        assert_eq!(left, vec![id[1]]);
     }
 
     #[test]

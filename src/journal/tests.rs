@@ -173,7 +173,6 @@ async fn entries_past_their_deadline_or_refused_now_end_with_a_reason_and_leave(
                     value(&alive, now + Duration::from_secs(60)),
                 ],
                 &[],
-                true,
             )
             .unwrap();
     }
@@ -298,7 +297,7 @@ async fn a_damaged_entry_stops_the_start_naming_the_file_and_the_operation() {
     {
         let store = JournalStore::open(&path).unwrap();
         store
-            .commit(&[(id, vec![ENTRY_VERSION_FOR_TEST, 1, 2])], &[], true)
+            .commit(&[(id, vec![ENTRY_VERSION_FOR_TEST, 1, 2])], &[])
             .unwrap();
     }
     let node = node_with(|b| b.handler("echo", echo)).await;
