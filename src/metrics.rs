@@ -274,8 +274,9 @@ fn encode_journal(j: &JournalStats, out: &mut Out) -> fmt::Result {
     )?;
     out.counter(
         "opmesh_journal_commits_total",
-        "Journal transactions committed: group commits (many requests, one fsync) and \
-         removals.",
+        "Journal transactions committed, each fsync'd: the appends of many requests together \
+         (group commit) with the removals gathered meanwhile, or removals alone after 500 ms \
+         without appends.",
         f.commits,
     )?;
     out.counter(
@@ -299,14 +300,14 @@ fn encode_journal(j: &JournalStats, out: &mut Out) -> fmt::Result {
     out.histograms(
         "opmesh_journal_commit_duration",
         Some(&Unit::Seconds),
-        "Time to commit one journal transaction (the fsync included when it appends).",
+        "Time to commit one journal transaction, its fsync included.",
         1e9,
         [([], commit_ns)],
     )?;
     out.histograms::<0>(
         "opmesh_journal_commit_ops",
         None,
-        "Operations appended per durable journal commit (the group commit's size).",
+        "Operations appended per journal commit that appended (the group commit's size).",
         1.0,
         [([], commit_ops)],
     )

@@ -118,7 +118,8 @@ fn key_reused(o: &OpOutcome) -> Option<ApiError> {
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "unknown type", body = ErrorBody),
         (status = 409, description = "idempotency key used with another payload (with ?wait=true)", body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, description = "draining (shutting_down), or the journal could not write it (journal_write_failed: nothing was started)", body = ErrorBody)))]
 pub(super) async fn submit(
     st: web::Data<AppState>,
     req: HttpRequest,
@@ -158,7 +159,8 @@ pub(super) async fn submit(
 #[utoipa::path(post, path = "/v1/ops/batch", request_body = BatchRequest,
     params(("wait" = Option<bool>, Query, description = "answer with the results when all are done")),
     responses((status = 200, body = BatchAnswer), (status = 202, body = BatchAnswer),
-        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 503, description = "draining (shutting_down), or the journal could not write the batch (journal_write_failed: none was started)", body = ErrorBody)))]
 pub(super) async fn submit_batch(
     st: web::Data<AppState>,
     req: HttpRequest,
