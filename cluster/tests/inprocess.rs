@@ -522,7 +522,7 @@ async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_ack
     let seed = a.cluster.cluster_addr().to_owned();
     // A small buffer: ten small replies fit, one of 2 KiB does not.
     let b = member_with("b", Some(&seed), |c| c.reply_buffer_bytes = 2048).await;
-    wait_for("b joined", Duration::from_secs(10), || up_count(&a) == 2).await;
+    wait_for("b joined", Duration::from_secs(30), || up_count(&a) == 2).await;
 
     // `x` plays an origin: it holds the secret, so b runs what it sends and answers it.
     let recorder = Arc::new(Recorder::default());
@@ -530,7 +530,7 @@ async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_ack
     cfg.handshake_timeout = Duration::from_millis(500);
     let x = Transport::start(&cfg, recorder.clone()).await.unwrap();
     x.add_peer(b.cluster.name(), b.cluster.cluster_addr());
-    assert!(x.wait_connected("b", Duration::from_secs(10)).await);
+    assert!(x.wait_connected("b", Duration::from_secs(30)).await);
 
     let ids: Vec<u128> = (0..10).map(|_| rand::random()).collect();
     let ops: Vec<WireOp> = ids.iter().map(|id| counted_op(*id, b"1", None)).collect();
@@ -542,7 +542,7 @@ async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_ack
             rec.batches().into_iter().flat_map(|(_, ids)| ids).collect();
         ids.iter().all(|id| got.contains(id))
     };
-    wait_for("every reply", Duration::from_secs(10), || {
+    wait_for("every reply", Duration::from_secs(30), || {
         answered(&recorder)
     })
     .await;
@@ -557,7 +557,7 @@ async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_ack
     let seqs: std::collections::BTreeSet<u64> =
         recorder.batches().into_iter().map(|(s, _)| s).collect();
     let first = recorder.batches().len();
-    wait_for("the batches again", Duration::from_secs(10), || {
+    wait_for("the batches again", Duration::from_secs(30), || {
         recorder.batches().len() >= first + seqs.len()
     })
     .await;
@@ -565,7 +565,7 @@ async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_ack
     let before = recorder.batches().len();
     wait_for(
         "the batch of the one asked again",
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         || {
             recorder.batches()[before..]
                 .iter()
@@ -584,7 +584,7 @@ async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_ack
         },
     )
     .unwrap();
-    wait_for("nothing held", Duration::from_secs(5), || {
+    wait_for("nothing held", Duration::from_secs(30), || {
         b.cluster.status().replies_unacknowledged == 0
     })
     .await;
@@ -603,7 +603,7 @@ async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_ack
         ]),
     )
     .unwrap();
-    wait_for("both dropped", Duration::from_secs(10), || {
+    wait_for("both dropped", Duration::from_secs(30), || {
         b.cluster.replies_dropped() >= dropped + 2
     })
     .await;
@@ -616,7 +616,7 @@ async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_ack
         ]),
     )
     .unwrap();
-    wait_for("both answered again", Duration::from_secs(10), || {
+    wait_for("both answered again", Duration::from_secs(30), || {
         let n = |id| {
             recorder
                 .batches()
@@ -658,29 +658,38 @@ async fn an_overloaded_owner_pushes_back_on_the_nodes_that_send_it_work() {
     };
     small.batch.max_concurrent = 1;
     let b = member_engine("b", Some(&seed), |_| {}, small).await;
-    wait_for("b joined", Duration::from_secs(10), || up_count(&a) == 2).await;
+    wait_for("b joined", Duration::from_secs(30), || up_count(&a) == 2).await;
     let v = a.node.set_route("slow", pinned(&["b"])).await.unwrap();
-    wait_for("the route on a", Duration::from_secs(5), || {
+    wait_for("the route on a", Duration::from_secs(30), || {
         a.node.routes().version >= v
     })
     .await;
 
     // 30 at once for b, which queues 10 (one runs at a time, 200 ms each): the ones it
     // refuses have nowhere else to go and fail naming it.
-    let ops: Vec<_> = (0..30)
-        .map(|i| {
-            a.node
-                .enqueue(Operation::new("slow", Json::encode(&i).unwrap()))
-                .expect("accepted at a's door: b has not said it is overloaded yet")
-        })
+    // One batch: all pass a's door before any reaches b.
+    let ops: Vec<_> = a
+        .node
+        .enqueue_batch(
+            (0..30)
+                .map(|i| Operation::new("slow", Json::encode(&i).unwrap()))
+                .collect(),
+            false,
+        )
+        .into_iter()
+        .map(|t| t.expect("accepted at a's door: b has not said it is overloaded yet"))
         .collect();
     // b says so in its heartbeats: a's door refuses the type now.
-    wait_for("a refuses slow at its door", Duration::from_secs(5), || {
-        matches!(
-            a.node.enqueue(Operation::new("slow", Json::null())),
-            Err(SubmitError::OwnerOverloaded { ref node, .. }) if node == "b"
-        )
-    })
+    wait_for(
+        "a refuses slow at its door",
+        Duration::from_secs(30),
+        || {
+            matches!(
+                a.node.enqueue(Operation::new("slow", Json::null())),
+                Err(SubmitError::OwnerOverloaded { ref node, .. }) if node == "b"
+            )
+        },
+    )
     .await;
     let outcomes = futures::future::join_all(ops).await;
     let failed: Vec<_> = outcomes
@@ -699,7 +708,7 @@ async fn an_overloaded_owner_pushes_back_on_the_nodes_that_send_it_work() {
         .iter()
         .all(|o| o.status == OpStatus::Succeeded || o.status == OpStatus::Failed));
     // Drained, b says so and a accepts the type again.
-    wait_for("a accepts slow again", Duration::from_secs(10), || {
+    wait_for("a accepts slow again", Duration::from_secs(30), || {
         a.node
             .routes()
             .nodes
@@ -714,7 +723,7 @@ async fn an_overloaded_owner_pushes_back_on_the_nodes_that_send_it_work() {
 
     // With a second node on the route, what b refuses runs on a, and nothing fails.
     let v = a.node.set_route("slow", pinned(&["b", "a"])).await.unwrap();
-    wait_for("the new route on a", Duration::from_secs(5), || {
+    wait_for("the new route on a", Duration::from_secs(30), || {
         a.node.routes().version >= v
     })
     .await;
