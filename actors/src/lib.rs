@@ -27,6 +27,9 @@
 //! - [`scheduler`]: the Scheduler actor: per-type queues, priorities, batches.
 //! - [`executor`]: the Executor actor: runs handlers under deadline and retry policy.
 //! - [`handler`]: handlers, their registry, and the pure retry decision.
+//! - [`type_limits`]: per-type settings (`[types.<type>]`): bulkheads, queues, deadline
+//!   caps, rate limits, and how the running slots are shared out between types.
+//! - [`breaker`]: circuit breakers, the pure state machine and the shared handle.
 //! - [`backoff`]: exponential backoff with jitter, the randomness passed in.
 //! - [`trace`]: stage stamps and the spans a finished operation leaves.
 //! - [`events`]: live events for watchers (`/v1/events`).
@@ -40,6 +43,7 @@
 
 mod admit;
 pub mod backoff;
+pub mod breaker;
 pub mod cache;
 pub mod counter;
 pub mod events;
@@ -58,8 +62,10 @@ mod shared;
 pub mod slots;
 pub mod supervisor;
 pub mod trace;
+pub mod type_limits;
 
 pub use backoff::{Backoff, BackoffSeries, Jitter};
+pub use breaker::{BreakerPolicy, BreakerState, BreakerStats};
 pub use cache::CacheStats;
 pub use handler::{
     GiveUpReason, Handler, HandlerError, HandlerRegistry, HandlerResult, RetryDecision, RetryPolicy,
@@ -75,3 +81,4 @@ pub use routing::{Route, RouteError, RoutingTable, Strategy};
 pub use scheduler::BatchPolicy;
 pub use supervisor::ChildKind;
 pub use trace::{Sampler, SpanSink, Tracing};
+pub use type_limits::{BreakerSetting, RateLimit, SlotPlan, TypeSettings};
