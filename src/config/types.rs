@@ -86,7 +86,7 @@ fn policy(
     let window = check.secs(&key("window_secs"), window_secs, WINDOW_SECS)?;
     let open_for = check.secs(&key("open_secs"), open_secs, OPEN_SECS)?;
     let calls = check.range(&key("half_open_calls"), half_open_calls, HALF_OPEN_CALLS)?;
-    Ok((failures > 0).then(|| BreakerPolicy {
+    Ok((failures > 0).then_some(BreakerPolicy {
         failures: failures as u32,
         window,
         open_for,
