@@ -103,7 +103,10 @@ impl Drop for QueueSlot {
 
 /// Running slots of one kind, up to a maximum: a type's, or the node's shared ones.
 /// Taken by the Schedulers (one per shard), given back by each operation as its handler
-/// finishes.
+/// finishes. On cache lines of its own (128 bytes, as [`Padded`](crate::counter::Padded)):
+/// its counts change with every batch, and the fields beside it (a type's settings, the
+/// node's) are read on every submission.
+#[repr(align(128))]
 pub struct RunningSlots {
     running: AtomicUsize,
     max: usize,

@@ -22,6 +22,7 @@ use std::time::Duration;
 use governor::{Quota, RateLimiter};
 
 use crate::breaker::{BreakerPolicy, TypeBreaker};
+use crate::counter::Padded;
 use crate::node::EngineConfig;
 use crate::slots::RunningSlots;
 
@@ -103,7 +104,8 @@ pub struct TypeLimits {
     pub max_deadline: Option<Duration>,
     /// The deadline of an operation that brings none.
     pub default_deadline: Duration,
-    pub rate: Option<(RateLimit, governor::DefaultDirectRateLimiter)>,
+    /// The limiter's state changes with every submission: on a line of its own.
+    pub rate: Option<(RateLimit, Padded<governor::DefaultDirectRateLimiter>)>,
     pub breaker: Option<Arc<TypeBreaker>>,
     /// The type's running slots: its own, or its share of the shared slots.
     pub(crate) slots: RunningSlots,
@@ -140,7 +142,7 @@ impl TypeLimits {
             default_deadline,
             rate: s.rate.map(|r| {
                 let quota = Quota::per_second(r.per_sec).allow_burst(r.burst);
-                (r, RateLimiter::direct(quota))
+                (r, Padded(RateLimiter::direct(quota)))
             }),
             breaker,
             slots: RunningSlots::new(shards, own),
