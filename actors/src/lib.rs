@@ -18,7 +18,8 @@
 //! - [`op`]: the [`Operation`] a caller builds, its limits, and the [`OpOutcome`] it ends in.
 //! - [`node`]: the [`Node`] handle and its builder, where operations are submitted.
 //! - `admit`: the door, which accepts an operation (taking a queue slot) or refuses it.
-//! - [`slots`]: queue slots per type and the node's running slots, given back on drop.
+//! - [`slots`]: queue slots and running slots per type (and the shared ones), given
+//!   back on drop.
 //! - [`job`]: the accepted [`job::Job`] and the [`job::Reply`] that completes it once.
 //! - [`router`]: the Router actor, which picks each operation's owner node.
 //! - [`routing`]: the routing table and the pure pick (round robin, hash, pinned...).
