@@ -430,11 +430,44 @@ impl OpmeshCollector {
                 .zip(&names)
                 .map(|(t, name)| ([("type", *name)], t.queued())),
         )?;
-        out.gauge(
+        out.gauges(
             "opmesh_queue_capacity",
-            "Operations allowed to wait per type before submissions are refused (the same \
-             for every type).",
-            node.config().queue_capacity,
+            "Operations of a type allowed to wait before submissions are refused \
+             (types.<type>.queue_capacity, else engine.queue_capacity).",
+            types
+                .iter()
+                .zip(&names)
+                .map(|(t, name)| ([("type", *name)], t.queue_capacity())),
+        )?;
+        out.gauges(
+            "opmesh_type_ops_running",
+            "Operations of a type whose handler runs now.",
+            types
+                .iter()
+                .zip(&names)
+                .map(|(t, name)| ([("type", *name)], t.running())),
+        )?;
+        out.gauges(
+            "opmesh_type_max_concurrent",
+            "Operations of a type that may run at once: its own slots \
+             (types.<type>.max_concurrent), or its share of the slots the types without \
+             their own share (engine.type_share_percent).",
+            types
+                .iter()
+                .zip(&names)
+                .map(|(t, name)| ([("type", *name)], t.max_concurrent())),
+        )?;
+        let now = std::time::Instant::now();
+        out.gauges(
+            "opmesh_breaker_state",
+            "State of a type's circuit breaker: 0 closed (operations run), 1 open \
+             (submissions refused with 503 circuit_open), 2 half-open (trial operations \
+             go through). Types whose webhooks share a target share a breaker. Types \
+             without a breaker have no series.",
+            types.iter().zip(&names).filter_map(|(t, name)| {
+                t.breaker()
+                    .map(|b| ([("type", *name)], b.state(now) as u8 as u64))
+            }),
         )?;
         out.gauge(
             "opmesh_ops_in_flight",

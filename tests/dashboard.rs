@@ -607,3 +607,60 @@ fn the_dashboard_asks_for_a_token_when_the_node_checks_them() {
         "never in storage that outlives the tab"
     );
 }
+
+/// A webhook whose target is down: after five failures its circuit breaker opens, and the
+/// types table shows it (a loud badge), beside each type's running slots.
+#[test]
+fn the_dashboard_shows_an_open_circuit_breaker_and_the_running_slots() {
+    let Some(chromium) = chromium() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Nothing listens there: every call is refused, a retryable failure.
+    let dead = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[handlers.http]]\ntype = \"hook\"\nurl = \"http://127.0.0.1:{dead}/hook\"\n\
+             timeout_ms = 1000\nmax_attempts = 1\n"
+        ),
+    )
+    .unwrap();
+    let s = Server::start(
+        &[
+            "--node-id",
+            "breaker-1",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    rt.block_on(async {
+        op(&s.base, json!({"type": "echo", "payload": 1})).await;
+        for _ in 0..5 {
+            let v = op(&s.base, json!({"type": "hook", "payload": 1})).await;
+            assert_eq!(v["status"], "failed", "{v}");
+        }
+        let m = get_json(&s.url("/v1/metrics")).await;
+        assert_eq!(m["perType"]["hook"]["breaker"], "open", "{}", m["perType"]);
+    });
+    let mut b = Browser::launch(&chromium);
+    b.open(&s.url("/"));
+    b.wait_for(
+        "the hook's breaker shown open",
+        "(c => c && c.dataset.state === 'open' && c.textContent === 'open')\
+         (document.querySelector('tr[data-op-type=\"hook\"] [data-field=\"breaker\"]'))",
+    );
+    b.wait_for(
+        "echo's breaker shown closed",
+        "document.querySelector('tr[data-op-type=\"echo\"] [data-field=\"breaker\"]')\
+         .dataset.state === 'closed'",
+    );
+    b.wait_for(
+        "echo's running slots: none of its half of 16384",
+        "document.querySelector('tr[data-op-type=\"echo\"] [data-field=\"running\"]')\
+         .textContent.replace(/[^0-9\\/]/g, '') === '0/8192'",
+    );
+    save_page(&mut b, "dashboard-breaker");
+    assert!(b.page_errors.is_empty(), "page errors: {:?}", b.page_errors);
+}

@@ -453,7 +453,16 @@ async fn a_scrape_counts_exactly_the_work_done() {
         assert_eq!(m.value("opmesh_queue_depth", &[("type", ty)]), 0.0);
         assert_eq!(m.value("opmesh_op_retries_total", &[("type", ty)]), 0.0);
     }
-    assert_eq!(m.value("opmesh_queue_capacity", &[]), 777.0);
+    for ty in ["echo", "resize", "sleep"] {
+        assert_eq!(m.value("opmesh_queue_capacity", &[("type", ty)]), 777.0);
+        assert_eq!(m.value("opmesh_type_ops_running", &[("type", ty)]), 0.0);
+        // No tables: each type may hold half of the node's 16384 slots.
+        assert_eq!(
+            m.value("opmesh_type_max_concurrent", &[("type", ty)]),
+            8192.0
+        );
+        assert_eq!(m.value("opmesh_breaker_state", &[("type", ty)]), 0.0);
+    }
     for actor in ["router", "cache", "scheduler", "executor"] {
         assert_eq!(
             m.value("opmesh_actor_restarts_total", &[("actor", actor)]),
@@ -831,6 +840,7 @@ async fn the_dashboard_and_the_alerts_query_only_metrics_a_cluster_exposes() {
         "OpmeshTraceSpansDropped",
         "OpmeshActorRestarts",
         "OpmeshClusterDutyRestarts",
+        "OpmeshCircuitBreakerOpen",
     ] {
         assert!(alert_names.contains(a), "no alert {a}");
     }
@@ -872,6 +882,7 @@ async fn the_dashboard_and_the_alerts_query_only_metrics_a_cluster_exposes() {
         "opmesh_node_up",
         "opmesh_trace_spans_dropped_total",
         "opmesh_actor_restarts_total",
+        "opmesh_breaker_state",
     ] {
         assert!(alert_used.contains(m), "no alert uses {m}");
     }

@@ -2,8 +2,11 @@
 //!
 //! [`NodeShared::admit`] checks the operation against the node's state (accepting?), the
 //! limits, and the handler registry (or, for a type this node forwards, the cluster's
-//! routes), then takes a [`QueueSlot`] of its type: a full queue refuses it with
-//! [`SubmitError::Overloaded`] (a 429 with Retry-After). An accepted operation becomes a
+//! routes), then against its type's limits (see [`crate::type_limits`]): the type's
+//! deadline cap (400), its circuit breaker ([`SubmitError::CircuitOpen`], a 503), a
+//! [`QueueSlot`] of its queue (full: [`SubmitError::Overloaded`], a 429) and, for an
+//! operation a client submitted here, its rate limit ([`SubmitError::RateLimited`], a
+//! 429). Each refusal that passes says when to try again. An accepted operation becomes a
 //! boxed [`Job`] whose [`Reply`] holds the slot, and a [`Ticket`] for the caller. Refusals
 //! are counted; nothing refused ever reaches an actor.
 
@@ -61,10 +64,10 @@ impl NodeShared {
             .as_ref()
             .filter(|t| t.origin)
             .map(|t| t.context(Stage::Submit));
-        let (reply, rx) = Reply::new(&op, trace, slot, node.anchor(), tracked, now);
         let deadline = op
             .deadline
-            .unwrap_or(now + self.config().limits.default_deadline);
+            .unwrap_or(now + slot.entry().limits.default_deadline);
+        let (reply, rx) = Reply::new(&op, trace, slot, node.anchor(), tracked, now);
         let ticket = Ticket::new(op.id, submit_ctx, rx);
         Ok((
             Box::new(Job {
@@ -101,14 +104,49 @@ impl NodeShared {
         if matches!(how, Admit::Routed) && self.forwarder().is_some() {
             self.check_owner(op, config.overload_retry_after)?;
         }
-        let shard = self.shards().of().op(op);
-        let slot = QueueSlot::try_take(entry, config.queue_capacity).ok_or_else(|| {
-            SubmitError::Overloaded {
-                op_type: op.op_type.to_string(),
-                capacity: config.queue_capacity,
-                retry_after: config.overload_retry_after,
+        if let (Some(max), Some(d)) = (entry.limits.max_deadline, op.deadline) {
+            let asked = d.saturating_duration_since(now);
+            if asked > max {
+                return Err(SubmitError::Invalid {
+                    field: "deadline_ms",
+                    reason: format!(
+                        "is {} ms, over the limit of {} ms for type `{}` \
+                         (types.{}.max_deadline_ms)",
+                        asked.as_millis(),
+                        max.as_millis(),
+                        op.op_type,
+                        op.op_type
+                    ),
+                });
             }
+        }
+        self.breaker_admits(&entry, now)?;
+        let shard = self.shards().of().op(op);
+        let capacity = entry.limits.queue_capacity;
+        let slot = QueueSlot::try_take(entry, capacity).ok_or_else(|| SubmitError::Overloaded {
+            op_type: op.op_type.to_string(),
+            capacity,
+            retry_after: config.overload_retry_after,
         })?;
+        let rate = match how {
+            Admit::Routed => slot.entry().limits.rate.as_ref(),
+            // Another node admitted it, under its own rate limit.
+            Admit::Here => None,
+        };
+        if let Some((limit, limiter)) = rate {
+            // After the queue slot, so that a submission refused for a full queue spends
+            // no token; refused here, the slot goes back as it drops.
+            if let Err(not_until) = limiter.check() {
+                use governor::clock::Clock;
+                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                return Err(SubmitError::RateLimited {
+                    op_type: op.op_type.to_string(),
+                    per_sec: limit.per_sec.get(),
+                    burst: limit.burst.get(),
+                    retry_after: wait,
+                });
+            }
+        }
         Ok((slot, shard))
     }
 
@@ -147,10 +185,11 @@ impl NodeShared {
             });
         }
         let entry = remote.entry(op_type.clone()).or_insert_with(|| {
-            StripedArc::new(Arc::new(TypeEntry::new(
+            StripedArc::new(Arc::new(TypeEntry::with_limits(
                 op_type.clone(),
                 HandlerKind::Remote,
                 self.config().retry.clone(),
+                self.limits_of(op_type),
             )))
         });
         Ok(entry.anchor())

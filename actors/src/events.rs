@@ -15,6 +15,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use crate::breaker::BreakerState;
 use crate::op::{NodeId, OpId, OpStatus, OpType};
 
 /// The kinds of event, as `GET /v1/events` names them.
@@ -26,15 +27,19 @@ pub enum EventKind {
     OperationSuccess = 4,
     OperationFailure = 8,
     MetricsCollected = 16,
+    BreakerOpened = 32,
+    BreakerClosed = 64,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::BatchScheduled,
         EventKind::OperationStarted,
         EventKind::OperationSuccess,
         EventKind::OperationFailure,
         EventKind::MetricsCollected,
+        EventKind::BreakerOpened,
+        EventKind::BreakerClosed,
     ];
 
     /// The event's name on the wire (the SSE `event:` field).
@@ -45,6 +50,8 @@ impl EventKind {
             EventKind::OperationSuccess => "operation:success",
             EventKind::OperationFailure => "operation:failure",
             EventKind::MetricsCollected => "metrics:collected",
+            EventKind::BreakerOpened => "breaker:opened",
+            EventKind::BreakerClosed => "breaker:closed",
         }
     }
 
@@ -62,7 +69,7 @@ impl EventKind {
 pub struct Kinds(u8);
 
 impl Kinds {
-    pub const ALL: Kinds = Kinds(31);
+    pub const ALL: Kinds = Kinds(127);
 
     pub fn of(kinds: impl IntoIterator<Item = EventKind>) -> Kinds {
         Kinds(kinds.into_iter().fold(0, |m, k| m | k.bit()))
@@ -126,6 +133,23 @@ pub enum Event {
     },
     /// A periodic snapshot of the node's figures (whatever the publisher collected).
     MetricsCollected(serde_json::Value),
+    /// A circuit breaker opened (`breaker:opened`: submissions of its types are refused
+    /// until `retry_at`) or closed again (`breaker:closed`).
+    Breaker {
+        node: NodeId,
+        /// The type it guards, or the target its types share (a webhook URL).
+        breaker: String,
+        /// The types it guards.
+        types: Vec<OpType>,
+        state: BreakerState,
+        /// Failures that opened it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        failures: Option<u32>,
+        /// When it lets trial operations through, in milliseconds since the Unix epoch.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_at: Option<u64>,
+        timestamp: u64,
+    },
 }
 
 impl Event {
@@ -149,6 +173,10 @@ impl Event {
             }
             Event::OperationFinished { .. } => EventKind::OperationFailure,
             Event::MetricsCollected(_) => EventKind::MetricsCollected,
+            Event::Breaker { state, .. } if *state == BreakerState::Closed => {
+                EventKind::BreakerClosed
+            }
+            Event::Breaker { .. } => EventKind::BreakerOpened,
         }
     }
 }

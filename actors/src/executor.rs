@@ -7,7 +7,8 @@
 //! again and how long to wait first (backoff with jitter, retryable errors only), the
 //! Executor only waits. Blocking handlers go to the blocking pool; a handler that panics
 //! fails its operation, not the node. A finished operation gives its running slot back at
-//! once, waking the Scheduler if it waits for one.
+//! once, waking the Scheduler if it waits for one, and tells its type's circuit breaker
+//! how it went (see [`crate::breaker`] for what counts as a failure).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -81,8 +82,12 @@ impl Actor for Executor {
 }
 
 async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
+    // A batch is of one type: its slots go back to that type.
+    let Some(entry) = batch.first().map(|j| j.reply.slot.anchor().clone()) else {
+        return;
+    };
     // Declared first, dropped last: it gives back whatever the operations below left.
-    let returns = SlotReturns::new(&shared);
+    let returns = SlotReturns::new(&shared, entry);
     let mut running: FuturesUnordered<_> = batch
         .run(&returns)
         .map(|(job, slot)| run_one(&shared, job, slot))
@@ -146,11 +151,12 @@ async fn run_one(shared: &NodeShared, mut job: Box<Job>, slot: RunningSlot<'_>) 
                         shared.node_id(),
                         op.op_type
                     )),
+                    None,
                 )
             }
         };
         let err = match call {
-            Ok(Ok(Ok(result))) => break (OpStatus::Succeeded, Some(result), None),
+            Ok(Ok(Ok(result))) => break (OpStatus::Succeeded, Some(result), None, Some(true)),
             Ok(Ok(Err(e))) => e,
             Ok(Err(panic)) => {
                 let what = panic
@@ -166,6 +172,7 @@ async fn run_one(shared: &NodeShared, mut job: Box<Job>, slot: RunningSlot<'_>) 
                     OpStatus::Failed,
                     None,
                     Some(format!("handler panicked: {what}")),
+                    Some(false),
                 );
             }
             Err(_) => {
@@ -175,6 +182,7 @@ async fn run_one(shared: &NodeShared, mut job: Box<Job>, slot: RunningSlot<'_>) 
                     Some(format!(
                         "deadline passed while the handler ran (attempt {attempts})"
                     )),
+                    Some(false),
                 )
             }
         };
@@ -192,10 +200,30 @@ async fn run_one(shared: &NodeShared, mut job: Box<Job>, slot: RunningSlot<'_>) 
                         "{} (attempt {attempts}; no time left before the deadline to retry)",
                         err.message
                     )),
+                    Some(false),
                 )
             }
-            RetryDecision::GiveUp { .. } => {
-                break (OpStatus::Failed, None, Some(final_error(&err, attempts)))
+            RetryDecision::GiveUp {
+                reason: GiveUpReason::OutOfAttempts,
+            } => {
+                break (
+                    OpStatus::Failed,
+                    None,
+                    Some(final_error(&err, attempts)),
+                    Some(false),
+                )
+            }
+            // The operation was wrong, not the handler's dependency: not the breaker's
+            // business.
+            RetryDecision::GiveUp {
+                reason: GiveUpReason::NotRetryable,
+            } => {
+                break (
+                    OpStatus::Failed,
+                    None,
+                    Some(final_error(&err, attempts)),
+                    None,
+                )
             }
         };
         entry.metrics.retries.inc();
@@ -209,7 +237,10 @@ async fn run_one(shared: &NodeShared, mut job: Box<Job>, slot: RunningSlot<'_>) 
         tokio::time::sleep(wait).await;
     };
     drop(slot);
-    let (status, result, error) = outcome;
+    let (status, result, error, healthy) = outcome;
+    if let Some(ok) = healthy {
+        shared.breaker_record(entry, ok);
+    }
     let Job { op, mut reply, .. } = *job;
     for (attempt, at, message) in retries {
         reply.retrying(attempt, at, message);

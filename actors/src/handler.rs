@@ -14,9 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backoff::{Backoff, Jitter};
+use crate::breaker::TypeBreaker;
 use crate::counter::{Padded, StripedArc};
 use crate::metrics::TypeMetrics;
 use crate::op::{Json, OpType, Operation};
+use crate::type_limits::TypeLimits;
 
 /// Why a handler did not produce a result.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -192,17 +194,56 @@ pub struct TypeEntry {
     /// the counting does not slow down readers of the fields above.
     queued: Padded<AtomicUsize>,
     pub metrics: TypeMetrics,
+    /// Its bulkhead, queue, deadline cap, rate limit and breaker (`[types.<type>]`).
+    pub(crate) limits: TypeLimits,
 }
 
 impl TypeEntry {
     pub(crate) fn new(name: OpType, handler: HandlerKind, retry: RetryPolicy) -> Self {
+        Self::with_limits(name, handler, retry, TypeLimits::unbound())
+    }
+
+    pub(crate) fn with_limits(
+        name: OpType,
+        handler: HandlerKind,
+        retry: RetryPolicy,
+        limits: TypeLimits,
+    ) -> Self {
         TypeEntry {
             name,
             handler,
             retry,
             queued: Padded::default(),
             metrics: TypeMetrics::default(),
+            limits,
         }
+    }
+
+    /// How many operations of this type run now (or are on their way to the Executor).
+    pub fn running(&self) -> usize {
+        self.limits.slots.count()
+    }
+
+    /// The most operations of this type that may run at once: its own slots, or its
+    /// share of the shared ones.
+    pub fn max_concurrent(&self) -> usize {
+        self.limits.slots.max()
+    }
+
+    /// Whether its running slots are its own (`types.<type>.max_concurrent`), kept for
+    /// it alone, rather than a share of the slots the other types share.
+    pub fn has_own_slots(&self) -> bool {
+        !self.limits.shares
+    }
+
+    /// Operations of this type allowed to wait.
+    pub fn queue_capacity(&self) -> usize {
+        self.limits.queue_capacity
+    }
+
+    /// The type's circuit breaker, if it has one (perhaps shared with other types).
+    pub fn breaker(&self) -> Option<&Arc<TypeBreaker>> {
+        self.limits.breaker.as_ref()
     }
 
     /// How many operations of this type wait in the scheduler's queue.
@@ -279,6 +320,21 @@ impl HandlerRegistry {
         let mut v: Vec<OpType> = self.types.keys().cloned().collect();
         v.sort();
         v
+    }
+
+    /// Gives every type the limits `limits` resolves for it: done once, by the node as it
+    /// starts, before any operation holds an entry.
+    pub(crate) fn bind(&mut self, mut limits: impl FnMut(&OpType) -> TypeLimits) {
+        for (name, striped) in self.types.iter_mut() {
+            let old = striped.get();
+            let entry = TypeEntry::with_limits(
+                name.clone(),
+                old.handler.clone(),
+                old.retry.clone(),
+                limits(name),
+            );
+            *striped = StripedArc::new(Arc::new(entry));
+        }
     }
 }
 

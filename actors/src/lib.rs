@@ -18,7 +18,8 @@
 //! - [`op`]: the [`Operation`] a caller builds, its limits, and the [`OpOutcome`] it ends in.
 //! - [`node`]: the [`Node`] handle and its builder, where operations are submitted.
 //! - `admit`: the door, which accepts an operation (taking a queue slot) or refuses it.
-//! - [`slots`]: queue slots per type and the node's running slots, given back on drop.
+//! - [`slots`]: queue slots and running slots per type (and the shared ones), given
+//!   back on drop.
 //! - [`job`]: the accepted [`job::Job`] and the [`job::Reply`] that completes it once.
 //! - [`router`]: the Router actor, which picks each operation's owner node.
 //! - [`routing`]: the routing table and the pure pick (round robin, hash, pinned...).
@@ -27,6 +28,9 @@
 //! - [`scheduler`]: the Scheduler actor: per-type queues, priorities, batches.
 //! - [`executor`]: the Executor actor: runs handlers under deadline and retry policy.
 //! - [`handler`]: handlers, their registry, and the pure retry decision.
+//! - [`type_limits`]: per-type settings (`[types.<type>]`): bulkheads, queues, deadline
+//!   caps, rate limits, and how the running slots are shared out between types.
+//! - [`breaker`]: circuit breakers, the pure state machine and the shared handle.
 //! - [`backoff`]: exponential backoff with jitter, the randomness passed in.
 //! - [`trace`]: stage stamps and the spans a finished operation leaves.
 //! - [`events`]: live events for watchers (`/v1/events`).
@@ -40,6 +44,7 @@
 
 mod admit;
 pub mod backoff;
+pub mod breaker;
 pub mod cache;
 pub mod counter;
 pub mod events;
@@ -58,8 +63,10 @@ mod shared;
 pub mod slots;
 pub mod supervisor;
 pub mod trace;
+pub mod type_limits;
 
 pub use backoff::{Backoff, BackoffSeries, Jitter};
+pub use breaker::{BreakerPolicy, BreakerState, BreakerStats};
 pub use cache::CacheStats;
 pub use handler::{
     GiveUpReason, Handler, HandlerError, HandlerRegistry, HandlerResult, RetryDecision, RetryPolicy,
@@ -75,3 +82,4 @@ pub use routing::{Route, RouteError, RoutingTable, Strategy};
 pub use scheduler::BatchPolicy;
 pub use supervisor::ChildKind;
 pub use trace::{Sampler, SpanSink, Tracing};
+pub use type_limits::{BreakerSetting, RateLimit, SlotPlan, TypeSettings};

@@ -190,8 +190,9 @@ impl Default for TypeMetrics {
     }
 }
 
-/// A point-in-time view of one type's counters.
+/// A point-in-time view of one type's counters and limits.
 #[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TypeStats {
     pub succeeded: u64,
     pub failed: u64,
@@ -199,6 +200,30 @@ pub struct TypeStats {
     pub retries: u64,
     pub queued: usize,
     pub latency: Latency,
+    /// Operations of the type running now.
+    pub running: usize,
+    /// The most that may run at once: its own slots, or its share of the shared ones.
+    pub max_concurrent: usize,
+    /// Whether those slots are its own (`types.<type>.max_concurrent`).
+    pub own_slots: bool,
+    /// Operations allowed to wait.
+    pub queue_capacity: usize,
+    /// Its circuit breaker's state, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<crate::breaker::BreakerState>,
+}
+
+impl TypeStats {
+    /// The figures of `entry`'s type at `now`.
+    pub fn of(entry: &crate::handler::TypeEntry, now: Instant) -> TypeStats {
+        let mut s = entry.metrics.snapshot(entry.queued());
+        s.running = entry.running();
+        s.max_concurrent = entry.max_concurrent();
+        s.own_slots = entry.has_own_slots();
+        s.queue_capacity = entry.queue_capacity();
+        s.breaker = entry.breaker().map(|b| b.state(now));
+        s
+    }
 }
 
 impl TypeMetrics {
@@ -231,6 +256,11 @@ impl TypeMetrics {
                 self.merge_latency_into(&mut all);
                 Latency::of(&all)
             },
+            running: 0,
+            max_concurrent: 0,
+            own_slots: false,
+            queue_capacity: 0,
+            breaker: None,
         }
     }
 

@@ -16,6 +16,7 @@ use ractor::{Actor, ActorRef};
 use serde::Serialize;
 
 use crate::admit::Admit;
+use crate::breaker::{BreakerPolicy, BreakerStats};
 use crate::cache::CacheStats;
 use crate::counter::StripedArc;
 use crate::events::EventBus;
@@ -32,6 +33,7 @@ use crate::shared::{NodeShared, SharedParts};
 use crate::supervisor::ChildKind;
 use crate::supervisor::NodeSupervisor;
 use crate::trace::Tracing;
+use crate::type_limits::{SlotPlan, TypeSettings};
 
 /// Result-cache settings.
 #[derive(Clone, Debug)]
@@ -69,6 +71,15 @@ pub struct EngineConfig {
     /// Copies of the hot path (Router, Cache, Scheduler, Executor), each owning a share
     /// of the operations; 0 = one per runtime worker thread. See [`crate::shard`].
     pub shards: usize,
+    /// Per-type settings (`[types.<type>]`); a type not listed gets the node's defaults.
+    /// See [`crate::type_limits`].
+    pub types: BTreeMap<String, TypeSettings>,
+    /// The share (percent, 1..=100) of the shared running slots that one type without
+    /// slots of its own may hold: what keeps one slow type from starving the others.
+    pub type_share_percent: u8,
+    /// The circuit breaker of every type that sets none of its own (`[breaker]`);
+    /// `None`: no breaker.
+    pub breaker: Option<BreakerPolicy>,
 }
 
 impl Default for EngineConfig {
@@ -93,6 +104,9 @@ impl Default for EngineConfig {
             max_stored_result_bytes: 1 << 20,
             retry: RetryPolicy::default(),
             shards: 0,
+            types: BTreeMap::new(),
+            type_share_percent: 50,
+            breaker: Some(BreakerPolicy::default()),
         }
     }
 }
@@ -112,6 +126,10 @@ pub struct NodeBuilder {
 pub enum StartError {
     #[error("could not start the engine actors: {0}")]
     Spawn(String),
+    /// The settings do not fit together (the types' own running slots add up to more
+    /// than `max_concurrent`, or leave none for a type that has none of its own).
+    #[error("invalid engine settings: {0}")]
+    Config(String),
 }
 
 impl NodeBuilder {
@@ -197,6 +215,22 @@ impl NodeBuilder {
             }))
         });
         let shards = shard_count(self.config.shards);
+        let plan = SlotPlan::of(&self.config).map_err(StartError::Config)?;
+        if plan.shared == 0 {
+            let config = &self.config;
+            if let Some(t) = self.registry.type_names().into_iter().find(|t| {
+                config
+                    .types
+                    .get(&**t)
+                    .is_none_or(|s| s.max_concurrent.is_none())
+            }) {
+                return Err(StartError::Config(format!(
+                    "type `{t}` has no running slots of its own, and the types' own take \
+                     all of max_concurrent ({})",
+                    config.batch.max_concurrent
+                )));
+            }
+        }
         let shared = Arc::new(NodeShared::new(
             SharedParts {
                 node_id: self.node_id,
@@ -207,6 +241,7 @@ impl NodeBuilder {
                 tracing: self.tracing,
             },
             shards,
+            plan,
         ));
         let (sup, join) = Actor::spawn(None, NodeSupervisor, shared.clone())
             .await
@@ -251,6 +286,20 @@ pub struct Node {
     join: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
+/// How a node's running slots are shared out (see [`crate::type_limits`]).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotStats {
+    /// `max_concurrent`: operations running at once at most, all types.
+    pub max_concurrent: usize,
+    /// Slots the types without their own share (`max_concurrent` less the types' own).
+    pub shared: usize,
+    /// Of those, taken now.
+    pub shared_running: usize,
+    /// Of those, one type may hold at most (`type_share_percent`).
+    pub per_type: usize,
+}
+
 /// Node-wide figures, as `/v1/metrics` and `/v1/health` show them.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -290,6 +339,10 @@ pub struct NodeStats {
     /// Bytes of results (and errors) of finished operations kept for
     /// `GET /v1/ops/{id}` (at most `result_store_bytes`).
     pub result_store_bytes: usize,
+    /// How the running slots are shared out between types.
+    pub slots: SlotStats,
+    /// Every circuit breaker, once (types that share one appear in its `types`).
+    pub breakers: Vec<BreakerStats>,
     pub uptime_seconds: f64,
     /// Milliseconds since the Unix epoch.
     pub timestamp: u64,
@@ -536,10 +589,27 @@ impl Node {
         self.shared.metrics()
     }
 
-    /// Operations whose handler runs now: the Scheduler's running slots taken, at most
-    /// `max_concurrent`. Live, for exporters to read when scraped.
+    /// Operations whose handler runs now: the running slots the Schedulers took, all
+    /// types, at most `max_concurrent`. Live, for exporters to read when scraped.
     pub fn running(&self) -> usize {
-        self.shared.running().count()
+        self.shared.running()
+    }
+
+    /// Every circuit breaker of the node, once each (types that share one are in its
+    /// `types`). Live, for exporters.
+    pub fn breakers(&self) -> Vec<Arc<crate::breaker::TypeBreaker>> {
+        self.shared.breakers().to_vec()
+    }
+
+    /// How the running slots are shared out: the plan, and the shared slots taken now.
+    pub fn slot_stats(&self) -> SlotStats {
+        let (plan, shared) = self.shared.slot_plan();
+        SlotStats {
+            max_concurrent: self.config().batch.max_concurrent,
+            shared: plan.shared,
+            shared_running: shared.count(),
+            per_type: plan.per_type,
+        }
     }
 
     /// Every operation type this node counts, sorted by name: those it has handlers for,
@@ -597,7 +667,7 @@ impl Node {
         for e in s.registry().types().chain(remote.iter()) {
             e.metrics.merge_latency_into(&mut overall);
             queued += e.queued();
-            per_type.insert(e.name.to_string(), e.metrics.snapshot(e.queued()));
+            per_type.insert(e.name.to_string(), TypeStats::of(e, now));
         }
         let succeeded = m.succeeded.get();
         let completed = m.completed.get();
@@ -606,7 +676,7 @@ impl Node {
             node_id: s.node_id().to_string(),
             is_running: !s.is_stopping(),
             is_accepting: self.is_accepting(),
-            active_operations: s.running().count(),
+            active_operations: s.running(),
             queued_operations: queued,
             in_flight_operations: m.in_flight(),
             completed_operations: completed,
@@ -630,6 +700,8 @@ impl Node {
             batches: m.batches.load(Ordering::Relaxed),
             shard_operations: s.shards().took(),
             result_store_bytes: s.store().bytes(),
+            slots: self.slot_stats(),
+            breakers: s.breaker_stats(),
             uptime_seconds: s.uptime().as_secs_f64(),
             timestamp: SystemTime::now()
                 .duration_since(UNIX_EPOCH)

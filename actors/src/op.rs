@@ -455,6 +455,47 @@ pub enum SubmitError {
     },
     #[error("node is shutting down and accepts no new operations")]
     ShuttingDown,
+    #[error(
+        "operation type `{op_type}` is over its rate limit of {per_sec} per second, burst \
+         {burst} (types.{op_type}.rate_per_sec, types.{op_type}.burst); retry after \
+         {retry_after:?}"
+    )]
+    RateLimited {
+        op_type: String,
+        per_sec: u32,
+        burst: u32,
+        retry_after: Duration,
+    },
+    #[error(
+        "the circuit breaker of operation type `{op_type}`{} is open: its handler kept \
+         failing; it lets operations through again in {:?}",
+        breaker.as_deref().map(|b| format!(" (shared: `{b}`)")).unwrap_or_default(),
+        whole_ms(*retry_after)
+    )]
+    CircuitOpen {
+        op_type: String,
+        /// The breaker's name when it is not the type's own (types sharing a target).
+        breaker: Option<String>,
+        retry_after: Duration,
+    },
+}
+
+impl SubmitError {
+    /// How long the submitter should wait before trying again, when the refusal is one
+    /// that passes (a full queue, a rate limit, an open breaker).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SubmitError::Overloaded { retry_after, .. }
+            | SubmitError::RateLimited { retry_after, .. }
+            | SubmitError::CircuitOpen { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// `d` rounded up to whole milliseconds, for messages.
+fn whole_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_nanos().div_ceil(1_000_000) as u64)
 }
 
 /// Whether `name` is a valid operation type name: 1 to `max` characters from

@@ -1,14 +1,18 @@
 //! The Scheduler actor: bounded per-type queues, priority first, handed to the Executor
-//! in batches, never more than `max_concurrent` operations running at once on the node.
-//! Each [shard](crate::shard) has one, queueing the operations of its shard; they all take
-//! running slots from the node's one count.
+//! in batches, never more operations of a type running at once than its running slots
+//! allow (its own, or its share of the shared ones: see [`crate::type_limits`]), and never
+//! more than `max_concurrent` on the node. Each [shard](crate::shard) has one, queueing
+//! the operations of its shard; they all take running slots from the same counts, so a
+//! type's limit holds across shards.
 //!
 //! [`Queues`] is the pure core: it orders waiting operations (priority, then arrival),
 //! drops expired ones, and decides when a type's queue is flushed (`batch_size` waiting,
-//! or the oldest has waited `batch_flush`), all with time passed in. The actor owns it,
-//! decides how many operations run (the Schedulers alone take the node's
-//! [running slots](crate::slots::RunningSlots)), gives each started operation's queue
-//! slot back, and arms a timer when a queue waits for its flush.
+//! or the oldest has waited `batch_flush`), all with time passed in; how many of a type
+//! may start is asked of a function passed in too. The actor owns it, takes the
+//! [running slots](crate::slots::RunningSlots) in that function (a type without one
+//! waits, and its Scheduler is woken when one comes back, while other types go on), gives
+//! each started operation's queue slot back, and arms a timer when a queue waits for its
+//! flush.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -83,6 +87,13 @@ impl<T: Queued> TypeQueue<T> {
             .min()
     }
 
+    /// The item [`pop`](Self::pop) would take.
+    fn peek(&self) -> Option<&T> {
+        self.by_priority
+            .first_key_value()
+            .and_then(|(_, q)| q.front().map(|(_, i)| i))
+    }
+
     fn pop(&mut self) -> Option<T> {
         let mut entry = self.by_priority.first_entry()?;
         let (_, item) = entry.get_mut().pop_front()?;
@@ -115,6 +126,8 @@ pub struct BatchPolicy {
     /// How long the oldest waiting item may wait for its batch to fill. Zero: flush as
     /// soon as the mailbox is drained (lowest latency; batches still form under load).
     pub batch_flush: Duration,
+    /// Operations running at once on the node at most, all types (shared out between
+    /// types: see [`crate::type_limits`]).
     pub max_concurrent: usize,
 }
 
@@ -126,7 +139,7 @@ pub struct Dispatch<T> {
     pub expired: Vec<T>,
     /// When to look again for a queue that waits for its flush, if any.
     pub wake_at: Option<Instant>,
-    /// Whether work waits only because `max_concurrent` operations are running.
+    /// Whether work of some type waits only for running slots.
     pub blocked_on_slots: bool,
 }
 
@@ -172,8 +185,15 @@ impl<T: Queued> Queues<T> {
         self.ready.is_empty()
     }
 
-    /// Takes the batches to run now, given `running` operations already running.
-    pub fn dispatch(&mut self, now: Instant, mut running: usize) -> Dispatch<T> {
+    /// Takes the batches to run now. `take(first, n)` is asked how many of the `n`
+    /// items of a batch may start, `first` being the item the batch starts with (it
+    /// stands for its type); it takes that many running slots, and a type it answers 0
+    /// for waits for slots while the others go on.
+    pub fn dispatch(
+        &mut self,
+        now: Instant,
+        mut take: impl FnMut(&T, usize) -> usize,
+    ) -> Dispatch<T> {
         let p = &self.policy;
         let mut out = Dispatch {
             batches: Vec::new(),
@@ -188,12 +208,6 @@ impl<T: Queued> Queues<T> {
             if q.len == 0 {
                 continue;
             }
-            let free = p.max_concurrent.saturating_sub(running);
-            if free == 0 {
-                out.blocked_on_slots = true;
-                waiting.push_back(t);
-                continue;
-            }
             let flush_at = q.oldest().map(|o| o + p.batch_flush);
             let full = q.len >= p.batch_size;
             if !full && p.batch_flush > Duration::ZERO && flush_at.is_some_and(|f| f > now) {
@@ -201,12 +215,17 @@ impl<T: Queued> Queues<T> {
                 waiting.push_back(t);
                 continue;
             }
-            let n = q.len.min(p.batch_size).min(free);
+            let first = q.peek().expect("len counted");
+            let n = take(first, q.len.min(p.batch_size));
+            if n == 0 {
+                out.blocked_on_slots = true;
+                waiting.push_back(t);
+                continue;
+            }
             let mut batch = Vec::with_capacity(n);
             for _ in 0..n {
                 batch.push(q.pop().expect("len counted"));
             }
-            running += n;
             let more = q.len > 0;
             out.batches.push((t.clone(), batch));
             if more {
@@ -264,62 +283,45 @@ pub struct SchedulerState {
 impl Scheduler {
     fn run(&self, myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
         let shared = &state.shared;
-        let running = shared.running();
+        let shard = state.shard;
         let metrics = shared.metrics();
-        let max = shared.config().batch.max_concurrent;
-        loop {
-            let now = Instant::now();
-            // The Schedulers of all shards take from the node's one count: this one
-            // takes what it may need first (atomically), dispatches within that, and
-            // gives back what it did not use.
-            let want = state.queues.len().min(max);
-            let granted = if want > 0 {
-                running.try_take(want, max)
-            } else {
-                0
-            };
-            let d = state.queues.dispatch(now, max - granted);
-            let mut used = 0;
-            for job in d.expired {
-                job.reply.fail(
-                    OpStatus::Expired,
-                    "deadline passed while the operation waited in the queue",
-                );
+        let now = Instant::now();
+        // The Schedulers of all shards take from the same counts: each batch takes its
+        // slots (atomically) as it is formed, and a type with none left waits, to be
+        // woken when one comes back.
+        let d = state.queues.dispatch(now, |first, n| {
+            shared.take_running(first.reply.entry(), n, shard)
+        });
+        for job in d.expired {
+            job.reply.fail(
+                OpStatus::Expired,
+                "deadline passed while the operation waited in the queue",
+            );
+        }
+        for (_, mut batch) in d.batches {
+            // Out of the queue: its slots go back; it holds running slots now.
+            QueueSlot::release_all(batch.iter_mut().map(|j| &mut j.reply.slot));
+            let batch = Started::taken(batch);
+            metrics.batches.fetch_add(1, Ordering::Relaxed);
+            metrics.batch_sizes.record(batch.len() as u64);
+            if let Some(first) = batch.first() {
+                shared
+                    .events()
+                    .publish(EventKind::BatchScheduled, || Event::BatchScheduled {
+                        node: shared.node_id().clone(),
+                        op_type: first.op.op_type.clone(),
+                        size: batch.len(),
+                        timestamp: now_ms(),
+                    });
             }
-            for (_, mut batch) in d.batches {
-                // Out of the queue: its slots go back; it holds running slots now.
-                QueueSlot::release_all(batch.iter_mut().map(|j| &mut j.reply.slot));
-                used += batch.len();
-                let batch = Started::taken(batch);
-                metrics.batches.fetch_add(1, Ordering::Relaxed);
-                metrics.batch_sizes.record(batch.len() as u64);
-                if let Some(first) = batch.first() {
-                    shared
-                        .events()
-                        .publish(EventKind::BatchScheduled, || Event::BatchScheduled {
-                            node: shared.node_id().clone(),
-                            op_type: first.op.op_type.clone(),
-                            size: batch.len(),
-                            timestamp: now_ms(),
-                        });
-                }
-                shared.send_executor(state.shard, ExecutorMsg::Run(batch));
+            shared.send_executor(shard, ExecutorMsg::Run(batch));
+        }
+        if let Some(at) = d.wake_at {
+            if state.timer_at.is_none_or(|t| at < t || t <= now) {
+                state.timer_at = Some(at);
+                let delay = at.saturating_duration_since(now);
+                myself.send_after(delay, || SchedulerMsg::Tick);
             }
-            if granted > used {
-                shared.running_slots_freed(granted - used);
-            }
-            // An executor may have freed slots before it saw the flag: look again.
-            if d.blocked_on_slots && running.want(state.shard, max) {
-                continue;
-            }
-            if let Some(at) = d.wake_at {
-                if state.timer_at.is_none_or(|t| at < t || t <= now) {
-                    state.timer_at = Some(at);
-                    let delay = at.saturating_duration_since(now);
-                    myself.send_after(delay, || SchedulerMsg::Tick);
-                }
-            }
-            break;
         }
     }
 }
@@ -406,6 +408,20 @@ mod tests {
         }
     }
 
+    /// Grants every slot asked for.
+    fn all(_: &Item, n: usize) -> usize {
+        n
+    }
+
+    /// Grants up to `left` slots in all.
+    fn budget(mut left: usize) -> impl FnMut(&Item, usize) -> usize {
+        move |_, n| {
+            let g = n.min(left);
+            left -= g;
+            g
+        }
+    }
+
     fn ids(d: &Dispatch<Item>) -> Vec<Vec<u32>> {
         d.batches
             .iter()
@@ -421,7 +437,7 @@ mod tests {
         for (id, prio) in [(1, 0), (2, 5), (3, 0), (4, 5), (5, -1)] {
             q.push(&t, item(id, prio, t0), t0);
         }
-        let d = q.dispatch(t0, 0);
+        let d = q.dispatch(t0, all);
         assert_eq!(ids(&d), vec![vec![2, 4, 1, 3, 5]]);
         assert!(q.is_empty());
     }
@@ -435,30 +451,63 @@ mod tests {
             q.push(&a, item(id, 0, t0), t0);
         }
         q.push(&b, item(10, 0, t0), t0);
-        let d = q.dispatch(t0, 0);
+        let d = q.dispatch(t0, all);
         assert_eq!(ids(&d), vec![vec![0, 1], vec![10], vec![2, 3], vec![4]]);
     }
 
     #[test]
-    fn max_concurrent_blocks_and_reports_it() {
+    fn running_slots_block_and_it_is_reported() {
         let t0 = Instant::now();
         let mut q = Queues::new(policy(10, 0, 3));
         let a: OpType = "a".into();
         for id in 0..5 {
             q.push(&a, item(id, 0, t0), t0);
         }
-        let d = q.dispatch(t0, 1);
+        let d = q.dispatch(t0, budget(2));
         assert_eq!(ids(&d), vec![vec![0, 1]]);
         assert!(d.blocked_on_slots, "three still wait for a slot");
-        let d = q.dispatch(t0, 3);
+        let d = q.dispatch(t0, budget(0));
         assert!(d.batches.is_empty());
         assert!(d.blocked_on_slots);
         assert!(
             d.wake_at.is_some(),
             "a blocked queue still sweeps deadlines"
         );
-        let d = q.dispatch(t0, 0);
+        let d = q.dispatch(t0, all);
         assert_eq!(ids(&d), vec![vec![2, 3, 4]]);
+    }
+
+    #[test]
+    fn a_type_without_slots_waits_while_the_others_run() {
+        let t0 = Instant::now();
+        let mut q = Queues::new(policy(10, 0, 100));
+        let (slow, echo): (OpType, OpType) = ("slow".into(), "echo".into());
+        for id in 0..3 {
+            q.push(&slow, item(id, 0, t0), t0);
+        }
+        for id in 10..13 {
+            q.push(&echo, item(id, 0, t0), t0);
+        }
+        // Slow's slots are all taken; echo's are free.
+        let mut asked = Vec::new();
+        let d = q.dispatch(t0, |first: &Item, n| {
+            asked.push((first.id, n));
+            if first.id < 10 {
+                0
+            } else {
+                n
+            }
+        });
+        assert_eq!(
+            asked,
+            vec![(0, 3), (10, 3)],
+            "asked with each type's first item"
+        );
+        assert_eq!(ids(&d), vec![vec![10, 11, 12]]);
+        assert!(d.blocked_on_slots);
+        assert_eq!(q.len(), 3);
+        let d = q.dispatch(t0, all);
+        assert_eq!(ids(&d), vec![vec![0, 1, 2]], "it goes once it has slots");
     }
 
     #[test]
@@ -467,15 +516,15 @@ mod tests {
         let mut q = Queues::new(policy(3, 5, 100));
         let a: OpType = "a".into();
         q.push(&a, item(1, 0, t0), t0);
-        let d = q.dispatch(t0, 0);
+        let d = q.dispatch(t0, all);
         assert!(d.batches.is_empty());
         assert_eq!(d.wake_at, Some(t0 + Duration::from_millis(5)));
-        let d = q.dispatch(t0 + Duration::from_millis(5), 0);
+        let d = q.dispatch(t0 + Duration::from_millis(5), all);
         assert_eq!(ids(&d), vec![vec![1]]);
         for id in 2..5 {
             q.push(&a, item(id, 0, t0), t0);
         }
-        let d = q.dispatch(t0, 0);
+        let d = q.dispatch(t0, all);
         assert_eq!(ids(&d), vec![vec![2, 3, 4]], "a full batch goes at once");
     }
 
@@ -494,7 +543,7 @@ mod tests {
             t0,
         );
         q.push(&a, item(2, 0, t0), t0);
-        let d = q.dispatch(t0 + Duration::from_millis(2), 0);
+        let d = q.dispatch(t0 + Duration::from_millis(2), all);
         assert_eq!(d.expired.iter().map(|i| i.id).collect::<Vec<_>>(), vec![1]);
         assert_eq!(ids(&d), vec![vec![2]]);
     }
@@ -518,7 +567,7 @@ mod tests {
             let mut now = t0;
             for _ in 0..steps {
                 now += Duration::from_millis(5);
-                let d = q.dispatch(now, 0);
+                let d = q.dispatch(now, budget(max));
                 let total: usize = d.batches.iter().map(|(_, b)| b.len()).sum();
                 prop_assert!(total <= max);
                 for (_, b) in &d.batches {

@@ -14,8 +14,9 @@
 //!   and a single hot type spreads too.
 //!
 //! What stays node-wide: the queue capacity of each type (one count at the door), the
-//! running slots (`engine.max_concurrent`, which every Scheduler takes from), and the
-//! counters, summed when read.
+//! running slots (each type's count, and the count of the slots the types without their
+//! own share, which every Scheduler takes from: see [`crate::type_limits`]), each type's
+//! rate limiter and circuit breaker, and the counters, summed when read.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

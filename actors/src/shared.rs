@@ -18,23 +18,25 @@ use ractor::{ActorCell, ActorRef};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::{Admission, BreakerStats, Transition, TypeBreaker};
 use crate::cache::{CacheCounters, CacheKey, CacheMsg};
 use crate::counter::StripedArc;
-use crate::events::EventBus;
+use crate::events::{now_ms, Event, EventBus, EventKind};
 use crate::executor::ExecutorMsg;
 use crate::handler::{HandlerRegistry, TypeEntry};
 use crate::job::{Job, OpStore};
 use crate::metrics::NodeMetrics;
 use crate::node::EngineConfig;
-use crate::op::{NodeId, OpOutcome, OpType};
+use crate::op::{NodeId, OpOutcome, OpType, SubmitError};
 use crate::router::{Forwarder, RouterMsg};
 use crate::routing::RouteStore;
 use crate::scheduler::SchedulerMsg;
 use crate::shard::{key_shard, split, Shards};
-use crate::slots::RunningSlots;
+use crate::slots::{take_running, RunningSlots};
 #[cfg(feature = "test-util")]
 use crate::supervisor::ChildKind;
 use crate::trace::Tracing;
+use crate::type_limits::{SlotPlan, TypeLimits};
 
 /// Waiters for an idle node (no operation in flight). Whoever finishes the last operation
 /// in flight wakes them, and only when there are any: the hot path reads one counter.
@@ -88,13 +90,41 @@ pub(crate) struct NodeShared {
     store: OpStore,
     /// The copies of the hot path: intakes and actors.
     shards: Shards,
-    running: RunningSlots,
+    /// How the running slots are shared out between types.
+    plan: SlotPlan,
+    /// The running slots the types without their own share.
+    shared_slots: RunningSlots,
+    /// Every breaker, once (types of a group share one), by name.
+    breakers: Vec<Arc<TypeBreaker>>,
     idle: Idle,
     accepting: AtomicBool,
     stopping: AtomicBool,
     /// Cancelled when the grace period is over: running handlers are abandoned.
     stopped: CancellationToken,
     started: Instant,
+}
+
+/// The breakers of a node's types: one per type, except types of one
+/// `breaker_group`, which share one named after the group (the first type's policy).
+fn make_breakers(config: &EngineConfig, registry: &HandlerRegistry) -> Vec<Arc<TypeBreaker>> {
+    let mut groups: Vec<(String, Vec<OpType>, crate::breaker::BreakerPolicy)> = Vec::new();
+    for name in registry.type_names() {
+        let settings = config.types.get(&*name);
+        let Some(policy) = TypeLimits::breaker_policy(config, settings) else {
+            continue;
+        };
+        let group = settings
+            .and_then(|s| s.breaker_group.clone())
+            .unwrap_or_else(|| name.to_string());
+        match groups.iter_mut().find(|(g, _, _)| *g == group) {
+            Some((_, types, _)) => types.push(name),
+            None => groups.push((group, vec![name], policy)),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(name, types, policy)| Arc::new(TypeBreaker::new(name, types, policy)))
+        .collect()
 }
 
 fn send<M: ractor::Message>(cell: &ArcSwapOption<ActorRef<M>>, msg: M) {
@@ -105,8 +135,16 @@ fn send<M: ractor::Message>(cell: &ArcSwapOption<ActorRef<M>>, msg: M) {
 }
 
 impl NodeShared {
-    /// A node of `shards` shards (at least one).
-    pub(crate) fn new(parts: SharedParts, shards: usize) -> Self {
+    /// A node of `shards` shards (at least one), whose running slots are shared out by
+    /// `plan` (checked by the caller: [`SlotPlan::of`]).
+    pub(crate) fn new(mut parts: SharedParts, shards: usize, plan: SlotPlan) -> Self {
+        let shards = shards.max(1);
+        let breakers = make_breakers(&parts.config, &parts.registry);
+        let config = &parts.config;
+        parts.registry.bind(|name| {
+            let breaker = breakers.iter().find(|b| b.types.contains(name)).cloned();
+            TypeLimits::resolve(config, config.types.get(&**name), plan, shards, breaker)
+        });
         NodeShared {
             store: OpStore::new(crate::job::StoreLimits {
                 retention: parts.config.retention,
@@ -125,7 +163,9 @@ impl NodeShared {
             events: Arc::new(EventBus::default()),
             remote_types: DashMap::new(),
             shards: Shards::new(shards),
-            running: RunningSlots::new(shards.max(1)),
+            plan,
+            shared_slots: RunningSlots::new(shards, plan.shared),
+            breakers,
             idle: Idle::default(),
             accepting: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
@@ -172,9 +212,135 @@ impl NodeShared {
     pub(crate) fn remote_types(&self) -> &DashMap<OpType, StripedArc<TypeEntry>> {
         &self.remote_types
     }
-    /// The node's running slots (the Scheduler takes them).
-    pub(crate) fn running(&self) -> &RunningSlots {
-        &self.running
+    /// Operations running now, all types: those on the shared slots, and those of each
+    /// type with slots of its own.
+    pub(crate) fn running(&self) -> usize {
+        self.shared_slots.count()
+            + self
+                .registry
+                .types()
+                .filter(|e| e.has_own_slots())
+                .map(|e| e.running())
+                .sum::<usize>()
+    }
+
+    /// How the running slots are shared out, and the shared ones.
+    pub(crate) fn slot_plan(&self) -> (SlotPlan, &RunningSlots) {
+        (self.plan, &self.shared_slots)
+    }
+
+    /// The limits of a type this node learns of as it runs (one it forwards).
+    pub(crate) fn limits_of(&self, op_type: &OpType) -> TypeLimits {
+        let c = &self.config;
+        TypeLimits::resolve(
+            c,
+            c.types.get(&**op_type),
+            self.plan,
+            self.shards.len(),
+            None,
+        )
+    }
+
+    /// Every breaker of the node, once each.
+    pub(crate) fn breakers(&self) -> &[Arc<TypeBreaker>] {
+        &self.breakers
+    }
+
+    /// Refuses an operation of `entry`'s type submitted at `now` while its breaker is
+    /// open.
+    #[inline]
+    pub(crate) fn breaker_admits(
+        &self,
+        entry: &TypeEntry,
+        now: Instant,
+    ) -> Result<(), SubmitError> {
+        let Some(b) = entry.breaker() else {
+            return Ok(());
+        };
+        let (admission, moved) = b.admit(now);
+        if let Some(t) = moved {
+            self.breaker_moved(b, t);
+        }
+        match admission {
+            Admission::Admit => Ok(()),
+            Admission::Refuse { retry_after } => Err(SubmitError::CircuitOpen {
+                op_type: entry.name.to_string(),
+                breaker: (b.types.len() > 1 || *b.name != *entry.name).then(|| b.name.clone()),
+                retry_after,
+            }),
+        }
+    }
+
+    /// An operation of `entry`'s type ran: `ok`, or failed in a way that counts against
+    /// its breaker (see [`crate::breaker`]).
+    #[inline]
+    pub(crate) fn breaker_record(&self, entry: &TypeEntry, ok: bool) {
+        let Some(b) = entry.breaker() else { return };
+        if ok && b.is_closed() {
+            return;
+        }
+        if let Some(t) = b.record(Instant::now(), ok) {
+            self.breaker_moved(b, t);
+        }
+    }
+
+    /// Logs a breaker's change of state and publishes it (`breaker:opened`,
+    /// `breaker:closed`).
+    #[cold]
+    fn breaker_moved(&self, b: &TypeBreaker, t: Transition) {
+        let (kind, state, failures, retry_at) = match t {
+            Transition::Opened { failures, until } => {
+                let secs = until
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64();
+                tracing::warn!(breaker = %b.name, types = ?b.types, failures, "circuit breaker opened: submissions refused for {secs:.1} s");
+                let at = now_ms() + (secs * 1000.0) as u64;
+                (
+                    EventKind::BreakerOpened,
+                    crate::breaker::BreakerState::Open,
+                    Some(failures),
+                    Some(at),
+                )
+            }
+            Transition::HalfOpened => {
+                tracing::info!(breaker = %b.name, "circuit breaker half-open: trial operations go through");
+                return;
+            }
+            Transition::Closed => {
+                tracing::info!(breaker = %b.name, "circuit breaker closed: the trial operations succeeded");
+                (
+                    EventKind::BreakerClosed,
+                    crate::breaker::BreakerState::Closed,
+                    None,
+                    None,
+                )
+            }
+        };
+        self.events.publish(kind, || Event::Breaker {
+            node: self.node_id.clone(),
+            breaker: b.name.clone(),
+            types: b.types.clone(),
+            state,
+            failures,
+            retry_at,
+            timestamp: now_ms(),
+        });
+    }
+
+    /// The node's breakers as `/v1/metrics` shows them.
+    pub(crate) fn breaker_stats(&self) -> Vec<BreakerStats> {
+        let now = Instant::now();
+        self.breakers.iter().map(|b| b.stats(now)).collect()
+    }
+
+    /// Takes up to `n` running slots for operations of `entry`'s type, for the Scheduler
+    /// of `shard`, which is woken when one it lacked comes back (see
+    /// [`RunningSlots`]).
+    pub(crate) fn take_running(&self, entry: &TypeEntry, n: usize, shard: usize) -> usize {
+        let shared = entry.limits.shares.then_some(&self.shared_slots);
+        take_running(&entry.limits.slots, shared, n, shard, |s| {
+            self.send_scheduler(s, SchedulerMsg::SlotsFreed)
+        })
     }
 
     // Shards and messages to their actors.
@@ -211,12 +377,14 @@ impl NodeShared {
         let shard = key_shard(self.shards.len(), &key.op_type, &key.key);
         self.send_cache(shard, CacheMsg::Completed { key, outcome })
     }
-    /// Running operations finished: give their slots back and wake the Schedulers that
-    /// wait for one.
-    pub(crate) fn running_slots_freed(&self, n: usize) {
-        self.running.give_back(n, |shard| {
-            self.send_scheduler(shard, SchedulerMsg::SlotsFreed)
-        });
+    /// `n` running operations of `entry`'s type finished: give their slots back and wake
+    /// the Schedulers that wait for one.
+    pub(crate) fn running_slots_freed(&self, entry: &TypeEntry, n: usize) {
+        let wake = |shard| self.send_scheduler(shard, SchedulerMsg::SlotsFreed);
+        entry.limits.slots.give_back(n, wake);
+        if entry.limits.shares {
+            self.shared_slots.give_back(n, wake);
+        }
     }
 
     // The actors themselves (the supervisor installs them).

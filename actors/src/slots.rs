@@ -1,4 +1,4 @@
-//! Slots: how many operations of a type may wait, and how many may run on the node.
+//! Slots: how many operations of a type may wait, and how many may run.
 //!
 //! At the door, an operation takes a `QueueSlot` of its type (one atomic add; a full
 //! queue refuses it with `SubmitError::Overloaded`, a 429). Its
@@ -7,12 +7,15 @@
 //! queue, forwarded and answered by its owner, dropped with an actor that stopped): the
 //! slot is given back on the way out whichever way that is, and only once.
 //!
-//! Running slots belong to the Scheduler: it alone takes them, up to `max_concurrent`,
-//! wrapping each batch it starts in a [`Started`] that carries them to the Executor. Each
-//! operation then holds a `RunningSlot` while its handler runs and gives it back as it
-//! finishes, waking the Scheduler if it waits for one. A batch lost on the way (the
-//! Executor stopped) gives its slots back too. [`RunningSlots`] counts them; readers
-//! (`/v1/metrics`, `/metrics`) see the count through `Node::running`.
+//! Running slots belong to the Schedulers: they alone take them, wrapping each batch
+//! they start in a [`Started`] that carries them to the Executor. Each type has its
+//! [`RunningSlots`]: its own (`types.<type>.max_concurrent`), or its share of the slots
+//! the types without their own share, which it then takes from the node's shared
+//! [`RunningSlots`] too (see [`crate::type_limits`]). Each operation then holds a
+//! `RunningSlot` while its handler runs and gives it back as it finishes, waking the
+//! Schedulers that wait for one. A batch lost on the way (the Executor stopped) gives its
+//! slots back too. Readers (`/v1/metrics`, `/metrics`) see the counts through
+//! `Node::running` and each type's entry.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,6 +49,12 @@ impl QueueSlot {
     /// The type of the operation that holds the slot.
     pub(crate) fn entry(&self) -> &Arc<TypeEntry> {
         &self.entry.0
+    }
+
+    /// The type's entry as the slot holds it (a reference counted on the stripe of the
+    /// thread that admitted the operation).
+    pub(crate) fn anchor(&self) -> &Anchor<TypeEntry> {
+        &self.entry
     }
 
     /// Whether the slot is still taken.
@@ -92,10 +101,15 @@ impl Drop for QueueSlot {
     }
 }
 
-/// The node's running operations: taken by the Schedulers (one per shard), given back by
-/// each operation as its handler finishes.
+/// Running slots of one kind, up to a maximum: a type's, or the node's shared ones.
+/// Taken by the Schedulers (one per shard), given back by each operation as its handler
+/// finishes. On cache lines of its own (128 bytes, as [`Padded`](crate::counter::Padded)):
+/// its counts change with every batch, and the fields beside it (a type's settings, the
+/// node's) are read on every submission.
+#[repr(align(128))]
 pub struct RunningSlots {
     running: AtomicUsize,
+    max: usize,
     /// Per shard: its Scheduler waits for a slot, and the next one given back wakes it.
     wanted: Box<[AtomicBool]>,
     /// How many of `wanted` are set: the hot path reads this one counter only.
@@ -103,27 +117,34 @@ pub struct RunningSlots {
 }
 
 impl RunningSlots {
-    /// For a node of `shards` Schedulers.
-    pub(crate) fn new(shards: usize) -> Self {
+    /// `max` slots, for a node of `shards` Schedulers.
+    pub(crate) fn new(shards: usize, max: usize) -> Self {
         RunningSlots {
             running: AtomicUsize::new(0),
-            wanted: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            max,
+            wanted: (0..shards.max(1)).map(|_| AtomicBool::new(false)).collect(),
             waiting: AtomicUsize::new(0),
         }
     }
 
-    /// Operations whose handler runs now (or that are on their way to the Executor).
+    /// Slots taken now: operations whose handler runs (or that are on their way to the
+    /// Executor).
     pub fn count(&self) -> usize {
         self.running.load(Ordering::Acquire)
     }
 
-    /// Takes up to `want` slots without ever letting more than `max` run; returns how
-    /// many it took. Schedulers of several shards take from the one count at once: the
-    /// check and the take are one atomic step.
-    pub(crate) fn try_take(&self, want: usize, max: usize) -> usize {
+    /// The most that may be taken at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Takes up to `want` slots without ever letting more than the maximum be taken;
+    /// returns how many it took. Schedulers of several shards take from the one count at
+    /// once: the check and the take are one atomic step.
+    pub(crate) fn try_take(&self, want: usize) -> usize {
         let mut now = self.running.load(Ordering::Acquire);
         loop {
-            let n = want.min(max.saturating_sub(now));
+            let n = want.min(self.max.saturating_sub(now));
             if n == 0 {
                 return 0;
             }
@@ -140,14 +161,25 @@ impl RunningSlots {
     }
 
     /// The Scheduler of `shard` has work that waits only for a slot: the next slot given
-    /// back wakes it. Returns whether fewer than `max` run now (a slot was given back
-    /// before the flag was seen: the Scheduler looks again at once).
-    pub(crate) fn want(&self, shard: usize, max: usize) -> bool {
+    /// back wakes it. Returns whether fewer than the maximum are taken now (a slot was
+    /// given back before the flag was seen: the Scheduler looks again at once).
+    pub(crate) fn want(&self, shard: usize) -> bool {
         // SeqCst with `give_back`: either it sees the flag, or this sees its slot.
         if !self.wanted[shard].swap(true, Ordering::SeqCst) {
             self.waiting.fetch_add(1, Ordering::SeqCst);
         }
-        self.running.load(Ordering::SeqCst) < max
+        self.running.load(Ordering::SeqCst) < self.max
+    }
+
+    /// Takes up to `n` slots for the Scheduler of `shard`; when there are none, asks to
+    /// be woken by the next one given back (and takes again if one came back meanwhile).
+    fn take_or_wait(&self, n: usize, shard: usize) -> usize {
+        loop {
+            let got = self.try_take(n);
+            if got > 0 || !self.want(shard) {
+                return got;
+            }
+        }
     }
 
     /// Gives back `n` slots and calls `wake` with each shard whose Scheduler waits for
@@ -164,6 +196,29 @@ impl RunningSlots {
             }
         }
     }
+}
+
+/// Takes up to `n` running slots of a type for the Scheduler of `shard`: from `own` (the
+/// type's), and from `shared` too when the type has no slots of its own. Returns how many
+/// it took; with none, the Scheduler is woken when one it lacked is given back. `wake`
+/// wakes the Schedulers that wait for the type's slots, when some taken from `own` go back
+/// because `shared` had fewer.
+pub(crate) fn take_running(
+    own: &RunningSlots,
+    shared: Option<&RunningSlots>,
+    n: usize,
+    shard: usize,
+    wake: impl FnMut(usize),
+) -> usize {
+    let got = own.take_or_wait(n, shard);
+    let Some(shared) = shared.filter(|_| got > 0) else {
+        return got;
+    };
+    let granted = shared.take_or_wait(got, shard);
+    if granted < got {
+        own.give_back(got - granted, wake);
+    }
+    granted
 }
 
 /// A batch the Scheduler started: each of its operations holds a running slot. The
@@ -212,7 +267,10 @@ impl Started {
 impl Drop for Started {
     fn drop(&mut self) {
         if let Some(first) = self.jobs.first() {
-            first.reply.shared.running_slots_freed(self.jobs.len());
+            first
+                .reply
+                .shared
+                .running_slots_freed(first.reply.entry(), self.jobs.len());
         }
     }
 }
@@ -240,34 +298,40 @@ impl Drop for StartedIter<'_> {
     fn drop(&mut self) {
         let left = self.jobs.len();
         if left > 0 {
-            self.returns.shared.running_slots_freed(left);
+            self.returns
+                .shared
+                .running_slots_freed(&self.returns.entry, left);
         }
     }
 }
 
-/// Running slots given back by the operations of one Executor task, handed to the node
-/// together: by [`flush`](Self::flush) (the task calls it whenever it waits) or on drop.
-/// One atomic operation on the node's running count per wake-up of the task, instead of
-/// one per operation.
+/// Running slots given back by the operations of one Executor task (all of one type: a
+/// batch is), handed back together: by [`flush`](Self::flush) (the task calls it
+/// whenever it waits) or on drop. One atomic operation on each running count per wake-up
+/// of the task, instead of one per operation.
 pub(crate) struct SlotReturns<'a> {
     shared: &'a NodeShared,
+    /// The type of the task's operations.
+    entry: Anchor<TypeEntry>,
     /// Only this task counts here (atomic only so the task's future may be `Send`).
     pending: AtomicUsize,
 }
 
 impl<'a> SlotReturns<'a> {
-    pub(crate) fn new(shared: &'a NodeShared) -> Self {
+    /// For a task running operations of `entry`'s type.
+    pub(crate) fn new(shared: &'a NodeShared, entry: Anchor<TypeEntry>) -> Self {
         SlotReturns {
             shared,
+            entry,
             pending: AtomicUsize::new(0),
         }
     }
 
-    /// Gives the slots collected so far back to the node.
+    /// Gives the slots collected so far back.
     pub(crate) fn flush(&self) {
         let n = self.pending.swap(0, Ordering::Relaxed);
         if n > 0 {
-            self.shared.running_slots_freed(n);
+            self.shared.running_slots_freed(&self.entry, n);
         }
     }
 }
@@ -347,20 +411,20 @@ mod tests {
 
     #[test]
     fn slots_are_never_taken_beyond_the_maximum() {
-        let r = RunningSlots::new(1);
-        assert_eq!(r.try_take(5, 8), 5);
-        assert_eq!(r.try_take(5, 8), 3, "only what is left");
-        assert_eq!(r.try_take(1, 8), 0);
+        let r = RunningSlots::new(1, 8);
+        assert_eq!(r.try_take(5), 5);
+        assert_eq!(r.try_take(5), 3, "only what is left");
+        assert_eq!(r.try_take(1), 0);
         r.give_back(2, |_| {});
-        assert_eq!(r.try_take(0, 8), 0);
-        assert_eq!(r.try_take(9, 8), 2);
+        assert_eq!(r.try_take(0), 0);
+        assert_eq!(r.try_take(9), 2);
         assert_eq!(r.count(), 8);
         // Several takers at once never pass the maximum together.
-        let r = std::sync::Arc::new(RunningSlots::new(1));
+        let r = std::sync::Arc::new(RunningSlots::new(1, 100));
         let takers: Vec<_> = (0..4)
             .map(|_| {
                 let r = r.clone();
-                std::thread::spawn(move || (0..1000).map(|_| r.try_take(3, 100)).sum::<usize>())
+                std::thread::spawn(move || (0..1000).map(|_| r.try_take(3)).sum::<usize>())
             })
             .collect();
         let taken: usize = takers.into_iter().map(|t| t.join().unwrap()).sum();
@@ -370,23 +434,58 @@ mod tests {
 
     #[test]
     fn running_slots_wake_each_waiting_scheduler_once() {
-        let r = RunningSlots::new(3);
+        let r = RunningSlots::new(3, 3);
         let woken = |r: &RunningSlots, n| {
             let mut v = Vec::new();
             r.give_back(n, |s| v.push(s));
             v
         };
-        assert_eq!(r.try_take(4, 100), 4);
-        assert_eq!(r.count(), 4);
-        assert_eq!(woken(&r, 1), Vec::<usize>::new(), "nobody waits");
-        assert!(!r.want(2, 3), "three run, three allowed");
-        assert!(!r.want(0, 3));
-        assert!(!r.want(0, 3), "asking twice counts once");
+        assert_eq!(r.try_take(4), 3);
+        assert_eq!(r.count(), 3);
+        assert!(!r.want(2), "three run, three allowed");
+        assert!(!r.want(0));
+        assert!(!r.want(0), "asking twice counts once");
         assert_eq!(woken(&r, 1), vec![0, 2], "the first slot back wakes both");
         assert_eq!(woken(&r, 1), Vec::<usize>::new(), "once");
         assert_eq!(r.waiting.load(Ordering::SeqCst), 0);
         assert_eq!(r.count(), 1);
-        assert!(r.want(1, 2));
+        assert!(r.want(1));
+    }
+
+    fn woke(f: impl FnOnce(&mut dyn FnMut(usize))) -> Vec<usize> {
+        let mut v = Vec::new();
+        f(&mut |s| v.push(s));
+        v
+    }
+
+    #[test]
+    fn a_type_without_its_own_slots_takes_from_its_share_and_the_shared_ones() {
+        let (a, b) = (RunningSlots::new(2, 3), RunningSlots::new(2, 3));
+        let shared = RunningSlots::new(2, 4);
+        let take = |own: &RunningSlots, n, shard| {
+            let mut none = |_| {};
+            take_running(own, Some(&shared), n, shard, &mut none)
+        };
+        assert_eq!(take(&a, 10, 0), 3, "a's share");
+        assert_eq!(take(&a, 1, 0), 0);
+        assert_eq!(take(&b, 10, 1), 1, "what a left of the shared slots");
+        assert_eq!((a.count(), b.count(), shared.count()), (3, 1, 4));
+        // Both wait now: a on its share, b on the shared slots.
+        assert_eq!(take(&b, 1, 1), 0);
+        assert_eq!(b.count(), 1, "the slot it took of its share went back");
+        assert_eq!(
+            woke(|w| a.give_back(1, w)),
+            vec![0],
+            "a's own slot back wakes a's scheduler"
+        );
+        assert_eq!(woke(|w| shared.give_back(1, w)), vec![1], "and b's");
+        assert_eq!(take(&b, 10, 1), 1);
+        assert_eq!((a.count(), b.count(), shared.count()), (2, 2, 4));
+        // A type with slots of its own never touches the shared ones.
+        let own = RunningSlots::new(2, 5);
+        let mut none = |_| {};
+        assert_eq!(take_running(&own, None, 10, 0, &mut none), 5);
+        assert_eq!(shared.count(), 4);
     }
 
     async fn node_with_jobs(n: usize) -> (crate::Node, Vec<Box<Job>>) {
@@ -405,46 +504,49 @@ mod tests {
     async fn a_started_batch_gives_its_running_slots_back_however_it_ends() {
         let (node, mut jobs) = node_with_jobs(6).await;
         let shared = node.shared().clone();
-        let running = shared.running();
+        let entry = jobs[0].reply.slot.anchor().clone();
+        let take = |n| shared.take_running(&entry, n, 0);
         // Lost on the way to the Executor.
-        assert_eq!(running.try_take(2, 10), 2);
+        assert_eq!(take(2), 2);
         let lost = Started::taken(jobs.drain(..2).collect());
-        assert_eq!(running.count(), 2);
+        assert_eq!(node.running(), 2);
         drop(lost);
-        assert_eq!(running.count(), 0);
+        assert_eq!(node.running(), 0);
         // Split, then partly run: each slot is given back once.
-        assert_eq!(running.try_take(4, 10), 4);
+        assert_eq!(take(4), 4);
         let mut batch = Started::taken(jobs);
         let rest = batch.split_off(2);
-        assert_eq!((batch.len(), rest.len(), running.count()), (2, 2, 4));
+        assert_eq!((batch.len(), rest.len(), node.running()), (2, 2, 4));
         drop(rest);
-        assert_eq!(running.count(), 2);
-        let returns = SlotReturns::new(&shared);
+        assert_eq!(node.running(), 2);
+        let returns = SlotReturns::new(&shared, entry.clone());
         let mut each = batch.run(&returns);
         let (_job, slot) = each.next().unwrap();
-        assert_eq!(running.count(), 2);
+        assert_eq!(node.running(), 2);
         drop(each);
-        assert_eq!(running.count(), 1, "the one not yet taken out went back");
+        assert_eq!(node.running(), 1, "the one not yet taken out went back");
         drop(slot);
         assert_eq!(
-            running.count(),
+            node.running(),
             1,
             "a finished one waits for its task's flush"
         );
         returns.flush();
-        assert_eq!(running.count(), 0);
+        assert_eq!(node.running(), 0);
         // Whatever was not flushed goes back when the task ends.
-        assert_eq!(running.try_take(1, 10), 1);
+        assert_eq!(take(1), 1);
         let (_job, slot) = Started::taken(vec![
             node.admit_for_test(crate::Operation::new("t", crate::Json::null()))
         ])
         .run(&returns)
         .next()
         .unwrap();
-        assert_eq!(running.count(), 1);
+        assert_eq!(node.running(), 1);
+        assert_eq!(entry.running(), 1, "the type's own count follows");
         drop(slot);
         drop(returns);
-        assert_eq!(running.count(), 0);
+        assert_eq!(node.running(), 0);
+        assert_eq!(entry.running(), 0);
         node.shutdown(std::time::Duration::from_secs(1)).await;
         assert_eq!(node.running(), 0);
     }

@@ -27,6 +27,8 @@ async fn sleepy(op: Operation) -> Result<Json, HandlerError> {
     Ok(op.payload)
 }
 
+/// A node of `max_concurrent` running slots, all of which one type may take (these tests
+/// are about the node's total, not the share between types: see `types.rs`).
 fn small(max_concurrent: usize, queue_capacity: usize) -> EngineConfig {
     EngineConfig {
         batch: BatchPolicy {
@@ -35,6 +37,7 @@ fn small(max_concurrent: usize, queue_capacity: usize) -> EngineConfig {
             max_concurrent,
         },
         queue_capacity,
+        type_share_percent: 100,
         ..EngineConfig::default()
     }
 }

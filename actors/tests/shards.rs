@@ -181,6 +181,8 @@ async fn node_wide_limits_hold_across_shards() {
                 max_concurrent: 3,
             },
             queue_capacity: 50,
+            // One type: it may take every slot.
+            type_share_percent: 100,
             ..EngineConfig::default()
         })
         .handler("slow", move |_op: Operation| {

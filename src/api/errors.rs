@@ -95,7 +95,9 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status);
         if let Some(d) = self.retry_after {
-            r.insert_header((header::RETRY_AFTER, d.as_secs().max(1).to_string()));
+            // Whole seconds, rounded up: a client that waits that long finds the wait over.
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            r.insert_header((header::RETRY_AFTER, secs.max(1).to_string()));
         }
         if let Some(h) = &self.header {
             r.insert_header((h.0.clone(), h.1.clone()));
@@ -130,6 +132,14 @@ impl From<SubmitError> for ApiError {
             SubmitError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg)
             }
+            SubmitError::RateLimited { retry_after, .. } => ApiError {
+                retry_after: Some(retry_after),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", msg)
+            },
+            SubmitError::CircuitOpen { retry_after, .. } => ApiError {
+                retry_after: Some(retry_after),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", msg)
+            },
         }
     }
 }

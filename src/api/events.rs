@@ -359,7 +359,7 @@ fn parse_kinds(s: &str) -> Result<Kinds, ApiError> {
 /// ends when the server shuts down.
 #[utoipa::path(get, path = "/v1/events",
     params(
-        ("types" = Option<String>, Query, description = "comma-separated event types to receive (default all): batch:scheduled, operation:started, operation:success, operation:failure, metrics:collected"),
+        ("types" = Option<String>, Query, description = "comma-separated event types to receive (default all): batch:scheduled, operation:started, operation:success, operation:failure, metrics:collected, breaker:opened, breaker:closed"),
         ("buffer" = Option<usize>, Query, description = "events this client may fall behind by before it misses some (1..=65536, default 1024)")),
     responses(
         (status = 200, description = "a stream of events", content_type = "text/event-stream", body = String),

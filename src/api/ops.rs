@@ -118,8 +118,11 @@ fn key_reused(o: &OpOutcome) -> Option<ApiError> {
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "unknown type", body = ErrorBody),
         (status = 409, description = "idempotency key used with another payload (with ?wait=true)", body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody),
-        (status = 503, description = "draining (shutting_down), or the journal could not write it (journal_write_failed: nothing was started)", body = ErrorBody)))]
+        (status = 413, body = ErrorBody),
+        (status = 429, description = "refused for now: the type's queue is full (`overloaded`), the node it would go to is overloaded with the type (`overloaded`, naming it), or the type is over its rate limit (`rate_limited`, naming the type); `Retry-After` says when to try again",
+            headers(("Retry-After" = u64, description = "seconds to wait before trying again")), body = ErrorBody),
+        (status = 503, description = "the type's circuit breaker is open (`circuit_open`, naming the type and when it lets operations through again, also in `Retry-After`), the node is shutting down (`shutting_down`), or the journal could not write it (`journal_write_failed`: nothing was started)",
+            headers(("Retry-After" = u64, description = "seconds to wait before trying again (`circuit_open`)")), body = ErrorBody)))]
 pub(super) async fn submit(
     st: web::Data<AppState>,
     req: HttpRequest,
@@ -158,7 +161,8 @@ pub(super) async fn submit(
 /// Submit many operations; answers are in the same order.
 #[utoipa::path(post, path = "/v1/ops/batch", request_body = BatchRequest,
     params(("wait" = Option<bool>, Query, description = "answer with the results when all are done")),
-    responses((status = 200, body = BatchAnswer), (status = 202, body = BatchAnswer),
+    responses((status = 200, description = "finished (with ?wait=true); an operation refused on its own has an error body in its place (`overloaded`, `rate_limited`, `circuit_open`, ...)", body = BatchAnswer),
+        (status = 202, description = "accepted; an operation refused on its own has an error body in its place (`overloaded`, `rate_limited`, `circuit_open`, ...)", body = BatchAnswer),
         (status = 400, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 503, description = "draining (shutting_down), or the journal could not write the batch (journal_write_failed: none was started)", body = ErrorBody)))]
 pub(super) async fn submit_batch(

@@ -1,6 +1,7 @@
 //! `[engine]`, `[cache]` and `[retry]`: the engine's queue, batching, limits, result
-//! cache and default retry policy, as the one [`EngineConfig`] a node is built with, and
-//! `engine.journal`, which the binary reads (see [`crate::journal`]).
+//! cache and default retry policy, as the one [`EngineConfig`] a node is built with
+//! (whose per-type settings and breaker `types` fills in), and `engine.journal`, which
+//! the binary reads (see [`crate::journal`]).
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use serde::Deserialize;
 
 use super::check::{Check, INITIAL_BACKOFF_MS, MAX_ATTEMPTS, MAX_BACKOFF_MS, MIB};
 use super::error::ConfigError;
-use crate::{BatchPolicy, CacheConfig, EngineConfig, Limits, RetryPolicy};
+use crate::{BatchPolicy, BreakerPolicy, CacheConfig, EngineConfig, Limits, RetryPolicy};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +33,7 @@ pub(super) struct RawEngine {
     result_store_bytes: u64,
     max_stored_result_bytes: u64,
     journal: bool,
+    type_share_percent: u64,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +105,7 @@ impl RawEngine {
         check: &Check<'_>,
         cache: RawCache,
         retry: RetryPolicy,
+        breaker: Option<BreakerPolicy>,
     ) -> Result<EngineConfig, ConfigError> {
         let max_type_len = check.count("engine.max_type_len", self.max_type_len, 1..=1024)?;
         Ok(EngineConfig {
@@ -187,6 +190,13 @@ impl RawEngine {
                 self.max_stored_result_bytes as usize
             },
             retry,
+            types: Default::default(),
+            type_share_percent: check.range(
+                "engine.type_share_percent",
+                self.type_share_percent,
+                1..=100,
+            )? as u8,
+            breaker,
         })
     }
 }

@@ -16,7 +16,9 @@
 //! written), its validation and its tests: `node` (`[node]`, `[http]`, `[shutdown]`),
 //! `engine` (`[engine]`, `[cache]`, `[retry]`), `handlers` (`[handlers]`: the built-in
 //! handlers on, and `[[handlers.http]]`),
-//! `cluster` (`[cluster]`, checked into the cluster crate's `ClusterConfig`) and `telemetry` (`[telemetry]`). Beside
+//! `cluster` (`[cluster]`, checked into the cluster crate's `ClusterConfig`), `types`
+//! (`[breaker]` and `[types.<type>]`: per-type limits and circuit breakers) and
+//! `telemetry` (`[telemetry]`). Beside
 //! them, `layers` builds the merged layers and knows where each value was set, `error`
 //! holds [`ConfigError`] and its mapping from figment's errors, and `check` the range
 //! and shape checks every section uses.
@@ -37,6 +39,7 @@ use self::engine::{RawCache, RawEngine, RawRetry};
 use self::handlers::RawHandlers;
 use self::node::{RawEvents, RawHttp, RawNode, RawShutdown};
 use self::telemetry::RawTelemetry;
+use self::types::{RawBreaker, RawType};
 
 pub use self::auth::AuthConfig;
 pub use self::check::is_token_name;
@@ -58,6 +61,7 @@ mod node;
 mod telemetry;
 #[cfg(test)]
 mod testutil;
+mod types;
 
 /// The settings the binary runs with, validated: every value is in its range.
 #[derive(Clone, Debug)]
@@ -250,26 +254,41 @@ struct Raw {
     flow: RawFlow,
     telemetry: RawTelemetry,
     handlers: RawHandlers,
+    breaker: RawBreaker,
+    /// `[types.<type>]` tables: none by default.
+    #[serde(default)]
+    types: std::collections::BTreeMap<String, RawType>,
 }
 
 impl Raw {
     /// Each section checks its own keys, in this order, which is the order errors are
     /// found in. Later sections read what earlier ones settled: `[[handlers.http]]` takes
-    /// `engine.max_type_len` and the `[retry]` defaults, `cluster.serves` the types that
-    /// have a handler.
+    /// `engine.max_type_len` and the `[retry]` defaults, `[types.<type>]` the engine's
+    /// limits, `[breaker]` and the types that have a handler (and webhook targets),
+    /// `cluster.serves` the types that have a handler.
     fn validate(self, check: &Check<'_>, profile: Option<String>) -> Result<Config, ConfigError> {
         let node_id = self.node.validate(check)?;
         let http = self.http.validate(check)?;
         let auth = self.auth.validate(check, http.addr)?;
         let retry = self.retry.validate(check)?;
         let journal = journal(check, &self.engine, &self.cluster)?;
-        let engine = self.engine.validate(check, self.cache, retry)?;
+        let breaker_keys = self.breaker;
+        let breaker = RawBreaker::validate(breaker_keys.clone(), check)?;
+        let mut engine = self.engine.validate(check, self.cache, retry, breaker)?;
         let shutdown_grace = self.shutdown.validate(check)?;
         let max_subscribers = self.events.validate(check)?;
         let max_type_len = engine.limits.max_type_len;
         let (builtin_handlers, http_handlers) =
             self.handlers.validate(check, max_type_len, &engine.retry)?;
         let handled = handlers::handled_types(&builtin_handlers, &http_handlers);
+        types::validate(
+            check,
+            self.types,
+            &breaker_keys,
+            &mut engine,
+            &handled,
+            &http_handlers,
+        )?;
         let flow = self.flow.validate(check)?;
         let cluster = self
             .cluster

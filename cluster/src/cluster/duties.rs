@@ -419,12 +419,11 @@ impl Inner {
         let Some(node) = self.node.get() else {
             return Vec::new();
         };
-        let capacity = node.config().queue_capacity;
         let entries = node.type_entries();
         let levels = entries
             .iter()
             .filter(|e| !matches!(e.handler, HandlerKind::Remote))
-            .map(|e| (&*e.name, e.queued(), capacity));
+            .map(|e| (&*e.name, e.queued(), e.queue_capacity()));
         let now = self.flow.lock().update(levels);
         if **self.overloaded.load() != now {
             self.overloaded.store(Arc::new(now.clone()));

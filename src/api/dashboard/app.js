@@ -185,6 +185,20 @@ function renderSpark() {
   area.setAttribute('d', `${d}L300,48L0,48Z`);
 }
 
+/** A type's circuit breaker: quiet while closed, loud while open or half-open. */
+function breakerBadge(state) {
+  switch (state) {
+    case 'open':
+      return el('span', { class: 'badge breaker-open', title: 'submissions refused (503 circuit_open)' }, 'open');
+    case 'half_open':
+      return el('span', { class: 'badge breaker-half', title: 'trial operations go through' }, 'half-open');
+    case 'closed':
+      return el('span', { class: 'badge quiet' }, 'closed');
+    default:
+      return el('span', { class: 'dim' }, '–');
+  }
+}
+
 function renderTypes() {
   const m = state.metrics;
   if (!m) return;
@@ -199,15 +213,22 @@ function renderTypes() {
       el('td', { class: 'num' + (s.failed ? ' bad' : ''), dataset: { field: 'failed' } }, int(s.failed)),
       el('td', { class: 'num' + (s.expired ? ' warn' : ''), dataset: { field: 'expired' } }, int(s.expired)),
       el('td', { class: 'num', dataset: { field: 'retries' } }, int(s.retries)),
+      el('td', {
+        class: 'num' + (s.running >= s.maxConcurrent && s.queued ? ' warn' : ''),
+        dataset: { field: 'running', value: s.running },
+        title: s.ownSlots ? 'slots of its own (types.<type>.max_concurrent)'
+          : 'its share of the shared slots (engine.type_share_percent)',
+      }, `${int(s.running)} / ${int(s.maxConcurrent)}`),
       el('td', { class: 'queue-col', dataset: { field: 'queued', value: s.queued } },
         el('div', { class: 'queue' },
           el('div', { class: 'bar' }, el('span', { style: `width:${(100 * s.queued) / deepest}%` })),
           el('span', { class: 'num' }, int(s.queued)))),
       el('td', { class: 'num', dataset: { field: 'p50' } }, lat(l.p50_us)),
       el('td', { class: 'num', dataset: { field: 'p95' } }, lat(l.p95_us)),
-      el('td', { class: 'num', dataset: { field: 'p99' } }, lat(l.p99_us)));
+      el('td', { class: 'num', dataset: { field: 'p99' } }, lat(l.p99_us)),
+      el('td', { dataset: { field: 'breaker', state: s.breaker || 'none' } }, breakerBadge(s.breaker)));
   });
-  replaceRows($('types'), rows, 'no operation types', 9);
+  replaceRows($('types'), rows, 'no operation types', 11);
 }
 
 function renderCluster() {
