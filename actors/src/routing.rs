@@ -620,7 +620,8 @@ mod tests {
             }
         );
         assert!(
-            e.to_string().ends_with("served types: echo, resize, webhook"),
+            e.to_string()
+                .ends_with("served types: echo, resize, webhook"),
             "{e}"
         );
         let any = Route {

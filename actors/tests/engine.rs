@@ -10,7 +10,7 @@ use opmesh_actors::router::Forwarder;
 use opmesh_actors::routing::{LocalRoutes, NodeView};
 use opmesh_actors::{
     BatchPolicy, ChildKind, EngineConfig, HandlerError, Json, Node, NodeId, OpStatus, Operation,
-    Route, RouteError, RetryPolicy, RoutingTable, Strategy, SubmitError,
+    RetryPolicy, Route, RouteError, RoutingTable, Strategy, SubmitError,
 };
 
 mod common;

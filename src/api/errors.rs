@@ -51,6 +51,12 @@ impl ApiError {
         self
     }
 
+    /// Answers with `Retry-After`: `d` in whole seconds, rounded up.
+    pub(crate) fn with_retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = Some(d);
+        self
+    }
+
     pub(crate) fn body(&self) -> ErrorBody {
         ErrorBody {
             error: self.code.to_owned(),
@@ -95,7 +101,9 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status);
         if let Some(d) = self.retry_after {
-            r.insert_header((header::RETRY_AFTER, d.as_secs().max(1).to_string()));
+            // Whole seconds, rounded up: a client that waits what it is told is not early.
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            r.insert_header((header::RETRY_AFTER, secs.max(1).to_string()));
         }
         if let Some(h) = &self.header {
             r.insert_header((h.0.clone(), h.1.clone()));
@@ -144,6 +152,12 @@ impl From<RouteError> for ApiError {
             // state, not a malformed request.
             RouteError::UnknownNode(_) => ApiError::new(StatusCode::CONFLICT, "unknown_node", msg),
             RouteError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", msg),
+            // The same code as a submission of a type nothing routes.
+            RouteError::NoRoute { .. } => ApiError::new(StatusCode::NOT_FOUND, "no_route", msg),
+            // Well formed, but the table is full now: a conflict with its state.
+            RouteError::TooManyRoutes { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "too_many_routes", msg)
+            }
             RouteError::Unavailable(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)
             }

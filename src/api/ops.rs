@@ -122,10 +122,12 @@ pub(super) async fn submit(
     q: web::Query<WaitQuery>,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let caller = Caller::of(&req);
+    st.admission.check(&req, &caller, 1, &st.node)?;
     let bytes = read_body(body, st.max_body_bytes).await?;
     let r: OpRequest = parse(&bytes, "request body")?;
     let parent = trace_parent(&req, &st.telemetry);
-    let op = to_operation(r, parent, &Caller::of(&req), Instant::now())?;
+    let op = to_operation(r, parent, &caller, Instant::now())?;
     let ticket = st.node.enqueue_tracked(op)?;
     let id = ticket.id.to_string();
     let trace = ticket.trace;
@@ -173,12 +175,14 @@ pub(super) async fn submit_batch(
     // entry so each refusal names its own field.
     if let Ok(b) = serde_json::from_slice::<TypedBatch>(&bytes) {
         check_batch_len(b.ops.len(), st.max_batch_ops)?;
+        st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
         for r in b.ops {
             add(to_operation(r, parent, &caller, now));
         }
     } else {
         let b: BatchRequest = parse(&bytes, "request body")?;
         check_batch_len(b.ops.len(), st.max_batch_ops)?;
+        st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
         for (i, raw) in b.ops.iter().enumerate() {
             add(
                 parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]"))

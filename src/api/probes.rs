@@ -38,10 +38,13 @@ pub(super) async fn metrics(st: web::Data<AppState>) -> HttpResponse {
         node: opmesh_actors::NodeStats,
         /// The trace pipeline: spans exported and dropped, malformed `traceparent`s.
         telemetry: crate::telemetry::TelemetryStats,
+        /// Submissions the api's limits refused, by limit (`[limits]`).
+        limits: super::limits::AdmissionStats,
     }
     HttpResponse::Ok().json(Answer {
         node: st.node.stats(),
         telemetry: st.telemetry.stats(),
+        limits: st.admission.stats(),
     })
 }
 
@@ -53,6 +56,7 @@ pub(super) async fn prometheus_metrics(st: web::Data<AppState>) -> HttpResponse 
         st.cluster.as_ref(),
         &st.telemetry,
         Some(&st.traffic),
+        Some(&st.admission.stats()),
     )
     .await;
     HttpResponse::Ok()

@@ -179,6 +179,8 @@ impl RawEngine {
                 self.max_stored_result_bytes as usize
             },
             retry,
+            // `cluster.max_routes`: [`super::Raw::validate`] sets it.
+            max_routes: EngineConfig::default().max_routes,
         })
     }
 }
