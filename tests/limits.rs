@@ -232,10 +232,12 @@ async fn event_streams_past_max_subscribers_are_refused_until_one_ends() {
 /// `(status, Retry-After in seconds, body)` of an answer.
 async fn answer(r: Response) -> (u16, Option<u64>, Value) {
     let status = r.status().as_u16();
-    let after = r
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().parse().expect("Retry-After is whole seconds"));
+    let after = r.headers().get("retry-after").map(|v| {
+        v.to_str()
+            .unwrap()
+            .parse()
+            .expect("Retry-After is whole seconds")
+    });
     (status, after, r.json().await.unwrap())
 }
 
@@ -294,7 +296,10 @@ async fn over_the_global_rate_a_submission_gets_429_naming_the_limit() {
         .await,
     )
     .await;
-    assert_rate_limited(&refused, &["the node's rate limit", "limits.rate_per_sec = 1/s"]);
+    assert_rate_limited(
+        &refused,
+        &["the node's rate limit", "limits.rate_per_sec = 1/s"],
+    );
     // After the wait it was told, a submission passes again.
     tokio::time::sleep(Duration::from_secs(refused.1.unwrap())).await;
     let r = post(&s, "/v1/ops", &[], &json!({"type": "echo"})).await;
@@ -328,12 +333,24 @@ async fn clients_named_by_header_are_limited_apart() {
     );
     let a = [("x-opmesh-client", "app-a")];
     let b = [("x-opmesh-client", "app-b")];
-    assert_eq!(post(&s, "/v1/ops/batch", &a, &echo_ops(3)).await.status(), 202);
+    assert_eq!(
+        post(&s, "/v1/ops/batch", &a, &echo_ops(3)).await.status(),
+        202
+    );
     let refused = answer(post(&s, "/v1/ops", &a, &json!({"type": "echo"})).await).await;
-    assert_rate_limited(&refused, &["client `app-a`", "limits.client_rate_per_sec = 1/s"]);
+    assert_rate_limited(
+        &refused,
+        &["client `app-a`", "limits.client_rate_per_sec = 1/s"],
+    );
     // Another name, and no name (the peer's address), each have their own allowance.
-    assert_eq!(post(&s, "/v1/ops/batch", &b, &echo_ops(3)).await.status(), 202);
-    assert_eq!(post(&s, "/v1/ops/batch", &[], &echo_ops(3)).await.status(), 202);
+    assert_eq!(
+        post(&s, "/v1/ops/batch", &b, &echo_ops(3)).await.status(),
+        202
+    );
+    assert_eq!(
+        post(&s, "/v1/ops/batch", &[], &echo_ops(3)).await.status(),
+        202
+    );
     let refused = answer(post(&s, "/v1/ops", &[], &json!({"type": "echo"})).await).await;
     assert_rate_limited(&refused, &["client `127.0.0.1`"]);
     // A name that is not one is refused, naming the header.
@@ -378,18 +395,26 @@ async fn clients_with_tokens_are_limited_by_token_name() {
     // With tokens the token is the client: a header naming another does not change it.
     let as_alice = [("authorization", alice), ("x-opmesh-client", "bob")];
     assert_eq!(
-        post(&s, "/v1/ops/batch", &as_alice, &echo_ops(2)).await.status(),
+        post(&s, "/v1/ops/batch", &as_alice, &echo_ops(2))
+            .await
+            .status(),
         202
     );
     let refused = answer(post(&s, "/v1/ops", &as_alice, &json!({"type": "echo"})).await).await;
     assert_rate_limited(&refused, &["client `alice`"]);
     let as_bob = [("authorization", bob)];
     assert_eq!(
-        post(&s, "/v1/ops/batch", &as_bob, &echo_ops(2)).await.status(),
+        post(&s, "/v1/ops/batch", &as_bob, &echo_ops(2))
+            .await
+            .status(),
         202
     );
     let (status, _, v) = answer(post(&s, "/v1/ops/batch", &as_bob, &echo_ops(3)).await).await;
-    assert_eq!((status, &v["error"]), (413, &json!("batch_too_large")), "{v}");
+    assert_eq!(
+        (status, &v["error"]),
+        (413, &json!("batch_too_large")),
+        "{v}"
+    );
     assert!(
         v["message"]
             .as_str()
@@ -420,7 +445,11 @@ async fn past_max_in_flight_new_submissions_are_refused_as_overloaded() {
     // engine.overload_retry_after_ms (1 s), stretched by the jitter.
     assert!(matches!(after, Some(1..=2)), "Retry-After {after:?}");
     let (status, _, v) = answer(post(&s, "/v1/ops/batch", &[], &echo_ops(3)).await).await;
-    assert_eq!((status, &v["error"]), (413, &json!("batch_too_large")), "{v}");
+    assert_eq!(
+        (status, &v["error"]),
+        (413, &json!("batch_too_large")),
+        "{v}"
+    );
     let m = get_json(&s.url("/v1/metrics")).await;
     assert_eq!(m["limits"]["inFlightRefused"], 2, "{}", m["limits"]);
 }
@@ -461,9 +490,16 @@ async fn routes_are_at_most_max_routes_and_only_for_served_types() {
     );
     assert_eq!(put("echo").await.unwrap().status(), 200);
     let (status, _, v) = answer(put("sleep").await.unwrap()).await;
-    assert_eq!((status, &v["error"]), (409, &json!("too_many_routes")), "{v}");
+    assert_eq!(
+        (status, &v["error"]),
+        (409, &json!("too_many_routes")),
+        "{v}"
+    );
     assert!(
-        v["message"].as_str().unwrap().contains("cluster.max_routes"),
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("cluster.max_routes"),
         "{v}"
     );
     // Replacing the route there is is fine; removing it makes room.

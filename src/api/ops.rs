@@ -22,6 +22,16 @@ use crate::telemetry::Telemetry;
 
 const OP_ID_HEADER: &str = "x-opmesh-op-id";
 
+/// The OpenAPI description of the client header.
+const CLIENT_DOC: &str = "who the client is for `limits.client_rate_per_sec` when the api \
+    has no tokens (with tokens, the token's name): 1 to 64 characters from A-Z a-z 0-9 _ . - @; \
+    without it, the client's IP address";
+/// The OpenAPI description of a 429.
+const TOO_MANY_DOC: &str = "over a rate limit (`rate_limited`: `limits.rate_per_sec`, or \
+    the client's `limits.client_rate_per_sec`; the message names which), or the node is \
+    overloaded (`overloaded`: the type's queue is full, or `limits.max_in_flight`); retry \
+    after `Retry-After` seconds";
+
 /// The caller's trace context: the parent of the operation's `op.submit` span. A
 /// malformed `traceparent` is ignored (the operation starts a new trace) and counted.
 fn trace_parent(req: &HttpRequest, telemetry: &Telemetry) -> Option<TraceContext> {
@@ -108,14 +118,18 @@ fn key_reused(o: &OpOutcome) -> Option<ApiError> {
 
 /// Submit one operation.
 #[utoipa::path(post, path = "/v1/ops", request_body = OpRequest,
-    params(("wait" = Option<bool>, Query, description = "answer with the result when it is done")),
+    params(("wait" = Option<bool>, Query, description = "answer with the result when it is done"),
+        ("x-opmesh-client" = Option<String>, Header, description = CLIENT_DOC)),
     responses(
         (status = 202, description = "accepted", body = OpAnswer),
         (status = 200, description = "finished (with ?wait=true)", body = OpAnswer),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, description = "unknown type", body = ErrorBody),
+        (status = 404, description = "unknown type (`no_route`)", body = ErrorBody),
         (status = 409, description = "idempotency key used with another payload (with ?wait=true)", body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 413, body = ErrorBody),
+        (status = 429, description = TOO_MANY_DOC, body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds to wait before trying again"))),
+        (status = 503, body = ErrorBody)))]
 pub(super) async fn submit(
     st: web::Data<AppState>,
     req: HttpRequest,
@@ -143,11 +157,17 @@ pub(super) async fn submit(
     Ok(with_op_headers(resp, &id, trace.as_ref()))
 }
 
-/// Submit many operations; answers are in the same order.
+/// Submit many operations; answers are in the same order. The api's limits count a batch
+/// as its number of operations.
 #[utoipa::path(post, path = "/v1/ops/batch", request_body = BatchRequest,
-    params(("wait" = Option<bool>, Query, description = "answer with the results when all are done")),
+    params(("wait" = Option<bool>, Query, description = "answer with the results when all are done"),
+        ("x-opmesh-client" = Option<String>, Header, description = CLIENT_DOC)),
     responses((status = 200, body = BatchAnswer), (status = 202, body = BatchAnswer),
-        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 400, body = ErrorBody),
+        (status = 413, description = "more operations than `http.max_batch_ops`, a rate limit's burst or `limits.max_in_flight` allow at once (`batch_too_large`): it can never pass", body = ErrorBody),
+        (status = 429, description = TOO_MANY_DOC, body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds to wait before trying again"))),
+        (status = 503, body = ErrorBody)))]
 pub(super) async fn submit_batch(
     st: web::Data<AppState>,
     req: HttpRequest,
