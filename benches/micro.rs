@@ -36,6 +36,7 @@ fn table(n: usize, strategy: Option<Strategy>) -> RoutingTable {
                 healthy: true,
                 serves: vec!["echo".into()],
                 load: i as u64,
+                overloaded: Vec::new(),
             })
             .collect(),
     };

@@ -217,6 +217,7 @@ fn args(ops: u64, concurrency: usize, traces: Option<(&str, f64)>, rate: Option<
         payload: None,
         rate,
         batch: None,
+        no_wait: false,
         baseline: false,
         warmup: None,
         json: true,

@@ -13,6 +13,8 @@
 //! - [`telemetry`]: OTLP trace export of the engine's span records (its encoder in
 //!   `otlp`); [`logging`]: JSON or pretty log lines with trace ids.
 //! - [`handlers`]: the built-in handlers (`echo`, `sleep`, `resize`, webhooks).
+//! - [`journal`]: accepted operations on disk (`engine.journal`), submitted again after
+//!   a restart.
 //! - [`api`]: the HTTP api, the live events and the dashboard.
 //! - [`tls`]: the api's TLS (a certificate reloaded when its files change, client
 //!   certificates) and the CA files the clients trust (`--cacert`, a webhook's
@@ -32,6 +34,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod handlers;
+pub mod journal;
 pub mod logging;
 pub mod metrics;
 mod otlp;

@@ -12,6 +12,7 @@
 //! nodes, one series per node of the registry.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use opmesh_actors::metrics::BucketSnapshot;
@@ -22,6 +23,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSe
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::journal::{JournalStats, RECOVERED_OUTCOMES};
 use crate::telemetry::Telemetry;
 
 /// The content type of what [`render`] returns (OpenMetrics text 1.0.0; Prometheus
@@ -38,6 +40,7 @@ pub async fn render(
     telemetry: &Telemetry,
     http: Option<&crate::api::traffic::HttpMetrics>,
     limits: Option<&crate::api::limits::AdmissionStats>,
+    journal: Option<&Arc<JournalStats>>,
 ) -> String {
     let cluster = match cluster {
         Some(c) => Some(ClusterSource {
@@ -56,6 +59,7 @@ pub async fn render(
         telemetry: telemetry.clone(),
         http: http.map(|h| (h.requests(), h.durations())),
         limits: limits.cloned().unwrap_or_default(),
+        journal: journal.cloned(),
     }));
     let mut out = String::with_capacity(32 * 1024);
     prometheus_client::encoding::text::encode(&mut out, &registry)
@@ -73,6 +77,8 @@ struct OpmeshCollector {
     http: Option<HttpFigures>,
     /// What the api's limits refused (all zero without an api, or with no limit on).
     limits: crate::api::limits::AdmissionStats,
+    /// The journal's counters, when `engine.journal` is on.
+    journal: Option<Arc<JournalStats>>,
 }
 
 type HttpFigures = (
@@ -212,6 +218,9 @@ impl Collector for OpmeshCollector {
         if let Some(c) = &self.cluster {
             encode_cluster(c, &mut out)?;
         }
+        if let Some(j) = &self.journal {
+            encode_journal(j, &mut out)?;
+        }
         // Families with no series yet (nothing served) are left out.
         if let Some((requests, durations)) = self.http.as_ref().filter(|(r, _)| !r.is_empty()) {
             out.counters(
@@ -246,6 +255,67 @@ impl Collector for OpmeshCollector {
         }
         Ok(())
     }
+}
+
+/// The journal of accepted operations (`engine.journal`), when it is on.
+fn encode_journal(j: &JournalStats, out: &mut Out) -> fmt::Result {
+    let f = j.figures();
+    out.gauge(
+        "opmesh_journal_entries",
+        "Operations in the journal: answered 202 and their result not yet recorded (a \
+         restart from the data dir runs them again).",
+        f.entries,
+    )?;
+    out.counter(
+        "opmesh_journal_appended_total",
+        "Operations written to the journal before their 202.",
+        f.appended,
+    )?;
+    out.counter(
+        "opmesh_journal_removed_total",
+        "Operations removed from the journal once their result was recorded (or, after a \
+         restart, their end decided).",
+        f.removed,
+    )?;
+    out.counter(
+        "opmesh_journal_commits_total",
+        "Journal transactions committed, each fsync'd: the appends of many requests together \
+         (group commit) with the removals gathered meanwhile, or removals alone after 500 ms \
+         without appends.",
+        f.commits,
+    )?;
+    out.counter(
+        "opmesh_journal_write_failures_total",
+        "Journal commits that failed; the operations they carried were refused (503 \
+         journal_write_failed), none started.",
+        f.write_failures,
+    )?;
+    let r = &f.recovered;
+    out.counters(
+        "opmesh_journal_recovered_total",
+        "Operations found in the journal at start, by what became of them: resubmitted \
+         (run again with their ids), expired (deadline passed while the node was down), \
+         refused (the node as it is now refused them; failed with the reason).",
+        [r.resubmitted, r.expired, r.refused]
+            .into_iter()
+            .zip(RECOVERED_OUTCOMES)
+            .map(|(v, outcome)| ([("outcome", outcome)], v)),
+    )?;
+    let (commit_ns, commit_ops) = j.commit_histograms();
+    out.histograms(
+        "opmesh_journal_commit_duration",
+        Some(&Unit::Seconds),
+        "Time to commit one journal transaction, its fsync included.",
+        1e9,
+        [([], commit_ns)],
+    )?;
+    out.histograms::<0>(
+        "opmesh_journal_commit_ops",
+        None,
+        "Operations appended per journal commit that appended (the group commit's size).",
+        1.0,
+        [([], commit_ops)],
+    )
 }
 
 /// The process's own figures, from `/proc/self` (Linux; elsewhere none are exposed).
@@ -627,9 +697,25 @@ fn encode_cluster(c: &ClusterSource, out: &mut Out) -> fmt::Result {
     )?;
     out.counter(
         "opmesh_cluster_replies_dropped_total",
-        "Replies to operations other nodes forwarded here that were dropped because the \
-         link back was down and the peer's buffer (cluster.reply_buffer_bytes) was full.",
+        "Replies to operations other nodes forwarded here that were dropped because that \
+         node's buffer of unacknowledged replies (cluster.reply_buffer_bytes) was full.",
         cluster.replies_dropped(),
+    )?;
+    out.gauge(
+        "opmesh_cluster_forwarded_waiting",
+        "Operations this node forwarded to their owner and waits to hear about.",
+        status.forwarded_waiting as u64,
+    )?;
+    out.gauge(
+        "opmesh_cluster_replies_unacknowledged",
+        "Replies to operations other nodes forwarded here, sent and not acknowledged yet \
+         (sent again until they are).",
+        status.replies_unacknowledged as u64,
+    )?;
+    out.gauge(
+        "opmesh_cluster_replies_unacknowledged_bytes",
+        "The bytes of those replies (at most cluster.reply_buffer_bytes per node).",
+        status.replies_unacknowledged_bytes as u64,
     )?;
     out.counter(
         "opmesh_cluster_messages_refused_total",
@@ -760,7 +846,7 @@ mod tests {
             .unwrap();
         assert!(!failed.is_success());
         assert!(node.enqueue(Operation::new("nope", Json::null())).is_err());
-        let text = render(&node, None, &Telemetry::disabled(), None, None).await;
+        let text = render(&node, None, &Telemetry::disabled(), None, None, None).await;
         let build = format!(
             "opmesh_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")

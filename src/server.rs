@@ -6,7 +6,8 @@
 //! `http.tls_cert` is set (a task reloads it when its files change), starts trace export
 //! and logging,
 //! registers the built-in handlers, starts the cluster layer when `cluster.addr` is set,
-//! then the engine on it, then the HTTP api. [`Running::run_until`] serves until a
+//! then the engine on it, then opens the journal when `engine.journal` is on (submitting
+//! again what it holds), then the HTTP api. [`Running::run_until`] serves until a
 //! shutdown signal (or `POST /v1/cluster/leave`) and stops the node in the one order
 //! that loses nothing it can keep (see [`run_until`]), then flushes the last spans.
 //!
@@ -22,6 +23,7 @@ use opmesh_cluster::{Cluster, ClusterConfig, ClusterError};
 
 use crate::api::{self, ApiSettings};
 use crate::config::Config;
+use crate::journal::{Journal, JournalError};
 use crate::telemetry::{Telemetry, TelemetryError};
 use crate::tls::{Listener, Reloader, ServerTls, TlsError};
 use crate::{handlers, logging};
@@ -56,6 +58,9 @@ pub enum ServeError {
     Cluster(Box<ClusterError>),
     #[error(transparent)]
     Engine(#[from] StartError),
+    /// The journal (`engine.journal`) cannot be opened or read.
+    #[error("{0}")]
+    Journal(#[from] JournalError),
     /// The HTTP server failed while the node was stopping.
     #[error("{0}")]
     Stop(std::io::Error),
@@ -152,6 +157,10 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         Some(c) => c.start_node(builder).await?,
         None => builder.start().await?,
     };
+    let journal = match &cfg.journal {
+        None => None,
+        Some(j) => Some(open_journal(j, &node)?),
+    };
 
     let settings = ApiSettings {
         addr: cfg.http.addr,
@@ -169,6 +178,7 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
             .map(|(path, set)| crate::auth::Tokens::new(path.clone(), set.clone())),
         protect_metrics: cfg.auth.protect_metrics,
         limits: cfg.limits.clone(),
+        journal,
     };
     let http =
         api::start(node.clone(), cluster, listener, &settings).map_err(listen(cfg.http.addr))?;
@@ -179,6 +189,25 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         grace: cfg.shutdown_grace,
         _tls_reload: tls_reload,
     })
+}
+
+/// Opens the journal and submits again what it holds, before the api serves (so
+/// `/readyz` answers only once they are tracked), and says what it found.
+fn open_journal(cfg: &crate::journal::JournalConfig, node: &Node) -> Result<Journal, ServeError> {
+    let (journal, found) = Journal::open(cfg, node.clone())?;
+    if found.total() > 0 {
+        tracing::info!(
+            path = %cfg.path.display(),
+            resubmitted = found.resubmitted,
+            expired = found.expired,
+            refused = found.refused,
+            "recovered {} accepted operations from the journal",
+            found.total()
+        );
+    } else {
+        tracing::info!(path = %cfg.path.display(), "journal open: nothing to recover");
+    }
+    Ok(journal)
 }
 
 /// The api's socket with its TLS config when `http.tls_cert` is set, and the task that
@@ -259,7 +288,8 @@ impl Running {
 /// cluster hands its work off and leaves it (each cluster step within
 /// `cluster.leave_timeout_ms`, whatever the cluster's state), readiness turns false and
 /// new submissions are refused (503), accepted operations get `grace` to finish, the
-/// HTTP server finishes its open requests, then the engine and the cluster layer stop.
+/// journal (if on) records which finished and closes, the HTTP server finishes its open
+/// requests, then the engine and the cluster layer stop.
 /// Returns what was cut short: operations still unfinished when the grace period ended
 /// (they fail with a reason), and a hand-off that did not complete.
 pub async fn run_until(
@@ -289,6 +319,11 @@ pub async fn run_until(
             left = node.in_flight(),
             "grace period over with operations unfinished"
         );
+    }
+    if let Some(j) = server.journal() {
+        // Before the engine stops: what it fails now keeps its entry, to run again after
+        // a restart.
+        j.close().await;
     }
     let served = server.stop().await;
     let left = node.shutdown(Duration::ZERO).await;

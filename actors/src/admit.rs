@@ -8,12 +8,13 @@
 //! are counted; nothing refused ever reaches an actor.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::counter::{Anchor, StripedArc};
 use crate::handler::{HandlerKind, TypeEntry};
 use crate::job::{Job, Reply, Ticket, Tracked};
 use crate::op::{OpType, Operation, SubmitError};
+use crate::routing::affinity;
 use crate::shared::NodeShared;
 use crate::slots::QueueSlot;
 use crate::trace::{OpTrace, Stage};
@@ -97,6 +98,9 @@ impl NodeShared {
                 })
             }
         };
+        if matches!(how, Admit::Routed) && self.forwarder().is_some() {
+            self.check_owner(op, config.overload_retry_after)?;
+        }
         let shard = self.shards().of().op(op);
         let slot = QueueSlot::try_take(entry, config.queue_capacity).ok_or_else(|| {
             SubmitError::Overloaded {
@@ -106,6 +110,25 @@ impl NodeShared {
             }
         })?;
         Ok((slot, shard))
+    }
+
+    /// Refuses `op` when the node it would go to is overloaded with its type and no
+    /// other node of its route can take it (back-pressure from other nodes: see
+    /// [`RoutingTable::overloaded_owner`](crate::routing::RoutingTable::overloaded_owner)).
+    fn check_owner(&self, op: &Operation, retry_after: Duration) -> Result<(), SubmitError> {
+        let table = self.routes().snapshot();
+        let placed = op
+            .idempotency_key
+            .as_deref()
+            .map(|k| affinity(op.owner.as_deref(), k));
+        match table.overloaded_owner(&op.op_type, placed) {
+            Some(node) => Err(SubmitError::OwnerOverloaded {
+                op_type: op.op_type.to_string(),
+                node: node.to_string(),
+                retry_after,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The entry of a type this node has no handler for, if the cluster routes it

@@ -198,6 +198,7 @@ impl NodeBuilder {
                     healthy: true,
                     serves: self.registry.type_names(),
                     load: 0,
+                    overloaded: Vec::new(),
                 }],
             }))
         });
@@ -397,6 +398,48 @@ impl Node {
             self.shared.hand_to_router(jobs);
         }
         tickets
+    }
+
+    /// Accepts operations like [`enqueue_batch`](Self::enqueue_batch) (tracked when
+    /// `track`), but hands the accepted ones back instead of starting them: the caller
+    /// does what must come before they run (the binary writes them to its journal), then
+    /// starts them with [`dispatch`](Self::dispatch). Each holds its queue slot and counts
+    /// in flight meanwhile. A job the caller cannot start must be completed, say with
+    /// `job.reply.fail(..)`: one merely dropped fails as lost. Answers in the same order.
+    pub fn admit_batch(
+        &self,
+        ops: Vec<Operation>,
+        track: bool,
+    ) -> Vec<Result<(Box<Job>, Ticket), SubmitError>> {
+        let now = Instant::now();
+        ops.into_iter()
+            .map(|op| {
+                self.shared
+                    .admit(&self.anchors, op, track, Admit::Routed, now)
+            })
+            .collect()
+    }
+
+    /// Starts operations accepted by [`admit_batch`](Self::admit_batch): hands them to
+    /// the Router, which picks their owner.
+    pub fn dispatch(&self, jobs: Vec<Box<Job>>) {
+        if !jobs.is_empty() {
+            self.shared.hand_to_router(jobs);
+        }
+    }
+
+    /// Keeps `outcome` readable through [`status`](Self::status) as the end of `op`,
+    /// which never ran on this node: an operation accepted before a restart (the
+    /// binary's journal) that can no longer run, its deadline passed or its type gone.
+    /// Counts nowhere else: the operation was counted by the node that accepted it.
+    pub fn record_outcome(&self, op: &Operation, outcome: OpOutcome) {
+        let t = Arc::new(Tracked::new(op, op.trace_context.map(|c| c.trace_id)));
+        self.shared.store().insert(t.clone());
+        let outcome = OpOutcome {
+            id: op.id,
+            ..outcome
+        };
+        self.shared.store().finished(&t, outcome);
     }
 
     /// Runs operations that another node routed here: they are checked against this

@@ -442,6 +442,17 @@ pub enum SubmitError {
         capacity: usize,
         retry_after: Duration,
     },
+    /// The node the operation would go to reported its queue of the type over the high
+    /// watermark (`flow.high`), and no other healthy node of the route can take it.
+    #[error(
+        "node `{node}` is overloaded with operations of type `{op_type}` (its queue is over \
+         flow.high) and no other node of the route can take them; retry after {retry_after:?}"
+    )]
+    OwnerOverloaded {
+        op_type: String,
+        node: String,
+        retry_after: Duration,
+    },
     #[error("node is shutting down and accepts no new operations")]
     ShuttingDown,
 }

@@ -71,11 +71,21 @@ pub struct NodeView {
     pub serves: Vec<OpType>,
     /// Operations in flight on the node, as last reported; used by `LeastLoaded`.
     pub load: u64,
+    /// The types whose queue on the node is over its high watermark (`flow.high`), as
+    /// last reported, until it is under the low one: new operations of those types go
+    /// to another node of the route, or are refused at the door (429) when there is none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overloaded: Vec<OpType>,
 }
 
 impl NodeView {
     pub fn serves(&self, op_type: &str) -> bool {
         self.serves.iter().any(|t| &**t == op_type)
+    }
+
+    /// Whether the node reported its queue of `op_type` over the high watermark.
+    pub fn overloaded_for(&self, op_type: &str) -> bool {
+        self.overloaded.iter().any(|t| &**t == op_type)
     }
 }
 
@@ -133,6 +143,25 @@ impl RoutingTable {
         self.routes.contains_key(op_type) || self.nodes.iter().any(|n| n.serves(op_type))
     }
 
+    /// The overloaded node an operation of `op_type` would have to go to, when every
+    /// healthy node of its route is overloaded for the type, or (for an operation placed
+    /// by its idempotency key, `affinity`) the node its key belongs to is: the door then
+    /// refuses it with 429 rather than accepting what the owner would refuse.
+    pub fn overloaded_owner(&self, op_type: &str, affinity: Option<u64>) -> Option<&NodeId> {
+        if self.nodes.iter().all(|n| n.overloaded.is_empty()) {
+            return None;
+        }
+        let route = self.routes.get(op_type);
+        let healthy = || self.candidates(op_type, route).filter(|n| n.healthy);
+        let owner = match affinity {
+            Some(_) if route.is_some_and(|r| r.strategy == Strategy::Pinned) => healthy().next()?,
+            Some(kh) => rendezvous(healthy(), kh)?,
+            None if healthy().all(|n| n.overloaded_for(op_type)) => healthy().next()?,
+            None => return None,
+        };
+        owner.overloaded_for(op_type).then_some(&owner.id)
+    }
+
     fn candidates<'a, 's>(
         &'a self,
         op_type: &'s str,
@@ -173,6 +202,10 @@ fn rendezvous<'t>(healthy: impl Iterator<Item = &'t NodeView>, kh: u64) -> Optio
 /// healthy node its key hashes to, whatever the strategy (a pinned route stays pinned):
 /// every node sends the same key to the same owner, whose cache runs it once and answers
 /// its repeats; when that owner is down the key moves to the next node of its ranking.
+///
+/// A node that reported its queue of the type over the high watermark is passed over
+/// while another healthy node of the route is not (a keyed operation stays with its
+/// owner: see [`RoutingTable::overloaded_owner`]).
 pub fn pick<'t>(
     table: &'t RoutingTable,
     op_type: &str,
@@ -181,7 +214,11 @@ pub fn pick<'t>(
     rr: &mut u64,
 ) -> Result<&'t NodeId, PickError> {
     let route = table.routes.get(op_type);
-    let healthy = || table.candidates(op_type, route).filter(|n| n.healthy);
+    let all_healthy = || table.candidates(op_type, route).filter(|n| n.healthy);
+    // Pass over overloaded nodes only when some healthy node is not.
+    let avoid = table.nodes.iter().any(|n| !n.overloaded.is_empty())
+        && all_healthy().any(|n| !n.overloaded_for(op_type));
+    let healthy = || all_healthy().filter(move |n| !(avoid && n.overloaded_for(op_type)));
     let Some(first) = healthy().next() else {
         return Err(if table.candidates(op_type, route).next().is_none() {
             PickError::NoNodeServes(op_type.to_owned())
@@ -195,8 +232,10 @@ pub fn pick<'t>(
         (None, None) => Strategy::RoundRobin,
     };
     let chosen = match (strategy, key, affinity) {
-        (Strategy::Pinned, _, _) => first,
-        (_, _, Some(kh)) => rendezvous(healthy(), kh).unwrap_or(first),
+        // A keyed operation stays with the first healthy node, overloaded or not.
+        (Strategy::Pinned, _, Some(_)) => all_healthy().next().unwrap_or(first),
+        (Strategy::Pinned, _, None) => first,
+        (_, _, Some(kh)) => rendezvous(all_healthy(), kh).unwrap_or(first),
         (Strategy::LeastLoaded, _, _) => healthy()
             .min_by(|a, b| a.load.cmp(&b.load).then_with(|| a.id.cmp(&b.id)))
             .unwrap_or(first),
@@ -466,7 +505,61 @@ mod tests {
             healthy,
             serves: vec!["echo".into()],
             load,
+            overloaded: Vec::new(),
         }
+    }
+
+    fn overloaded(mut n: NodeView) -> NodeView {
+        n.overloaded = vec!["echo".into()];
+        n
+    }
+
+    #[test]
+    fn overloaded_nodes_are_passed_over_while_another_can_take_the_type() {
+        let mut t = table(vec![
+            node("a", true, 0),
+            overloaded(node("b", true, 0)),
+            node("c", false, 0),
+        ]);
+        let mut rr = 0;
+        for _ in 0..10 {
+            assert_eq!(&**pick(&t, "echo", None, None, &mut rr).unwrap(), "a");
+        }
+        assert_eq!(t.overloaded_owner("echo", None), None);
+        // Pinned to b first: a takes it while b is overloaded.
+        t.routes.insert(
+            "echo".into(),
+            Route {
+                strategy: Strategy::Pinned,
+                nodes: vec!["b".into(), "a".into()],
+            },
+        );
+        assert_eq!(&**pick(&t, "echo", None, None, &mut rr).unwrap(), "a");
+        // A keyed operation stays with its owner; the door refuses it while that owner
+        // is overloaded, so its repeats still meet its cache.
+        let to_b = (0..u64::MAX)
+            .find(|kh| {
+                &**pick(
+                    &table(vec![node("a", true, 0), node("b", true, 0)]),
+                    "echo",
+                    None,
+                    Some(*kh),
+                    &mut rr,
+                )
+                .unwrap()
+                    == "b"
+            })
+            .unwrap();
+        assert_eq!(&**pick(&t, "echo", None, Some(to_b), &mut rr).unwrap(), "b");
+        assert_eq!(
+            t.overloaded_owner("echo", Some(to_b)).map(|n| &**n),
+            Some("b")
+        );
+        // Every healthy node overloaded: picks go on as before, and the door refuses.
+        t.nodes[0] = overloaded(node("a", true, 0));
+        assert_eq!(&**pick(&t, "echo", None, None, &mut rr).unwrap(), "b");
+        assert_eq!(t.overloaded_owner("echo", None).map(|n| &**n), Some("b"));
+        assert_eq!(t.overloaded_owner("other", None), None);
     }
 
     fn table(nodes: Vec<NodeView>) -> RoutingTable {

@@ -66,5 +66,13 @@ fn main() {
         Message::OpBatch((0..256).map(small_op).collect()),
         20_000,
     );
-    bench("Ping", Message::Ping { seq: 1, load: 17 }, 10_000_000);
+    bench(
+        "Ping",
+        Message::Ping {
+            seq: 1,
+            load: 17,
+            overloaded: vec![],
+        },
+        10_000_000,
+    );
 }

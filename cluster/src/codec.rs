@@ -13,11 +13,12 @@
 //! | 3   | `Refused`             | `reason: String`                                                |
 //! | 4   | `DialerNonce`         | `nonce: [u8; 32]`                                               |
 //! | 16  | `Message::OpBatch`    | `u64` count, then that many [`WireOp`]                          |
-//! | 17  | `Message::ReplyBatch` | `u64` count, then that many [`WireReply`]                       |
+//! | 17  | `Message::ReplyBatch` | `seq: u64`, then a `u64` count and that many [`WireReply`]      |
 //! | 18  | `Message::Request`    | `id: u64`, then the [`Rpc`] as postcard, to the end of the body |
 //! | 19  | `Message::Response`   | `id: u64`, then the [`RpcReply`] as postcard, to the end        |
-//! | 20  | `Message::Ping`       | `seq: u64, load: u64`                                           |
-//! | 21  | `Message::Pong`       | `seq: u64, load: u64`                                           |
+//! | 20  | `Message::Ping`       | `seq: u64, load: u64`, then a `u64` count of overloaded types   |
+//! | 21  | `Message::Pong`       | the same as `Ping`                                              |
+//! | 22  | `Message::ReplyAck`   | `u64` count, then that many `seq: u64`                          |
 //!
 //! opmesh's own frames derive wincode; openraft's RPC types implement only serde, so they
 //! travel as postcard inside the frame.
@@ -38,6 +39,7 @@
 //! never makes `decode` reserve more than a small multiple of its own size.
 
 use std::fmt;
+use std::sync::Arc;
 
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -56,7 +58,9 @@ use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfi
 /// 3: the handshake proves both ends (`DialerNonce`, `Welcome` with the acceptor's proof)
 /// and messages travel in authenticated records; Raft writes, joins and leaves carry who
 /// asked for them (the audit trail), and a forwarded operation its submitter.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: reply batches carry a sequence number and are acknowledged (`ReplyAck`);
+/// heartbeats carry the sender's overloaded types.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Bytes of the length prefix in front of every frame body.
 pub const LEN_PREFIX: usize = 4;
@@ -66,8 +70,16 @@ pub const LEN_PREFIX: usize = 4;
 pub enum Message {
     /// Operations forwarded to the node that owns them.
     OpBatch(Vec<WireOp>),
-    /// Their outcomes, back to the node they came from.
-    ReplyBatch(Vec<WireReply>),
+    /// Their outcomes, back to the node they came from: batch `seq` of the sender's
+    /// replies to that node, kept by the sender until acknowledged.
+    ReplyBatch {
+        seq: u64,
+        replies: Arc<Vec<WireReply>>,
+    },
+    /// The reply batches with these sequence numbers arrived.
+    ReplyAck {
+        seqs: Vec<u64>,
+    },
     /// A request that expects one [`Message::Response`] with the same `id`.
     Request {
         id: u64,
@@ -77,14 +89,17 @@ pub enum Message {
         id: u64,
         body: RpcReply,
     },
-    /// Heartbeats; `load` is the number of operations in flight on the sender.
+    /// Heartbeats; `load` is the number of operations in flight on the sender,
+    /// `overloaded` the types whose queue there is over its high watermark.
     Ping {
         seq: u64,
         load: u64,
+        overloaded: Vec<String>,
     },
     Pong {
         seq: u64,
         load: u64,
+        overloaded: Vec<String>,
     },
 }
 
@@ -344,10 +359,14 @@ pub fn decode(body: &[u8]) -> Result<Frame, CodecError> {
             nonce: read(&mut rest)?,
         },
         tag::OP_BATCH => Frame::Message(Message::OpBatch(read_records(&mut rest, MIN_WIRE_OP)?)),
-        tag::REPLY_BATCH => Frame::Message(Message::ReplyBatch(read_records(
-            &mut rest,
-            MIN_WIRE_REPLY,
-        )?)),
+        tag::REPLY_BATCH => {
+            let seq = read(&mut rest)?;
+            let replies = Arc::new(read_records(&mut rest, MIN_WIRE_REPLY)?);
+            Frame::Message(Message::ReplyBatch { seq, replies })
+        }
+        tag::REPLY_ACK => Frame::Message(Message::ReplyAck {
+            seqs: read_records(&mut rest, 8)?,
+        }),
         tag::REQUEST => {
             let id = read(&mut rest)?;
             let body = postcard_exact(std::mem::take(&mut rest))?;
@@ -361,10 +380,12 @@ pub fn decode(body: &[u8]) -> Result<Frame, CodecError> {
         tag::PING => Frame::Message(Message::Ping {
             seq: read(&mut rest)?,
             load: read(&mut rest)?,
+            overloaded: read_records(&mut rest, 8)?,
         }),
         tag::PONG => Frame::Message(Message::Pong {
             seq: read(&mut rest)?,
             load: read(&mut rest)?,
+            overloaded: read_records(&mut rest, 8)?,
         }),
         other => return Err(CodecError::UnknownTag(other)),
     };
@@ -386,6 +407,7 @@ mod tag {
     pub const RESPONSE: u8 = 19;
     pub const PING: u8 = 20;
     pub const PONG: u8 = 21;
+    pub const REPLY_ACK: u8 = 22;
 }
 
 /// Byte strings are read only after the body is checked to hold them, so they need no
@@ -439,9 +461,14 @@ impl Encode for Message {
                 out.push(tag::OP_BATCH);
                 write_records(out, ops)
             }
-            Message::ReplyBatch(replies) => {
+            Message::ReplyBatch { seq, replies } => {
                 out.push(tag::REPLY_BATCH);
+                out.extend_from_slice(&seq.to_le_bytes());
                 write_records(out, replies)
+            }
+            Message::ReplyAck { seqs } => {
+                out.push(tag::REPLY_ACK);
+                write_records(out, seqs)
             }
             Message::Request { id, body } => {
                 out.push(tag::REQUEST);
@@ -453,17 +480,25 @@ impl Encode for Message {
                 out.extend_from_slice(&id.to_le_bytes());
                 postcard_into(out, body)
             }
-            Message::Ping { seq, load } => {
+            Message::Ping {
+                seq,
+                load,
+                overloaded,
+            } => {
                 out.push(tag::PING);
                 out.extend_from_slice(&seq.to_le_bytes());
                 out.extend_from_slice(&load.to_le_bytes());
-                Ok(())
+                write_records(out, overloaded)
             }
-            Message::Pong { seq, load } => {
+            Message::Pong {
+                seq,
+                load,
+                overloaded,
+            } => {
                 out.push(tag::PONG);
                 out.extend_from_slice(&seq.to_le_bytes());
                 out.extend_from_slice(&load.to_le_bytes());
-                Ok(())
+                write_records(out, overloaded)
             }
         }
     }

@@ -58,9 +58,14 @@ pub struct ClusterConfig {
     pub down_after: Duration,
     /// How long a write waits for its commit before failing.
     pub write_timeout: Duration,
-    /// The most bytes of replies kept per peer while the link back to it is down
-    /// (`cluster.reply_buffer_bytes`); past it replies are dropped and counted.
+    /// The most bytes of replies kept per peer until it acknowledges them
+    /// (`cluster.reply_buffer_bytes`); past it the oldest are dropped and counted.
     pub reply_buffer_bytes: usize,
+    /// Back-pressure: a queue of this node's over `flow_high` of its capacity makes its
+    /// type overloaded, told to the other nodes in heartbeats, until the queue is under
+    /// `flow_low` (`flow.high`, `flow.low`; fractions, `0 <= low < high <= 1`).
+    pub flow_high: f64,
+    pub flow_low: f64,
     /// How long each step of a leave's hand-off (marking this node leaving; its removal
     /// from the registry and the Raft group) may take before the node gives up on it and
     /// exits anyway (`cluster.leave_timeout_ms`): a leave never waits for a quorum
@@ -126,6 +131,8 @@ impl ClusterConfig {
             down_after: Duration::from_millis(1000),
             write_timeout: Duration::from_secs(3),
             reply_buffer_bytes: 64 << 20,
+            flow_high: 0.8,
+            flow_low: 0.2,
             leave_timeout: Duration::from_secs(5),
             audit_entries: crate::store::DEFAULT_AUDIT_ENTRIES,
             election_timeout: Duration::from_millis(200),

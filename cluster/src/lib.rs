@@ -10,12 +10,16 @@
 //! - [`cluster`]: the [`Cluster`] handle a node holds: start, join and leave, the engine's
 //!   routing table and forwarder, what each arriving message does, writes through the
 //!   Raft leader, and the supervised background duties.
+//! - [`flow`]: back-pressure: which types this node tells the others it is overloaded
+//!   with (queues over `flow.high` until under `flow.low`).
 //! - [`membership`]: the pure decisions behind those duties: which nodes the leader marks
 //!   down or up, which learners may vote, the next voter set.
 //! - [`formation`]: the pure decision of a node with no state between joining a cluster
 //!   one of its seeds belongs to and bootstrapping one.
 //! - [`remote`]: operations forwarded to their owner and their replies: the origin's
 //!   outbox (re-sent, re-routed, expired) and the wire form of an operation.
+//! - [`replies`]: the owner's ledger of each origin's reply batches until acknowledged
+//!   and of its operations running here, so each runs once and each outcome arrives.
 //! - [`network`]: Raft's RPCs as request/response frames on the same links, with the
 //!   calls waiting for their answers.
 //! - [`transport`]: length-prefixed frames over TCP, links that open only after a mutual
@@ -35,10 +39,12 @@
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod flow;
 pub mod formation;
 pub mod membership;
 pub mod network;
 pub mod remote;
+pub mod replies;
 pub mod secret;
 pub mod store;
 pub mod transport;

@@ -4,8 +4,14 @@
 //! The origin keeps every operation it forwarded ([`Outbox`]) until its reply comes:
 //! when the link to the owner comes back after a break, what is still waiting is sent
 //! again; when the owner is marked down, it is routed again to a healthy node; when its
-//! deadline passes first, it expires with the reason. Delivery is at least once: an
-//! operation with an idempotency key is answered from the owner's cache on a repeat.
+//! deadline passes first, it expires with the reason. The owner runs an operation it
+//! receives again only once per run of its process: it keeps reply batches until the
+//! origin acknowledges them and knows what is running (see [`crate::replies`]), so a
+//! link break neither loses a reply nor runs an operation twice. Only an owner that dies
+//! (or is marked down) with operations in flight makes the origin run them again
+//! elsewhere: at least once, and an operation with an idempotency key is then answered
+//! from the new owner's cache if it had run there, or carries the same `Idempotency-Key`
+//! to the handler.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -108,14 +114,24 @@ pub fn reply_from_wire(w: WireReply, peer: &NodeId) -> OpOutcome {
     }
 }
 
+/// The status of a reply that says the owner refused the operation at its door because
+/// its queue of the type was full: the origin routes it again to another node of the
+/// route, or fails it naming the owner when there is none.
+pub const REFUSED_OVERLOADED: u8 = 0xF0;
+
 /// The answer to a submission the owner refused at its door (full queue, no handler,
-/// shutting down): the operation fails with the owner's reason.
+/// shutting down): the operation fails with the owner's reason, or, for a full queue, is
+/// routed again by the origin ([`REFUSED_OVERLOADED`]).
 pub fn refused_reply(id: u128, peer: &NodeId, e: &SubmitError) -> WireReply {
-    reply_to_wire(OpOutcome::failure(
+    let mut r = reply_to_wire(OpOutcome::failure(
         OpId(id),
         OpStatus::Failed,
         format!("node `{peer}` refused the operation: {e}"),
-    ))
+    ));
+    if matches!(e, SubmitError::Overloaded { .. }) {
+        r.status = REFUSED_OVERLOADED;
+    }
+    r
 }
 
 /// What the origin forwarded and waits to hear about, by owner.
@@ -138,10 +154,12 @@ impl Outbox {
     }
 
     /// Completes the operations `peer` answered. Replies to unknown ids (answered
-    /// already: a repeat after a re-send) are ignored.
-    pub fn complete(&self, peer: &NodeId, replies: Vec<WireReply>) {
+    /// already: a repeat after a re-send) are ignored. Answers the operations `peer`
+    /// refused because its queue was full ([`REFUSED_OVERLOADED`]), with its reason,
+    /// for the caller to route again or fail.
+    pub fn complete(&self, peer: &NodeId, replies: Vec<WireReply>) -> Vec<(Box<Job>, String)> {
         let Some(slot) = self.by_peer.get(peer) else {
-            return;
+            return Vec::new();
         };
         let jobs: Vec<(Box<Job>, WireReply)> = {
             let mut held = slot.lock();
@@ -151,10 +169,16 @@ impl Outbox {
                 .collect()
         };
         drop(slot);
+        let mut refused = Vec::new();
         for (job, reply) in jobs {
+            if reply.status == REFUSED_OVERLOADED {
+                refused.push((job, reply.error.unwrap_or_default()));
+                continue;
+            }
             let Job { reply: done, .. } = *job;
             done.finish(reply_from_wire(reply, peer));
         }
+        refused
     }
 
     /// The wire form of everything still waiting on `peer` (to send again after the

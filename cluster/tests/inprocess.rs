@@ -3,18 +3,27 @@
 //! failure detection, leaving, refusing writes without a quorum, rotating the secret,
 //! refusing nodes without it and messages that name another node than their link's).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::raft::VoteRequest;
 use openraft::Vote;
-use opmesh_actors::{HandlerError, Json, Node, OpStatus, Operation, Route, RouteError, Strategy};
-use opmesh_cluster::codec::{Message, Rpc};
+use opmesh_actors::{
+    EngineConfig, HandlerError, Json, Node, OpStatus, Operation, Route, RouteError, Strategy,
+    SubmitError,
+};
+use opmesh_cluster::codec::{Message, Rpc, WireOp, WireReply};
 use opmesh_cluster::transport::{Inbound, SendError, Transport};
 use opmesh_cluster::types::{raft_id, NodeRecord, NodeStatus};
 use opmesh_cluster::{Cluster, ClusterConfig, Secret};
 
 const SECRET: &[u8] = b"in-process-test-secret";
+
+/// How many times the `counted` handler ran each operation id (ids are random, so tests
+/// running beside each other do not meet).
+static CALLS: std::sync::LazyLock<parking_lot::Mutex<HashMap<u128, u32>>> =
+    std::sync::LazyLock::new(Default::default);
 
 struct Member {
     cluster: Cluster,
@@ -38,6 +47,16 @@ async fn member_with(
     join: Option<&str>,
     tune: impl FnOnce(&mut ClusterConfig),
 ) -> Member {
+    member_engine(name, join, tune, EngineConfig::default()).await
+}
+
+/// A member with `engine` settings.
+async fn member_engine(
+    name: &str,
+    join: Option<&str>,
+    tune: impl FnOnce(&mut ClusterConfig),
+    engine: EngineConfig,
+) -> Member {
     let mut cfg = ClusterConfig::new(name, SECRET);
     cfg.join = join.map(str::to_owned).into_iter().collect();
     cfg.heartbeat = Duration::from_millis(50);
@@ -49,9 +68,15 @@ async fn member_with(
     let cluster = Cluster::start(cfg).await.expect("cluster starts");
     let builder = Node::builder()
         .node_id(name)
+        .config(engine)
         .handler("echo", |op: Operation| async move { Ok(op.payload) })
         .handler("slow", |op: Operation| async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok::<_, HandlerError>(op.payload)
+        })
+        .handler("counted", |op: Operation| async move {
+            *CALLS.lock().entry(op.id.0).or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
             Ok::<_, HandlerError>(op.payload)
         });
     let node = cluster.start_node(builder).await.expect("node starts");
@@ -433,4 +458,280 @@ async fn a_leave_vote_or_join_naming_another_node_is_dropped() {
     for x in &m {
         x.stop().await;
     }
+}
+
+/// What arrives at a bare transport, kept for the test to read.
+#[derive(Default)]
+struct Recorder(parking_lot::Mutex<Vec<Message>>);
+
+impl Inbound for Recorder {
+    fn on_message(&self, _from: &str, msg: Message) {
+        self.0.lock().push(msg);
+    }
+}
+
+impl Recorder {
+    /// The (seq, ids) of every reply batch received so far.
+    fn batches(&self) -> Vec<(u64, Vec<u128>)> {
+        self.0
+            .lock()
+            .iter()
+            .filter_map(|m| match m {
+                Message::ReplyBatch { seq, replies } => {
+                    Some((*seq, replies.iter().map(|r| r.id).collect()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The last reply received for `id`.
+    fn reply(&self, id: u128) -> Option<WireReply> {
+        self.0.lock().iter().rev().find_map(|m| match m {
+            Message::ReplyBatch { replies, .. } => replies.iter().find(|r| r.id == id).cloned(),
+            _ => None,
+        })
+    }
+}
+
+fn counted_op(id: u128, payload: &[u8], idempotency_key: Option<&str>) -> WireOp {
+    WireOp {
+        id,
+        op_type: "counted".into(),
+        key: None,
+        idempotency_key: idempotency_key.map(str::to_owned),
+        payload: payload.to_vec(),
+        metadata: vec![],
+        priority: 0,
+        remaining_us: Some(10_000_000),
+        trace: None,
+        owner: None,
+    }
+}
+
+fn calls(id: u128) -> u32 {
+    CALLS.lock().get(&id).copied().unwrap_or(0)
+}
+
+/// An origin's view of the owner: operations sent again (its link came back) are not run
+/// again, unacknowledged reply batches come again until acknowledged, and a reply the
+/// owner had to drop (its buffer full) is not a reason to run the operation twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_acknowledged() {
+    let a = member("a", None).await;
+    let seed = a.cluster.cluster_addr().to_owned();
+    // A small buffer: ten small replies fit, one of 2 KiB does not.
+    let b = member_with("b", Some(&seed), |c| c.reply_buffer_bytes = 2048).await;
+    wait_for("b joined", Duration::from_secs(10), || up_count(&a) == 2).await;
+
+    // `x` plays an origin: it holds the secret, so b runs what it sends and answers it.
+    let recorder = Arc::new(Recorder::default());
+    let mut cfg = ClusterConfig::new("x", SECRET);
+    cfg.handshake_timeout = Duration::from_millis(500);
+    let x = Transport::start(&cfg, recorder.clone()).await.unwrap();
+    x.add_peer(b.cluster.name(), b.cluster.cluster_addr());
+    assert!(x.wait_connected("b", Duration::from_secs(10)).await);
+
+    let ids: Vec<u128> = (0..10).map(|_| rand::random()).collect();
+    let ops: Vec<WireOp> = ids.iter().map(|id| counted_op(*id, b"1", None)).collect();
+    x.send("b", Message::OpBatch(ops.clone())).unwrap();
+    // Sent again while they run (the origin's link came back): not run again.
+    x.send("b", Message::OpBatch(ops.clone())).unwrap();
+    let answered = |rec: &Recorder| {
+        let got: std::collections::BTreeSet<u128> =
+            rec.batches().into_iter().flat_map(|(_, ids)| ids).collect();
+        ids.iter().all(|id| got.contains(id))
+    };
+    wait_for("every reply", Duration::from_secs(10), || {
+        answered(&recorder)
+    })
+    .await;
+    assert!(ids.iter().all(|id| calls(*id) == 1));
+    assert!(ids
+        .iter()
+        .all(|id| recorder.reply(*id).unwrap().status == OpStatus::Succeeded.to_u8()));
+    let held = b.cluster.status().replies_unacknowledged;
+    assert_eq!(held, 10, "kept until acknowledged");
+
+    // Not acknowledged: b sends the same batches again by itself, and again when asked.
+    let seqs: std::collections::BTreeSet<u64> =
+        recorder.batches().into_iter().map(|(s, _)| s).collect();
+    let first = recorder.batches().len();
+    wait_for("the batches again", Duration::from_secs(10), || {
+        recorder.batches().len() >= first + seqs.len()
+    })
+    .await;
+    x.send("b", Message::OpBatch(ops[..1].to_vec())).unwrap();
+    let before = recorder.batches().len();
+    wait_for(
+        "the batch of the one asked again",
+        Duration::from_secs(5),
+        || {
+            recorder.batches()[before..]
+                .iter()
+                .any(|(_, got)| got.contains(&ids[0]))
+        },
+    )
+    .await;
+    assert!(recorder.batches().iter().all(|(seq, _)| seqs.contains(seq)));
+    assert!(ids.iter().all(|id| calls(*id) == 1), "nothing ran twice");
+
+    // Acknowledged: forgotten.
+    x.send(
+        "b",
+        Message::ReplyAck {
+            seqs: seqs.iter().copied().collect(),
+        },
+    )
+    .unwrap();
+    wait_for("nothing held", Duration::from_secs(5), || {
+        b.cluster.status().replies_unacknowledged == 0
+    })
+    .await;
+
+    // A reply over the buffer is sent once and dropped; asked again, the operation is
+    // not run again: without a key it fails saying why, with one the cache answers.
+    let dropped = b.cluster.replies_dropped();
+    let big = format!("\"{}\"", "y".repeat(4096));
+    let (plain, keyed): (u128, u128) = (rand::random(), rand::random());
+    let key = format!("key-{keyed}");
+    x.send(
+        "b",
+        Message::OpBatch(vec![
+            counted_op(plain, big.as_bytes(), None),
+            counted_op(keyed, big.as_bytes(), Some(&key)),
+        ]),
+    )
+    .unwrap();
+    wait_for("both dropped", Duration::from_secs(10), || {
+        b.cluster.replies_dropped() >= dropped + 2
+    })
+    .await;
+    assert_eq!((calls(plain), calls(keyed)), (1, 1));
+    x.send(
+        "b",
+        Message::OpBatch(vec![
+            counted_op(plain, big.as_bytes(), None),
+            counted_op(keyed, big.as_bytes(), Some(&key)),
+        ]),
+    )
+    .unwrap();
+    wait_for("both answered again", Duration::from_secs(10), || {
+        let n = |id| {
+            recorder
+                .batches()
+                .iter()
+                .filter(|(_, ids)| ids.contains(&id))
+                .count()
+        };
+        n(plain) >= 2 && n(keyed) >= 2
+    })
+    .await;
+    let r = recorder.reply(plain).unwrap();
+    assert_eq!(r.status, OpStatus::Failed.to_u8());
+    assert!(
+        r.error.as_deref().unwrap().contains("dropped its reply"),
+        "{:?}",
+        r.error
+    );
+    let r = recorder.reply(keyed).unwrap();
+    assert_eq!((r.status, r.cached), (OpStatus::Succeeded.to_u8(), true));
+    assert_eq!((calls(plain), calls(keyed)), (1, 1), "nothing ran twice");
+
+    x.shutdown().await;
+    b.stop().await;
+    a.stop().await;
+}
+
+/// Back-pressure: an owner whose queue of a type passes the high watermark tells the
+/// others; an operation it refuses for a full queue goes to another node of the route or
+/// fails naming it, and while it stays over the watermark the origin's door refuses the
+/// type (429) unless another node can take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_owner_pushes_back_on_the_nodes_that_send_it_work() {
+    let a = member("a", None).await;
+    let seed = a.cluster.cluster_addr().to_owned();
+    let mut small = EngineConfig {
+        queue_capacity: 10,
+        shards: 1,
+        ..EngineConfig::default()
+    };
+    small.batch.max_concurrent = 1;
+    let b = member_engine("b", Some(&seed), |_| {}, small).await;
+    wait_for("b joined", Duration::from_secs(10), || up_count(&a) == 2).await;
+    let v = a.node.set_route("slow", pinned(&["b"])).await.unwrap();
+    wait_for("the route on a", Duration::from_secs(5), || {
+        a.node.routes().version >= v
+    })
+    .await;
+
+    // 30 at once for b, which queues 10 (one runs at a time, 200 ms each): the ones it
+    // refuses have nowhere else to go and fail naming it.
+    let ops: Vec<_> = (0..30)
+        .map(|i| {
+            a.node
+                .enqueue(Operation::new("slow", Json::encode(&i).unwrap()))
+                .expect("accepted at a's door: b has not said it is overloaded yet")
+        })
+        .collect();
+    // b says so in its heartbeats: a's door refuses the type now.
+    wait_for("a refuses slow at its door", Duration::from_secs(5), || {
+        matches!(
+            a.node.enqueue(Operation::new("slow", Json::null())),
+            Err(SubmitError::OwnerOverloaded { ref node, .. }) if node == "b"
+        )
+    })
+    .await;
+    let outcomes = futures::future::join_all(ops).await;
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.status == OpStatus::Failed)
+        .collect();
+    assert!(!failed.is_empty(), "b refused some");
+    for o in &failed {
+        let e = o.error.as_deref().unwrap();
+        assert!(
+            e.starts_with("overloaded: node `b` refused the operation"),
+            "{e}"
+        );
+    }
+    assert!(outcomes
+        .iter()
+        .all(|o| o.status == OpStatus::Succeeded || o.status == OpStatus::Failed));
+    // Drained, b says so and a accepts the type again.
+    wait_for("a accepts slow again", Duration::from_secs(10), || {
+        a.node
+            .routes()
+            .nodes
+            .iter()
+            .all(|n| n.overloaded.is_empty())
+    })
+    .await;
+    a.node
+        .submit(Operation::new("slow", Json::null()))
+        .await
+        .expect("accepted again");
+
+    // With a second node on the route, what b refuses runs on a, and nothing fails.
+    let v = a.node.set_route("slow", pinned(&["b", "a"])).await.unwrap();
+    wait_for("the new route on a", Duration::from_secs(5), || {
+        a.node.routes().version >= v
+    })
+    .await;
+    let outcomes = futures::future::join_all((0..30).map(|i| {
+        a.node
+            .submit(Operation::new("slow", Json::encode(&i).unwrap()))
+    }))
+    .await;
+    let by_a = outcomes
+        .iter()
+        .filter(|o| {
+            let o = o.as_ref().unwrap();
+            assert_eq!(o.status, OpStatus::Succeeded, "{o:?}");
+            o.executed_by.as_deref() == Some("a")
+        })
+        .count();
+    assert!(by_a > 0, "a took what b could not queue");
+    b.stop().await;
+    a.stop().await;
 }

@@ -34,9 +34,12 @@ pub(super) async fn cluster_status(st: web::Data<AppState>) -> HttpResponse {
                     "role": "voter",
                     "serves": st.node.handler_types(),
                     "load": s.in_flight_operations,
+                    "overloaded": [],
                     "link": "self",
                 }],
                 "forwarded_waiting": 0,
+                "replies_unacknowledged": 0,
+                "replies_unacknowledged_bytes": 0,
                 "links": [],
             }))
         }

@@ -130,13 +130,36 @@ impl From<SubmitError> for ApiError {
                 "field `deadline_ms`: the deadline has already passed",
             ),
             SubmitError::NoRoute { .. } => ApiError::new(StatusCode::NOT_FOUND, "no_route", msg),
-            SubmitError::Overloaded { retry_after, .. } => ApiError {
+            SubmitError::Overloaded { retry_after, .. }
+            | SubmitError::OwnerOverloaded { retry_after, .. } => ApiError {
                 retry_after: Some(retry_after),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", msg)
             },
             SubmitError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg)
             }
+        }
+    }
+}
+
+impl From<crate::journal::JournalError> for ApiError {
+    /// The journal could not take operations answered 202: none of them was accepted.
+    fn from(e: crate::journal::JournalError) -> Self {
+        use crate::journal::JournalError;
+        match e {
+            JournalError::Closed => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                SubmitError::ShuttingDown.to_string(),
+            ),
+            other => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "journal_write_failed",
+                format!(
+                    "not accepted: the journal (engine.journal) could not write it, so it \
+                     would not survive a restart; nothing was started: {other}"
+                ),
+            ),
         }
     }
 }

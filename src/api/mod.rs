@@ -77,6 +77,8 @@ pub struct ApiSettings {
     pub protect_metrics: bool,
     /// Rate limits and the in-flight cap of submissions (`[limits]`).
     pub limits: crate::config::LimitsConfig,
+    /// The journal of accepted operations (`engine.journal`): 202 answers wait for it.
+    pub journal: Option<crate::journal::Journal>,
 }
 
 pub(crate) struct AppState {
@@ -93,6 +95,8 @@ pub(crate) struct AppState {
     traffic: web::Data<traffic::HttpMetrics>,
     /// The limits submissions pass before the node sees them.
     admission: Arc<limits::Admission>,
+    /// Where operations answered 202 are written first, when `engine.journal` is on.
+    journal: Option<crate::journal::Journal>,
 }
 
 /// What answers a request no endpoint takes: 405 with `Allow` when the path is an
@@ -171,6 +175,7 @@ pub struct Server {
     live: Live,
     /// Stops the background tasks: the tokens file's watcher, the client limits' sweep.
     watching: tokio_util::sync::CancellationToken,
+    journal: Option<crate::journal::Journal>,
 }
 
 /// Binds the api for `node` and starts serving, over https when `listener` brings a TLS
@@ -199,6 +204,7 @@ pub fn start(
         shutdown_grace: settings.shutdown_grace,
         left: left.clone(),
         telemetry: settings.telemetry.clone(),
+        journal: settings.journal.clone(),
     });
     let live = web::Data::new(Live::with_max_streams(
         state.node.clone(),
@@ -258,6 +264,7 @@ pub fn start(
         left,
         live: Live::clone(&live),
         watching,
+        journal: settings.journal.clone(),
     })
 }
 
@@ -265,6 +272,11 @@ impl Server {
     /// The cluster this node's api speaks for, if any.
     pub fn cluster(&self) -> Option<&Cluster> {
         self.cluster.as_ref()
+    }
+
+    /// The journal of accepted operations, when `engine.journal` is on.
+    pub fn journal(&self) -> Option<&crate::journal::Journal> {
+        self.journal.as_ref()
     }
 
     /// Completes when a client has made this node leave its cluster

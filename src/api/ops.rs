@@ -2,7 +2,9 @@
 //! becomes an [`Operation`] here (checks that need no node state; the rest — sizes, type
 //! name, handler — happen in `Node::enqueue`); every answer about an operation carries
 //! its id in the body and in the `x-opmesh-op-id` header, and its trace context in
-//! `traceparent`.
+//! `traceparent`. With the journal on (`engine.journal`), an operation answered 202 (a
+//! submission or batch without `?wait=true`) is answered only once the journal holds it
+//! (503 `journal_write_failed` when it cannot); waited submissions are not journaled.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,7 @@ use super::model::{
     BatchAnswer, BatchItem, BatchRequest, OpAnswer, OpRequest, TypedBatch, WaitQuery,
 };
 use super::AppState;
+use crate::journal::Receipt;
 use crate::telemetry::Telemetry;
 
 const OP_ID_HEADER: &str = "x-opmesh-op-id";
@@ -129,7 +132,7 @@ fn key_reused(o: &OpOutcome) -> Option<ApiError> {
         (status = 413, body = ErrorBody),
         (status = 429, description = TOO_MANY_DOC, body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds to wait before trying again"))),
-        (status = 503, body = ErrorBody)))]
+        (status = 503, description = "draining (shutting_down), or the journal could not write it (journal_write_failed: nothing was started)", body = ErrorBody)))]
 pub(super) async fn submit(
     st: web::Data<AppState>,
     req: HttpRequest,
@@ -142,6 +145,16 @@ pub(super) async fn submit(
     let r: OpRequest = parse(&bytes, "request body")?;
     let parent = trace_parent(&req, &st.telemetry);
     let op = to_operation(r, parent, &caller, Instant::now())?;
+    if let (false, Some(journal)) = (q.wait, &st.journal) {
+        // Answered 202 only once the journal holds it.
+        let receipt = journal.accept_one(op).await??;
+        let id = receipt.id.to_string();
+        let resp = HttpResponse::Accepted().json(OpAnswer::queued(
+            receipt.id,
+            receipt.trace.map(|t| t.trace_id_hex()),
+        ));
+        return Ok(with_op_headers(resp, &id, receipt.trace.as_ref()));
+    }
     let ticket = st.node.enqueue_tracked(op)?;
     let id = ticket.id.to_string();
     let trace = ticket.trace;
@@ -167,7 +180,7 @@ pub(super) async fn submit(
         (status = 413, description = "more operations than `http.max_batch_ops`, a rate limit's burst or `limits.max_in_flight` allow at once (`batch_too_large`): it can never pass", body = ErrorBody),
         (status = 429, description = TOO_MANY_DOC, body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds to wait before trying again"))),
-        (status = 503, body = ErrorBody)))]
+        (status = 503, description = "draining (shutting_down), or the journal could not write the batch (journal_write_failed: none was started)", body = ErrorBody)))]
 pub(super) async fn submit_batch(
     st: web::Data<AppState>,
     req: HttpRequest,
@@ -210,11 +223,43 @@ pub(super) async fn submit_batch(
             );
         }
     }
-    // A waited batch gets its results in the answer; only a batch that does not wait is
-    // kept for `GET /v1/ops/{id}` (tracking costs about a tenth of a batch's time).
+    if !q.wait {
+        // Kept for `GET /v1/ops/{id}`; with the journal on, answered once it holds them.
+        let accepted: Vec<Result<Receipt, SubmitError>> = match &st.journal {
+            Some(journal) => journal.accept(ops).await?,
+            None => st
+                .node
+                .enqueue_batch(ops, true)
+                .into_iter()
+                .map(|t| {
+                    t.map(|t| Receipt {
+                        id: t.id,
+                        trace: t.trace,
+                    })
+                })
+                .collect(),
+        };
+        let mut accepted: Vec<Option<Result<Receipt, SubmitError>>> =
+            accepted.into_iter().map(Some).collect();
+        let results = slots
+            .into_iter()
+            .map(|slot| match slot {
+                Err(body) => BatchItem::Refused(body),
+                Ok(i) => match accepted[i].take().expect("each answer is used once") {
+                    Err(e) => BatchItem::Refused(ApiError::from(e).body()),
+                    Ok(r) => {
+                        BatchItem::Answer(OpAnswer::queued(r.id, r.trace.map(|c| c.trace_id_hex())))
+                    }
+                },
+            })
+            .collect();
+        return Ok(HttpResponse::Accepted().json(BatchAnswer { results }));
+    }
+    // A waited batch gets its results in the answer, and is not tracked for
+    // `GET /v1/ops/{id}` (tracking costs about a tenth of a batch's time).
     let mut tickets: Vec<Option<Result<Ticket, SubmitError>>> = st
         .node
-        .enqueue_batch(ops, !q.wait)
+        .enqueue_batch(ops, false)
         .into_iter()
         .map(Some)
         .collect();
@@ -227,9 +272,7 @@ pub(super) async fn submit_batch(
                 Err(e) => BatchItem::Refused(ApiError::from(e).body()),
                 Ok(t) => {
                     let queued = OpAnswer::queued(t.id, t.trace.map(|c| c.trace_id_hex()));
-                    if q.wait {
-                        pending.push((pos, t));
-                    }
+                    pending.push((pos, t));
                     BatchItem::Answer(queued)
                 }
             },
@@ -242,12 +285,7 @@ pub(super) async fn submit_batch(
             None => BatchItem::Answer(OpAnswer::from_outcome(&outcome)),
         };
     }
-    let status = if q.wait {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
-    Ok(HttpResponse::build(status).json(BatchAnswer { results }))
+    Ok(HttpResponse::Ok().json(BatchAnswer { results }))
 }
 
 fn check_batch_len(n: usize, max: usize) -> Result<(), ApiError> {

@@ -135,6 +135,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     pub batch: Option<usize>,
 
+    /// HTTP only: post without `?wait=true`. An operation counts when it is answered
+    /// 202 (accepted: status `queued`), and its latency is the time to that answer; it
+    /// runs after. Measures the accepting path (the journal's, with `engine.journal`).
+    #[arg(long)]
+    pub no_wait: bool,
+
     /// HTTP only: first run the same load against the server's plain hello route
     /// (POST /v1/bench/hello, no engine) and report it beside the real run.
     #[arg(long)]
@@ -227,6 +233,8 @@ struct Plan {
     rate: Option<f64>,
     batch: Option<u32>,
     baseline: bool,
+    /// `--no-wait`: operations count when accepted (202), not when finished.
+    wait: bool,
     warmup: u64,
     remote: bool,
     /// `--otlp-endpoint` and `--sampling`.
@@ -257,6 +265,9 @@ impl BenchArgs {
         let http = matches!(mode, Mode::Http(..));
         if self.batch.is_some() && !http {
             bail!("--batch needs --target: it posts batches to /v1/ops/batch");
+        }
+        if self.no_wait && !http {
+            bail!("--no-wait needs --target: it posts without ?wait=true and counts 202 answers");
         }
         if self.baseline && !http {
             bail!("--baseline needs --target: it measures the server's plain hello route");
@@ -297,6 +308,7 @@ impl BenchArgs {
             rate: self.rate,
             batch,
             baseline: self.baseline,
+            wait: !self.no_wait,
             warmup: self.warmup.unwrap_or((self.ops / 10).min(10_000)),
             remote: self.remote,
             token: self.token.clone(),
@@ -724,21 +736,17 @@ async fn http(
         None
     };
     let route = if plan.batch.is_some() {
-        Route::Batch
+        Route::Batch { wait: plan.wait }
     } else {
-        Route::Single
+        Route::Single { wait: plan.wait }
     };
     let measured = measure(route, "run").await?;
     let mut report = report(plan, "http", Some(target), &measured);
     report.baseline = baseline;
+    report.accepted_only = !plan.wait;
     Ok(report)
 }
 
 fn load_description(base: &reqwest::Url, route: Route) -> String {
-    let path = match route {
-        Route::Single => "v1/ops?wait=true",
-        Route::Batch => "v1/ops/batch?wait=true",
-        Route::Hello { .. } => "v1/bench/hello",
-    };
-    format!("{base}{path}")
+    format!("{base}{}", route.path())
 }

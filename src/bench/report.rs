@@ -89,6 +89,9 @@ pub struct BenchReport {
     pub requests: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch: Option<u32>,
+    /// `--no-wait`: operations counted when accepted (202), not when finished.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub accepted_only: bool,
     /// The requested arrival rate of an open-loop run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate: Option<f64>,
@@ -225,6 +228,7 @@ pub(super) fn report(
         concurrency: plan.concurrency,
         requests: r.requests,
         batch: plan.batch,
+        accepted_only: false,
         rate: plan.rate,
         delayed_ops: plan
             .rate
@@ -272,9 +276,12 @@ pub fn render_text(report: &BenchReport) -> String {
         .target
         .as_deref()
         .map_or(String::new(), |t| format!(" {t}"));
-    let batch = report
+    let mut batch = report
         .batch
         .map_or(String::new(), |b| format!(" · batch {b}"));
+    if report.accepted_only {
+        batch.push_str(" · counted when accepted (202)");
+    }
     let _ = writeln!(
         out,
         "opmesh bench · {}{target} · type {} · payload {} B · concurrency {}{batch} · {load}",

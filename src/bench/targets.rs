@@ -104,13 +104,37 @@ pub(crate) const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Which route an [`Http`] load posts to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Route {
-    /// `POST /v1/ops?wait=true`, one operation per request.
-    Single,
-    /// `POST /v1/ops/batch?wait=true`, up to `--batch` operations per request.
-    Batch,
+    /// `POST /v1/ops?wait=true`, one operation per request; without `?wait=true`
+    /// (`--no-wait`) the 202 counts.
+    Single { wait: bool },
+    /// `POST /v1/ops/batch?wait=true`, up to `--batch` operations per request; without
+    /// `?wait=true` the 202 counts.
+    Batch { wait: bool },
     /// `POST /v1/bench/hello`: answered without the engine, the same bodies as the real
     /// run (single or batch), for a baseline.
     Hello { batch: bool },
+}
+
+impl Route {
+    /// The path it posts to, below the target.
+    pub(crate) fn path(self) -> &'static str {
+        match self {
+            Route::Single { wait: true } => "v1/ops?wait=true",
+            Route::Single { wait: false } => "v1/ops",
+            Route::Batch { wait: true } => "v1/ops/batch?wait=true",
+            Route::Batch { wait: false } => "v1/ops/batch",
+            Route::Hello { .. } => "v1/bench/hello",
+        }
+    }
+
+    /// The status a good answer gives each operation: `succeeded`, or `queued` when the
+    /// 202 is what counts.
+    fn good(self) -> &'static str {
+        match self {
+            Route::Single { wait: false } | Route::Batch { wait: false } => "queued",
+            _ => "succeeded",
+        }
+    }
 }
 
 /// Drives a running node over HTTP/1.1 with keep-alive (reqwest pools the connections).
@@ -154,18 +178,13 @@ impl Http {
         payload: &Json,
         batch: u32,
     ) -> anyhow::Result<Self> {
-        let path = match route {
-            Route::Single => "v1/ops?wait=true",
-            Route::Batch => "v1/ops/batch?wait=true",
-            Route::Hello { .. } => "v1/bench/hello",
-        };
-        let url = base.join(path)?;
+        let url = base.join(route.path())?;
         let op = Bytes::from(format!(
             r#"{{"type":{},"payload":{}}}"#,
             serde_json::to_string(op_type)?,
             payload.as_str()
         ));
-        let batched = matches!(route, Route::Batch | Route::Hello { batch: true });
+        let batched = matches!(route, Route::Batch { .. } | Route::Hello { batch: true });
         let body = if batched {
             batch_body(&op, batch)
         } else {
@@ -198,7 +217,8 @@ fn batch_body(op: &[u8], n: u32) -> Bytes {
 /// The part of an operation answer the bench reads.
 #[derive(Deserialize)]
 struct Answer<'a> {
-    #[serde(borrow)]
+    /// Absent from a batch's refused entry (`{"error", "message"}`).
+    #[serde(default, borrow)]
     status: Cow<'a, str>,
     #[serde(default, borrow)]
     error: Option<Cow<'a, str>>,
@@ -211,8 +231,10 @@ struct BatchAnswer<'a> {
 }
 
 impl Answer<'_> {
-    fn failure(&self) -> Option<String> {
-        (self.status != "succeeded").then(|| match &self.error {
+    /// Why the operation counts as failed, unless its status is `good`.
+    fn failure(&self, good: &str) -> Option<String> {
+        (self.status != good).then(|| match &self.error {
+            Some(e) if self.status.is_empty() => format!("refused: {e}"),
             Some(e) => format!("operation {}: {e}", self.status),
             None => format!("operation {}", self.status),
         })
@@ -221,20 +243,21 @@ impl Answer<'_> {
 
 /// Reads a 2xx answer to a request of `ops` operations.
 fn judge(route: Route, ops: u32, body: &[u8]) -> Done {
+    let good = route.good();
     match route {
         Route::Hello { .. } => Done::ok(ops),
-        Route::Single => match serde_json::from_slice::<Answer<'_>>(body) {
-            Ok(a) => match a.failure() {
+        Route::Single { .. } => match serde_json::from_slice::<Answer<'_>>(body) {
+            Ok(a) => match a.failure(good) {
                 None => Done::ok(ops),
                 Some(e) => Done::failed(ops, e),
             },
             Err(e) => Done::failed(ops, format!("unreadable answer: {e}: {}", snippet(body))),
         },
-        Route::Batch => match serde_json::from_slice::<BatchAnswer<'_>>(body) {
+        Route::Batch { .. } => match serde_json::from_slice::<BatchAnswer<'_>>(body) {
             Ok(b) if b.results.len() == ops as usize => {
                 let mut done = Done::ok(0);
                 for a in &b.results {
-                    match a.failure() {
+                    match a.failure(good) {
                         None => done.ok += 1,
                         Some(e) => {
                             done.failed += 1;
@@ -311,30 +334,53 @@ mod tests {
     #[test]
     fn answers_are_judged_by_status() {
         let ok = judge(
-            Route::Single,
+            Route::Single { wait: true },
             1,
             br#"{"id":"x","status":"succeeded","result":1}"#,
         );
         assert_eq!((ok.ok, ok.failed), (1, 0));
         let bad = judge(
-            Route::Single,
+            Route::Single { wait: true },
             1,
             br#"{"id":"x","status":"failed","error":"boom"}"#,
         );
         assert_eq!((bad.ok, bad.failed), (0, 1));
         assert_eq!(bad.error.as_deref(), Some("operation failed: boom"));
-        let garbage = judge(Route::Single, 1, b"<html>");
+        let garbage = judge(Route::Single { wait: true }, 1, b"<html>");
         assert_eq!(garbage.failed, 1);
         let batch = judge(
-            Route::Batch,
+            Route::Batch { wait: true },
             3,
             br#"{"results":[{"status":"succeeded"},{"status":"expired"},{"status":"succeeded"}]}"#,
         );
         assert_eq!((batch.ok, batch.failed), (2, 1));
-        let short = judge(Route::Batch, 3, br#"{"results":[{"status":"succeeded"}]}"#);
+        let short = judge(
+            Route::Batch { wait: true },
+            3,
+            br#"{"results":[{"status":"succeeded"}]}"#,
+        );
         assert_eq!((short.ok, short.failed), (0, 3));
         let hello = judge(Route::Hello { batch: true }, 5, br#"{"hello":"world"}"#);
         assert_eq!((hello.ok, hello.failed), (5, 0));
+    }
+
+    #[test]
+    fn without_wait_an_accepted_operation_counts() {
+        let accepted = br#"{"id":"x","status":"queued"}"#;
+        let ok = judge(Route::Single { wait: false }, 1, accepted);
+        assert_eq!((ok.ok, ok.failed), (1, 0));
+        // Waiting, `queued` is not an end.
+        let bad = judge(Route::Single { wait: true }, 1, accepted);
+        assert_eq!((bad.ok, bad.failed), (0, 1));
+        let batch = judge(
+            Route::Batch { wait: false },
+            2,
+            br#"{"results":[{"status":"queued"},{"error":"overloaded","message":"full"}]}"#,
+        );
+        assert_eq!((batch.ok, batch.failed), (1, 1));
+        assert_eq!(batch.error.as_deref(), Some("refused: overloaded"));
+        assert_eq!(Route::Batch { wait: false }.path(), "v1/ops/batch");
+        assert_eq!(Route::Single { wait: false }.path(), "v1/ops");
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub(super) fn parse(argv: &[&str]) -> BenchArgs {
         .args
 }
 
-const EXTRAS: [&str; 33] = [
+const EXTRAS: [&str; 34] = [
     "latency_from",
     "service_p50_us",
     "service_p95_us",
@@ -47,6 +47,7 @@ const EXTRAS: [&str; 33] = [
     "concurrency",
     "requests",
     "batch",
+    "accepted_only",
     "rate",
     "delayed_ops",
     "warmup_ops",

@@ -240,4 +240,21 @@ mod tests {
             "{msg}"
         );
     }
+
+    #[test]
+    fn flow_watermarks_are_fractions_with_low_below_high() {
+        let _env = EnvGuard::new();
+        let file = user_file("[flow]\nhigh = 1.5\n");
+        let msg = load_err(&with_file(&file)).to_string();
+        assert!(
+            msg.contains("`flow.high`: 1.5 (allowed: 0.0..=1.0)"),
+            "{msg}"
+        );
+        let file = user_file("[flow]\nhigh = 0.5\nlow = 0.5\n");
+        let msg = load_err(&with_file(&file)).to_string();
+        assert!(
+            msg.contains("`flow.low`: 0.5 (allowed: 0.0..0.5 (below flow.high))"),
+            "{msg}"
+        );
+    }
 }

@@ -69,10 +69,36 @@ enum Identity {
     Pod(PodPlace),
 }
 
+/// `[flow]`: the watermarks of back-pressure between nodes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFlow {
+    high: f64,
+    low: f64,
+}
+
+impl RawFlow {
+    /// (high, low), fractions of a queue's capacity with `0 <= low < high <= 1`.
+    pub(super) fn validate(self, check: &Check<'_>) -> Result<(f64, f64), ConfigError> {
+        let high = check.range("flow.high", self.high, 0.0..=1.0)?;
+        let low = check.range("flow.low", self.low, 0.0..=1.0)?;
+        if low >= high {
+            return Err(check.invalid("flow.low", low, format!("0.0..{high} (below flow.high)")));
+        }
+        Ok((high, low))
+    }
+}
+
 impl RawCluster {
     /// `cluster.max_routes`, checked whether or not the node is in a cluster.
     pub(super) fn max_routes(&self, check: &Check<'_>) -> Result<usize, ConfigError> {
         check.count("cluster.max_routes", self.max_routes, 1..=100_000)
+    }
+
+    /// `cluster.data_dir`, when set: the Raft store's place in a cluster, and the
+    /// journal's on any node.
+    pub(super) fn data_dir(&self) -> Option<PathBuf> {
+        (!self.data_dir.is_empty()).then(|| PathBuf::from(&self.data_dir))
     }
 
     /// `handled`: the types this node has a handler for, which `serves` may name. In
@@ -288,6 +314,9 @@ impl RawCluster {
                 self.reply_buffer_bytes,
                 KIB..=4095 * MIB,
             )?,
+            // Set from `[flow]` by the caller.
+            flow_high: 0.8,
+            flow_low: 0.2,
             audit_entries: check.count(
                 "cluster.audit_entries",
                 self.audit_entries,

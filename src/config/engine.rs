@@ -1,5 +1,6 @@
 //! `[engine]`, `[cache]` and `[retry]`: the engine's queue, batching, limits, result
-//! cache and default retry policy, as the one [`EngineConfig`] a node is built with.
+//! cache and default retry policy, as the one [`EngineConfig`] a node is built with, and
+//! `engine.journal`, which the binary reads (see [`crate::journal`]).
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -30,6 +31,7 @@ pub(super) struct RawEngine {
     result_retention_max: u64,
     result_store_bytes: u64,
     max_stored_result_bytes: u64,
+    journal: bool,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +90,12 @@ impl RawCache {
 }
 
 impl RawEngine {
+    /// `engine.journal`: whether accepted operations are journaled (the binary's, not
+    /// the engine's, so it is not part of [`EngineConfig`]).
+    pub(super) fn journal(&self) -> bool {
+        self.journal
+    }
+
     /// `[cache]` is checked after the engine's limits and before its retention, the order
     /// of the fields of [`EngineConfig`]; `retry` is `[retry]`, already checked.
     pub(super) fn validate(
@@ -234,5 +242,39 @@ mod tests {
             msg.contains("`engine.result_store_bytes`: 1000 (allowed: 1048576..="),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_journal_needs_a_data_dir_and_lives_in_it() {
+        let mut env = EnvGuard::new();
+        assert_eq!(
+            load_ok(&LoadOptions::default()).journal,
+            None,
+            "off by default"
+        );
+
+        env.set("OPMESH_ENGINE__JOURNAL", "true");
+        let msg = load_err(&LoadOptions::default()).to_string();
+        assert!(
+            msg.starts_with("`cluster.data_dir` must be set because `engine.journal` is set")
+                && msg.contains("OPMESH_ENGINE__JOURNAL")
+                && msg.contains("--data-dir"),
+            "{msg}"
+        );
+
+        // A single node (no cluster) with a data dir: the journal goes there.
+        let opts = LoadOptions {
+            data_dir: Some("/var/lib/opmesh".into()),
+            ..LoadOptions::default()
+        };
+        let c = load_ok(&opts);
+        assert!(c.cluster.is_none());
+        assert_eq!(
+            c.journal.map(|j| j.path),
+            Some(std::path::PathBuf::from("/var/lib/opmesh/journal.redb"))
+        );
+        assert!(load_ok(&opts)
+            .summary()
+            .contains("journal: /var/lib/opmesh/journal.redb"));
     }
 }

@@ -33,7 +33,7 @@ use crate::EngineConfig;
 
 use self::auth::RawAuth;
 use self::check::Check;
-use self::cluster::RawCluster;
+use self::cluster::{RawCluster, RawFlow};
 use self::engine::{RawCache, RawEngine, RawRetry};
 use self::handlers::RawHandlers;
 use self::limits::RawLimits;
@@ -84,11 +84,14 @@ pub struct Config {
     /// The profile that was applied, if any.
     pub profile: Option<String>,
     /// `None` when `cluster.addr` is empty: a single node, with no network beyond HTTP
-    /// and nothing on disk. Every value is in its range and the relations between them
+    /// and nothing on disk but its journal (if on). Every value is in its range and the relations between them
     /// hold (`down_after > 2 * heartbeat`); `http_addr` is left empty for the server to
     /// fill in, and an empty `serves` means every type this node has a handler for.
     pub cluster: Option<crate::cluster::ClusterConfig>,
     pub telemetry: TelemetrySettings,
+    /// `Some` when `engine.journal = true`: accepted operations are journaled in the data
+    /// dir (`cluster.data_dir`, which a single node may set too).
+    pub journal: Option<crate::journal::JournalConfig>,
 }
 
 impl Config {
@@ -132,6 +135,12 @@ impl Config {
             ),
             format!("shutdown_grace_secs: {}", self.shutdown_grace.as_secs()),
             format!("limits: {}", self.limits.summary()),
+            format!(
+                "journal: {}",
+                self.journal
+                    .as_ref()
+                    .map_or("off".to_owned(), |j| j.path.display().to_string())
+            ),
         ];
         match &self.cluster {
             None => lines.push("cluster: none".into()),
@@ -246,6 +255,7 @@ struct Raw {
     events: RawEvents,
     limits: RawLimits,
     cluster: RawCluster,
+    flow: RawFlow,
     telemetry: RawTelemetry,
     handlers: RawHandlers,
 }
@@ -260,6 +270,7 @@ impl Raw {
         let http = self.http.validate(check)?;
         let auth = self.auth.validate(check, http.addr)?;
         let retry = self.retry.validate(check)?;
+        let journal = journal(check, &self.engine, &self.cluster)?;
         let mut engine = self.engine.validate(check, self.cache, retry)?;
         let shutdown_grace = self.shutdown.validate(check)?;
         let max_subscribers = self.events.validate(check)?;
@@ -270,9 +281,14 @@ impl Raw {
         let (builtin_handlers, http_handlers) =
             self.handlers.validate(check, max_type_len, &engine.retry)?;
         let handled = handlers::handled_types(&builtin_handlers, &http_handlers);
-        let cluster =
-            self.cluster
-                .validate(check, &node_id, http.addr.port(), max_type_len, &handled)?;
+        let flow = self.flow.validate(check)?;
+        let cluster = self
+            .cluster
+            .validate(check, &node_id, http.addr.port(), max_type_len, &handled)?
+            .map(|mut c| {
+                (c.flow_high, c.flow_low) = flow;
+                c
+            });
         // A pod that takes its place from its ordinal is named after the pod.
         let node_id = cluster.as_ref().map_or(node_id, |c| c.node.clone());
         let telemetry = self.telemetry.validate(check)?;
@@ -290,8 +306,35 @@ impl Raw {
             profile,
             cluster,
             telemetry,
+            journal,
         })
     }
+}
+
+/// `engine.journal`: on, it needs a data dir, where its file goes.
+fn journal(
+    check: &Check<'_>,
+    engine: &RawEngine,
+    cluster: &RawCluster,
+) -> Result<Option<crate::journal::JournalConfig>, ConfigError> {
+    if !engine.journal() {
+        return Ok(None);
+    }
+    let Some(dir) = cluster.data_dir() else {
+        return Err(check.missing(
+            "cluster.data_dir",
+            "engine.journal",
+            format!(
+                "the journal of accepted operations is the file {} in the data dir; set it \
+                 with --data-dir DIR or OPMESH_DATA_DIR (a single node may have one), or set \
+                 engine.journal = false",
+                crate::journal::FILE
+            ),
+        ));
+    };
+    Ok(Some(crate::journal::JournalConfig {
+        path: dir.join(crate::journal::FILE),
+    }))
 }
 
 #[cfg(test)]

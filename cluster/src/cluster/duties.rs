@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
-use opmesh_actors::{Backoff, Jitter};
+use opmesh_actors::handler::HandlerKind;
+use opmesh_actors::{Backoff, Jitter, NodeId};
 use tokio_util::sync::CancellationToken;
 
 use super::Inner;
@@ -391,18 +392,63 @@ impl Inner {
                 }
             }
             self.outbox.expire(Instant::now());
+            self.resend_unacknowledged(&state);
         }
     }
 
+    /// Sends again the reply batches a node has not acknowledged for a while (the batch
+    /// or its acknowledgement was lost with a link), and forgets the ledger of a node
+    /// that is no longer a member once it runs nothing there and no batch to it was sent
+    /// for a minute.
+    fn resend_unacknowledged(&self, state: &ClusterState) {
+        let now = Instant::now();
+        self.ledgers.retain(|peer, ledger| {
+            state.nodes.contains_key(peer)
+                || !ledger.get_mut().is_stale(now, Duration::from_secs(60))
+        });
+        let after = (self.cfg.heartbeat * 4).max(Duration::from_secs(1));
+        let peers: Vec<NodeId> = self.ledgers.iter().map(|e| e.key().clone()).collect();
+        for peer in peers {
+            self.send_again(&peer, after);
+        }
+    }
+
+    /// The types this node is overloaded with now (its queues against the watermarks),
+    /// kept for the `Pong`s and the routing table until the next heartbeat.
+    fn update_flow(&self) -> Vec<String> {
+        let Some(node) = self.node.get() else {
+            return Vec::new();
+        };
+        let capacity = node.config().queue_capacity;
+        let entries = node.type_entries();
+        let levels = entries
+            .iter()
+            .filter(|e| !matches!(e.handler, HandlerKind::Remote))
+            .map(|e| (&*e.name, e.queued(), capacity));
+        let now = self.flow.lock().update(levels);
+        if **self.overloaded.load() != now {
+            self.overloaded.store(Arc::new(now.clone()));
+            self.publish(&self.state.load_full());
+        }
+        now
+    }
+
     /// Swaps in the routing table for `state`.
-    fn publish(&self, state: &ClusterState) {
+    pub(super) fn publish(&self, state: &ClusterState) {
         let mut table = routing_table(state);
         for n in &mut table.nodes {
-            n.load = if n.id == self.me.name {
-                self.in_flight()
-            } else {
-                self.heard.get(&n.id).map_or(0, |h| h.load)
-            };
+            if n.id == self.me.name {
+                n.load = self.in_flight();
+                n.overloaded = self
+                    .overloaded
+                    .load()
+                    .iter()
+                    .map(|t| t.as_str().into())
+                    .collect();
+            } else if let Some(h) = self.heard.get(&n.id) {
+                n.load = h.load;
+                n.overloaded = h.overloaded.clone();
+            }
         }
         self.table.store(Arc::new(table));
     }
@@ -417,10 +463,18 @@ impl Inner {
             }
             seq += 1;
             let load = self.in_flight();
+            let overloaded = self.update_flow();
             let state = self.state.load();
             for n in state.nodes.keys() {
                 if *n != self.me.name {
-                    let _ = self.transport().send(n, Message::Ping { seq, load });
+                    let _ = self.transport().send(
+                        n,
+                        Message::Ping {
+                            seq,
+                            load,
+                            overloaded: overloaded.clone(),
+                        },
+                    );
                 }
             }
         }

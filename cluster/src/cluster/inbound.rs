@@ -17,29 +17,28 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use openraft::Vote;
-use opmesh_actors::NodeId;
+use opmesh_actors::job::Job;
+use opmesh_actors::routing::affinity;
+use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus, OpType};
 
 use super::{Inner, LINK_BACK_WAIT};
 use crate::codec::{Message, Rpc, RpcReply, WireOp, WireReply, WriteRefused};
-use crate::remote::{collect_replies, from_wire, refused_reply};
+use crate::remote::{collect_replies, from_wire, refused_reply, reply_to_wire};
+use crate::replies::{Admit, Batch};
 use crate::transport::Inbound;
 use crate::types::{raft_id, RaftId};
 
 /// What one node heard last from another.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(super) struct Heard {
     /// The last answer (`Pong`); `None` before the first.
     pub(super) at: Option<Instant>,
     pub(super) load: u64,
-}
-
-/// What a reply takes in a peer's buffer of unsent replies: its result, its error and
-/// a fixed part for the rest.
-fn reply_bytes(r: &WireReply) -> usize {
-    64 + r.result.as_ref().map_or(0, Vec::len) + r.error.as_ref().map_or(0, String::len)
+    /// The types it is overloaded with (see [`crate::flow`]).
+    pub(super) overloaded: Vec<OpType>,
 }
 
 /// Frames arriving on links, handed to the cluster (once it is built, while it runs).
@@ -75,7 +74,28 @@ impl Inner {
     fn on_message(self: &Arc<Self>, from: &str, msg: Message) {
         match msg {
             Message::OpBatch(ops) => self.run_forwarded(from, ops),
-            Message::ReplyBatch(replies) => self.outbox.complete(&NodeId::from(from), replies),
+            Message::ReplyBatch { seq, replies } => {
+                let replies = Arc::try_unwrap(replies).unwrap_or_else(|r| (*r).clone());
+                let peer = NodeId::from(from);
+                let refused = self.outbox.complete(&peer, replies);
+                if !refused.is_empty() {
+                    self.route_refused(&peer, refused);
+                }
+                // Acknowledged whether or not anything here waited for it (a repeat, or
+                // replies to this node's previous run): the sender can forget the batch.
+                // A lost acknowledgement only makes the sender send the batch again.
+                let _ = self
+                    .transport()
+                    .send(from, Message::ReplyAck { seqs: vec![seq] });
+            }
+            Message::ReplyAck { seqs } => {
+                if let Some(ledger) = self.ledgers.get(from) {
+                    let mut ledger = ledger.lock();
+                    for seq in seqs {
+                        ledger.acked(seq);
+                    }
+                }
+            }
             Message::Request { id, body } => {
                 if let Some(claim) = impersonation(from, &body, || self.is_member(from)) {
                     self.refuse(from, &claim);
@@ -97,17 +117,63 @@ impl Inner {
                     self.refuse(from, &wrong.to_string());
                 }
             }
-            Message::Ping { seq, load } => {
-                self.heard(from, load, false);
+            Message::Ping {
+                seq,
+                load,
+                overloaded,
+            } => {
+                self.heard(from, load, overloaded, false);
                 let _ = self.transport().send(
                     from,
                     Message::Pong {
                         seq,
                         load: self.in_flight(),
+                        overloaded: self.overloaded.load().to_vec(),
                     },
                 );
             }
-            Message::Pong { load, .. } => self.heard(from, load, true),
+            Message::Pong {
+                load, overloaded, ..
+            } => self.heard(from, load, overloaded, true),
+        }
+    }
+
+    /// Operations `peer` refused because its queue of their type was full: `peer` is
+    /// noted overloaded with the type (until its next heartbeat says otherwise) and each
+    /// goes to another node of its route, or fails naming `peer` when there is none (or
+    /// when its idempotency key belongs to `peer`).
+    fn route_refused(&self, peer: &NodeId, refused: Vec<(Box<Job>, String)>) {
+        if let Some(mut h) = self.heard.get_mut(peer) {
+            for (job, _) in &refused {
+                if !h.overloaded.contains(&job.op.op_type) {
+                    h.overloaded.push(job.op.op_type.clone());
+                }
+            }
+        }
+        self.publish(&self.state.load_full());
+        let table = self.table.load();
+        let mut again = Vec::new();
+        for (job, why) in refused {
+            let op = &job.op;
+            let placed = op
+                .idempotency_key
+                .as_deref()
+                .map(|k| affinity(op.owner.as_deref(), k));
+            if table.overloaded_owner(&op.op_type, placed).is_some() {
+                let Job { reply, .. } = *job;
+                reply.fail(
+                    OpStatus::Failed,
+                    format!("overloaded: {why}; no other node of the route can take it"),
+                );
+            } else {
+                again.push(job);
+            }
+        }
+        if !again.is_empty() {
+            tracing::debug!(node = %peer, count = again.len(), "queue full there: routing operations again");
+            if let Some(node) = self.node.get() {
+                node.reroute(again);
+            }
         }
     }
 
@@ -132,20 +198,24 @@ impl Inner {
 
     /// Notes a peer's load. Only a `Pong` (`answered`) counts as hearing from it: it
     /// proves the links both ways work, where a `Ping` that arrives proves only one.
-    fn heard(&self, from: &str, load: u64, answered: bool) {
+    fn heard(&self, from: &str, load: u64, overloaded: Vec<String>, answered: bool) {
         let now = Instant::now();
-        self.heard
-            .entry(from.into())
-            .and_modify(|h| {
-                h.load = load;
-                if answered {
-                    h.at = Some(now);
-                }
-            })
-            .or_insert(Heard {
-                at: answered.then_some(now),
-                load,
-            });
+        let overloaded: Vec<OpType> = overloaded.into_iter().map(Into::into).collect();
+        let mut h = self.heard.entry(from.into()).or_insert(Heard {
+            at: None,
+            load,
+            overloaded: Vec::new(),
+        });
+        h.load = load;
+        if answered {
+            h.at = Some(now);
+        }
+        if h.overloaded != overloaded {
+            h.overloaded = overloaded;
+            drop(h);
+            // Routes see it now, not at the next heartbeat.
+            self.publish(&self.state.load_full());
+        }
     }
 
     fn on_link(&self, peer: &str, up: bool) {
@@ -158,12 +228,34 @@ impl Inner {
             tracing::info!(node = %peer, count = waiting.len(), "link is back: sending waiting operations again");
             let _ = self.transport().send(&peer, Message::OpBatch(waiting));
         }
-        if let Some((_, (_, replies))) = self.unsent.remove(&peer) {
-            let _ = self.transport().send(&peer, Message::ReplyBatch(replies));
+        self.send_again(&peer, Duration::ZERO);
+    }
+
+    /// Sends `peer` again the reply batches it has not acknowledged for `after`.
+    pub(super) fn send_again(&self, peer: &NodeId, after: Duration) {
+        let Some(ledger) = self.ledgers.get(peer) else {
+            return;
+        };
+        if !self.transport().is_connected(peer) {
+            return;
+        }
+        let due = ledger.lock().due(Instant::now(), after);
+        drop(ledger);
+        for Batch { seq, replies } in due {
+            if self
+                .transport()
+                .send(peer, Message::ReplyBatch { seq, replies })
+                .is_err()
+            {
+                return;
+            }
         }
     }
 
-    /// Runs operations another node forwarded here and sends their outcomes back.
+    /// Runs operations another node forwarded here and sends their outcomes back. An
+    /// operation already running here for that node is not run again, one answered and
+    /// not yet acknowledged gets its batch again, one whose reply was dropped runs again
+    /// only when it has an idempotency key (the cache answers it), else fails saying so.
     fn run_forwarded(self: &Arc<Self>, from: &str, ops: Vec<WireOp>) {
         let peer: NodeId = from.into();
         let me = self.me.name.clone();
@@ -176,15 +268,47 @@ impl Inner {
             return;
         };
         let now = Instant::now();
-        let ids: Vec<u128> = ops.iter().map(|o| o.id).collect();
-        let ops = ops.into_iter().map(|w| from_wire(w, now)).collect();
-        let mut tickets = Vec::new();
+        let mut fresh = Vec::with_capacity(ops.len());
         let mut refusals = Vec::new();
+        let mut again = Vec::new();
+        {
+            let ledger = self.ledgers.entry(peer.clone()).or_default();
+            let mut ledger = ledger.lock();
+            for op in ops {
+                match ledger.admit(op.id, op.idempotency_key.is_some()) {
+                    Admit::Run => fresh.push(op),
+                    Admit::Running => {}
+                    Admit::Answered(seq) => again.extend(ledger.batch(seq, now)),
+                    Admit::Dropped => refusals.push(reply_to_wire(OpOutcome::failure(
+                        OpId(op.id),
+                        OpStatus::Failed,
+                        format!(
+                            "node `{me}` ran the operation but dropped its reply: its buffer \
+                             of unacknowledged replies to `{peer}` (cluster.reply_buffer_bytes) \
+                             was full"
+                        ),
+                    ))),
+                }
+            }
+        }
+        again.sort_by_key(|b| b.seq);
+        again.dedup_by_key(|b| b.seq);
+        for Batch { seq, replies } in again {
+            let _ = self
+                .transport()
+                .send(&peer, Message::ReplyBatch { seq, replies });
+        }
+        let ids: Vec<u128> = fresh.iter().map(|o| o.id).collect();
+        let ops = fresh.into_iter().map(|w| from_wire(w, now)).collect();
+        let mut tickets = Vec::new();
         for (id, r) in ids.into_iter().zip(node.enqueue_forwarded(ops)) {
             match r {
                 Ok(t) => tickets.push(t),
                 Err(e) => refusals.push(refused_reply(id, &me, &e)),
             }
+        }
+        if tickets.is_empty() && refusals.is_empty() {
+            return;
         }
         let inner = self.clone();
         tokio::spawn(async move {
@@ -192,27 +316,31 @@ impl Inner {
         });
     }
 
+    /// Sends `replies` to `peer` as its next batch, kept until acknowledged (sent again
+    /// when the link comes back or it stays unacknowledged, see [`Inner::send_again`]).
     fn send_replies(&self, peer: &NodeId, replies: Vec<WireReply>) {
-        if self
-            .transport()
-            .send(peer, Message::ReplyBatch(replies.clone()))
-            .is_err()
-        {
-            let bytes: usize = replies.iter().map(reply_bytes).sum();
-            let mut kept = self.unsent.entry(peer.clone()).or_default();
-            let (held, list) = &mut *kept;
-            if *held + bytes <= self.cfg.reply_buffer_bytes {
-                *held += bytes;
-                list.extend(replies);
-            } else {
-                self.replies_dropped
-                    .fetch_add(replies.len() as u64, Ordering::Relaxed);
-                tracing::warn!(node = %peer, count = replies.len(), held = *held,
+        let (batch, dropped) = {
+            let ledger = self.ledgers.entry(peer.clone()).or_default();
+            let mut ledger = ledger.lock();
+            let r = ledger.answered(replies, Instant::now(), self.cfg.reply_buffer_bytes);
+            if r.1 > 0 {
+                let (_, held) = ledger.held();
+                tracing::warn!(node = %peer, count = r.1, held,
                     limit = self.cfg.reply_buffer_bytes,
-                    "link down and its buffer of unsent replies full (cluster.reply_buffer_bytes): \
-                     dropping them (the origin sends the operations again when the link is back)");
+                    "buffer of unacknowledged replies full (cluster.reply_buffer_bytes): \
+                     dropped the oldest; their operations are not run again");
             }
+            r
+        };
+        if dropped > 0 {
+            self.replies_dropped
+                .fetch_add(dropped as u64, Ordering::Relaxed);
         }
+        let Batch { seq, replies } = batch;
+        // Not connected: the batch waits in the ledger.
+        let _ = self
+            .transport()
+            .send(peer, Message::ReplyBatch { seq, replies });
     }
 
     async fn answer(&self, body: Rpc) -> RpcReply {

@@ -41,6 +41,7 @@ use opmesh_actors::routing::{validate_route, AuditEntry, RouteResult, RouteStore
 use opmesh_actors::{
     Node, NodeBuilder, NodeId, OpType, Route, RouteError, RoutingTable, StartError,
 };
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 pub use self::error::{ClusterError, JoinError, JoinFailure, LeaveError};
@@ -49,9 +50,11 @@ pub use crate::config::ClusterConfig;
 
 use self::duties::Duty;
 use self::inbound::{Heard, InboundAdapter};
-use crate::codec::{Message, WireReply};
+use crate::codec::Message;
+use crate::flow::Flow;
 use crate::network::{Calls, Links, Network};
 use crate::remote::Outbox;
+use crate::replies::Ledger;
 use crate::store::Store;
 use crate::transport::{Transport, TransportError};
 use crate::types::{raft_id, ClusterState, Command, Member, NodeRecord, NodeStatus, Raft, RaftId};
@@ -74,12 +77,17 @@ struct Inner {
     /// What the Router reads: the state as a routing table, with the loads last heard.
     table: ArcSwap<RoutingTable>,
     heard: DashMap<NodeId, Heard>,
+    /// The watermarks of this node's queues, and the types over them (what heartbeats
+    /// tell the others, see [`crate::flow`]).
+    flow: Mutex<Flow>,
+    overloaded: ArcSwap<Vec<String>>,
     calls: Calls,
     outbox: Outbox,
-    /// Replies that could not be sent (the link back was down), sent when it comes back,
-    /// with their bytes (at most `cluster.reply_buffer_bytes` per peer).
-    unsent: DashMap<NodeId, (usize, Vec<WireReply>)>,
-    /// Replies dropped because a peer's buffer of unsent replies was full (see
+    /// For each node that forwarded operations here: the reply batches it has not
+    /// acknowledged and its operations running here (at most `cluster.reply_buffer_bytes`
+    /// of replies per node).
+    ledgers: DashMap<NodeId, Mutex<Ledger>>,
+    /// Replies dropped because a node's buffer of unacknowledged replies was full (see
     /// [`Cluster::replies_dropped`]).
     replies_dropped: AtomicU64,
     stop: CancellationToken,
@@ -148,9 +156,11 @@ impl Cluster {
             state: sm.state(),
             versions: sm.version_watch(),
             heard: DashMap::new(),
+            flow: Mutex::new(Flow::new(cfg.flow_high, cfg.flow_low)),
+            overloaded: ArcSwap::from_pointee(Vec::new()),
             calls: Calls::default(),
             outbox: Outbox::default(),
-            unsent: DashMap::new(),
+            ledgers: DashMap::new(),
             stop: CancellationToken::new(),
             leaving: AtomicBool::new(false),
             leader_changes: Arc::default(),
@@ -317,9 +327,11 @@ impl Cluster {
     }
 
     /// How many replies to operations other nodes forwarded here were dropped since this
-    /// node started because the link back was down and the peer's buffer of unsent
-    /// replies (`cluster.reply_buffer_bytes`) was full. The origin sends those operations
-    /// again when the link is back; each drop is also logged.
+    /// node started because that node's buffer of unacknowledged replies
+    /// (`cluster.reply_buffer_bytes`) was full: the link back was down, or the node did
+    /// not acknowledge, for too long. A repeat of such an operation is answered from the
+    /// idempotency cache when it has a key, else fails saying its reply was dropped; each
+    /// drop is also logged.
     pub fn replies_dropped(&self) -> u64 {
         self.inner.replies_dropped.load(Ordering::Relaxed)
     }

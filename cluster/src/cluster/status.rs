@@ -28,6 +28,10 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatusView>,
     /// Operations this node forwarded and waits to hear about.
     pub forwarded_waiting: usize,
+    /// Replies to operations other nodes forwarded here, sent and not acknowledged yet
+    /// (sent again until they are), and their bytes.
+    pub replies_unacknowledged: usize,
+    pub replies_unacknowledged_bytes: usize,
     pub links: Vec<LinkStats>,
 }
 
@@ -44,6 +48,9 @@ pub struct NodeStatusView {
     pub serves: Vec<String>,
     /// Operations in flight there, as last heard.
     pub load: u64,
+    /// The types whose queue there is over the high watermark (`flow.high`), as last
+    /// heard: new operations of those types go elsewhere or are refused with 429.
+    pub overloaded: Vec<String>,
     /// self, connected or disconnected: this node's link to it.
     pub link: String,
     /// Milliseconds since this node last heard from it.
@@ -66,7 +73,7 @@ impl Inner {
             .values()
             .map(|n| {
                 let is_me = n.name == self.me.name;
-                let heard = self.heard.get(&n.name).map(|h| *h);
+                let heard = self.heard.get(&n.name).map(|h| h.clone());
                 NodeStatusView {
                     id: n.name.to_string(),
                     http_addr: n.http_addr.clone(),
@@ -84,7 +91,14 @@ impl Inner {
                     load: if is_me {
                         self.in_flight()
                     } else {
-                        heard.map_or(0, |h| h.load)
+                        heard.as_ref().map_or(0, |h| h.load)
+                    },
+                    overloaded: if is_me {
+                        self.overloaded.load().to_vec()
+                    } else {
+                        heard.as_ref().map_or_else(Vec::new, |h| {
+                            h.overloaded.iter().map(|t| t.to_string()).collect()
+                        })
                     },
                     link: if is_me {
                         "self"
@@ -104,6 +118,11 @@ impl Inner {
                 }
             })
             .collect();
+        let (replies_unacknowledged, replies_unacknowledged_bytes) = self
+            .ledgers
+            .iter()
+            .map(|l| l.lock().held())
+            .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2));
         ClusterStatus {
             cluster_id: self.cfg.cluster_id.clone(),
             node: self.me.name.to_string(),
@@ -115,6 +134,8 @@ impl Inner {
             raft_state: format!("{:?}", m.state).to_lowercase(),
             nodes,
             forwarded_waiting: self.outbox.len(),
+            replies_unacknowledged,
+            replies_unacknowledged_bytes,
             links: t.links(),
         }
     }

@@ -153,12 +153,27 @@ fn every_message() -> Vec<Message> {
         Message::OpBatch(vec![]),
         Message::OpBatch(vec![op(1)]),
         Message::OpBatch((0..256).map(op).chain([bare_op()]).collect()),
-        Message::ReplyBatch(vec![]),
-        Message::ReplyBatch((0..3).map(reply).collect()),
-        Message::Ping { seq: 1, load: 0 },
+        Message::ReplyBatch {
+            seq: 0,
+            replies: Arc::new(vec![]),
+        },
+        Message::ReplyBatch {
+            seq: u64::MAX,
+            replies: Arc::new((0..3).map(reply).collect()),
+        },
+        Message::ReplyAck { seqs: vec![] },
+        Message::ReplyAck {
+            seqs: vec![0, 7, u64::MAX],
+        },
+        Message::Ping {
+            seq: 1,
+            load: 0,
+            overloaded: vec![],
+        },
         Message::Pong {
             seq: u64::MAX,
             load: 12,
+            overloaded: vec!["resize".into(), "echo".into()],
         },
     ];
     let rpcs = [
@@ -348,10 +363,17 @@ fn raft_types_survive_postcard_field_by_field() {
 
 #[test]
 fn the_layout_is_as_documented() {
-    let body = body_of(&Message::Ping { seq: 1, load: 2 });
+    let body = body_of(&Message::Ping {
+        seq: 1,
+        load: 2,
+        overloaded: vec!["ab".into()],
+    });
     let mut expected = vec![tag::PING];
     expected.extend_from_slice(&1u64.to_le_bytes());
     expected.extend_from_slice(&2u64.to_le_bytes());
+    expected.extend_from_slice(&1u64.to_le_bytes());
+    expected.extend_from_slice(&2u64.to_le_bytes());
+    expected.extend_from_slice(b"ab");
     assert_eq!(body, expected);
 
     // A batch is a wincode `Vec`: what bincode-compatible readers expect.
@@ -387,7 +409,11 @@ fn bad_bodies_are_named() {
         Err(CodecError::Truncated)
     ));
 
-    let mut body = body_of(&Message::Ping { seq: 1, load: 2 });
+    let mut body = body_of(&Message::Ping {
+        seq: 1,
+        load: 2,
+        overloaded: vec![],
+    });
     body.push(0);
     assert!(matches!(decode(&body), Err(CodecError::TrailingBytes(1))));
 
@@ -425,11 +451,14 @@ fn bad_bodies_are_named() {
 /// size is reserved (a reservation of 2^60 bytes would abort the test).
 #[test]
 fn lying_lengths_fail_before_allocating() {
-    for tag in [tag::OP_BATCH, tag::REPLY_BATCH] {
+    for tag in [tag::OP_BATCH, tag::REPLY_BATCH, tag::REPLY_ACK] {
         for count in [1u64, 1 << 20, 1 << 40, u64::MAX] {
             let mut body = vec![tag];
+            if tag == tag::REPLY_BATCH {
+                body.extend_from_slice(&9u64.to_le_bytes()); // its seq
+            }
             body.extend_from_slice(&count.to_le_bytes());
-            body.extend_from_slice(&[0; 20]);
+            body.extend_from_slice(&[0; 7]);
             assert!(
                 matches!(decode(&body), Err(CodecError::Truncated)),
                 "{count}"

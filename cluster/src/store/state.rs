@@ -57,6 +57,7 @@ pub fn routing_table(state: &ClusterState) -> RoutingTable {
                 healthy: n.status == NodeStatus::Up,
                 serves: n.serves.clone(),
                 load: 0,
+                overloaded: Vec::new(),
             })
             .collect(),
     }

@@ -480,14 +480,17 @@ mod tests {
         a.send("b", Message::OpBatch(vec![small_op(5)])).unwrap();
         b.send(
             "a",
-            Message::ReplyBatch(vec![WireReply {
-                id: 5,
-                status: 0,
-                result: Some(b"{}".to_vec()),
-                error: None,
-                cached: false,
-                attempts: 1,
-            }]),
+            Message::ReplyBatch {
+                seq: 3,
+                replies: std::sync::Arc::new(vec![WireReply {
+                    id: 5,
+                    status: 0,
+                    result: Some(b"{}".to_vec()),
+                    error: None,
+                    cached: false,
+                    attempts: 1,
+                }]),
+            },
         )
         .unwrap();
         until("b's two messages", || b_in.count() == 2).await;
@@ -499,7 +502,9 @@ mod tests {
             assert!(matches!(&got[1].1, Message::OpBatch(ops) if ops[0] == small_op(5)));
             let got = a_in.messages.lock();
             assert_eq!(got[0].0, "b");
-            assert!(matches!(&got[0].1, Message::ReplyBatch(r) if r[0].id == 5));
+            assert!(
+                matches!(&got[0].1, Message::ReplyBatch { seq: 3, replies } if replies[0].id == 5)
+            );
         }
         assert_eq!(*a_in.links.lock(), [("b".to_string(), true)]);
         // Counted once the write returned, which may be after b read the frames.

@@ -146,7 +146,15 @@ mod tests {
         let mut buf = Vec::new();
         Sealer::begin(&mut buf);
         for &seq in seqs {
-            codec::encode(&Message::Ping { seq, load: 0 }, &mut buf).unwrap();
+            codec::encode(
+                &Message::Ping {
+                    seq,
+                    load: 0,
+                    overloaded: vec![],
+                },
+                &mut buf,
+            )
+            .unwrap();
         }
         sealer.seal(&mut buf);
         buf

@@ -94,7 +94,11 @@ pub async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
 }
 
 pub fn ping(seq: u64) -> Message {
-    Message::Ping { seq, load: 0 }
+    Message::Ping {
+        seq,
+        load: 0,
+        overloaded: vec![],
+    }
 }
 
 pub fn small_op(id: u128) -> WireOp {
