@@ -1,5 +1,5 @@
-//! Microbenchmarks of the engine's pure cores: the routing pick, the result cache and the
-//! scheduler's queues. Prints nanoseconds per operation; run with
+//! Microbenchmarks of the engine's pure cores: the routing pick, the result cache, the
+//! scheduler's queues and the rate limiters. Prints nanoseconds per operation; run with
 //! `cargo bench --bench micro`.
 
 use std::hint::black_box;
@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opmesh::cache::{CacheCounters, CacheKey, Lookup, ResultCache};
+use opmesh::ratelimit::{KeyedLimiter, Limiter, Rate};
 use opmesh::routing::{pick, NodeView, Route, RoutingTable, Strategy};
 use opmesh::scheduler::{BatchPolicy, Queued, Queues};
 use opmesh::{OpId, OpOutcome, OpStatus, OpType};
@@ -123,6 +124,22 @@ fn main() {
             if i % 256 == 255 {
                 black_box(q.dispatch(now, |_, n| n).batches.len());
             }
+        },
+    );
+
+    // A limit high enough that every check passes: what an admitted submission pays.
+    let high = Rate::new(10_000_000, 10_000_000).unwrap();
+    let global = Limiter::new(high);
+    measure("rate limit check, one limiter", 2_000_000, |_| {
+        black_box(global.check_n(1).is_ok());
+    });
+    let per_client: KeyedLimiter<Arc<str>> = KeyedLimiter::new(high, 100_000);
+    let clients: Vec<Arc<str>> = keys.iter().map(|k| Arc::from(k.as_str())).collect();
+    measure(
+        "rate limit check, per client (1024 clients)",
+        2_000_000,
+        |i| {
+            black_box(per_client.check_n(&clients[(i & 1023) as usize], 1).is_ok());
         },
     );
 }

@@ -39,6 +39,7 @@ pub async fn render(
     cluster: Option<&Cluster>,
     telemetry: &Telemetry,
     http: Option<&crate::api::traffic::HttpMetrics>,
+    limits: Option<&crate::api::limits::AdmissionStats>,
     journal: Option<&Arc<JournalStats>>,
 ) -> String {
     let cluster = match cluster {
@@ -57,6 +58,7 @@ pub async fn render(
         cluster,
         telemetry: telemetry.clone(),
         http: http.map(|h| (h.requests(), h.durations())),
+        limits: limits.cloned().unwrap_or_default(),
         journal: journal.cloned(),
     }));
     let mut out = String::with_capacity(32 * 1024);
@@ -73,6 +75,8 @@ struct OpmeshCollector {
     /// The api's requests by route and status, and durations by route, read before
     /// encoding.
     http: Option<HttpFigures>,
+    /// What the api's limits refused (all zero without an api, or with no limit on).
+    limits: crate::api::limits::AdmissionStats,
     /// The journal's counters, when `engine.journal` is on.
     journal: Option<Arc<JournalStats>>,
 }
@@ -245,6 +249,7 @@ impl Collector for OpmeshCollector {
                 }),
             )?;
         }
+        encode_limits(&self.limits, &mut out)?;
         if let Some(p) = Process::read() {
             encode_process(&p, &mut out)?;
         }
@@ -353,6 +358,32 @@ impl Process {
             open_fds: 0,
         })
     }
+}
+
+/// The api's limits (`[limits]`): always exposed, zero while a limit is off, so alerts
+/// and dashboards find the series.
+fn encode_limits(l: &crate::api::limits::AdmissionStats, out: &mut Out) -> fmt::Result {
+    out.counters(
+        "opmesh_rate_limited_total",
+        "Submissions refused by a rate limit of the api (429 rate_limited, or 413 for a \
+         batch over the burst), by limit: global (limits.rate_per_sec) or client \
+         (limits.client_rate_per_sec).",
+        [
+            ([("limit", "global")], l.rate_limited_global),
+            ([("limit", "client")], l.rate_limited_client),
+        ],
+    )?;
+    out.counter(
+        "opmesh_in_flight_refused_total",
+        "Submissions refused because the node had limits.max_in_flight operations in \
+         flight (429 overloaded, or 413 for a batch over the cap).",
+        l.in_flight_refused,
+    )?;
+    out.gauge(
+        "opmesh_rate_limit_clients",
+        "Clients whose rate allowance is tracked apart now (at most limits.max_clients).",
+        l.clients_tracked,
+    )
 }
 
 fn encode_process(p: &Process, out: &mut Out) -> fmt::Result {
@@ -848,7 +879,7 @@ mod tests {
             .unwrap();
         assert!(!failed.is_success());
         assert!(node.enqueue(Operation::new("nope", Json::null())).is_err());
-        let text = render(&node, None, &Telemetry::disabled(), None, None).await;
+        let text = render(&node, None, &Telemetry::disabled(), None, None, None).await;
         let build = format!(
             "opmesh_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")

@@ -177,6 +177,7 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
             .as_ref()
             .map(|(path, set)| crate::auth::Tokens::new(path.clone(), set.clone())),
         protect_metrics: cfg.auth.protect_metrics,
+        limits: cfg.limits.clone(),
         journal,
     };
     let http =

@@ -521,6 +521,7 @@ fn failed_operations_link_to_their_traces_in_jaeger() {
             telemetry,
             tokens: None,
             protect_metrics: false,
+            limits: opmesh::config::LimitsConfig::off(),
             journal: None,
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

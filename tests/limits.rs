@@ -1,13 +1,20 @@
 //! Bounds a node keeps under what clients send it: finished results kept for
 //! `GET /v1/ops/{id}` stay within `engine.result_store_bytes`, evicted oldest first, a
 //! result over `engine.max_stored_result_bytes` is kept as "too large to store", and the
-//! results of idempotency keys stay within `cache.max_bytes`.
+//! results of idempotency keys stay within `cache.max_bytes`; submissions pass the rate
+//! limits (global, per client) and the in-flight cap of `[limits]`; `sleep` exists only
+//! with `handlers.builtin_sleep`; routes are bounded by `cluster.max_routes` and only
+//! for served types.
+//!
+//! The rate-limit tests use 1 operation per second with a small burst: a burst is used
+//! up in one batch and the next request, milliseconds later, finds nothing refilled.
 
 mod common;
 
 use std::time::Duration;
 
 use common::{client, get_json, wait_until, Server};
+use reqwest::Response;
 use serde_json::{json, Value};
 
 /// The process's resident memory, in bytes.
@@ -220,4 +227,284 @@ async fn event_streams_past_max_subscribers_are_refused_until_one_ends() {
     )
     .await;
     drop(second);
+}
+
+/// `(status, Retry-After in seconds, body)` of an answer.
+async fn answer(r: Response) -> (u16, Option<u64>, Value) {
+    let status = r.status().as_u16();
+    let after = r.headers().get("retry-after").map(|v| {
+        v.to_str()
+            .unwrap()
+            .parse()
+            .expect("Retry-After is whole seconds")
+    });
+    (status, after, r.json().await.unwrap())
+}
+
+fn echo_ops(n: usize) -> Value {
+    json!({"ops": (0..n).map(|i| json!({"type": "echo", "payload": i})).collect::<Vec<_>>()})
+}
+
+/// POSTs `body` to `path` on `s` with `headers`.
+async fn post(s: &Server, path: &str, headers: &[(&str, &str)], body: &Value) -> Response {
+    let mut req = client().post(s.url(path)).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+/// Asserts a 429 `rate_limited` whose message names `names`, with a Retry-After of 1 or 2
+/// seconds (a wait of at most 1 s at 1/s, rounded up, stretched by the jitter).
+fn assert_rate_limited((status, after, v): &(u16, Option<u64>, Value), names: &[&str]) {
+    assert_eq!(*status, 429, "{v}");
+    assert_eq!(v["error"], "rate_limited", "{v}");
+    let msg = v["message"].as_str().unwrap();
+    for n in names {
+        assert!(msg.contains(n), "{msg} names {n}");
+    }
+    assert!(matches!(after, Some(1..=2)), "Retry-After {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_global_rate_a_submission_gets_429_naming_the_limit() {
+    let s = Server::start(
+        &[],
+        &[
+            ("OPMESH_LIMITS__RATE_PER_SEC", "1"),
+            ("OPMESH_LIMITS__BURST", "5"),
+        ],
+    );
+    // More than the burst at once can never pass.
+    let (status, after, v) = answer(post(&s, "/v1/ops/batch", &[], &echo_ops(6)).await).await;
+    assert_eq!((status, after), (413, None), "{v}");
+    assert_eq!(v["error"], "batch_too_large");
+    assert!(
+        v["message"].as_str().unwrap().contains("limits.burst = 5"),
+        "{v}"
+    );
+    // A batch counts as its operations: five use up the burst, whoever sends the next.
+    let r = post(&s, "/v1/ops/batch", &[], &echo_ops(5)).await;
+    assert_eq!(r.status(), 202);
+    let refused = answer(
+        post(
+            &s,
+            "/v1/ops",
+            &[("x-opmesh-client", "another")],
+            &json!({"type": "echo"}),
+        )
+        .await,
+    )
+    .await;
+    assert_rate_limited(
+        &refused,
+        &["the node's rate limit", "limits.rate_per_sec = 1/s"],
+    );
+    // After the wait it was told, a submission passes again.
+    tokio::time::sleep(Duration::from_secs(refused.1.unwrap())).await;
+    let r = post(&s, "/v1/ops", &[], &json!({"type": "echo"})).await;
+    assert_eq!(r.status(), 202);
+
+    let m = get_json(&s.url("/v1/metrics")).await;
+    assert_eq!(m["limits"]["rateLimitedGlobal"], 2, "{}", m["limits"]);
+    assert_eq!(m["limits"]["rateLimitedClient"], 0);
+    let text = client()
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("opmesh_rate_limited_total{limit=\"global\"} 2\n"),
+        "opmesh_rate_limited_total in /metrics"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_named_by_header_are_limited_apart() {
+    let s = Server::start(
+        &[],
+        &[
+            ("OPMESH_LIMITS__CLIENT_RATE_PER_SEC", "1"),
+            ("OPMESH_LIMITS__CLIENT_BURST", "3"),
+        ],
+    );
+    let a = [("x-opmesh-client", "app-a")];
+    let b = [("x-opmesh-client", "app-b")];
+    assert_eq!(
+        post(&s, "/v1/ops/batch", &a, &echo_ops(3)).await.status(),
+        202
+    );
+    let refused = answer(post(&s, "/v1/ops", &a, &json!({"type": "echo"})).await).await;
+    assert_rate_limited(
+        &refused,
+        &["client `app-a`", "limits.client_rate_per_sec = 1/s"],
+    );
+    // Another name, and no name (the peer's address), each have their own allowance.
+    assert_eq!(
+        post(&s, "/v1/ops/batch", &b, &echo_ops(3)).await.status(),
+        202
+    );
+    assert_eq!(
+        post(&s, "/v1/ops/batch", &[], &echo_ops(3)).await.status(),
+        202
+    );
+    let refused = answer(post(&s, "/v1/ops", &[], &json!({"type": "echo"})).await).await;
+    assert_rate_limited(&refused, &["client `127.0.0.1`"]);
+    // A name that is not one is refused, naming the header.
+    let (status, _, v) = answer(
+        post(
+            &s,
+            "/v1/ops",
+            &[("x-opmesh-client", "a b")],
+            &json!({"type": "echo"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, &v["error"]), (400, &json!("invalid_field")), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("x-opmesh-client"));
+
+    let m = get_json(&s.url("/v1/metrics")).await;
+    assert_eq!(m["limits"]["rateLimitedClient"], 2, "{}", m["limits"]);
+    assert_eq!(m["limits"]["clientsTracked"], 3, "{}", m["limits"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_tokens_are_limited_by_token_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        "[[token]]\nname = \"alice\"\nsecret = \"alice-secret-000000\"\nscopes = [\"submit\"]\n\n\
+         [[token]]\nname = \"bob\"\nsecret = \"bob-secret-00000000\"\nscopes = [\"submit\"]\n",
+    )
+    .unwrap();
+    let s = Server::start(
+        &[],
+        &[
+            ("OPMESH_AUTH__TOKENS_FILE", tokens.to_str().unwrap()),
+            ("OPMESH_LIMITS__CLIENT_RATE_PER_SEC", "1"),
+            ("OPMESH_LIMITS__CLIENT_BURST", "2"),
+        ],
+    );
+    let alice = "Bearer alice-secret-000000";
+    let bob = "Bearer bob-secret-00000000";
+    // With tokens the token is the client: a header naming another does not change it.
+    let as_alice = [("authorization", alice), ("x-opmesh-client", "bob")];
+    assert_eq!(
+        post(&s, "/v1/ops/batch", &as_alice, &echo_ops(2))
+            .await
+            .status(),
+        202
+    );
+    let refused = answer(post(&s, "/v1/ops", &as_alice, &json!({"type": "echo"})).await).await;
+    assert_rate_limited(&refused, &["client `alice`"]);
+    let as_bob = [("authorization", bob)];
+    assert_eq!(
+        post(&s, "/v1/ops/batch", &as_bob, &echo_ops(2))
+            .await
+            .status(),
+        202
+    );
+    let (status, _, v) = answer(post(&s, "/v1/ops/batch", &as_bob, &echo_ops(3)).await).await;
+    assert_eq!(
+        (status, &v["error"]),
+        (413, &json!("batch_too_large")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.client_burst = 2"),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_in_flight_new_submissions_are_refused_as_overloaded() {
+    let s = Server::start(&[], &[("OPMESH_LIMITS__MAX_IN_FLIGHT", "2")]);
+    let long = json!({"ops": [
+        {"type": "sleep", "payload": {"ms": 60000}},
+        {"type": "sleep", "payload": {"ms": 60000}},
+    ]});
+    assert_eq!(post(&s, "/v1/ops/batch", &[], &long).await.status(), 202);
+    let (status, after, v) = answer(post(&s, "/v1/ops", &[], &json!({"type": "echo"})).await).await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"], "overloaded");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_in_flight"),
+        "{v}"
+    );
+    // engine.overload_retry_after_ms (1 s), stretched by the jitter.
+    assert!(matches!(after, Some(1..=2)), "Retry-After {after:?}");
+    let (status, _, v) = answer(post(&s, "/v1/ops/batch", &[], &echo_ops(3)).await).await;
+    assert_eq!(
+        (status, &v["error"]),
+        (413, &json!("batch_too_large")),
+        "{v}"
+    );
+    let m = get_json(&s.url("/v1/metrics")).await;
+    assert_eq!(m["limits"]["inFlightRefused"], 2, "{}", m["limits"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_builtin_sleep_sleep_is_an_unknown_type() {
+    let s = Server::start(&[], &[("OPMESH_HANDLERS__BUILTIN_SLEEP", "false")]);
+    let (status, _, v) = answer(
+        post(
+            &s,
+            "/v1/ops",
+            &[],
+            &json!({"type": "sleep", "payload": {"ms": 1}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, &v["error"]), (404, &json!("no_route")), "{v}");
+    let health = get_json(&s.url("/v1/health")).await;
+    assert_eq!(health["handlers"], json!(["echo", "resize"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_are_at_most_max_routes_and_only_for_served_types() {
+    let s = Server::start(&[], &[("OPMESH_CLUSTER__MAX_ROUTES", "1")]);
+    let c = client();
+    let put = |ty: &str| {
+        c.put(s.url(&format!("/v1/routes/{ty}")))
+            .json(&json!({"strategy": "round_robin"}))
+            .send()
+    };
+    let (status, _, v) = answer(put("thumbnail").await.unwrap()).await;
+    assert_eq!((status, &v["error"]), (404, &json!("no_route")), "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("`thumbnail`") && msg.ends_with("served types: echo, resize, sleep"),
+        "{msg}"
+    );
+    assert_eq!(put("echo").await.unwrap().status(), 200);
+    let (status, _, v) = answer(put("sleep").await.unwrap()).await;
+    assert_eq!(
+        (status, &v["error"]),
+        (409, &json!("too_many_routes")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("cluster.max_routes"),
+        "{v}"
+    );
+    // Replacing the route there is is fine; removing it makes room.
+    assert_eq!(put("echo").await.unwrap().status(), 200);
+    let r = c.delete(s.url("/v1/routes/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(put("sleep").await.unwrap().status(), 200);
 }

@@ -176,10 +176,7 @@ impl NodeShared {
         if let Some(e) = remote.get(op_type) {
             return Ok(e.anchor());
         }
-        let table = self.routes().snapshot();
-        let routed =
-            table.routes.contains_key(op_type) || table.nodes.iter().any(|n| n.serves(op_type));
-        if self.forwarder().is_none() || !routed {
+        if self.forwarder().is_none() || !self.routes().snapshot().routes_type(op_type) {
             return Err(SubmitError::NoRoute {
                 op_type: op_type.to_string(),
             });

@@ -34,6 +34,7 @@
 //! - [`backoff`]: exponential backoff with jitter, the randomness passed in.
 //! - [`trace`]: stage stamps and the spans a finished operation leaves.
 //! - [`events`]: live events for watchers (`/v1/events`).
+//! - [`ratelimit`]: rate limits with a burst (governor's GCRA), one or one per key.
 //! - [`metrics`]: counters and latency histograms, read when scraped.
 //! - [`counter`]: counters striped by thread, so cores do not share their lines.
 //! - [`shard`]: the copies of the hot path, and which one an operation belongs to.
@@ -55,6 +56,7 @@ pub mod job;
 pub mod metrics;
 pub mod node;
 pub mod op;
+pub mod ratelimit;
 pub mod router;
 pub mod routing;
 pub mod scheduler;

@@ -25,7 +25,9 @@ use crate::job::{Job, Ticket, Tracked};
 use crate::metrics::{Latency, NodeMetrics, TypeStats};
 use crate::op::{Limits, NodeId, OpId, OpOutcome, OpType, Operation, SubmitError};
 use crate::router::{dispatch_local, Forwarder};
-use crate::routing::{LocalRoutes, NodeView, Route, RouteError, RouteStore, RoutingTable};
+use crate::routing::{
+    check_route_write, LocalRoutes, NodeView, Route, RouteError, RouteStore, RoutingTable,
+};
 use crate::scheduler::BatchPolicy;
 use crate::shard::shard_count;
 use crate::shared::{NodeShared, SharedParts};
@@ -68,6 +70,9 @@ pub struct EngineConfig {
     pub max_stored_result_bytes: usize,
     /// The retry policy of handlers registered without one.
     pub retry: RetryPolicy,
+    /// Most routes the routing table may hold (`cluster.max_routes`): a route for a new
+    /// type past it is refused.
+    pub max_routes: usize,
     /// Copies of the hot path (Router, Cache, Scheduler, Executor), each owning a share
     /// of the operations; 0 = one per runtime worker thread. See [`crate::shard`].
     pub shards: usize,
@@ -103,6 +108,7 @@ impl Default for EngineConfig {
             result_store_bytes: 64 << 20,
             max_stored_result_bytes: 1 << 20,
             retry: RetryPolicy::default(),
+            max_routes: 1_000,
             shards: 0,
             types: BTreeMap::new(),
             type_share_percent: 50,
@@ -260,10 +266,12 @@ impl NodeBuilder {
 /// when nothing else makes the store evict.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// Sweeps the node's store every [`SWEEP_EVERY`] until the node stops (or is dropped).
+/// Sweeps the node's store every [`SWEEP_EVERY`] until the node stops (or is dropped),
+/// and forgets the types the routing table stopped routing when it has changed.
 async fn sweep_store(shared: std::sync::Weak<NodeShared>) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut version = None;
     loop {
         tick.tick().await;
         let Some(shared) = shared.upgrade() else {
@@ -273,7 +281,22 @@ async fn sweep_store(shared: std::sync::Weak<NodeShared>) {
             return;
         }
         shared.store().sweep();
+        let now = shared.routes().snapshot().version;
+        if version != Some(now) {
+            version = Some(now);
+            forget_unrouted_types(&shared);
+        }
     }
+}
+
+/// Drops the entries (counters, latency histograms: a label set each in `/metrics`) of
+/// the types this node forwards and the routing table no longer routes: no route and no
+/// node that serves them. So the types a cluster ever saw do not pile up; a type routed
+/// again later starts a new entry. Operations of the type still in flight finish
+/// uncounted.
+fn forget_unrouted_types(shared: &NodeShared) {
+    let table = shared.routes().snapshot();
+    shared.remote_types().retain(|t, _| table.routes_type(t));
 }
 
 /// A running node. Cheap to clone; every clone drives the same engine.
@@ -517,7 +540,9 @@ impl Node {
     }
 
     /// Sets the route of `op_type`. In a cluster this waits until Raft commits it. The
-    /// audit trail records it as this node's own change (`node:<id>`).
+    /// audit trail records it as this node's own change (`node:<id>`). Refused when no
+    /// node serves the type ([`RouteError::NoRoute`]) and, for a type without a route,
+    /// when the table holds `max_routes` routes ([`RouteError::TooManyRoutes`]).
     pub async fn set_route(&self, op_type: &str, route: Route) -> Result<u64, RouteError> {
         self.set_route_as(op_type, route, &self.by_me()).await
     }
@@ -544,6 +569,11 @@ impl Node {
                 },
             },
         )?;
+        check_route_write(
+            &self.shared.routes().snapshot(),
+            op_type,
+            self.shared.config().max_routes,
+        )?;
         self.shared
             .routes()
             .set_route(op_type.into(), route, by.into())
@@ -555,12 +585,17 @@ impl Node {
         self.remove_route_as(op_type, &self.by_me()).await
     }
 
-    /// [`remove_route`](Self::remove_route), asked for by `by`.
+    /// [`remove_route`](Self::remove_route), asked for by `by`. A type this node forwards
+    /// and nothing routes any more loses its metrics entry (on other nodes of a cluster,
+    /// within a second of applying the change).
     pub async fn remove_route_as(&self, op_type: &str, by: &str) -> Result<u64, RouteError> {
-        self.shared
+        let version = self
+            .shared
             .routes()
             .remove_route(op_type.into(), by.into())
-            .await
+            .await?;
+        forget_unrouted_types(&self.shared);
+        Ok(version)
     }
 
     /// The newest `limit` changes of the routing table (and, in a cluster, of the node

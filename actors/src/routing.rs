@@ -137,6 +137,12 @@ impl<'a> Iterator for Candidates<'a, '_> {
 }
 
 impl RoutingTable {
+    /// Whether operations of `op_type` have somewhere to go: a route, or a node that
+    /// serves the type.
+    pub fn routes_type(&self, op_type: &str) -> bool {
+        self.routes.contains_key(op_type) || self.nodes.iter().any(|n| n.serves(op_type))
+    }
+
     /// The overloaded node an operation of `op_type` would have to go to, when every
     /// healthy node of its route is overloaded for the type, or (for an operation placed
     /// by its idempotency key, `affinity`) the node its key belongs to is: the door then
@@ -255,6 +261,22 @@ pub enum RouteError {
     UnknownNode(String),
     #[error("no route for operation type `{0}`")]
     NotFound(String),
+    /// No node serves the type: a route for it would send its operations nowhere.
+    /// `served` lists the types some node serves, sorted.
+    #[error(
+        "no node serves operation type `{op_type}`, so it cannot be routed; served types: {}",
+        if served.is_empty() { "none".to_owned() } else { served.join(", ") }
+    )]
+    NoRoute {
+        op_type: String,
+        served: Vec<String>,
+    },
+    /// The table holds `max` routes already, and this one would be a new one.
+    #[error(
+        "the routing table holds {max} routes, the most cluster.max_routes allows; remove \
+         one before adding the route of `{op_type}`"
+    )]
+    TooManyRoutes { op_type: String, max: usize },
     #[error("route change failed: {0}")]
     Unavailable(String),
     /// This node cannot reach a leader that can commit the change. `leader` is the
@@ -378,6 +400,37 @@ impl LocalRoutes {
         });
         Ok(v)
     }
+}
+
+/// Whether `table` may take a route for `op_type`: some node serves the type, and the
+/// route replaces one or the table holds fewer than `max_routes`. The node that takes a
+/// route write checks this against its replica of the table (in a cluster, concurrent
+/// writes through different nodes may pass the maximum by a few).
+pub fn check_route_write(
+    table: &RoutingTable,
+    op_type: &str,
+    max_routes: usize,
+) -> Result<(), RouteError> {
+    if !table.nodes.iter().any(|n| n.serves(op_type)) {
+        let mut served: Vec<String> = table
+            .nodes
+            .iter()
+            .flat_map(|n| n.serves.iter().map(|t| t.to_string()))
+            .collect();
+        served.sort_unstable();
+        served.dedup();
+        return Err(RouteError::NoRoute {
+            op_type: op_type.to_owned(),
+            served,
+        });
+    }
+    if table.routes.len() >= max_routes && !table.routes.contains_key(op_type) {
+        return Err(RouteError::TooManyRoutes {
+            op_type: op_type.to_owned(),
+            max: max_routes,
+        });
+    }
+    Ok(())
 }
 
 /// Checks a route against the table's node registry.
@@ -640,6 +693,51 @@ mod tests {
             pick(&t, "echo", None, None, &mut rr),
             Err(PickError::NoHealthyNode("echo".into()))
         );
+    }
+
+    #[test]
+    fn a_route_write_needs_a_serving_node_and_room_in_the_table() {
+        let mut a = node("a", true, 0);
+        a.serves = vec!["resize".into(), "echo".into()];
+        let mut b = node("b", false, 0);
+        b.serves = vec!["echo".into(), "webhook".into()];
+        let mut t = table(vec![a, b]);
+        // Served by a node that is down still counts: it comes back.
+        assert_eq!(check_route_write(&t, "webhook", 2), Ok(()));
+        let e = check_route_write(&t, "nope", 2).unwrap_err();
+        assert_eq!(
+            e,
+            RouteError::NoRoute {
+                op_type: "nope".into(),
+                served: vec!["echo".into(), "resize".into(), "webhook".into()],
+            }
+        );
+        assert!(
+            e.to_string()
+                .ends_with("served types: echo, resize, webhook"),
+            "{e}"
+        );
+        let any = Route {
+            strategy: Strategy::RoundRobin,
+            nodes: vec![],
+        };
+        t.routes.insert("echo".into(), any.clone());
+        t.routes.insert("resize".into(), any);
+        // Full: a new route is refused, one that replaces a route is not.
+        assert_eq!(
+            check_route_write(&t, "webhook", 2),
+            Err(RouteError::TooManyRoutes {
+                op_type: "webhook".into(),
+                max: 2
+            })
+        );
+        assert_eq!(check_route_write(&t, "echo", 2), Ok(()));
+        assert_eq!(check_route_write(&t, "webhook", 3), Ok(()));
+        let none = RoutingTable::default();
+        assert!(check_route_write(&none, "echo", 5)
+            .unwrap_err()
+            .to_string()
+            .ends_with("served types: none"));
     }
 
     #[test]

@@ -5,9 +5,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opmesh_actors::job::Job;
+use opmesh_actors::router::Forwarder;
+use opmesh_actors::routing::{LocalRoutes, NodeView};
 use opmesh_actors::{
-    BatchPolicy, ChildKind, EngineConfig, HandlerError, Json, Node, OpStatus, Operation,
-    RetryPolicy, SubmitError,
+    BatchPolicy, ChildKind, EngineConfig, HandlerError, Json, Node, NodeId, OpStatus, Operation,
+    RetryPolicy, Route, RouteError, RoutingTable, Strategy, SubmitError,
 };
 
 mod common;
@@ -465,6 +468,103 @@ async fn unknown_types_and_bad_operations_are_refused() {
         oks.push(a.await.result.unwrap().as_str().to_owned());
     }
     assert_eq!(oks, ["1", "3"]);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+fn any_node() -> Route {
+    Route {
+        strategy: Strategy::RoundRobin,
+        nodes: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_are_only_for_served_types_and_at_most_max_routes() {
+    let node = Node::builder()
+        .config(EngineConfig {
+            max_routes: 1,
+            ..EngineConfig::default()
+        })
+        .handler("echo", echo)
+        .handler("sleepy", sleepy)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        node.set_route("nope", any_node()).await,
+        Err(RouteError::NoRoute {
+            op_type: "nope".into(),
+            served: vec!["echo".into(), "sleepy".into()],
+        })
+    );
+    node.set_route("echo", any_node()).await.unwrap();
+    // Replacing the one route is fine; a second one is past max_routes.
+    node.set_route("echo", any_node()).await.unwrap();
+    assert_eq!(
+        node.set_route("sleepy", any_node()).await,
+        Err(RouteError::TooManyRoutes {
+            op_type: "sleepy".into(),
+            max: 1
+        })
+    );
+    node.remove_route("echo").await.unwrap();
+    node.set_route("sleepy", any_node()).await.unwrap();
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Forwards nothing: the jobs it is handed fail (on drop) with a reason.
+struct Nowhere;
+
+impl Forwarder for Nowhere {
+    fn forward(&self, _: &NodeId, jobs: Vec<Box<Job>>) {
+        drop(jobs);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_type_loses_its_metrics_entry_once_nothing_routes_it() {
+    let view = |id: &str, serves: &[&str]| NodeView {
+        id: id.into(),
+        healthy: true,
+        serves: serves.iter().map(|&t| t.into()).collect(),
+        load: 0,
+        overloaded: Vec::new(),
+    };
+    // `ghost` has a route (from before routes needed a serving node) that nothing serves;
+    // `hook` is served by the peer.
+    let table = RoutingTable {
+        version: 1,
+        routes: [(
+            "ghost".into(),
+            Route {
+                strategy: Strategy::Pinned,
+                nodes: vec!["peer".into()],
+            },
+        )]
+        .into(),
+        nodes: vec![view("node-1", &["echo"]), view("peer", &["hook"])],
+    };
+    let node = Node::builder()
+        .handler("echo", echo)
+        .route_store(Arc::new(LocalRoutes::new(table)))
+        .forwarder(Arc::new(Nowhere))
+        .start()
+        .await
+        .unwrap();
+    for t in ["ghost", "hook"] {
+        let o = node.submit(Operation::new(t, Json::null())).await.unwrap();
+        assert_eq!(o.status, OpStatus::Failed, "{t}: forwarded nowhere");
+    }
+    let types = || {
+        node.type_entries()
+            .iter()
+            .map(|e| e.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(types(), ["echo", "ghost", "hook"]);
+    node.remove_route("ghost").await.unwrap();
+    assert_eq!(types(), ["echo", "hook"]);
+    assert!(!node.stats().per_type.contains_key("ghost"));
     node.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -51,6 +51,12 @@ impl ApiError {
         self
     }
 
+    /// Answers with `Retry-After`: `d` in whole seconds, rounded up.
+    pub(crate) fn with_retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = Some(d);
+        self
+    }
+
     pub(crate) fn body(&self) -> ErrorBody {
         ErrorBody {
             error: self.code.to_owned(),
@@ -177,6 +183,12 @@ impl From<RouteError> for ApiError {
             // state, not a malformed request.
             RouteError::UnknownNode(_) => ApiError::new(StatusCode::CONFLICT, "unknown_node", msg),
             RouteError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", msg),
+            // The same code as a submission of a type nothing routes.
+            RouteError::NoRoute { .. } => ApiError::new(StatusCode::NOT_FOUND, "no_route", msg),
+            // Well formed, but the table is full now: a conflict with its state.
+            RouteError::TooManyRoutes { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "too_many_routes", msg)
+            }
             RouteError::Unavailable(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)
             }

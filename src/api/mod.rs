@@ -8,6 +8,7 @@
 //! One module per concern, in the order a request meets them:
 //!
 //! - [`auth`]: every endpoint and who may call it; the token check before each handler.
+//! - [`limits`]: what the api admits: rate limits (global, per client), the in-flight cap.
 //! - [`model`]: request and answer bodies.
 //! - [`errors`]: [`ApiError`], how the engine's errors map onto statuses, body reading.
 //! - [`ops`]: submit, batch, read an operation.
@@ -40,6 +41,7 @@ pub mod cluster;
 pub mod dashboard;
 pub mod errors;
 pub mod events;
+pub mod limits;
 pub mod model;
 pub mod openapi;
 pub mod ops;
@@ -73,6 +75,8 @@ pub struct ApiSettings {
     /// The api's tokens (`None`: open) and whether `/metrics` needs one.
     pub tokens: Option<Arc<crate::auth::Tokens>>,
     pub protect_metrics: bool,
+    /// Rate limits and the in-flight cap of submissions (`[limits]`).
+    pub limits: crate::config::LimitsConfig,
     /// The journal of accepted operations (`engine.journal`): 202 answers wait for it.
     pub journal: Option<crate::journal::Journal>,
 }
@@ -89,6 +93,8 @@ pub(crate) struct AppState {
     telemetry: Telemetry,
     /// Requests by endpoint and status, for `GET /metrics`.
     traffic: web::Data<traffic::HttpMetrics>,
+    /// The limits submissions pass before the node sees them.
+    admission: Arc<limits::Admission>,
     /// Where operations answered 202 are written first, when `engine.journal` is on.
     journal: Option<crate::journal::Journal>,
 }
@@ -167,7 +173,7 @@ pub struct Server {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     /// The event streams and their background tasks.
     live: Live,
-    /// Stops the tokens file's watcher.
+    /// Stops the background tasks: the tokens file's watcher, the client limits' sweep.
     watching: tokio_util::sync::CancellationToken,
     journal: Option<crate::journal::Journal>,
 }
@@ -184,7 +190,12 @@ pub fn start(
     let listener = listener.into();
     let left = Arc::new(tokio::sync::Notify::new());
     let traffic = web::Data::new(traffic::HttpMetrics::default());
+    let admission = Arc::new(limits::Admission::new(
+        &settings.limits,
+        node.config().overload_retry_after,
+    ));
     let state = web::Data::new(AppState {
+        admission: admission.clone(),
         traffic: traffic.clone(),
         node,
         cluster: cluster.clone(),
@@ -212,6 +223,7 @@ pub fn start(
     if let Some(tokens) = &settings.tokens {
         tokio::spawn(tokens.clone().watch(watching.clone()));
     }
+    tokio::spawn(admission.sweep(watching.clone()));
     let live_state = live.clone();
     let server = HttpServer::new(move || {
         App::new()

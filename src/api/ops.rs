@@ -25,6 +25,17 @@ use crate::telemetry::Telemetry;
 
 const OP_ID_HEADER: &str = "x-opmesh-op-id";
 
+/// The OpenAPI description of the client header.
+const CLIENT_DOC: &str = "who the client is for `limits.client_rate_per_sec` when the api \
+    has no tokens (with tokens, the token's name): 1 to 64 characters from A-Z a-z 0-9 _ . - @; \
+    without it, the client's IP address";
+/// The OpenAPI description of a 429.
+const TOO_MANY_DOC: &str = "over a rate limit (`rate_limited`: `limits.rate_per_sec`, the \
+    client's `limits.client_rate_per_sec`, or the type's `types.<type>.rate_per_sec`; the \
+    message names which), or overloaded (`overloaded`: the type's queue is full, \
+    `limits.max_in_flight`, or the node the operation would go to is over `flow.high` for \
+    the type, naming it); retry after `Retry-After` seconds";
+
 /// The caller's trace context: the parent of the operation's `op.submit` span. A
 /// malformed `traceparent` is ignored (the operation starts a new trace) and counted.
 fn trace_parent(req: &HttpRequest, telemetry: &Telemetry) -> Option<TraceContext> {
@@ -111,16 +122,17 @@ fn key_reused(o: &OpOutcome) -> Option<ApiError> {
 
 /// Submit one operation.
 #[utoipa::path(post, path = "/v1/ops", request_body = OpRequest,
-    params(("wait" = Option<bool>, Query, description = "answer with the result when it is done")),
+    params(("wait" = Option<bool>, Query, description = "answer with the result when it is done"),
+        ("x-opmesh-client" = Option<String>, Header, description = CLIENT_DOC)),
     responses(
         (status = 202, description = "accepted", body = OpAnswer),
         (status = 200, description = "finished (with ?wait=true)", body = OpAnswer),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, description = "unknown type", body = ErrorBody),
+        (status = 404, description = "unknown type (`no_route`)", body = ErrorBody),
         (status = 409, description = "idempotency key used with another payload (with ?wait=true)", body = ErrorBody),
         (status = 413, body = ErrorBody),
-        (status = 429, description = "refused for now: the type's queue is full (`overloaded`), the node it would go to is overloaded with the type (`overloaded`, naming it), or the type is over its rate limit (`rate_limited`, naming the type); `Retry-After` says when to try again",
-            headers(("Retry-After" = u64, description = "seconds to wait before trying again")), body = ErrorBody),
+        (status = 429, description = TOO_MANY_DOC, body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds to wait before trying again"))),
         (status = 503, description = "the type's circuit breaker is open (`circuit_open`, naming the type and when it lets operations through again, also in `Retry-After`), the node is shutting down (`shutting_down`), or the journal could not write it (`journal_write_failed`: nothing was started)",
             headers(("Retry-After" = u64, description = "seconds to wait before trying again (`circuit_open`)")), body = ErrorBody)))]
 pub(super) async fn submit(
@@ -129,10 +141,12 @@ pub(super) async fn submit(
     q: web::Query<WaitQuery>,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let caller = Caller::of(&req);
+    st.admission.check(&req, &caller, 1, &st.node)?;
     let bytes = read_body(body, st.max_body_bytes).await?;
     let r: OpRequest = parse(&bytes, "request body")?;
     let parent = trace_parent(&req, &st.telemetry);
-    let op = to_operation(r, parent, &Caller::of(&req), Instant::now())?;
+    let op = to_operation(r, parent, &caller, Instant::now())?;
     if let (false, Some(journal)) = (q.wait, &st.journal) {
         // Answered 202 only once the journal holds it.
         let receipt = journal.accept_one(op).await??;
@@ -158,12 +172,17 @@ pub(super) async fn submit(
     Ok(with_op_headers(resp, &id, trace.as_ref()))
 }
 
-/// Submit many operations; answers are in the same order.
+/// Submit many operations; answers are in the same order. The api's limits count a batch
+/// as its number of operations.
 #[utoipa::path(post, path = "/v1/ops/batch", request_body = BatchRequest,
-    params(("wait" = Option<bool>, Query, description = "answer with the results when all are done")),
+    params(("wait" = Option<bool>, Query, description = "answer with the results when all are done"),
+        ("x-opmesh-client" = Option<String>, Header, description = CLIENT_DOC)),
     responses((status = 200, description = "finished (with ?wait=true); an operation refused on its own has an error body in its place (`overloaded`, `rate_limited`, `circuit_open`, ...)", body = BatchAnswer),
         (status = 202, description = "accepted; an operation refused on its own has an error body in its place (`overloaded`, `rate_limited`, `circuit_open`, ...)", body = BatchAnswer),
-        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 400, body = ErrorBody),
+        (status = 413, description = "more operations than `http.max_batch_ops`, a rate limit's burst or `limits.max_in_flight` allow at once (`batch_too_large`): it can never pass", body = ErrorBody),
+        (status = 429, description = TOO_MANY_DOC, body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds to wait before trying again"))),
         (status = 503, description = "draining (shutting_down), or the journal could not write the batch (journal_write_failed: none was started)", body = ErrorBody)))]
 pub(super) async fn submit_batch(
     st: web::Data<AppState>,
@@ -192,12 +211,14 @@ pub(super) async fn submit_batch(
     // entry so each refusal names its own field.
     if let Ok(b) = serde_json::from_slice::<TypedBatch>(&bytes) {
         check_batch_len(b.ops.len(), st.max_batch_ops)?;
+        st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
         for r in b.ops {
             add(to_operation(r, parent, &caller, now));
         }
     } else {
         let b: BatchRequest = parse(&bytes, "request body")?;
         check_batch_len(b.ops.len(), st.max_batch_ops)?;
+        st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
         for (i, raw) in b.ops.iter().enumerate() {
             add(
                 parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]"))

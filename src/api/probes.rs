@@ -38,6 +38,8 @@ pub(super) async fn metrics(st: web::Data<AppState>) -> HttpResponse {
         node: opmesh_actors::NodeStats,
         /// The trace pipeline: spans exported and dropped, malformed `traceparent`s.
         telemetry: crate::telemetry::TelemetryStats,
+        /// Submissions the api's limits refused, by limit (`[limits]`).
+        limits: super::limits::AdmissionStats,
         /// The journal of accepted operations, when `engine.journal` is on.
         #[serde(skip_serializing_if = "Option::is_none")]
         journal: Option<crate::journal::JournalFigures>,
@@ -45,6 +47,7 @@ pub(super) async fn metrics(st: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(Answer {
         node: st.node.stats(),
         telemetry: st.telemetry.stats(),
+        limits: st.admission.stats(),
         journal: st.journal.as_ref().map(|j| j.stats().figures()),
     })
 }
@@ -57,6 +60,7 @@ pub(super) async fn prometheus_metrics(st: web::Data<AppState>) -> HttpResponse 
         st.cluster.as_ref(),
         &st.telemetry,
         Some(&st.traffic),
+        Some(&st.admission.stats()),
         st.journal.as_ref().map(|j| j.stats()),
     )
     .await;

@@ -50,7 +50,8 @@ pub(super) async fn get_route(
 /// Sets the route of one type.
 #[utoipa::path(put, path = "/v1/routes/{type}", params(("type" = String, Path)), request_body = RouteRequest,
     responses((status = 200, body = RouteAnswer), (status = 400, body = ErrorBody),
-        (status = 409, description = "names a node the cluster does not have (`unknown_node`)", body = ErrorBody),
+        (status = 404, description = "no node serves the type (`no_route`; the message lists the served types)", body = ErrorBody),
+        (status = 409, description = "names a node the cluster does not have (`unknown_node`), or the table holds `cluster.max_routes` routes and this type has none (`too_many_routes`)", body = ErrorBody),
         (status = 503, description = "the cluster could not commit it in time", body = ErrorBody)))]
 pub(super) async fn put_route(
     st: web::Data<AppState>,

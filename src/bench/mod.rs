@@ -525,15 +525,18 @@ async fn remote_pair(
     let mut pair = Vec::new();
     let mut seed: Option<String> = None;
     for (i, name) in REMOTE_NODES.into_iter().enumerate() {
-        let mut cfg = ClusterConfig::new(name, b"opmesh-bench-loopback-secret");
-        cfg.join = seed.iter().cloned().collect();
-        let cluster = Cluster::start(cfg)
-            .await
-            .context("starting a cluster node")?;
         let mut builder = crate::handlers::register_builtins(Node::builder().node_id(name), &[]);
         if let Some(t) = telemetry.get(i) {
             builder = builder.tracing(t.tracing());
         }
+        let mut cfg = ClusterConfig::new(name, b"opmesh-bench-loopback-secret");
+        cfg.join = seed.iter().cloned().collect();
+        // Both serve every built-in type, as `opmesh serve` does; the route pins the
+        // bench's type to the second.
+        cfg.serves = builder.handler_types();
+        let cluster = Cluster::start(cfg)
+            .await
+            .context("starting a cluster node")?;
         let node = cluster
             .start_node(builder)
             .await

@@ -45,6 +45,7 @@ pub(super) struct RawCluster {
     leave_timeout_ms: u64,
     reply_buffer_bytes: u64,
     audit_entries: u64,
+    max_routes: u64,
     election_timeout_ms: u64,
     voters: u64,
     flush_bytes: u64,
@@ -89,6 +90,11 @@ impl RawFlow {
 }
 
 impl RawCluster {
+    /// `cluster.max_routes`, checked whether or not the node is in a cluster.
+    pub(super) fn max_routes(&self, check: &Check<'_>) -> Result<usize, ConfigError> {
+        check.count("cluster.max_routes", self.max_routes, 1..=100_000)
+    }
+
     /// `cluster.data_dir`, when set: the Raft store's place in a cluster, and the
     /// journal's on any node.
     pub(super) fn data_dir(&self) -> Option<PathBuf> {

@@ -197,6 +197,8 @@ impl RawEngine {
                 1..=100,
             )? as u8,
             breaker,
+            // `cluster.max_routes`: [`super::Raw::validate`] sets it.
+            max_routes: EngineConfig::default().max_routes,
         })
     }
 }

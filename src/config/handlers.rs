@@ -1,5 +1,6 @@
-//! `[handlers]`: which built-in handlers a node registers (`builtin`: a deployment that
-//! serves real traffic turns `sleep` off), and `[[handlers.http]]`: operation types
+//! `[handlers]`: which built-in handlers a node registers (`builtin` for `echo` and
+//! `resize`; `builtin_sleep` for `sleep`, which holds a running slot as long as it is
+//! asked to, so a deployment that serves real traffic turns it off), and `[[handlers.http]]`: operation types
 //! served by POSTing to a URL, each with its timeout, a retry policy that falls back
 //! to `[retry]` key by key, and what it trusts and accepts: its `ca_file` (read here,
 //! so a bad one stops start-up), the largest answer it reads (`max_response_bytes`) and
@@ -22,8 +23,9 @@ use crate::RetryPolicy;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHandlers {
-    /// config/default.toml lists them all.
+    /// config/default.toml lists them all (but `sleep`, which `builtin_sleep` turns on).
     builtin: Vec<String>,
+    builtin_sleep: bool,
     #[serde(default)]
     http: Vec<RawHttpTarget>,
 }
@@ -59,15 +61,22 @@ impl RawHandlers {
         let mut builtin: Vec<Builtin> = Vec::with_capacity(self.builtin.len());
         for (i, name) in self.builtin.iter().enumerate() {
             match Builtin::from_name(name) {
-                Some(b) if !builtin.contains(&b) => builtin.push(b),
+                Some(b) if b != Builtin::Sleep && !builtin.contains(&b) => builtin.push(b),
                 _ => {
                     return Err(check.invalid(
                         &format!("handlers.builtin[{i}]"),
                         name,
-                        format!("one of {}, listed once", builtin_names()),
+                        format!(
+                            "one of {}, listed once (`sleep` is turned on by \
+                             handlers.builtin_sleep)",
+                            listed_builtin_names()
+                        ),
                     ))
                 }
             }
+        }
+        if self.builtin_sleep {
+            builtin.push(Builtin::Sleep);
         }
         let mut http_handlers: Vec<HttpTarget> = Vec::with_capacity(self.http.len());
         for (i, t) in self.http.into_iter().enumerate() {
@@ -155,6 +164,16 @@ fn builtin_names() -> String {
     Builtin::ALL.map(Builtin::name).join(", ")
 }
 
+/// The built-in handlers `handlers.builtin` lists (all but `sleep`).
+fn listed_builtin_names() -> String {
+    Builtin::ALL
+        .into_iter()
+        .filter(|b| *b != Builtin::Sleep)
+        .map(Builtin::name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The types this node has a handler for: the built-in ones it registers, then
 /// `targets`' in order.
 pub(super) fn handled_types<'a>(builtin: &[Builtin], targets: &'a [HttpTarget]) -> Vec<&'a str> {
@@ -176,9 +195,13 @@ mod tests {
     #[test]
     fn builtin_handlers_can_be_turned_off_one_by_one() {
         let mut env = EnvGuard::new();
-        let file = user_file("[handlers]\nbuiltin = [\"echo\", \"resize\"]\n");
+        let file = user_file("[handlers]\nbuiltin = [\"resize\"]\n");
+        let c = load_ok(&with_file(&file));
+        assert_eq!(c.builtin_handlers, [Builtin::Resize, Builtin::Sleep]);
+        let file = user_file("[handlers]\nbuiltin_sleep = false\n");
         let c = load_ok(&with_file(&file));
         assert_eq!(c.builtin_handlers, [Builtin::Echo, Builtin::Resize]);
+        env.set("OPMESH_HANDLERS__BUILTIN_SLEEP", "false");
 
         env.set("OPMESH_HANDLERS__BUILTIN", "echo");
         assert_eq!(
@@ -193,9 +216,11 @@ mod tests {
         for (list, expected) in [
             (
                 "[\"echo\", \"nap\"]",
-                "`handlers.builtin[1]`: \"nap\" (allowed: one of echo, sleep, resize, listed once)",
+                "`handlers.builtin[1]`: \"nap\" (allowed: one of echo, resize, listed once \
+                 (`sleep` is turned on by handlers.builtin_sleep))",
             ),
             ("[\"echo\", \"echo\"]", "`handlers.builtin[1]`: \"echo\""),
+            ("[\"sleep\"]", "`handlers.builtin[0]`: \"sleep\""),
         ] {
             let file = user_file(&format!("[handlers]\nbuiltin = {list}\n"));
             let msg = load_err(&with_file(&file)).to_string();
@@ -207,16 +232,17 @@ mod tests {
     fn a_type_whose_builtin_is_off_is_neither_served_nor_free_for_an_http_handler() {
         let _env = EnvGuard::new();
         let file = user_file(
-            "[handlers]\nbuiltin = [\"echo\"]\n\n[cluster]\naddr = \"127.0.0.1:7071\"\n\
-             secret = \"correct-horse-battery-staple\"\nserves = [\"sleep\"]\n",
+            "[handlers]\nbuiltin = [\"echo\"]\nbuiltin_sleep = false\n\n[cluster]\n\
+             addr = \"127.0.0.1:7071\"\nsecret = \"correct-horse-battery-staple\"\n\
+             serves = [\"sleep\"]\n",
         );
         let msg = load_err(&with_file(&file)).to_string();
         assert!(msg.contains("`cluster.serves[0]`: \"sleep\""), "{msg}");
         assert!(msg.contains("handler for, listed once: echo)"), "{msg}");
 
         let file = user_file(
-            "[handlers]\nbuiltin = [\"echo\"]\n[[handlers.http]]\ntype = \"sleep\"\n\
-             url = \"http://x\"\ntimeout_ms = 1\n",
+            "[handlers]\nbuiltin = [\"echo\"]\nbuiltin_sleep = false\n[[handlers.http]]\n\
+             type = \"sleep\"\nurl = \"http://x\"\ntimeout_ms = 1\n",
         );
         let msg = load_err(&with_file(&file)).to_string();
         assert!(msg.contains("`handlers.http[0].type`: \"sleep\""), "{msg}");

@@ -14,8 +14,9 @@
 //!
 //! Each section of the file has its own module, which owns its raw struct (the keys as
 //! written), its validation and its tests: `node` (`[node]`, `[http]`, `[shutdown]`),
-//! `engine` (`[engine]`, `[cache]`, `[retry]`), `handlers` (`[handlers]`: the built-in
-//! handlers on, and `[[handlers.http]]`),
+//! `engine` (`[engine]`, `[cache]`, `[retry]`), `limits` (`[limits]`: rate limits and the
+//! in-flight cap), `handlers` (`[handlers]`: the built-in handlers on, and
+//! `[[handlers.http]]`),
 //! `cluster` (`[cluster]`, checked into the cluster crate's `ClusterConfig`), `types`
 //! (`[breaker]` and `[types.<type>]`: per-type limits and circuit breakers) and
 //! `telemetry` (`[telemetry]`). Beside
@@ -37,6 +38,7 @@ use self::check::Check;
 use self::cluster::{RawCluster, RawFlow};
 use self::engine::{RawCache, RawEngine, RawRetry};
 use self::handlers::RawHandlers;
+use self::limits::RawLimits;
 use self::node::{RawEvents, RawHttp, RawNode, RawShutdown};
 use self::telemetry::RawTelemetry;
 use self::types::{RawBreaker, RawType};
@@ -45,6 +47,7 @@ pub use self::auth::AuthConfig;
 pub use self::check::is_token_name;
 pub use self::error::ConfigError;
 pub use self::layers::{PROFILES, PROFILE_ENV};
+pub use self::limits::LimitsConfig;
 pub use self::node::HttpConfig;
 /// The cluster secret: its `Debug` shows `"<redacted>"`, so printing a [`Config`], a
 /// [`LoadOptions`] or a [`ConfigError`] never reveals it.
@@ -57,6 +60,7 @@ mod engine;
 mod error;
 mod handlers;
 mod layers;
+mod limits;
 mod node;
 mod telemetry;
 #[cfg(test)]
@@ -75,6 +79,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Event streams (`GET /v1/events`) open at once at most (`events.max_subscribers`).
     pub max_subscribers: usize,
+    /// What the api admits: rate limits and the in-flight cap (`[limits]`).
+    pub limits: LimitsConfig,
     /// The built-in handlers this node registers (`handlers.builtin`), each once.
     pub builtin_handlers: Vec<Builtin>,
     /// Operation types served by POSTing to a URL, in the order configured.
@@ -132,6 +138,7 @@ impl Config {
                     .join(", ")
             ),
             format!("shutdown_grace_secs: {}", self.shutdown_grace.as_secs()),
+            format!("limits: {}", self.limits.summary()),
             format!(
                 "journal: {}",
                 self.journal
@@ -250,6 +257,7 @@ struct Raw {
     retry: RawRetry,
     shutdown: RawShutdown,
     events: RawEvents,
+    limits: RawLimits,
     cluster: RawCluster,
     flow: RawFlow,
     telemetry: RawTelemetry,
@@ -277,6 +285,9 @@ impl Raw {
         let mut engine = self.engine.validate(check, self.cache, retry, breaker)?;
         let shutdown_grace = self.shutdown.validate(check)?;
         let max_subscribers = self.events.validate(check)?;
+        let limits = self.limits.validate(check)?;
+        // A node alone has a routing table too: the bound holds with or without a cluster.
+        engine.max_routes = self.cluster.max_routes(check)?;
         let max_type_len = engine.limits.max_type_len;
         let (builtin_handlers, http_handlers) =
             self.handlers.validate(check, max_type_len, &engine.retry)?;
@@ -308,6 +319,7 @@ impl Raw {
             engine,
             shutdown_grace,
             max_subscribers,
+            limits,
             builtin_handlers,
             http_handlers,
             profile,
@@ -394,7 +406,11 @@ mod tests {
         );
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert!(c.http_handlers.is_empty());
-        assert_eq!(c.builtin_handlers, Builtin::ALL);
+        assert_eq!(
+            c.builtin_handlers,
+            [Builtin::Echo, Builtin::Resize, Builtin::Sleep]
+        );
+        assert_eq!(e.max_routes, 1000);
         assert!(c.cluster.is_none(), "a single node by default");
     }
 }

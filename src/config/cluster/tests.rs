@@ -310,7 +310,7 @@ fn bad_cluster_values_are_rejected_naming_the_key() {
         (
             "serves = [\"echo\", \"echo\"]",
             "`cluster.serves[1]`: \"echo\" (allowed: a type this node has a handler \
-             for, listed once: echo, sleep, resize)",
+             for, listed once: echo, resize, sleep)",
         ),
         (
             "heartbeat_ms = 9",
