@@ -242,6 +242,27 @@ impl<W> ResultCache<W> {
         waiters
     }
 
+    /// Drops the stored results older than the TTL without waiting for a lookup of their
+    /// key, so the memory held follows the TTL when no new key arrives. Answers how many
+    /// went.
+    pub fn sweep(&mut self, now: Instant) -> usize {
+        let ttl = self.ttl;
+        let old: Vec<CacheKey> = self
+            .done
+            .iter()
+            .filter(|(_, (_, _, at))| now.saturating_duration_since(*at) >= ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &old {
+            if let Some((outcome, _, _)) = self.done.pop(k) {
+                self.take_bytes(entry_bytes(k, &outcome));
+                self.counters.expirations.fetch_add(1, Ordering::Relaxed);
+                self.counters.size.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        old.len()
+    }
+
     /// The bytes of the stored keys and results.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -282,7 +303,12 @@ pub enum CacheMsg {
     Admit(Vec<Box<Job>>),
     /// A keyed operation finished.
     Completed { key: CacheKey, outcome: OpOutcome },
+    /// Time to drop what outlived the TTL (every [`SWEEP_EVERY`]).
+    Sweep,
 }
+
+/// How often a Cache drops the results that outlived the TTL.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct Cache;
 
@@ -313,9 +339,11 @@ impl Actor for Cache {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<CacheMsg>,
+        myself: ActorRef<CacheMsg>,
         args: CacheArgs,
     ) -> Result<CacheState, ActorProcessingErr> {
+        // Ends with the actor (a send to a stopped actor fails and stops the timer).
+        myself.send_interval(SWEEP_EVERY, || CacheMsg::Sweep);
         let cfg = &args.shared.config().cache;
         // The node's capacity, shared out between the shards' caches.
         let shards = args.shared.shards().len();
@@ -390,6 +418,9 @@ impl Actor for Cache {
                     answer_from_cache(job, &outcome);
                 }
             }
+            CacheMsg::Sweep => {
+                state.cache.sweep(now);
+            }
         }
         Ok(())
     }
@@ -436,6 +467,23 @@ mod tests {
         let s = c.counters.snapshot();
         assert_eq!((s.hits, s.misses, s.joined, s.size), (3, 1, 2, 1));
         assert!((s.hit_rate - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_sweep_drops_what_outlived_the_ttl_without_a_lookup() {
+        let mut c = cache(10, 100);
+        let t = Instant::now();
+        for (k, at) in [("old", t), ("new", t + Duration::from_millis(60))] {
+            assert!(matches!(c.lookup(key(k), 1, 0, at), Lookup::Miss(_)));
+            c.complete(key(k), &outcome(OpStatus::Succeeded), at);
+        }
+        let full = c.bytes();
+        assert_eq!(c.sweep(t + Duration::from_millis(99)), 0);
+        assert_eq!(c.sweep(t + Duration::from_millis(100)), 1);
+        assert_eq!(c.len(), 1);
+        assert!(c.bytes() < full && c.bytes() > 0);
+        assert_eq!(c.sweep(t + Duration::from_millis(160)), 1);
+        assert_eq!((c.len(), c.bytes()), (0, 0));
     }
 
     #[test]
