@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};
@@ -27,7 +28,9 @@ impl Server {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--http-addr", "127.0.0.1:0"])
             .args(args)
-            .env("RUST_LOG", "warn,openraft=error")
+            // As the binary's default filter: without openraft's replication errors, which
+            // it logs twice a second for each unreachable peer.
+            .env("RUST_LOG", "warn,openraft=error,openraft::replication=off")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
