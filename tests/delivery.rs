@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use common::cluster::{
     cluster_view, index_of, leader_of, route_on, sees_status, sees_up, set_route,
-    set_route_everywhere, voters_seen, Layout, Partition, NAMES,
+    set_route_everywhere, start, voters_seen, Layout, NodeSpec, Partition, NAMES,
 };
-use common::{client, wait_until, Server};
+use common::{client, free_port, wait_until, Server};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -1103,6 +1103,37 @@ async fn sigterm_ends_every_node_in_bounded_time_even_without_a_quorum() {
         "a drain cut short exits 1"
     );
     eprintln!("a cluster of one stopped in {:?}", t.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------
+// A node not admitted yet
+
+/// A node started with `--join` that no seed has admitted yet has no routing table: it
+/// refuses operations (503 `joining`, with `Retry-After`) rather than acknowledge them
+/// and fail each at once for want of a node, as it did before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_not_admitted_yet_refuses_operations_rather_than_fail_them() {
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let s = start(&NodeSpec {
+        name: "node-2",
+        cluster_port: free_port(),
+        join: Some(nowhere),
+        ..NodeSpec::default()
+    });
+    let one = json!({"type": "echo", "payload": 1});
+    for (path, body) in [
+        ("/v1/ops", one.clone()),
+        ("/v1/ops?wait=true", one.clone()),
+        ("/v1/ops/batch", json!({"ops": [one]})),
+    ] {
+        let r = client().post(s.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        assert_eq!(r.headers()["retry-after"], "1", "{path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "joining", "{path}: {v}");
+    }
+    let r = client().get(s.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
 }
 
 // ---------------------------------------------------------------------------------------
