@@ -306,7 +306,7 @@ async fn submit(base: &str, origin: usize, incarnation: u32, sub: &Submission) -
         .await
     {
         Ok(r) => r,
-        Err(e) => return unknown(e.to_string()),
+        Err(e) => return unknown(e.without_url().to_string()),
     };
     let code = r.status().as_u16();
     let v: Value = match r.json().await {
@@ -468,8 +468,9 @@ async fn follow(s: &Server, ids: &[String], within: Duration) -> HashMap<String,
 struct Tally {
     succeeded: usize,
     failed_with_reason: usize,
-    /// The failures' reasons, by their first words.
-    reasons: std::collections::BTreeMap<String, usize>,
+    /// The failures' reasons, with the names in them left out: how many, and the first
+    /// in full.
+    reasons: std::collections::BTreeMap<String, (usize, String)>,
     /// Failed or expired without an error: `id status`.
     without_reason: Vec<String>,
     /// Never terminal: `id last-answer`.
@@ -503,8 +504,13 @@ impl Tally {
             _ => match v["error"].as_str() {
                 Some(e) if !e.is_empty() => {
                     self.failed_with_reason += 1;
-                    let head = e.split('`').next().unwrap_or(e).trim().to_owned();
-                    *self.reasons.entry(head).or_default() += 1;
+                    // Names (between backticks) left out, so alike reasons count together.
+                    let kind: String = e
+                        .split('`')
+                        .enumerate()
+                        .map(|(i, part)| if i % 2 == 1 { "…" } else { part })
+                        .collect();
+                    self.reasons.entry(kind).or_insert((0, e.to_owned())).0 += 1;
                 }
                 _ => self
                     .without_reason
@@ -1336,15 +1342,39 @@ impl Chaos {
         self.nodes[i] = s;
     }
 
-    /// Waits until every node sees three up, three voters and a leader.
-    async fn healed(&self) {
-        for n in &self.nodes {
-            wait_until(
-                "the cluster healed: three up, three voters",
-                Duration::from_secs(30),
-                || async { sees_up(n, 3).await && voters_seen(n).await == 3 },
-            )
-            .await;
+    /// Waits until every node sees three up, three voters and a leader; past 30 s, fails
+    /// with what each node sees (and whether its process is gone).
+    async fn healed(&mut self) {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut healed = true;
+            for n in &self.nodes {
+                if !(sees_up(n, 3).await && voters_seen(n).await == 3) {
+                    healed = false;
+                    break;
+                }
+            }
+            if healed {
+                return;
+            }
+            if Instant::now() >= until {
+                let mut views = Vec::new();
+                for (i, n) in self.nodes.iter_mut().enumerate() {
+                    let exited = n.child.try_wait().ok().flatten();
+                    let seen = cluster_view(n).await.map(|c| {
+                        let nodes: Vec<String> = c["nodes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|x| format!("{} {} {}", x["id"], x["status"], x["role"]))
+                            .collect();
+                        format!("leader {} term {}, {nodes:?}", c["leader"], c["term"])
+                    });
+                    views.push(format!("{}: exited {exited:?}, sees {seen:?}", NAMES[i]));
+                }
+                panic!("the cluster did not heal within 30 s: {views:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
