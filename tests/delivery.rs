@@ -29,7 +29,7 @@ use common::cluster::{
     cluster_view, index_of, leader_of, route_on, sees_status, sees_up, set_route,
     set_route_everywhere, start, voters_seen, Layout, NodeSpec, Partition, NAMES,
 };
-use common::{client, free_port, wait_until, Server};
+use common::{client, follow_ops, free_port, is_terminal, read_all, wait_until, Server};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -407,62 +407,6 @@ fn plan(
     out
 }
 
-fn is_terminal(v: &Value) -> bool {
-    matches!(
-        v["status"].as_str(),
-        Some("succeeded" | "failed" | "expired")
-    )
-}
-
-/// GETs every URL of `reads` (16 at a time, 2 s each); answers each item with the JSON
-/// answer, `None` when there was none.
-async fn read_all<T>(reads: Vec<(String, T)>) -> Vec<(T, Option<Value>)> {
-    futures::stream::iter(reads)
-        .map(|(url, item)| async move {
-            let r = client()
-                .get(url)
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await;
-            let v = match r {
-                Ok(r) => r.json::<Value>().await.ok(),
-                Err(_) => None,
-            };
-            (item, v)
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await
-}
-
-/// Reads `GET /v1/ops/{id}` on `s` for every id until each is terminal or `within` has
-/// passed; answers the last answer of each (absent: never readable).
-async fn follow(s: &Server, ids: &[String], within: Duration) -> HashMap<String, Value> {
-    let until = Instant::now() + within;
-    let mut last: HashMap<String, Value> = HashMap::new();
-    let mut pending: Vec<String> = ids.to_vec();
-    while !pending.is_empty() {
-        let reads = pending
-            .drain(..)
-            .map(|id| (s.url(&format!("/v1/ops/{id}")), id))
-            .collect();
-        for (id, v) in read_all(reads).await {
-            let done = v.as_ref().is_some_and(is_terminal);
-            if let Some(v) = v {
-                last.insert(id.clone(), v);
-            }
-            if !done {
-                pending.push(id);
-            }
-        }
-        if pending.is_empty() || Instant::now() >= until {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    last
-}
-
 /// How the accepted operations ended, judged against what the receiver saw.
 #[derive(Default, Debug)]
 struct Tally {
@@ -565,7 +509,7 @@ async fn follow_and_judge(
             .map(|a| a.id.clone())
             .collect();
         if !ids.is_empty() {
-            answers.extend(follow(node, &ids, within).await);
+            answers.extend(follow_ops(node, &ids, within).await);
         }
     }
     let ledger = rx.ledger();
@@ -1215,9 +1159,14 @@ struct Client {
     pending: Mutex<Vec<Accepted>>,
     /// Acknowledged, and how they ended.
     ended: Mutex<Vec<(Accepted, Value)>>,
-    /// Acknowledged by a node killed before the client saw their end: no node knows
-    /// them any more (without a journal), so the client submits them again with their key.
+    /// Acknowledged by a node killed before the client saw their end, which no longer
+    /// knows them once restarted (restarted without its data dir, or it had finished them
+    /// and kept their result in memory only): the client submits them again with their
+    /// key.
     orphaned: Mutex<Vec<Accepted>>,
+    /// Acknowledged by a node killed before they ended, and read to their end on it once
+    /// restarted (the journal ran them again).
+    journaled: AtomicU64,
     /// Refused, or without an answer.
     other: Mutex<Vec<Fate>>,
     sent: AtomicU64,
@@ -1238,22 +1187,28 @@ impl Client {
     }
 
     /// Reads every pending operation once on its origin: an ended one moves to `ended`,
-    /// one whose origin was killed since to `orphaned`. Answers how many are pending.
+    /// one that its origin, restarted since, does not know to `orphaned`. Answers how
+    /// many are pending.
     async fn poll(&self, fronts: &Fronts) -> usize {
         let pending = std::mem::take(&mut *self.pending.lock());
         let now: Vec<(Option<String>, u32)> = fronts.lock().clone();
         let mut ask = Vec::new();
         for a in pending {
-            match &now[a.origin] {
-                (_, inc) if *inc != a.incarnation => self.orphaned.lock().push(a),
-                (Some(base), _) => ask.push((format!("{base}/v1/ops/{}", a.id), a)),
-                (None, _) => self.pending.lock().push(a),
+            match &now[a.origin].0 {
+                Some(base) => ask.push((format!("{base}/v1/ops/{}", a.id), a)),
+                None => self.pending.lock().push(a),
             }
         }
-        let answers = read_all(ask).await;
-        for (a, v) in answers {
+        for (a, v) in read_all(ask).await {
+            let restarted = a.incarnation != now[a.origin].1;
             match v {
-                Some(v) if is_terminal(&v) => self.ended.lock().push((a, v)),
+                Some(v) if is_terminal(&v) => {
+                    if restarted {
+                        self.journaled.fetch_add(1, Ordering::SeqCst);
+                    }
+                    self.ended.lock().push((a, v))
+                }
+                Some(v) if restarted && v["error"] == "not_found" => self.orphaned.lock().push(a),
                 _ => self.pending.lock().push(a),
             }
         }
@@ -1428,10 +1383,10 @@ fn chaos_seed() -> u64 {
 
 /// Faults drawn from `seed` (kill -9 and restart with or without the data dir, the
 /// leader killed, a node cut off), one at a time with the cluster healed in between,
-/// for `run_for` (or `max_faults`), under steady keyed load to every running node.
-/// Then every acknowledged operation is followed to its end; one whose origin was
-/// killed after acknowledging it and no longer knows it is submitted again with its key,
-/// as a client would. Prints the summary line; asserts nothing lost, no effect applied
+/// for `run_for` (or `max_faults`), under steady keyed load to every running node, with
+/// the journal of accepted operations on. Every acknowledged operation is followed to its
+/// end as the load goes; one whose origin was killed after acknowledging it and no longer
+/// knows it once restarted is submitted again with its key, as a client would. Prints the summary line; asserts nothing lost, no effect applied
 /// twice.
 async fn chaos(seed: u64, run_for: Duration, max_faults: usize) {
     let rx = Receiver::start((10, 100));
@@ -1440,6 +1395,7 @@ async fn chaos(seed: u64, run_for: Duration, max_faults: usize) {
     let layout = Layout::new()
         .with_dirs(&tmp.path().join("data"))
         .with_config(&rx.config(tmp.path()))
+        .with_env(&[("OPMESH_ENGINE__JOURNAL", "true")])
         .behind(&partition)
         .await;
     let nodes = layout.start_three().await;
@@ -1555,12 +1511,13 @@ async fn chaos(seed: u64, run_for: Duration, max_faults: usize) {
     eprintln!(
         "chaos seed={seed} sent={sent} accepted={accepted} succeeded={} failed_with_reason={} lost={} \
          duplicated_effects={duplicated} time_to_heal_ms={} faults={} repeats={repeats} \
-         orphaned={orphaned} refused={refused} unanswered={}",
+         journaled={} orphaned={orphaned} refused={refused} unanswered={}",
         t.succeeded,
         t.failed_with_reason,
         t.lost.len() + t.without_reason.len(),
         heal_ms.iter().max().copied().unwrap_or(0),
         heal_ms.len(),
+        cl.journaled.load(Ordering::SeqCst),
         unanswered.len(),
     );
     eprintln!("chaos: failures by reason: {:?}", t.reasons);
