@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{client, get_json, wait_until, Server, BIN};
+use common::{client, follow_ops, get_json, is_terminal, wait_until, Server, BIN};
 use serde_json::{json, Value};
 
 /// Every operation sleeps this long: longer than the submissions take, so none has
@@ -83,38 +83,21 @@ async fn submit_accepted(s: &Server, n: usize) -> Vec<String> {
 /// Reads every id until it is terminal (or `within` passes); returns the statuses, each
 /// id once.
 async fn follow(s: &Server, ids: &[String], within: Duration) -> BTreeMap<String, String> {
-    let http = client();
-    let until = Instant::now() + within;
-    let mut done = BTreeMap::new();
-    while done.len() < ids.len() {
-        let pending: Vec<&String> = ids.iter().filter(|id| !done.contains_key(*id)).collect();
-        for id in pending {
-            let r = http
-                .get(s.url(&format!("/v1/ops/{id}")))
-                .send()
-                .await
-                .unwrap();
-            let code = r.status().as_u16();
-            let v: Value = r.json().await.unwrap();
-            assert_eq!(
-                code, 200,
-                "operation {id} is readable after the restart: {v}"
+    let answers = follow_ops(s, ids, within).await;
+    ids.iter()
+        .map(|id| {
+            let v = answers.get(id);
+            let status = v.and_then(|v| v["status"].as_str());
+            let Some(status) = status else {
+                panic!("operation {id} is readable after the restart: {v:?}");
+            };
+            assert!(
+                v.is_some_and(is_terminal),
+                "operation {id} still {status} {within:?} after the restart"
             );
-            let status = v["status"].as_str().unwrap().to_owned();
-            if !["queued", "running"].contains(&status.as_str()) {
-                done.insert(id.clone(), status);
-            }
-        }
-        let left = ids.len() - done.len();
-        assert!(
-            left == 0 || Instant::now() < until,
-            "{left} operations still unfinished {within:?} after the restart"
-        );
-        if left > 0 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    done
+            (id.clone(), status.to_owned())
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,6 +42,20 @@ impl ApiError {
         }
     }
 
+    /// A node of a cluster that has not been admitted yet (it has no routing table) is
+    /// asked for an operation: retry, here or on another node.
+    pub(crate) fn joining() -> Self {
+        ApiError {
+            retry_after: Some(Duration::from_secs(1)),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "joining",
+                "this node has not joined its cluster yet (GET /readyz answers 503): retry, or \
+                 submit to another node",
+            )
+        }
+    }
+
     pub(crate) fn with_header(
         mut self,
         name: header::HeaderName,

@@ -120,6 +120,16 @@ fn key_reused(o: &OpOutcome) -> Option<ApiError> {
     })
 }
 
+/// Refuses operations on a node of a cluster that has no routing table yet (started with
+/// `--join` and not admitted, or bootstrapping): it could only accept them and fail each
+/// for want of a node.
+fn check_joined(st: &AppState) -> Result<(), ApiError> {
+    if st.cluster.is_some() && st.node.routes().nodes.is_empty() {
+        return Err(ApiError::joining());
+    }
+    Ok(())
+}
+
 /// Submit one operation.
 #[utoipa::path(post, path = "/v1/ops", request_body = OpRequest,
     params(("wait" = Option<bool>, Query, description = "answer with the result when it is done"),
@@ -133,14 +143,15 @@ fn key_reused(o: &OpOutcome) -> Option<ApiError> {
         (status = 413, body = ErrorBody),
         (status = 429, description = TOO_MANY_DOC, body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds to wait before trying again"))),
-        (status = 503, description = "the type's circuit breaker is open (`circuit_open`, naming the type and when it lets operations through again, also in `Retry-After`), the node is shutting down (`shutting_down`), or the journal could not write it (`journal_write_failed`: nothing was started)",
-            headers(("Retry-After" = u64, description = "seconds to wait before trying again (`circuit_open`)")), body = ErrorBody)))]
+        (status = 503, description = "the type's circuit breaker is open (`circuit_open`, naming the type and when it lets operations through again, also in `Retry-After`), the node is shutting down (`shutting_down`), the node has not joined its cluster yet (`joining`, also with `Retry-After`), or the journal could not write it (`journal_write_failed`: nothing was started)",
+            headers(("Retry-After" = u64, description = "seconds to wait before trying again (`circuit_open`, `joining`)")), body = ErrorBody)))]
 pub(super) async fn submit(
     st: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<WaitQuery>,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    check_joined(&st)?;
     let caller = Caller::of(&req);
     st.admission.check(&req, &caller, 1, &st.node)?;
     let bytes = read_body(body, st.max_body_bytes).await?;
@@ -183,7 +194,8 @@ pub(super) async fn submit(
         (status = 413, description = "more operations than `http.max_batch_ops`, a rate limit's burst or `limits.max_in_flight` allow at once (`batch_too_large`): it can never pass", body = ErrorBody),
         (status = 429, description = TOO_MANY_DOC, body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds to wait before trying again"))),
-        (status = 503, description = "draining (shutting_down), or the journal could not write the batch (journal_write_failed: none was started)", body = ErrorBody)))]
+        (status = 503, description = "draining (shutting_down), not joined its cluster yet (joining, with Retry-After), or the journal could not write the batch (journal_write_failed: none was started)",
+            headers(("Retry-After" = u64, description = "seconds to wait before trying again (`joining`)")), body = ErrorBody)))]
 pub(super) async fn submit_batch(
     st: web::Data<AppState>,
     req: HttpRequest,
@@ -194,6 +206,7 @@ pub(super) async fn submit_batch(
     if !st.node.is_accepting() {
         return Err(SubmitError::ShuttingDown.into());
     }
+    check_joined(&st)?;
     let parent = trace_parent(&req, &st.telemetry);
     let caller = Caller::of(&req);
     let now = Instant::now();

@@ -3,11 +3,16 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::Value;
 
 /// The `opmesh` binary cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_opmesh");
@@ -27,7 +32,9 @@ impl Server {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--http-addr", "127.0.0.1:0"])
             .args(args)
-            .env("RUST_LOG", "warn,openraft=error")
+            // As the binary's default filter: without openraft's replication errors, which
+            // it logs twice a second for each unreachable peer.
+            .env("RUST_LOG", "warn,openraft=error,openraft::replication=off")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
@@ -185,4 +192,61 @@ pub fn cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Whether an operation's answer is final: succeeded, failed or expired.
+pub fn is_terminal(v: &Value) -> bool {
+    matches!(
+        v["status"].as_str(),
+        Some("succeeded" | "failed" | "expired")
+    )
+}
+
+/// GETs every URL of `reads` (16 at a time, 2 s each); answers each item with the JSON
+/// answer, `None` when there was none.
+pub async fn read_all<T>(reads: Vec<(String, T)>) -> Vec<(T, Option<Value>)> {
+    futures::stream::iter(reads)
+        .map(|(url, item)| async move {
+            let r = client()
+                .get(url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            let v = match r {
+                Ok(r) => r.json::<Value>().await.ok(),
+                Err(_) => None,
+            };
+            (item, v)
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+/// Reads `GET /v1/ops/{id}` on `s` for every id until each is terminal or `within` has
+/// passed; answers the last answer of each (absent: never readable).
+pub async fn follow_ops(s: &Server, ids: &[String], within: Duration) -> HashMap<String, Value> {
+    let until = Instant::now() + within;
+    let mut last: HashMap<String, Value> = HashMap::new();
+    let mut pending: Vec<String> = ids.to_vec();
+    while !pending.is_empty() {
+        let reads = pending
+            .drain(..)
+            .map(|id| (s.url(&format!("/v1/ops/{id}")), id))
+            .collect();
+        for (id, v) in read_all(reads).await {
+            let done = v.as_ref().is_some_and(is_terminal);
+            if let Some(v) = v {
+                last.insert(id.clone(), v);
+            }
+            if !done {
+                pending.push(id);
+            }
+        }
+        if pending.is_empty() || Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
 }
