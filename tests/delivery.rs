@@ -1351,7 +1351,15 @@ impl Chaos {
                 )
             }
             Fault::KillLeader { wipe, down } => {
-                let leader = index_of(&leader_of(&self.nodes[0]).await.expect("a leader"));
+                // Elections may still follow the last heal: wait for a leader.
+                let until = Instant::now() + Duration::from_secs(10);
+                let leader = loop {
+                    if let Some(l) = leader_of(&self.nodes[0]).await {
+                        break index_of(&l);
+                    }
+                    assert!(Instant::now() < until, "no leader within 10 s");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
                 let (what, ended) = Box::pin(self.apply(Fault::Kill {
                     node: leader,
                     wipe,
