@@ -114,9 +114,10 @@ pub fn reply_from_wire(w: WireReply, peer: &NodeId) -> OpOutcome {
     }
 }
 
-/// The status of a reply that says the owner refused the operation at its door because
-/// its queue of the type was full: the origin routes it again to another node of the
-/// route, or fails it naming the owner when there is none.
+/// The status of a reply that says the owner refused the operation for now (its queue of
+/// the type was full, or it is starting and its engine is not up yet): the origin routes
+/// it again to another node of the route, or fails it naming the owner when there is
+/// none.
 pub const REFUSED_OVERLOADED: u8 = 0xF0;
 
 /// The answer to a submission the owner refused at its door (full queue, no handler,

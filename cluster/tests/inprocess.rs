@@ -744,3 +744,37 @@ async fn an_overloaded_owner_pushes_back_on_the_nodes_that_send_it_work() {
     b.stop().await;
     a.stop().await;
 }
+
+/// A node whose cluster is up but whose engine is not attached yet (it is starting) does
+/// not refuse forwarded operations as if it were shutting down: it says it is starting,
+/// in a reply the origin routes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_node_sends_forwarded_operations_back_to_be_routed_again() {
+    let mut cfg = ClusterConfig::new("s", SECRET);
+    cfg.heartbeat = Duration::from_millis(50);
+    cfg.election_timeout = Duration::from_millis(150);
+    let starting = Cluster::start(cfg).await.expect("cluster starts");
+    let recorder = Arc::new(Recorder::default());
+    let mut cfg = ClusterConfig::new("x", SECRET);
+    cfg.handshake_timeout = Duration::from_millis(500);
+    let x = Transport::start(&cfg, recorder.clone()).await.unwrap();
+    x.add_peer("s", starting.cluster_addr());
+    assert!(x.wait_connected("s", Duration::from_secs(10)).await);
+    let id: u128 = rand::random();
+    x.send("s", Message::OpBatch(vec![counted_op(id, b"1", None)]))
+        .unwrap();
+    wait_for("its answer", Duration::from_secs(30), || {
+        recorder.reply(id).is_some()
+    })
+    .await;
+    let r = recorder.reply(id).unwrap();
+    assert_eq!(r.status, opmesh_cluster::remote::REFUSED_OVERLOADED);
+    assert!(
+        r.error.as_deref().unwrap().contains("is starting"),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(calls(id), 0);
+    x.shutdown().await;
+    starting.shutdown().await;
+}

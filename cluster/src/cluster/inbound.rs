@@ -26,7 +26,7 @@ use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus, OpType};
 
 use super::{Inner, LINK_BACK_WAIT};
 use crate::codec::{Message, Rpc, RpcReply, WireOp, WireReply, WriteRefused};
-use crate::remote::{collect_replies, from_wire, refused_reply, reply_to_wire};
+use crate::remote::{collect_replies, from_wire, refused_reply, reply_to_wire, REFUSED_OVERLOADED};
 use crate::replies::{Admit, Batch};
 use crate::transport::Inbound;
 use crate::types::{raft_id, RaftId};
@@ -260,9 +260,20 @@ impl Inner {
         let peer: NodeId = from.into();
         let me = self.me.name.clone();
         let Some(node) = self.node.get() else {
+            // Starting: the cluster is up before the engine is attached. Not a refusal
+            // for good: the origin routes them to another node of the route, or fails
+            // them naming this one when there is none.
             let replies = ops
                 .iter()
-                .map(|o| refused_reply(o.id, &me, &opmesh_actors::SubmitError::ShuttingDown))
+                .map(|o| {
+                    let mut r = reply_to_wire(OpOutcome::failure(
+                        OpId(o.id),
+                        OpStatus::Failed,
+                        format!("node `{me}` is starting and runs no operations yet"),
+                    ));
+                    r.status = REFUSED_OVERLOADED;
+                    r
+                })
                 .collect();
             self.send_replies(&peer, replies);
             return;
