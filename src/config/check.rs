@@ -257,4 +257,28 @@ mod tests {
             "{msg}"
         );
     }
+
+    #[test]
+    fn links_redial_within_a_quarter_of_down_after() {
+        let _env = EnvGuard::new();
+        let cluster = |extra: &str| {
+            let file = user_file(&format!(
+                "[cluster]\naddr = \"127.0.0.1:0\"\nsecret = \"a-test-secret-of-enough-length\"\n\
+                 ephemeral = true\n{extra}"
+            ));
+            crate::config::testutil::load_ok(&with_file(&file))
+                .cluster
+                .expect("a cluster node")
+        };
+        let c = cluster("");
+        assert_eq!(c.reconnect_max, c.down_after / 4);
+        let c = cluster("down_after_ms = 400\nheartbeat_ms = 100\n");
+        assert_eq!(c.reconnect_max, std::time::Duration::from_millis(100));
+        let c = cluster("down_after_ms = 60000\nheartbeat_ms = 1000\n");
+        assert_eq!(
+            c.reconnect_max,
+            std::time::Duration::from_secs(1),
+            "at most the default"
+        );
+    }
 }

@@ -338,7 +338,12 @@ impl RawCluster {
                 64 * KIB..=GIB,
             )?,
             reconnect_min: ClusterConfig::DEFAULT_RECONNECT_MIN,
-            reconnect_max: ClusterConfig::DEFAULT_RECONNECT_MAX,
+            // A link that breaks redials within a quarter of down_after, so a peer that is
+            // back (a restart, a healed partition) is linked again before the failure
+            // detector could take its silence for a death.
+            reconnect_max: ClusterConfig::DEFAULT_RECONNECT_MAX
+                .min(Duration::from_millis(down_after_ms / 4))
+                .max(ClusterConfig::DEFAULT_RECONNECT_MIN),
             handshake_timeout: ClusterConfig::DEFAULT_HANDSHAKE_TIMEOUT,
             max_pending_handshakes: check.count(
                 "cluster.max_pending_handshakes",
