@@ -1,5 +1,6 @@
 //! Membership decisions, as pure functions: who the leader marks down or up again, which
-//! learners may vote, and what the next voter set is.
+//! learners may vote, what the next voter set is, and how a node that asks to join is
+//! (re)admitted.
 //!
 //! The leader's duties ([`crate::cluster`]) read what they need (the replicated registry,
 //! the last `Pong` heard from each node, Raft's membership and replication metrics, the
@@ -152,6 +153,47 @@ pub fn voters_without(
         rest.insert(l);
     }
     rest
+}
+
+/// How the leader admits a node that asks to join ([`readmission`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readmission {
+    /// The voters to change to first, without the node: a voter that comes back may have
+    /// lost its log (restarted without its data dir), so until it has caught up it must
+    /// not count towards a quorum, or an entry committed with its old acknowledgement
+    /// could be lost. It rejoins as a learner; the voter upkeep promotes it again.
+    pub demote_to: Option<BTreeSet<RaftId>>,
+    pub step: Admission,
+}
+
+/// What Raft's membership needs for an admitted node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Unknown to Raft: added as a learner.
+    AddLearner,
+    /// Known, on other addresses (a restart elsewhere): its addresses updated.
+    UpdateAddresses,
+    /// Known as it is: nothing to change.
+    Nothing,
+}
+
+/// How to admit node `id`, which asks to join on `asked` (its addresses), when Raft knows
+/// it as `known` (or not at all) and the voters are `voters`. A sole voter is not demoted
+/// (there would be no quorum left to do it).
+pub fn readmission<M: PartialEq>(
+    id: RaftId,
+    known: Option<&M>,
+    asked: &M,
+    voters: &BTreeSet<RaftId>,
+) -> Readmission {
+    let demote_to = (known.is_some() && voters.contains(&id) && voters.len() > 1)
+        .then(|| voters.iter().copied().filter(|v| *v != id).collect());
+    let step = match known {
+        None => Admission::AddLearner,
+        Some(m) if m != asked => Admission::UpdateAddresses,
+        Some(_) => Admission::Nothing,
+    };
+    Readmission { demote_to, step }
 }
 
 #[cfg(test)]
@@ -457,5 +499,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_node_that_asks_to_join_is_added_demoted_or_updated() {
+        let voters: BTreeSet<RaftId> = [1, 2, 3].into();
+        // A fresh node: a learner, nobody demoted.
+        assert_eq!(
+            readmission(9, None, &"a:1", &voters),
+            Readmission {
+                demote_to: None,
+                step: Admission::AddLearner
+            }
+        );
+        // A voter of three comes back (maybe without its log): demoted first.
+        assert_eq!(
+            readmission(2, Some(&"b:1"), &"b:1", &voters),
+            Readmission {
+                demote_to: Some([1, 3].into()),
+                step: Admission::Nothing
+            }
+        );
+        // The same on new addresses: demoted, and its addresses updated.
+        assert_eq!(
+            readmission(2, Some(&"b:1"), &"b:2", &voters).step,
+            Admission::UpdateAddresses
+        );
+        // A sole voter is not demoted (no quorum would be left to do it).
+        assert_eq!(
+            readmission(1, Some(&"a:1"), &"a:1", &[1].into()).demote_to,
+            None
+        );
+        // A learner that comes back stays a learner.
+        assert_eq!(
+            readmission(4, Some(&"d:1"), &"d:1", &voters),
+            Readmission {
+                demote_to: None,
+                step: Admission::Nothing
+            }
+        );
     }
 }

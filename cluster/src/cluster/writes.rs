@@ -21,7 +21,7 @@ use opmesh_actors::{NodeId, RouteError};
 use super::{Inner, JoinFailure, LeaveError, LINK_BACK_WAIT};
 use crate::codec::{Rpc, RpcReply, WriteRefused};
 use crate::formation::SeedAnswer;
-use crate::membership;
+use crate::membership::{self, Admission};
 use crate::types::{
     raft_id, Command, CommandResult, Member, NodeRecord, NodeStatus, RaftId, Request,
 };
@@ -247,17 +247,10 @@ impl Inner {
         t.wait_connected(&rec.name, LINK_BACK_WAIT).await;
         let member = Self::member(&rec);
         let raft = self.raft();
-        let demoted = known.is_some() && voters.contains(&rec.raft_id) && voters.len() > 1;
-        if demoted {
-            // A voter that comes back may have lost its log (no data dir). Until it has
-            // caught up it must not count towards a quorum, or an entry committed with
-            // its old acknowledgement could be lost: it rejoins as a learner, and the
-            // voter upkeep promotes it again once it is up.
-            let rest: BTreeSet<RaftId> = voters
-                .iter()
-                .copied()
-                .filter(|v| *v != rec.raft_id)
-                .collect();
+        let plan = membership::readmission(rec.raft_id, known.as_ref(), &member, &voters);
+        let fresh = known.is_none();
+        let demoted = plan.demote_to.is_some();
+        if let Some(rest) = plan.demote_to {
             tracing::info!(node = %rec.name, "a voter rejoins: demoted to learner until it has caught up");
             if let Err(e) = raft.change_membership(rest, true).await {
                 return Err(refused(
@@ -266,11 +259,9 @@ impl Inner {
                 ));
             }
         }
-        let fresh = known.is_none();
-        let change: Option<BoxFuture<'_, _>> = match known {
-            None => Some(raft.add_learner(rec.raft_id, member, true).boxed()),
-            // A restart on new addresses: update them.
-            Some(m) if m != member => {
+        let change: Option<BoxFuture<'_, _>> = match plan.step {
+            Admission::AddLearner => Some(raft.add_learner(rec.raft_id, member, true).boxed()),
+            Admission::UpdateAddresses => {
                 let mut nodes = BTreeMap::new();
                 nodes.insert(rec.raft_id, member);
                 Some(
@@ -278,7 +269,7 @@ impl Inner {
                         .boxed(),
                 )
             }
-            Some(_) => None,
+            Admission::Nothing => None,
         };
         if let Some(change) = change {
             match tokio::time::timeout(self.cfg.write_timeout * 3, change).await {
