@@ -17,6 +17,7 @@ use crate::counter::{Anchor, StripedArc};
 use crate::handler::{HandlerKind, TypeEntry};
 use crate::job::{Job, Reply, Ticket, Tracked};
 use crate::op::{OpType, Operation, SubmitError};
+use crate::ratelimit::Refusal;
 use crate::routing::affinity;
 use crate::shared::NodeShared;
 use crate::slots::QueueSlot;
@@ -136,9 +137,12 @@ impl NodeShared {
         if let Some((limit, limiter)) = rate {
             // After the queue slot, so that a submission refused for a full queue spends
             // no token; refused here, the slot goes back as it drops.
-            if let Err(not_until) = limiter.check() {
-                use governor::clock::Clock;
-                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            if let Err(refusal) = limiter.check_n(1) {
+                let wait = match refusal {
+                    Refusal::Wait(wait) => wait,
+                    // One operation is never over a burst of at least one.
+                    Refusal::OverBurst { .. } => Duration::from_secs(1),
+                };
                 return Err(SubmitError::RateLimited {
                     op_type: op.op_type.to_string(),
                     per_sec: limit.per_sec.get(),

@@ -19,11 +19,10 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::{Quota, RateLimiter};
-
 use crate::breaker::{BreakerPolicy, TypeBreaker};
 use crate::counter::Padded;
 use crate::node::EngineConfig;
+use crate::ratelimit::{Limiter, Rate};
 use crate::slots::RunningSlots;
 
 /// A type's own settings; every `None` falls back to the node's.
@@ -105,7 +104,7 @@ pub struct TypeLimits {
     /// The deadline of an operation that brings none.
     pub default_deadline: Duration,
     /// The limiter's state changes with every submission: on a line of its own.
-    pub rate: Option<(RateLimit, Padded<governor::DefaultDirectRateLimiter>)>,
+    pub rate: Option<(RateLimit, Padded<Limiter>)>,
     pub breaker: Option<Arc<TypeBreaker>>,
     /// The type's running slots: its own, or its share of the shared slots.
     pub(crate) slots: RunningSlots,
@@ -141,8 +140,11 @@ impl TypeLimits {
             max_deadline,
             default_deadline,
             rate: s.rate.map(|r| {
-                let quota = Quota::per_second(r.per_sec).allow_burst(r.burst);
-                (r, Padded(RateLimiter::direct(quota)))
+                let rate = Rate {
+                    per_sec: r.per_sec,
+                    burst: r.burst,
+                };
+                (r, Padded(Limiter::new(rate)))
             }),
             breaker,
             slots: RunningSlots::new(shards, own),
