@@ -220,14 +220,6 @@ impl Ledger {
         (replies, self.bytes)
     }
 
-    /// Operations of this origin running here.
-    pub fn running(&self) -> usize {
-        self.ops
-            .values()
-            .filter(|s| **s == OpState::Running)
-            .count()
-    }
-
     /// Whether the ledger can be forgotten once its origin is no longer a member: it
     /// holds no batch sent within `keep` and runs nothing for it.
     pub fn is_stale(&self, now: Instant, keep: Duration) -> bool {
