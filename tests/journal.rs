@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{client, follow_ops, get_json, is_terminal, wait_until, Server, BIN};
+use common::{client, follow_ops, get_json, get_text, is_terminal, wait_until, Server, BIN};
 use serde_json::{json, Value};
 
 /// Every operation sleeps this long: longer than the submissions take, so none has
@@ -142,14 +142,7 @@ async fn an_origin_killed_after_accepting_500_operations_runs_every_one_after_it
         journal_figures(&s).await["entries"] == 0
     })
     .await;
-    let prom = client()
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let prom = get_text(&s.url("/metrics")).await;
     assert!(
         prom.lines().any(|l| l == "opmesh_journal_entries 0"),
         "/metrics shows the empty journal"

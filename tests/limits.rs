@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, get_json, wait_until, Server};
+use common::{client, get_json, get_text, wait_until, Server};
 use reqwest::Response;
 use serde_json::{json, Value};
 
@@ -308,14 +308,7 @@ async fn over_the_global_rate_a_submission_gets_429_naming_the_limit() {
     let m = get_json(&s.url("/v1/metrics")).await;
     assert_eq!(m["limits"]["rateLimitedGlobal"], 2, "{}", m["limits"]);
     assert_eq!(m["limits"]["rateLimitedClient"], 0);
-    let text = client()
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&s.url("/metrics")).await;
     assert!(
         text.contains("opmesh_rate_limited_total{limit=\"global\"} 2\n"),
         "opmesh_rate_limited_total in /metrics"

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
-use common::{client, get_json, run_op, wait_until, Server};
+use common::{client, get_json, get_text, run_op, wait_until, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -110,14 +110,7 @@ async fn a_slow_type_with_its_own_slots_leaves_the_rest_to_echo() {
     let m = get_json(&s.url("/v1/metrics")).await;
     assert_eq!(m["slots"]["shared"], 13, "sleep's three are its own");
     assert_eq!(m["slots"]["sharedRunning"], 0);
-    let text = client()
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&s.url("/metrics")).await;
     for line in [
         "opmesh_type_ops_running{type=\"sleep\"} 3",
         "opmesh_type_max_concurrent{type=\"sleep\"} 3",
@@ -185,14 +178,7 @@ async fn next_event(
 }
 
 async fn breaker_state(s: &Server, ty: &str) -> Option<String> {
-    let text = client()
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&s.url("/metrics")).await;
     let prefix = format!("opmesh_breaker_state{{type=\"{ty}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))

@@ -125,6 +125,18 @@ pub async fn get_json(url: &str) -> serde_json::Value {
         .unwrap()
 }
 
+/// GETs `url` and reads its answer as text (`/metrics`, say).
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// GETs `url` and reads its JSON answer; `None` if there is none within 2 s (a node
 /// starting or stopping).
 pub async fn try_get_json(url: &str) -> Option<serde_json::Value> {
