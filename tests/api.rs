@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, wait_until, Server};
+use common::{client, retry_after, wait_until, Server};
 use serde_json::{json, Value};
 
 async fn post(s: &Server, path: &str, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
@@ -475,14 +475,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
-    assert!(
-        r.headers()["retry-after"]
-            .to_str()
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            >= 1
-    );
+    assert!(retry_after(&r) >= 1);
     let v: Value = r.json().await.unwrap();
     assert_error(&v, "overloaded", "sleep");
 }

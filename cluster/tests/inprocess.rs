@@ -595,27 +595,17 @@ async fn an_owner_runs_each_forwarded_operation_once_and_sends_replies_until_ack
     let big = format!("\"{}\"", "y".repeat(4096));
     let (plain, keyed): (u128, u128) = (rand::random(), rand::random());
     let key = format!("key-{keyed}");
-    x.send(
-        "b",
-        Message::OpBatch(vec![
-            counted_op(plain, big.as_bytes(), None),
-            counted_op(keyed, big.as_bytes(), Some(&key)),
-        ]),
-    )
-    .unwrap();
+    let pair = vec![
+        counted_op(plain, big.as_bytes(), None),
+        counted_op(keyed, big.as_bytes(), Some(&key)),
+    ];
+    x.send("b", Message::OpBatch(pair.clone())).unwrap();
     wait_for("both dropped", Duration::from_secs(30), || {
         b.cluster.replies_dropped() >= dropped + 2
     })
     .await;
     assert_eq!((calls(plain), calls(keyed)), (1, 1));
-    x.send(
-        "b",
-        Message::OpBatch(vec![
-            counted_op(plain, big.as_bytes(), None),
-            counted_op(keyed, big.as_bytes(), Some(&key)),
-        ]),
-    )
-    .unwrap();
+    x.send("b", Message::OpBatch(pair)).unwrap();
     wait_for("both answered again", Duration::from_secs(30), || {
         let n = |id| {
             recorder

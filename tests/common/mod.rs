@@ -125,6 +125,15 @@ pub async fn get_json(url: &str) -> serde_json::Value {
         .unwrap()
 }
 
+/// The whole seconds an answer's `Retry-After` header says to wait.
+pub fn retry_after(r: &reqwest::Response) -> u64 {
+    r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// GETs `url` and reads its answer as text (`/metrics`, say).
 pub async fn get_text(url: &str) -> String {
     client()
