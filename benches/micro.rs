@@ -37,6 +37,8 @@ fn table(n: usize, strategy: Option<Strategy>) -> RoutingTable {
                 serves: vec!["echo".into()],
                 load: i as u64,
                 overloaded: Vec::new(),
+                congested: false,
+                open_breakers: Vec::new(),
             })
             .collect(),
     };

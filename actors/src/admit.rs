@@ -103,7 +103,7 @@ impl NodeShared {
             }
         };
         if matches!(how, Admit::Routed) && self.forwarder().is_some() {
-            self.check_owner(op, config.overload_retry_after)?;
+            self.check_owner(op, config.overload_retry_after, now)?;
         }
         if let (Some(max), Some(d)) = (entry.limits.max_deadline, op.deadline) {
             let asked = d.saturating_duration_since(now);
@@ -154,19 +154,38 @@ impl NodeShared {
         Ok((slot, shard))
     }
 
-    /// Refuses `op` when the node it would go to is overloaded with its type and no
-    /// other node of its route can take it (back-pressure from other nodes: see
-    /// [`RoutingTable::overloaded_owner`](crate::routing::RoutingTable::overloaded_owner)).
-    fn check_owner(&self, op: &Operation, retry_after: Duration) -> Result<(), SubmitError> {
+    /// Refuses `op` when the node it would go to has its breaker of the type open (503)
+    /// or is overloaded with the type (429), and no other node of its route can take it
+    /// (see [`RoutingTable::open_breaker`](crate::routing::RoutingTable::open_breaker)
+    /// and [`RoutingTable::overloaded_owner`](crate::routing::RoutingTable::overloaded_owner)).
+    fn check_owner(
+        &self,
+        op: &Operation,
+        retry_after: Duration,
+        now: Instant,
+    ) -> Result<(), SubmitError> {
         let table = self.routes().snapshot();
         let placed = op
             .idempotency_key
             .as_deref()
             .map(|k| affinity(op.owner.as_deref(), k));
+        if let Some((node, open_for)) = table.open_breaker(&op.op_type, placed, now) {
+            return Err(SubmitError::OwnerCircuitOpen {
+                op_type: op.op_type.to_string(),
+                node: node.to_string(),
+                retry_after: open_for,
+            });
+        }
         match table.overloaded_owner(&op.op_type, placed) {
             Some(node) => Err(SubmitError::OwnerOverloaded {
                 op_type: op.op_type.to_string(),
-                node: node.to_string(),
+                node: node.id.to_string(),
+                why: if node.congested {
+                    "this node's link to it holds more than flow.high of \
+                     cluster.link_buffer_bytes unsent"
+                } else {
+                    "its queue of the type is over flow.high"
+                },
                 retry_after,
             }),
             None => Ok(()),

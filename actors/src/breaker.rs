@@ -347,6 +347,14 @@ impl TypeBreaker {
         self.machine.lock().state(now)
     }
 
+    /// Until when it stays open, if it is open at `now` (closed or half-open: `None`).
+    pub fn open_until(&self, now: Instant) -> Option<Instant> {
+        if self.is_closed() {
+            return None;
+        }
+        self.machine.lock().open_until().filter(|u| *u > now)
+    }
+
     pub fn stats(&self, now: Instant) -> BreakerStats {
         let m = self.machine.lock();
         let p = m.policy();

@@ -217,6 +217,8 @@ impl NodeBuilder {
                     serves: self.registry.type_names(),
                     load: 0,
                     overloaded: Vec::new(),
+                    congested: false,
+                    open_breakers: Vec::new(),
                 }],
             }))
         });

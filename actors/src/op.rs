@@ -443,14 +443,17 @@ pub enum SubmitError {
         retry_after: Duration,
     },
     /// The node the operation would go to reported its queue of the type over the high
-    /// watermark (`flow.high`), and no other healthy node of the route can take it.
+    /// watermark (`flow.high`), or this node's link to it is congested, and no other
+    /// healthy node of the route can take it.
     #[error(
-        "node `{node}` is overloaded with operations of type `{op_type}` (its queue is over \
-         flow.high) and no other node of the route can take them; retry after {retry_after:?}"
+        "node `{node}` is overloaded with operations of type `{op_type}` ({why}) and no \
+         other node of the route can take them; retry after {retry_after:?}"
     )]
     OwnerOverloaded {
         op_type: String,
         node: String,
+        /// What is over its watermark: the owner's queue or the link to it.
+        why: &'static str,
         retry_after: Duration,
     },
     #[error("node is shutting down and accepts no new operations")]
@@ -478,6 +481,19 @@ pub enum SubmitError {
         breaker: Option<String>,
         retry_after: Duration,
     },
+    /// The node the operation would go to reported its circuit breaker of the type open,
+    /// and no other healthy node of the route has it closed.
+    #[error(
+        "the circuit breaker of operation type `{op_type}` on node `{node}` is open (its \
+         handler there kept failing) and no other node of the route can take it; it lets \
+         operations through again in {:?}",
+        whole_ms(*retry_after)
+    )]
+    OwnerCircuitOpen {
+        op_type: String,
+        node: String,
+        retry_after: Duration,
+    },
 }
 
 impl SubmitError {
@@ -486,8 +502,10 @@ impl SubmitError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             SubmitError::Overloaded { retry_after, .. }
+            | SubmitError::OwnerOverloaded { retry_after, .. }
             | SubmitError::RateLimited { retry_after, .. }
-            | SubmitError::CircuitOpen { retry_after, .. } => Some(*retry_after),
+            | SubmitError::CircuitOpen { retry_after, .. }
+            | SubmitError::OwnerCircuitOpen { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures::future::BoxFuture;
@@ -76,6 +77,16 @@ pub struct NodeView {
     /// to another node of the route, or are refused at the door (429) when there is none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overloaded: Vec<OpType>,
+    /// The link from this node to it holds more than `flow.high` of
+    /// `cluster.link_buffer_bytes` unsent, until it is under `flow.low`: the node is
+    /// treated as overloaded with every type.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub congested: bool,
+    /// The types whose circuit breaker on the node is open, and until when, as last
+    /// reported: new operations of those types go to another node of the route, or are
+    /// refused at the door (503 `circuit_open`) when there is none.
+    #[serde(skip)]
+    pub open_breakers: Vec<(OpType, Instant)>,
 }
 
 impl NodeView {
@@ -83,9 +94,25 @@ impl NodeView {
         self.serves.iter().any(|t| &**t == op_type)
     }
 
-    /// Whether the node reported its queue of `op_type` over the high watermark.
+    /// Whether the node reported its queue of `op_type` over the high watermark, or the
+    /// link to it is congested.
     pub fn overloaded_for(&self, op_type: &str) -> bool {
-        self.overloaded.iter().any(|t| &**t == op_type)
+        self.congested || self.overloaded.iter().any(|t| &**t == op_type)
+    }
+
+    /// How long the node's circuit breaker of `op_type` stays open after `now`, if it
+    /// reported it open.
+    pub fn breaker_open_for(&self, op_type: &str, now: Instant) -> Option<Duration> {
+        self.open_breakers
+            .iter()
+            .find(|(t, until)| &**t == op_type && *until > now)
+            .map(|(_, until)| *until - now)
+    }
+
+    /// Whether the node refuses something: an overloaded type, a congested link or an
+    /// open breaker (most tables have no such node, and skip the checks per type).
+    fn under_pressure(&self) -> bool {
+        self.congested || !self.overloaded.is_empty() || !self.open_breakers.is_empty()
     }
 }
 
@@ -147,19 +174,53 @@ impl RoutingTable {
     /// healthy node of its route is overloaded for the type, or (for an operation placed
     /// by its idempotency key, `affinity`) the node its key belongs to is: the door then
     /// refuses it with 429 rather than accepting what the owner would refuse.
-    pub fn overloaded_owner(&self, op_type: &str, affinity: Option<u64>) -> Option<&NodeId> {
-        if self.nodes.iter().all(|n| n.overloaded.is_empty()) {
+    pub fn overloaded_owner(&self, op_type: &str, affinity: Option<u64>) -> Option<&NodeView> {
+        if !self
+            .nodes
+            .iter()
+            .any(|n| n.congested || !n.overloaded.is_empty())
+        {
             return None;
         }
+        self.refusing_owner(op_type, affinity, |n| n.overloaded_for(op_type))
+    }
+
+    /// The node whose open circuit breaker of `op_type` an operation would meet, and how
+    /// long it stays open, when every healthy node of the route has it open or (for an
+    /// operation placed by its idempotency key) the key's node has: the door then refuses
+    /// it with 503 `circuit_open` at once, as that node would.
+    pub fn open_breaker(
+        &self,
+        op_type: &str,
+        affinity: Option<u64>,
+        now: Instant,
+    ) -> Option<(&NodeId, Duration)> {
+        if self.nodes.iter().all(|n| n.open_breakers.is_empty()) {
+            return None;
+        }
+        let open = |n: &NodeView| n.breaker_open_for(op_type, now);
+        let n = self.refusing_owner(op_type, affinity, |n| open(n).is_some())?;
+        Some((&n.id, open(n)?))
+    }
+
+    /// The node that would refuse an operation of `op_type` (`refuses`), when every
+    /// healthy node of its route would, or, for an operation placed by its key
+    /// (`affinity`), the key's node would.
+    fn refusing_owner(
+        &self,
+        op_type: &str,
+        affinity: Option<u64>,
+        refuses: impl Fn(&NodeView) -> bool,
+    ) -> Option<&NodeView> {
         let route = self.routes.get(op_type);
         let healthy = || self.candidates(op_type, route).filter(|n| n.healthy);
         let owner = match affinity {
             Some(_) if route.is_some_and(|r| r.strategy == Strategy::Pinned) => healthy().next()?,
             Some(kh) => rendezvous(healthy(), kh)?,
-            None if healthy().all(|n| n.overloaded_for(op_type)) => healthy().next()?,
+            None if healthy().all(&refuses) => healthy().next()?,
             None => return None,
         };
-        owner.overloaded_for(op_type).then_some(&owner.id)
+        refuses(owner).then_some(owner)
     }
 
     fn candidates<'a, 's>(
@@ -203,9 +264,10 @@ fn rendezvous<'t>(healthy: impl Iterator<Item = &'t NodeView>, kh: u64) -> Optio
 /// every node sends the same key to the same owner, whose cache runs it once and answers
 /// its repeats; when that owner is down the key moves to the next node of its ranking.
 ///
-/// A node that reported its queue of the type over the high watermark is passed over
-/// while another healthy node of the route is not (a keyed operation stays with its
-/// owner: see [`RoutingTable::overloaded_owner`]).
+/// A node that reported its queue of the type over the high watermark (or whose link is
+/// congested), or its breaker of the type open, is passed over while another healthy
+/// node of the route is not (a keyed operation stays with its owner: see
+/// [`RoutingTable::overloaded_owner`] and [`RoutingTable::open_breaker`]).
 pub fn pick<'t>(
     table: &'t RoutingTable,
     op_type: &str,
@@ -215,10 +277,19 @@ pub fn pick<'t>(
 ) -> Result<&'t NodeId, PickError> {
     let route = table.routes.get(op_type);
     let all_healthy = || table.candidates(op_type, route).filter(|n| n.healthy);
-    // Pass over overloaded nodes only when some healthy node is not.
-    let avoid = table.nodes.iter().any(|n| !n.overloaded.is_empty())
-        && all_healthy().any(|n| !n.overloaded_for(op_type));
-    let healthy = || all_healthy().filter(move |n| !(avoid && n.overloaded_for(op_type)));
+    // Pass over nodes that would refuse the type only when some healthy node would not.
+    let now = table
+        .nodes
+        .iter()
+        .any(NodeView::under_pressure)
+        .then(Instant::now);
+    let refuses = move |n: &NodeView| {
+        now.is_some_and(|now| {
+            n.overloaded_for(op_type) || n.breaker_open_for(op_type, now).is_some()
+        })
+    };
+    let avoid = now.is_some() && all_healthy().any(|n| !refuses(n));
+    let healthy = || all_healthy().filter(move |n| !(avoid && refuses(n)));
     let Some(first) = healthy().next() else {
         return Err(if table.candidates(op_type, route).next().is_none() {
             PickError::NoNodeServes(op_type.to_owned())
@@ -232,7 +303,7 @@ pub fn pick<'t>(
         (None, None) => Strategy::RoundRobin,
     };
     let chosen = match (strategy, key, affinity) {
-        // A keyed operation stays with the first healthy node, overloaded or not.
+        // A keyed operation stays with the first healthy node, refusing or not.
         (Strategy::Pinned, _, Some(_)) => all_healthy().next().unwrap_or(first),
         (Strategy::Pinned, _, None) => first,
         (_, _, Some(kh)) => rendezvous(all_healthy(), kh).unwrap_or(first),
@@ -506,6 +577,8 @@ mod tests {
             serves: vec!["echo".into()],
             load,
             overloaded: Vec::new(),
+            congested: false,
+            open_breakers: Vec::new(),
         }
     }
 
@@ -552,14 +625,47 @@ mod tests {
             .unwrap();
         assert_eq!(&**pick(&t, "echo", None, Some(to_b), &mut rr).unwrap(), "b");
         assert_eq!(
-            t.overloaded_owner("echo", Some(to_b)).map(|n| &**n),
+            t.overloaded_owner("echo", Some(to_b)).map(|n| &*n.id),
             Some("b")
         );
         // Every healthy node overloaded: picks go on as before, and the door refuses.
         t.nodes[0] = overloaded(node("a", true, 0));
         assert_eq!(&**pick(&t, "echo", None, None, &mut rr).unwrap(), "b");
-        assert_eq!(t.overloaded_owner("echo", None).map(|n| &**n), Some("b"));
+        assert_eq!(t.overloaded_owner("echo", None).map(|n| &*n.id), Some("b"));
         assert_eq!(t.overloaded_owner("other", None), None);
+    }
+
+    #[test]
+    fn open_breakers_and_congested_links_are_passed_over_until_every_node_refuses() {
+        let now = Instant::now();
+        let open = |mut n: NodeView, ms| {
+            n.open_breakers = vec![("echo".into(), now + Duration::from_millis(ms))];
+            n
+        };
+        let mut t = table(vec![open(node("a", true, 0), 500), node("b", true, 0)]);
+        let mut rr = 0;
+        for _ in 0..4 {
+            assert_eq!(&**pick(&t, "echo", None, None, &mut rr).unwrap(), "b");
+        }
+        assert_eq!(t.open_breaker("echo", None, now), None, "b can take it");
+        // Both open: the door refuses, naming the first and how long it stays open.
+        t.nodes[1] = open(node("b", true, 0), 900);
+        let (n, left) = t.open_breaker("echo", None, now).unwrap();
+        assert_eq!((&**n, left), ("a", Duration::from_millis(500)));
+        assert_eq!(t.open_breaker("other", None, now), None);
+        // Its time up, a breaker no longer refuses (the owner lets trials through).
+        let later = now + Duration::from_millis(600);
+        assert_eq!(t.open_breaker("echo", None, later), None);
+        assert_eq!(t.nodes[0].breaker_open_for("echo", later), None);
+        // A congested link makes its node overloaded with every type.
+        let mut t = table(vec![node("a", true, 0), node("b", true, 0)]);
+        t.nodes[0].congested = true;
+        assert!(t.nodes[0].overloaded_for("anything"));
+        for _ in 0..4 {
+            assert_eq!(&**pick(&t, "echo", None, None, &mut rr).unwrap(), "b");
+        }
+        t.nodes[1].congested = true;
+        assert_eq!(t.overloaded_owner("echo", None).map(|n| &*n.id), Some("a"));
     }
 
     fn table(nodes: Vec<NodeView>) -> RoutingTable {

@@ -529,6 +529,8 @@ async fn a_forwarded_type_loses_its_metrics_entry_once_nothing_routes_it() {
         serves: serves.iter().map(|&t| t.into()).collect(),
         load: 0,
         overloaded: Vec::new(),
+        congested: false,
+        open_breakers: Vec::new(),
     };
     // `ghost` has a route (from before routes needed a serving node) that nothing serves;
     // `hook` is served by the peer.

@@ -72,6 +72,7 @@ fn main() {
             seq: 1,
             load: 17,
             overloaded: vec![],
+            open_breakers: vec![],
         },
         10_000_000,
     );

@@ -16,7 +16,8 @@
 //! | 17  | `Message::ReplyBatch` | `seq: u64`, then a `u64` count and that many [`WireReply`]      |
 //! | 18  | `Message::Request`    | `id: u64`, then the [`Rpc`] as postcard, to the end of the body |
 //! | 19  | `Message::Response`   | `id: u64`, then the [`RpcReply`] as postcard, to the end        |
-//! | 20  | `Message::Ping`       | `seq: u64, load: u64`, then a `u64` count of overloaded types   |
+//! | 20  | `Message::Ping`       | `seq: u64, load: u64`, a `u64` count of overloaded types and    |
+//! |     |                       | the types, a `u64` count of [`OpenBreaker`]s and the breakers   |
 //! | 21  | `Message::Pong`       | the same as `Ping`                                              |
 //! | 22  | `Message::ReplyAck`   | `u64` count, then that many `seq: u64`                          |
 //!
@@ -60,7 +61,8 @@ use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfi
 /// asked for them (the audit trail), and a forwarded operation its submitter.
 /// 4: reply batches carry a sequence number and are acknowledged (`ReplyAck`);
 /// heartbeats carry the sender's overloaded types.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: heartbeats carry the sender's open circuit breakers.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Bytes of the length prefix in front of every frame body.
 pub const LEN_PREFIX: usize = 4;
@@ -90,18 +92,32 @@ pub enum Message {
         body: RpcReply,
     },
     /// Heartbeats; `load` is the number of operations in flight on the sender,
-    /// `overloaded` the types whose queue there is over its high watermark.
+    /// `overloaded` the types whose queue there is over its high watermark,
+    /// `open_breakers` the types whose circuit breaker there is open.
     Ping {
         seq: u64,
         load: u64,
         overloaded: Vec<String>,
+        open_breakers: Vec<OpenBreaker>,
     },
     Pong {
         seq: u64,
         load: u64,
         overloaded: Vec<String>,
+        open_breakers: Vec<OpenBreaker>,
     },
 }
+
+/// A type whose circuit breaker is open on the node that sends the heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, SchemaWrite, SchemaRead)]
+pub struct OpenBreaker {
+    pub op_type: String,
+    /// How long it stays open from when the heartbeat was sent, in milliseconds.
+    pub open_ms: u64,
+}
+
+/// Bytes of the smallest [`OpenBreaker`]: an empty type name's length and `open_ms`.
+const MIN_OPEN_BREAKER: usize = 16;
 
 /// One operation, as forwarded to its owner.
 #[derive(Debug, Clone, PartialEq, SchemaWrite, SchemaRead)]
@@ -381,11 +397,13 @@ pub fn decode(body: &[u8]) -> Result<Frame, CodecError> {
             seq: read(&mut rest)?,
             load: read(&mut rest)?,
             overloaded: read_records(&mut rest, 8)?,
+            open_breakers: read_records(&mut rest, MIN_OPEN_BREAKER)?,
         }),
         tag::PONG => Frame::Message(Message::Pong {
             seq: read(&mut rest)?,
             load: read(&mut rest)?,
             overloaded: read_records(&mut rest, 8)?,
+            open_breakers: read_records(&mut rest, MIN_OPEN_BREAKER)?,
         }),
         other => return Err(CodecError::UnknownTag(other)),
     };
@@ -484,21 +502,23 @@ impl Encode for Message {
                 seq,
                 load,
                 overloaded,
-            } => {
-                out.push(tag::PING);
-                out.extend_from_slice(&seq.to_le_bytes());
-                out.extend_from_slice(&load.to_le_bytes());
-                write_records(out, overloaded)
+                open_breakers,
             }
-            Message::Pong {
+            | Message::Pong {
                 seq,
                 load,
                 overloaded,
+                open_breakers,
             } => {
-                out.push(tag::PONG);
+                out.push(if matches!(self, Message::Ping { .. }) {
+                    tag::PING
+                } else {
+                    tag::PONG
+                });
                 out.extend_from_slice(&seq.to_le_bytes());
                 out.extend_from_slice(&load.to_le_bytes());
-                write_records(out, overloaded)
+                write_records(out, overloaded)?;
+                write_records(out, open_breakers)
             }
         }
     }

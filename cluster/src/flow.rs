@@ -8,9 +8,55 @@
 //! of those types to another node of the route, or refuse them at their door with 429
 //! when there is none (see `RoutingTable::overloaded_owner` in the engine).
 //!
-//! A plain struct: its caller reads the queues and hands it their levels.
+//! Heartbeats also carry the types whose circuit breaker is open on the sender, and for
+//! how long ([`OpenBreaker`]): the others send new operations of those types to another
+//! node of the route, or refuse them at their door with 503 `circuit_open` when there is
+//! none (`RoutingTable::open_breaker`), instead of forwarding what the owner would refuse.
+//!
+//! A plain struct and plain functions: the caller reads the queues and breakers and hands
+//! them their levels.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use opmesh_actors::OpType;
+
+use crate::codec::OpenBreaker;
+
+/// Open breakers (type, open until) as a heartbeat sent at `now` carries them.
+pub fn breakers_to_wire(open: &[(OpType, Instant)], now: Instant) -> Vec<OpenBreaker> {
+    open.iter()
+        .filter(|(_, until)| *until > now)
+        .map(|(t, until)| OpenBreaker {
+            op_type: t.to_string(),
+            // Rounded up: never reads as closed before it is.
+            open_ms: (*until - now).as_nanos().div_ceil(1_000_000) as u64,
+        })
+        .collect()
+}
+
+/// Open breakers from a heartbeat received at `now` (the time on the link, a fraction of
+/// a heartbeat, counts as open).
+pub fn breakers_from_wire(open: Vec<OpenBreaker>, now: Instant) -> Vec<(OpType, Instant)> {
+    open.into_iter()
+        .map(|b| {
+            // A lying or broken peer cannot make `now + open_ms` overflow.
+            let until = now
+                .checked_add(Duration::from_millis(b.open_ms.min(86_400_000)))
+                .unwrap_or(now);
+            (OpType::from(b.op_type), until)
+        })
+        .collect()
+}
+
+/// Whether two lists of open breakers say the same: the same types, open until within
+/// `slack` of each other (heartbeats of one open breaker differ by their time on the link).
+pub fn same_breakers(a: &[(OpType, Instant)], b: &[(OpType, Instant)], slack: Duration) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((ta, ua), (tb, ub))| {
+            ta == tb && ua.max(ub).saturating_duration_since(*ua.min(ub)) <= slack
+        })
+}
 
 /// The watermarks and the types over them.
 #[derive(Debug, Clone)]
@@ -79,6 +125,41 @@ mod tests {
         assert_eq!(level(&mut f, 100), ["a"]);
         // A type whose queue is gone (its handler removed) is no longer reported.
         assert!(f.update([("b", 0, 100)]).is_empty());
+    }
+
+    #[test]
+    fn open_breakers_cross_a_heartbeat_with_their_remaining_time() {
+        let t0 = Instant::now();
+        let open = vec![
+            (OpType::from("hook"), t0 + Duration::from_millis(1500)),
+            (OpType::from("gone"), t0 - Duration::from_millis(1)),
+        ];
+        let wire = breakers_to_wire(&open, t0);
+        assert_eq!(
+            wire,
+            [OpenBreaker {
+                op_type: "hook".into(),
+                open_ms: 1500
+            }],
+            "a breaker whose time is up is not sent"
+        );
+        let t1 = t0 + Duration::from_millis(3);
+        let back = breakers_from_wire(wire, t1);
+        assert_eq!(&*back[0].0, "hook");
+        assert_eq!(back[0].1, t1 + Duration::from_millis(1500));
+        let mine = &open[..1];
+        assert!(same_breakers(&back, mine, Duration::from_millis(5)));
+        assert!(!same_breakers(&back, mine, Duration::from_millis(1)));
+        assert!(!same_breakers(&back, &[], Duration::from_secs(1)));
+        // A huge remaining time is capped at a day, not an overflow.
+        let far = breakers_from_wire(
+            vec![OpenBreaker {
+                op_type: "x".into(),
+                open_ms: u64::MAX,
+            }],
+            t0,
+        );
+        assert_eq!(far[0].1, t0 + Duration::from_secs(86_400));
     }
 
     #[test]

@@ -4,14 +4,15 @@
 //! refusing nodes without it and messages that name another node than their link's).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::raft::VoteRequest;
 use openraft::Vote;
 use opmesh_actors::{
-    EngineConfig, HandlerError, Json, Node, OpStatus, Operation, Route, RouteError, Strategy,
-    SubmitError,
+    BreakerPolicy, EngineConfig, HandlerError, Json, Node, OpStatus, Operation, RetryPolicy, Route,
+    RouteError, Strategy, SubmitError,
 };
 use opmesh_cluster::codec::{Message, Rpc, WireOp, WireReply};
 use opmesh_cluster::transport::{Inbound, SendError, Transport};
@@ -24,6 +25,9 @@ const SECRET: &[u8] = b"in-process-test-secret";
 /// running beside each other do not meet).
 static CALLS: std::sync::LazyLock<parking_lot::Mutex<HashMap<u128, u32>>> =
     std::sync::LazyLock::new(Default::default);
+
+/// Whether the `flaky` handler fails (only the breaker test uses it).
+static FLAKY_FAILS: AtomicBool = AtomicBool::new(false);
 
 struct Member {
     cluster: Cluster,
@@ -73,6 +77,13 @@ async fn member_engine(
         .handler("slow", |op: Operation| async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
             Ok::<_, HandlerError>(op.payload)
+        })
+        .handler("flaky", |op: Operation| async move {
+            if FLAKY_FAILS.load(Ordering::SeqCst) {
+                Err(HandlerError::retryable("the dependency is down"))
+            } else {
+                Ok(op.payload)
+            }
         })
         .handler("counted", |op: Operation| async move {
             *CALLS.lock().entry(op.id.0).or_default() += 1;
@@ -731,6 +742,142 @@ async fn an_overloaded_owner_pushes_back_on_the_nodes_that_send_it_work() {
         })
         .count();
     assert!(by_a > 0, "a took what b could not queue");
+    b.stop().await;
+    a.stop().await;
+}
+
+/// An owner's open circuit breaker travels in its heartbeats: the origin refuses the type
+/// at its door at once (503 `circuit_open` naming the owner and when it lets operations
+/// through again) instead of forwarding what the owner would refuse; once the breaker's
+/// time is up the origin forwards again, the owner's trial closes it; and with another
+/// node on the route, operations go there while the owner's breaker is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owners_open_breaker_is_refused_at_the_origins_door() {
+    let engine = EngineConfig {
+        breaker: Some(BreakerPolicy {
+            failures: 3,
+            window: Duration::from_secs(30),
+            open_for: Duration::from_millis(1500),
+            half_open_calls: 1,
+        }),
+        retry: RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        },
+        ..EngineConfig::default()
+    };
+    let a = member_engine("a", None, |_| {}, engine.clone()).await;
+    let seed = a.cluster.cluster_addr().to_owned();
+    let b = member_engine("b", Some(&seed), |c| c.serves.push("flaky".into()), engine).await;
+    wait_for("b joined", Duration::from_secs(30), || up_count(&a) == 2).await;
+    let v = a.node.set_route("flaky", pinned(&["b"])).await.unwrap();
+    wait_for("the route on a", Duration::from_secs(30), || {
+        a.node.routes().version >= v
+    })
+    .await;
+    let flaky = || Operation::new("flaky", Json::null());
+
+    FLAKY_FAILS.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let o = a.node.submit(flaky()).await.expect("accepted");
+        assert_eq!(
+            (o.status, o.executed_by.as_deref()),
+            (OpStatus::Failed, Some("b"))
+        );
+    }
+    // b's breaker is open; its next heartbeat tells a.
+    wait_for(
+        "a refuses flaky at its door",
+        Duration::from_secs(10),
+        || match a.node.enqueue(flaky()) {
+            Err(SubmitError::OwnerCircuitOpen {
+                node, retry_after, ..
+            }) => {
+                assert_eq!(node, "b");
+                assert!(
+                    retry_after <= Duration::from_millis(1500),
+                    "{retry_after:?}"
+                );
+                true
+            }
+            _ => false,
+        },
+    )
+    .await;
+    let Err(e) = a.node.enqueue(flaky()) else {
+        panic!("accepted while b's breaker is open");
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("circuit breaker of operation type `flaky` on node `b` is open"),
+        "{msg}"
+    );
+    assert!(e.retry_after().is_some());
+    let b_seen = |m: &Member| {
+        m.cluster
+            .status()
+            .nodes
+            .into_iter()
+            .find(|n| n.id == "b")
+            .unwrap()
+            .open_breakers
+    };
+    assert_eq!(b_seen(&a), ["flaky"]);
+    assert_eq!(b_seen(&b), ["flaky"], "b shows its own");
+
+    // The dependency recovers; when b's breaker's time is up, a forwards again and b's
+    // trial closes it.
+    FLAKY_FAILS.store(false, Ordering::SeqCst);
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        match a.node.submit(flaky()).await {
+            Ok(o) if o.status == OpStatus::Succeeded => break,
+            _ => {}
+        }
+        assert!(Instant::now() < until, "a never forwarded flaky again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for(
+        "b's breaker closed, as a hears",
+        Duration::from_secs(10),
+        || b_seen(&a).is_empty(),
+    )
+    .await;
+
+    // With a on the route too, what b's open breaker would refuse runs on a.
+    let v = a
+        .node
+        .set_route("flaky", pinned(&["b", "a"]))
+        .await
+        .unwrap();
+    wait_for("the new route on a", Duration::from_secs(30), || {
+        a.node.routes().version >= v
+    })
+    .await;
+    FLAKY_FAILS.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let o = a.node.submit(flaky()).await.expect("accepted");
+        assert_eq!(
+            (o.status, o.executed_by.as_deref()),
+            (OpStatus::Failed, Some("b"))
+        );
+    }
+    FLAKY_FAILS.store(false, Ordering::SeqCst);
+    wait_for(
+        "a hears b's breaker opened",
+        Duration::from_secs(10),
+        || b_seen(&a) == ["flaky"],
+    )
+    .await;
+    let o = a
+        .node
+        .submit(flaky())
+        .await
+        .expect("accepted: a can run it");
+    assert_eq!(
+        (o.status, o.executed_by.as_deref()),
+        (OpStatus::Succeeded, Some("a"))
+    );
     b.stop().await;
     a.stop().await;
 }

@@ -35,6 +35,7 @@ pub(super) async fn cluster_status(st: web::Data<AppState>) -> HttpResponse {
                     "serves": st.node.handler_types(),
                     "load": s.in_flight_operations,
                     "overloaded": [],
+                    "open_breakers": [],
                     "link": "self",
                 }],
                 "forwarded_waiting": 0,

@@ -156,7 +156,8 @@ impl From<SubmitError> for ApiError {
                 retry_after: Some(retry_after),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", msg)
             },
-            SubmitError::CircuitOpen { retry_after, .. } => ApiError {
+            SubmitError::CircuitOpen { retry_after, .. }
+            | SubmitError::OwnerCircuitOpen { retry_after, .. } => ApiError {
                 retry_after: Some(retry_after),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", msg)
             },

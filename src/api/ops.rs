@@ -34,7 +34,7 @@ const TOO_MANY_DOC: &str = "over a rate limit (`rate_limited`: `limits.rate_per_
     client's `limits.client_rate_per_sec`, or the type's `types.<type>.rate_per_sec`; the \
     message names which), or overloaded (`overloaded`: the type's queue is full, \
     `limits.max_in_flight`, or the node the operation would go to is over `flow.high` for \
-    the type, naming it); retry after `Retry-After` seconds";
+    the type, or this node's link to it is, naming it); retry after `Retry-After` seconds";
 
 /// The caller's trace context: the parent of the operation's `op.submit` span. A
 /// malformed `traceparent` is ignored (the operation starts a new trace) and counted.
@@ -143,7 +143,7 @@ fn check_joined(st: &AppState) -> Result<(), ApiError> {
         (status = 413, body = ErrorBody),
         (status = 429, description = TOO_MANY_DOC, body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds to wait before trying again"))),
-        (status = 503, description = "the type's circuit breaker is open (`circuit_open`, naming the type and when it lets operations through again, also in `Retry-After`), the node is shutting down (`shutting_down`), the node has not joined its cluster yet (`joining`, also with `Retry-After`), or the journal could not write it (`journal_write_failed`: nothing was started)",
+        (status = 503, description = "the type's circuit breaker is open here, or on every node that could take it (`circuit_open`, naming the type, the node, and when it lets operations through again, also in `Retry-After`), the node is shutting down (`shutting_down`), the node has not joined its cluster yet (`joining`, also with `Retry-After`), or the journal could not write it (`journal_write_failed`: nothing was started)",
             headers(("Retry-After" = u64, description = "seconds to wait before trying again (`circuit_open`, `joining`)")), body = ErrorBody)))]
 pub(super) async fn submit(
     st: web::Data<AppState>,

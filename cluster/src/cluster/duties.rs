@@ -28,11 +28,12 @@ use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 use opmesh_actors::handler::HandlerKind;
-use opmesh_actors::{Backoff, Jitter, NodeId};
+use opmesh_actors::{Backoff, Jitter, NodeId, OpType};
 use tokio_util::sync::CancellationToken;
 
 use super::Inner;
-use crate::codec::Message;
+use crate::codec::{Message, OpenBreaker};
+use crate::flow::{breakers_to_wire, same_breakers};
 use crate::formation::{self, Formation, SeedBootstrap};
 use crate::membership;
 use crate::store::routing_table;
@@ -432,6 +433,31 @@ impl Inner {
         now
     }
 
+    /// This node's open circuit breakers now, kept for the `Pong`s and the routing table
+    /// until the next heartbeat; their wire form.
+    fn update_breakers(&self, now: Instant) -> Vec<OpenBreaker> {
+        let Some(node) = self.node.get() else {
+            return Vec::new();
+        };
+        let mut open: Vec<(OpType, Instant)> = node
+            .breakers()
+            .iter()
+            .filter_map(|b| Some((b, b.open_until(now)?)))
+            .flat_map(|(b, until)| b.types.iter().map(move |t| (t.clone(), until)))
+            .collect();
+        open.sort();
+        let changed = {
+            let mut mine = self.open_breakers.lock();
+            let changed = !same_breakers(&mine, &open, Duration::ZERO);
+            *mine = open;
+            changed
+        };
+        if changed {
+            self.publish(&self.state.load_full());
+        }
+        breakers_to_wire(&self.open_breakers.lock(), now)
+    }
+
     /// Swaps in the routing table for `state`.
     pub(super) fn publish(&self, state: &ClusterState) {
         let mut table = routing_table(state);
@@ -444,9 +470,11 @@ impl Inner {
                     .iter()
                     .map(|t| t.as_str().into())
                     .collect();
+                n.open_breakers = self.open_breakers.lock().clone();
             } else if let Some(h) = self.heard.get(&n.id) {
                 n.load = h.load;
                 n.overloaded = h.overloaded.clone();
+                n.open_breakers = h.open_breakers.clone();
             }
         }
         self.table.store(Arc::new(table));
@@ -463,6 +491,7 @@ impl Inner {
             seq += 1;
             let load = self.in_flight();
             let overloaded = self.update_flow();
+            let open_breakers = self.update_breakers(Instant::now());
             let state = self.state.load();
             for n in state.nodes.keys() {
                 if *n != self.me.name {
@@ -472,6 +501,7 @@ impl Inner {
                             seq,
                             load,
                             overloaded: overloaded.clone(),
+                            open_breakers: open_breakers.clone(),
                         },
                     );
                 }

@@ -26,6 +26,7 @@ use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus, OpType};
 
 use super::{Inner, LINK_BACK_WAIT};
 use crate::codec::{Message, Rpc, RpcReply, WireOp, WireReply, WriteRefused};
+use crate::flow::{breakers_from_wire, breakers_to_wire, same_breakers};
 use crate::remote::{collect_replies, from_wire, refused_reply, reply_to_wire, REFUSED_OVERLOADED};
 use crate::replies::{Admit, Batch};
 use crate::transport::Inbound;
@@ -39,6 +40,15 @@ pub(super) struct Heard {
     pub(super) load: u64,
     /// The types it is overloaded with (see [`crate::flow`]).
     pub(super) overloaded: Vec<OpType>,
+    /// The types whose circuit breaker there is open, and until when.
+    pub(super) open_breakers: Vec<(OpType, Instant)>,
+}
+
+/// What a heartbeat (`Ping` or `Pong`) says of its sender.
+struct Beat {
+    load: u64,
+    overloaded: Vec<String>,
+    open_breakers: Vec<(OpType, Instant)>,
 }
 
 /// Frames arriving on links, handed to the cluster (once it is built, while it runs).
@@ -121,20 +131,39 @@ impl Inner {
                 seq,
                 load,
                 overloaded,
+                open_breakers,
             } => {
-                self.heard(from, load, overloaded, false);
+                let now = Instant::now();
+                let beat = Beat {
+                    load,
+                    overloaded,
+                    open_breakers: breakers_from_wire(open_breakers, now),
+                };
+                self.heard(from, beat, now, false);
                 let _ = self.transport().send(
                     from,
                     Message::Pong {
                         seq,
                         load: self.in_flight(),
                         overloaded: self.overloaded.load().to_vec(),
+                        open_breakers: breakers_to_wire(&self.open_breakers.lock(), now),
                     },
                 );
             }
             Message::Pong {
-                load, overloaded, ..
-            } => self.heard(from, load, overloaded, true),
+                load,
+                overloaded,
+                open_breakers,
+                ..
+            } => {
+                let now = Instant::now();
+                let beat = Beat {
+                    load,
+                    overloaded,
+                    open_breakers: breakers_from_wire(open_breakers, now),
+                };
+                self.heard(from, beat, now, true)
+            }
         }
     }
 
@@ -196,22 +225,26 @@ impl Inner {
             .is_some()
     }
 
-    /// Notes a peer's load. Only a `Pong` (`answered`) counts as hearing from it: it
+    /// Notes a peer's heartbeat. Only a `Pong` (`answered`) counts as hearing from it: it
     /// proves the links both ways work, where a `Ping` that arrives proves only one.
-    fn heard(&self, from: &str, load: u64, overloaded: Vec<String>, answered: bool) {
-        let now = Instant::now();
-        let overloaded: Vec<OpType> = overloaded.into_iter().map(Into::into).collect();
+    fn heard(&self, from: &str, beat: Beat, now: Instant, answered: bool) {
+        let overloaded: Vec<OpType> = beat.overloaded.into_iter().map(Into::into).collect();
         let mut h = self.heard.entry(from.into()).or_insert(Heard {
             at: None,
-            load,
+            load: beat.load,
             overloaded: Vec::new(),
+            open_breakers: Vec::new(),
         });
-        h.load = load;
+        h.load = beat.load;
         if answered {
             h.at = Some(now);
         }
-        if h.overloaded != overloaded {
+        // Two heartbeats of one open breaker differ by their time on the link.
+        let slack = self.cfg.heartbeat;
+        let breakers_changed = !same_breakers(&h.open_breakers, &beat.open_breakers, slack);
+        if h.overloaded != overloaded || breakers_changed {
             h.overloaded = overloaded;
+            h.open_breakers = beat.open_breakers;
             drop(h);
             // Routes see it now, not at the next heartbeat.
             self.publish(&self.state.load_full());

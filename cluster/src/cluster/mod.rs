@@ -29,7 +29,7 @@ mod writes;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -81,6 +81,8 @@ struct Inner {
     /// tell the others, see [`crate::flow`]).
     flow: Mutex<Flow>,
     overloaded: ArcSwap<Vec<String>>,
+    /// This node's open circuit breakers (type, open until), as of the last heartbeat.
+    open_breakers: Mutex<Vec<(OpType, Instant)>>,
     calls: Calls,
     outbox: Outbox,
     /// For each node that forwarded operations here: the reply batches it has not
@@ -158,6 +160,7 @@ impl Cluster {
             heard: DashMap::new(),
             flow: Mutex::new(Flow::new(cfg.flow_high, cfg.flow_low)),
             overloaded: ArcSwap::from_pointee(Vec::new()),
+            open_breakers: Mutex::default(),
             calls: Calls::default(),
             outbox: Outbox::default(),
             ledgers: DashMap::new(),

@@ -51,6 +51,9 @@ pub struct NodeStatusView {
     /// The types whose queue there is over the high watermark (`flow.high`), as last
     /// heard: new operations of those types go elsewhere or are refused with 429.
     pub overloaded: Vec<String>,
+    /// The types whose circuit breaker there is open, as last heard: new operations of
+    /// those types go elsewhere or are refused with 503 `circuit_open`.
+    pub open_breakers: Vec<String>,
     /// self, connected or disconnected: this node's link to it.
     pub link: String,
     /// Milliseconds since this node last heard from it.
@@ -98,6 +101,17 @@ impl Inner {
                     } else {
                         heard.as_ref().map_or_else(Vec::new, |h| {
                             h.overloaded.iter().map(|t| t.to_string()).collect()
+                        })
+                    },
+                    open_breakers: if is_me {
+                        self.open_breakers
+                            .lock()
+                            .iter()
+                            .map(|(t, _)| t.to_string())
+                            .collect()
+                    } else {
+                        heard.as_ref().map_or_else(Vec::new, |h| {
+                            h.open_breakers.iter().map(|(t, _)| t.to_string()).collect()
                         })
                     },
                     link: if is_me {

@@ -169,11 +169,22 @@ fn every_message() -> Vec<Message> {
             seq: 1,
             load: 0,
             overloaded: vec![],
+            open_breakers: vec![],
         },
         Message::Pong {
             seq: u64::MAX,
             load: 12,
             overloaded: vec!["resize".into(), "echo".into()],
+            open_breakers: vec![
+                OpenBreaker {
+                    op_type: "hook".into(),
+                    open_ms: 29_500,
+                },
+                OpenBreaker {
+                    op_type: String::new(),
+                    open_ms: u64::MAX,
+                },
+            ],
         },
     ];
     let rpcs = [
@@ -367,6 +378,7 @@ fn the_layout_is_as_documented() {
         seq: 1,
         load: 2,
         overloaded: vec!["ab".into()],
+        open_breakers: vec![],
     });
     let mut expected = vec![tag::PING];
     expected.extend_from_slice(&1u64.to_le_bytes());
@@ -374,6 +386,7 @@ fn the_layout_is_as_documented() {
     expected.extend_from_slice(&1u64.to_le_bytes());
     expected.extend_from_slice(&2u64.to_le_bytes());
     expected.extend_from_slice(b"ab");
+    expected.extend_from_slice(&0u64.to_le_bytes());
     assert_eq!(body, expected);
 
     // A batch is a wincode `Vec`: what bincode-compatible readers expect.
@@ -413,6 +426,7 @@ fn bad_bodies_are_named() {
         seq: 1,
         load: 2,
         overloaded: vec![],
+        open_breakers: vec![],
     });
     body.push(0);
     assert!(matches!(decode(&body), Err(CodecError::TrailingBytes(1))));

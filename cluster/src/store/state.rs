@@ -58,6 +58,8 @@ pub fn routing_table(state: &ClusterState) -> RoutingTable {
                 serves: n.serves.clone(),
                 load: 0,
                 overloaded: Vec::new(),
+                congested: false,
+                open_breakers: Vec::new(),
             })
             .collect(),
     }

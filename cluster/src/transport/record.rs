@@ -151,6 +151,7 @@ mod tests {
                     seq,
                     load: 0,
                     overloaded: vec![],
+                    open_breakers: vec![],
                 },
                 &mut buf,
             )

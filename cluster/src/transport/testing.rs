@@ -98,6 +98,7 @@ pub fn ping(seq: u64) -> Message {
         seq,
         load: 0,
         overloaded: vec![],
+        open_breakers: vec![],
     }
 }
 
