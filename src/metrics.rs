@@ -808,6 +808,23 @@ fn encode_cluster(c: &ClusterSource, out: &mut Out) -> fmt::Result {
             .map(|l| ([("peer", l.peer.as_str())], l.dropped)),
     )?;
     out.gauges(
+        "opmesh_link_queued_bytes",
+        "Bytes of operations and replies queued for a peer and not yet written (at most \
+         cluster.link_buffer_bytes; over flow.high of it the link is congested).",
+        links
+            .iter()
+            .map(|l| ([("peer", l.peer.as_str())], l.queued_bytes)),
+    )?;
+    out.counters(
+        "opmesh_link_refused_full_total",
+        "Batches of operations or replies for a peer refused because its link held \
+         cluster.link_buffer_bytes unsent (operations went to another node or failed \
+         naming the link; replies are sent again).",
+        links
+            .iter()
+            .map(|l| ([("peer", l.peer.as_str())], l.refused_full)),
+    )?;
+    out.gauges(
         "opmesh_link_up",
         "1 if the link this node dials to the peer is connected, else 0.",
         links

@@ -108,6 +108,68 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// About the bytes it takes, queued or encoded: its variable parts and a fixed part
+    /// for the rest. What a link's outbox counts against `cluster.link_buffer_bytes`.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            Message::OpBatch(ops) => 16 + ops.iter().map(WireOp::size_hint).sum::<usize>(),
+            Message::ReplyBatch { replies, .. } => {
+                16 + replies.iter().map(WireReply::size_hint).sum::<usize>()
+            }
+            Message::ReplyAck { seqs } => 16 + 8 * seqs.len(),
+            // Raft's messages are small but for entries and snapshots, which carry
+            // routes and registry changes: kilobytes, not what fills a link.
+            Message::Request { .. } | Message::Response { .. } => 256,
+            Message::Ping {
+                overloaded,
+                open_breakers,
+                ..
+            }
+            | Message::Pong {
+                overloaded,
+                open_breakers,
+                ..
+            } => {
+                32 + overloaded.iter().map(|t| 8 + t.len()).sum::<usize>()
+                    + open_breakers
+                        .iter()
+                        .map(|b| 16 + b.op_type.len())
+                        .sum::<usize>()
+            }
+        }
+    }
+
+    /// Whether it carries operations or their outcomes (what a full link refuses: see
+    /// `Transport::send`), rather than the cluster's own upkeep.
+    pub fn is_bulk(&self) -> bool {
+        matches!(self, Message::OpBatch(_) | Message::ReplyBatch { .. })
+    }
+}
+
+impl WireOp {
+    /// About the bytes it takes: its strings, payload and metadata and a fixed part.
+    pub fn size_hint(&self) -> usize {
+        96 + self.op_type.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self.idempotency_key.as_ref().map_or(0, String::len)
+            + self.payload.len()
+            + self
+                .metadata
+                .iter()
+                .map(|(k, v)| 16 + k.len() + v.len())
+                .sum::<usize>()
+            + self.owner.as_ref().map_or(0, String::len)
+    }
+}
+
+impl WireReply {
+    /// About the bytes it takes: its result, its error and a fixed part for the rest.
+    pub fn size_hint(&self) -> usize {
+        64 + self.result.as_ref().map_or(0, Vec::len) + self.error.as_ref().map_or(0, String::len)
+    }
+}
+
 /// A type whose circuit breaker is open on the node that sends the heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, SchemaWrite, SchemaRead)]
 pub struct OpenBreaker {

@@ -90,6 +90,14 @@ pub struct ClusterConfig {
     /// 50 ms), doubling, up to `reconnect_max` (default 1 s), with jitter.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// The most bytes of operations and replies a link's outbox holds unsent
+    /// (`cluster.link_buffer_bytes`, estimated by [`Message::size_hint`]); `send`
+    /// refuses more with [`SendError::Full`]. Its fill against `flow_high`/`flow_low`
+    /// marks the link congested (see [`crate::flow`]). Default 64 MiB.
+    ///
+    /// [`Message::size_hint`]: crate::codec::Message::size_hint
+    /// [`SendError::Full`]: crate::transport::SendError::Full
+    pub link_buffer_bytes: usize,
     /// Bound on connecting plus the whole handshake, both ways. Default 2 s.
     pub handshake_timeout: Duration,
     /// Inbound connections that may be in the handshake at once (not proven yet); more
@@ -112,6 +120,9 @@ impl ClusterConfig {
     /// length prefix.
     pub const MAX_MAX_FRAME: usize = 2 * 1024 * 1024 * 1024 - 1;
     pub const MAX_PENDING_HANDSHAKES: usize = 65_536;
+    /// The range of `link_buffer_bytes`: 64 KiB to 4095 MiB.
+    pub const MIN_LINK_BUFFER: usize = 64 * 1024;
+    pub const MAX_LINK_BUFFER: usize = 4095 * 1024 * 1024;
 
     /// Defaults for tests and embedders: loopback, port 0, in memory, three voters.
     pub fn new(node: &str, secret: impl Into<Secret>) -> Self {
@@ -131,6 +142,7 @@ impl ClusterConfig {
             down_after: Duration::from_millis(1000),
             write_timeout: Duration::from_secs(3),
             reply_buffer_bytes: 64 << 20,
+            link_buffer_bytes: 64 << 20,
             flow_high: 0.8,
             flow_low: 0.2,
             leave_timeout: Duration::from_secs(5),
@@ -170,6 +182,9 @@ impl ClusterConfig {
         if self.handshake_timeout.is_zero() {
             return Err(LinkConfigError::HandshakeTimeout);
         }
+        if !(Self::MIN_LINK_BUFFER..=Self::MAX_LINK_BUFFER).contains(&self.link_buffer_bytes) {
+            return Err(LinkConfigError::LinkBuffer(self.link_buffer_bytes));
+        }
         if self.max_pending_handshakes == 0
             || self.max_pending_handshakes > Self::MAX_PENDING_HANDSHAKES
         {
@@ -192,6 +207,12 @@ pub enum LinkConfigError {
     Reconnect { min: Duration, max: Duration },
     #[error("handshake_timeout must be above zero")]
     HandshakeTimeout,
+    #[error(
+        "link_buffer_bytes must be {min}..={max} bytes, got {0}",
+        min = ClusterConfig::MIN_LINK_BUFFER,
+        max = ClusterConfig::MAX_LINK_BUFFER
+    )]
+    LinkBuffer(usize),
     #[error(
         "max_pending_handshakes must be 1..={max}, got {0}",
         max = ClusterConfig::MAX_PENDING_HANDSHAKES

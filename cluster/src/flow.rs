@@ -58,22 +58,46 @@ pub fn same_breakers(a: &[(OpType, Instant)], b: &[(OpType, Instant)], slack: Du
         })
 }
 
-/// The watermarks and the types over them.
+/// The watermarks and the queues over them.
 #[derive(Debug, Clone)]
 pub struct Flow {
     high: f64,
     low: f64,
+    /// What the queues are: types' queues or links' outboxes (for the logs).
+    links: bool,
     overloaded: BTreeSet<String>,
 }
 
 impl Flow {
-    /// `high` and `low` are fractions of a queue's capacity, `0 <= low < high <= 1`.
+    /// The queues of this node's types. `high` and `low` are fractions of a queue's
+    /// capacity, `0 <= low < high <= 1`.
     pub fn new(high: f64, low: f64) -> Flow {
         Flow {
             high,
             low,
+            links: false,
             overloaded: BTreeSet::new(),
         }
+    }
+
+    /// The outboxes of this node's links, by peer, against `cluster.link_buffer_bytes`:
+    /// a peer over `high` is congested (this node sends it no new operations while
+    /// another node of their route can take them) until its link is under `low`.
+    pub fn links(high: f64, low: f64) -> Flow {
+        Flow {
+            links: true,
+            ..Flow::new(high, low)
+        }
+    }
+
+    /// Marks `name` over its high watermark now (its queue was found full between two
+    /// updates); it stays so until an update finds it under the low one. Answers the
+    /// names over the high watermark.
+    pub fn mark(&mut self, name: &str) -> Vec<String> {
+        if self.overloaded.insert(name.to_owned()) {
+            tracing::warn!(name, "{} full", if self.links { "link" } else { "queue" });
+        }
+        self.overloaded.iter().cloned().collect()
     }
 
     /// Takes the level of every queue (type, operations queued, capacity) and answers
@@ -90,13 +114,19 @@ impl Flow {
                 now.insert(op_type.to_owned());
             }
         }
-        let changed = now != self.overloaded;
-        if changed {
-            for t in now.difference(&self.overloaded) {
+        for t in now.difference(&self.overloaded) {
+            if self.links {
+                tracing::warn!(peer = %t, high = self.high,
+                    "link over its high watermark (flow.high of cluster.link_buffer_bytes unsent): new operations go to other nodes or are refused");
+            } else {
                 tracing::warn!(op_type = %t, high = self.high,
                     "queue over its high watermark (flow.high): other nodes send this type elsewhere or refuse it");
             }
-            for t in self.overloaded.difference(&now) {
+        }
+        for t in self.overloaded.difference(&now) {
+            if self.links {
+                tracing::info!(peer = %t, low = self.low, "link back under its low watermark (flow.low)");
+            } else {
                 tracing::info!(op_type = %t, low = self.low, "queue back under its low watermark (flow.low)");
             }
         }
@@ -118,6 +148,9 @@ mod tests {
         assert_eq!(level(&mut f, 50), ["a"], "between the marks: stays");
         assert_eq!(level(&mut f, 21), ["a"]);
         assert!(level(&mut f, 20).is_empty(), "at the low mark: cleared");
+        assert_eq!(f.mark("a"), ["a"], "found full between updates");
+        assert_eq!(level(&mut f, 50), ["a"], "between the marks: stays");
+        assert!(level(&mut f, 20).is_empty());
         assert!(
             level(&mut f, 50).is_empty(),
             "between the marks: stays clear"

@@ -192,6 +192,17 @@ impl Outbox {
         }
     }
 
+    /// Takes back the operations `ids` waiting on `peer` (they were never sent).
+    pub fn release(&self, peer: &NodeId, ids: impl Iterator<Item = u128>) -> Vec<Box<Job>> {
+        match self.by_peer.get(peer) {
+            Some(slot) => {
+                let mut held = slot.lock();
+                ids.filter_map(|id| held.remove(&id)).collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
     /// Takes back everything waiting on `peer` (it is down: route them again).
     pub fn take(&self, peer: &NodeId) -> Vec<Box<Job>> {
         match self.by_peer.get(peer) {

@@ -29,11 +29,6 @@ use crate::codec::WireReply;
 /// Most ids of operations whose reply was dropped that a ledger remembers.
 const MAX_DROPPED_IDS: usize = 100_000;
 
-/// What a reply takes in a ledger: its result, its error and a fixed part for the rest.
-pub fn reply_bytes(r: &WireReply) -> usize {
-    64 + r.result.as_ref().map_or(0, Vec::len) + r.error.as_ref().map_or(0, String::len)
-}
-
 /// Hashes an operation id by folding its two halves: ids are random (UUIDv4) and come
 /// from authenticated nodes, so SipHash's defence against chosen keys buys nothing on a
 /// map touched three times per forwarded operation.
@@ -139,7 +134,7 @@ impl Ledger {
     ) -> (Batch, usize) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let bytes = replies.iter().map(reply_bytes).sum();
+        let bytes = replies.iter().map(WireReply::size_hint).sum();
         for r in &replies {
             self.ops.insert(r.id, OpState::Answered(seq));
         }
@@ -299,14 +294,14 @@ mod tests {
         l.acked(1);
         let all = l.due(t + Duration::from_secs(3), Duration::ZERO);
         assert_eq!(all.iter().map(|b| b.seq).collect::<Vec<_>>(), [0]);
-        assert_eq!(l.held(), (2, 2 * reply_bytes(&reply(0, 1))));
+        assert_eq!(l.held(), (2, 2 * reply(0, 1).size_hint()));
     }
 
     #[test]
     fn past_the_budget_the_oldest_batches_go_and_their_operations_are_not_run_blindly() {
         let mut l = Ledger::default();
         let t = Instant::now();
-        let one = reply_bytes(&reply(0, 100));
+        let one = reply(0, 100).size_hint();
         for id in 0..4 {
             l.admit(id, false);
         }

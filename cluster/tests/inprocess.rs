@@ -882,6 +882,150 @@ async fn an_owners_open_breaker_is_refused_at_the_origins_door() {
     a.stop().await;
 }
 
+/// A TCP proxy in front of `to`: what the dialer writes is forwarded unless `paused`
+/// (then the dialer's writes back up into its outbox); answers always flow.
+async fn stalling_proxy(to: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        paused: Option<Arc<AtomicBool>>,
+    ) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            while paused.as_ref().is_some_and(|p| p.load(Ordering::SeqCst)) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let paused = Arc::new(AtomicBool::new(false));
+    let p = paused.clone();
+    tokio::spawn(async move {
+        while let Ok((dialer, _)) = listener.accept().await {
+            let Ok(target) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (dr, dw) = dialer.into_split();
+            let (tr, tw) = target.into_split();
+            tokio::spawn(pipe(dr, tw, Some(p.clone())));
+            tokio::spawn(pipe(tr, dw, None));
+        }
+    });
+    (addr, paused)
+}
+
+/// A link that does not keep up is bounded: its outbox holds at most
+/// `cluster.link_buffer_bytes`; operations past it go elsewhere or fail naming the link
+/// (never lost); over `flow.high` of it the link is congested and the origin's door
+/// refuses the type (429) while no other node can take it, until the link drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_congested_link_pushes_back_at_the_origins_door() {
+    let b_listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (via_proxy, paused) = stalling_proxy(b_listen).await;
+    // Silence on the stalled link must not make either node mark the other down.
+    let patient = |c: &mut ClusterConfig| c.down_after = Duration::from_secs(60);
+    let a = member_with("a", None, |c| {
+        patient(c);
+        c.link_buffer_bytes = ClusterConfig::MIN_LINK_BUFFER;
+    })
+    .await;
+    let seed = a.cluster.cluster_addr().to_owned();
+    let b = member_with("b", Some(&seed), |c| {
+        patient(c);
+        c.listen = b_listen;
+        c.advertise = via_proxy.to_string();
+    })
+    .await;
+    wait_for("b joined", Duration::from_secs(30), || up_count(&a) == 2).await;
+    let v = a.node.set_route("echo", pinned(&["b"])).await.unwrap();
+    wait_for("the route on a", Duration::from_secs(30), || {
+        a.node.routes().version >= v
+    })
+    .await;
+    let big = Json::encode(&"x".repeat(256 * 1024)).unwrap();
+    let o = a
+        .node
+        .submit(Operation::new("echo", big.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (o.status, o.executed_by.as_deref()),
+        (OpStatus::Succeeded, Some("b"))
+    );
+
+    paused.store(true, Ordering::SeqCst);
+    let mut accepted = Vec::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    let why = loop {
+        assert!(
+            Instant::now() < until && accepted.len() < 1000,
+            "a's door never refused echo ({} accepted)",
+            accepted.len()
+        );
+        match a.node.enqueue(Operation::new("echo", big.clone())) {
+            Ok(t) => accepted.push(t),
+            Err(SubmitError::OwnerOverloaded { node, why, .. }) => {
+                assert_eq!(node, "b");
+                break why;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert!(why.contains("link"), "{why}");
+    let status = a.cluster.status();
+    assert!(status.nodes.iter().any(|n| n.id == "b" && n.congested));
+    let link = status.links.iter().find(|l| l.peer == "b").unwrap().clone();
+    assert!(
+        link.queued_bytes as usize <= ClusterConfig::MIN_LINK_BUFFER + 512 * 1024,
+        "bounded: {}",
+        link.queued_bytes
+    );
+
+    paused.store(false, Ordering::SeqCst);
+    wait_for("a accepts echo again", Duration::from_secs(30), || {
+        a.node.routes().nodes.iter().all(|n| !n.congested)
+    })
+    .await;
+    let o = a
+        .node
+        .submit(Operation::new("echo", big.clone()))
+        .await
+        .unwrap();
+    assert_eq!(o.status, OpStatus::Succeeded, "{:?}", o.error);
+    // Every accepted operation ended: run on b, or refused naming the full link.
+    let outcomes = futures::future::join_all(accepted).await;
+    let (mut ran, mut refused) = (0, 0);
+    for o in &outcomes {
+        match o.status {
+            OpStatus::Succeeded => ran += 1,
+            _ => {
+                let e = o.error.as_deref().unwrap_or_default();
+                assert!(e.contains("the link to node `b` holds"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    // Whether the link was found full before a heartbeat found it congested is a race;
+    // what was refused for it is what failed.
+    assert!(ran > 0, "ran {ran}");
+    assert_eq!(refused > 0, link.refused_full > 0, "{refused} vs {link:?}");
+    b.stop().await;
+    a.stop().await;
+}
+
 /// A node whose cluster is up but whose engine is not attached yet (it is starting) does
 /// not refuse forwarded operations as if it were shutting down: it says it is starting,
 /// in a reply the origin routes again.

@@ -36,6 +36,7 @@ pub(super) async fn cluster_status(st: web::Data<AppState>) -> HttpResponse {
                     "load": s.in_flight_operations,
                     "overloaded": [],
                     "open_breakers": [],
+                    "congested": false,
                     "link": "self",
                 }],
                 "forwarded_waiting": 0,

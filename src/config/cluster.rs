@@ -51,6 +51,7 @@ pub(super) struct RawCluster {
     flush_bytes: u64,
     linger_us: u64,
     max_frame_bytes: u64,
+    link_buffer_bytes: u64,
     max_pending_handshakes: u64,
     bootstrap: String,
     pod: String,
@@ -336,6 +337,11 @@ impl RawCluster {
                 "cluster.max_frame_bytes",
                 self.max_frame_bytes,
                 64 * KIB..=GIB,
+            )?,
+            link_buffer_bytes: check.count(
+                "cluster.link_buffer_bytes",
+                self.link_buffer_bytes,
+                64 * KIB..=4095 * MIB,
             )?,
             reconnect_min: ClusterConfig::DEFAULT_RECONNECT_MIN,
             // A link that breaks redials within a quarter of down_after, so a peer that is

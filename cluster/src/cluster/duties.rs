@@ -433,6 +433,31 @@ impl Inner {
         now
     }
 
+    /// The peers whose link is congested now (its outbox against the watermarks), kept
+    /// for the routing table until the next heartbeat.
+    fn update_links(&self) {
+        let capacity = self.cfg.link_buffer_bytes;
+        let links = self.transport().links();
+        let levels = links
+            .iter()
+            .map(|l| (&*l.peer, l.queued_bytes as usize, capacity));
+        let now = self.link_flow.lock().update(levels);
+        if **self.congested.load() != now {
+            self.congested.store(Arc::new(now));
+            self.publish(&self.state.load_full());
+        }
+    }
+
+    /// The link to `peer` refused operations (full): it is congested from now until an
+    /// update finds it under the low watermark.
+    pub(super) fn link_full(&self, peer: &NodeId) {
+        let now = self.link_flow.lock().mark(peer);
+        if **self.congested.load() != now {
+            self.congested.store(Arc::new(now));
+            self.publish(&self.state.load_full());
+        }
+    }
+
     /// This node's open circuit breakers now, kept for the `Pong`s and the routing table
     /// until the next heartbeat; their wire form.
     fn update_breakers(&self, now: Instant) -> Vec<OpenBreaker> {
@@ -476,6 +501,7 @@ impl Inner {
                 n.overloaded = h.overloaded.clone();
                 n.open_breakers = h.open_breakers.clone();
             }
+            n.congested = self.congested.load().iter().any(|p| **p == *n.id);
         }
         self.table.store(Arc::new(table));
     }
@@ -492,6 +518,7 @@ impl Inner {
             let load = self.in_flight();
             let overloaded = self.update_flow();
             let open_breakers = self.update_breakers(Instant::now());
+            self.update_links();
             let state = self.state.load();
             for n in state.nodes.keys() {
                 if *n != self.me.name {

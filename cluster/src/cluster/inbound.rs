@@ -180,6 +180,12 @@ impl Inner {
             }
         }
         self.publish(&self.state.load_full());
+        self.route_again(peer, refused);
+    }
+
+    /// Operations `peer` cannot take (the routing table already says so): each goes to
+    /// another node of its route, or fails with its reason when there is none.
+    pub(super) fn route_again(&self, peer: &NodeId, refused: Vec<(Box<Job>, String)>) {
         let table = self.table.load();
         let mut again = Vec::new();
         for (job, why) in refused {
@@ -199,7 +205,7 @@ impl Inner {
             }
         }
         if !again.is_empty() {
-            tracing::debug!(node = %peer, count = again.len(), "queue full there: routing operations again");
+            tracing::debug!(node = %peer, count = again.len(), "node cannot take them: routing operations again");
             if let Some(node) = self.node.get() {
                 node.reroute(again);
             }

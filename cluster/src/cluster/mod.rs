@@ -56,7 +56,7 @@ use crate::network::{Calls, Links, Network};
 use crate::remote::Outbox;
 use crate::replies::Ledger;
 use crate::store::Store;
-use crate::transport::{Transport, TransportError};
+use crate::transport::{SendError, Transport, TransportError};
 use crate::types::{raft_id, ClusterState, Command, Member, NodeRecord, NodeStatus, Raft, RaftId};
 
 /// How long this node waits for its link back to a node that just said hello (a
@@ -81,6 +81,10 @@ struct Inner {
     /// tell the others, see [`crate::flow`]).
     flow: Mutex<Flow>,
     overloaded: ArcSwap<Vec<String>>,
+    /// The watermarks of this node's links, and the peers over them (congested: see
+    /// [`crate::flow::Flow::links`]).
+    link_flow: Mutex<Flow>,
+    congested: ArcSwap<Vec<String>>,
     /// This node's open circuit breakers (type, open until), as of the last heartbeat.
     open_breakers: Mutex<Vec<(OpType, Instant)>>,
     calls: Calls,
@@ -160,6 +164,8 @@ impl Cluster {
             heard: DashMap::new(),
             flow: Mutex::new(Flow::new(cfg.flow_high, cfg.flow_low)),
             overloaded: ArcSwap::from_pointee(Vec::new()),
+            link_flow: Mutex::new(Flow::links(cfg.flow_high, cfg.flow_low)),
+            congested: ArcSwap::from_pointee(Vec::new()),
             open_breakers: Mutex::default(),
             calls: Calls::default(),
             outbox: Outbox::default(),
@@ -451,6 +457,22 @@ impl Forwarder for ClusterForwarder {
         let wire = self.0.outbox.hold(node, jobs);
         // Not connected: the operations wait in the outbox, sent when the link comes
         // back, routed again if the node is marked down, expired at their deadline.
-        let _ = self.0.transport().send(node, Message::OpBatch(wire));
+        // The link full: they go to another node of their route, or fail naming it.
+        let refused = self.0.transport().try_send(node, Message::OpBatch(wire));
+        if let Err(refused) = refused {
+            let (SendError::Full { queued }, Message::OpBatch(wire)) = *refused else {
+                return;
+            };
+            let why = format!(
+                "the link to node `{node}` holds {queued} bytes unsent, the most \
+                 cluster.link_buffer_bytes allows"
+            );
+            let refused = self.0.outbox.release(node, wire.iter().map(|w| w.id));
+            self.0.link_full(node);
+            self.0.route_again(
+                node,
+                refused.into_iter().map(|j| (j, why.clone())).collect(),
+            );
+        }
     }
 }

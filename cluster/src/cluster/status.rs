@@ -54,6 +54,9 @@ pub struct NodeStatusView {
     /// The types whose circuit breaker there is open, as last heard: new operations of
     /// those types go elsewhere or are refused with 503 `circuit_open`.
     pub open_breakers: Vec<String>,
+    /// This node's link to it holds more than `flow.high` of `cluster.link_buffer_bytes`
+    /// unsent (until under `flow.low`): new operations go to other nodes of their route.
+    pub congested: bool,
     /// self, connected or disconnected: this node's link to it.
     pub link: String,
     /// Milliseconds since this node last heard from it.
@@ -114,6 +117,7 @@ impl Inner {
                             h.open_breakers.iter().map(|(t, _)| t.to_string()).collect()
                         })
                     },
+                    congested: self.congested.load().iter().any(|p| **p == *n.name),
                     link: if is_me {
                         "self"
                     } else if t.is_connected(&n.name) {

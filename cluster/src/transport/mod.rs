@@ -97,6 +97,10 @@ pub enum SendError {
     /// The link exists but is down; the writer is redialing.
     #[error("the link to that peer is down")]
     NotConnected,
+    /// Operations or replies when the link's outbox holds `cluster.link_buffer_bytes`
+    /// unsent already (the peer or the network does not keep up).
+    #[error("the link to that peer holds {queued} bytes unsent, the most cluster.link_buffer_bytes allows")]
+    Full { queued: usize },
 }
 
 /// What a link has done, for metrics and the admin API.
@@ -116,6 +120,13 @@ pub struct LinkStats {
     pub reconnects: u64,
     /// Messages discarded: waiting when the link went down, or too large to send.
     pub dropped: u64,
+    /// Bytes of operations and replies queued and not yet written (estimated:
+    /// [`Message::size_hint`]), at most `cluster.link_buffer_bytes` but for one batch
+    /// larger than that alone.
+    pub queued_bytes: u64,
+    /// Operation and reply batches refused because the outbox was full
+    /// ([`SendError::Full`]).
+    pub refused_full: u64,
     /// The last reason a connection attempt failed or a link was lost.
     pub last_error: Option<String>,
 }
@@ -181,6 +192,7 @@ struct Peer {
     bytes_received: AtomicU64,
     reconnects: AtomicU64,
     dropped: AtomicU64,
+    refused_full: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -191,6 +203,18 @@ struct Peer {
 struct Outbox {
     connected: bool,
     queue: Vec<Message>,
+    /// The [`Message::size_hint`]s of the operations and replies queued (the cluster's
+    /// own messages, small and never refused, are not counted).
+    queued: usize,
+    /// Those of what the writer took from the queue and is still writing.
+    writing: usize,
+}
+
+impl Outbox {
+    /// Bytes accepted and not yet written.
+    fn unsent(&self) -> usize {
+        self.queued + self.writing
+    }
 }
 
 /// Why [`Transport::start`] failed.
@@ -289,16 +313,33 @@ impl Transport {
     }
 
     /// Queues `msg` for `peer`'s writer. Never blocks and never waits for the network:
-    /// `Ok` means queued on a link that was up, not delivered.
+    /// `Ok` means queued on a link that was up, not delivered. Operations and replies
+    /// ([`Message::is_bulk`]) are refused with [`SendError::Full`] when the outbox holds
+    /// `cluster.link_buffer_bytes` with them (one larger than that alone still goes when
+    /// nothing else waits); the cluster's own messages always queue.
     pub fn send(&self, peer: &str, msg: Message) -> Result<(), SendError> {
-        let peer = self
-            .shared()
-            .peers
-            .get(peer)
-            .ok_or(SendError::UnknownPeer)?;
+        self.try_send(peer, msg).map_err(|refused| refused.0)
+    }
+
+    /// [`send`](Self::send), handing a refused message back (boxed: refusals are rare,
+    /// messages large).
+    pub fn try_send(&self, peer: &str, msg: Message) -> Result<(), Box<(SendError, Message)>> {
+        let Some(peer) = self.shared().peers.get(peer) else {
+            return Err(Box::new((SendError::UnknownPeer, msg)));
+        };
+        let size = msg.size_hint();
         let mut outbox = peer.outbox.lock();
         if !outbox.connected {
-            return Err(SendError::NotConnected);
+            return Err(Box::new((SendError::NotConnected, msg)));
+        }
+        if msg.is_bulk() {
+            let unsent = outbox.unsent();
+            if unsent > 0 && unsent + size > self.shared().config.link_buffer_bytes {
+                drop(outbox);
+                peer.refused_full.fetch_add(1, Ordering::Relaxed);
+                return Err(Box::new((SendError::Full { queued: unsent }, msg)));
+            }
+            outbox.queued += size;
         }
         let was_empty = outbox.queue.is_empty();
         outbox.queue.push(msg);
@@ -417,15 +458,22 @@ impl Peer {
             bytes_received: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            refused_full: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
     }
 
     fn stats(&self) -> LinkStats {
+        let (connected, unsent) = {
+            let outbox = self.outbox.lock();
+            (outbox.connected, outbox.unsent())
+        };
         LinkStats {
             peer: self.name.clone(),
             addr: self.addr.lock().clone(),
-            connected: self.outbox.lock().connected,
+            connected,
+            queued_bytes: unsent as u64,
+            refused_full: self.refused_full.load(Ordering::Relaxed),
             frames_sent: self.frames_sent.load(Ordering::Relaxed),
             bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
             frames_received: self.frames_received.load(Ordering::Relaxed),
@@ -442,6 +490,8 @@ impl Peer {
         outbox.connected = false;
         let n = outbox.queue.len() as u64;
         outbox.queue.clear();
+        outbox.queued = 0;
+        outbox.writing = 0;
         n
     }
 
@@ -516,6 +566,45 @@ mod tests {
         until("a's receive counters", || a.links()[0].frames_received == 1).await;
         assert!(a.links()[0].bytes_received > 0);
 
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    /// A link's outbox holds at most `link_buffer_bytes` of operations and replies:
+    /// past it they are refused (`Full`) and counted, the cluster's own messages still
+    /// queue, and once the writer catches up the link takes batches again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_link_refuses_batches_until_the_writer_catches_up() {
+        let mut cfg = config("a");
+        cfg.link_buffer_bytes = ClusterConfig::MIN_LINK_BUFFER;
+        let (a, _) = start_with(cfg).await;
+        let (b, b_in) = start("b").await;
+        a.add_peer("b", &b.local_addr().to_string());
+        assert!(a.wait_connected("b", WAIT).await);
+        // One thread, no await: the writer cannot run while these are sent.
+        let batch = || Message::OpBatch((0..16).map(small_op).collect());
+        let size = batch().size_hint();
+        let (mut sent, mut full) = (0usize, 0usize);
+        for _ in 0..(4 * ClusterConfig::MIN_LINK_BUFFER / size) {
+            match a.send("b", batch()) {
+                Ok(()) => sent += 1,
+                Err(SendError::Full { queued }) => {
+                    assert!(queued + size > ClusterConfig::MIN_LINK_BUFFER);
+                    full += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(sent, ClusterConfig::MIN_LINK_BUFFER / size);
+        assert!(full > 0);
+        let stats = &a.links()[0];
+        assert_eq!(stats.queued_bytes as usize, sent * size);
+        assert_eq!(stats.refused_full as usize, full);
+        a.send("b", ping(1)).expect("upkeep queues on a full link");
+        until("b got what was accepted", || b_in.count() == sent + 1).await;
+        until("the outbox drained", || a.links()[0].queued_bytes == 0).await;
+        a.send("b", batch()).expect("room again");
+        until("the last batch", || b_in.count() == sent + 2).await;
         a.shutdown().await;
         b.shutdown().await;
     }

@@ -300,7 +300,12 @@ mod tests {
     async fn a_flipped_byte_closes_the_link_and_nothing_after_it_is_delivered() {
         let (a, b, b_in) = tampered_link(Tamper::Flip(4)).await;
         a.send("b", ping(2)).unwrap();
-        a.send("b", ping(3)).unwrap();
+        // The link may already be closed by b over the flipped record: then ping 3 is
+        // refused here rather than dropped there.
+        match a.send("b", ping(3)) {
+            Ok(()) | Err(super::super::SendError::NotConnected) => {}
+            Err(e) => panic!("{e}"),
+        }
         relinked(&a).await;
         a.send("b", ping(4)).unwrap();
         until("the ping on the new link", || {

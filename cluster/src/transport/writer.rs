@@ -164,7 +164,12 @@ async fn pump(
         }
         // Until the outbox stays empty: what arrives during a write goes in the next one.
         loop {
-            std::mem::swap(&mut peer.outbox.lock().queue, batch);
+            {
+                let mut outbox = peer.outbox.lock();
+                std::mem::swap(&mut outbox.queue, batch);
+                // What the last batch took is written (or was dropped).
+                outbox.writing = std::mem::take(&mut outbox.queued);
+            }
             if batch.is_empty() {
                 break;
             }
