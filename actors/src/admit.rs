@@ -13,10 +13,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::oneshot;
+
 use crate::counter::{Anchor, StripedArc};
 use crate::handler::{HandlerKind, TypeEntry};
-use crate::job::{Job, Reply, Ticket, Tracked};
-use crate::op::{OpType, Operation, SubmitError};
+use crate::job::{Job, Reply, Ticket, Tracked, Waiter};
+use crate::op::{OpType, Operation, SubmitError, TraceContext};
 use crate::ratelimit::Refusal;
 use crate::routing::affinity;
 use crate::shared::NodeShared;
@@ -33,7 +35,8 @@ pub(crate) enum Admit {
 }
 
 impl NodeShared {
-    /// Accepts `op` (tracked in the store when `track`), or says why not.
+    /// Accepts `op` (tracked in the store when `track`), or says why not: the job and
+    /// the caller's [`Ticket`].
     /// `node` is this node's striped handle: the accepted operation holds a reference
     /// to it taken on the calling thread's stripe.
     pub(crate) fn admit(
@@ -44,6 +47,29 @@ impl NodeShared {
         how: Admit,
         now: Instant,
     ) -> Result<(Box<Job>, Ticket), SubmitError> {
+        let id = op.id;
+        let mut rx = None;
+        let (job, submit_ctx) = self.admit_to(node, op, track, how, now, || {
+            let (tx, r) = oneshot::channel();
+            rx = Some(r);
+            Waiter::Caller(tx)
+        })?;
+        let rx = rx.expect("the waiter is made for every accepted operation");
+        Ok((job, Ticket::new(id, submit_ctx, rx)))
+    }
+
+    /// Accepts `op` like [`admit`](Self::admit), its outcome going to whoever `waiter`
+    /// makes (called once it is accepted); answers the job and the context of its
+    /// `op.submit` span, when it is traced here as the origin.
+    pub(crate) fn admit_to(
+        &self,
+        node: &StripedArc<NodeShared>,
+        op: Operation,
+        track: bool,
+        how: Admit,
+        now: Instant,
+        waiter: impl FnOnce() -> Waiter,
+    ) -> Result<(Box<Job>, Option<TraceContext>), SubmitError> {
         let (slot, shard) = match self.check(&op, how, now) {
             Ok(checked) => checked,
             Err(e) => {
@@ -68,8 +94,7 @@ impl NodeShared {
         let deadline = op
             .deadline
             .unwrap_or(now + slot.entry().limits.default_deadline);
-        let (reply, rx) = Reply::new(&op, trace, slot, node.anchor(), tracked, now);
-        let ticket = Ticket::new(op.id, submit_ctx, rx);
+        let reply = Reply::new(&op, trace, slot, node.anchor(), tracked, now, waiter());
         Ok((
             Box::new(Job {
                 op,
@@ -77,7 +102,7 @@ impl NodeShared {
                 reply,
                 shard,
             }),
-            ticket,
+            submit_ctx,
         ))
     }
 

@@ -49,6 +49,21 @@ pub struct Stamps {
     pub started: Stamp,
 }
 
+/// Takes the outcomes of operations whose caller does not wait on a [`Ticket`]: the
+/// cluster layer, which sends the outcomes of operations another node forwarded here
+/// back in batches. `deliver` is called once per operation, on the thread that
+/// completes it (an executor's, or whichever drops it): it must not block.
+pub trait OutcomeSink: Send + Sync {
+    fn deliver(&self, outcome: OpOutcome);
+}
+
+/// Who hears an operation's outcome.
+pub(crate) enum Waiter {
+    /// The caller, through its [`Ticket`].
+    Caller(oneshot::Sender<OpOutcome>),
+    Sink(Arc<dyn OutcomeSink>),
+}
+
 /// Completes one operation: answers the waiting caller, updates its tracked record,
 /// counters and the result cache, publishes its event and hands its spans to the
 /// node's span sink. Completing twice is impossible (it is consumed); dropping it
@@ -63,7 +78,7 @@ pub struct Reply {
     /// Retries, for the `op.execute` span (allocated only when there is one and the
     /// operation is traced).
     pub(crate) retry_events: Vec<SpanEvent>,
-    tx: Option<oneshot::Sender<OpOutcome>>,
+    waiter: Option<Waiter>,
     tracked: Option<Arc<Tracked>>,
     /// The type's queue slot while the operation waits (and the type's entry always).
     pub(crate) slot: QueueSlot,
@@ -86,16 +101,16 @@ impl Reply {
         shared: Anchor<NodeShared>,
         tracked: Option<Arc<Tracked>>,
         accepted_at: Instant,
-    ) -> (Self, oneshot::Receiver<OpOutcome>) {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply {
+        waiter: Waiter,
+    ) -> Self {
+        Reply {
             id: op.id,
             trace,
             stamps: Stamps::default(),
             cache_verdict: None,
             target: None,
             retry_events: Vec::new(),
-            tx: Some(tx),
+            waiter: Some(waiter),
             tracked,
             slot,
             shared,
@@ -103,8 +118,7 @@ impl Reply {
             accepted_at,
             owner: op.owner.clone(),
             done: false,
-        };
-        (reply, rx)
+        }
     }
 
     /// The operation's type: its handler, retry policy and counters.
@@ -216,8 +230,12 @@ impl Reply {
         if let Some(t) = self.tracked.take() {
             self.shared.store().finished(&t, outcome.clone());
         }
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(outcome);
+        match self.waiter.take() {
+            Some(Waiter::Caller(tx)) => {
+                let _ = tx.send(outcome);
+            }
+            Some(Waiter::Sink(sink)) => sink.deliver(outcome),
+            None => {}
         }
         self.shared.op_finished();
     }

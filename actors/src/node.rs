@@ -21,7 +21,7 @@ use crate::cache::CacheStats;
 use crate::counter::StripedArc;
 use crate::events::EventBus;
 use crate::handler::{Handler, HandlerRegistry, HandlerResult, RetryPolicy, TypeEntry};
-use crate::job::{Job, Ticket, Tracked};
+use crate::job::{Job, OutcomeSink, Ticket, Tracked, Waiter};
 use crate::metrics::{Latency, NodeMetrics, TypeStats};
 use crate::op::{Limits, NodeId, OpId, OpOutcome, OpType, Operation, SubmitError};
 use crate::router::{dispatch_local, Forwarder};
@@ -499,23 +499,28 @@ impl Node {
 
     /// Runs operations that another node routed here: they are checked against this
     /// node's handlers and queues and go straight to its Cache/Scheduler, never routed
-    /// again (the origin already chose this node). Answers in the same order.
-    pub fn enqueue_forwarded(&self, ops: Vec<Operation>) -> Vec<Result<Ticket, SubmitError>> {
+    /// again (the origin already chose this node). The outcome of each accepted one goes
+    /// to `sink` (no ticket per operation); answers whether each was accepted, in the
+    /// same order.
+    pub fn enqueue_forwarded(
+        &self,
+        ops: Vec<Operation>,
+        sink: &Arc<dyn OutcomeSink>,
+    ) -> Vec<Result<(), SubmitError>> {
         let now = Instant::now();
         let mut jobs = Vec::with_capacity(ops.len());
-        let tickets = ops
+        let accepted = ops
             .into_iter()
             .map(|op| {
                 self.shared
-                    .admit(&self.anchors, op, false, Admit::Here, now)
-                    .map(|(job, t)| {
-                        jobs.push(job);
-                        t
+                    .admit_to(&self.anchors, op, false, Admit::Here, now, || {
+                        Waiter::Sink(Arc::clone(sink))
                     })
+                    .map(|(job, _)| jobs.push(job))
             })
             .collect();
         dispatch_local(&self.shared, jobs);
-        tickets
+        accepted
     }
 
     /// Routes accepted operations again: the cluster layer hands back what it had

@@ -293,12 +293,27 @@ async fn a_type_over_its_rate_is_refused_with_the_wait() {
         assert!(node.enqueue(Operation::new("echo", Json::null())).is_ok());
     }
     // Forwarded operations were admitted under the origin's rate.
+    struct Count(AtomicUsize);
+    impl opmesh_actors::OutcomeSink for Count {
+        fn deliver(&self, o: opmesh_actors::OpOutcome) {
+            assert_eq!(o.status, opmesh_actors::OpStatus::Succeeded, "{o:?}");
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let done = Arc::new(Count(AtomicUsize::new(0)));
+    let sink: Arc<dyn opmesh_actors::OutcomeSink> = done.clone();
     for _ in 0..10 {
         assert!(node
-            .enqueue_forwarded(vec![Operation::new("t", Json::null())])
+            .enqueue_forwarded(vec![Operation::new("t", Json::null())], &sink)
             .remove(0)
             .is_ok());
     }
+    wait_for(
+        "the sink heard every outcome",
+        Duration::from_secs(10),
+        || done.0.load(Ordering::SeqCst) == 10,
+    )
+    .await;
     node.shutdown(Duration::from_secs(1)).await;
 }
 

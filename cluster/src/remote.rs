@@ -14,15 +14,14 @@
 //! to the handler.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use opmesh_actors::job::Job;
 use opmesh_actors::trace::Stage;
 use opmesh_actors::{
-    Json, NodeId, OpId, OpOutcome, OpStatus, Operation, SubmitError, Ticket, TraceContext,
+    Json, NodeId, OpId, OpOutcome, OpStatus, Operation, OutcomeSink, SubmitError, TraceContext,
 };
 use parking_lot::Mutex;
 
@@ -252,22 +251,52 @@ impl Outbox {
     }
 }
 
-/// Waits for the outcomes of operations run here for `peer` and hands them to `send`
-/// in batches: whatever finished together goes in one `ReplyBatch`.
-pub async fn collect_replies(
-    tickets: Vec<Ticket>,
-    mut first: Vec<WireReply>,
-    mut send: impl FnMut(Vec<WireReply>),
-) {
-    if !first.is_empty() {
-        send(std::mem::take(&mut first));
+/// Gathers the outcomes of operations run here for another node (the engine delivers
+/// each as it completes: an [`OutcomeSink`]) and hands them to `send` in batches: what
+/// completed before the flush task ran goes in one `ReplyBatch`. No ticket or future
+/// per operation.
+pub struct ReplyCollector {
+    me: Weak<ReplyCollector>,
+    pending: Mutex<Vec<WireReply>>,
+    runtime: tokio::runtime::Handle,
+    send: Box<dyn Fn(Vec<WireReply>) + Send + Sync>,
+}
+
+impl ReplyCollector {
+    /// A collector whose flushes run on the current runtime.
+    pub fn new(send: impl Fn(Vec<WireReply>) + Send + Sync + 'static) -> Arc<ReplyCollector> {
+        Arc::new_cyclic(|me| ReplyCollector {
+            me: me.clone(),
+            pending: Mutex::new(Vec::new()),
+            runtime: tokio::runtime::Handle::current(),
+            send: Box::new(send),
+        })
     }
-    let mut running: FuturesUnordered<Ticket> = tickets.into_iter().collect();
-    while let Some(outcome) = running.next().await {
-        let mut batch = vec![reply_to_wire(outcome)];
-        while let Some(Some(o)) = running.next().now_or_never() {
-            batch.push(reply_to_wire(o));
+
+    fn flush(&self) {
+        let batch = std::mem::take(&mut *self.pending.lock());
+        if !batch.is_empty() {
+            (self.send)(batch);
         }
-        send(batch);
+    }
+}
+
+impl OutcomeSink for ReplyCollector {
+    fn deliver(&self, outcome: OpOutcome) {
+        let first = {
+            let mut pending = self.pending.lock();
+            pending.push(reply_to_wire(outcome));
+            pending.len() == 1
+        };
+        // The first outcome since the last flush schedules the next one, after the
+        // completing task yields: the rest of its batch of outcomes joins it.
+        if first {
+            if let Some(me) = self.me.upgrade() {
+                self.runtime.spawn(async move {
+                    tokio::task::yield_now().await;
+                    me.flush();
+                });
+            }
+        }
     }
 }

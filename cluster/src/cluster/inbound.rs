@@ -22,12 +22,12 @@ use std::time::{Duration, Instant};
 use openraft::Vote;
 use opmesh_actors::job::Job;
 use opmesh_actors::routing::affinity;
-use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus, OpType};
+use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus, OpType, OutcomeSink};
 
 use super::{Inner, LINK_BACK_WAIT};
 use crate::codec::{Message, Rpc, RpcReply, WireOp, WireReply, WriteRefused};
 use crate::flow::{breakers_from_wire, breakers_to_wire, same_breakers};
-use crate::remote::{collect_replies, from_wire, refused_reply, reply_to_wire, REFUSED_OVERLOADED};
+use crate::remote::{from_wire, refused_reply, reply_to_wire, ReplyCollector, REFUSED_OVERLOADED};
 use crate::replies::{Admit, Batch};
 use crate::transport::Inbound;
 use crate::types::{raft_id, RaftId};
@@ -350,20 +350,18 @@ impl Inner {
         }
         let ids: Vec<u128> = fresh.iter().map(|o| o.id).collect();
         let ops = fresh.into_iter().map(|w| from_wire(w, now)).collect();
-        let mut tickets = Vec::new();
-        for (id, r) in ids.into_iter().zip(node.enqueue_forwarded(ops)) {
-            match r {
-                Ok(t) => tickets.push(t),
-                Err(e) => refusals.push(refused_reply(id, &me, &e)),
+        let inner = self.clone();
+        let to = peer.clone();
+        let sink: Arc<dyn OutcomeSink> =
+            ReplyCollector::new(move |batch| inner.send_replies(&to, batch));
+        for (id, r) in ids.into_iter().zip(node.enqueue_forwarded(ops, &sink)) {
+            if let Err(e) = r {
+                refusals.push(refused_reply(id, &me, &e));
             }
         }
-        if tickets.is_empty() && refusals.is_empty() {
-            return;
+        if !refusals.is_empty() {
+            self.send_replies(&peer, refusals);
         }
-        let inner = self.clone();
-        tokio::spawn(async move {
-            collect_replies(tickets, refusals, |batch| inner.send_replies(&peer, batch)).await
-        });
     }
 
     /// Sends `replies` to `peer` as its next batch, kept until acknowledged (sent again
