@@ -62,7 +62,8 @@ use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfi
 /// 4: reply batches carry a sequence number and are acknowledged (`ReplyAck`);
 /// heartbeats carry the sender's overloaded types.
 /// 5: heartbeats carry the sender's open circuit breakers.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: records are authenticated with keyed BLAKE3 instead of HMAC-SHA256.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Bytes of the length prefix in front of every frame body.
 pub const LEN_PREFIX: usize = 4;

@@ -3,8 +3,9 @@
 //! A writer coalesces the messages waiting for a peer into one write, and that write is
 //! one record: a `u32` LE length (of what follows it), the frames (each with its own
 //! length prefix, as the [`codec`](crate::codec) lays them out), then a 32-byte tag:
-//! HMAC-SHA256 under the link's key over the record's sequence number, its length and
-//! its frames. The key is derived in the [`handshake`](super::handshake) from the
+//! BLAKE3 in keyed mode (a MAC, as HMAC-SHA256 is, several times faster on the records
+//! of a busy link) under the link's key over the record's sequence number, its length
+//! and its frames. The key is derived in the [`handshake`](super::handshake) from the
 //! secret, both nonces and both names, so it is new on every connection; the sequence
 //! number counts records from 0 on each connection and is never sent. A reader checks
 //! the tag before it decodes anything in the record: a record altered on the way,
@@ -19,9 +20,6 @@
 //! load one record carries hundreds of messages. Records are authenticated, not
 //! encrypted: whoever sees the traffic can read it, and cannot change it.
 
-use hmac::{KeyInit, Mac};
-
-use super::handshake::HmacSha256;
 use crate::codec::LEN_PREFIX;
 use crate::config::ClusterConfig;
 
@@ -46,18 +44,17 @@ pub(super) enum RecordError {
     BadTag { seq: u64 },
 }
 
-/// The key of one direction of one link, keyed once (HMAC's padded key blocks are
-/// computed here, not per record).
+/// The key of one direction of one link, keyed once.
 #[derive(Clone)]
-pub(super) struct LinkKey(HmacSha256);
+pub(super) struct LinkKey(blake3::Hasher);
 
 impl LinkKey {
     pub(super) fn new(key: &[u8; 32]) -> LinkKey {
-        LinkKey(HmacSha256::new_from_slice(key).expect("HMAC takes a key of any length"))
+        LinkKey(blake3::Hasher::new_keyed(key))
     }
 
     /// The MAC of record `seq` of `len` bytes, fed with everything but its frames.
-    fn record(&self, seq: u64, len: usize) -> HmacSha256 {
+    fn record(&self, seq: u64, len: usize) -> blake3::Hasher {
         let len = u32::try_from(len).expect("a record fits its u32 length (checked by the config)");
         let mut mac = self.0.clone();
         mac.update(&seq.to_le_bytes());
@@ -96,7 +93,7 @@ impl Sealer {
         let mut mac = self.key.record(self.seq, len);
         buf[..LEN_PREFIX].copy_from_slice(&(len as u32).to_le_bytes());
         mac.update(&buf[LEN_PREFIX..]);
-        buf.extend_from_slice(&mac.finalize().into_bytes());
+        buf.extend_from_slice(mac.finalize().as_bytes());
         self.seq += 1;
     }
 }
@@ -125,8 +122,11 @@ impl Opener {
         let (frames, tag) = body.split_at(end);
         let mut mac = self.key.record(seq, body.len());
         mac.update(frames);
-        mac.verify_slice(tag)
-            .map_err(|_| RecordError::BadTag { seq })?;
+        let tag: [u8; TAG_LEN] = tag.try_into().expect("split at TAG_LEN from the end");
+        // `Hash`'s equality is constant time.
+        if mac.finalize() != blake3::Hash::from_bytes(tag) {
+            return Err(RecordError::BadTag { seq });
+        }
         self.seq += 1;
         Ok(frames)
     }
