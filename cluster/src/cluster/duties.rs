@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Inner;
 use crate::codec::{Message, OpenBreaker};
-use crate::flow::{breakers_to_wire, same_breakers};
+use crate::flow::{breakers_to_wire, same_breakers, Flow};
 use crate::formation::{self, Formation, SeedBootstrap};
 use crate::membership;
 use crate::store::routing_table;
@@ -441,21 +441,28 @@ impl Inner {
         let levels = links
             .iter()
             .map(|l| (&*l.peer, l.queued_bytes as usize, capacity));
-        let now = self.link_flow.lock().update(levels);
-        if **self.congested.load() != now {
-            self.congested.store(Arc::new(now));
-            self.publish(&self.state.load_full());
+        let mut flow = self.link_flow.lock();
+        let now = flow.update(levels);
+        self.set_congested(now, flow);
+    }
+
+    /// Keeps `now` as the congested peers (under the lock of the flow that found them,
+    /// so an older list never replaces a newer one) and publishes a change.
+    fn set_congested(&self, now: Vec<String>, flow: parking_lot::MutexGuard<'_, Flow>) {
+        if **self.congested.load() == now {
+            return;
         }
+        self.congested.store(Arc::new(now));
+        drop(flow);
+        self.publish(&self.state.load_full());
     }
 
     /// The link to `peer` refused operations (full): it is congested from now until an
     /// update finds it under the low watermark.
     pub(super) fn link_full(&self, peer: &NodeId) {
-        let now = self.link_flow.lock().mark(peer);
-        if **self.congested.load() != now {
-            self.congested.store(Arc::new(now));
-            self.publish(&self.state.load_full());
-        }
+        let mut flow = self.link_flow.lock();
+        let now = flow.mark(peer);
+        self.set_congested(now, flow);
     }
 
     /// This node's open circuit breakers now, kept for the `Pong`s and the routing table
