@@ -74,6 +74,7 @@ fn cluster_keys_load_from_a_file() {
         linger_us = 250
         max_frame_bytes = 65536
         max_pending_handshakes = 8
+        link_buffer_bytes = 1048576
         previous_secret = "the-secret-before-this-one"
         "#
     ));
@@ -96,6 +97,7 @@ fn cluster_keys_load_from_a_file() {
     assert_eq!(c.linger, Duration::from_micros(250));
     assert_eq!(c.max_frame, 65536);
     assert_eq!(c.max_pending_handshakes, 8);
+    assert_eq!(c.link_buffer_bytes, 1 << 20);
     assert_eq!(
         c.previous_secret.as_ref().map(Secret::expose),
         Some(&b"the-secret-before-this-one"[..])
@@ -335,6 +337,18 @@ fn bad_cluster_values_are_rejected_naming_the_key() {
         (
             "max_frame_bytes = 65535",
             "`cluster.max_frame_bytes`: 65535 (allowed: 65536..=1073741824)",
+        ),
+        (
+            "link_buffer_bytes = 65535",
+            "`cluster.link_buffer_bytes`: 65535 (allowed: 65536..=4293918720)",
+        ),
+        (
+            "link_buffer_bytes = 4293918721",
+            "`cluster.link_buffer_bytes`: 4293918721 (allowed: 65536..=4293918720)",
+        ),
+        (
+            "reply_buffer_bytes = 1023",
+            "`cluster.reply_buffer_bytes`: 1023 (allowed: 1024..=4293918720)",
         ),
         (
             "max_pending_handshakes = 0",
