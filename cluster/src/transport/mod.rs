@@ -27,6 +27,13 @@
 //! most `handshake_timeout`, and refusals are logged at most once per address per ten
 //! seconds.
 //!
+//! The outbox is bounded: operations and replies waiting there (queued, or taken by
+//! the writer and not yet written) may take at most `cluster.link_buffer_bytes`, and
+//! `send` refuses more ([`SendError::Full`]) until the writer catches up; the cluster's
+//! own small messages (heartbeats, Raft, acknowledgements) always queue. What the link
+//! holds is in [`LinkStats::queued_bytes`], which the cluster holds against its
+//! watermarks (see [`crate::flow`]).
+//!
 //! A writer whose connection fails redials with exponential backoff and jitter. While a
 //! link is down, `send` refuses at once ([`SendError::NotConnected`]) and whatever was
 //! waiting when it dropped is discarded and counted: the layers above retry or fail over,
