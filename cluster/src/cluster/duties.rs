@@ -478,6 +478,7 @@ impl Inner {
             .flat_map(|(b, until)| b.types.iter().map(move |t| (t.clone(), until)))
             .collect();
         open.sort();
+        let wire = breakers_to_wire(&open, now);
         let changed = {
             let mut mine = self.open_breakers.lock();
             let changed = !same_breakers(&mine, &open, Duration::ZERO);
@@ -487,7 +488,7 @@ impl Inner {
         if changed {
             self.publish(&self.state.load_full());
         }
-        breakers_to_wire(&self.open_breakers.lock(), now)
+        wire
     }
 
     /// Swaps in the routing table for `state`.

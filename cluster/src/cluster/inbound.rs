@@ -25,7 +25,7 @@ use opmesh_actors::routing::affinity;
 use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus, OpType, OutcomeSink};
 
 use super::{Inner, LINK_BACK_WAIT};
-use crate::codec::{Message, Rpc, RpcReply, WireOp, WireReply, WriteRefused};
+use crate::codec::{Message, OpenBreaker, Rpc, RpcReply, WireOp, WireReply, WriteRefused};
 use crate::flow::{breakers_from_wire, breakers_to_wire, same_breakers};
 use crate::remote::{from_wire, refused_reply, reply_to_wire, ReplyCollector, REFUSED_OVERLOADED};
 use crate::replies::{Admit, Batch};
@@ -42,13 +42,6 @@ pub(super) struct Heard {
     pub(super) overloaded: Vec<OpType>,
     /// The types whose circuit breaker there is open, and until when.
     pub(super) open_breakers: Vec<(OpType, Instant)>,
-}
-
-/// What a heartbeat (`Ping` or `Pong`) says of its sender.
-struct Beat {
-    load: u64,
-    overloaded: Vec<String>,
-    open_breakers: Vec<(OpType, Instant)>,
 }
 
 /// Frames arriving on links, handed to the cluster (once it is built, while it runs).
@@ -133,13 +126,7 @@ impl Inner {
                 overloaded,
                 open_breakers,
             } => {
-                let now = Instant::now();
-                let beat = Beat {
-                    load,
-                    overloaded,
-                    open_breakers: breakers_from_wire(open_breakers, now),
-                };
-                self.heard(from, beat, now, false);
+                let now = self.heard(from, load, overloaded, open_breakers, false);
                 let _ = self.transport().send(
                     from,
                     Message::Pong {
@@ -156,13 +143,7 @@ impl Inner {
                 open_breakers,
                 ..
             } => {
-                let now = Instant::now();
-                let beat = Beat {
-                    load,
-                    overloaded,
-                    open_breakers: breakers_from_wire(open_breakers, now),
-                };
-                self.heard(from, beat, now, true)
+                self.heard(from, load, overloaded, open_breakers, true);
             }
         }
     }
@@ -231,30 +212,41 @@ impl Inner {
             .is_some()
     }
 
-    /// Notes a peer's heartbeat. Only a `Pong` (`answered`) counts as hearing from it: it
+    /// Notes a peer's heartbeat (its load, overloaded types and open breakers) and
+    /// answers when it arrived. Only a `Pong` (`answered`) counts as hearing from it: it
     /// proves the links both ways work, where a `Ping` that arrives proves only one.
-    fn heard(&self, from: &str, beat: Beat, now: Instant, answered: bool) {
-        let overloaded: Vec<OpType> = beat.overloaded.into_iter().map(Into::into).collect();
+    fn heard(
+        &self,
+        from: &str,
+        load: u64,
+        overloaded: Vec<String>,
+        open_breakers: Vec<OpenBreaker>,
+        answered: bool,
+    ) -> Instant {
+        let now = Instant::now();
+        let overloaded: Vec<OpType> = overloaded.into_iter().map(Into::into).collect();
+        let open_breakers = breakers_from_wire(open_breakers, now);
         let mut h = self.heard.entry(from.into()).or_insert(Heard {
             at: None,
-            load: beat.load,
+            load,
             overloaded: Vec::new(),
             open_breakers: Vec::new(),
         });
-        h.load = beat.load;
+        h.load = load;
         if answered {
             h.at = Some(now);
         }
         // Two heartbeats of one open breaker differ by their time on the link.
         let slack = self.cfg.heartbeat;
-        let breakers_changed = !same_breakers(&h.open_breakers, &beat.open_breakers, slack);
+        let breakers_changed = !same_breakers(&h.open_breakers, &open_breakers, slack);
         if h.overloaded != overloaded || breakers_changed {
             h.overloaded = overloaded;
-            h.open_breakers = beat.open_breakers;
+            h.open_breakers = open_breakers;
             drop(h);
             // Routes see it now, not at the next heartbeat.
             self.publish(&self.state.load_full());
         }
+        now
     }
 
     fn on_link(&self, peer: &str, up: bool) {
