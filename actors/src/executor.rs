@@ -10,18 +10,21 @@
 //! once, waking the Scheduler if it waits for one, and tells its type's circuit breaker
 //! how it went (see [`crate::breaker`] for what counts as a failure).
 
+use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::handler::{GiveUpReason, HandlerError, HandlerKind, RetryDecision};
+use crate::handler::{
+    GiveUpReason, HandlerError, HandlerFuture, HandlerKind, HandlerResult, RetryDecision,
+};
 use crate::job::Job;
-use crate::op::{OpOutcome, OpStatus};
+use crate::op::{Json, OpOutcome, OpStatus};
 use crate::shared::NodeShared;
 use crate::slots::{RunningSlot, SlotReturns, Started};
 use crate::trace;
@@ -88,10 +91,22 @@ async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
     };
     // Declared first, dropped last: it gives back whatever the operations below left.
     let returns = SlotReturns::new(&shared, entry);
-    let mut running: FuturesUnordered<_> = batch
-        .run(&returns)
-        .map(|(job, slot)| run_one(&shared, job, slot))
-        .collect();
+    let mut started = batch.run(&returns);
+    // Each operation's handler is called and polled once here: one that is done at once
+    // (most are: echo, a lookup) completes without a place in the set below, a timer or
+    // a state machine of its own; the others go on there.
+    let mut running: FuturesUnordered<_> = std::future::poll_fn(|cx| {
+        Poll::Ready(
+            started
+                .by_ref()
+                .filter_map(|(job, slot)| match start_one(&shared, job, slot, cx) {
+                    Started1::Done => None,
+                    Started1::Running(job, slot, first) => Some(run_one(&shared, job, slot, first)),
+                })
+                .collect(),
+        )
+    })
+    .await;
     // Runs the operations; whenever the task is about to wait, the running slots of
     // those that finished go back to the node at once.
     let all_done = std::future::poll_fn(|cx| loop {
@@ -114,46 +129,106 @@ async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
     }
 }
 
+/// How an operation's first run went when its handler was first polled.
+enum First {
+    /// Not run yet (a blocking handler, or none): [`run_one`] starts it.
+    NotStarted,
+    /// Its handler's future, polled once and not done.
+    Running(HandlerFuture),
+    /// It ended at once, with this result or panic.
+    Ended(Result<HandlerResult, Box<dyn Any + Send>>),
+}
+
+/// What [`start_one`] did.
+enum Started1<'a> {
+    /// The operation succeeded at once and is completed.
+    Done,
+    /// It goes on in [`run_one`] (a running handler, a failure to retry or report).
+    Running(Box<Job>, RunningSlot<'a>, First),
+}
+
+/// Marks `job` running, calls its (async) handler and polls it once: an operation that
+/// succeeds at once is completed here.
+fn start_one<'a>(
+    shared: &NodeShared,
+    mut job: Box<Job>,
+    slot: RunningSlot<'a>,
+    cx: &mut Context<'_>,
+) -> Started1<'a> {
+    job.reply.mark_running(&job.op.op_type);
+    let first = match &job.reply.entry().handler {
+        HandlerKind::Async(h) => {
+            let ctx = job.reply.execute_context();
+            let mut call = trace::in_context(ctx, || h.call(job.op.clone()));
+            let polled = trace::in_context(ctx, || {
+                std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx)))
+            });
+            match polled {
+                Ok(Poll::Pending) => First::Running(call),
+                Ok(Poll::Ready(r)) => First::Ended(Ok(r)),
+                Err(panic) => First::Ended(Err(panic)),
+            }
+        }
+        HandlerKind::Blocking(_) | HandlerKind::Remote => First::NotStarted,
+    };
+    match first {
+        First::Ended(Ok(Ok(result))) => {
+            let outcome = (OpStatus::Succeeded, Some(result), None, Some(true));
+            finish(shared, job, slot, outcome, 1, Vec::new());
+            Started1::Done
+        }
+        first => Started1::Running(job, slot, first),
+    }
+}
+
 /// Runs one operation to its end and completes it, giving its running slot back as soon as
-/// the handler is done (a dropped future gives it back too).
+/// the handler is done (a dropped future gives it back too). `first` is how its first run
+/// started ([`start_one`]).
 ///
 /// The job stays in its box while the handler runs (the future holds a pointer, not the
 /// job): 10,000 sleeping operations take a third less memory that way.
-async fn run_one(shared: &NodeShared, mut job: Box<Job>, slot: RunningSlot<'_>) {
-    job.reply.mark_running(&job.op.op_type);
+async fn run_one(shared: &NodeShared, job: Box<Job>, slot: RunningSlot<'_>, first: First) {
     let entry = &**job.reply.entry();
     let ctx = job.reply.execute_context();
     let (op, deadline) = (&job.op, job.deadline);
     let mut attempts = 0u32;
     let mut retries = Vec::new();
+    let mut first = Some(first);
     let outcome = loop {
         attempts += 1;
-        let call = match &entry.handler {
-            HandlerKind::Async(h) => {
-                let call = trace::in_context(ctx, || h.call(op.clone()));
+        let call = match first.take().unwrap_or(First::NotStarted) {
+            First::Ended(ended) => Ok(ended),
+            First::Running(call) => {
                 let fut = trace::InContext::new(ctx, AssertUnwindSafe(call).catch_unwind());
                 tokio::time::timeout_at(deadline.into(), fut).await
             }
-            HandlerKind::Blocking(f) => {
-                let f = f.clone();
-                let o = op.clone();
-                let task = tokio::task::spawn_blocking(move || trace::in_context(ctx, || f(o)));
-                tokio::time::timeout_at(deadline.into(), task)
-                    .await
-                    .map(|r| r.map_err(|e| e.into_panic()))
-            }
-            HandlerKind::Remote => {
-                break (
-                    OpStatus::Failed,
-                    None,
-                    Some(format!(
-                        "node `{}` has no handler for operation type `{}`",
-                        shared.node_id(),
-                        op.op_type
-                    )),
-                    None,
-                )
-            }
+            First::NotStarted => match &entry.handler {
+                HandlerKind::Async(h) => {
+                    let call = trace::in_context(ctx, || h.call(op.clone()));
+                    let fut = trace::InContext::new(ctx, AssertUnwindSafe(call).catch_unwind());
+                    tokio::time::timeout_at(deadline.into(), fut).await
+                }
+                HandlerKind::Blocking(f) => {
+                    let f = f.clone();
+                    let o = op.clone();
+                    let task = tokio::task::spawn_blocking(move || trace::in_context(ctx, || f(o)));
+                    tokio::time::timeout_at(deadline.into(), task)
+                        .await
+                        .map(|r| r.map_err(|e| e.into_panic()))
+                }
+                HandlerKind::Remote => {
+                    break (
+                        OpStatus::Failed,
+                        None,
+                        Some(format!(
+                            "node `{}` has no handler for operation type `{}`",
+                            shared.node_id(),
+                            op.op_type
+                        )),
+                        None,
+                    )
+                }
+            },
         };
         let err = match call {
             Ok(Ok(Ok(result))) => break (OpStatus::Succeeded, Some(result), None, Some(true)),
@@ -236,10 +311,27 @@ async fn run_one(shared: &NodeShared, mut job: Box<Job>, slot: RunningSlot<'_>) 
         );
         tokio::time::sleep(wait).await;
     };
+    finish(shared, job, slot, outcome, attempts, retries);
+}
+
+/// What an operation's runs came to: its status, result, error, and whether it counts
+/// for (`Some(true)`) or against (`Some(false)`) its type's breaker.
+type Ending = (OpStatus, Option<Json>, Option<String>, Option<bool>);
+
+/// Completes `job` with `outcome` after `attempts` runs: gives its running slot back,
+/// tells its breaker, records its retries and answers its waiter.
+fn finish(
+    shared: &NodeShared,
+    job: Box<Job>,
+    slot: RunningSlot<'_>,
+    outcome: Ending,
+    attempts: u32,
+    retries: Vec<(u32, trace::Stamp, String)>,
+) {
     drop(slot);
     let (status, result, error, healthy) = outcome;
     if let Some(ok) = healthy {
-        shared.breaker_record(entry, ok);
+        shared.breaker_record(job.reply.entry(), ok);
     }
     let Job { op, mut reply, .. } = *job;
     for (attempt, at, message) in retries {
