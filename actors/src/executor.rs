@@ -2,7 +2,9 @@
 //! [shard](crate::shard) has one, fed by its Scheduler.
 //!
 //! Each batch runs in a task of its own, its operations concurrently, so a slow handler
-//! never holds the mailbox. Every operation runs under its deadline with its type's
+//! never holds the mailbox. Each operation's handler is polled once as its batch starts:
+//! one that is done at once (most are) completes there, without a deadline timer or a
+//! future of its own; the others go on concurrently. Every operation runs under its deadline with its type's
 //! retry policy: [`RetryPolicy::decide`](crate::RetryPolicy::decide) says whether to run
 //! again and how long to wait first (backoff with jitter, retryable errors only), the
 //! Executor only waits. Blocking handlers go to the blocking pool; a handler that panics
