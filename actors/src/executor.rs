@@ -101,10 +101,8 @@ async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
         Poll::Ready(
             started
                 .by_ref()
-                .filter_map(|(job, slot)| match start_one(&shared, job, slot, cx) {
-                    Started1::Done => None,
-                    Started1::Running(job, slot, first) => Some(run_one(&shared, job, slot, first)),
-                })
+                .filter_map(|(job, slot)| start_one(&shared, job, slot, cx))
+                .map(|(job, slot, first)| run_one(&shared, job, slot, first))
                 .collect(),
         )
     })
@@ -141,22 +139,15 @@ enum First {
     Ended(Result<HandlerResult, Box<dyn Any + Send>>),
 }
 
-/// What [`start_one`] did.
-enum Started1<'a> {
-    /// The operation succeeded at once and is completed.
-    Done,
-    /// It goes on in [`run_one`] (a running handler, a failure to retry or report).
-    Running(Box<Job>, RunningSlot<'a>, First),
-}
-
 /// Marks `job` running, calls its (async) handler and polls it once: an operation that
-/// succeeds at once is completed here.
+/// succeeds at once is completed here (`None`); any other goes on in [`run_one`] with
+/// how its first run started.
 fn start_one<'a>(
     shared: &NodeShared,
     mut job: Box<Job>,
     slot: RunningSlot<'a>,
     cx: &mut Context<'_>,
-) -> Started1<'a> {
+) -> Option<(Box<Job>, RunningSlot<'a>, First)> {
     job.reply.mark_running(&job.op.op_type);
     let first = match &job.reply.entry().handler {
         HandlerKind::Async(h) => {
@@ -177,9 +168,9 @@ fn start_one<'a>(
         First::Ended(Ok(Ok(result))) => {
             let outcome = (OpStatus::Succeeded, Some(result), None, Some(true));
             finish(shared, job, slot, outcome, 1, Vec::new());
-            Started1::Done
+            None
         }
-        first => Started1::Running(job, slot, first),
+        first => Some((job, slot, first)),
     }
 }
 
