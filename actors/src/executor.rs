@@ -26,7 +26,7 @@ use crate::handler::{
     GiveUpReason, HandlerError, HandlerFuture, HandlerKind, HandlerResult, RetryDecision,
 };
 use crate::job::Job;
-use crate::op::{Json, OpOutcome, OpStatus};
+use crate::op::{Json, OpOutcome, OpStatus, TraceContext};
 use crate::shared::NodeShared;
 use crate::slots::{RunningSlot, SlotReturns, Started};
 use crate::trace;
@@ -191,15 +191,11 @@ async fn run_one(shared: &NodeShared, job: Box<Job>, slot: RunningSlot<'_>, firs
         attempts += 1;
         let call = match first.take().unwrap_or(First::NotStarted) {
             First::Ended(ended) => Ok(ended),
-            First::Running(call) => {
-                let fut = trace::InContext::new(ctx, AssertUnwindSafe(call).catch_unwind());
-                tokio::time::timeout_at(deadline.into(), fut).await
-            }
+            First::Running(call) => run_call(call, ctx, deadline).await,
             First::NotStarted => match &entry.handler {
                 HandlerKind::Async(h) => {
                     let call = trace::in_context(ctx, || h.call(op.clone()));
-                    let fut = trace::InContext::new(ctx, AssertUnwindSafe(call).catch_unwind());
-                    tokio::time::timeout_at(deadline.into(), fut).await
+                    run_call(call, ctx, deadline).await
                 }
                 HandlerKind::Blocking(f) => {
                     let f = f.clone();
@@ -305,6 +301,17 @@ async fn run_one(shared: &NodeShared, job: Box<Job>, slot: RunningSlot<'_>, firs
         tokio::time::sleep(wait).await;
     };
     finish(shared, job, slot, outcome, attempts, retries);
+}
+
+/// A handler's future run to its end in the operation's trace context, a panic caught,
+/// unless `deadline` passes first.
+async fn run_call(
+    call: HandlerFuture,
+    ctx: Option<TraceContext>,
+    deadline: Instant,
+) -> Result<Result<HandlerResult, Box<dyn Any + Send>>, tokio::time::error::Elapsed> {
+    let fut = trace::InContext::new(ctx, AssertUnwindSafe(call).catch_unwind());
+    tokio::time::timeout_at(deadline.into(), fut).await
 }
 
 /// What an operation's runs came to: its status, result, error, and whether it counts
