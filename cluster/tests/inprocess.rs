@@ -746,6 +746,22 @@ async fn an_overloaded_owner_pushes_back_on_the_nodes_that_send_it_work() {
     a.stop().await;
 }
 
+/// Fails three `flaky` operations through `a`, each on b: b's breaker (3 failures) opens.
+async fn open_bs_breaker(a: &Member) {
+    FLAKY_FAILS.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let o = a
+            .node
+            .submit(Operation::new("flaky", Json::null()))
+            .await
+            .expect("accepted");
+        assert_eq!(
+            (o.status, o.executed_by.as_deref()),
+            (OpStatus::Failed, Some("b"))
+        );
+    }
+}
+
 /// An owner's open circuit breaker travels in its heartbeats: the origin refuses the type
 /// at its door at once (503 `circuit_open` naming the owner and when it lets operations
 /// through again) instead of forwarding what the owner would refuse; once the breaker's
@@ -777,14 +793,7 @@ async fn an_owners_open_breaker_is_refused_at_the_origins_door() {
     .await;
     let flaky = || Operation::new("flaky", Json::null());
 
-    FLAKY_FAILS.store(true, Ordering::SeqCst);
-    for _ in 0..3 {
-        let o = a.node.submit(flaky()).await.expect("accepted");
-        assert_eq!(
-            (o.status, o.executed_by.as_deref()),
-            (OpStatus::Failed, Some("b"))
-        );
-    }
+    open_bs_breaker(&a).await;
     // b's breaker is open; its next heartbeat tells a.
     wait_for(
         "a refuses flaky at its door",
@@ -854,14 +863,7 @@ async fn an_owners_open_breaker_is_refused_at_the_origins_door() {
         a.node.routes().version >= v
     })
     .await;
-    FLAKY_FAILS.store(true, Ordering::SeqCst);
-    for _ in 0..3 {
-        let o = a.node.submit(flaky()).await.expect("accepted");
-        assert_eq!(
-            (o.status, o.executed_by.as_deref()),
-            (OpStatus::Failed, Some("b"))
-        );
-    }
+    open_bs_breaker(&a).await;
     FLAKY_FAILS.store(false, Ordering::SeqCst);
     wait_for(
         "a hears b's breaker opened",
