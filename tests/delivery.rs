@@ -763,6 +763,32 @@ async fn a_route_acknowledged_just_before_the_leader_is_killed_is_on_every_node_
 // ---------------------------------------------------------------------------------------
 // A partition
 
+/// Three nodes with `rx`'s settings whose links go through a [`Partition`] proxy, and
+/// the index of their leader. Fields drop in order: the nodes before their data dirs.
+struct Partitioned {
+    nodes: Vec<Server>,
+    partition: Partition,
+    leader: usize,
+    _dirs: tempfile::TempDir,
+}
+
+async fn three_behind_a_partition(rx: &Receiver) -> Partitioned {
+    let dirs = tempfile::tempdir().unwrap();
+    let partition = Partition::default();
+    let layout = Layout::new()
+        .with_config(&rx.config(dirs.path()))
+        .behind(&partition)
+        .await;
+    let nodes = layout.start_three().await;
+    let leader = index_of(&leader_of(&nodes[0]).await.unwrap());
+    Partitioned {
+        nodes,
+        partition,
+        leader,
+        _dirs: dirs,
+    }
+}
+
 /// The leader is cut off from the other two (the [`Partition`] proxy) while keyed
 /// operations run. The majority marks it down and goes on; the old leader refuses a
 /// route write it cannot commit (503 `no_quorum`), and that write never appears anywhere
@@ -771,15 +797,9 @@ async fn a_route_acknowledged_just_before_the_leader_is_killed_is_on_every_node_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_leaders_refused_write_never_appears_and_operations_across_it_end() {
     let rx = Receiver::start((20, 200));
-    let tmp = tempfile::tempdir().unwrap();
-    let partition = Partition::default();
-    let layout = Layout::new()
-        .with_config(&rx.config(tmp.path()))
-        .behind(&partition)
-        .await;
-    let s = layout.start_three().await;
+    let cut = three_behind_a_partition(&rx).await;
+    let (s, partition, l) = (&cut.nodes, &cut.partition, cut.leader);
     let all: Vec<&Server> = s.iter().collect();
-    let l = index_of(&leader_of(&s[0]).await.unwrap());
     let (m1, m2) = ((l + 1) % 3, (l + 2) % 3);
     set_route_everywhere(&s[m1], &all, HOOK, "round_robin", &[]).await;
 
@@ -870,7 +890,7 @@ async fn a_partitioned_leaders_refused_write_never_appears_and_operations_across
         Some(("pinned".to_owned(), vec![NAMES[m2].to_owned()])),
         "the old leader has the majority's write"
     );
-    for n in &s {
+    for n in s {
         wait_until("three up again", Duration::from_secs(15), || sees_up(n, 3)).await;
     }
 
@@ -900,15 +920,9 @@ async fn a_partitioned_leaders_refused_write_never_appears_and_operations_across
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_in_flight_when_the_origin_owner_link_is_cut_arrive_without_a_rerun() {
     let rx = Receiver::start((200, 400));
-    let tmp = tempfile::tempdir().unwrap();
-    let partition = Partition::default();
-    let layout = Layout::new()
-        .with_config(&rx.config(tmp.path()))
-        .behind(&partition)
-        .await;
-    let s = layout.start_three().await;
+    let cut = three_behind_a_partition(&rx).await;
+    let (s, partition, l) = (&cut.nodes, &cut.partition, cut.leader);
     let all: Vec<&Server> = s.iter().collect();
-    let l = index_of(&leader_of(&s[0]).await.unwrap());
     let (origin, owner) = ((l + 1) % 3, (l + 2) % 3);
     set_route_everywhere(&s[origin], &all, HOOK, "pinned", &[NAMES[owner]]).await;
 
