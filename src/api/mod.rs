@@ -10,6 +10,7 @@
 //! - [`auth`]: every endpoint and who may call it; the token check before each handler.
 //! - [`limits`]: what the api admits: rate limits (global, per client), the in-flight cap.
 //! - [`model`]: request and answer bodies.
+//! - [`answer`]: answers about operations, written straight into the body.
 //! - [`errors`]: [`ApiError`], how the engine's errors map onto statuses, body reading.
 //! - [`ops`]: submit, batch, read an operation.
 //! - [`routes`]: the routing table.
@@ -36,6 +37,7 @@ use crate::telemetry::Telemetry;
 use dashboard::Dashboard;
 use events::Live;
 
+pub mod answer;
 pub mod auth;
 pub mod cluster;
 pub mod dashboard;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use opmesh_actors::{Json, OpId, OpOutcome, OpStatus, Route};
+use opmesh_actors::{Json, Route};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
@@ -86,7 +86,8 @@ pub struct BatchRequest {
     pub ops: Vec<Box<RawValue>>,
 }
 
-/// The state or outcome of one operation.
+/// The state or outcome of one operation. The api writes it with
+/// [`Answer`](super::answer::Answer) (the same bytes, without building this struct).
 #[derive(Serialize, ToSchema)]
 pub struct OpAnswer {
     pub id: String,
@@ -104,8 +105,10 @@ pub struct OpAnswer {
     pub op_type: Option<String>,
 }
 
+/// The reference the tests hold the api's written answers to.
+#[cfg(test)]
 impl OpAnswer {
-    pub(crate) fn from_outcome(o: &OpOutcome) -> Self {
+    pub(crate) fn from_outcome(o: &opmesh_actors::OpOutcome) -> Self {
         OpAnswer {
             id: o.id.to_string(),
             status: o.status.as_str(),
@@ -119,10 +122,10 @@ impl OpAnswer {
         }
     }
 
-    pub(crate) fn queued(id: OpId, trace_id: Option<String>) -> Self {
+    pub(crate) fn queued(id: opmesh_actors::OpId, trace_id: Option<String>) -> Self {
         OpAnswer {
             id: id.to_string(),
-            status: OpStatus::Queued.as_str(),
+            status: opmesh_actors::OpStatus::Queued.as_str(),
             result: None,
             error: None,
             cached: false,
@@ -135,7 +138,8 @@ impl OpAnswer {
 }
 
 /// The answer of a batch: one entry per submitted operation, in order; an entry is an
-/// [`OpAnswer`] or, for a refused operation, an [`ErrorBody`].
+/// [`OpAnswer`] or, for a refused operation, an [`ErrorBody`]. Written by
+/// [`BatchWriter`](super::answer::BatchWriter).
 #[derive(Serialize, ToSchema)]
 pub struct BatchAnswer {
     #[schema(value_type = Vec<Object>)]

@@ -14,11 +14,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use opmesh_actors::cache::KEY_REUSED;
 use opmesh_actors::{Json, OpId, OpOutcome, Operation, SubmitError, Ticket, TraceContext};
 
+use super::answer::{Answer, BatchWriter};
 use super::auth::Caller;
 use super::errors::{parse, read_body, ApiError, ErrorBody};
-use super::model::{
-    BatchAnswer, BatchItem, BatchRequest, OpAnswer, OpRequest, TypedBatch, WaitQuery,
-};
+use super::model::{BatchAnswer, BatchRequest, OpAnswer, OpRequest, TypedBatch, WaitQuery};
 use super::AppState;
 use crate::journal::Receipt;
 use crate::telemetry::Telemetry;
@@ -162,10 +161,8 @@ pub(super) async fn submit(
         // Answered 202 only once the journal holds it.
         let receipt = journal.accept_one(op).await??;
         let id = receipt.id.to_string();
-        let resp = HttpResponse::Accepted().json(OpAnswer::queued(
-            receipt.id,
-            receipt.trace.map(|t| t.trace_id_hex()),
-        ));
+        let resp = Answer::queued(receipt.id, receipt.trace.map(|t| t.trace_id))
+            .respond(StatusCode::ACCEPTED);
         return Ok(with_op_headers(resp, &id, receipt.trace.as_ref()));
     }
     let ticket = st.node.enqueue_tracked(op)?;
@@ -176,9 +173,9 @@ pub(super) async fn submit(
         if let Some(e) = key_reused(&outcome) {
             return Err(e);
         }
-        HttpResponse::Ok().json(OpAnswer::from_outcome(&outcome))
+        Answer::outcome(&outcome).respond(StatusCode::OK)
     } else {
-        HttpResponse::Accepted().json(OpAnswer::queued(ticket.id, trace.map(|t| t.trace_id_hex())))
+        Answer::queued(ticket.id, trace.map(|t| t.trace_id)).respond(StatusCode::ACCEPTED)
     };
     Ok(with_op_headers(resp, &id, trace.as_ref()))
 }
@@ -257,19 +254,17 @@ pub(super) async fn submit_batch(
         };
         let mut accepted: Vec<Option<Result<Receipt, SubmitError>>> =
             accepted.into_iter().map(Some).collect();
-        let results = slots
-            .into_iter()
-            .map(|slot| match slot {
-                Err(body) => BatchItem::Refused(body),
+        let mut answer = BatchWriter::new(slots.len());
+        for slot in slots {
+            match slot {
+                Err(body) => answer.refused(&body),
                 Ok(i) => match accepted[i].take().expect("each answer is used once") {
-                    Err(e) => BatchItem::Refused(ApiError::from(e).body()),
-                    Ok(r) => {
-                        BatchItem::Answer(OpAnswer::queued(r.id, r.trace.map(|c| c.trace_id_hex())))
-                    }
+                    Err(e) => answer.refused(&ApiError::from(e).body()),
+                    Ok(r) => answer.answer(&Answer::queued(r.id, r.trace.map(|c| c.trace_id))),
                 },
-            })
-            .collect();
-        return Ok(HttpResponse::Accepted().json(BatchAnswer { results }));
+            }
+        }
+        return Ok(answer.respond(StatusCode::ACCEPTED));
     }
     // A waited batch gets its results in the answer, and is not tracked for
     // `GET /v1/ops/{id}` (tracking costs about a tenth of a batch's time).
@@ -279,29 +274,24 @@ pub(super) async fn submit_batch(
         .into_iter()
         .map(Some)
         .collect();
-    let mut results = Vec::with_capacity(slots.len());
-    let mut pending: Vec<(usize, Ticket)> = Vec::new();
-    for (pos, slot) in slots.into_iter().enumerate() {
-        results.push(match slot {
-            Err(body) => BatchItem::Refused(body),
+    // Written in order as the operations end (each waits for the ones before it).
+    let mut answer = BatchWriter::new(slots.len());
+    for slot in slots {
+        match slot {
+            Err(body) => answer.refused(&body),
             Ok(i) => match tickets[i].take().expect("each ticket is used once") {
-                Err(e) => BatchItem::Refused(ApiError::from(e).body()),
+                Err(e) => answer.refused(&ApiError::from(e).body()),
                 Ok(t) => {
-                    let queued = OpAnswer::queued(t.id, t.trace.map(|c| c.trace_id_hex()));
-                    pending.push((pos, t));
-                    BatchItem::Answer(queued)
+                    let outcome = t.await;
+                    match key_reused(&outcome) {
+                        Some(e) => answer.refused(&e.body()),
+                        None => answer.answer(&Answer::outcome(&outcome)),
+                    }
                 }
             },
-        });
+        }
     }
-    for (pos, t) in pending {
-        let outcome = t.await;
-        results[pos] = match key_reused(&outcome) {
-            Some(e) => BatchItem::Refused(e.body()),
-            None => BatchItem::Answer(OpAnswer::from_outcome(&outcome)),
-        };
-    }
-    Ok(HttpResponse::Ok().json(BatchAnswer { results }))
+    Ok(answer.respond(StatusCode::OK))
 }
 
 fn check_batch_len(n: usize, max: usize) -> Result<(), ApiError> {
@@ -341,16 +331,12 @@ pub(super) async fn get_op(
             format!("no operation `{op_id}` (unknown, or finished longer ago than the retention period)"),
         )
     })?;
-    let mut answer = match t.outcome() {
-        Some(o) => OpAnswer::from_outcome(o),
-        None => OpAnswer {
-            status: t.status().as_str(),
-            ..OpAnswer::queued(op_id, t.trace_id.map(|id| format!("{id:032x}")))
-        },
+    let answer = match t.outcome() {
+        Some(o) => Answer::outcome(o),
+        None => Answer::pending(op_id, t.status(), t.trace_id),
     };
-    answer.op_type = Some(t.op_type.to_string());
     Ok(with_op_headers(
-        HttpResponse::Ok().json(answer),
+        answer.with_type(&t.op_type).respond(StatusCode::OK),
         &op_id.to_string(),
         None,
     ))
