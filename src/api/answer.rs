@@ -96,7 +96,7 @@ impl<'a> Answer<'a> {
         match self.trace_id {
             Some(t) => {
                 out.push(b'"');
-                hex(out, t, 32);
+                out.extend_from_slice(&hex::<32>(t));
                 out.push(b'"');
             }
             None => out.extend_from_slice(b"null"),
@@ -192,19 +192,26 @@ fn string(out: &mut Vec<u8>, s: &str) {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// The low `digits` hex digits of `v`, lowercase, zero-padded.
-fn hex(out: &mut Vec<u8>, v: u128, digits: u32) {
-    for i in (0..digits).rev() {
-        out.push(HEX[((v >> (4 * i)) & 0xf) as usize]);
+/// The low `N` hex digits of `v`, lowercase, zero-padded.
+fn hex<const N: usize>(v: u128) -> [u8; N] {
+    let mut digits = [0u8; N];
+    for (i, d) in digits.iter_mut().rev().enumerate() {
+        *d = HEX[((v >> (4 * i)) & 0xf) as usize];
     }
+    digits
 }
 
 /// `v` as a hyphenated lowercase UUID (8-4-4-4-12), as an [`OpId`] displays.
 fn uuid(out: &mut Vec<u8>, v: u128) {
-    hex(out, v >> 96, 8);
-    for (shift, digits) in [(80, 4), (64, 4), (48, 4), (0, 12)] {
-        out.push(b'-');
-        hex(out, v >> shift, digits);
+    let d: [u8; 32] = hex(v);
+    for (i, group) in [&d[..8], &d[8..12], &d[12..16], &d[16..20], &d[20..]]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            out.push(b'-');
+        }
+        out.extend_from_slice(group);
     }
 }
 

@@ -228,11 +228,15 @@ pub(crate) fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Resu
     Ok(v)
 }
 
+/// Reads the whole request body, at most `limit` bytes. A body that arrives as one chunk
+/// (most of them) is that chunk, not a copy.
 pub(crate) async fn read_body(
     mut body: web::Payload,
     limit: usize,
 ) -> Result<web::Bytes, ApiError> {
-    let mut buf = web::BytesMut::new();
+    let mut first = web::Bytes::new();
+    let mut joined: Option<web::BytesMut> = None;
+    let mut len = 0;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| {
             ApiError::new(
@@ -241,14 +245,74 @@ pub(crate) async fn read_body(
                 format!("reading the request body: {e}"),
             )
         })?;
-        if buf.len() + chunk.len() > limit {
+        len += chunk.len();
+        if len > limit {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 format!("request body is over the limit of {limit} bytes (http.max_body_bytes)"),
             ));
         }
-        buf.extend_from_slice(&chunk);
+        match &mut joined {
+            Some(buf) => buf.extend_from_slice(&chunk),
+            None if first.is_empty() => first = chunk,
+            None => {
+                let mut buf = web::BytesMut::with_capacity(2 * len);
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&chunk);
+                joined = Some(buf);
+            }
+        }
     }
-    Ok(buf.freeze())
+    Ok(joined.map_or(first, web::BytesMut::freeze))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use actix_web::error::PayloadError;
+    use actix_web::FromRequest;
+    use futures::Stream;
+
+    use super::*;
+
+    /// A request body that arrives as `chunks`.
+    async fn body_of(chunks: &[&'static [u8]]) -> web::Payload {
+        let items: Vec<Result<web::Bytes, PayloadError>> = chunks
+            .iter()
+            .map(|c| Ok(web::Bytes::from_static(c)))
+            .collect();
+        let stream: Pin<Box<dyn Stream<Item = Result<web::Bytes, PayloadError>>>> =
+            Box::pin(futures::stream::iter(items));
+        let mut payload = actix_web::dev::Payload::from(stream);
+        let req = actix_web::test::TestRequest::default().to_http_request();
+        web::Payload::from_request(&req, &mut payload)
+            .await
+            .unwrap()
+    }
+
+    #[actix_web::test]
+    async fn a_body_is_read_whole_in_one_chunk_or_many_and_refused_over_the_limit() {
+        static ONE: &[u8] = br#"{"type":"echo"}"#;
+        let read = read_body(body_of(&[ONE]).await, 100).await.unwrap();
+        assert_eq!(&read[..], ONE);
+        assert_eq!(read.as_ptr(), ONE.as_ptr(), "one chunk is kept, not copied");
+
+        let read = read_body(body_of(&[b"{\"ty", b"", b"pe\":", b"\"echo\"}"]).await, 100)
+            .await
+            .unwrap();
+        assert_eq!(&read[..], ONE);
+        assert!(read_body(body_of(&[]).await, 100).await.unwrap().is_empty());
+
+        let two: [&'static [u8]; 2] = [b"{\"type\":", b"\"echo\"}"];
+        for chunks in [&[ONE][..], &two[..]] {
+            let err = read_body(body_of(chunks).await, ONE.len() - 1)
+                .await
+                .unwrap_err();
+            assert_eq!(err.status_code(), StatusCode::PAYLOAD_TOO_LARGE);
+            assert!(err.body().message.contains("http.max_body_bytes"));
+        }
+        assert!(read_body(body_of(&[ONE]).await, ONE.len()).await.is_ok());
+    }
 }

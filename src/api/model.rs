@@ -1,6 +1,7 @@
 //! The shapes other tools code against: request and answer bodies of the api (see
 //! DESIGN.md, "What a user sees"). Extend them, never rename a field.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use opmesh_actors::{Json, Route};
@@ -13,30 +14,36 @@ use super::errors::ErrorBody;
 /// An operation to run. Only `type` is required. The limits below are the defaults of
 /// `[engine]` (`max_type_len`, `max_key_bytes`, `max_payload_bytes`,
 /// `max_metadata_entries`, `max_metadata_bytes`).
+// Read in place from the request body: the payload (and any string without escapes) is
+// borrowed from it, not copied.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct OpRequest {
+pub struct OpRequest<'a> {
     /// The operation type, e.g. `echo`: a type some node has a handler for.
-    #[serde(rename = "type")]
+    #[serde(rename = "type", borrow)]
     #[schema(
+        value_type = String,
         min_length = 1,
         max_length = 128,
         pattern = "^[A-Za-z0-9_.:/-]+$",
         example = "echo"
     )]
-    pub op_type: String,
+    pub op_type: Cow<'a, str>,
     /// Any JSON (at most 1 MiB); handed to the handler as is.
+    #[serde(borrow)]
     #[schema(value_type = Object)]
-    pub payload: Option<Box<RawValue>>,
+    pub payload: Option<&'a RawValue>,
     /// Routing key (consistent hashing keeps one key on one node): 1 to 512 bytes.
-    #[schema(min_length = 1, max_length = 512)]
-    pub key: Option<String>,
+    #[serde(borrow)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 512)]
+    pub key: Option<Cow<'a, str>>,
     /// Operations with the same type and idempotency key run once: 1 to 512 bytes. With
     /// API tokens on, a key belongs to the token that used it; used again with another
     /// payload it is refused (409 `idempotency_key_reused` with `?wait=true`, else the
     /// operation fails with that error).
-    #[schema(min_length = 1, max_length = 512)]
-    pub idempotency_key: Option<String>,
+    #[serde(borrow)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 512)]
+    pub idempotency_key: Option<Cow<'a, str>>,
     /// Higher runs first within its type's queue.
     #[serde(default, deserialize_with = "integral")]
     pub priority: Option<i32>,
@@ -81,9 +88,10 @@ where
 /// field, e.g. `ops[3]: missing field `type``), so the entries' schema is left open here.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct BatchRequest {
+pub struct BatchRequest<'a> {
+    #[serde(borrow)]
     #[schema(value_type = Vec<Object>, max_items = 100000)]
-    pub ops: Vec<Box<RawValue>>,
+    pub ops: Vec<&'a RawValue>,
 }
 
 /// The state or outcome of one operation. The api writes it with
@@ -157,8 +165,9 @@ pub enum BatchItem {
 /// A batch whose entries all parse: the fast path.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct TypedBatch {
-    pub(super) ops: Vec<OpRequest>,
+pub(super) struct TypedBatch<'a> {
+    #[serde(borrow)]
+    pub(super) ops: Vec<OpRequest<'a>>,
 }
 
 /// A route as `PUT /v1/routes/{type}` takes it.

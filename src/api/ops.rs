@@ -6,6 +6,7 @@
 //! submission or batch without `?wait=true`) is answered only once the journal holds it
 //! (503 `journal_write_failed` when it cannot); waited submissions are not journaled.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{self, HeaderValue};
@@ -60,21 +61,25 @@ fn metadata_value(k: &str, v: serde_json::Value) -> Result<String, ApiError> {
 }
 
 /// Builds an [`Operation`] from a request; checks that need no node state happen here,
-/// the rest (sizes, type name, handler) in `Node::enqueue`.
+/// the rest (sizes, type name, handler) in `Node::enqueue`. With `body` (the request body
+/// `r` was read from) the payload is a slice of it, not a copy: for requests that wait
+/// for their answers. One answered at once copies: its operations may outlive the request
+/// by much, and a body can share its buffer with others the connection read.
 fn to_operation(
-    r: OpRequest,
+    r: OpRequest<'_>,
+    body: Option<&web::Bytes>,
     parent: Option<TraceContext>,
     caller: &Caller,
     now: Instant,
 ) -> Result<Operation, ApiError> {
     let payload = match r.payload {
-        Some(raw) => Json::from_trusted(web::Bytes::from(String::from(Box::<str>::from(raw)))),
+        Some(raw) => Json::from_trusted(shared_or_copied(body, raw.get().as_bytes())),
         None => Json::null(),
     };
     let mut op = Operation::new(r.op_type, payload);
     op.trace_context = parent;
-    op.key = r.key;
-    op.idempotency_key = r.idempotency_key;
+    op.key = r.key.map(Cow::into_owned);
+    op.idempotency_key = r.idempotency_key.map(Cow::into_owned);
     op.owner = caller.name.clone();
     op.priority = r.priority.unwrap_or(0);
     if let Some(ms) = r.deadline_ms {
@@ -90,6 +95,18 @@ fn to_operation(
         }
     }
     Ok(op)
+}
+
+/// `part` as bytes that share `body`'s buffer when it lies inside it, else a copy.
+fn shared_or_copied(body: Option<&web::Bytes>, part: &[u8]) -> web::Bytes {
+    let inside = |b: &&web::Bytes| {
+        let (start, at) = (b.as_ptr() as usize, part.as_ptr() as usize);
+        at >= start && at + part.len() <= start + b.len()
+    };
+    match body.filter(inside) {
+        Some(b) => b.slice_ref(part),
+        None => web::Bytes::copy_from_slice(part),
+    }
 }
 
 fn with_op_headers(mut r: HttpResponse, id: &str, trace: Option<&TraceContext>) -> HttpResponse {
@@ -154,9 +171,10 @@ pub(super) async fn submit(
     let caller = Caller::of(&req);
     st.admission.check(&req, &caller, 1, &st.node)?;
     let bytes = read_body(body, st.max_body_bytes).await?;
-    let r: OpRequest = parse(&bytes, "request body")?;
+    let r: OpRequest<'_> = parse(&bytes, "request body")?;
     let parent = trace_parent(&req, &st.telemetry);
-    let op = to_operation(r, parent, &caller, Instant::now())?;
+    let share = q.wait.then_some(&bytes);
+    let op = to_operation(r, share, parent, &caller, Instant::now())?;
     if let (false, Some(journal)) = (q.wait, &st.journal) {
         // Answered 202 only once the journal holds it.
         let receipt = journal.accept_one(op).await??;
@@ -207,6 +225,7 @@ pub(super) async fn submit_batch(
     let parent = trace_parent(&req, &st.telemetry);
     let caller = Caller::of(&req);
     let now = Instant::now();
+    let share = q.wait.then_some(&bytes);
     // Each entry keeps its place: the index of its operation, or why it was refused.
     let mut slots: Vec<Result<usize, ErrorBody>> = Vec::new();
     let mut ops = Vec::new();
@@ -223,7 +242,7 @@ pub(super) async fn submit_batch(
         check_batch_len(b.ops.len(), st.max_batch_ops)?;
         st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
         for r in b.ops {
-            add(to_operation(r, parent, &caller, now));
+            add(to_operation(r, share, parent, &caller, now));
         }
     } else {
         let b: BatchRequest = parse(&bytes, "request body")?;
@@ -231,8 +250,8 @@ pub(super) async fn submit_batch(
         st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
         for (i, raw) in b.ops.iter().enumerate() {
             add(
-                parse::<OpRequest>(raw.get().as_bytes(), &format!("ops[{i}]"))
-                    .and_then(|r| to_operation(r, parent, &caller, now)),
+                parse::<OpRequest<'_>>(raw.get().as_bytes(), &format!("ops[{i}]"))
+                    .and_then(|r| to_operation(r, share, parent, &caller, now)),
             );
         }
     }
@@ -340,4 +359,28 @@ pub(super) async fn get_op(
         &op_id.to_string(),
         None,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_shares_the_body_it_lies_in_and_is_copied_otherwise() {
+        let body = web::Bytes::from(br#"{"payload":{"a":1}}"#.to_vec());
+        let part = &body[11..18];
+        let shared = shared_or_copied(Some(&body), part);
+        assert_eq!(&shared[..], br#"{"a":1}"#);
+        assert_eq!(shared.as_ptr(), part.as_ptr());
+        let copied = shared_or_copied(None, part);
+        assert_eq!(&copied[..], br#"{"a":1}"#);
+        assert_ne!(copied.as_ptr(), part.as_ptr());
+        // Text from elsewhere is copied, never sliced out of a body it is not in.
+        let elsewhere = br#"{"a":1}"#.to_vec();
+        let copied = shared_or_copied(Some(&body), &elsewhere);
+        assert_eq!(&copied[..], &elsewhere[..]);
+        assert_ne!(copied.as_ptr(), elsewhere.as_ptr());
+        let tail = &body[body.len() - 1..];
+        assert_eq!(shared_or_copied(Some(&body), tail).as_ptr(), tail.as_ptr());
+    }
 }
