@@ -501,16 +501,16 @@ impl Node {
     /// node's handlers and queues and go straight to its Cache/Scheduler, never routed
     /// again (the origin already chose this node). The outcome of each accepted one goes
     /// to `sink` (no ticket per operation); answers whether each was accepted, in the
-    /// same order.
+    /// same order. `ops` is taken as an iterator so that each operation is built (from
+    /// its wire form) straight into its place, not first into a list.
     pub fn enqueue_forwarded(
         &self,
-        ops: Vec<Operation>,
+        ops: impl ExactSizeIterator<Item = Operation>,
         sink: &Arc<dyn OutcomeSink>,
     ) -> Vec<Result<(), SubmitError>> {
         let now = Instant::now();
         let mut jobs = Vec::with_capacity(ops.len());
         let accepted = ops
-            .into_iter()
             .map(|op| {
                 self.shared
                     .admit_to(&self.anchors, op, false, Admit::Here, now, || {

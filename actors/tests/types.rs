@@ -304,7 +304,7 @@ async fn a_type_over_its_rate_is_refused_with_the_wait() {
     let sink: Arc<dyn opmesh_actors::OutcomeSink> = done.clone();
     for _ in 0..10 {
         assert!(node
-            .enqueue_forwarded(vec![Operation::new("t", Json::null())], &sink)
+            .enqueue_forwarded([Operation::new("t", Json::null())].into_iter(), &sink)
             .remove(0)
             .is_ok());
     }

@@ -13,7 +13,6 @@
 //! from the new owner's cache if it had run there, or carries the same `Idempotency-Key`
 //! to the handler.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -26,6 +25,7 @@ use opmesh_actors::{
 use parking_lot::Mutex;
 
 use crate::codec::{WireOp, WireReply, WireTrace};
+use crate::replies::Ids;
 
 /// Turns an accepted operation into its wire form; the deadline travels as time left,
 /// the trace context as the origin's `op.route` span (the parent of the owner's spans).
@@ -137,7 +137,7 @@ pub fn refused_reply(id: u128, peer: &NodeId, e: &SubmitError) -> WireReply {
 /// What the origin forwarded and waits to hear about, by owner.
 #[derive(Default)]
 pub struct Outbox {
-    by_peer: DashMap<NodeId, Mutex<HashMap<u128, Box<Job>>>>,
+    by_peer: DashMap<NodeId, Mutex<Ids<Box<Job>>>>,
 }
 
 impl Outbox {

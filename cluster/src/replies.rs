@@ -30,10 +30,11 @@ use crate::codec::WireReply;
 const MAX_DROPPED_IDS: usize = 100_000;
 
 /// Hashes an operation id by folding its two halves: ids are random (UUIDv4) and come
-/// from authenticated nodes, so SipHash's defence against chosen keys buys nothing on a
-/// map touched three times per forwarded operation.
+/// from authenticated nodes (or this one), so SipHash's defence against chosen keys buys
+/// nothing on maps touched for every forwarded operation (the ledger here, the origin's
+/// [`Outbox`](crate::remote::Outbox)).
 #[derive(Default)]
-struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -53,7 +54,8 @@ impl Hasher for IdHasher {
     }
 }
 
-type Ids<V> = HashMap<u128, V, BuildHasherDefault<IdHasher>>;
+/// A map keyed by operation id, hashed with [`IdHasher`].
+pub(crate) type Ids<V> = HashMap<u128, V, BuildHasherDefault<IdHasher>>;
 
 /// One origin's replies that are not acknowledged yet, and its operations here.
 #[derive(Debug, Default)]

@@ -341,7 +341,7 @@ impl Inner {
                 .send(&peer, Message::ReplyBatch { seq, replies });
         }
         let ids: Vec<u128> = fresh.iter().map(|o| o.id).collect();
-        let ops = fresh.into_iter().map(|w| from_wire(w, now)).collect();
+        let ops = fresh.into_iter().map(|w| from_wire(w, now));
         let inner = self.clone();
         let to = peer.clone();
         let sink: Arc<dyn OutcomeSink> =
