@@ -23,7 +23,9 @@
 //! was lost: the receiver counted every span that was sent (the exporter's drop counter
 //! alone is not trusted for this).
 //!
-//! `cargo bench --bench tracing -- [--rounds N] [--ops N] [--concurrency N]`
+//! `cargo bench --bench tracing -- [--rounds N] [--ops N] [--concurrency N] [--exporters N]`
+//! (`--exporters`: the node's exporter threads, `telemetry.exporters`; 0, the default:
+//! one per 8 cores)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -224,6 +226,7 @@ fn args(ops: u64, concurrency: usize, traces: Option<(&str, f64)>, rate: Option<
         remote: false,
         otlp_endpoint: traces.map(|(e, _)| e.to_string()),
         sampling: traces.map_or(1.0, |(_, r)| r),
+        exporters: arg("--exporters", 0) as usize,
         max_error_ratio: 0.0,
     }
 }

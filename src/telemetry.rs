@@ -7,12 +7,16 @@
 //! unreachable receiver never slows operations. Every span handed to the pipeline is
 //! counted ([`TelemetryStats::spans_recorded`]), so that each one is accounted for as
 //! exported, dropped, or still pending (queued, being encoded, or in a request not yet
-//! answered): a span is never counted in none of them. An exporter thread writes the records
-//! as OTLP requests ([`crate::otlp`]: protobuf straight from the records, no per-span
-//! allocation) and sends them in batches over gRPC or http/protobuf, a few requests in
-//! flight. `tracing` spans (route writes, cluster changes) reach the same queue through
-//! tracing-opentelemetry and an SDK tracer whose span processor is this queue, and are
-//! exported with opentelemetry-otlp.
+//! answered): a span is never counted in none of them. Exporter threads
+//! (`telemetry.exporters`, one per 8 cores by default) write the records as OTLP requests
+//! ([`crate::otlp`]: protobuf straight from the records, no per-span allocation) and send
+//! them in batches over gRPC or http/protobuf, a few requests in flight each. Each
+//! exporter has its own queue, encoder and connection; a thread that finishes operations
+//! always records into the same queue (threads take queues in turn), so exporters share
+//! nothing and a busy node's encoding spreads over cores. `tracing` spans (route writes,
+//! cluster changes) reach the first exporter's queue through tracing-opentelemetry and an
+//! SDK tracer whose span processor is that queue, and are exported with
+//! opentelemetry-otlp.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
@@ -66,8 +70,12 @@ pub struct TraceSettings {
     /// Share of new traces sampled (parent-based: a caller's decision wins). Failed
     /// operations are exported whatever the ratio.
     pub sampling_ratio: f64,
-    /// Operations whose spans may wait for export; beyond, spans are dropped (counted).
+    /// Operations whose spans may wait for export (shared out among the exporters'
+    /// queues); beyond, spans are dropped (counted).
     pub queue_ops: usize,
+    /// Exporter threads, each with its own queue, encoder and connection; 0: one per 8
+    /// cores, at least 1 and at most 8.
+    pub exporters: usize,
     /// Most spans in one export request.
     pub batch_spans: usize,
     /// Longest a span waits before its batch is sent.
@@ -125,24 +133,41 @@ struct Padded(AtomicU64);
 
 impl Striped {
     fn add(&self, n: u64) {
-        use std::cell::Cell;
-        use std::sync::atomic::AtomicUsize;
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
-        }
-        let i = STRIPE.with(|s| {
-            if s.get() == usize::MAX {
-                s.set(NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES);
-            }
-            s.get()
-        });
-        self.0[i].0.fetch_add(n, Ordering::Relaxed);
+        self.0[thread_number() % STRIPES]
+            .0
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     fn sum(&self) -> u64 {
         self.0.iter().map(|p| p.0.load(Ordering::Relaxed)).sum()
     }
+}
+
+/// This thread's number, taken in turn by threads as they first ask: what spreads
+/// threads over counter stripes and exporter queues.
+fn thread_number() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static NUMBER: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    NUMBER.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        s.get()
+    })
+}
+
+/// How many exporter threads `requested` means: itself, or with 0 one per 8 cores (at
+/// least 1, at most 8).
+pub fn exporter_count(requested: usize) -> usize {
+    if requested > 0 {
+        return requested;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 8).clamp(1, 8)
 }
 
 /// A point-in-time copy of [`TelemetryCounters`].
@@ -158,9 +183,11 @@ pub struct TelemetryStats {
     /// an export request not yet answered. Read after [`Telemetry::shutdown`]: the spans
     /// it could not flush in time.
     pub spans_pending: u64,
+    /// Exporter threads running (0: traces are not exported).
+    pub exporters: usize,
 }
 
-/// What the exporter thread receives.
+/// What an exporter thread receives.
 enum Item {
     Op(OpSpans),
     Span(Box<SpanData>),
@@ -169,7 +196,8 @@ enum Item {
 }
 
 struct Pipeline {
-    tx: tokio::sync::mpsc::Sender<Item>,
+    /// One queue per exporter thread.
+    queues: Arc<[tokio::sync::mpsc::Sender<Item>]>,
     sampler: Sampler,
     provider: SdkTracerProvider,
 }
@@ -251,6 +279,7 @@ impl Telemetry {
             traceparent_invalid: c.traceparent_invalid.load(Ordering::Relaxed),
             spans_recorded,
             spans_pending: spans_recorded.saturating_sub(spans_exported + spans_dropped),
+            exporters: self.inner.pipeline.as_ref().map_or(0, |p| p.queues.len()),
         }
     }
 
@@ -269,7 +298,7 @@ impl Telemetry {
             Some(p) => Tracing {
                 sampler: p.sampler,
                 sink: Arc::new(QueueSink {
-                    tx: p.tx.clone(),
+                    queues: p.queues.clone(),
                     counters: self.inner.counters.clone(),
                 }),
             },
@@ -294,28 +323,33 @@ impl Telemetry {
         self.inner.jaeger_ui_url.as_deref()
     }
 
-    /// Exports what is queued, waiting at most `timeout`. Returns whether it finished.
+    /// Exports what is queued, waiting at most `timeout`. Returns whether every
+    /// exporter finished.
     pub fn flush(&self, timeout: Duration) -> bool {
         let Some(p) = &self.inner.pipeline else {
             return true;
         };
-        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        let (done_tx, done_rx) = mpsc::sync_channel(p.queues.len());
         let deadline = Instant::now() + timeout;
-        // The queue may be full: keep offering the flush until the deadline.
-        let mut item = Item::Flush(done_tx);
-        loop {
-            match p.tx.try_send(item) {
-                Ok(()) => break,
-                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                    item = back;
-                    std::thread::sleep(Duration::from_millis(5));
+        for queue in p.queues.iter() {
+            // The queue may be full: keep offering the flush until the deadline.
+            let mut item = Item::Flush(done_tx.clone());
+            loop {
+                match queue.try_send(item) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                        item = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => return false,
                 }
-                Err(_) => return false,
             }
         }
-        done_rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .is_ok()
+        p.queues.iter().all(|_| {
+            done_rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_ok()
+        })
     }
 
     /// Flushes (within `timeout`) and stops the exporter. Returns the counters then: their
@@ -345,9 +379,10 @@ impl SpanSink for Discard {
     fn record(&self, _spans: OpSpans) {}
 }
 
-/// The engine's sink: one non-blocking queue push per finished operation.
+/// The engine's sink: one non-blocking queue push per finished operation, into the
+/// queue of the calling thread's exporter.
 struct QueueSink {
-    tx: tokio::sync::mpsc::Sender<Item>,
+    queues: Arc<[tokio::sync::mpsc::Sender<Item>]>,
     counters: Arc<TelemetryCounters>,
 }
 
@@ -355,7 +390,8 @@ impl SpanSink for QueueSink {
     fn record(&self, spans: OpSpans) {
         let n = spans.spans.len() as u64;
         self.counters.record(n);
-        if self.tx.try_send(Item::Op(spans)).is_err() {
+        let queue = &self.queues[thread_number() % self.queues.len()];
+        if queue.try_send(Item::Op(spans)).is_err() {
             self.counters.spans_dropped.fetch_add(n, Ordering::Release);
         }
     }
@@ -419,18 +455,50 @@ fn start_pipeline(
     node_id: &str,
     counters: Arc<TelemetryCounters>,
 ) -> Result<Pipeline, TelemetryError> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Item>(t.queue_ops.max(1));
+    let n = exporter_count(t.exporters);
     let resource = resource(&t.service_name, node_id);
-    let settings = t.clone();
-    let thread_counters = counters.clone();
-    // The exporters are built on the thread (tonic needs the runtime it runs on); the
-    // thread reports whether that worked before anything is queued.
+    let queues: Arc<[_]> = (0..n)
+        .map(|i| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Item>(t.queue_ops.div_ceil(n).max(1));
+            // The first exporter also takes the SDK's `tracing` spans.
+            start_exporter(i, t, &resource, counters.clone(), rx)?;
+            Ok(tx)
+        })
+        .collect::<Result<_, TelemetryError>>()?;
+    let ratio = t.sampling_ratio;
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(QueueProcessor {
+            tx: queues[0].clone(),
+            counters,
+        })
+        .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+            opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(ratio),
+        )))
+        .with_resource(resource)
+        .build();
+    Ok(Pipeline {
+        queues,
+        sampler: Sampler::ratio(ratio),
+        provider,
+    })
+}
+
+/// Starts exporter thread `i` on `rx`; answers once its exporter is built (tonic needs
+/// the runtime it runs on) or why it could not be. Detached: when the last sender is
+/// dropped it exports what is left and ends; `Telemetry::shutdown` flushes before the
+/// process exits.
+fn start_exporter(
+    i: usize,
+    t: &TraceSettings,
+    resource: &Resource,
+    counters: Arc<TelemetryCounters>,
+    rx: tokio::sync::mpsc::Receiver<Item>,
+) -> Result<(), TelemetryError> {
     let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-    let thread_resource = resource.clone();
-    // Detached: when the last sender is dropped it exports what is left and ends;
-    // `Telemetry::shutdown` flushes before the process exits.
+    let settings = t.clone();
+    let resource = resource.clone();
     std::thread::Builder::new()
-        .name("opmesh-otlp".into())
+        .name(format!("opmesh-otlp-{i}"))
         .spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -443,7 +511,7 @@ fn start_pipeline(
                 }
             };
             rt.block_on(async move {
-                match Exporter::new(settings, &thread_resource, thread_counters) {
+                match Exporter::new(settings, &resource, counters, i == 0) {
                     Ok(exporter) => {
                         let _ = ready_tx.send(Ok(()));
                         exporter.run(rx).await;
@@ -455,36 +523,14 @@ fn start_pipeline(
             });
         })
         .map_err(TelemetryError::Thread)?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => {}
-        Ok(Err(reason)) => {
-            return Err(TelemetryError::Exporter {
-                endpoint: t.endpoint.clone(),
-                reason,
-            })
-        }
-        Err(_) => {
-            return Err(TelemetryError::Exporter {
-                endpoint: t.endpoint.clone(),
-                reason: "the exporter thread stopped".into(),
-            })
-        }
-    }
-    let ratio = t.sampling_ratio;
-    let provider = SdkTracerProvider::builder()
-        .with_span_processor(QueueProcessor {
-            tx: tx.clone(),
-            counters,
-        })
-        .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
-            opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(ratio),
-        )))
-        .with_resource(resource)
-        .build();
-    Ok(Pipeline {
-        tx,
-        sampler: Sampler::ratio(ratio),
-        provider,
+    let reason = match ready_rx.recv() {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(reason)) => reason,
+        Err(_) => "the exporter thread stopped".into(),
+    };
+    Err(TelemetryError::Exporter {
+        endpoint: t.endpoint.clone(),
+        reason,
     })
 }
 
@@ -528,15 +574,17 @@ const RECV_BATCH: usize = 256;
 
 const IN_FLIGHT: usize = 4;
 
-/// The exporter thread's state: operation spans are encoded into OTLP requests as they
+/// An exporter thread's state: operation spans are encoded into OTLP requests as they
 /// arrive ([`crate::otlp::SpanEncoder`]) and sent with up to [`IN_FLIGHT`] requests
-/// outstanding; `tracing` spans go through opentelemetry-otlp's exporter.
+/// outstanding; `tracing` spans (first exporter only) go through opentelemetry-otlp's
+/// exporter.
 struct Exporter {
     t: TraceSettings,
     counters: Arc<TelemetryCounters>,
     encoder: crate::otlp::SpanEncoder,
     sender: crate::otlp::Sender,
-    sdk: opentelemetry_otlp::SpanExporter,
+    /// The first exporter's: where `tracing` spans go.
+    sdk: Option<opentelemetry_otlp::SpanExporter>,
     sdk_batch: Vec<SpanData>,
     in_flight: tokio::task::JoinSet<Result<(), String>>,
     /// Spans of each export request in flight, so that a request whose task failed is
@@ -550,6 +598,7 @@ impl Exporter {
         t: TraceSettings,
         resource: &Resource,
         counters: Arc<TelemetryCounters>,
+        with_sdk: bool,
     ) -> Result<Exporter, String> {
         let headers = crate::otlp::env_headers();
         let sender = match t.protocol {
@@ -558,8 +607,13 @@ impl Exporter {
                 crate::otlp::Sender::http(http_traces_url(&t.endpoint), t.export_timeout, headers)?
             }
         };
-        let mut sdk = sdk_exporter(&t)?;
-        sdk.set_resource(resource);
+        let sdk = if with_sdk {
+            let mut sdk = sdk_exporter(&t)?;
+            sdk.set_resource(resource);
+            Some(sdk)
+        } else {
+            None
+        };
         Ok(Exporter {
             encoder: crate::otlp::SpanEncoder::new(resource, "opmesh", env!("CARGO_PKG_VERSION")),
             sender,
@@ -592,7 +646,9 @@ impl Exporter {
                     if n == 0 {
                         self.send_all().await;
                         self.settle_all().await;
-                        let _ = self.sdk.shutdown();
+                        if let Some(sdk) = &mut self.sdk {
+                            let _ = sdk.shutdown();
+                        }
                         return;
                     }
                     for item in items.drain(..) {
@@ -669,8 +725,12 @@ impl Exporter {
         }
         let spans = std::mem::take(&mut self.sdk_batch);
         let n = spans.len() as u64;
-        let result = match tokio::time::timeout(self.t.export_timeout, self.sdk.export(spans)).await
-        {
+        let Some(sdk) = &mut self.sdk else {
+            // Only the first exporter's queue takes them.
+            self.account(n, Err("this exporter takes no `tracing` spans".into()));
+            return;
+        };
+        let result = match tokio::time::timeout(self.t.export_timeout, sdk.export(spans)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {:?}", self.t.export_timeout)),
@@ -735,6 +795,7 @@ mod tests {
                 service_name: "opmesh-test".into(),
                 sampling_ratio: 1.0,
                 queue_ops: 4,
+                exporters: 1,
                 batch_spans: 8,
                 export_interval: Duration::from_millis(10),
                 export_timeout: Duration::from_secs(2),

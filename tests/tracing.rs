@@ -340,6 +340,71 @@ async fn one_operation_across_two_nodes_is_one_trace() {
     assert_eq!(exec.attrs["op.attempts"], "1");
 }
 
+/// The names of the process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn several_exporters_deliver_every_span_and_account_for_each() {
+    let (received, addr) = grpc_receiver().await;
+    let env = otel_env(
+        &format!("http://{addr}"),
+        &[("OPMESH_TELEMETRY__EXPORTERS", "3")],
+    );
+    let s = start(&[], &env);
+    let mut exporters: Vec<String> = thread_names(s.pid())
+        .into_iter()
+        .filter(|n| n.starts_with("opmesh-otlp"))
+        .collect();
+    exporters.sort();
+    assert_eq!(
+        exporters,
+        ["opmesh-otlp-0", "opmesh-otlp-1", "opmesh-otlp-2"]
+    );
+    // Batches at once, so that the operations finish on every worker thread.
+    let batches = (0..8).map(|b| {
+        let ops: Vec<Value> = (0..250)
+            .map(|i| json!({"type": "echo", "payload": b * 1000 + i}))
+            .collect();
+        post(&s, "/v1/ops/batch?wait=true", json!({"ops": ops}), None)
+    });
+    let mut traces = std::collections::HashSet::new();
+    for (answer, _) in futures::future::join_all(batches).await {
+        for r in answer["results"].as_array().unwrap() {
+            assert_eq!(r["status"], "succeeded", "{r}");
+            traces.insert(r["trace_id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(traces.len(), 2000);
+    // Three spans per local operation, each received once, and counted exported once
+    // its request is answered.
+    wait_until(
+        "every span received and counted",
+        Duration::from_secs(30),
+        || async {
+            let m: Value = get_json(&s.url("/v1/metrics")).await;
+            received.len() >= 2000 * 3 && m["telemetry"]["spans_pending"] == 0
+        },
+    )
+    .await;
+    let m: Value = get_json(&s.url("/v1/metrics")).await;
+    let t = &m["telemetry"];
+    assert_eq!(t["exporters"], 3, "{t}");
+    assert_eq!(t["spans_recorded"], 6000, "{t}");
+    assert_eq!(t["spans_exported"], 6000, "{t}");
+    assert_eq!(t["spans_dropped"], 0, "{t}");
+    assert_eq!(received.len(), 6000);
+    let spans = received.0.lock();
+    let got: std::collections::HashSet<&str> = spans.iter().map(|g| g.trace_id.as_str()).collect();
+    assert_eq!(got.len(), 2000);
+    assert!(got.iter().all(|t| traces.contains(*t)));
+}
+
 #[tokio::test]
 async fn failures_are_exported_at_sampling_ratio_zero() {
     let (received, addr) = grpc_receiver().await;

@@ -174,6 +174,16 @@ pub struct BenchArgs {
     )]
     pub sampling: f64,
 
+    /// With --otlp-endpoint: exporter threads of each node's trace pipeline
+    /// (`telemetry.exporters`; 0: one per 8 cores, as `opmesh serve`).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        requires = "otlp_endpoint"
+    )]
+    pub exporters: usize,
+
     /// The share of operations that may fail, 0.0..=1.0: above it the bench exits
     /// non-zero after its report, naming the share and the first reasons.
     #[arg(long, value_name = "RATIO", default_value_t = 0.0)]
@@ -237,8 +247,8 @@ struct Plan {
     wait: bool,
     warmup: u64,
     remote: bool,
-    /// `--otlp-endpoint` and `--sampling`.
-    traces: Option<(String, f64)>,
+    /// `--otlp-endpoint`, `--sampling` and `--exporters`.
+    traces: Option<(String, f64, usize)>,
     max_error_ratio: f64,
     /// `--token`, sent with every HTTP request.
     token: Option<crate::config::Secret>,
@@ -318,7 +328,7 @@ impl BenchArgs {
                     if !(0.0..=1.0).contains(&self.sampling) {
                         bail!("--sampling must be from 0.0 to 1.0, got {}", self.sampling);
                     }
-                    Some((url.clone(), self.sampling))
+                    Some((url.clone(), self.sampling, self.exporters))
                 }
             },
             max_error_ratio: self.max_error_ratio,
@@ -568,13 +578,18 @@ async fn remote_pair(
 }
 
 /// The trace pipeline of a bench run: `opmesh serve`'s defaults.
-fn bench_trace_settings(endpoint: &str, ratio: f64) -> crate::telemetry::TraceSettings {
+fn bench_trace_settings(
+    endpoint: &str,
+    ratio: f64,
+    exporters: usize,
+) -> crate::telemetry::TraceSettings {
     crate::telemetry::TraceSettings {
         endpoint: endpoint.to_string(),
         protocol: crate::telemetry::Protocol::Grpc,
         service_name: "opmesh-bench".into(),
         sampling_ratio: ratio,
         queue_ops: 65_536,
+        exporters,
         batch_spans: 4_096,
         export_interval: Duration::from_millis(500),
         export_timeout: Duration::from_secs(10),
@@ -583,7 +598,7 @@ fn bench_trace_settings(endpoint: &str, ratio: f64) -> crate::telemetry::TraceSe
 
 /// The trace pipelines of an in-process run: none, or one per embedded node.
 fn start_telemetry(plan: &Plan) -> anyhow::Result<Vec<crate::telemetry::Telemetry>> {
-    let Some((endpoint, ratio)) = &plan.traces else {
+    let Some((endpoint, ratio, exporters)) = &plan.traces else {
         return Ok(Vec::new());
     };
     let nodes: &[&str] = if plan.remote {
@@ -592,7 +607,7 @@ fn start_telemetry(plan: &Plan) -> anyhow::Result<Vec<crate::telemetry::Telemetr
         &["node-1"]
     };
     let settings = crate::telemetry::TelemetrySettings {
-        traces: Some(bench_trace_settings(endpoint, *ratio)),
+        traces: Some(bench_trace_settings(endpoint, *ratio, *exporters)),
         jaeger_ui_url: None,
     };
     nodes
@@ -681,7 +696,7 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
     let measured = measured?;
     let mut report = report(plan, mode, None, &measured);
     if !telemetry.is_empty() {
-        report.sampling = plan.traces.as_ref().map(|(_, r)| *r);
+        report.sampling = plan.traces.as_ref().map(|(_, r, _)| *r);
         report.trace_export = Some(finish_telemetry(telemetry).await?);
     }
     if let Some(node) = owner {

@@ -18,6 +18,7 @@ pub(super) struct RawTelemetry {
     service_name: String,
     sampling_ratio: f64,
     queue_ops: u64,
+    exporters: u64,
     batch_spans: u64,
     export_interval_ms: u64,
     export_timeout_ms: u64,
@@ -72,6 +73,7 @@ impl RawTelemetry {
             service_name: name.to_string(),
             sampling_ratio: self.sampling_ratio,
             queue_ops: check.range("telemetry.queue_ops", self.queue_ops, 1..=10_000_000)? as usize,
+            exporters: check.range("telemetry.exporters", self.exporters, 0..=64)? as usize,
             batch_spans: check.range("telemetry.batch_spans", self.batch_spans, 1..=100_000)?
                 as usize,
             export_interval: Duration::from_millis(check.range(
@@ -89,5 +91,28 @@ impl RawTelemetry {
             traces: self.traces.then_some(traces),
             jaeger_ui_url,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::testutil::{load_err, load_ok, user_file, with_file, EnvGuard};
+
+    #[test]
+    fn exporters_are_a_count_or_zero_for_one_per_eight_cores() {
+        let _env = EnvGuard::new();
+        let f = user_file("[telemetry]\ntraces = true\n");
+        let t = load_ok(&with_file(&f)).telemetry.traces.unwrap();
+        assert_eq!(t.exporters, 0);
+        assert!((1..=8).contains(&crate::telemetry::exporter_count(t.exporters)));
+        let f = user_file("[telemetry]\ntraces = true\nexporters = 3\n");
+        let t = load_ok(&with_file(&f)).telemetry.traces.unwrap();
+        assert_eq!(crate::telemetry::exporter_count(t.exporters), 3);
+        let f = user_file("[telemetry]\nexporters = 65\n");
+        let msg = load_err(&with_file(&f)).to_string();
+        assert!(
+            msg.contains("`telemetry.exporters`: 65 (allowed: 0..=64)"),
+            "{msg}"
+        );
     }
 }
