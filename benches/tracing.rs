@@ -25,7 +25,7 @@
 //!
 //! `cargo bench --bench tracing -- [--rounds N] [--ops N] [--concurrency N] [--exporters N]`
 //! (`--exporters`: the node's exporter threads, `telemetry.exporters`; 0, the default:
-//! one per 8 cores)
+//! one per 4 cores and at least 2)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 //! counted ([`TelemetryStats::spans_recorded`]), so that each one is accounted for as
 //! exported, dropped, or still pending (queued, being encoded, or in a request not yet
 //! answered): a span is never counted in none of them. Exporter threads
-//! (`telemetry.exporters`, one per 8 cores by default) write the records as OTLP requests
+//! (`telemetry.exporters`, one per 4 cores and at least 2 by default) write the records as OTLP requests
 //! ([`crate::otlp`]: protobuf straight from the records, no per-span allocation) and send
 //! them in batches over gRPC or http/protobuf, a few requests in flight each. Each
 //! exporter has its own queue, encoder and connection; a thread that finishes operations
@@ -73,8 +73,8 @@ pub struct TraceSettings {
     /// Operations whose spans may wait for export (shared out among the exporters'
     /// queues); beyond, spans are dropped (counted).
     pub queue_ops: usize,
-    /// Exporter threads, each with its own queue, encoder and connection; 0: one per 8
-    /// cores, at least 1 and at most 8.
+    /// Exporter threads, each with its own queue, encoder and connection; 0: one per 4
+    /// cores, at least 2 and at most 8.
     pub exporters: usize,
     /// Most spans in one export request.
     pub batch_spans: usize,
@@ -160,14 +160,16 @@ fn thread_number() -> usize {
     })
 }
 
-/// How many exporter threads `requested` means: itself, or with 0 one per 8 cores (at
-/// least 1, at most 8).
+/// How many exporter threads `requested` means: itself, or with 0 one per 4 cores, at
+/// least 2 and at most 8. Two even on two cores: a receiver decodes each connection's
+/// requests on its own, and two exporters kept every span at 30-40 % of the untraced rate
+/// there, against 20 % with one (BENCHMARKS.md, "Tracing").
 pub fn exporter_count(requested: usize) -> usize {
     if requested > 0 {
         return requested;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / 8).clamp(1, 8)
+    (cores / 4).clamp(2, 8)
 }
 
 /// A point-in-time copy of [`TelemetryCounters`].

@@ -175,7 +175,7 @@ pub struct BenchArgs {
     pub sampling: f64,
 
     /// With --otlp-endpoint: exporter threads of each node's trace pipeline
-    /// (`telemetry.exporters`; 0: one per 8 cores, as `opmesh serve`).
+    /// (`telemetry.exporters`; 0: one per 4 cores and at least 2, as `opmesh serve`).
     #[arg(
         long,
         value_name = "N",

@@ -99,12 +99,12 @@ mod tests {
     use crate::config::testutil::{load_err, load_ok, user_file, with_file, EnvGuard};
 
     #[test]
-    fn exporters_are_a_count_or_zero_for_one_per_eight_cores() {
+    fn exporters_are_a_count_or_zero_for_one_per_four_cores() {
         let _env = EnvGuard::new();
         let f = user_file("[telemetry]\ntraces = true\n");
         let t = load_ok(&with_file(&f)).telemetry.traces.unwrap();
         assert_eq!(t.exporters, 0);
-        assert!((1..=8).contains(&crate::telemetry::exporter_count(t.exporters)));
+        assert!((2..=8).contains(&crate::telemetry::exporter_count(t.exporters)));
         let f = user_file("[telemetry]\ntraces = true\nexporters = 3\n");
         let t = load_ok(&with_file(&f)).telemetry.traces.unwrap();
         assert_eq!(crate::telemetry::exporter_count(t.exporters), 3);
