@@ -8,12 +8,12 @@
 //! counted ([`TelemetryStats::spans_recorded`]), so that each one is accounted for as
 //! exported, dropped, or still pending (queued, being encoded, or in a request not yet
 //! answered): a span is never counted in none of them. Exporter threads
-//! (`telemetry.exporters`, one per 4 cores and at least 2 by default) write the records as OTLP requests
-//! ([`crate::otlp`]: protobuf straight from the records, no per-span allocation) and send
-//! them in batches over gRPC or http/protobuf, a few requests in flight each. Each
-//! exporter has its own queue, encoder and connection; a thread that finishes operations
-//! always records into the same queue (threads take queues in turn), so exporters share
-//! nothing and a busy node's encoding spreads over cores. `tracing` spans (route writes,
+//! (`telemetry.exporters`: by default one per 4 cores, at least 2) write the records as
+//! OTLP requests ([`crate::otlp`]: protobuf straight from the records, no per-span
+//! allocation) and send them in batches over gRPC or http/protobuf, a few requests in
+//! flight each. Each exporter has its own queue, encoder and connection; a thread that
+//! finishes operations always records into the same queue (threads take queues in turn),
+//! so exporters share nothing and a busy node's encoding spreads over cores. `tracing` spans (route writes,
 //! cluster changes) reach the first exporter's queue through tracing-opentelemetry and an
 //! SDK tracer whose span processor is that queue, and are exported with
 //! opentelemetry-otlp.
@@ -462,12 +462,12 @@ fn start_pipeline(
     let queues: Arc<[_]> = (0..n)
         .map(|i| {
             let (tx, rx) = tokio::sync::mpsc::channel::<Item>(t.queue_ops.div_ceil(n).max(1));
-            // The first exporter also takes the SDK's `tracing` spans.
             start_exporter(i, t, &resource, counters.clone(), rx)?;
             Ok(tx)
         })
         .collect::<Result<_, TelemetryError>>()?;
     let ratio = t.sampling_ratio;
+    // The first exporter also takes the SDK's `tracing` spans.
     let provider = SdkTracerProvider::builder()
         .with_span_processor(QueueProcessor {
             tx: queues[0].clone(),

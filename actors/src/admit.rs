@@ -189,7 +189,7 @@ impl NodeShared {
         retry_after: Duration,
         now: Instant,
     ) -> Result<(), SubmitError> {
-        let table = self.routes().snapshot();
+        let table = self.routes().load();
         let placed = op
             .idempotency_key
             .as_deref()

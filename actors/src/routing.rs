@@ -412,6 +412,10 @@ pub const DEFAULT_AUDIT_ENTRIES: usize = 10_000;
 pub trait RouteStore: Send + Sync + 'static {
     /// The current snapshot; cheap, never waits.
     fn snapshot(&self) -> Arc<RoutingTable>;
+    /// The current table for a moment (a check at the door): cheaper than
+    /// [`snapshot`](Self::snapshot), as it writes no count that every thread shares. Not
+    /// to be held across an await or for long.
+    fn load(&self) -> arc_swap::Guard<Arc<RoutingTable>>;
     /// Sets the route of `op_type`; resolves to the new table version.
     fn set_route(
         &self,
@@ -526,6 +530,10 @@ pub fn validate_route(table: &RoutingTable, route: &Route) -> Result<(), RouteEr
 impl RouteStore for LocalRoutes {
     fn snapshot(&self) -> Arc<RoutingTable> {
         self.table.load_full()
+    }
+
+    fn load(&self) -> arc_swap::Guard<Arc<RoutingTable>> {
+        self.table.load()
     }
 
     fn set_route(

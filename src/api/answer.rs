@@ -80,7 +80,9 @@ impl<'a> Answer<'a> {
         out.extend_from_slice(self.status.as_str().as_bytes());
         out.extend_from_slice(b"\",\"result\":");
         match self.result {
-            // Valid JSON by construction: an engine's `Json` is checked where it is made.
+            // Valid JSON by construction: a `Json` is checked where it is made (a handler's
+            // result, a request's payload), or came over an authenticated link from a
+            // node that did.
             Some(r) => out.extend_from_slice(r.as_bytes()),
             None => out.extend_from_slice(b"null"),
         }

@@ -407,6 +407,10 @@ impl RouteStore for ClusterRoutes {
         self.0.table.load_full()
     }
 
+    fn load(&self) -> arc_swap::Guard<Arc<RoutingTable>> {
+        self.0.table.load()
+    }
+
     fn set_route(
         &self,
         op_type: OpType,
