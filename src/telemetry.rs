@@ -28,6 +28,7 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor};
 use opentelemetry_sdk::Resource;
+use opmesh_actors::counter::Counter;
 use opmesh_actors::trace::OpSpans;
 use opmesh_actors::{Sampler, SpanSink, Tracing};
 use serde::Serialize;
@@ -97,8 +98,8 @@ pub struct TelemetrySettings {
 #[derive(Debug, Default)]
 pub struct TelemetryCounters {
     /// Spans handed to the pipeline (queued, or dropped because the queue was full).
-    /// Counted on the path of every traced operation, so sharded by thread.
-    spans_recorded: Striped,
+    /// Counted on the path of every traced operation, so striped by thread.
+    spans_recorded: Counter,
     /// Spans the receiver accepted.
     pub spans_exported: AtomicU64,
     /// Spans dropped: the export queue was full, or their export failed.
@@ -112,7 +113,7 @@ pub struct TelemetryCounters {
 impl TelemetryCounters {
     /// Spans handed to the pipeline so far.
     pub fn spans_recorded(&self) -> u64 {
-        self.spans_recorded.sum()
+        self.spans_recorded.get()
     }
 
     fn record(&self, spans: u64) {
@@ -120,31 +121,10 @@ impl TelemetryCounters {
     }
 }
 
-/// A counter sharded by thread: threads take shards in turn as they first add, so that
-/// the workers that finish operations rarely write the same cache line. Summed at read.
-#[derive(Debug, Default)]
-struct Striped([Padded; STRIPES]);
-
-const STRIPES: usize = 8;
-
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Padded(AtomicU64);
-
-impl Striped {
-    fn add(&self, n: u64) {
-        self.0[thread_number() % STRIPES]
-            .0
-            .fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn sum(&self) -> u64 {
-        self.0.iter().map(|p| p.0.load(Ordering::Relaxed)).sum()
-    }
-}
-
-/// This thread's number, taken in turn by threads as they first ask: what spreads
-/// threads over counter stripes and exporter queues.
+/// This thread's number, taken in turn by the threads that record spans as they first
+/// do: what spreads them over the exporters' queues. A sequence of its own (not the
+/// engine's counter stripes), so that the few threads that finish operations take
+/// consecutive numbers, hence different queues.
 fn thread_number() -> usize {
     use std::cell::Cell;
     use std::sync::atomic::AtomicUsize;

@@ -224,16 +224,7 @@ mod tests {
     use opmesh_actors::TraceId;
 
     fn outcome(status: OpStatus) -> OpOutcome {
-        OpOutcome {
-            id: OpId::new(),
-            status,
-            result: None,
-            error: None,
-            cached: false,
-            executed_by: None,
-            attempts: 0,
-            trace_id: None,
-        }
+        OpOutcome::new(OpId::new(), status)
     }
 
     /// Outcomes with every field set and unset, and text that JSON must escape.
