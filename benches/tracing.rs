@@ -224,6 +224,7 @@ fn args(ops: u64, concurrency: usize, traces: Option<(&str, f64)>, rate: Option<
         warmup: None,
         json: true,
         remote: false,
+        shard_threads: false,
         otlp_endpoint: traces.map(|(e, _)| e.to_string()),
         sampling: traces.map_or(1.0, |(_, r)| r),
         exporters: arg("--exporters", 0) as usize,

@@ -50,6 +50,22 @@ fn in_process_bench_reports_one_json_line() {
         (Some(0.0), Some(0.0))
     );
     assert!(v.get("service_p99_us").is_none(), "{v}");
+    assert!(v.get("shard_threads").is_none(), "{v}");
+    // Shards on threads of their own, the drivers on them.
+    let (code, out, err) = cli(&[
+        "bench",
+        "--in-process",
+        "--shard-threads",
+        "--ops",
+        "5000",
+        "--concurrency",
+        "64",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v = last_json(&out);
+    check(&v, 5000);
+    assert_eq!(v["shard_threads"], true, "{v}");
     // Open loop at a fixed rate.
     let (code, out, err) = cli(&[
         "bench",

@@ -29,7 +29,7 @@ use crate::routing::{
     check_route_write, LocalRoutes, NodeView, Route, RouteError, RouteStore, RoutingTable,
 };
 use crate::scheduler::BatchPolicy;
-use crate::shard::shard_count;
+use crate::shard::{shard_count, ShardThreads};
 use crate::shared::{NodeShared, SharedParts};
 #[cfg(feature = "test-util")]
 use crate::supervisor::ChildKind;
@@ -76,6 +76,11 @@ pub struct EngineConfig {
     /// Copies of the hot path (Router, Cache, Scheduler, Executor), each owning a share
     /// of the operations; 0 = one per runtime worker thread. See [`crate::shard`].
     pub shards: usize,
+    /// Whether each shard's actors run on a thread of their own (a current-thread
+    /// runtime), so that an operation submitted on that thread stays on it from the door
+    /// to its outcome; otherwise they are tasks of the runtime that starts the node. See
+    /// [`crate::shard`].
+    pub shard_threads: bool,
     /// Per-type settings (`[types.<type>]`); a type not listed gets the node's defaults.
     /// See [`crate::type_limits`].
     pub types: BTreeMap<String, TypeSettings>,
@@ -110,6 +115,7 @@ impl Default for EngineConfig {
             retry: RetryPolicy::default(),
             max_routes: 1_000,
             shards: 0,
+            shard_threads: false,
             types: BTreeMap::new(),
             type_share_percent: 50,
             breaker: Some(BreakerPolicy::default()),
@@ -239,6 +245,15 @@ impl NodeBuilder {
                 )));
             }
         }
+        let threads = match self.config.shard_threads {
+            true => Some(Arc::new(
+                ShardThreads::start(shards).map_err(|e| StartError::Spawn(e.to_string()))?,
+            )),
+            false => None,
+        };
+        let runtimes = threads
+            .as_ref()
+            .map_or(Vec::new(), |t| t.handles().to_vec());
         let shared = Arc::new(NodeShared::new(
             SharedParts {
                 node_id: self.node_id,
@@ -249,6 +264,7 @@ impl NodeBuilder {
                 tracing: self.tracing,
             },
             shards,
+            runtimes,
             plan,
         ));
         let (sup, join) = Actor::spawn(None, NodeSupervisor, shared.clone())
@@ -260,6 +276,7 @@ impl NodeBuilder {
             shared,
             supervisor: sup,
             join: Arc::new(Mutex::new(Some(join))),
+            _threads: threads,
         })
     }
 }
@@ -309,6 +326,8 @@ pub struct Node {
     anchors: StripedArc<NodeShared>,
     supervisor: ActorRef<()>,
     join: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// The shards' own threads (`engine.shard_threads`), stopped with the last handle.
+    _threads: Option<Arc<ShardThreads>>,
 }
 
 /// How a node's running slots are shared out (see [`crate::type_limits`]).
@@ -388,6 +407,15 @@ impl Node {
 
     pub fn id(&self) -> &NodeId {
         self.shared.node_id()
+    }
+
+    /// The runtimes of the shards' own threads (`engine.shard_threads`; empty without).
+    /// A caller that submits from one of them (spawned there with
+    /// [`Handle::spawn`](tokio::runtime::Handle::spawn)) has its operations stay on that
+    /// thread from the door to their outcome: the in-process bench spreads its drivers
+    /// over them.
+    pub fn shard_runtimes(&self) -> &[tokio::runtime::Handle] {
+        self.shared.shards().runtimes()
     }
 
     pub fn config(&self) -> &EngineConfig {

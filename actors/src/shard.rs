@@ -13,6 +13,12 @@
 //!   turn, so submitters spread over the shards without sharing a lock or a mailbox,
 //!   and a single hot type spreads too.
 //!
+//! With `engine.shard_threads`, each shard's actors run on a thread of their own (a
+//! current-thread runtime, [`ShardThreads`]), and that thread's home is its shard: an
+//! operation submitted there is admitted, routed, scheduled, run and answered without
+//! leaving the thread. Otherwise the actors are tasks of the caller's runtime, which its
+//! scheduler moves between worker threads as it likes.
+//!
 //! What stays node-wide: the queue capacity of each type (one count at the door), the
 //! running slots (each type's count, and the count of the slots the types without their
 //! own share, which every Scheduler takes from: see [`crate::type_limits`]), each type's
@@ -165,14 +171,16 @@ pub(crate) fn split(
     }
 }
 
+thread_local! {
+    /// The calling thread's number for [`home_index`] (`usize::MAX`: none taken yet).
+    static HOME: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
 /// This thread's number, taken in turn by threads as they first submit: the home shard
 /// is this number modulo the shard count, so consecutive submitting threads (runtime
 /// workers, HTTP workers) get consecutive shards.
 fn home_index() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static HOME: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
     HOME.with(|h| {
         if h.get() == usize::MAX {
             h.set(NEXT.fetch_add(1, Ordering::Relaxed));
@@ -181,16 +189,90 @@ fn home_index() -> usize {
     })
 }
 
+/// The threads of a node's shards (`engine.shard_threads`): one per shard, each running
+/// a current-thread runtime on which the supervisor spawns that shard's actors (and the
+/// Executor its batches), with the shard as the thread's home. Dropped with the last
+/// [`Node`](crate::Node) handle: each runtime then stops, dropping what still runs on it,
+/// and its thread ends.
+pub(crate) struct ShardThreads {
+    handles: Vec<tokio::runtime::Handle>,
+    /// Dropping one ends its thread's runtime.
+    _stops: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// How long a stopping shard runtime waits for its blocking tasks (handlers run with
+/// `spawn_blocking`) before it leaves them.
+const SHARD_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl ShardThreads {
+    /// Starts `n` threads, `opmesh-shard-<i>`, and waits until each runtime runs.
+    pub(crate) fn start(n: usize) -> std::io::Result<Self> {
+        let mut handles = Vec::with_capacity(n);
+        let mut stops = Vec::with_capacity(n);
+        for i in 0..n {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let (ready, handle) = std::sync::mpsc::sync_channel(1);
+            std::thread::Builder::new()
+                .name(format!("opmesh-shard-{i}"))
+                .spawn(move || {
+                    HOME.with(|h| h.set(i));
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(rt.handle().clone()));
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                    rt.shutdown_timeout(SHARD_STOP_WAIT);
+                })?;
+            let handle = handle.recv().map_err(|_| {
+                std::io::Error::other(format!("shard thread {i} stopped before its runtime ran"))
+            })??;
+            handles.push(handle);
+            stops.push(stop);
+        }
+        Ok(ShardThreads {
+            handles,
+            _stops: stops,
+        })
+    }
+
+    pub(crate) fn handles(&self) -> &[tokio::runtime::Handle] {
+        &self.handles
+    }
+}
+
 /// The shards of a node.
 pub(crate) struct Shards {
     shards: Box<[Shard]>,
+    /// Each shard's runtime, when the shards have threads of their own.
+    runtimes: Vec<tokio::runtime::Handle>,
 }
 
 impl Shards {
-    pub(crate) fn new(n: usize) -> Self {
+    /// `n` shards (at least one); their actors run on `runtimes` (one per shard) or, when
+    /// empty, on the runtime that starts them.
+    pub(crate) fn new(n: usize, runtimes: Vec<tokio::runtime::Handle>) -> Self {
         Shards {
             shards: (0..n.max(1)).map(|_| Shard::default()).collect(),
+            runtimes,
         }
+    }
+
+    /// The runtime of shard `i`'s own thread, if the shards have threads.
+    pub(crate) fn runtime(&self, i: usize) -> Option<&tokio::runtime::Handle> {
+        self.runtimes.get(i)
+    }
+
+    pub(crate) fn runtimes(&self) -> &[tokio::runtime::Handle] {
+        &self.runtimes
     }
 
     pub(crate) fn len(&self) -> usize {

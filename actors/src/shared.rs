@@ -137,7 +137,13 @@ fn send<M: ractor::Message>(cell: &ArcSwapOption<ActorRef<M>>, msg: M) {
 impl NodeShared {
     /// A node of `shards` shards (at least one), whose running slots are shared out by
     /// `plan` (checked by the caller: [`SlotPlan::of`]).
-    pub(crate) fn new(mut parts: SharedParts, shards: usize, plan: SlotPlan) -> Self {
+    /// `runtimes`: each shard's own runtime (`engine.shard_threads`), or none.
+    pub(crate) fn new(
+        mut parts: SharedParts,
+        shards: usize,
+        runtimes: Vec<tokio::runtime::Handle>,
+        plan: SlotPlan,
+    ) -> Self {
         let shards = shards.max(1);
         let breakers = make_breakers(&parts.config, &parts.registry);
         let config = &parts.config;
@@ -162,7 +168,7 @@ impl NodeShared {
             tracing: parts.tracing,
             events: Arc::new(EventBus::default()),
             remote_types: DashMap::new(),
-            shards: Shards::new(shards),
+            shards: Shards::new(shards, runtimes),
             plan,
             shared_slots: RunningSlots::new(shards, plan.shared),
             breakers,

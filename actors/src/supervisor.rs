@@ -70,7 +70,29 @@ pub(crate) struct SupervisorState {
     children: Vec<Child>,
 }
 
+/// Starts the child `kind` of `shard`, on the shard's own thread when it has one
+/// (`engine.shard_threads`: the actor's task, and what it spawns, live on that runtime).
 async fn spawn_child(
+    kind: ChildKind,
+    shard: usize,
+    shared: &Arc<NodeShared>,
+    sup: ActorCell,
+) -> Result<Child, ActorProcessingErr> {
+    let Some(rt) = shared.shards().runtime(shard) else {
+        return spawn_child_here(kind, shard, shared, sup).await;
+    };
+    let shared = shared.clone();
+    rt.spawn(async move {
+        spawn_child_here(kind, shard, &shared, sup)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("the thread of shard {shard} is gone: {e}"))?
+    .map_err(ActorProcessingErr::from)
+}
+
+async fn spawn_child_here(
     kind: ChildKind,
     shard: usize,
     shared: &Arc<NodeShared>,

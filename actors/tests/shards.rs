@@ -275,3 +275,101 @@ async fn an_actor_that_dies_in_one_shard_is_restarted_and_the_others_go_on() {
     node.kill_shard_actor(7, ChildKind::Router);
     node.shutdown(Duration::from_secs(1)).await;
 }
+
+/// The name of the thread an operation ran on, as its result.
+async fn where_it_ran(_op: Operation) -> Result<Json, HandlerError> {
+    let name = std::thread::current().name().unwrap_or("").to_string();
+    Ok(Json::encode(&name).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_shard_threads_each_shard_runs_on_its_own_thread_and_stops_with_the_node() {
+    let config = EngineConfig {
+        shards: 2,
+        shard_threads: true,
+        ..EngineConfig::default()
+    };
+    let node = Node::builder()
+        .config(config)
+        .handler("where", where_it_ran)
+        .start()
+        .await
+        .unwrap();
+    let runtimes = node.shard_runtimes().to_vec();
+    assert_eq!(runtimes.len(), 2);
+    // Submitted from a shard's own thread, an operation runs there (its home shard).
+    for (i, rt) in runtimes.iter().enumerate() {
+        let n = node.clone();
+        let ran = rt
+            .spawn(async move {
+                let mut names = Vec::new();
+                for _ in 0..20 {
+                    let o = n
+                        .enqueue(Operation::new("where", Json::null()))
+                        .unwrap()
+                        .await;
+                    assert_eq!(o.status, OpStatus::Succeeded, "{o:?}");
+                    names.push(o.result.unwrap().decode::<String>().unwrap());
+                }
+                names
+            })
+            .await
+            .unwrap();
+        assert!(
+            ran.iter().all(|n| *n == format!("opmesh-shard-{i}")),
+            "shard {i}: {ran:?}"
+        );
+    }
+    // Keyed operations from the test's own threads reach both shards' threads.
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..40 {
+        let o = node
+            .enqueue(Operation::new("where", Json::null()).with_key(format!("k{i}")))
+            .unwrap()
+            .await;
+        seen.insert(o.result.unwrap().decode::<String>().unwrap());
+    }
+    let want: std::collections::HashSet<String> =
+        ["opmesh-shard-0".to_string(), "opmesh-shard-1".to_string()].into();
+    assert_eq!(seen, want);
+    // An actor killed on a shard's thread is restarted there.
+    for kind in ChildKind::ALL {
+        let before = node.metrics().actor_restarts_of(kind);
+        node.kill_shard_actor(1, kind);
+        wait_for("the restart", Duration::from_secs(5), || {
+            node.metrics().actor_restarts_of(kind) == before + 1
+        })
+        .await;
+        let n = node.clone();
+        let ran = runtimes[1]
+            .spawn(async move {
+                n.enqueue(Operation::new("where", Json::null()))
+                    .unwrap()
+                    .await
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            ran.result.unwrap().decode::<String>().unwrap(),
+            "opmesh-shard-1",
+            "after {kind:?} restarted"
+        );
+    }
+    node.shutdown(Duration::from_secs(1)).await;
+    drop(node);
+    // With the last handle gone, each shard's runtime stops (its thread is told at once
+    // and stops soon after): a task spawned there is then refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for rt in runtimes {
+        loop {
+            if rt.spawn(async {}).await.is_err() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a shard's runtime still runs tasks 10 s after the node was dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

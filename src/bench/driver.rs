@@ -89,6 +89,11 @@ impl Done {
 pub(crate) trait Load: Send + Sync + 'static {
     type Fut: Future<Output = Done> + Unpin + Send + 'static;
     fn issue(&self, ops: u32) -> Self::Fut;
+    /// Where the drivers run, in turn: the embedded node's shard threads when it has them
+    /// (so that each driver submits from a shard's own thread); empty, the bench's runtime.
+    fn runtimes(&self) -> &[tokio::runtime::Handle] {
+        &[]
+    }
 }
 
 /// How requests arrive.

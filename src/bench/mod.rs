@@ -165,6 +165,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "URL", requires = "in_process")]
     pub otlp_endpoint: Option<String>,
 
+    /// With --in-process: run each shard's actors on a thread of their own
+    /// (`engine.shard_threads`), and the bench's drivers on those threads.
+    #[arg(long, requires = "in_process")]
+    pub shard_threads: bool,
+
     /// With --otlp-endpoint: the share of operations traced, 0.0..=1.0.
     #[arg(
         long,
@@ -247,6 +252,8 @@ struct Plan {
     wait: bool,
     warmup: u64,
     remote: bool,
+    /// `--shard-threads`.
+    shard_threads: bool,
     /// `--otlp-endpoint`, `--sampling` and `--exporters`.
     traces: Option<(String, f64, usize)>,
     max_error_ratio: f64,
@@ -321,6 +328,7 @@ impl BenchArgs {
             wait: !self.no_wait,
             warmup: self.warmup.unwrap_or((self.ops / 10).min(10_000)),
             remote: self.remote,
+            shard_threads: self.shard_threads,
             token: self.token.clone(),
             traces: match &self.otlp_endpoint {
                 None => None,
@@ -436,7 +444,11 @@ async fn phase<L: Load>(
                 (Arrivals::Open { per_sec }, Some(p)) => Some((Pace::new(per_sec), p.slot(i))),
                 _ => None,
             };
-            tokio::spawn(drive(load.clone(), shared.clone(), slots, open))
+            let driver = drive(load.clone(), shared.clone(), slots, open);
+            match load.runtimes() {
+                [] => tokio::spawn(driver),
+                rts => rts[i % rts.len()].spawn(driver),
+            }
         })
         .collect();
     let mut result = PhaseResult {
@@ -530,12 +542,14 @@ const REMOTE_NODES: [&str; 2] = ["bench-a", "bench-b"];
 /// order). Returns the first (where operations are submitted) and both for shutdown.
 async fn remote_pair(
     op_type: &str,
+    shard_threads: bool,
     telemetry: &[crate::telemetry::Telemetry],
 ) -> anyhow::Result<(Node, Vec<(Cluster, Node)>)> {
     let mut pair = Vec::new();
     let mut seed: Option<String> = None;
     for (i, name) in REMOTE_NODES.into_iter().enumerate() {
-        let mut builder = crate::handlers::register_builtins(Node::builder().node_id(name), &[]);
+        let mut builder = crate::handlers::register_builtins(Node::builder().node_id(name), &[])
+            .config(engine_config(shard_threads));
         if let Some(t) = telemetry.get(i) {
             builder = builder.tracing(t.tracing());
         }
@@ -640,12 +654,21 @@ async fn finish_telemetry(
     .context("flushing the trace exporters")
 }
 
+/// The engine of an embedded node: the defaults, with `--shard-threads`.
+fn engine_config(shard_threads: bool) -> opmesh_actors::EngineConfig {
+    opmesh_actors::EngineConfig {
+        shard_threads,
+        ..Default::default()
+    }
+}
+
 async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> {
     let telemetry = start_telemetry(plan)?;
     let (node, pair) = if plan.remote {
-        remote_pair(&plan.op_type, &telemetry).await?
+        remote_pair(&plan.op_type, plan.shard_threads, &telemetry).await?
     } else {
-        let mut builder = crate::handlers::register_builtins(Node::builder(), &[]);
+        let mut builder = crate::handlers::register_builtins(Node::builder(), &[])
+            .config(engine_config(plan.shard_threads));
         if let Some(t) = telemetry.first() {
             builder = builder.tracing(t.tracing());
         }
@@ -695,6 +718,7 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
     };
     let measured = measured?;
     let mut report = report(plan, mode, None, &measured);
+    report.shard_threads = plan.shard_threads;
     if !telemetry.is_empty() {
         report.sampling = plan.traces.as_ref().map(|(_, r, _)| *r);
         report.trace_export = Some(finish_telemetry(telemetry).await?);

@@ -125,6 +125,10 @@ pub struct BenchReport {
     pub baseline: Option<Box<BenchReport>>,
     /// `--otlp-endpoint`: the sampling ratio, and the trace pipeline's counters after
     /// the run (flushed), warmup included; summed over both nodes under `--remote`.
+    /// `--shard-threads`: the embedded node's shards ran on threads of their own, and the
+    /// drivers on them.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shard_threads: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampling: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -242,6 +246,7 @@ pub(super) fn report(
         rss_delta_bytes: None,
         rss_peak_source: None,
         baseline: None,
+        shard_threads: false,
         sampling: None,
         trace_export: None,
     }
@@ -281,6 +286,9 @@ pub fn render_text(report: &BenchReport) -> String {
         .map_or(String::new(), |b| format!(" · batch {b}"));
     if report.accepted_only {
         batch.push_str(" · counted when accepted (202)");
+    }
+    if report.shard_threads {
+        batch.push_str(" · shards on threads of their own");
     }
     let _ = writeln!(
         out,

@@ -78,6 +78,10 @@ pub(crate) fn judge_outcome(outcome: OpOutcome, owner: Option<&'static str>) -> 
 impl Load for InProcess {
     type Fut = InProcessFut;
 
+    fn runtimes(&self) -> &[tokio::runtime::Handle] {
+        self.node.shard_runtimes()
+    }
+
     fn issue(&self, _ops: u32) -> InProcessFut {
         // Each operation brings its own type name and payload, as a caller building one
         // (or the HTTP api parsing one) does: clones of one shared `Arc` and `Bytes`

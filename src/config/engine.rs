@@ -20,6 +20,7 @@ pub(super) struct RawEngine {
     batch_flush_ms: u64,
     max_concurrent: u64,
     shards: u64,
+    shard_threads: bool,
     max_payload_bytes: u64,
     max_metadata_entries: u64,
     max_metadata_bytes: u64,
@@ -168,6 +169,7 @@ impl RawEngine {
                 1..=604_800,
             )?,
             shards: check.count("engine.shards", self.shards, 0..=1024)?,
+            shard_threads: self.shard_threads,
             retention_max: check.count(
                 "engine.result_retention_max",
                 self.result_retention_max,
