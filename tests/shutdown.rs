@@ -9,7 +9,15 @@ use common::{client, wait_until, Server};
 use serde_json::{json, Value};
 
 async fn drain_on(sig: &str) {
-    let mut s = Server::start(&[], &[("OPMESH_SHUTDOWN__GRACE_SECS", "20")]);
+    drain(sig, &[], |_| {}).await
+}
+
+/// Drains on `sig` with `env` added to the node's environment; `check` looks at the
+/// running node once its operations are in flight.
+async fn drain(sig: &str, env: &[(&str, &str)], check: impl Fn(&Server)) {
+    let mut env = env.to_vec();
+    env.push(("OPMESH_SHUTDOWN__GRACE_SECS", "20"));
+    let mut s = Server::start(&[], &env);
     let c = client();
     // Accepted work: one waiting request and ten fire-and-forget ones.
     let waiting = tokio::spawn({
@@ -46,6 +54,7 @@ async fn drain_on(sig: &str) {
         m["inFlightOperations"] == 11
     })
     .await;
+    check(&s);
     s.signal(sig);
     wait_until("readyz to turn 503", Duration::from_secs(5), || async {
         c.get(s.url("/readyz"))
@@ -76,6 +85,22 @@ async fn drain_on(sig: &str) {
 #[tokio::test]
 async fn sigterm_drains_accepted_operations_and_exits_zero() {
     drain_on("TERM").await;
+}
+
+#[tokio::test]
+async fn a_node_with_shard_threads_drains_and_exits_zero_too() {
+    drain("TERM", &[("OPMESH_ENGINE__SHARD_THREADS", "true")], |s| {
+        let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", s.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect();
+        assert!(
+            names.iter().any(|n| n == "opmesh-shard-0"),
+            "the shards run on threads of their own: {names:?}"
+        );
+    })
+    .await;
 }
 
 #[tokio::test]
