@@ -30,42 +30,34 @@ fn check(v: &Value, ops: u64) {
 
 #[test]
 fn in_process_bench_reports_one_json_line() {
-    let (code, out, err) = cli(&[
-        "bench",
-        "--in-process",
-        "--ops",
-        "5000",
-        "--concurrency",
-        "64",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v = last_json(&out);
-    check(&v, 5000);
-    assert!(v["rss_peak_bytes"].as_u64().unwrap() >= v["rss_idle_bytes"].as_u64().unwrap());
-    assert_eq!(v["rss_peak_source"], "vmhwm_reset", "{v}");
-    assert_eq!(v["latency_from"], "sent", "{v}");
-    assert_eq!(
-        (v["error_ratio"].as_f64(), v["max_error_ratio"].as_f64()),
-        (Some(0.0), Some(0.0))
-    );
-    assert!(v.get("service_p99_us").is_none(), "{v}");
-    assert!(v.get("shard_threads").is_none(), "{v}");
-    // Shards on threads of their own, the drivers on them.
-    let (code, out, err) = cli(&[
-        "bench",
-        "--in-process",
-        "--shard-threads",
-        "--ops",
-        "5000",
-        "--concurrency",
-        "64",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v = last_json(&out);
-    check(&v, 5000);
-    assert_eq!(v["shard_threads"], true, "{v}");
+    // As is, and with the shards on threads of their own (the drivers on them).
+    for shard_threads in [false, true] {
+        let mut args = vec![
+            "bench",
+            "--in-process",
+            "--ops",
+            "5000",
+            "--concurrency",
+            "64",
+            "--json",
+        ];
+        if shard_threads {
+            args.push("--shard-threads");
+        }
+        let (code, out, err) = cli(&args);
+        assert_eq!(code, 0, "{err}");
+        let v = last_json(&out);
+        check(&v, 5000);
+        assert!(v["rss_peak_bytes"].as_u64().unwrap() >= v["rss_idle_bytes"].as_u64().unwrap());
+        assert_eq!(v["rss_peak_source"], "vmhwm_reset", "{v}");
+        assert_eq!(v["latency_from"], "sent", "{v}");
+        assert_eq!(
+            (v["error_ratio"].as_f64(), v["max_error_ratio"].as_f64()),
+            (Some(0.0), Some(0.0))
+        );
+        assert!(v.get("service_p99_us").is_none(), "{v}");
+        assert_eq!(v.get("shard_threads").is_some(), shard_threads, "{v}");
+    }
     // Open loop at a fixed rate.
     let (code, out, err) = cli(&[
         "bench",

@@ -241,6 +241,16 @@ async fn node_wide_limits_hold_across_shards() {
     node.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Kills the actor of `kind` in `shard` and waits until its supervisor restarted it.
+async fn kill_and_see_restarted(node: &Node, shard: usize, kind: ChildKind) {
+    let before = node.metrics().actor_restarts_of(kind);
+    node.kill_shard_actor(shard, kind);
+    wait_for("the restart", Duration::from_secs(5), || {
+        node.metrics().actor_restarts_of(kind) == before + 1
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_that_dies_in_one_shard_is_restarted_and_the_others_go_on() {
     let node = Node::builder()
@@ -250,12 +260,7 @@ async fn an_actor_that_dies_in_one_shard_is_restarted_and_the_others_go_on() {
         .await
         .unwrap();
     for kind in ChildKind::ALL {
-        let before = node.metrics().actor_restarts_of(kind);
-        node.kill_shard_actor(2, kind);
-        wait_for("the restart", Duration::from_secs(5), || {
-            node.metrics().actor_restarts_of(kind) == before + 1
-        })
-        .await;
+        kill_and_see_restarted(&node, 2, kind).await;
         // Every shard works afterwards: keys over all three.
         let tickets: Vec<_> = (0..60)
             .map(|i| {
@@ -334,12 +339,7 @@ async fn with_shard_threads_each_shard_runs_on_its_own_thread_and_stops_with_the
     assert_eq!(seen, want);
     // An actor killed on a shard's thread is restarted there.
     for kind in ChildKind::ALL {
-        let before = node.metrics().actor_restarts_of(kind);
-        node.kill_shard_actor(1, kind);
-        wait_for("the restart", Duration::from_secs(5), || {
-            node.metrics().actor_restarts_of(kind) == before + 1
-        })
-        .await;
+        kill_and_see_restarted(&node, 1, kind).await;
         let n = node.clone();
         let ran = runtimes[1]
             .spawn(async move {
