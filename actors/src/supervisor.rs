@@ -82,14 +82,9 @@ async fn spawn_child(
         return spawn_child_here(kind, shard, shared, sup).await;
     };
     let shared = shared.clone();
-    rt.spawn(async move {
-        spawn_child_here(kind, shard, &shared, sup)
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| format!("the thread of shard {shard} is gone: {e}"))?
-    .map_err(ActorProcessingErr::from)
+    rt.spawn(async move { spawn_child_here(kind, shard, &shared, sup).await })
+        .await
+        .map_err(|e| format!("the thread of shard {shard} is gone: {e}"))?
 }
 
 async fn spawn_child_here(
