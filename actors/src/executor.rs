@@ -13,6 +13,7 @@
 //! how it went (see [`crate::breaker`] for what counts as a failure).
 
 use std::any::Any;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -174,25 +175,54 @@ fn start_one<'a>(
     }
 }
 
+/// What one run of a handler came to: its result or panic, or the deadline passed first.
+type Ran = Result<Result<HandlerResult, Box<dyn Any + Send>>, tokio::time::error::Elapsed>;
+
 /// Runs one operation to its end and completes it, giving its running slot back as soon as
 /// the handler is done (a dropped future gives it back too). `first` is how its first run
 /// started ([`start_one`]).
 ///
 /// The job stays in its box while the handler runs (the future holds a pointer, not the
-/// job): 10,000 sleeping operations take a third less memory that way.
+/// job): 10,000 sleeping operations take a third less memory that way. For the same
+/// reason the common case, a first run that succeeds, is all this future holds while it
+/// waits: retries and failures go on in a future of their own ([`run_attempts`]), boxed
+/// when needed, so their state does not make every waiting operation larger.
 async fn run_one(shared: &NodeShared, job: Box<Job>, slot: RunningSlot<'_>, first: First) {
+    let ran = match first {
+        First::Running(call) => {
+            match run_call(call, job.reply.execute_context(), job.deadline).await {
+                Ok(Ok(Ok(result))) => {
+                    let outcome = (OpStatus::Succeeded, Some(result), None, Some(true));
+                    return finish(shared, job, slot, outcome, 1, Vec::new());
+                }
+                ran => Some(ran),
+            }
+        }
+        First::Ended(ended) => Some(Ok(ended)),
+        First::NotStarted => None,
+    };
+    Box::pin(run_attempts(shared, job, slot, ran)).await
+}
+
+/// Runs `job`'s handler until it succeeds, fails for good or its deadline passes, retrying
+/// as its type's policy says, and completes it. `first`: how its first run went, when it
+/// already ran.
+async fn run_attempts(
+    shared: &NodeShared,
+    job: Box<Job>,
+    slot: RunningSlot<'_>,
+    mut first: Option<Ran>,
+) {
     let entry = &**job.reply.entry();
     let ctx = job.reply.execute_context();
     let (op, deadline) = (&job.op, job.deadline);
     let mut attempts = 0u32;
     let mut retries = Vec::new();
-    let mut first = Some(first);
     let outcome = loop {
         attempts += 1;
-        let call = match first.take().unwrap_or(First::NotStarted) {
-            First::Ended(ended) => Ok(ended),
-            First::Running(call) => run_call(call, ctx, deadline).await,
-            First::NotStarted => match &entry.handler {
+        let call = match first.take() {
+            Some(ran) => ran,
+            None => match &entry.handler {
                 HandlerKind::Async(h) => {
                     let call = trace::in_context(ctx, || h.call(op.clone()));
                     run_call(call, ctx, deadline).await
@@ -304,14 +334,15 @@ async fn run_one(shared: &NodeShared, job: Box<Job>, slot: RunningSlot<'_>, firs
 }
 
 /// A handler's future run to its end in the operation's trace context, a panic caught,
-/// unless `deadline` passes first.
-async fn run_call(
+/// unless `deadline` passes first. (A plain function, not an `async fn`, so the future is
+/// no larger than what it runs.)
+fn run_call(
     call: HandlerFuture,
     ctx: Option<TraceContext>,
     deadline: Instant,
-) -> Result<Result<HandlerResult, Box<dyn Any + Send>>, tokio::time::error::Elapsed> {
+) -> impl Future<Output = Ran> {
     let fut = trace::InContext::new(ctx, AssertUnwindSafe(call).catch_unwind());
-    tokio::time::timeout_at(deadline.into(), fut).await
+    tokio::time::timeout_at(deadline.into(), fut)
 }
 
 /// What an operation's runs came to: its status, result, error, and whether it counts
