@@ -144,24 +144,6 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         tracing::info!(endpoint = %t.endpoint, protocol = t.protocol.as_str(), sampling_ratio = t.sampling_ratio, "exporting traces");
     }
 
-    let builder = Node::builder()
-        .node_id(cfg.node_id.as_str())
-        .config(cfg.engine.clone())
-        .tracing(telemetry.tracing());
-    let builder = handlers::register(builder, &cfg.builtin_handlers, &cfg.http_handlers);
-    let cluster = match &cfg.cluster {
-        None => None,
-        Some(c) => Some(start_cluster(c, http_addr, &builder).await?),
-    };
-    let node = match &cluster {
-        Some(c) => c.start_node(builder).await?,
-        None => builder.start().await?,
-    };
-    let journal = match &cfg.journal {
-        None => None,
-        Some(j) => Some(open_journal(j, &node)?),
-    };
-
     let settings = ApiSettings {
         addr: cfg.http.addr,
         workers: cfg.http.workers,
@@ -178,10 +160,38 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
             .map(|(path, set)| crate::auth::Tokens::new(path.clone(), set.clone())),
         protect_metrics: cfg.auth.protect_metrics,
         limits: cfg.limits.clone(),
-        journal,
+        journal: None,
     };
-    let http =
-        api::start(node.clone(), cluster, listener, &settings).map_err(listen(cfg.http.addr))?;
+    // The api's workers start first and wait for the node: with `engine.shard_threads`
+    // the shards run on them, so that a request's operations stay on its worker's thread.
+    let mut http = api::bind(listener, &settings).map_err(listen(cfg.http.addr))?;
+    let runtimes = match cfg.engine.shard_threads {
+        true => http
+            .worker_runtimes()
+            .await
+            .map_err(listen(cfg.http.addr))?,
+        false => Vec::new(),
+    };
+    let builder = Node::builder()
+        .node_id(cfg.node_id.as_str())
+        .config(cfg.engine.clone())
+        .shard_runtimes(runtimes)
+        .tracing(telemetry.tracing());
+    let builder = handlers::register(builder, &cfg.builtin_handlers, &cfg.http_handlers);
+    let cluster = match &cfg.cluster {
+        None => None,
+        Some(c) => Some(start_cluster(c, http_addr, &builder).await?),
+    };
+    let node = match &cluster {
+        Some(c) => c.start_node(builder).await?,
+        None => builder.start().await?,
+    };
+    let journal = match &cfg.journal {
+        None => None,
+        Some(j) => Some(open_journal(j, &node)?),
+    };
+
+    let http = http.serve(node.clone(), cluster, journal);
     Ok(Running {
         node,
         http,
@@ -325,8 +335,10 @@ pub async fn run_until(
         // a restart.
         j.close().await;
     }
-    let served = server.stop().await;
+    // The engine before the api's workers: with `engine.shard_threads` its shards run on
+    // them. Requests that come meanwhile are refused (503), as during the drain.
     let left = node.shutdown(Duration::ZERO).await;
+    let served = server.stop().await;
     if let Some(c) = &cluster {
         c.shutdown().await;
     }
@@ -375,6 +387,80 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With `engine.shard_threads` the binary runs each shard on one of the api's
+    /// workers: an operation a request submits is admitted, run and answered on the
+    /// worker's thread. The node serves, and stops (the engine before the workers it runs
+    /// on) without leaving anything behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_shard_threads_the_shards_run_on_the_api_workers() {
+        let mut cfg = {
+            let _env = crate::config::testutil::EnvGuard::new();
+            crate::config::testutil::load_ok(&crate::config::LoadOptions {
+                http_addr: Some("127.0.0.1:0".into()),
+                ..Default::default()
+            })
+        };
+        cfg.engine.shard_threads = true;
+        cfg.http.workers = 3;
+        let running = start(&cfg).await.unwrap();
+        assert_eq!(running.node.shards(), 3, "one shard per worker");
+        let mut threads = std::collections::HashSet::new();
+        for rt in running.node.shard_runtimes() {
+            let t = rt
+                .spawn(async { std::thread::current().id() })
+                .await
+                .unwrap();
+            let name = rt
+                .spawn(async { std::thread::current().name().map(str::to_owned) })
+                .await
+                .unwrap();
+            assert!(
+                name.as_deref()
+                    .is_some_and(|n| n.starts_with("actix-server worker")),
+                "{name:?}"
+            );
+            threads.insert(t);
+        }
+        assert_eq!(threads.len(), 3, "each shard on a worker of its own");
+
+        // One connection is served by one worker: its operations (no keys) all go to
+        // that worker's shard, and are answered.
+        let url = format!("http://{}/v1/ops/batch?wait=true", running.http_addr());
+        let ops: Vec<_> = (0..300)
+            .map(|i| serde_json::json!({"type": "echo", "payload": i}))
+            .collect();
+        let client = reqwest::Client::new();
+        for _ in 0..3 {
+            let answer: serde_json::Value = client
+                .post(&url)
+                .json(&serde_json::json!({ "ops": ops }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let results = answer["results"].as_array().unwrap();
+            assert_eq!(results.len(), 300);
+            for (i, r) in results.iter().enumerate() {
+                assert_eq!(r["status"], "succeeded", "{r}");
+                assert_eq!(r["result"], i, "{r}");
+            }
+        }
+        let took = running.node.shard_operations();
+        assert_eq!(took.iter().sum::<u64>(), 900, "{took:?}");
+        assert_eq!(took.iter().filter(|&&n| n > 0).count(), 1, "{took:?}");
+
+        let stopped = tokio::time::timeout(
+            Duration::from_secs(20),
+            running.run_until(std::future::ready(())),
+        )
+        .await
+        .expect("stops within 20 s")
+        .unwrap();
+        assert!(stopped.is_clean(), "{stopped:?}");
+    }
 
     fn types(names: &[&str]) -> Vec<OpType> {
         names.iter().map(|n| (*n).into()).collect()

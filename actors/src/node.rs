@@ -131,6 +131,8 @@ pub struct NodeBuilder {
     routes: Option<Arc<dyn RouteStore>>,
     forwarder: Option<Arc<dyn Forwarder>>,
     tracing: Option<Tracing>,
+    /// Runtimes the caller owns, one per shard (see [`NodeBuilder::shard_runtimes`]).
+    runtimes: Vec<tokio::runtime::Handle>,
 }
 
 /// Why a node did not start.
@@ -210,6 +212,18 @@ impl NodeBuilder {
         self
     }
 
+    /// Runs the shards' actors on these runtimes, one shard per runtime, instead of on
+    /// threads the node starts (`engine.shard_threads`) or on the runtime that starts it:
+    /// the binary passes its HTTP workers' runtimes, so that a request's operations stay
+    /// on the worker's thread from the door to the answer. Each runtime's thread should
+    /// make its shard its home ([`crate::shard::make_home`]). The caller keeps the
+    /// runtimes running until the node has shut down; `engine.shards` must be 0 or their
+    /// number.
+    pub fn shard_runtimes(mut self, runtimes: Vec<tokio::runtime::Handle>) -> Self {
+        self.runtimes = runtimes;
+        self
+    }
+
     /// Spawns the supervised actors and returns the running node. Must be called inside
     /// a tokio runtime.
     pub async fn start(self) -> Result<Node, StartError> {
@@ -228,7 +242,19 @@ impl NodeBuilder {
                 }],
             }))
         });
-        let shards = shard_count(self.config.shards);
+        let adopted = !self.runtimes.is_empty();
+        let shards = match (adopted, self.config.shards) {
+            (false, n) => shard_count(n),
+            (true, 0) => self.runtimes.len(),
+            (true, n) if n == self.runtimes.len() => n,
+            (true, n) => {
+                return Err(StartError::Config(format!(
+                    "engine.shards is {n}, but the shards are given {} runtimes to run on \
+                     (one shard each)",
+                    self.runtimes.len()
+                )))
+            }
+        };
         let plan = SlotPlan::of(&self.config).map_err(StartError::Config)?;
         if plan.shared == 0 {
             let config = &self.config;
@@ -245,15 +271,16 @@ impl NodeBuilder {
                 )));
             }
         }
-        let threads = match self.config.shard_threads {
+        let threads = match self.config.shard_threads && !adopted {
             true => Some(Arc::new(
                 ShardThreads::start(shards).map_err(|e| StartError::Spawn(e.to_string()))?,
             )),
             false => None,
         };
-        let runtimes = threads
-            .as_ref()
-            .map_or(Vec::new(), |t| t.handles().to_vec());
+        let runtimes = match &threads {
+            Some(t) => t.handles().to_vec(),
+            None => self.runtimes,
+        };
         let shared = Arc::new(NodeShared::new(
             SharedParts {
                 node_id: self.node_id,
@@ -402,6 +429,7 @@ impl Node {
             routes: None,
             forwarder: None,
             tracing: None,
+            runtimes: Vec::new(),
         }
     }
 

@@ -189,6 +189,14 @@ fn home_index() -> usize {
     })
 }
 
+/// Makes shard `i` (modulo the shard count) the calling thread's home: an operation it
+/// submits without a key goes to that shard. For threads that run a shard's actors on a
+/// runtime the node was given ([`NodeBuilder::shard_runtimes`](crate::NodeBuilder::shard_runtimes)),
+/// so that what they submit stays on them.
+pub fn make_home(i: usize) {
+    HOME.with(|h| h.set(i));
+}
+
 /// The threads of a node's shards (`engine.shard_threads`): one per shard, each running
 /// a current-thread runtime on which the supervisor spawns that shard's actors (and the
 /// Executor its batches), with the shard as the thread's home. Dropped with the last
@@ -215,7 +223,7 @@ impl ShardThreads {
             std::thread::Builder::new()
                 .name(format!("opmesh-shard-{i}"))
                 .spawn(move || {
-                    HOME.with(|h| h.set(i));
+                    make_home(i);
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()

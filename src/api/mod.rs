@@ -83,6 +83,7 @@ pub struct ApiSettings {
     pub journal: Option<crate::journal::Journal>,
 }
 
+#[derive(Clone)]
 pub(crate) struct AppState {
     node: Node,
     cluster: Option<Cluster>,
@@ -189,60 +190,91 @@ pub fn start(
     listener: impl Into<crate::tls::Listener>,
     settings: &ApiSettings,
 ) -> std::io::Result<Server> {
+    Ok(bind(listener, settings)?.serve(node, cluster, settings.journal.clone()))
+}
+
+/// The api bound to its address, its workers starting: each waits for the node before it
+/// serves ([`Bound::serve`]). Until then the node can be started on the workers' own
+/// runtimes ([`Bound::worker_runtimes`]). Dropped without serving, the workers stop.
+pub struct Bound {
+    addr: SocketAddr,
+    handle: actix_web::dev::ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    ready: tokio::sync::watch::Sender<Option<Ready>>,
+    /// Each worker's runtime, as the worker starts.
+    workers: tokio::sync::mpsc::UnboundedReceiver<tokio::runtime::Handle>,
+    worker_count: usize,
+    left: Arc<tokio::sync::Notify>,
+    traffic: web::Data<traffic::HttpMetrics>,
+    settings: ApiSettings,
+}
+
+/// What the workers wait for: the state of the handlers, once the node runs.
+#[derive(Clone)]
+struct Ready {
+    state: AppState,
+    live: Live,
+    dashboard: Dashboard,
+}
+
+/// A data factory for a worker's App: the part of [`Ready`] that `part` picks, once it
+/// is there, so the worker starts serving only then. It fails the worker's start when
+/// the api is dropped without serving.
+fn when_ready<T: 'static>(
+    ready: &tokio::sync::watch::Receiver<Option<Ready>>,
+    part: fn(&Ready) -> T,
+) -> impl Fn() -> futures::future::LocalBoxFuture<'static, Result<T, &'static str>> {
+    let ready = ready.clone();
+    move || {
+        let mut ready = ready.clone();
+        Box::pin(async move {
+            let got = ready
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| "the api was dropped before its node started")?;
+            Ok(part(got.as_ref().expect("waited for")))
+        })
+    }
+}
+
+/// Binds the api and starts its workers (see [`Bound`]).
+pub fn bind(
+    listener: impl Into<crate::tls::Listener>,
+    settings: &ApiSettings,
+) -> std::io::Result<Bound> {
     let listener = listener.into();
     let left = Arc::new(tokio::sync::Notify::new());
     let traffic = web::Data::new(traffic::HttpMetrics::default());
-    let admission = Arc::new(limits::Admission::new(
-        &settings.limits,
-        node.config().overload_retry_after,
-    ));
-    let state = web::Data::new(AppState {
-        admission: admission.clone(),
-        traffic: traffic.clone(),
-        node,
-        cluster: cluster.clone(),
-        max_body_bytes: settings.max_body_bytes,
-        max_batch_ops: settings.max_batch_ops,
-        shutdown_grace: settings.shutdown_grace,
-        left: left.clone(),
-        telemetry: settings.telemetry.clone(),
-        journal: settings.journal.clone(),
-    });
-    let live = web::Data::new(Live::with_max_streams(
-        state.node.clone(),
-        cluster.clone(),
-        settings.max_subscribers,
-    ));
-    let dashboard = web::Data::new(Dashboard {
-        node: state.node.id().to_string(),
-        telemetry: settings.telemetry.clone(),
-    });
     let guard = web::Data::new(auth::Guard {
         tokens: settings.tokens.clone(),
         protect_metrics: settings.protect_metrics,
     });
-    let watching = tokio_util::sync::CancellationToken::new();
-    if let Some(tokens) = &settings.tokens {
-        tokio::spawn(tokens.clone().watch(watching.clone()));
-    }
-    tokio::spawn(admission.sweep(watching.clone()));
-    let live_state = live.clone();
+    let (ready, ready_rx) = tokio::sync::watch::channel(None::<Ready>);
+    let (worker_tx, workers) = tokio::sync::mpsc::unbounded_channel();
+    let worker_count = settings.workers.max(1);
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app_traffic = traffic.clone();
+    // Called once on each worker's thread, in its runtime, as the worker starts (and again
+    // on the thread of a worker started anew after one failed).
     let server = HttpServer::new(move || {
+        let n = started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        opmesh_actors::shard::make_home(n);
+        let _ = worker_tx.send(tokio::runtime::Handle::current());
         App::new()
             .wrap(actix_web::middleware::from_fn(auth::authorize))
             // Outermost: refusals are counted too.
             .wrap(actix_web::middleware::from_fn(traffic::measure))
-            .app_data(traffic.clone())
+            .app_data(app_traffic.clone())
             .app_data(guard.clone())
-            .app_data(state.clone())
-            .app_data(live_state.clone())
-            .app_data(dashboard.clone())
+            .data_factory(when_ready(&ready_rx, |r| r.state.clone()))
+            .data_factory(when_ready(&ready_rx, |r| r.live.clone()))
+            .data_factory(when_ready(&ready_rx, |r| r.dashboard.clone()))
             .app_data(web::QueryConfig::default().error_handler(query_error))
             .app_data(web::PathConfig::default().error_handler(path_error))
             .configure(configure)
             .default_service(web::to(not_found))
     })
-    .workers(settings.workers.max(1))
+    .workers(worker_count)
     .keep_alive(settings.keep_alive)
     .disable_signals()
     .shutdown_timeout(settings.shutdown_grace.as_secs().max(1));
@@ -257,17 +289,96 @@ pub fn start(
         .ok_or_else(|| std::io::Error::other("the server bound no address"))?;
     let server = server.run();
     let handle = server.handle();
-    let task = tokio::spawn(server);
-    Ok(Server {
+    // The server's first poll starts the workers and blocks until each has started,
+    // which is after the node runs: so it is driven from a thread of its own.
+    let rt = tokio::runtime::Handle::current();
+    let task = tokio::task::spawn_blocking(move || rt.block_on(server));
+    Ok(Bound {
         addr,
         handle,
         task,
-        cluster,
+        ready,
+        workers,
+        worker_count,
         left,
-        live: Live::clone(&live),
-        watching,
-        journal: settings.journal.clone(),
+        traffic,
+        settings: settings.clone(),
     })
+}
+
+impl Bound {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The runtime of each worker, once all have started, in the order they started; the
+    /// thread of the `i`th has made shard `i` its home
+    /// ([`opmesh_actors::shard::make_home`]). Fails when the server stopped first.
+    pub async fn worker_runtimes(&mut self) -> std::io::Result<Vec<tokio::runtime::Handle>> {
+        let mut runtimes = Vec::with_capacity(self.worker_count);
+        while runtimes.len() < self.worker_count {
+            match self.workers.recv().await {
+                Some(rt) => runtimes.push(rt),
+                None => {
+                    return Err(std::io::Error::other(
+                        "the HTTP server stopped before its workers started",
+                    ))
+                }
+            }
+        }
+        Ok(runtimes)
+    }
+
+    /// Serves `node` (and `cluster`, and `journal`): the workers start answering.
+    pub fn serve(
+        self,
+        node: Node,
+        cluster: Option<Cluster>,
+        journal: Option<crate::journal::Journal>,
+    ) -> Server {
+        let settings = &self.settings;
+        let watching = tokio_util::sync::CancellationToken::new();
+        if let Some(tokens) = &settings.tokens {
+            tokio::spawn(tokens.clone().watch(watching.clone()));
+        }
+        let admission = Arc::new(limits::Admission::new(
+            &settings.limits,
+            node.config().overload_retry_after,
+        ));
+        tokio::spawn(admission.clone().sweep(watching.clone()));
+        let live = Live::with_max_streams(node.clone(), cluster.clone(), settings.max_subscribers);
+        let dashboard = Dashboard {
+            node: node.id().to_string(),
+            telemetry: settings.telemetry.clone(),
+        };
+        let state = AppState {
+            admission,
+            traffic: self.traffic.clone(),
+            node,
+            cluster: cluster.clone(),
+            max_body_bytes: settings.max_body_bytes,
+            max_batch_ops: settings.max_batch_ops,
+            shutdown_grace: settings.shutdown_grace,
+            left: self.left.clone(),
+            telemetry: settings.telemetry.clone(),
+            journal: journal.clone(),
+        };
+        self.ready.send_replace(Some(Ready {
+            state,
+            live: live.clone(),
+            dashboard,
+        }));
+        Server {
+            addr: self.addr,
+            handle: self.handle,
+            task: self.task,
+            cluster,
+            left: self.left,
+            live,
+            watching,
+            journal,
+        }
+    }
 }
 
 impl Server {

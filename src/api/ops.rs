@@ -84,7 +84,7 @@ fn to_operation(
     op.priority = r.priority.unwrap_or(0);
     if let Some(ms) = r.deadline_ms {
         if ms <= 0 {
-            return Err(SubmitError::DeadlineInPast.into());
+            return Err(ApiError::deadline_in_past());
         }
         op.deadline = Some(now + Duration::from_millis(ms as u64));
     }
@@ -160,7 +160,8 @@ fn check_joined(st: &AppState) -> Result<(), ApiError> {
         (status = 429, description = TOO_MANY_DOC, body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds to wait before trying again"))),
         (status = 503, description = "the type's circuit breaker is open here, or on every node that could take it (`circuit_open`, naming the type, the node, and when it lets operations through again, also in `Retry-After`), the node is shutting down (`shutting_down`), the node has not joined its cluster yet (`joining`, also with `Retry-After`), or the journal could not write it (`journal_write_failed`: nothing was started)",
-            headers(("Retry-After" = u64, description = "seconds to wait before trying again (`circuit_open`, `joining`)")), body = ErrorBody)))]
+            headers(("Retry-After" = u64, description = "seconds to wait before trying again (`circuit_open`, `joining`)")), body = ErrorBody),
+        (status = 504, description = "`deadline_ms` ran out before the node admitted the operation (`deadline_exceeded`): nothing was started", body = ErrorBody)))]
 pub(super) async fn submit(
     st: web::Data<AppState>,
     req: HttpRequest,

@@ -257,6 +257,25 @@ mod tests {
     }
 
     #[test]
+    fn with_shard_threads_the_shards_are_the_http_workers() {
+        let _env = EnvGuard::new();
+        let file = user_file("[engine]\nshard_threads = true\nshards = 3\n[http]\nworkers = 2\n");
+        let msg = load_err(&with_file(&file)).to_string();
+        assert!(
+            msg.starts_with("invalid value for `engine.shards`: 3 (allowed: 0 or http.workers (2)"),
+            "{msg}"
+        );
+        let file = user_file("[engine]\nshard_threads = true\nshards = 2\n[http]\nworkers = 2\n");
+        assert_eq!(load_ok(&with_file(&file)).engine.shards, 2);
+        let file = user_file("[engine]\nshards = 3\n[http]\nworkers = 2\n");
+        assert_eq!(
+            load_ok(&with_file(&file)).engine.shards,
+            3,
+            "without shard threads any count"
+        );
+    }
+
+    #[test]
     fn the_journal_needs_a_data_dir_and_lives_in_it() {
         let mut env = EnvGuard::new();
         assert_eq!(

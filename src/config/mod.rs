@@ -64,7 +64,7 @@ mod limits;
 mod node;
 mod telemetry;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 mod types;
 
 /// The settings the binary runs with, validated: every value is in its range.
@@ -283,6 +283,18 @@ impl Raw {
         let breaker_keys = self.breaker;
         let breaker = RawBreaker::validate(breaker_keys.clone(), check)?;
         let mut engine = self.engine.validate(check, self.cache, retry, breaker)?;
+        // With their own threads the shards run on the api's workers, one each.
+        if engine.shard_threads && engine.shards != 0 && engine.shards != http.workers {
+            return Err(check.invalid(
+                "engine.shards",
+                engine.shards,
+                format!(
+                    "0 or http.workers ({}): with engine.shard_threads each shard runs on \
+                     an HTTP worker's thread",
+                    http.workers
+                ),
+            ));
+        }
         let shutdown_grace = self.shutdown.validate(check)?;
         let max_subscribers = self.events.validate(check)?;
         let limits = self.limits.validate(check)?;

@@ -12,7 +12,7 @@ use super::{load, Config, ConfigError, LoadOptions};
 /// it afterwards. On creation it removes every `OPMESH_*` variable (and the pod's
 /// `POD_NAME` and `POD_NAMESPACE`), so a developer's shell cannot change what the tests
 /// see.
-pub(super) struct EnvGuard {
+pub(crate) struct EnvGuard {
     saved: Vec<(OsString, Option<OsString>)>,
     _lock: MutexGuard<'static, ()>,
 }
@@ -20,7 +20,7 @@ pub(super) struct EnvGuard {
 static ENV_LOCK: Mutex<()> = Mutex::new(());
 
 impl EnvGuard {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let lock = ENV_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
         let mut guard = EnvGuard {
             saved: Vec::new(),
@@ -78,7 +78,7 @@ pub(super) fn with_file(file: &tempfile::NamedTempFile) -> LoadOptions {
     }
 }
 
-pub(super) fn load_ok(opts: &LoadOptions) -> Config {
+pub(crate) fn load_ok(opts: &LoadOptions) -> Config {
     load(opts).unwrap_or_else(|e| panic!("config should load: {e}"))
 }
 
