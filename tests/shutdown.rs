@@ -9,12 +9,11 @@ use common::{client, wait_until, Server};
 use serde_json::{json, Value};
 
 async fn drain_on(sig: &str) {
-    drain(sig, &[], |_| {}).await
+    drain(sig, &[]).await
 }
 
-/// Drains on `sig` with `env` added to the node's environment; `check` looks at the
-/// running node once its operations are in flight.
-async fn drain(sig: &str, env: &[(&str, &str)], check: impl Fn(&Server)) {
+/// Drains on `sig` with `env` added to the node's environment.
+async fn drain(sig: &str, env: &[(&str, &str)]) {
     let mut env = env.to_vec();
     env.push(("OPMESH_SHUTDOWN__GRACE_SECS", "20"));
     let mut s = Server::start(&[], &env);
@@ -54,7 +53,6 @@ async fn drain(sig: &str, env: &[(&str, &str)], check: impl Fn(&Server)) {
         m["inFlightOperations"] == 11
     })
     .await;
-    check(&s);
     s.signal(sig);
     wait_until("readyz to turn 503", Duration::from_secs(5), || async {
         c.get(s.url("/readyz"))
@@ -87,23 +85,34 @@ async fn sigterm_drains_accepted_operations_and_exits_zero() {
     drain_on("TERM").await;
 }
 
+/// By default the shards run on the api's workers, one shard each; with
+/// `engine.shard_threads` off they are tasks of the runtime, one per core. Either way the
+/// node drains and exits 0.
 #[tokio::test]
-async fn a_node_with_shard_threads_drains_and_exits_zero_too() {
-    drain("TERM", &[("OPMESH_ENGINE__SHARD_THREADS", "true")], |s| {
-        let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", s.pid()))
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|n| n.trim().to_string())
-            .collect();
-        // The shards run on the api's workers (named by actix-web, cut to 15 bytes),
-        // not on threads the engine starts.
-        assert!(
-            !names.iter().any(|n| n.starts_with("opmesh-shard"))
-                && names.iter().any(|n| n.starts_with("actix-server wo")),
-            "the shards run on the api's workers: {names:?}"
+async fn the_shards_are_the_api_workers_unless_shard_threads_is_off() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (threads, shards) in [("true", 3), ("false", cores)] {
+        let mut s = Server::start(
+            &[],
+            &[
+                ("OPMESH_HTTP__WORKERS", "3"),
+                ("OPMESH_ENGINE__SHARD_THREADS", threads),
+            ],
         );
-    })
-    .await;
+        let m: Value = client()
+            .get(s.url("/v1/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let took = m["shardOperations"].as_array().unwrap();
+        assert_eq!(took.len(), shards, "shard_threads = {threads}: {m}");
+        s.signal("TERM");
+        assert_eq!(s.wait_exit(Duration::from_secs(20)), Some(0));
+    }
+    drain("TERM", &[("OPMESH_ENGINE__SHARD_THREADS", "false")]).await;
 }
 
 #[tokio::test]

@@ -263,7 +263,9 @@ pub struct ReplyCollector {
 }
 
 impl ReplyCollector {
-    /// A collector whose flushes run on the current runtime.
+    /// A collector whose flushes run on the runtime of the thread that completes an
+    /// operation (a shard's own thread, with `engine.shard_threads`: waking another
+    /// thread for each flush costs more than the flush), or else on the current one.
     pub fn new(send: impl Fn(Vec<WireReply>) + Send + Sync + 'static) -> Arc<ReplyCollector> {
         Arc::new_cyclic(|me| ReplyCollector {
             me: me.clone(),
@@ -292,10 +294,14 @@ impl OutcomeSink for ReplyCollector {
         // completing task yields: the rest of its batch of outcomes joins it.
         if first {
             if let Some(me) = self.me.upgrade() {
-                self.runtime.spawn(async move {
+                let flush = async move {
                     tokio::task::yield_now().await;
                     me.flush();
-                });
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(here) => here.spawn(flush),
+                    Err(_) => self.runtime.spawn(flush),
+                };
             }
         }
     }
