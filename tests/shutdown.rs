@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, wait_until, Server};
+use common::{client, get_json, wait_until, Server};
 use serde_json::{json, Value};
 
 async fn drain_on(sig: &str) {
@@ -42,15 +42,7 @@ async fn drain(sig: &str, env: &[(&str, &str)]) {
         assert_eq!(r.status(), 202);
     }
     wait_until("all eleven in flight", Duration::from_secs(5), || async {
-        let m: Value = c
-            .get(s.url("/v1/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        m["inFlightOperations"] == 11
+        get_json(&s.url("/v1/metrics")).await["inFlightOperations"] == 11
     })
     .await;
     s.signal(sig);
@@ -99,14 +91,7 @@ async fn the_shards_are_the_api_workers_unless_shard_threads_is_off() {
                 ("OPMESH_ENGINE__SHARD_THREADS", threads),
             ],
         );
-        let m: Value = client()
-            .get(s.url("/v1/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let m = get_json(&s.url("/v1/metrics")).await;
         let took = m["shardOperations"].as_array().unwrap();
         assert_eq!(took.len(), shards, "shard_threads = {threads}: {m}");
         s.signal("TERM");
