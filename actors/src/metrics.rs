@@ -165,18 +165,21 @@ impl Default for StageLatency {
     }
 }
 
+/// One thread's stripe of a type's latency histogram, made when its first latency is
+/// recorded.
+type LatencyStripe = Padded<OnceLock<Mutex<Histogram<u64>>>>;
+
 /// Counters of one operation type.
 pub struct TypeMetrics {
     pub succeeded: Counter,
     pub failed: Counter,
     pub expired: Counter,
     pub retries: Counter,
-    /// Striped by thread, so executors on different cores rarely share a lock; a
-    /// stripe's histogram is made when its first latency is recorded.
-    /// Each stripe on cache lines of its own: the lock word of one thread's stripe next
-    /// to another's made every operation's record bounce a line between cores (a tenth
-    /// of completing an operation with two shard threads).
-    latency: Box<[Padded<OnceLock<Mutex<Histogram<u64>>>>]>,
+    /// Striped by thread, so executors on different cores rarely share a lock; each
+    /// stripe on cache lines of its own (the lock word of one thread's stripe next to
+    /// another's made every record bounce a line between cores: a tenth of completing an
+    /// operation with two shard threads).
+    latency: Box<[LatencyStripe]>,
     pub stages: StageLatency,
 }
 

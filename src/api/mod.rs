@@ -254,8 +254,11 @@ pub fn bind(
     let worker_count = settings.workers.max(1);
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app_traffic = traffic.clone();
-    // Called once on each worker's thread, in its runtime, as the worker starts (and again
-    // on the thread of a worker started anew after one failed).
+    // Called once on each worker's thread, in its runtime, as the worker starts. (Actix
+    // also calls it on the thread of a worker it starts anew after one died: that thread
+    // takes a home shard too, but the actors of the dead worker's shard died with its
+    // runtime and are not moved there. Actix keeps a worker alive when a handler panics,
+    // only the connection's task ends, so this takes a fault in actix itself.)
     let server = HttpServer::new(move || {
         let n = started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         opmesh_actors::shard::make_home(n);
