@@ -175,12 +175,14 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
     let builder = Node::builder()
         .node_id(cfg.node_id.as_str())
         .config(cfg.engine.clone())
-        .shard_runtimes(runtimes)
+        .shard_runtimes(runtimes.clone())
         .tracing(telemetry.tracing());
     let builder = handlers::register(builder, &cfg.builtin_handlers, &cfg.http_handlers);
     let cluster = match &cfg.cluster {
         None => None,
-        Some(c) => Some(start_cluster(c, http_addr, &builder).await?),
+        // The links on the workers too: what a peer sends is handled on the thread of
+        // the shard it goes to.
+        Some(c) => Some(start_cluster(c, http_addr, &builder, runtimes).await?),
     };
     let node = match &cluster {
         Some(c) => c.start_node(builder).await?,
@@ -243,6 +245,7 @@ async fn start_cluster(
     cfg: &ClusterConfig,
     http_addr: SocketAddr,
     builder: &NodeBuilder,
+    link_runtimes: Vec<tokio::runtime::Handle>,
 ) -> Result<Cluster, ServeError> {
     let cfg = ClusterConfig {
         // Set when the configuration knows a better name (a pod's DNS name).
@@ -252,6 +255,7 @@ async fn start_cluster(
             cfg.http_addr.clone()
         },
         serves: serves(&cfg.serves, builder.handler_types())?,
+        link_runtimes,
         ..cfg.clone()
     };
     Ok(Cluster::start(cfg).await?)

@@ -103,6 +103,11 @@ pub struct ClusterConfig {
     /// Inbound connections that may be in the handshake at once (not proven yet); more
     /// are refused at once. Default 64; 1..=[`MAX_PENDING_HANDSHAKES`](Self::MAX_PENDING_HANDSHAKES).
     pub max_pending_handshakes: usize,
+    /// Runtimes the links run on, each peer's reader and writer on one of them (chosen by
+    /// the peer's name), so that what a link delivers is handled on that thread: the
+    /// binary passes its api's workers, where the shards run. Empty (the default): the
+    /// runtime that starts the transport.
+    pub link_runtimes: Vec<tokio::runtime::Handle>,
 }
 
 impl ClusterConfig {
@@ -156,6 +161,7 @@ impl ClusterConfig {
             reconnect_max: Self::DEFAULT_RECONNECT_MAX,
             handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
             max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
+            link_runtimes: Vec::new(),
         }
     }
 

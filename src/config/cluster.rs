@@ -356,6 +356,8 @@ impl RawCluster {
                 self.max_pending_handshakes,
                 1..=4096,
             )?,
+            // The api's workers, given when the node starts (src/server.rs).
+            link_runtimes: Vec::new(),
         }))
     }
 }

@@ -414,6 +414,16 @@ impl Shared {
         self.tasks.spawn_on(task, &self.runtime);
     }
 
+    /// The runtime the links of `peer` run on, when the links have runtimes of their own
+    /// ([`ClusterConfig::link_runtimes`]).
+    fn link_runtime(&self, peer: &str) -> Option<&tokio::runtime::Handle> {
+        let runtimes = &self.config.link_runtimes;
+        (!runtimes.is_empty()).then(|| {
+            &runtimes
+                [(opmesh_actors::stable_hash(peer.as_bytes()) % runtimes.len() as u64) as usize]
+        })
+    }
+
     /// The peer named `name`, added at `addr` if it is not one yet (an existing peer keeps
     /// the address it was given).
     fn ensure_peer(self: &Arc<Self>, name: &str, addr: &str) -> Arc<Peer> {
@@ -441,7 +451,13 @@ impl Shared {
             let expect = named.then(|| name.to_string());
             let peer = Arc::new(Peer::new(name, expect, addr, self.shutdown.child_token()));
             let span = tracing::info_span!("cluster_link", node = %self.config.node, peer = name);
-            self.spawn(writer::run_link(Arc::clone(self), Arc::clone(&peer)).instrument(span));
+            let link = writer::run_link(Arc::clone(self), Arc::clone(&peer)).instrument(span);
+            match self.link_runtime(name) {
+                Some(rt) => {
+                    self.tasks.spawn_on(link, rt);
+                }
+                None => self.spawn(link),
+            }
             peer
         });
         Arc::clone(entry.value())
@@ -664,10 +680,75 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_frees_the_port_and_dropping_the_last_handle_stops_the_tasks() {
+        shutdown_frees_the_port_and_dropping_the_last_handle_stops_the_tasks_with(Vec::new).await;
+        // The same with the links on runtimes of their own.
+        let (rt, _stop) = runtime_thread("links");
+        shutdown_frees_the_port_and_dropping_the_last_handle_stops_the_tasks_with(|| {
+            vec![rt.clone()]
+        })
+        .await;
+    }
+
+    /// Links on runtimes of their own (the binary's api workers): each peer's writer and
+    /// reader run on one of them, so what a peer sends is handed over on that thread, both
+    /// ways, and the links still come up, carry messages and stop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn links_on_runtimes_of_their_own_deliver_there() {
+        let (rt_a, _stop_a) = runtime_thread("links-a");
+        let (rt_b1, _stop_b1) = runtime_thread("links-b1");
+        let (rt_b2, _stop_b2) = runtime_thread("links-b2");
+        let mut ca = config("a");
+        ca.link_runtimes = vec![rt_a];
+        let mut cb = config("b");
+        cb.link_runtimes = vec![rt_b1, rt_b2];
+        let (a, a_in) = start_with(ca).await;
+        let (b, b_in) = start_with(cb).await;
+        a.add_peer("b", &b.local_addr().to_string());
+        until("a's link to b", || a.is_connected("b")).await;
+        until("b's link to a", || b.is_connected("a")).await;
+        for seq in 0..100 {
+            a.send("b", ping(seq)).unwrap();
+            b.send("a", ping(seq)).unwrap();
+        }
+        until("a hundred pings each way", || {
+            a_in.count() == 100 && b_in.count() == 100
+        })
+        .await;
+        assert_eq!(a_in.pings_from("b"), (0..100).collect::<Vec<_>>());
+        assert_eq!(b_in.pings_from("a"), (0..100).collect::<Vec<_>>());
+        assert!(a_in
+            .threads
+            .lock()
+            .iter()
+            .all(|t| t.as_deref() == Some("links-a")));
+        // b's links to a run on the one of its two runtimes that a's name picks.
+        let on = b_in.threads.lock().clone();
+        assert!(
+            on.iter()
+                .all(|t| t == &on[0] && t.as_deref().is_some_and(|n| n.starts_with("links-b"))),
+            "{on:?}"
+        );
+        bounded("shutdown", a.shutdown()).await;
+        bounded("shutdown", b.shutdown()).await;
+    }
+
+    async fn shutdown_frees_the_port_and_dropping_the_last_handle_stops_the_tasks_with(
+        link_runtimes: impl Fn() -> Vec<tokio::runtime::Handle>,
+    ) {
+        let start = |node: &str| {
+            let mut c = config(node);
+            c.link_runtimes = link_runtimes();
+            start_with(c)
+        };
         let (a, _) = start("a").await;
+        let (c, _) = start("c").await;
+        // With a link up both ways, so its tasks are among those that must stop.
+        a.add_peer("c", &c.local_addr().to_string());
+        until("c's link to a", || c.is_connected("a")).await;
         let addr = a.local_addr();
         bounded("shutdown", a.shutdown()).await;
         assert!(TcpStream::connect(addr).await.is_err());
+        bounded("shutdown", c.shutdown()).await;
 
         let (b, _) = start("b").await;
         let addr = b.local_addr();

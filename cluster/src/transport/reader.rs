@@ -144,7 +144,24 @@ async fn serve(
     // seed): dial back, so answers can flow.
     let peer = shared.ensure_peer(&hello.node, &hello.cluster_addr);
     info!(peer = %hello.node, remote = %remote, "inbound link open");
-    let end = read_messages(&shared, &hello.node, &peer, &mut stream, &mut rbuf, opener).await;
+    let end = match shared.link_runtime(&hello.node) {
+        None => read_messages(&shared, &hello.node, &peer, &mut stream, &mut rbuf, opener).await,
+        // The peer's links have a runtime of their own: its messages are read, and
+        // handled, there. The socket moves to that runtime's reactor.
+        Some(rt) => match stream.into_std() {
+            Err(e) => Err(e.to_string()),
+            Ok(std) => {
+                let tasks = shared.tasks.clone();
+                let (on, from) = (Arc::clone(&shared), hello.node.clone());
+                let read = async move {
+                    let mut stream = TcpStream::from_std(std).map_err(|e| e.to_string())?;
+                    read_messages(&on, &from, &peer, &mut stream, &mut rbuf, opener).await
+                };
+                let task = tasks.spawn_on(read.in_current_span(), rt);
+                task.await.unwrap_or_else(|e| Err(e.to_string()))
+            }
+        },
+    };
     match end {
         Ok(()) => info!(peer = %hello.node, remote = %remote, "inbound link closed"),
         Err(reason) => warn!(

@@ -28,11 +28,15 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct Collect {
     pub messages: Mutex<Vec<(String, Message)>>,
     pub links: Mutex<Vec<(String, bool)>>,
+    /// The thread each message was handed over on, in order.
+    pub threads: Mutex<Vec<Option<String>>>,
 }
 
 impl Inbound for Collect {
     fn on_message(&self, from: &str, msg: Message) {
+        let thread = std::thread::current().name().map(str::to_owned);
         self.messages.lock().push((from.to_string(), msg));
+        self.threads.lock().push(thread);
     }
 
     fn on_link(&self, peer: &str, up: bool) {
@@ -75,6 +79,27 @@ pub async fn start_with(config: ClusterConfig) -> (Transport, Arc<Collect>) {
         .await
         .unwrap();
     (t, inbound)
+}
+
+/// A current-thread runtime on a thread named `name`, running until the returned sender
+/// is dropped.
+pub fn runtime_thread(name: &str) -> (tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            tx.send(rt.handle().clone()).unwrap();
+            rt.block_on(async {
+                let _ = stopped.await;
+            });
+        })
+        .unwrap();
+    (rx.recv().unwrap(), stop)
 }
 
 /// Waits until `cond` holds, failing the test after [`WAIT`].
