@@ -201,8 +201,10 @@ pub fn make_home(i: usize) {
 /// a current-thread runtime on which the supervisor spawns that shard's actors (and the
 /// Executor its batches), with the shard as the thread's home. Dropped with the last
 /// [`Node`](crate::Node) handle: each runtime then stops, dropping what still runs on it,
-/// and its thread ends.
-pub(crate) struct ShardThreads {
+/// and its thread ends. An embedder that wants the threads before the node (to run a
+/// cluster's links on them too, [`NodeBuilder::shard_runtimes`](crate::NodeBuilder::shard_runtimes))
+/// starts them itself and keeps them until the node has shut down.
+pub struct ShardThreads {
     handles: Vec<tokio::runtime::Handle>,
     /// Dropping one ends its thread's runtime.
     _stops: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -214,7 +216,7 @@ const SHARD_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl ShardThreads {
     /// Starts `n` threads, `opmesh-shard-<i>`, and waits until each runtime runs.
-    pub(crate) fn start(n: usize) -> std::io::Result<Self> {
+    pub fn start(n: usize) -> std::io::Result<Self> {
         let mut handles = Vec::with_capacity(n);
         let mut stops = Vec::with_capacity(n);
         for i in 0..n {
@@ -252,7 +254,8 @@ impl ShardThreads {
         })
     }
 
-    pub(crate) fn handles(&self) -> &[tokio::runtime::Handle] {
+    /// Each thread's runtime, in shard order.
+    pub fn handles(&self) -> &[tokio::runtime::Handle] {
         &self.handles
     }
 }

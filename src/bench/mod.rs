@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use opmesh_actors::shard::ShardThreads;
 use opmesh_actors::{Json, Node, OpType};
 use opmesh_cluster::{Cluster, ClusterConfig};
 use rustls::pki_types::CertificateDer;
@@ -166,7 +167,8 @@ pub struct BenchArgs {
     pub otlp_endpoint: Option<String>,
 
     /// With --in-process: run each shard's actors on a thread of their own
-    /// (`engine.shard_threads`), and the bench's drivers on those threads.
+    /// (`engine.shard_threads`), and the bench's drivers on those threads; with --remote,
+    /// each node's links on them too (as `opmesh serve` runs both on its api's workers).
     #[arg(long, requires = "in_process")]
     pub shard_threads: bool,
 
@@ -540,12 +542,16 @@ const REMOTE_NODES: [&str; 2] = ["bench-a", "bench-b"];
 /// Two embedded nodes joined over loopback links, `op_type` pinned to the second, each
 /// with its own trace pipeline when there is one (`telemetry`, in [`REMOTE_NODES`]
 /// order). Returns the first (where operations are submitted) and both for shutdown.
+/// Two embedded nodes, the second owning `op_type`. With `shard_threads` each node's
+/// shards and its links run on threads of their own, as `opmesh serve` runs both on its
+/// api's workers; the threads come back with the nodes (kept until they shut down).
 async fn remote_pair(
     op_type: &str,
     shard_threads: bool,
     telemetry: &[crate::telemetry::Telemetry],
-) -> anyhow::Result<(Node, Vec<(Cluster, Node)>)> {
+) -> anyhow::Result<(Node, Vec<(Cluster, Node)>, Vec<ShardThreads>)> {
     let mut pair = Vec::new();
+    let mut threads = Vec::new();
     let mut seed: Option<String> = None;
     for (i, name) in REMOTE_NODES.into_iter().enumerate() {
         let mut builder = crate::handlers::register_builtins(Node::builder().node_id(name), &[])
@@ -554,6 +560,13 @@ async fn remote_pair(
             builder = builder.tracing(t.tracing());
         }
         let mut cfg = ClusterConfig::new(name, b"opmesh-bench-loopback-secret");
+        if shard_threads {
+            let own = ShardThreads::start(opmesh_actors::shard::shard_count(0))
+                .context("starting the shards' threads")?;
+            builder = builder.shard_runtimes(own.handles().to_vec());
+            cfg.link_runtimes = own.handles().to_vec();
+            threads.push(own);
+        }
         cfg.join = seed.iter().cloned().collect();
         // Both serve every built-in type, as `opmesh serve` does; the route pins the
         // bench's type to the second.
@@ -588,7 +601,7 @@ async fn remote_pair(
     )
     .await
     .map_err(|e| anyhow!("pinning {op_type} to the second node: {e}"))?;
-    Ok((a, pair))
+    Ok((a, pair, threads))
 }
 
 /// The trace pipeline of a bench run: `opmesh serve`'s defaults.
@@ -664,7 +677,7 @@ fn engine_config(shard_threads: bool) -> opmesh_actors::EngineConfig {
 
 async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> {
     let telemetry = start_telemetry(plan)?;
-    let (node, pair) = if plan.remote {
+    let (node, pair, threads) = if plan.remote {
         remote_pair(&plan.op_type, plan.shard_threads, &telemetry).await?
     } else {
         let mut builder = crate::handlers::register_builtins(Node::builder(), &[])
@@ -676,7 +689,7 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
             .start()
             .await
             .context("starting the embedded node")?;
-        (node, Vec::new())
+        (node, Vec::new(), Vec::new())
     };
     let owner = plan.remote.then_some(REMOTE_NODES[1]);
     let load = Arc::new(InProcess {
@@ -711,6 +724,8 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
         n.shutdown(SHUTDOWN_GRACE).await;
         c.shutdown().await;
     }
+    drop(pair);
+    drop(threads);
     let mode = if plan.remote {
         "in-process-remote"
     } else {

@@ -800,6 +800,15 @@ async fn a_remote_run_proves_where_its_operations_ran() {
         (Some("bench-b"), Some(0))
     );
     r.check().unwrap();
+    // With each node's shards and links on threads of their own, the same.
+    let mut threaded = args.clone();
+    threaded.shard_threads = true;
+    let t = run_alone(&threaded).await.unwrap();
+    assert_eq!((t.ops, t.errors, t.shard_threads), (300, 0, true), "{t:?}");
+    assert_eq!(
+        (t.executed_by, t.executed_elsewhere),
+        (Some("bench-b"), Some(0))
+    );
     // Had some run on the first node, the run fails, however many errors it allows.
     let mut wrong = r.clone();
     wrong.executed_elsewhere = Some(3);
