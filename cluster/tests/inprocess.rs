@@ -143,6 +143,12 @@ async fn routes_replicate_and_operations_run_on_their_owner() {
         "{status:?}"
     );
     let v = m[2].node.set_route("echo", pinned(&["b"])).await.unwrap();
+    // The node that wrote it routes by it as soon as the write returns.
+    let here = m[2].node.routes();
+    assert!(
+        here.version >= v && here.routes.contains_key("echo"),
+        "{here:?}"
+    );
     for x in &m {
         wait_for("route everywhere", Duration::from_secs(5), || {
             x.node.routes().version >= v && x.node.routes().routes.contains_key("echo")

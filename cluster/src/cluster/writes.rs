@@ -115,6 +115,10 @@ impl Inner {
             Ok(CommandResult { error: Some(e), .. }) => Err(RouteError::Unavailable(e)),
             Ok(r) => {
                 self.applied(r.version).await;
+                // The routing table follows the applied state on a task of its own; made
+                // here too, so that what this node routes once the write returns follows
+                // it (a bench's first operations ran on the old route).
+                self.publish(&self.state.load_full());
                 Ok(r.version)
             }
             Err(r) => Err(RouteError::NoQuorum {
