@@ -397,7 +397,7 @@ impl Actor for Cache {
                         Lookup::Joined => {}
                         Lookup::Miss(j) => {
                             job = j;
-                            job.reply.cache_key = Some(key);
+                            job.reply.cache_key = Some(Box::new(key));
                             job.reply.cache_verdict = Some(CacheVerdict::Miss);
                             misses.push(job);
                         }
