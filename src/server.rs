@@ -427,6 +427,23 @@ mod tests {
             threads.insert(t);
         }
         assert_eq!(threads.len(), 3, "each shard on a worker of its own");
+        // Each shard's thread has that shard as its home: what it submits stays there.
+        for (i, rt) in running.node.shard_runtimes().iter().enumerate() {
+            let before = running.node.shard_operations();
+            let node = running.node.clone();
+            let op = opmesh_actors::Operation::new("echo", opmesh_actors::Json::null());
+            let outcome = rt
+                .spawn(async move { node.submit(op).await })
+                .await
+                .unwrap();
+            assert!(outcome.is_ok(), "{outcome:?}");
+            let after = running.node.shard_operations();
+            let took: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+            assert_eq!(
+                took[i], 1,
+                "shard {i}'s thread submits to shard {i}: {took:?}"
+            );
+        }
 
         // One connection is served by one worker: its operations (no keys) all go to
         // that worker's shard, and are answered.
@@ -435,6 +452,7 @@ mod tests {
             .map(|i| serde_json::json!({"type": "echo", "payload": i}))
             .collect();
         let client = reqwest::Client::new();
+        let base = running.node.shard_operations();
         for _ in 0..3 {
             let answer: serde_json::Value = client
                 .post(&url)
@@ -452,7 +470,13 @@ mod tests {
                 assert_eq!(r["result"], i, "{r}");
             }
         }
-        let took = running.node.shard_operations();
+        let took: Vec<u64> = running
+            .node
+            .shard_operations()
+            .iter()
+            .zip(&base)
+            .map(|(a, b)| a - b)
+            .collect();
         assert_eq!(took.iter().sum::<u64>(), 900, "{took:?}");
         assert_eq!(took.iter().filter(|&&n| n > 0).count(), 1, "{took:?}");
 

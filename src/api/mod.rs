@@ -173,7 +173,8 @@ pub struct Server {
     cluster: Option<Cluster>,
     left: Arc<tokio::sync::Notify>,
     handle: actix_web::dev::ServerHandle,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// What the server's thread ended with.
+    task: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
     /// The event streams and their background tasks.
     live: Live,
     /// Stops the background tasks: the tokens file's watcher, the client limits' sweep.
@@ -199,10 +200,12 @@ pub fn start(
 pub struct Bound {
     addr: SocketAddr,
     handle: actix_web::dev::ServerHandle,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// What the server's thread ended with.
+    task: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
     ready: tokio::sync::watch::Sender<Option<Ready>>,
-    /// Each worker's runtime, as the worker starts.
-    workers: tokio::sync::mpsc::UnboundedReceiver<tokio::runtime::Handle>,
+    /// Each worker's runtime as the worker starts, with the number of the home shard
+    /// its thread took.
+    workers: tokio::sync::mpsc::UnboundedReceiver<(usize, tokio::runtime::Handle)>,
     worker_count: usize,
     left: Arc<tokio::sync::Notify>,
     traffic: web::Data<traffic::HttpMetrics>,
@@ -262,7 +265,7 @@ pub fn bind(
     let server = HttpServer::new(move || {
         let n = started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         opmesh_actors::shard::make_home(n);
-        let _ = worker_tx.send(tokio::runtime::Handle::current());
+        let _ = worker_tx.send((n, tokio::runtime::Handle::current()));
         App::new()
             .wrap(actix_web::middleware::from_fn(auth::authorize))
             // Outermost: refusals are counted too.
@@ -293,9 +296,16 @@ pub fn bind(
     let server = server.run();
     let handle = server.handle();
     // The server's first poll starts the workers and blocks until each has started,
-    // which is after the node runs: so it is driven from a thread of its own.
+    // which is after the node runs: so it is driven from a thread of its own (not one of
+    // the runtime's blocking pool: a runtime that shuts down waits for those, and would
+    // wait for a server nobody stopped forever).
     let rt = tokio::runtime::Handle::current();
-    let task = tokio::task::spawn_blocking(move || rt.block_on(server));
+    let (done, task) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("opmesh-http".into())
+        .spawn(move || {
+            let _ = done.send(rt.block_on(server));
+        })?;
     Ok(Bound {
         addr,
         handle,
@@ -314,14 +324,21 @@ impl Bound {
         self.addr
     }
 
-    /// The runtime of each worker, once all have started, in the order they started; the
-    /// thread of the `i`th has made shard `i` its home
+    /// The runtime of each worker, once all have started, in the order of the home
+    /// shards their threads took: the thread of the `i`th has made shard `i` its home
     /// ([`opmesh_actors::shard::make_home`]). Fails when the server stopped first.
     pub async fn worker_runtimes(&mut self) -> std::io::Result<Vec<tokio::runtime::Handle>> {
-        let mut runtimes = Vec::with_capacity(self.worker_count);
-        while runtimes.len() < self.worker_count {
+        // Placed by the number each took, not by arrival: two workers starting at once
+        // may report in the other order, and shard `i` must run on the thread whose home
+        // it is.
+        let mut runtimes: Vec<Option<tokio::runtime::Handle>> = vec![None; self.worker_count];
+        while runtimes.iter().any(Option::is_none) {
             match self.workers.recv().await {
-                Some(rt) => runtimes.push(rt),
+                Some((n, rt)) => {
+                    if let Some(slot) = runtimes.get_mut(n) {
+                        *slot = Some(rt);
+                    }
+                }
                 None => {
                     return Err(std::io::Error::other(
                         "the HTTP server stopped before its workers started",
@@ -329,7 +346,7 @@ impl Bound {
                 }
             }
         }
-        Ok(runtimes)
+        Ok(runtimes.into_iter().flatten().collect())
     }
 
     /// Serves `node` (and `cluster`, and `journal`): the workers start answering.
@@ -410,7 +427,9 @@ impl Server {
         self.handle.stop(true).await;
         match self.task.await {
             Ok(r) => r,
-            Err(e) => Err(std::io::Error::other(e)),
+            Err(_) => Err(std::io::Error::other(
+                "the HTTP server's thread ended without a result",
+            )),
         }
     }
 }
