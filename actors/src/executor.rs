@@ -97,12 +97,14 @@ async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
     let mut started = batch.run(&returns);
     // Each operation's handler is called and polled once here: one that is done at once
     // (most are: echo, a lookup) completes without a place in the set below, a timer or
-    // a state machine of its own; the others go on there.
+    // a state machine of its own; the others go on there. The clock is read once per
+    // operation: when one ends (or its first poll returns), which is when the next starts.
+    let mut clock = Instant::now();
     let mut running: FuturesUnordered<_> = std::future::poll_fn(|cx| {
         Poll::Ready(
             started
                 .by_ref()
-                .filter_map(|(job, slot)| start_one(&shared, job, slot, cx))
+                .filter_map(|(job, slot)| start_one(&shared, job, slot, cx, &mut clock))
                 .map(|(job, slot, first)| run_one(&shared, job, slot, first))
                 .collect(),
         )
@@ -140,16 +142,18 @@ enum First {
     Ended(Result<HandlerResult, Box<dyn Any + Send>>),
 }
 
-/// Marks `job` running, calls its (async) handler and polls it once: an operation that
-/// succeeds at once is completed here (`None`); any other goes on in [`run_one`] with
-/// how its first run started.
+/// Marks `job` running since `clock`, calls its (async) handler and polls it once: an
+/// operation that succeeds at once is completed here (`None`); any other goes on in
+/// [`run_one`] with how its first run started. `clock` is then when this one's first
+/// run ended: the next operation's start.
 fn start_one<'a>(
     shared: &NodeShared,
     mut job: Box<Job>,
     slot: RunningSlot<'a>,
     cx: &mut Context<'_>,
+    clock: &mut Instant,
 ) -> Option<(Box<Job>, RunningSlot<'a>, First)> {
-    job.reply.mark_running(&job.op.op_type);
+    job.reply.mark_running(&job.op.op_type, *clock);
     let first = match &job.reply.entry().handler {
         HandlerKind::Async(h) => {
             let ctx = job.reply.execute_context();
@@ -165,10 +169,13 @@ fn start_one<'a>(
         }
         HandlerKind::Blocking(_) | HandlerKind::Remote => First::NotStarted,
     };
+    if !matches!(first, First::NotStarted) {
+        *clock = Instant::now();
+    }
     match first {
         First::Ended(Ok(Ok(result))) => {
             let outcome = (OpStatus::Succeeded, Some(result), None, Some(true));
-            finish(shared, job, slot, outcome, 1, Vec::new());
+            finish_at(shared, job, slot, outcome, 1, Vec::new(), *clock);
             None
         }
         first => Some((job, slot, first)),
@@ -359,6 +366,27 @@ fn finish(
     attempts: u32,
     retries: Vec<(u32, trace::Stamp, String)>,
 ) {
+    finish_at(
+        shared,
+        job,
+        slot,
+        outcome,
+        attempts,
+        retries,
+        Instant::now(),
+    );
+}
+
+/// [`finish`], ended at `now`.
+fn finish_at(
+    shared: &NodeShared,
+    job: Box<Job>,
+    slot: RunningSlot<'_>,
+    outcome: Ending,
+    attempts: u32,
+    retries: Vec<(u32, trace::Stamp, String)>,
+    now: Instant,
+) {
     drop(slot);
     let (status, result, error, healthy) = outcome;
     if let Some(ok) = healthy {
@@ -368,16 +396,19 @@ fn finish(
     for (attempt, at, message) in retries {
         reply.retrying(attempt, at, message);
     }
-    reply.finish(OpOutcome {
-        id: op.id,
-        status,
-        result,
-        error,
-        cached: false,
-        executed_by: Some(shared.node_id().clone()),
-        attempts,
-        trace_id: None,
-    });
+    reply.finish_at(
+        OpOutcome {
+            id: op.id,
+            status,
+            result,
+            error,
+            cached: false,
+            executed_by: Some(shared.node_id().clone()),
+            attempts,
+            trace_id: None,
+        },
+        now,
+    );
 }
 
 fn final_error(err: &HandlerError, attempts: u32) -> String {

@@ -128,8 +128,10 @@ impl Reply {
         self.slot.entry()
     }
 
-    pub(crate) fn mark_running(&mut self, op_type: &crate::op::OpType) {
-        self.stamps.started = Stamp::now();
+    /// Marks the operation running since `at` (the Executor reads the clock once per
+    /// operation: the end of one that finished at once is the start of the next).
+    pub(crate) fn mark_running(&mut self, op_type: &crate::op::OpType, at: Instant) {
+        self.stamps.started = Stamp::from_instant(at);
         if let Some(t) = &self.tracked {
             t.status.store(OpStatus::Running.to_u8(), Ordering::Release);
         }
@@ -170,9 +172,14 @@ impl Reply {
     }
 
     /// Completes the operation with `outcome` (whose id is set to this operation's).
-    pub fn finish(mut self, outcome: OpOutcome) {
+    pub fn finish(self, outcome: OpOutcome) {
+        self.finish_at(outcome, Instant::now());
+    }
+
+    /// [`finish`](Self::finish), ended at `now` (a clock read the caller already has).
+    pub(crate) fn finish_at(mut self, outcome: OpOutcome, now: Instant) {
         let outcome = self.stamp(outcome);
-        self.complete(outcome);
+        self.complete(outcome, now);
     }
 
     /// Completes the operation as failed or expired with `reason`.
@@ -190,13 +197,12 @@ impl Reply {
         outcome
     }
 
-    fn complete(&mut self, outcome: OpOutcome) {
+    fn complete(&mut self, outcome: OpOutcome, now: Instant) {
         if self.done {
             return;
         }
         self.done = true;
         self.slot.release();
-        let now = Instant::now();
         let end = Stamp::from_instant(now);
         let latency = now.saturating_duration_since(self.accepted_at);
         let tm = &self.entry().metrics;
@@ -323,7 +329,7 @@ impl Drop for Reply {
             };
             let outcome = self.stamp(OpOutcome::failure(self.id, OpStatus::Failed, reason));
             tracing::warn!(op.id = %self.id, reason, "operation failed on drop");
-            self.complete(outcome);
+            self.complete(outcome, Instant::now());
         }
     }
 }

@@ -616,6 +616,65 @@ async fn higher_priority_runs_first() {
     node.shutdown(Duration::from_secs(1)).await;
 }
 
+/// The Executor reads the clock once per operation: the end of one that finished in its
+/// first poll is when the next starts. Each operation's `execute` stage is its own run,
+/// and what waited behind a slow one in its batch counts as `queue`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_batch_each_operation_is_timed_from_its_own_start() {
+    const SLOW_MS: u64 = 60;
+    // Busy in its first poll (no await), so both run in one pass over the batch.
+    let burn = |op: Operation| async move {
+        let ms: u64 = op.payload.decode().unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(ms));
+        Ok(Json::null())
+    };
+    let node = Node::builder()
+        .config(EngineConfig {
+            batch: BatchPolicy {
+                batch_size: 16,
+                // Both wait for one batch rather than going one by one.
+                batch_flush: Duration::from_millis(50),
+                max_concurrent: 16,
+            },
+            shards: 1,
+            ..EngineConfig::default()
+        })
+        .handler("burn", burn)
+        .start()
+        .await
+        .unwrap();
+    let ops = vec![
+        Operation::new("burn", json(serde_json::json!(SLOW_MS))),
+        Operation::new("burn", json(serde_json::json!(0))),
+    ];
+    for t in node.enqueue_batch(ops, false) {
+        assert_eq!(t.unwrap().await.status, OpStatus::Succeeded);
+    }
+    let entry = node
+        .type_entries()
+        .into_iter()
+        .find(|e| &*e.name == "burn")
+        .unwrap();
+    let stages = &entry.metrics.stages;
+    let (execute, queue) = (stages.execute.snapshot(), stages.queue.snapshot());
+    assert_eq!((execute.count, queue.count), (2, 2));
+    let ms = |ns: u64| ns as f64 / 1e6;
+    // The fast one is not timed from the start of the slow one: the two runs together
+    // take about SLOW_MS, not twice that.
+    assert!(
+        ms(execute.sum) >= SLOW_MS as f64 && ms(execute.sum) < 1.5 * SLOW_MS as f64,
+        "execute stage sum {} ms",
+        ms(execute.sum)
+    );
+    // The fast one waited for the slow one to run.
+    assert!(
+        ms(queue.sum) >= SLOW_MS as f64,
+        "queue stage sum {} ms",
+        ms(queue.sum)
+    );
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_concurrent_is_never_exceeded() {
     let now = Arc::new(AtomicUsize::new(0));
