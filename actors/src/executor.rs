@@ -403,7 +403,7 @@ fn finish_at(
             result,
             error,
             cached: false,
-            executed_by: Some(shared.node_id().clone()),
+            executed_by: Some(shared.node_name()),
             attempts,
             trace_id: None,
         },

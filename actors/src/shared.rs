@@ -9,7 +9,7 @@
 //! through inlined getters: no lock, no extra atomic.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Admission, BreakerStats, Transition, TypeBreaker};
 use crate::cache::{CacheCounters, CacheKey, CacheMsg};
-use crate::counter::StripedArc;
+use crate::counter::{stripe, stripes, Padded, StripedArc};
 use crate::events::{now_ms, Event, EventBus, EventKind};
 use crate::executor::ExecutorMsg;
 use crate::handler::{HandlerRegistry, TypeEntry};
@@ -75,6 +75,12 @@ pub(crate) struct SharedParts {
 /// State shared by the node handle and its actors.
 pub(crate) struct NodeShared {
     node_id: NodeId,
+    /// The node's name again, one copy per stripe, each allocated by the first thread to
+    /// take it (so on a page of that thread's): what every outcome carries as
+    /// `executed_by` is cloned and dropped once per operation, and the one `Arc` cloned by
+    /// every core was a cache line moved between them each time (a twentieth of the
+    /// two-core in-process run, with the route checks that read its bytes).
+    names: Box<[Padded<OnceLock<NodeId>>]>,
     config: EngineConfig,
     registry: HandlerRegistry,
     metrics: NodeMetrics,
@@ -159,6 +165,7 @@ impl NodeShared {
                 max_result_bytes: parts.config.max_stored_result_bytes,
             }),
             node_id: parts.node_id,
+            names: (0..stripes()).map(|_| Padded::default()).collect(),
             config: parts.config,
             registry: parts.registry,
             metrics: NodeMetrics::default(),
@@ -184,6 +191,14 @@ impl NodeShared {
 
     pub(crate) fn node_id(&self) -> &NodeId {
         &self.node_id
+    }
+
+    /// This node's name, for an outcome to carry: a reference counted on the calling
+    /// thread's stripe, not on [`node_id`](Self::node_id)'s.
+    pub(crate) fn node_name(&self) -> NodeId {
+        self.names[stripe()]
+            .get_or_init(|| NodeId::from(&*self.node_id))
+            .clone()
     }
     pub(crate) fn config(&self) -> &EngineConfig {
         &self.config

@@ -373,3 +373,31 @@ async fn with_shard_threads_each_shard_runs_on_its_own_thread_and_stops_with_the
         }
     }
 }
+
+/// Every outcome carries the node's name; cloned from one `Arc` on every core it would be
+/// a cache line moved between them on each operation. It comes from a copy of the
+/// thread's stripe instead: the same name, never the node's own reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_carry_the_node_name_without_sharing_its_reference() {
+    let node = Node::builder()
+        .node_id("n1")
+        .config(EngineConfig {
+            shards: 2,
+            shard_threads: true,
+            ..EngineConfig::default()
+        })
+        .handler("echo", echo)
+        .start()
+        .await
+        .unwrap();
+    for i in 0..40 {
+        let o = node
+            .enqueue(Operation::new("echo", Json::null()).with_key(format!("k{i}")))
+            .unwrap()
+            .await;
+        let ran = o.executed_by.expect("a local outcome names its node");
+        assert_eq!(&*ran, "n1");
+        assert!(!Arc::ptr_eq(&ran, node.id()), "operation {i}");
+    }
+    node.shutdown(Duration::from_secs(1)).await;
+}
