@@ -357,6 +357,8 @@ impl Drop for RunningSlot<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
     use crate::counter::StripedArc;
     use crate::handler::{HandlerKind, RetryPolicy};
@@ -391,6 +393,66 @@ mod tests {
         QueueSlot::release_all(c.iter_mut());
         assert_eq!(e.queued(), 0);
         drop(c);
+        assert_eq!(e.queued(), 0);
+    }
+
+    /// With room for many, a thread leases slots from the shared count in blocks; the
+    /// limit stays exact: a full queue is refused only when `capacity` operations hold a
+    /// slot, whichever threads leased the rest.
+    #[test]
+    fn leased_slots_keep_the_limit_exact_within_a_thread_and_across_threads() {
+        const CAP: usize = 1000;
+        let e = entry("t");
+        let mut held: Vec<QueueSlot> = (0..CAP)
+            .map(|i| QueueSlot::try_take(e.anchor(), CAP).unwrap_or_else(|| panic!("slot {i}")))
+            .collect();
+        assert!(
+            QueueSlot::try_take(e.anchor(), CAP).is_none(),
+            "full at {CAP}"
+        );
+        assert_eq!(e.queued(), CAP);
+        held.truncate(CAP - 7);
+        assert_eq!(e.queued(), CAP - 7);
+        for _ in 0..7 {
+            held.push(QueueSlot::try_take(e.anchor(), CAP).expect("a released slot is free again"));
+        }
+        assert!(QueueSlot::try_take(e.anchor(), CAP).is_none());
+        drop(held);
+        assert_eq!(e.queued(), 0);
+
+        // Four threads taking and giving back at once: never more than CAP held; every
+        // slot comes back.
+        let now_held = AtomicUsize::new(0);
+        let refused = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (e, now_held, refused) = (&e, &now_held, &refused);
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..20_000usize {
+                        if (i + t) % 5 == 4 {
+                            now_held.fetch_sub(mine.len(), Ordering::SeqCst);
+                            mine.clear();
+                        } else if let Some(slot) = QueueSlot::try_take(e.anchor(), CAP) {
+                            let n = now_held.fetch_add(1, Ordering::SeqCst) + 1;
+                            assert!(n <= CAP, "{n} slots held, capacity {CAP}");
+                            mine.push(slot);
+                        } else {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    now_held.fetch_sub(mine.len(), Ordering::SeqCst);
+                });
+            }
+        });
+        assert_eq!(e.queued(), 0);
+        // What the threads leased and did not use still counts as free: one thread
+        // alone takes all CAP again, and no more.
+        let all: Vec<QueueSlot> = (0..CAP)
+            .map(|i| QueueSlot::try_take(e.anchor(), CAP).unwrap_or_else(|| panic!("slot {i}")))
+            .collect();
+        assert!(QueueSlot::try_take(e.anchor(), CAP).is_none());
+        drop(all);
         assert_eq!(e.queued(), 0);
     }
 
