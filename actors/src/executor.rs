@@ -175,7 +175,7 @@ fn start_one<'a>(
     match first {
         First::Ended(Ok(Ok(result))) => {
             let outcome = (OpStatus::Succeeded, Some(result), None, Some(true));
-            finish_at(shared, job, slot, outcome, 1, Vec::new(), *clock);
+            finish(shared, job, slot, outcome, 1, Vec::new(), *clock);
             None
         }
         first => Some((job, slot, first)),
@@ -200,7 +200,7 @@ async fn run_one(shared: &NodeShared, job: Box<Job>, slot: RunningSlot<'_>, firs
             match run_call(call, job.reply.execute_context(), job.deadline).await {
                 Ok(Ok(Ok(result))) => {
                     let outcome = (OpStatus::Succeeded, Some(result), None, Some(true));
-                    return finish(shared, job, slot, outcome, 1, Vec::new());
+                    return finish(shared, job, slot, outcome, 1, Vec::new(), Instant::now());
                 }
                 ran => Some(ran),
             }
@@ -337,7 +337,15 @@ async fn run_attempts(
         );
         tokio::time::sleep(wait).await;
     };
-    finish(shared, job, slot, outcome, attempts, retries);
+    finish(
+        shared,
+        job,
+        slot,
+        outcome,
+        attempts,
+        retries,
+        Instant::now(),
+    );
 }
 
 /// A handler's future run to its end in the operation's trace context, a panic caught,
@@ -356,29 +364,9 @@ fn run_call(
 /// for (`Some(true)`) or against (`Some(false)`) its type's breaker.
 type Ending = (OpStatus, Option<Json>, Option<String>, Option<bool>);
 
-/// Completes `job` with `outcome` after `attempts` runs: gives its running slot back,
-/// tells its breaker, records its retries and answers its waiter.
+/// Completes `job` with `outcome` after `attempts` runs, ended at `now`: gives its running
+/// slot back, tells its breaker, records its retries and answers its waiter.
 fn finish(
-    shared: &NodeShared,
-    job: Box<Job>,
-    slot: RunningSlot<'_>,
-    outcome: Ending,
-    attempts: u32,
-    retries: Vec<(u32, trace::Stamp, String)>,
-) {
-    finish_at(
-        shared,
-        job,
-        slot,
-        outcome,
-        attempts,
-        retries,
-        Instant::now(),
-    );
-}
-
-/// [`finish`], ended at `now`.
-fn finish_at(
     shared: &NodeShared,
     job: Box<Job>,
     slot: RunningSlot<'_>,
