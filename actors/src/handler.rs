@@ -274,14 +274,24 @@ impl TypeEntry {
         }
         let taken = &self.taken.0;
         // A lease, while the queue has room for many: one slot for this operation, the
-        // rest for this thread's next ones.
+        // rest for this thread's next ones. Taken only if it fits (never added and taken
+        // back: another thread would see the queue over-full for that moment and refuse).
         if capacity >= LEASE * 8 {
-            let before = taken.fetch_add(LEASE, Ordering::AcqRel);
-            if before + LEASE <= capacity {
-                mine.fetch_add(LEASE - 1, Ordering::AcqRel);
-                return true;
+            let mut now = taken.load(Ordering::Relaxed);
+            while now + LEASE <= capacity {
+                match taken.compare_exchange_weak(
+                    now,
+                    now + LEASE,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        mine.fetch_add(LEASE - 1, Ordering::AcqRel);
+                        return true;
+                    }
+                    Err(seen) => now = seen,
+                }
             }
-            taken.fetch_sub(LEASE, Ordering::AcqRel);
         }
         let before = taken.fetch_add(1, Ordering::AcqRel);
         if before < capacity {
