@@ -717,7 +717,10 @@ async fn in_process(plan: &Plan, progress: bool) -> anyhow::Result<BenchReport> 
         phase(&load, plan, plan.ops, "run", what, progress).await
     }
     .await;
-    let peak = rss::peak();
+    // The peak since the reset is at least every resident size seen since, the idle one
+    // included: the kernel's counters are per-CPU and read approximately, so a mark read
+    // after memory was given back can come out a few pages under the earlier idle reading.
+    let peak = rss::peak().map(|p| idle.map_or(p, |i| p.max(i)));
     drop(load);
     node.shutdown(SHUTDOWN_GRACE).await;
     for (c, n) in &pair {
