@@ -541,10 +541,10 @@ const REMOTE_NODES: [&str; 2] = ["bench-a", "bench-b"];
 
 /// Two embedded nodes joined over loopback links, `op_type` pinned to the second, each
 /// with its own trace pipeline when there is one (`telemetry`, in [`REMOTE_NODES`]
-/// order). Returns the first (where operations are submitted) and both for shutdown.
-/// Two embedded nodes, the second owning `op_type`. With `shard_threads` each node's
-/// shards and its links run on threads of their own, as `opmesh serve` runs both on its
-/// api's workers; the threads come back with the nodes (kept until they shut down).
+/// order). With `shard_threads` each node's shards and its links run on threads of their
+/// own, as `opmesh serve` runs both on its api's workers. Returns the first (where
+/// operations are submitted), both for shutdown, and the threads (kept until the nodes
+/// have shut down).
 async fn remote_pair(
     op_type: &str,
     shard_threads: bool,
