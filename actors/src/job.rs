@@ -37,6 +37,14 @@ pub struct Job {
     pub(crate) shard: usize,
 }
 
+impl Job {
+    /// The [shard](crate::shard) that owns it on this node: every operation with one key
+    /// has the same (a cluster link keeps them on one lane, so their order holds).
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+}
+
 /// When an operation reached each stage on this node (unset: it did not). One clock
 /// read per actor message stamps a whole batch.
 #[derive(Clone, Copy, Debug, Default)]

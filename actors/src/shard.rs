@@ -178,8 +178,10 @@ thread_local! {
 
 /// This thread's number, taken in turn by threads as they first submit: the home shard
 /// is this number modulo the shard count, so consecutive submitting threads (runtime
-/// workers, HTTP workers) get consecutive shards.
-fn home_index() -> usize {
+/// workers, HTTP workers) get consecutive shards. A shard's own thread has its shard's
+/// number ([`make_home`]); a cluster link sends a thread's replies on the lane of this
+/// number, so that they stay on the thread that ran the operations.
+pub fn home_index() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     HOME.with(|h| {
         if h.get() == usize::MAX {

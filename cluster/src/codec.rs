@@ -11,7 +11,7 @@
 //! | 1   | `Hello`               | [`Hello`]                                                       |
 //! | 2   | `Welcome`             | [`Welcome`]                                                     |
 //! | 3   | `Refused`             | `reason: String`                                                |
-//! | 4   | `DialerNonce`         | `nonce: [u8; 32]`                                               |
+//! | 4   | `DialerNonce`         | `nonce: [u8; 32], lane: u16`                                    |
 //! | 16  | `Message::OpBatch`    | `u64` count, then that many [`WireOp`]                          |
 //! | 17  | `Message::ReplyBatch` | `seq: u64`, then a `u64` count and that many [`WireReply`]      |
 //! | 18  | `Message::Request`    | `id: u64`, then the [`Rpc`] as postcard, to the end of the body |
@@ -63,7 +63,9 @@ use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfi
 /// heartbeats carry the sender's overloaded types.
 /// 5: heartbeats carry the sender's open circuit breakers.
 /// 6: records are authenticated with keyed BLAKE3 instead of HMAC-SHA256.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 7: a node opens several connections to a peer (lanes): `DialerNonce` names the lane,
+/// and the proofs and the link key cover it.
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Bytes of the length prefix in front of every frame body.
 pub const LEN_PREFIX: usize = 4;
@@ -348,9 +350,11 @@ pub enum Frame {
     Refused {
         reason: String,
     },
-    /// The dialer's own random nonce, right after its `Hello` (whose layout is fixed).
+    /// The dialer's own random nonce, right after its `Hello` (whose layout is fixed),
+    /// and which of its connections to the acceptor (lanes) this one is.
     DialerNonce {
         nonce: [u8; 32],
+        lane: u16,
     },
     Message(Message),
 }
@@ -436,6 +440,7 @@ pub fn decode(body: &[u8]) -> Result<Frame, CodecError> {
         },
         tag::DIALER_NONCE => Frame::DialerNonce {
             nonce: read(&mut rest)?,
+            lane: read(&mut rest)?,
         },
         tag::OP_BATCH => Frame::Message(Message::OpBatch(read_records(&mut rest, MIN_WIRE_OP)?)),
         tag::REPLY_BATCH => {
@@ -525,9 +530,10 @@ impl Encode for Frame {
                 out.push(tag::REFUSED);
                 write(out, reason)
             }
-            Frame::DialerNonce { nonce } => {
+            Frame::DialerNonce { nonce, lane } => {
                 out.push(tag::DIALER_NONCE);
                 out.extend_from_slice(nonce);
+                out.extend_from_slice(&lane.to_le_bytes());
                 Ok(())
             }
             Frame::Message(msg) => msg.encode_body(out),

@@ -103,11 +103,17 @@ pub struct ClusterConfig {
     /// Inbound connections that may be in the handshake at once (not proven yet); more
     /// are refused at once. Default 64; 1..=[`MAX_PENDING_HANDSHAKES`](Self::MAX_PENDING_HANDSHAKES).
     pub max_pending_handshakes: usize,
-    /// Runtimes the links run on, each peer's reader and writer on one of them (chosen by
-    /// the peer's name), so that what a link delivers is handled on that thread: the
-    /// binary passes its api's workers, where the shards run. Empty (the default): the
-    /// runtime that starts the transport.
+    /// Runtimes the links run on, so that what a link delivers is handled on that thread:
+    /// the binary passes its api's workers, where the shards run. Lane `i` of each peer
+    /// (its writer here, the reader of the peer's lane `i`) runs on runtime `i`; with one
+    /// lane, a peer's links run on one runtime chosen by its name. Empty (the default):
+    /// the runtime that starts the transport.
     pub link_runtimes: Vec<tokio::runtime::Handle>,
+    /// How many connections this node opens to each peer (`cluster.lanes`), each with
+    /// its own outbox and writer: one peer's traffic then spreads over as many threads.
+    /// 0 (the default): one per link runtime, or 1 without any. At most
+    /// [`MAX_LANES`](Self::MAX_LANES). `link_buffer_bytes` is shared evenly among them.
+    pub lanes: usize,
 }
 
 impl ClusterConfig {
@@ -125,6 +131,7 @@ impl ClusterConfig {
     /// length prefix.
     pub const MAX_MAX_FRAME: usize = 2 * 1024 * 1024 * 1024 - 1;
     pub const MAX_PENDING_HANDSHAKES: usize = 65_536;
+    pub const MAX_LANES: usize = 256;
     /// The range of `link_buffer_bytes`: 64 KiB to 4095 MiB.
     pub const MIN_LINK_BUFFER: usize = 64 * 1024;
     pub const MAX_LINK_BUFFER: usize = 4095 * 1024 * 1024;
@@ -162,6 +169,16 @@ impl ClusterConfig {
             handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
             max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
             link_runtimes: Vec::new(),
+            lanes: 0,
+        }
+    }
+
+    /// The connections to open to each peer: `lanes`, or one per link runtime when it is
+    /// 0 (1 without any).
+    pub fn lane_count(&self) -> usize {
+        match self.lanes {
+            0 => self.link_runtimes.len().clamp(1, Self::MAX_LANES),
+            n => n.min(Self::MAX_LANES),
         }
     }
 
@@ -198,6 +215,9 @@ impl ClusterConfig {
                 self.max_pending_handshakes,
             ));
         }
+        if self.lanes > Self::MAX_LANES {
+            return Err(LinkConfigError::Lanes(self.lanes));
+        }
         Ok(())
     }
 }
@@ -224,6 +244,8 @@ pub enum LinkConfigError {
         max = ClusterConfig::MAX_PENDING_HANDSHAKES
     )]
     MaxPendingHandshakes(usize),
+    #[error("lanes must be 0 (one per link runtime) ..={max}, got {0}", max = ClusterConfig::MAX_LANES)]
+    Lanes(usize),
 }
 
 /// How many nodes vote in Raft: one, three or five (an odd number, so a majority is
@@ -317,6 +339,23 @@ mod tests {
         let mut c = ClusterConfig::new("a", b"s");
         c.handshake_timeout = Duration::ZERO;
         assert_eq!(c.validate_links(), Err(LinkConfigError::HandshakeTimeout));
+        let mut c = ClusterConfig::new("a", b"s");
+        c.lanes = ClusterConfig::MAX_LANES + 1;
+        let e = c.validate_links().unwrap_err();
+        assert!(e.to_string().contains("lanes must be 0"), "{e}");
+    }
+
+    #[test]
+    fn lanes_default_to_one_per_link_runtime() {
+        let mut c = ClusterConfig::new("a", b"s");
+        assert_eq!(c.lane_count(), 1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        c.link_runtimes = vec![rt.handle().clone(); 3];
+        assert_eq!(c.lane_count(), 3);
+        c.lanes = 2;
+        assert_eq!(c.lane_count(), 2);
     }
 
     #[test]

@@ -182,13 +182,17 @@ impl Outbox {
     }
 
     /// The wire form of everything still waiting on `peer` (to send again after the
-    /// link came back).
-    pub fn waiting_on(&self, peer: &NodeId) -> Vec<WireOp> {
+    /// link came back), by the shard that forwarded it (the lane it goes on), in shard
+    /// order.
+    pub fn waiting_on(&self, peer: &NodeId) -> Vec<(usize, Vec<WireOp>)> {
         let now = Instant::now();
-        match self.by_peer.get(peer) {
-            Some(slot) => slot.lock().values().map(|j| to_wire(j, now)).collect(),
-            None => Vec::new(),
+        let mut by_shard: std::collections::BTreeMap<usize, Vec<WireOp>> = Default::default();
+        if let Some(slot) = self.by_peer.get(peer) {
+            for j in slot.lock().values() {
+                by_shard.entry(j.shard()).or_default().push(to_wire(j, now));
+            }
         }
+        by_shard.into_iter().collect()
     }
 
     /// Takes back the operations `ids` waiting on `peer` (they were never sent).

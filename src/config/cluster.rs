@@ -53,6 +53,7 @@ pub(super) struct RawCluster {
     max_frame_bytes: u64,
     link_buffer_bytes: u64,
     max_pending_handshakes: u64,
+    lanes: u64,
     bootstrap: String,
     pod: String,
     namespace: String,
@@ -358,6 +359,7 @@ impl RawCluster {
             )?,
             // The api's workers, given when the node starts (src/server.rs).
             link_runtimes: Vec::new(),
+            lanes: check.count("cluster.lanes", self.lanes, 0..=256)?,
         }))
     }
 }

@@ -256,8 +256,13 @@ impl Inner {
         let peer: NodeId = peer.into();
         let waiting = self.outbox.waiting_on(&peer);
         if !waiting.is_empty() {
-            tracing::info!(node = %peer, count = waiting.len(), "link is back: sending waiting operations again");
-            let _ = self.transport().send(&peer, Message::OpBatch(waiting));
+            let count: usize = waiting.iter().map(|(_, ops)| ops.len()).sum();
+            tracing::info!(node = %peer, count, "link is back: sending waiting operations again");
+            for (lane, ops) in waiting {
+                let _ = self
+                    .transport()
+                    .try_send_on(&peer, lane, Message::OpBatch(ops));
+            }
         }
         self.send_again(&peer, Duration::ZERO);
     }

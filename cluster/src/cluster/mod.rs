@@ -458,11 +458,17 @@ struct ClusterForwarder(Arc<Inner>);
 
 impl Forwarder for ClusterForwarder {
     fn forward(&self, node: &NodeId, jobs: Vec<Box<Job>>) {
+        // A forwarding shard's operations travel on its lane (see the transport): one
+        // key's operations are one shard's, so they stay in order.
+        let lane = jobs.first().map_or(0, |j| j.shard());
         let wire = self.0.outbox.hold(node, jobs);
         // Not connected: the operations wait in the outbox, sent when the link comes
         // back, routed again if the node is marked down, expired at their deadline.
         // The link full: they go to another node of their route, or fail naming it.
-        let refused = self.0.transport().try_send(node, Message::OpBatch(wire));
+        let refused = self
+            .0
+            .transport()
+            .try_send_on(node, lane, Message::OpBatch(wire));
         if let Err(refused) = refused {
             let (SendError::Full { queued }, Message::OpBatch(wire)) = *refused else {
                 return;

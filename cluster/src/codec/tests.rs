@@ -279,7 +279,10 @@ fn every_frame() -> Vec<Frame> {
         Frame::Refused {
             reason: "wrong secret".into(),
         },
-        Frame::DialerNonce { nonce: [5; 32] },
+        Frame::DialerNonce {
+            nonce: [5; 32],
+            lane: 3,
+        },
     ];
     frames.extend(every_message().into_iter().map(Frame::Message));
     frames

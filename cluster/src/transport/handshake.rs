@@ -5,8 +5,9 @@
 //! 1. The acceptor sends `Challenge { nonce }`: 32 fresh random bytes.
 //! 2. The dialer answers `Hello` (its protocol version, cluster id, name, address and
 //!    [`dialer_proof`]) and, in the same write, `DialerNonce`: 32 fresh random bytes of
-//!    its own (`Hello`'s layout never changes, so a node of another version can still
-//!    refuse it by its version).
+//!    its own and the lane, which of its connections to this peer this one is
+//!    (`Hello`'s layout never changes, so a node of another version can still refuse it
+//!    by its version).
 //! 3. The acceptor checks the version, the cluster id and the proof, under its current
 //!    secret and then its previous one, and answers `Welcome` with its name and
 //!    [`acceptor_proof`] under the secret that matched; or `Refused` and closes.
@@ -65,26 +66,29 @@ const ACCEPTOR_PROOF: &[u8] = b"opmesh link: acceptor proof";
 const LINK_KEY: &[u8] = b"opmesh link: key for the dialer's records";
 
 /// What the proofs and the key are computed over: the dialer's `Hello` (version,
-/// cluster id, name, address; not its proof) and both nonces.
+/// cluster id, name, address; not its proof), both nonces and the lane.
 #[derive(Clone, Copy)]
 pub(super) struct Transcript<'a> {
     pub(super) hello: &'a Hello,
     pub(super) acceptor_nonce: &'a [u8; 32],
     pub(super) dialer_nonce: &'a [u8; 32],
+    pub(super) lane: u16,
 }
 
 impl Transcript<'_> {
-    /// HMAC-SHA256 under `key` over `label`, the version (`u16` LE), the acceptor's then
-    /// the dialer's nonce, then the cluster id, the dialer's name and address and, when
-    /// given, the acceptor's name. Variable fields go as a `u64` LE length and their
+    /// HMAC-SHA256 under `key` over `label`, the version and the lane (`u16` LE each),
+    /// the acceptor's then the dialer's nonce, then the cluster id, the dialer's name and
+    /// address and, when given, the acceptor's name. Variable fields go as a `u64` LE length and their
     /// bytes, so no two different splits give the same input.
     fn mac(&self, key: &[u8], label: &[u8], acceptor: Option<&str>) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes a key of any length");
         let h = self.hello;
         let version = h.version.to_le_bytes();
-        let fields: [&[u8]; 6] = [
+        let lane = self.lane.to_le_bytes();
+        let fields: [&[u8]; 7] = [
             label,
             &version,
+            &lane,
             self.acceptor_nonce,
             self.dialer_nonce,
             h.cluster_id.as_bytes(),
@@ -162,17 +166,19 @@ pub(super) struct Dialed {
 /// Connects to `addr` and runs the dialer's side of the handshake under the current
 /// secret and, if the peer refuses it as [`AUTH_REFUSED`], under the previous one; each
 /// attempt within `handshake_timeout`. `expect`: the name of the node meant, when known
-/// (a seed is dialed by address only).
+/// (a seed is dialed by address only). `lane`: which of this node's connections to the
+/// peer this one is.
 pub(super) async fn dial(
     shared: &Shared,
     addr: &str,
     expect: Option<&str>,
+    lane: u16,
 ) -> Result<Dialed, DialError> {
     let config = &shared.config;
     let attempt = |secret| {
         let timeout = config.handshake_timeout;
         async move {
-            tokio::time::timeout(timeout, dial_with(shared, addr, expect, secret))
+            tokio::time::timeout(timeout, dial_with(shared, addr, expect, lane, secret))
                 .await
                 .unwrap_or(Err(DialError::Timeout(timeout)))
         }
@@ -193,6 +199,7 @@ async fn dial_with(
     shared: &Shared,
     addr: &str,
     expect: Option<&str>,
+    lane: u16,
     secret: &Secret,
 ) -> Result<Dialed, DialError> {
     let config = &shared.config;
@@ -219,6 +226,7 @@ async fn dial_with(
             hello: &hello,
             acceptor_nonce: &acceptor_nonce,
             dialer_nonce: &dialer_nonce,
+            lane,
         },
     ));
     let mut out = Vec::with_capacity(256);
@@ -226,6 +234,7 @@ async fn dial_with(
     codec::encode(
         &Frame::DialerNonce {
             nonce: dialer_nonce,
+            lane,
         },
         &mut out,
     )?;
@@ -240,6 +249,7 @@ async fn dial_with(
         hello: &hello,
         acceptor_nonce: &acceptor_nonce,
         dialer_nonce: &dialer_nonce,
+        lane,
     };
     if acceptor_proof(secret, &t, &welcome.node)
         .verify_slice(&welcome.proof)
@@ -364,10 +374,11 @@ impl From<DialError> for Refusal {
     }
 }
 
-/// A link a dialer opened to this node: who it proved it is, and the reader of its
-/// records (record 0 read already).
+/// A link a dialer opened to this node: who it proved it is, which of its lanes this
+/// is, and the reader of its records (record 0 read already).
 pub(super) struct Accepted {
     pub(super) hello: Hello,
+    pub(super) lane: u16,
     pub(super) opener: Opener,
 }
 
@@ -396,8 +407,8 @@ pub(super) async fn accept(
     if hello.version != PROTOCOL_VERSION {
         return Err(Refusal::Version(hello.version));
     }
-    let dialer_nonce = match read_frame(stream, rbuf, HANDSHAKE_MAX_FRAME).await? {
-        Some(Frame::DialerNonce { nonce }) => nonce,
+    let (dialer_nonce, lane) = match read_frame(stream, rbuf, HANDSHAKE_MAX_FRAME).await? {
+        Some(Frame::DialerNonce { nonce, lane }) => (nonce, lane),
         Some(_) => return Err(Refusal::NoNonce),
         None => return Err(Refusal::Closed),
     };
@@ -414,6 +425,7 @@ pub(super) async fn accept(
         hello: &hello,
         acceptor_nonce: &acceptor_nonce,
         dialer_nonce: &dialer_nonce,
+        lane,
     };
     let Some(secret) = config
         .accepted_secrets()
@@ -436,7 +448,11 @@ pub(super) async fn accept(
         return Err(Refusal::Closed);
     };
     match opener.open(&first) {
-        Ok([]) => Ok(Accepted { hello, opener }),
+        Ok([]) => Ok(Accepted {
+            hello,
+            lane,
+            opener,
+        }),
         Ok(_) => Err(Refusal::FinishNotEmpty(hello.node)),
         Err(error) => Err(Refusal::Finish {
             node: hello.node,
@@ -468,11 +484,22 @@ mod tests {
         nonces: ([u8; 32], [u8; 32]),
         acceptor: &str,
     ) -> ([u8; 32], [u8; 32], Vec<u8>) {
+        outcome_on(secret, hello, nonces, 0, acceptor)
+    }
+
+    fn outcome_on(
+        secret: &[u8],
+        hello: &Hello,
+        nonces: ([u8; 32], [u8; 32]),
+        lane: u16,
+        acceptor: &str,
+    ) -> ([u8; 32], [u8; 32], Vec<u8>) {
         let secret = Secret::from(secret);
         let t = Transcript {
             hello,
             acceptor_nonce: &nonces.0,
             dialer_nonce: &nonces.1,
+            lane,
         };
         let mut record = Vec::new();
         Sealer::begin(&mut record);
@@ -485,7 +512,7 @@ mod tests {
     }
 
     #[test]
-    fn the_proofs_and_the_key_bind_both_nonces_both_names_and_the_role() {
+    fn the_proofs_and_the_key_bind_both_nonces_both_names_the_lane_and_the_role() {
         let hello = Hello {
             version: 1,
             cluster_id: "ab".into(),
@@ -520,6 +547,7 @@ mod tests {
             outcome(SECRET, &moved, nonces, "e"),
             outcome(SECRET, &version, nonces, "e"),
             outcome(SECRET, &addr, nonces, "e"),
+            outcome_on(SECRET, &hello, nonces, 1, "e"),
         ];
         for (i, other) in others.iter().enumerate() {
             assert_ne!(other.0, base.0, "dialer's proof, case {i}");
@@ -537,6 +565,7 @@ mod tests {
             hello: &hello,
             acceptor_nonce: &nonces.0,
             dialer_nonce: &nonces.1,
+            lane: 0,
         };
         assert!(dialer_proof(&s, &t).verify_slice(&base.0).is_ok());
         assert!(acceptor_proof(&s, &t, "e").verify_slice(&base.1).is_ok());
@@ -631,7 +660,7 @@ mod tests {
             &nonce,
         );
         raw.send(&Frame::Hello(hello)).await;
-        raw.send(&Frame::DialerNonce { nonce }).await;
+        raw.send(&Frame::DialerNonce { nonce, lane: 0 }).await;
         assert_eq!(raw.expect_refused().await, AUTH_REFUSED);
 
         // A right Hello is welcomed, the acceptor proves itself, and records are delivered.

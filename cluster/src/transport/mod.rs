@@ -1,10 +1,20 @@
 //! Links between nodes: [`codec`](crate::codec) frames over TCP, in authenticated
 //! records once a mutual handshake has opened the link.
 //!
-//! Each node dials each peer it knows and sends only on that outbound connection; it only
-//! reads from the connections others dialed to it. Two connections per pair of nodes, one
-//! per direction: no arbitration of who dials whom, and a writer never shares its socket
-//! with a reader.
+//! Each node dials each peer it knows and sends only on those outbound connections; it
+//! only reads from the connections others dialed to it. Connections go one way: no
+//! arbitration of who dials whom, and a writer never shares its socket with a reader.
+//!
+//! A node opens `cluster.lanes` connections to each peer (by default one per link
+//! runtime: one per api worker in the binary), each with its own outbox and writer on
+//! runtime `lane` (the peer's reader of that lane too), so that one peer's traffic is not
+//! bound to one core in each direction. Operations go on the lane of the shard that
+//! forwards them (the same key, the same shard, the same lane: their order holds), replies
+//! and their acknowledgements on the lane of the thread that sends them, and the
+//! cluster's own messages (Raft, heartbeats) on lane 0. With the shards and the links on
+//! the same workers, an operation forwarded from shard `i` travels on lane `i`, is read,
+//! run and answered on the peer's worker `i` and its reply read back on worker `i` here:
+//! no thread hands it to another. The link to a peer is up when all its lanes are.
 //!
 //! An operation forwarded to another node is [`Transport::send`]: the message joins the
 //! peer's outbox and the caller goes on. The peer's writer task takes everything waiting,
@@ -64,7 +74,7 @@ mod writer;
 mod testing;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,8 +125,11 @@ pub enum SendError {
 pub struct LinkStats {
     pub peer: String,
     pub addr: String,
-    /// The outbound link is up: `send` queues.
+    /// The outbound link is up (every lane): `send` queues.
     pub connected: bool,
+    /// The connections this node keeps to the peer (`cluster.lanes`), and how many are up.
+    pub lanes: usize,
+    pub lanes_up: usize,
     /// Frames and bytes written on the outbound link.
     pub frames_sent: u64,
     pub bytes_sent: u64,
@@ -177,7 +190,7 @@ struct Shared {
     runtime: tokio::runtime::Handle,
 }
 
-/// One peer: its outbox, its writer's controls, its counters.
+/// One peer: its lanes, their writers' controls, its counters.
 struct Peer {
     name: String,
     /// The name the acceptor must prove when dialed: `name`, or `None` for a seed known
@@ -186,21 +199,32 @@ struct Peer {
     /// The name the acceptor proved on the last connection that opened.
     identity: Mutex<Option<String>>,
     addr: Mutex<String>,
+    lanes: Box<[Lane]>,
+    /// How many lanes' writers have their connection open: the layers above are told
+    /// the link is up when this reaches the lane count, down when it leaves it.
+    lanes_up: AtomicUsize,
+    /// Stops the writers (the peer was removed, or the transport shuts down).
+    stop: CancellationToken,
+    reconnects: AtomicU64,
+    dropped: AtomicU64,
+    refused_full: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// One connection to a peer: its outbox, its writer's controls and the counters its
+/// writer (and the reader of the peer's connection of the same lane) keep. On lines of its
+/// own: each lane is written from its own thread.
+#[repr(align(128))]
+struct Lane {
     outbox: Mutex<Outbox>,
     /// A message joined an empty outbox.
     wake: Notify,
     /// The address changed: drop the connection and dial the new one.
     redial: Notify,
-    /// Stops the writer (the peer was removed, or the transport shuts down).
-    stop: CancellationToken,
     frames_sent: AtomicU64,
     bytes_sent: AtomicU64,
     frames_received: AtomicU64,
     bytes_received: AtomicU64,
-    reconnects: AtomicU64,
-    dropped: AtomicU64,
-    refused_full: AtomicU64,
-    last_error: Mutex<Option<String>>,
 }
 
 /// Whether the link is up and what waits for the writer, under one lock: a message is
@@ -321,9 +345,12 @@ impl Transport {
 
     /// Queues `msg` for `peer`'s writer. Never blocks and never waits for the network:
     /// `Ok` means queued on a link that was up, not delivered. Operations and replies
-    /// ([`Message::is_bulk`]) are refused with [`SendError::Full`] when the outbox holds
-    /// `cluster.link_buffer_bytes` with them (one larger than that alone still goes when
-    /// nothing else waits); the cluster's own messages always queue.
+    /// ([`Message::is_bulk`]) are refused with [`SendError::Full`] when the lane's outbox
+    /// holds its share of `cluster.link_buffer_bytes` with them (one larger than that
+    /// alone still goes when nothing else waits); the cluster's own messages always queue.
+    ///
+    /// Operations, replies and acknowledgements go on the lane of the calling thread
+    /// (its home, see [`opmesh_actors::shard::home_index`]), the rest on lane 0.
     pub fn send(&self, peer: &str, msg: Message) -> Result<(), SendError> {
         self.try_send(peer, msg).map_err(|refused| refused.0)
     }
@@ -331,17 +358,36 @@ impl Transport {
     /// [`send`](Self::send), handing a refused message back (boxed: refusals are rare,
     /// messages large).
     pub fn try_send(&self, peer: &str, msg: Message) -> Result<(), Box<(SendError, Message)>> {
+        let lane = match msg {
+            Message::OpBatch(_) | Message::ReplyBatch { .. } | Message::ReplyAck { .. } => {
+                opmesh_actors::shard::home_index()
+            }
+            _ => 0,
+        };
+        self.try_send_on(peer, lane, msg)
+    }
+
+    /// [`try_send`](Self::try_send) on lane `lane` modulo the peer's lanes: the caller
+    /// keeps what must stay in order on one lane (operations forwarded by one shard).
+    pub fn try_send_on(
+        &self,
+        peer: &str,
+        lane: usize,
+        msg: Message,
+    ) -> Result<(), Box<(SendError, Message)>> {
         let Some(peer) = self.shared().peers.get(peer) else {
             return Err(Box::new((SendError::UnknownPeer, msg)));
         };
+        let lanes = peer.lanes.len();
+        let lane = &peer.lanes[lane % lanes];
         let size = msg.size_hint();
-        let mut outbox = peer.outbox.lock();
+        let mut outbox = lane.outbox.lock();
         if !outbox.connected {
             return Err(Box::new((SendError::NotConnected, msg)));
         }
         if msg.is_bulk() {
             let unsent = outbox.unsent();
-            if unsent > 0 && unsent + size > self.shared().config.link_buffer_bytes {
+            if unsent > 0 && unsent + size > self.shared().config.link_buffer_bytes / lanes {
                 drop(outbox);
                 peer.refused_full.fetch_add(1, Ordering::Relaxed);
                 return Err(Box::new((SendError::Full { queued: unsent }, msg)));
@@ -353,17 +399,14 @@ impl Transport {
         drop(outbox);
         // The writer takes the whole queue each time, so one wake per non-empty queue.
         if was_empty {
-            peer.wake.notify_one();
+            lane.wake.notify_one();
         }
         Ok(())
     }
 
-    /// Whether the outbound link to `peer` is up.
+    /// Whether the outbound link to `peer` is up (all its lanes).
     pub fn is_connected(&self, peer: &str) -> bool {
-        self.shared()
-            .peers
-            .get(peer)
-            .is_some_and(|p| p.outbox.lock().connected)
+        self.shared().peers.get(peer).is_some_and(|p| p.is_up())
     }
 
     /// Waits until the outbound link to `peer` is up, for at most `timeout`; returns
@@ -414,14 +457,19 @@ impl Shared {
         self.tasks.spawn_on(task, &self.runtime);
     }
 
-    /// The runtime the links of `peer` run on, when the links have runtimes of their own
-    /// ([`ClusterConfig::link_runtimes`]).
-    fn link_runtime(&self, peer: &str) -> Option<&tokio::runtime::Handle> {
+    /// The runtime lane `lane` of `peer` runs on (its writer here, its reader on the
+    /// peer), when the links have runtimes of their own ([`ClusterConfig::link_runtimes`]):
+    /// runtime `lane` with several lanes, else one chosen by the peer's name.
+    fn link_runtime(&self, peer: &str, lane: usize) -> Option<&tokio::runtime::Handle> {
         let runtimes = &self.config.link_runtimes;
-        (!runtimes.is_empty()).then(|| {
-            &runtimes
-                [(opmesh_actors::stable_hash(peer.as_bytes()) % runtimes.len() as u64) as usize]
-        })
+        if runtimes.is_empty() {
+            return None;
+        }
+        let i = match self.config.lane_count() {
+            1 => (opmesh_actors::stable_hash(peer.as_bytes()) % runtimes.len() as u64) as usize,
+            _ => lane % runtimes.len(),
+        };
+        Some(&runtimes[i])
     }
 
     /// The peer named `name`, added at `addr` if it is not one yet (an existing peer keeps
@@ -440,23 +488,35 @@ impl Shared {
             if *current != addr {
                 info!(peer = name, from = %*current, to = addr, "peer address changed");
                 *current = addr.to_string();
-                // Nothing more goes to the old address: `send` refuses until the link to
-                // the new one is up.
-                peer.count_dropped(peer.disconnect());
-                peer.redial.notify_one();
+                // Nothing more goes to the old address: `send` refuses until the links to
+                // the new one are up.
+                for lane in peer.lanes.iter() {
+                    peer.count_dropped(lane.disconnect());
+                    lane.redial.notify_one();
+                }
             }
             return Arc::clone(peer.value());
         }
         let entry = self.peers.entry(name.to_string()).or_insert_with(|| {
             let expect = named.then(|| name.to_string());
-            let peer = Arc::new(Peer::new(name, expect, addr, self.shutdown.child_token()));
-            let span = tracing::info_span!("cluster_link", node = %self.config.node, peer = name);
-            let link = writer::run_link(Arc::clone(self), Arc::clone(&peer)).instrument(span);
-            match self.link_runtime(name) {
-                Some(rt) => {
-                    self.tasks.spawn_on(link, rt);
+            let lanes = self.config.lane_count();
+            let peer = Arc::new(Peer::new(
+                name,
+                expect,
+                addr,
+                lanes,
+                self.shutdown.child_token(),
+            ));
+            for lane in 0..lanes {
+                let span = tracing::info_span!("cluster_link", node = %self.config.node, peer = name, lane);
+                let link =
+                    writer::run_link(Arc::clone(self), Arc::clone(&peer), lane).instrument(span);
+                match self.link_runtime(name, lane) {
+                    Some(rt) => {
+                        self.tasks.spawn_on(link, rt);
+                    }
+                    None => self.spawn(link),
                 }
-                None => self.spawn(link),
             }
             peer
         });
@@ -465,20 +525,21 @@ impl Shared {
 }
 
 impl Peer {
-    fn new(name: &str, expect: Option<String>, addr: &str, stop: CancellationToken) -> Peer {
+    fn new(
+        name: &str,
+        expect: Option<String>,
+        addr: &str,
+        lanes: usize,
+        stop: CancellationToken,
+    ) -> Peer {
         Peer {
             name: name.to_string(),
             expect,
             identity: Mutex::new(None),
             addr: Mutex::new(addr.to_string()),
-            outbox: Mutex::new(Outbox::default()),
-            wake: Notify::new(),
-            redial: Notify::new(),
+            lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
+            lanes_up: AtomicUsize::new(0),
             stop,
-            frames_sent: AtomicU64::new(0),
-            bytes_sent: AtomicU64::new(0),
-            frames_received: AtomicU64::new(0),
-            bytes_received: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             refused_full: AtomicU64::new(0),
@@ -486,36 +547,46 @@ impl Peer {
         }
     }
 
+    /// Every lane is connected (and not told to move to a new address since).
+    fn is_up(&self) -> bool {
+        self.lanes.iter().all(|l| l.outbox.lock().connected)
+    }
+
+    /// The lane a peer's connection says it is, modulo this node's lanes (the peer may
+    /// be set up with more).
+    fn lane(&self, lane: usize) -> &Lane {
+        &self.lanes[lane % self.lanes.len()]
+    }
+
     fn stats(&self) -> LinkStats {
-        let (connected, unsent) = {
-            let outbox = self.outbox.lock();
-            (outbox.connected, outbox.unsent())
+        let sum = |f: fn(&Lane) -> &AtomicU64| {
+            self.lanes
+                .iter()
+                .map(|l| f(l).load(Ordering::Relaxed))
+                .sum()
         };
+        let (mut unsent, mut lanes_up) = (0, 0);
+        for lane in self.lanes.iter() {
+            let outbox = lane.outbox.lock();
+            unsent += outbox.unsent();
+            lanes_up += usize::from(outbox.connected);
+        }
         LinkStats {
             peer: self.name.clone(),
             addr: self.addr.lock().clone(),
-            connected,
+            connected: lanes_up == self.lanes.len(),
+            lanes: self.lanes.len(),
+            lanes_up,
             queued_bytes: unsent as u64,
             refused_full: self.refused_full.load(Ordering::Relaxed),
-            frames_sent: self.frames_sent.load(Ordering::Relaxed),
-            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
-            frames_received: self.frames_received.load(Ordering::Relaxed),
-            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            frames_sent: sum(|l| &l.frames_sent),
+            bytes_sent: sum(|l| &l.bytes_sent),
+            frames_received: sum(|l| &l.frames_received),
+            bytes_received: sum(|l| &l.bytes_received),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             last_error: self.last_error.lock().clone(),
         }
-    }
-
-    /// Marks the link down and discards what waits; returns how many messages that was.
-    fn disconnect(&self) -> u64 {
-        let mut outbox = self.outbox.lock();
-        outbox.connected = false;
-        let n = outbox.queue.len() as u64;
-        outbox.queue.clear();
-        outbox.queued = 0;
-        outbox.writing = 0;
-        n
     }
 
     fn count_dropped(&self, n: u64) {
@@ -526,6 +597,33 @@ impl Peer {
 
     fn record_error(&self, error: &str) {
         *self.last_error.lock() = Some(error.to_string());
+    }
+}
+
+impl Default for Lane {
+    fn default() -> Lane {
+        Lane {
+            outbox: Mutex::new(Outbox::default()),
+            wake: Notify::new(),
+            redial: Notify::new(),
+            frames_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            frames_received: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Lane {
+    /// Marks the lane down and discards what waits; returns how many messages that was.
+    fn disconnect(&self) -> u64 {
+        let mut outbox = self.outbox.lock();
+        outbox.connected = false;
+        let n = outbox.queue.len() as u64;
+        outbox.queue.clear();
+        outbox.queued = 0;
+        outbox.writing = 0;
+        n
     }
 }
 
@@ -689,9 +787,10 @@ mod tests {
         .await;
     }
 
-    /// Links on runtimes of their own (the binary's api workers): each peer's writer and
-    /// reader run on one of them, so what a peer sends is handed over on that thread, both
-    /// ways, and the links still come up, carry messages and stop.
+    /// Links on runtimes of their own (the binary's api workers): what a peer sends is
+    /// handed over on one of them, both ways, and the links still come up, carry messages
+    /// and stop. `a` has one runtime, so one lane; `b` has two, so two lanes to `a` (see
+    /// the next test) and reads `a`'s one lane on its runtime 0.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn links_on_runtimes_of_their_own_deliver_there() {
         let (rt_a, _stop_a) = runtime_thread("links-a");
@@ -721,15 +820,89 @@ mod tests {
             .lock()
             .iter()
             .all(|t| t.as_deref() == Some("links-a")));
-        // b's links to a run on the one of its two runtimes that a's name picks.
+        // a's one lane is read on b's runtime 0.
         let on = b_in.threads.lock().clone();
         assert!(
-            on.iter()
-                .all(|t| t == &on[0] && t.as_deref().is_some_and(|n| n.starts_with("links-b"))),
+            on.iter().all(|t| t.as_deref() == Some("links-b1")),
             "{on:?}"
         );
         bounded("shutdown", a.shutdown()).await;
         bounded("shutdown", b.shutdown()).await;
+    }
+
+    /// With several link runtimes a node opens one connection (lane) per runtime to each
+    /// peer: lane `i` is written on runtime `i` here and read on runtime `i` there, in
+    /// order; operations go on the lane the caller names, replies and acknowledgements on
+    /// the lane of the sending thread's home, the rest on lane 0. The link is reported up
+    /// once, when every lane is, and down once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_lane_is_a_connection_of_its_own_read_on_its_own_runtime() {
+        let (ra0, _sa0) = runtime_thread("lanes-a0");
+        let (ra1, _sa1) = runtime_thread("lanes-a1");
+        let (rb0, _sb0) = runtime_thread("lanes-b0");
+        let (rb1, _sb1) = runtime_thread("lanes-b1");
+        let mut ca = config("a");
+        ca.link_runtimes = vec![ra0.clone(), ra1.clone()];
+        let mut cb = config("b");
+        cb.link_runtimes = vec![rb0, rb1];
+        let (a, a_in) = start_with(ca).await;
+        let (b, b_in) = start_with(cb).await;
+        a.add_peer("b", &b.local_addr().to_string());
+        until("a's links to b", || a.is_connected("b")).await;
+        let stats = &a.links()[0];
+        assert_eq!((stats.lanes, stats.lanes_up, stats.connected), (2, 2, true));
+        assert_eq!(*a_in.links.lock(), [("b".to_string(), true)]);
+
+        let op = |id| Message::OpBatch(vec![small_op(id)]);
+        for (lane, id) in [(1, 10), (0, 0), (1, 11), (0, 1), (3, 12)] {
+            a.try_send_on("b", lane, op(id)).map_err(|e| e.0).unwrap();
+        }
+        // Replies and acknowledgements from a thread whose home is 1: lane 1.
+        let from_home = |rt: &tokio::runtime::Handle, home: usize, msg: Message| {
+            let a = a.clone();
+            rt.spawn(async move {
+                opmesh_actors::shard::make_home(home);
+                a.send("b", msg)
+            })
+        };
+        let ack = |seq| Message::ReplyAck { seqs: vec![seq] };
+        from_home(&ra1, 1, ack(21)).await.unwrap().unwrap();
+        from_home(&ra0, 0, ack(20)).await.unwrap().unwrap();
+        // The cluster's own messages: lane 0, whatever the thread.
+        from_home(&ra1, 1, ping(30)).await.unwrap().unwrap();
+        until("everything sent", || b_in.count() == 8).await;
+        let mut by_thread: std::collections::BTreeMap<String, Vec<u128>> = Default::default();
+        for ((_, msg), thread) in b_in.messages.lock().iter().zip(b_in.threads.lock().iter()) {
+            let id = match msg {
+                Message::OpBatch(ops) => ops[0].id,
+                Message::ReplyAck { seqs } => u128::from(seqs[0]),
+                Message::Ping { seq, .. } => u128::from(*seq),
+                other => panic!("{other:?}"),
+            };
+            by_thread
+                .entry(thread.clone().unwrap())
+                .or_default()
+                .push(id);
+        }
+        // Each lane in the order it was sent (the ack sent from home 1 as lane 1's, the
+        // one from home 0 as lane 0's).
+        let lane0 = &by_thread["lanes-b0"];
+        let lane1 = &by_thread["lanes-b1"];
+        assert_eq!(lane1, &[10, 11, 12, 21], "{by_thread:?}");
+        assert_eq!(lane0.len(), 4, "{by_thread:?}");
+        assert_eq!(&lane0[..2], &[0, 1], "{by_thread:?}");
+        assert!(lane0.contains(&20) && lane0.contains(&30), "{by_thread:?}");
+        until("a's send counters", || a.links()[0].frames_sent == 8).await;
+
+        // b gone: both lanes drop, the link is reported down once.
+        bounded("shutdown", b.shutdown()).await;
+        until("the link down", || !a.is_connected("b")).await;
+        until("both lanes down", || a.links()[0].lanes_up == 0).await;
+        assert_eq!(
+            *a_in.links.lock(),
+            [("b".to_string(), true), ("b".to_string(), false)]
+        );
+        bounded("shutdown", a.shutdown()).await;
     }
 
     async fn shutdown_frees_the_port_and_dropping_the_last_handle_stops_the_tasks_with(

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::handshake::{accept, Accepted, Refusal};
 use super::record::{max_record, Opener};
-use super::{Peer, Shared};
+use super::{Lane, Shared};
 use crate::codec::{self, CodecError, Frame, LEN_PREFIX};
 
 /// How much a reader asks the socket for at a time.
@@ -124,7 +124,11 @@ async fn serve(
             r.unwrap_or(Err(Refusal::Timeout(config.handshake_timeout)))
         }
     };
-    let Accepted { hello, opener } = match handshake {
+    let Accepted {
+        hello,
+        lane,
+        opener,
+    } = match handshake {
         Ok(accepted) => accepted,
         Err(refusal) => {
             shared.log_refusal(remote, &refusal);
@@ -143,9 +147,20 @@ async fn serve(
     // A node that dialed this one but is not a peer yet (a node joining through this
     // seed): dial back, so answers can flow.
     let peer = shared.ensure_peer(&hello.node, &hello.cluster_addr);
-    info!(peer = %hello.node, remote = %remote, "inbound link open");
-    let end = match shared.link_runtime(&hello.node) {
-        None => read_messages(&shared, &hello.node, &peer, &mut stream, &mut rbuf, opener).await,
+    info!(peer = %hello.node, remote = %remote, lane, "inbound link open");
+    let lane = usize::from(lane);
+    let end = match shared.link_runtime(&hello.node, lane) {
+        None => {
+            read_messages(
+                &shared,
+                &hello.node,
+                peer.lane(lane),
+                &mut stream,
+                &mut rbuf,
+                opener,
+            )
+            .await
+        }
         // The peer's links have a runtime of their own: its messages are read, and
         // handled, there. The socket moves to that runtime's reactor.
         Some(rt) => match stream.into_std() {
@@ -155,7 +170,8 @@ async fn serve(
                 let (on, from) = (Arc::clone(&shared), hello.node.clone());
                 let read = async move {
                     let mut stream = TcpStream::from_std(std).map_err(|e| e.to_string())?;
-                    read_messages(&on, &from, &peer, &mut stream, &mut rbuf, opener).await
+                    let lane = peer.lane(lane);
+                    read_messages(&on, &from, lane, &mut stream, &mut rbuf, opener).await
                 };
                 let task = tasks.spawn_on(read.in_current_span(), rt);
                 task.await.unwrap_or_else(|e| Err(e.to_string()))
@@ -177,7 +193,7 @@ async fn serve(
 async fn read_messages(
     shared: &Shared,
     from: &str,
-    peer: &Peer,
+    lane: &Lane,
     stream: &mut TcpStream,
     rbuf: &mut BytesMut,
     mut opener: Opener,
@@ -187,7 +203,7 @@ async fn read_messages(
     loop {
         while let Some(record) = next_body(rbuf, max_record).map_err(|e| e.to_string())? {
             let frames = opener.open(&record).map_err(|e| e.to_string())?;
-            deliver(shared, from, peer, frames, max_frame)?;
+            deliver(shared, from, lane, frames, max_frame)?;
         }
         if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
@@ -200,7 +216,7 @@ async fn read_messages(
             Ok(0) if rbuf.is_empty() => return Ok(()),
             Ok(0) => return Err("closed in the middle of a record".into()),
             Ok(n) => {
-                peer.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                lane.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) => return Err(e.to_string()),
         }
@@ -212,7 +228,7 @@ async fn read_messages(
 fn deliver(
     shared: &Shared,
     from: &str,
-    peer: &Peer,
+    lane: &Lane,
     mut frames: &[u8],
     max_frame: usize,
 ) -> Result<(), String> {
@@ -223,7 +239,7 @@ fn deliver(
         };
         match codec::decode(body) {
             Ok(Frame::Message(msg)) => {
-                peer.frames_received.fetch_add(1, Ordering::Relaxed);
+                lane.frames_received.fetch_add(1, Ordering::Relaxed);
                 shared.inbound.on_message(from, msg);
             }
             Ok(_) => return Err("handshake frame after the handshake".into()),

@@ -188,6 +188,7 @@ impl Raw {
         self.send(&Frame::Hello(hello.clone())).await;
         self.send(&Frame::DialerNonce {
             nonce: dialer_nonce,
+            lane: 0,
         })
         .await;
         self.sent = Some((hello, dialer_nonce, Secret::from(secret)));
@@ -203,6 +204,7 @@ impl Raw {
             hello: &hello,
             acceptor_nonce: &self.nonce,
             dialer_nonce: &dialer_nonce,
+            lane: 0,
         };
         acceptor_proof(&secret, &t, &welcome.node)
             .verify_slice(&welcome.proof)
@@ -306,6 +308,7 @@ pub fn signed_hello(
         hello: &hello,
         acceptor_nonce,
         dialer_nonce,
+        lane: 0,
     };
     let proof = dialer_proof(&Secret::from(secret), &t)
         .finalize()

@@ -1,5 +1,5 @@
-//! The writer of one peer: dial, handshake, then write what its outbox holds, until the
-//! peer is removed or the transport stops.
+//! The writer of one lane of a peer: dial, handshake, then write what the lane's outbox
+//! holds, until the peer is removed or the transport stops.
 //!
 //! [`Transport::send`](super::Transport::send) only queues; this task takes the whole
 //! queue at once, encodes it into one reused buffer as one [`record`](super::record),
@@ -21,7 +21,7 @@ use opmesh_actors::{Backoff, Jitter};
 
 use super::handshake::{dial, Dialed};
 use super::record::Sealer;
-use super::{Peer, Shared};
+use super::{Lane, Peer, Shared};
 use crate::codec::{self, Message};
 
 /// While a peer stays unreachable, how often it is logged again (with the failed
@@ -37,8 +37,10 @@ enum LinkEnd {
     Lost(String),
 }
 
-/// The writer of one peer: dial, handshake, then write what is queued, until stopped.
-pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
+/// The writer of lane `index` of a peer: dial, handshake, then write what is queued,
+/// until stopped. The link is up, for the layers above, while every lane is.
+pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>, index: usize) {
+    let lane = &peer.lanes[index];
     let config = &shared.config;
     let mut backoff =
         Backoff::doubling(config.reconnect_min, config.reconnect_max, Jitter::Half).series();
@@ -56,7 +58,7 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
         let addr = peer.addr.lock().clone();
         let attempt = tokio::select! {
             _ = peer.stop.cancelled() => break,
-            r = dial(&shared, &addr, peer.expect.as_deref()) => r,
+            r = dial(&shared, &addr, peer.expect.as_deref(), index as u16) => r,
         };
         let error = match attempt {
             Ok(Dialed {
@@ -71,21 +73,27 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
                 warned = None;
                 backoff.reset();
                 *peer.identity.lock() = Some(acceptor);
-                peer.outbox.lock().connected = true;
+                lane.outbox.lock().connected = true;
+                let all_up = peer.lanes_up.fetch_add(1, Ordering::AcqRel) + 1 == peer.lanes.len();
                 shared.link_up.notify_waiters();
-                info!(addr = %addr, "link up");
-                shared.inbound.on_link(&peer.name, true);
+                if all_up {
+                    info!(addr = %addr, lanes = peer.lanes.len(), "link up");
+                    shared.inbound.on_link(&peer.name, true);
+                }
                 let end = pump(
                     &shared,
                     &peer,
+                    lane,
                     &mut stream,
                     &mut sealer,
                     &mut buf,
                     &mut batch,
                 )
                 .await;
-                peer.count_dropped(peer.disconnect());
-                shared.inbound.on_link(&peer.name, false);
+                peer.count_dropped(lane.disconnect());
+                if peer.lanes_up.fetch_sub(1, Ordering::AcqRel) == peer.lanes.len() {
+                    shared.inbound.on_link(&peer.name, false);
+                }
                 match end {
                     LinkEnd::Stopped => break,
                     LinkEnd::Moved => continue,
@@ -120,10 +128,10 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
         tokio::select! {
             _ = peer.stop.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
-            _ = peer.redial.notified() => {}
+            _ = lane.redial.notified() => {}
         }
     }
-    peer.count_dropped(peer.disconnect());
+    peer.count_dropped(lane.disconnect());
     debug!("link writer stopped");
 }
 
@@ -132,6 +140,7 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>) {
 async fn pump(
     shared: &Shared,
     peer: &Peer,
+    lane: &Lane,
     stream: &mut TcpStream,
     sealer: &mut Sealer,
     buf: &mut Vec<u8>,
@@ -148,13 +157,13 @@ async fn pump(
         tokio::select! {
             biased;
             _ = peer.stop.cancelled() => return LinkEnd::Stopped,
-            _ = peer.redial.notified() => return LinkEnd::Moved,
+            _ = lane.redial.notified() => return LinkEnd::Moved,
             r = rd.read(&mut probe) => return LinkEnd::Lost(match r {
                 Ok(0) => "closed by peer".into(),
                 Ok(_) => "peer wrote on a send-only link".into(),
                 Err(e) => e.to_string(),
             }),
-            _ = peer.wake.notified() => {}
+            _ = lane.wake.notified() => {}
         }
         if !config.linger.is_zero() {
             tokio::select! {
@@ -165,7 +174,7 @@ async fn pump(
         // Until the outbox stays empty: what arrives during a write goes in the next one.
         loop {
             {
-                let mut outbox = peer.outbox.lock();
+                let mut outbox = lane.outbox.lock();
                 std::mem::swap(&mut outbox.queue, batch);
                 // What the last batch took is written (or was dropped).
                 outbox.writing = std::mem::take(&mut outbox.queued);
@@ -213,8 +222,8 @@ async fn pump(
                         buf.clear();
                         return end;
                     }
-                    peer.frames_sent.fetch_add(pending, Ordering::Relaxed);
-                    peer.bytes_sent
+                    lane.frames_sent.fetch_add(pending, Ordering::Relaxed);
+                    lane.bytes_sent
                         .fetch_add(buf.len() as u64, Ordering::Relaxed);
                     pending = 0;
                     buf.clear();

@@ -75,6 +75,7 @@ fn cluster_keys_load_from_a_file() {
         max_frame_bytes = 65536
         max_pending_handshakes = 8
         link_buffer_bytes = 1048576
+        lanes = 3
         previous_secret = "the-secret-before-this-one"
         "#
     ));
@@ -98,6 +99,7 @@ fn cluster_keys_load_from_a_file() {
     assert_eq!(c.max_frame, 65536);
     assert_eq!(c.max_pending_handshakes, 8);
     assert_eq!(c.link_buffer_bytes, 1 << 20);
+    assert_eq!(c.lanes, 3);
     assert_eq!(
         c.previous_secret.as_ref().map(Secret::expose),
         Some(&b"the-secret-before-this-one"[..])
@@ -345,6 +347,10 @@ fn bad_cluster_values_are_rejected_naming_the_key() {
         (
             "link_buffer_bytes = 4293918721",
             "`cluster.link_buffer_bytes`: 4293918721 (allowed: 65536..=4293918720)",
+        ),
+        (
+            "lanes = 257",
+            "`cluster.lanes`: 257 (allowed: 0..=256)",
         ),
         (
             "reply_buffer_bytes = 1023",
