@@ -1067,3 +1067,114 @@ async fn a_starting_node_sends_forwarded_operations_back_to_be_routed_again() {
     x.shutdown().await;
     starting.shutdown().await;
 }
+
+/// With several connections per peer (one per shard thread, as the served binary runs
+/// them: `cluster.lanes`), operations with one key forwarded to their owner still run
+/// there in the order they were submitted: a key's operations are one shard's, and a
+/// shard's go on one lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_several_lanes_operations_with_one_key_keep_their_order() {
+    use opmesh_actors::shard::ShardThreads;
+    use opmesh_actors::BatchPolicy;
+    let seen: Arc<parking_lot::Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
+    let mut members = Vec::new();
+    let mut threads = Vec::new();
+    let mut seed: Option<String> = None;
+    for name in ["a", "b"] {
+        let own = ShardThreads::start(2).unwrap();
+        let mut cfg = ClusterConfig::new(name, SECRET);
+        cfg.join = seed.iter().cloned().collect();
+        cfg.heartbeat = Duration::from_millis(50);
+        cfg.election_timeout = Duration::from_millis(150);
+        cfg.serves = vec!["log".into()];
+        cfg.link_runtimes = own.handles().to_vec();
+        let cluster = Cluster::start(cfg).await.expect("cluster starts");
+        let s = seen.clone();
+        let builder = Node::builder()
+            .node_id(name)
+            .config(EngineConfig {
+                shards: 2,
+                shard_threads: true,
+                // One at a time, so the order of runs is the order of the queues.
+                batch: BatchPolicy {
+                    batch_size: 1,
+                    batch_flush: Duration::ZERO,
+                    max_concurrent: 1,
+                },
+                ..EngineConfig::default()
+            })
+            .shard_runtimes(own.handles().to_vec())
+            .handler("log", move |op: Operation| {
+                let s = s.clone();
+                async move {
+                    let n: u64 = op.payload.decode().unwrap();
+                    s.lock()
+                        .entry(op.key.clone().unwrap_or_default())
+                        .or_default()
+                        .push(n);
+                    Ok(Json::null())
+                }
+            });
+        let node = cluster.start_node(builder).await.expect("node starts");
+        seed.get_or_insert_with(|| cluster.cluster_addr().to_owned());
+        members.push(Member { cluster, node });
+        threads.push(own);
+    }
+    for m in &members {
+        wait_for("two up", Duration::from_secs(15), || {
+            up_count(m) == 2 && m.cluster.status().leader.is_some()
+        })
+        .await;
+    }
+    let (a, b) = (&members[0], &members[1]);
+    a.node.set_route("log", pinned(&["b"])).await.unwrap();
+    wait_for("the route on a", Duration::from_secs(5), || {
+        a.node.routes().routes.contains_key("log")
+    })
+    .await;
+    for m in [a, b] {
+        let links = m.cluster.status().links;
+        assert!(
+            links.iter().all(|l| l.lanes == 2 && l.lanes_up == 2),
+            "{links:?}"
+        );
+    }
+    // Four submitters at once, five keys each (over both shards, so both lanes).
+    let submitters: Vec<_> = (0..4)
+        .map(|w| {
+            let node = a.node.clone();
+            tokio::spawn(async move {
+                let mut tickets = Vec::new();
+                for n in 0..100u64 {
+                    let op = Operation::new("log", Json::encode(&n).unwrap())
+                        .with_key(format!("w{w}-k{}", n % 5));
+                    tickets.push(node.enqueue(op).unwrap());
+                    if n % 10 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                for t in tickets {
+                    let o = t.await;
+                    assert_eq!(o.status, OpStatus::Succeeded, "{o:?}");
+                    assert_eq!(o.executed_by.as_deref(), Some("b"));
+                }
+            })
+        })
+        .collect();
+    for s in submitters {
+        s.await.unwrap();
+    }
+    let seen = std::mem::take(&mut *seen.lock());
+    assert_eq!(seen.len(), 20);
+    for (key, runs) in &seen {
+        assert_eq!(runs.len(), 20, "{key}");
+        assert!(
+            runs.windows(2).all(|w| w[0] < w[1]),
+            "{key} ran out of order: {runs:?}"
+        );
+    }
+    for m in &members {
+        m.stop().await;
+    }
+    drop(threads);
+}

@@ -348,10 +348,7 @@ fn bad_cluster_values_are_rejected_naming_the_key() {
             "link_buffer_bytes = 4293918721",
             "`cluster.link_buffer_bytes`: 4293918721 (allowed: 65536..=4293918720)",
         ),
-        (
-            "lanes = 257",
-            "`cluster.lanes`: 257 (allowed: 0..=256)",
-        ),
+        ("lanes = 257", "`cluster.lanes`: 257 (allowed: 0..=256)"),
         (
             "reply_buffer_bytes = 1023",
             "`cluster.reply_buffer_bytes`: 1023 (allowed: 1024..=4293918720)",
