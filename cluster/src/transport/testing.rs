@@ -81,6 +81,16 @@ pub async fn start_with(config: ClusterConfig) -> (Transport, Arc<Collect>) {
     (t, inbound)
 }
 
+/// A transport whose links run on `runtimes` (one lane per runtime).
+pub async fn start_on(
+    node: &str,
+    runtimes: Vec<tokio::runtime::Handle>,
+) -> (Transport, Arc<Collect>) {
+    let mut c = config(node);
+    c.link_runtimes = runtimes;
+    start_with(c).await
+}
+
 /// A current-thread runtime on a thread named `name`, running until the returned sender
 /// is dropped.
 pub fn runtime_thread(name: &str) -> (tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>) {
