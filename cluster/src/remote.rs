@@ -181,18 +181,25 @@ impl Outbox {
         refused
     }
 
-    /// The wire form of everything still waiting on `peer` (to send again after the
-    /// link came back), by the shard that forwarded it (the lane it goes on), in shard
-    /// order.
-    pub fn waiting_on(&self, peer: &NodeId) -> Vec<(usize, Vec<WireOp>)> {
+    /// Hands `send` the wire form of everything still waiting on `peer` (to send again
+    /// after the link came back), holding the peer's lock while it runs: a reply that
+    /// completes one of them meanwhile is processed, and acknowledged, only after `send`
+    /// has queued the repeat. Both go on lane 0 (see [`crate::transport`]), so the owner
+    /// reads the repeat before the acknowledgement that lets it forget the operation, and
+    /// never runs it again. Returns how many were handed over.
+    pub fn send_waiting(&self, peer: &NodeId, send: impl FnOnce(Vec<WireOp>)) -> usize {
         let now = Instant::now();
-        let mut by_shard: std::collections::BTreeMap<usize, Vec<WireOp>> = Default::default();
-        if let Some(slot) = self.by_peer.get(peer) {
-            for j in slot.lock().values() {
-                by_shard.entry(j.shard()).or_default().push(to_wire(j, now));
-            }
+        let Some(slot) = self.by_peer.get(peer) else {
+            return 0;
+        };
+        let held = slot.lock();
+        if held.is_empty() {
+            return 0;
         }
-        by_shard.into_iter().collect()
+        let wire: Vec<WireOp> = held.values().map(|j| to_wire(j, now)).collect();
+        let n = wire.len();
+        send(wire);
+        n
     }
 
     /// Takes back the operations `ids` waiting on `peer` (they were never sent).

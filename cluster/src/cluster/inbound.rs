@@ -86,7 +86,8 @@ impl Inner {
                 }
                 // Acknowledged whether or not anything here waited for it (a repeat, or
                 // replies to this node's previous run): the sender can forget the batch.
-                // A lost acknowledgement only makes the sender send the batch again.
+                // A lost acknowledgement only makes the sender send the batch again. On
+                // lane 0, behind any repeat of these operations (see `on_link`).
                 let _ = self
                     .transport()
                     .send(from, Message::ReplyAck { seqs: vec![seq] });
@@ -254,15 +255,13 @@ impl Inner {
             return;
         }
         let peer: NodeId = peer.into();
-        let waiting = self.outbox.waiting_on(&peer);
-        if !waiting.is_empty() {
-            let count: usize = waiting.iter().map(|(_, ops)| ops.len()).sum();
-            tracing::info!(node = %peer, count, "link is back: sending waiting operations again");
-            for (lane, ops) in waiting {
-                let _ = self
-                    .transport()
-                    .try_send_on(&peer, lane, Message::OpBatch(ops));
-            }
+        let count = self.outbox.send_waiting(&peer, |ops| {
+            let _ = self
+                .transport()
+                .try_send_on(&peer, 0, Message::OpBatch(ops));
+        });
+        if count > 0 {
+            tracing::info!(node = %peer, count, "link is back: sent waiting operations again");
         }
         self.send_again(&peer, Duration::ZERO);
     }

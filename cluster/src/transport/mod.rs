@@ -10,8 +10,11 @@
 //! runtime `lane` (the peer's reader of that lane too), so that one peer's traffic is not
 //! bound to one core in each direction. Operations go on the lane of the shard that
 //! forwards them (the same key, the same shard, the same lane: their order holds), replies
-//! and their acknowledgements on the lane of the thread that sends them, and the
-//! cluster's own messages (Raft, heartbeats) on lane 0. With the shards and the links on
+//! on the lane of the thread that sends them, and everything else on lane 0: the
+//! cluster's own messages (Raft, heartbeats), and the acknowledgements of replies, which
+//! must not overtake the operations an origin sends again after a break (they go on lane
+//! 0 too: an owner that read the acknowledgement first would forget the operation and run
+//! the repeat). With the shards and the links on
 //! the same workers, an operation forwarded from shard `i` travels on lane `i`, is read,
 //! run and answered on the peer's worker `i` and its reply read back on worker `i` here:
 //! no thread hands it to another. The link to a peer is up when all its lanes are.
@@ -349,8 +352,8 @@ impl Transport {
     /// holds its share of `cluster.link_buffer_bytes` with them (one larger than that
     /// alone still goes when nothing else waits); the cluster's own messages always queue.
     ///
-    /// Operations, replies and acknowledgements go on the lane of the calling thread
-    /// (its home, see [`opmesh_actors::shard::home_index`]), the rest on lane 0.
+    /// Operations and replies go on the lane of the calling thread (its home, see
+    /// [`opmesh_actors::shard::home_index`]), the rest on lane 0.
     pub fn send(&self, peer: &str, msg: Message) -> Result<(), SendError> {
         self.try_send(peer, msg).map_err(|refused| refused.0)
     }
@@ -359,9 +362,7 @@ impl Transport {
     /// messages large).
     pub fn try_send(&self, peer: &str, msg: Message) -> Result<(), Box<(SendError, Message)>> {
         let lane = match msg {
-            Message::OpBatch(_) | Message::ReplyBatch { .. } | Message::ReplyAck { .. } => {
-                opmesh_actors::shard::home_index()
-            }
+            Message::OpBatch(_) | Message::ReplyBatch { .. } => opmesh_actors::shard::home_index(),
             _ => 0,
         };
         self.try_send_on(peer, lane, msg)
@@ -828,9 +829,9 @@ mod tests {
 
     /// With several link runtimes a node opens one connection (lane) per runtime to each
     /// peer: lane `i` is written on runtime `i` here and read on runtime `i` there, in
-    /// order; operations go on the lane the caller names, replies and acknowledgements on
-    /// the lane of the sending thread's home, the rest on lane 0. The link is reported up
-    /// once, when every lane is, and down once.
+    /// order; operations go on the lane the caller names, replies on the lane of the
+    /// sending thread's home, the rest (acknowledgements too) on lane 0. The link is
+    /// reported up once, when every lane is, and down once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn each_lane_is_a_connection_of_its_own_read_on_its_own_runtime() {
         let (ra0, _sa0) = runtime_thread("lanes-a0");
@@ -857,16 +858,24 @@ mod tests {
                 a.send("b", msg)
             })
         };
-        let ack = |seq| Message::ReplyAck { seqs: vec![seq] };
-        from_home(&ra1, 1, ack(21)).await.unwrap().unwrap();
-        from_home(&ra0, 0, ack(20)).await.unwrap().unwrap();
-        // The cluster's own messages: lane 0, whatever the thread.
+        let reply = |seq| Message::ReplyBatch {
+            seq,
+            replies: Arc::new(Vec::new()),
+        };
+        from_home(&ra1, 1, reply(21)).await.unwrap().unwrap();
+        from_home(&ra0, 0, reply(20)).await.unwrap().unwrap();
+        // Acknowledgements and the cluster's own messages: lane 0, whatever the thread.
+        from_home(&ra1, 1, Message::ReplyAck { seqs: vec![40] })
+            .await
+            .unwrap()
+            .unwrap();
         from_home(&ra1, 1, ping(30)).await.unwrap().unwrap();
-        until("everything sent", || b_in.count() == 8).await;
+        until("everything sent", || b_in.count() == 9).await;
         let mut by_thread: std::collections::BTreeMap<String, Vec<u128>> = Default::default();
         for ((_, msg), thread) in b_in.messages.lock().iter().zip(b_in.threads.lock().iter()) {
             let id = match msg {
                 Message::OpBatch(ops) => ops[0].id,
+                Message::ReplyBatch { seq, .. } => u128::from(*seq),
                 Message::ReplyAck { seqs } => u128::from(seqs[0]),
                 Message::Ping { seq, .. } => u128::from(*seq),
                 other => panic!("{other:?}"),
@@ -876,15 +885,13 @@ mod tests {
                 .or_default()
                 .push(id);
         }
-        // Each lane in the order it was sent (the ack sent from home 1 as lane 1's, the
+        // Each lane in the order it was sent (the reply sent from home 1 as lane 1's, the
         // one from home 0 as lane 0's).
         let lane0 = &by_thread["lanes-b0"];
         let lane1 = &by_thread["lanes-b1"];
         assert_eq!(lane1, &[10, 11, 12, 21], "{by_thread:?}");
-        assert_eq!(lane0.len(), 4, "{by_thread:?}");
-        assert_eq!(&lane0[..2], &[0, 1], "{by_thread:?}");
-        assert!(lane0.contains(&20) && lane0.contains(&30), "{by_thread:?}");
-        until("a's send counters", || a.links()[0].frames_sent == 8).await;
+        assert_eq!(lane0, &[0, 1, 20, 40, 30], "{by_thread:?}");
+        until("a's send counters", || a.links()[0].frames_sent == 9).await;
 
         // b gone: both lanes drop, the link is reported down once.
         bounded("shutdown", b.shutdown()).await;
