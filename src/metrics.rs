@@ -831,6 +831,14 @@ fn encode_cluster(c: &ClusterSource, out: &mut Out) -> fmt::Result {
             .iter()
             .map(|l| ([("peer", l.peer.as_str())], flag(l.connected))),
     )?;
+    out.gauges(
+        "opmesh_link_lanes_up",
+        "Connections (lanes, cluster.lanes) this node dials to the peer that are connected; \
+         the link is up when all are.",
+        links
+            .iter()
+            .map(|l| ([("peer", l.peer.as_str())], l.lanes_up as i64)),
+    )?;
 
     let count = |s: &str| status.nodes.iter().filter(|n| n.status == s).count();
     out.gauges(

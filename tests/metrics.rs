@@ -631,6 +631,10 @@ async fn a_two_node_cluster_exposes_raft_link_and_registry_figures() {
         );
         // Its link to the other node.
         assert_eq!(m.value("opmesh_link_up", &[("peer", peer)]), 1.0, "{me}");
+        // One connection per api worker, every one up.
+        let lanes_up = m.value("opmesh_link_lanes_up", &[("peer", peer)]);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(lanes_up, workers as f64, "{me}: lanes up");
         for dir in ["sent", "received"] {
             let d = [("peer", peer), ("direction", dir)];
             assert!(m.value("opmesh_link_bytes_total", &d) > 0.0, "{me} {dir}");
