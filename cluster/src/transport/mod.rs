@@ -205,7 +205,7 @@ struct Peer {
     lanes: Box<[Lane]>,
     /// How many lanes' writers have their connection open: the layers above are told
     /// the link is up when this reaches the lane count, down when it leaves it.
-    lanes_up: AtomicUsize,
+    lanes_open: AtomicUsize,
     /// Stops the writers (the peer was removed, or the transport shuts down).
     stop: CancellationToken,
     reconnects: AtomicU64,
@@ -539,7 +539,7 @@ impl Peer {
             identity: Mutex::new(None),
             addr: Mutex::new(addr.to_string()),
             lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
-            lanes_up: AtomicUsize::new(0),
+            lanes_open: AtomicUsize::new(0),
             stop,
             reconnects: AtomicU64::new(0),
             dropped: AtomicU64::new(0),

@@ -74,7 +74,7 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>, index: usize)
                 backoff.reset();
                 *peer.identity.lock() = Some(acceptor);
                 lane.outbox.lock().connected = true;
-                let all_up = peer.lanes_up.fetch_add(1, Ordering::AcqRel) + 1 == peer.lanes.len();
+                let all_up = peer.lanes_open.fetch_add(1, Ordering::AcqRel) + 1 == peer.lanes.len();
                 shared.link_up.notify_waiters();
                 if all_up {
                     info!(addr = %addr, lanes = peer.lanes.len(), "link up");
@@ -91,7 +91,7 @@ pub(super) async fn run_link(shared: Arc<Shared>, peer: Arc<Peer>, index: usize)
                 )
                 .await;
                 peer.count_dropped(lane.disconnect());
-                if peer.lanes_up.fetch_sub(1, Ordering::AcqRel) == peer.lanes.len() {
+                if peer.lanes_open.fetch_sub(1, Ordering::AcqRel) == peer.lanes.len() {
                     shared.inbound.on_link(&peer.name, false);
                 }
                 match end {
