@@ -359,7 +359,11 @@ impl RawCluster {
             )?,
             // The api's workers, given when the node starts (src/server.rs).
             link_runtimes: Vec::new(),
-            lanes: check.count("cluster.lanes", self.lanes, 0..=256)?,
+            lanes: check.count(
+                "cluster.lanes",
+                self.lanes,
+                0..=ClusterConfig::MAX_LANES as u64,
+            )?,
         }))
     }
 }
