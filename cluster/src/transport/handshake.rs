@@ -78,8 +78,8 @@ pub(super) struct Transcript<'a> {
 impl Transcript<'_> {
     /// HMAC-SHA256 under `key` over `label`, the version and the lane (`u16` LE each),
     /// the acceptor's then the dialer's nonce, then the cluster id, the dialer's name and
-    /// address and, when given, the acceptor's name. Variable fields go as a `u64` LE length and their
-    /// bytes, so no two different splits give the same input.
+    /// address and, when given, the acceptor's name. Variable fields go as a `u64` LE
+    /// length and their bytes, so no two different splits give the same input.
     fn mac(&self, key: &[u8], label: &[u8], acceptor: Option<&str>) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes a key of any length");
         let h = self.hello;

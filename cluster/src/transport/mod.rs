@@ -907,11 +907,7 @@ mod tests {
     async fn shutdown_frees_the_port_and_dropping_the_last_handle_stops_the_tasks_with(
         link_runtimes: impl Fn() -> Vec<tokio::runtime::Handle>,
     ) {
-        let start = |node: &str| {
-            let mut c = config(node);
-            c.link_runtimes = link_runtimes();
-            start_with(c)
-        };
+        let start = |node: &'static str| start_on(node, link_runtimes());
         let (a, _) = start("a").await;
         let (c, _) = start("c").await;
         // With a link up both ways, so its tasks are among those that must stop.
