@@ -446,23 +446,19 @@ mod tests {
         }
 
         // One connection is served by one worker: its operations (no keys) all go to
-        // that worker's shard, and are answered.
-        let url = format!("http://{}/v1/ops/batch?wait=true", running.http_addr());
+        // that worker's shard, and are answered. The requests go over one TCP
+        // connection written by hand: a pooling client may open a second one when the
+        // next request races the return of the first connection to its pool.
         let ops: Vec<_> = (0..300)
             .map(|i| serde_json::json!({"type": "echo", "payload": i}))
             .collect();
-        let client = reqwest::Client::new();
+        let body = serde_json::json!({ "ops": ops }).to_string();
+        let mut conn = tokio::net::TcpStream::connect(running.http_addr())
+            .await
+            .unwrap();
         let base = running.node.shard_operations();
         for _ in 0..3 {
-            let answer: serde_json::Value = client
-                .post(&url)
-                .json(&serde_json::json!({ "ops": ops }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let answer = http_post_on(&mut conn, "/v1/ops/batch?wait=true", &body).await;
             let results = answer["results"].as_array().unwrap();
             assert_eq!(results.len(), 300);
             for (i, r) in results.iter().enumerate() {
@@ -470,6 +466,7 @@ mod tests {
                 assert_eq!(r["result"], i, "{r}");
             }
         }
+        drop(conn);
         let took: Vec<u64> = running
             .node
             .shard_operations()
@@ -488,6 +485,47 @@ mod tests {
         .expect("stops within 20 s")
         .unwrap();
         assert!(stopped.is_clean(), "{stopped:?}");
+    }
+
+    /// POSTs `body` as JSON on an open HTTP/1.1 connection (kept alive) and reads the
+    /// answer, which must be 200 with a `content-length`.
+    async fn http_post_on(
+        conn: &mut tokio::net::TcpStream,
+        path: &str,
+        body: &str,
+    ) -> serde_json::Value {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: opmesh\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        let head_end = loop {
+            if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed before the answer's head");
+            got.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .expect("a content-length")
+            .trim()
+            .parse()
+            .unwrap();
+        while got.len() < head_end + length {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed inside the answer's body");
+            got.extend_from_slice(&buf[..n]);
+        }
+        serde_json::from_slice(&got[head_end..head_end + length]).unwrap()
     }
 
     fn types(names: &[&str]) -> Vec<OpType> {
