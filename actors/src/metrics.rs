@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::counter::{stripe, stripes, Counter, Gauge, Padded};
+use crate::counter::{add_at, place, stripe, stripes, Counter, Gauge, Padded};
 use crate::op::OpStatus;
 use crate::supervisor::ChildKind;
 
@@ -115,9 +115,10 @@ impl Buckets {
 
     pub fn record(&self, value: u64) {
         let i = self.bounds.partition_point(|b| *b < value);
-        let s = &self.stripes[stripe()].0;
-        s.counts[i].fetch_add(1, Ordering::Relaxed);
-        s.sum.fetch_add(value, Ordering::Relaxed);
+        let p = place();
+        let s = &self.stripes[p.index].0;
+        add_at(&s.counts[i], p, 1);
+        add_at(&s.sum, p, value);
     }
 
     pub fn snapshot(&self) -> BucketSnapshot {
