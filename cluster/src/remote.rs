@@ -20,7 +20,8 @@ use dashmap::DashMap;
 use opmesh_actors::job::Job;
 use opmesh_actors::trace::Stage;
 use opmesh_actors::{
-    Json, NodeId, OpId, OpOutcome, OpStatus, Operation, OutcomeSink, SubmitError, TraceContext,
+    Json, NodeId, OpId, OpOutcome, OpStatus, OpType, Operation, OutcomeSink, SubmitError,
+    TraceContext,
 };
 use parking_lot::Mutex;
 
@@ -55,10 +56,16 @@ pub fn to_wire(job: &Job, now: Instant) -> WireOp {
 
 /// Turns a forwarded operation back into an [`Operation`]. The payload is trusted as
 /// JSON: it was validated by the origin and came over an authenticated link.
-pub fn from_wire(w: WireOp, now: Instant) -> Operation {
+/// `last_type` is the type of the batch's previous operation: one of the same type
+/// shares its name instead of allocating its own.
+pub fn from_wire(w: WireOp, now: Instant, last_type: &mut Option<OpType>) -> Operation {
+    let op_type = match last_type {
+        Some(t) if **t == *w.op_type => t.clone(),
+        _ => last_type.insert(OpType::from(w.op_type)).clone(),
+    };
     Operation {
         id: OpId(w.id),
-        op_type: w.op_type.into(),
+        op_type,
         key: w.key,
         payload: Json::from_trusted(w.payload),
         metadata: w.metadata.into_iter().collect(),
@@ -315,5 +322,42 @@ impl OutcomeSink for ReplyCollector {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(id: u128, op_type: &str) -> WireOp {
+        WireOp {
+            id,
+            op_type: op_type.into(),
+            key: None,
+            idempotency_key: None,
+            payload: b"1".to_vec(),
+            metadata: vec![],
+            priority: 0,
+            remaining_us: None,
+            trace: None,
+            owner: None,
+        }
+    }
+
+    /// Operations of one batch keep their own types; a run of one type shares one name.
+    #[test]
+    fn a_batch_of_forwarded_operations_shares_the_name_of_a_type() {
+        let now = Instant::now();
+        let mut last = None;
+        let ops: Vec<Operation> = [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "a")]
+            .into_iter()
+            .map(|(id, t)| from_wire(wire(id, t), now, &mut last))
+            .collect();
+        let types: Vec<&str> = ops.iter().map(|o| &*o.op_type).collect();
+        assert_eq!(types, ["a", "a", "b", "a", "a"]);
+        assert!(Arc::ptr_eq(&ops[0].op_type, &ops[1].op_type));
+        assert!(Arc::ptr_eq(&ops[3].op_type, &ops[4].op_type));
+        assert_eq!(ops[2].id, OpId(3));
+        assert_eq!(ops[2].payload.as_str(), "1");
     }
 }

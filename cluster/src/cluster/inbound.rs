@@ -345,7 +345,10 @@ impl Inner {
                 .send(&peer, Message::ReplyBatch { seq, replies });
         }
         let ids: Vec<u128> = fresh.iter().map(|o| o.id).collect();
-        let ops = fresh.into_iter().map(|w| from_wire(w, now));
+        let mut last_type = None;
+        let ops = fresh
+            .into_iter()
+            .map(move |w| from_wire(w, now, &mut last_type));
         let inner = self.clone();
         let to = peer.clone();
         let sink: Arc<dyn OutcomeSink> =
