@@ -70,6 +70,8 @@ pub(crate) enum Waiter {
     /// The caller, through its [`Ticket`].
     Caller(oneshot::Sender<OpOutcome>),
     Sink(Arc<dyn OutcomeSink>),
+    /// The caller of a batch, through its [`BatchOutcomes`]: the operation's place in it.
+    Batch(Arc<BatchWait>, u32),
 }
 
 /// Completes one operation: answers the waiting caller, updates its tracked record,
@@ -251,6 +253,7 @@ impl Reply {
                 let _ = tx.send(outcome);
             }
             Some(Waiter::Sink(sink)) => sink.deliver(outcome),
+            Some(Waiter::Batch(wait, index)) => wait.deliver(index, outcome),
             None => {}
         }
         self.shared.op_finished();
@@ -374,6 +377,65 @@ impl Future for Ticket {
                 )
             })
         })
+    }
+}
+
+/// The outcomes of a batch of operations whose caller waits for all of them (`POST
+/// /v1/ops/batch?wait=true`): one record the operations fill as they end and one wake
+/// when the last has, instead of a channel, a send and a wake per operation. A future of
+/// the outcomes in the batch's order, `None` where an operation was not accepted.
+pub struct BatchOutcomes {
+    wait: Arc<BatchWait>,
+}
+
+pub(crate) struct BatchWait {
+    outcomes: Mutex<Vec<Option<OpOutcome>>>,
+    /// Accepted operations not ended yet.
+    left: AtomicUsize,
+    waker: futures::task::AtomicWaker,
+}
+
+impl BatchOutcomes {
+    /// For a batch of `n` operations, none accepted yet.
+    pub(crate) fn new(n: usize) -> BatchOutcomes {
+        BatchOutcomes {
+            wait: Arc::new(BatchWait {
+                outcomes: Mutex::new((0..n).map(|_| None).collect()),
+                left: AtomicUsize::new(0),
+                waker: futures::task::AtomicWaker::new(),
+            }),
+        }
+    }
+
+    /// The waiter of operation `index`, which was accepted: the batch now waits for it.
+    pub(crate) fn waiter(&self, index: usize) -> Waiter {
+        self.wait.left.fetch_add(1, Ordering::AcqRel);
+        let index = u32::try_from(index).expect("a batch holds fewer than 2^32 operations");
+        Waiter::Batch(Arc::clone(&self.wait), index)
+    }
+}
+
+impl BatchWait {
+    fn deliver(&self, index: u32, outcome: OpOutcome) {
+        self.outcomes.lock()[index as usize] = Some(outcome);
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.waker.wake();
+        }
+    }
+}
+
+impl Future for BatchOutcomes {
+    type Output = Vec<Option<OpOutcome>>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let done = |w: &BatchWait| w.left.load(Ordering::Acquire) == 0;
+        if !done(&self.wait) {
+            self.wait.waker.register(cx.waker());
+            // The last may have ended between the check and the registration.
+            if !done(&self.wait) {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(std::mem::take(&mut *self.wait.outcomes.lock()))
     }
 }
 

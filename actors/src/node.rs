@@ -21,7 +21,7 @@ use crate::cache::CacheStats;
 use crate::counter::StripedArc;
 use crate::events::EventBus;
 use crate::handler::{Handler, HandlerRegistry, HandlerResult, RetryPolicy, TypeEntry};
-use crate::job::{Job, OutcomeSink, Ticket, Tracked, Waiter};
+use crate::job::{BatchOutcomes, Job, OutcomeSink, Ticket, Tracked, Waiter};
 use crate::metrics::{Latency, NodeMetrics, TypeStats};
 use crate::op::{Limits, NodeId, OpId, OpOutcome, OpType, Operation, SubmitError};
 use crate::router::{dispatch_local, Forwarder};
@@ -509,6 +509,34 @@ impl Node {
             self.shared.hand_to_router(jobs);
         }
         tickets
+    }
+
+    /// Accepts a batch like [`enqueue_batch`](Self::enqueue_batch) (untracked) for a
+    /// caller that waits for all of it: answers whether each was accepted, in order, and
+    /// a future of the outcomes, in the same order (`None` for those refused). Cheaper
+    /// per operation than a [`Ticket`] each.
+    pub fn enqueue_batch_waited(
+        &self,
+        ops: Vec<Operation>,
+    ) -> (Vec<Result<(), SubmitError>>, BatchOutcomes) {
+        let now = Instant::now();
+        let outcomes = BatchOutcomes::new(ops.len());
+        let mut jobs = Vec::with_capacity(ops.len());
+        let accepted = ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| {
+                self.shared
+                    .admit_to(&self.anchors, op, false, Admit::Routed, now, || {
+                        outcomes.waiter(i)
+                    })
+                    .map(|(job, _)| jobs.push(job))
+            })
+            .collect();
+        if !jobs.is_empty() {
+            self.shared.hand_to_router(jobs);
+        }
+        (accepted, outcomes)
     }
 
     /// Accepts operations like [`enqueue_batch`](Self::enqueue_batch) (tracked when

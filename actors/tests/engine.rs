@@ -471,6 +471,65 @@ async fn unknown_types_and_bad_operations_are_refused() {
     node.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A batch waited for as one: its future ends once every accepted operation has, not
+/// before, with each outcome in the batch's place and `None` where one was refused; a
+/// batch with nothing accepted is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waited_batch_ends_when_its_last_accepted_operation_does() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let node = Node::builder()
+        .handler("echo", echo)
+        .handler("gated", move |op: Operation| {
+            let g = g.clone();
+            async move {
+                g.acquire().await.unwrap().forget();
+                Ok::<_, HandlerError>(op.payload)
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let (accepted, outcomes) = node.enqueue_batch_waited(vec![
+        Operation::new("echo", json(1.into())),
+        Operation::new("nope", Json::null()),
+        Operation::new("gated", json(2.into())),
+        Operation::new("echo", json(3.into())),
+    ]);
+    assert!(accepted[0].is_ok() && accepted[2].is_ok() && accepted[3].is_ok());
+    assert!(matches!(accepted[1], Err(SubmitError::NoRoute { .. })));
+    let mut outcomes = Box::pin(outcomes);
+    // Both echoes end; the gated operation cannot, so neither can the batch.
+    wait_for("both echoes", Duration::from_secs(10), || {
+        node.metrics().succeeded.get() == 2
+    })
+    .await;
+    assert!(futures::poll!(outcomes.as_mut()).is_pending());
+    gate.add_permits(1);
+    let got = tokio::time::timeout(Duration::from_secs(10), outcomes)
+        .await
+        .expect("the batch ends once its last operation has");
+    let results: Vec<Option<String>> = got
+        .iter()
+        .map(|o| {
+            o.as_ref().map(|o| {
+                assert_eq!(o.status, OpStatus::Succeeded, "{o:?}");
+                o.result.as_ref().unwrap().as_str().to_owned()
+            })
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [Some("1".into()), None, Some("2".into()), Some("3".into())]
+    );
+
+    let (accepted, outcomes) =
+        node.enqueue_batch_waited(vec![Operation::new("nope", Json::null())]);
+    assert!(accepted[0].is_err());
+    assert_eq!(outcomes.await, [None]);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
 fn any_node() -> Route {
     Route {
         strategy: Strategy::RoundRobin,

@@ -13,7 +13,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use opmesh_actors::cache::KEY_REUSED;
-use opmesh_actors::{Json, OpId, OpOutcome, Operation, SubmitError, Ticket, TraceContext};
+use opmesh_actors::{Json, OpId, OpOutcome, Operation, SubmitError, TraceContext};
 
 use super::answer::{Answer, BatchWriter};
 use super::auth::Caller;
@@ -288,21 +288,18 @@ pub(super) async fn submit_batch(
     }
     // A waited batch gets its results in the answer, and is not tracked for
     // `GET /v1/ops/{id}` (tracking costs about a tenth of a batch's time).
-    let mut tickets: Vec<Option<Result<Ticket, SubmitError>>> = st
-        .node
-        .enqueue_batch(ops, false)
-        .into_iter()
-        .map(Some)
-        .collect();
-    // Written in order as the operations end (each waits for the ones before it).
+    let (accepted, outcomes) = st.node.enqueue_batch_waited(ops);
+    let mut outcomes = outcomes.await;
     let mut answer = BatchWriter::new(slots.len());
     for slot in slots {
         match slot {
             Err(body) => answer.refused(&body),
-            Ok(i) => match tickets[i].take().expect("each ticket is used once") {
-                Err(e) => answer.refused(&ApiError::from(e).body()),
-                Ok(t) => {
-                    let outcome = t.await;
+            Ok(i) => match &accepted[i] {
+                Err(e) => answer.refused(&ApiError::from(e.clone()).body()),
+                Ok(()) => {
+                    let outcome = outcomes[i]
+                        .take()
+                        .expect("every accepted operation has its outcome");
                     match key_reused(&outcome) {
                         Some(e) => answer.refused(&e.body()),
                         None => answer.answer(&Answer::outcome(&outcome)),
