@@ -78,7 +78,7 @@ pub use job::{BatchOutcomes, OutcomeSink, Ticket, Tracked};
 pub use node::{CacheConfig, EngineConfig, Node, NodeBuilder, NodeStats, StartError};
 pub use op::{
     Json, Limits, NodeId, OpId, OpOutcome, OpStatus, OpType, Operation, SubmitError, TraceContext,
-    TraceId,
+    TraceId, TypeNames,
 };
 pub use routing::{Route, RouteError, RoutingTable, Strategy};
 pub use scheduler::BatchPolicy;

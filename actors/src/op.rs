@@ -20,6 +20,22 @@ pub type OpType = Arc<str>;
 /// The id of a node in the cluster. Cheap to clone.
 pub type NodeId = Arc<str>;
 
+/// Names operations' types while a batch of them is read: an operation of the same type
+/// as the one before shares its name instead of allocating one (a batch usually holds
+/// one type, or runs of one).
+#[derive(Default)]
+pub struct TypeNames(Option<OpType>);
+
+impl TypeNames {
+    /// `name` as an [`OpType`]: the previous one's, when it is the same.
+    pub fn name(&mut self, name: &str) -> OpType {
+        match &self.0 {
+            Some(t) if **t == *name => t.clone(),
+            _ => self.0.insert(OpType::from(name)).clone(),
+        }
+    }
+}
+
 /// A unique operation id, shown as a UUID-formatted string.
 ///
 /// Ids are random version-4 UUIDs drawn from the thread's cryptographically secure

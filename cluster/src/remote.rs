@@ -20,8 +20,8 @@ use dashmap::DashMap;
 use opmesh_actors::job::Job;
 use opmesh_actors::trace::Stage;
 use opmesh_actors::{
-    Json, NodeId, OpId, OpOutcome, OpStatus, OpType, Operation, OutcomeSink, SubmitError,
-    TraceContext,
+    Json, NodeId, OpId, OpOutcome, OpStatus, Operation, OutcomeSink, SubmitError, TraceContext,
+    TypeNames,
 };
 use parking_lot::Mutex;
 
@@ -56,16 +56,11 @@ pub fn to_wire(job: &Job, now: Instant) -> WireOp {
 
 /// Turns a forwarded operation back into an [`Operation`]. The payload is trusted as
 /// JSON: it was validated by the origin and came over an authenticated link.
-/// `last_type` is the type of the batch's previous operation: one of the same type
-/// shares its name instead of allocating its own.
-pub fn from_wire(w: WireOp, now: Instant, last_type: &mut Option<OpType>) -> Operation {
-    let op_type = match last_type {
-        Some(t) if **t == *w.op_type => t.clone(),
-        _ => last_type.insert(OpType::from(w.op_type)).clone(),
-    };
+/// `types` names the types of the batch's operations.
+pub fn from_wire(w: WireOp, now: Instant, types: &mut TypeNames) -> Operation {
     Operation {
         id: OpId(w.id),
-        op_type,
+        op_type: types.name(&w.op_type),
         key: w.key,
         payload: Json::from_trusted(w.payload),
         metadata: w.metadata.into_iter().collect(),
@@ -348,10 +343,10 @@ mod tests {
     #[test]
     fn a_batch_of_forwarded_operations_shares_the_name_of_a_type() {
         let now = Instant::now();
-        let mut last = None;
+        let mut types = TypeNames::default();
         let ops: Vec<Operation> = [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "a")]
             .into_iter()
-            .map(|(id, t)| from_wire(wire(id, t), now, &mut last))
+            .map(|(id, t)| from_wire(wire(id, t), now, &mut types))
             .collect();
         let types: Vec<&str> = ops.iter().map(|o| &*o.op_type).collect();
         assert_eq!(types, ["a", "a", "b", "a", "a"]);

@@ -13,7 +13,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use opmesh_actors::cache::KEY_REUSED;
-use opmesh_actors::{Json, OpId, OpOutcome, Operation, SubmitError, TraceContext};
+use opmesh_actors::{Json, OpId, OpOutcome, Operation, SubmitError, TraceContext, TypeNames};
 
 use super::answer::{Answer, BatchWriter};
 use super::auth::Caller;
@@ -71,12 +71,13 @@ fn to_operation(
     parent: Option<TraceContext>,
     caller: &Caller,
     now: Instant,
+    types: &mut TypeNames,
 ) -> Result<Operation, ApiError> {
     let payload = match r.payload {
         Some(raw) => Json::from_trusted(shared_or_copied(body, raw.get().as_bytes())),
         None => Json::null(),
     };
-    let mut op = Operation::new(r.op_type, payload);
+    let mut op = Operation::new(types.name(&r.op_type), payload);
     op.trace_context = parent;
     op.key = r.key.map(Cow::into_owned);
     op.idempotency_key = r.idempotency_key.map(Cow::into_owned);
@@ -175,7 +176,14 @@ pub(super) async fn submit(
     let r: OpRequest<'_> = parse(&bytes, "request body")?;
     let parent = trace_parent(&req, &st.telemetry);
     let share = q.wait.then_some(&bytes);
-    let op = to_operation(r, share, parent, &caller, Instant::now())?;
+    let op = to_operation(
+        r,
+        share,
+        parent,
+        &caller,
+        Instant::now(),
+        &mut TypeNames::default(),
+    )?;
     if let (false, Some(journal)) = (q.wait, &st.journal) {
         // Answered 202 only once the journal holds it.
         let receipt = journal.accept_one(op).await??;
@@ -227,35 +235,30 @@ pub(super) async fn submit_batch(
     let caller = Caller::of(&req);
     let now = Instant::now();
     let share = q.wait.then_some(&bytes);
-    // Each entry keeps its place: the index of its operation, or why it was refused.
-    let mut slots: Vec<Result<usize, ErrorBody>> = Vec::new();
-    let mut ops = Vec::new();
-    let mut add = |parsed: Result<Operation, ApiError>| match parsed {
-        Ok(op) => {
-            slots.push(Ok(ops.len()));
-            ops.push(op);
-        }
-        Err(e) => slots.push(Err(e.body())),
-    };
+    let mut entries = Entries::default();
+    let mut types = TypeNames::default();
     // Fast path: every entry is well formed, parsed in one pass. Otherwise parse entry by
     // entry so each refusal names its own field.
     if let Ok(b) = serde_json::from_slice::<TypedBatch>(&bytes) {
         check_batch_len(b.ops.len(), st.max_batch_ops)?;
         st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
+        entries.reserve(b.ops.len());
         for r in b.ops {
-            add(to_operation(r, share, parent, &caller, now));
+            entries.add(to_operation(r, share, parent, &caller, now, &mut types));
         }
     } else {
         let b: BatchRequest = parse(&bytes, "request body")?;
         check_batch_len(b.ops.len(), st.max_batch_ops)?;
         st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
+        entries.reserve(b.ops.len());
         for (i, raw) in b.ops.iter().enumerate() {
-            add(
+            entries.add(
                 parse::<OpRequest<'_>>(raw.get().as_bytes(), &format!("ops[{i}]"))
-                    .and_then(|r| to_operation(r, share, parent, &caller, now)),
+                    .and_then(|r| to_operation(r, share, parent, &caller, now, &mut types)),
             );
         }
     }
+    let Entries { slots, ops } = entries;
     if !q.wait {
         // Kept for `GET /v1/ops/{id}`; with the journal on, answered once it holds them.
         let accepted: Vec<Result<Receipt, SubmitError>> = match &st.journal {
@@ -309,6 +312,31 @@ pub(super) async fn submit_batch(
         }
     }
     Ok(answer.respond(StatusCode::OK))
+}
+
+/// A batch's entries as read: each keeps its place, holding the index of its operation
+/// in `ops`, or why it was refused.
+#[derive(Default)]
+struct Entries {
+    slots: Vec<Result<usize, ErrorBody>>,
+    ops: Vec<Operation>,
+}
+
+impl Entries {
+    fn reserve(&mut self, n: usize) {
+        self.slots.reserve_exact(n);
+        self.ops.reserve_exact(n);
+    }
+
+    fn add(&mut self, parsed: Result<Operation, ApiError>) {
+        match parsed {
+            Ok(op) => {
+                self.slots.push(Ok(self.ops.len()));
+                self.ops.push(op);
+            }
+            Err(e) => self.slots.push(Err(e.body())),
+        }
+    }
 }
 
 fn check_batch_len(n: usize, max: usize) -> Result<(), ApiError> {
