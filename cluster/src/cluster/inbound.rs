@@ -314,28 +314,35 @@ impl Inner {
             return;
         };
         let now = Instant::now();
-        let mut fresh = Vec::with_capacity(ops.len());
+        let mut fresh = ops;
         let mut refusals = Vec::new();
         let mut again = Vec::new();
         {
             let ledger = self.ledgers.entry(peer.clone()).or_default();
             let mut ledger = ledger.lock();
-            for op in ops {
-                match ledger.admit(op.id, op.idempotency_key.is_some()) {
-                    Admit::Run => fresh.push(op),
-                    Admit::Running => {}
-                    Admit::Answered(seq) => again.extend(ledger.batch(seq, now)),
-                    Admit::Dropped => refusals.push(reply_to_wire(OpOutcome::failure(
-                        OpId(op.id),
-                        OpStatus::Failed,
-                        format!(
-                            "node `{me}` ran the operation but dropped its reply: its buffer \
+            // Kept in place, not moved to a list of their own: each is a few hundred bytes.
+            fresh.retain(
+                |op| match ledger.admit(op.id, op.idempotency_key.is_some()) {
+                    Admit::Run => true,
+                    Admit::Running => false,
+                    Admit::Answered(seq) => {
+                        again.extend(ledger.batch(seq, now));
+                        false
+                    }
+                    Admit::Dropped => {
+                        refusals.push(reply_to_wire(OpOutcome::failure(
+                            OpId(op.id),
+                            OpStatus::Failed,
+                            format!(
+                                "node `{me}` ran the operation but dropped its reply: its buffer \
                              of unacknowledged replies to `{peer}` (cluster.reply_buffer_bytes) \
                              was full"
-                        ),
-                    ))),
-                }
-            }
+                            ),
+                        )));
+                        false
+                    }
+                },
+            );
         }
         again.sort_by_key(|b| b.seq);
         again.dedup_by_key(|b| b.seq);
