@@ -9,8 +9,10 @@
 //! and gives it back when it ends): it alone adds to that stripe's cells, so an add is
 //! a plain load and store, not a locked read-modify-write (about ten times cheaper, and
 //! it does not stall the loads behind it; completing an operation adds to a dozen
-//! cells). Only when every stripe is owned does a thread share stripe 0, which is
-//! never owned and is added to atomically.
+//! cells). A quarter of the stripes are never owned: when every other stripe is, a
+//! thread takes one of those in turn and adds to it atomically, as every thread did
+//! before (so a process with more counting threads than stripes degrades to that, not
+//! to one shared line).
 //!
 //! A reference count is such a counter too: every operation holds its node and its
 //! type, and an `Arc` cloned by every core is a line moved on every clone and drop. A
@@ -39,14 +41,28 @@ pub(crate) struct Place {
     pub(crate) owned: bool,
 }
 
-/// Where a thread counts when every stripe is owned (or once its own claim is gone,
-/// while it ends).
-const SHARED: Place = Place {
+/// How many stripes, from 0, are never owned: a quarter.
+fn shared_stripes() -> usize {
+    stripes() / 4
+}
+
+/// A shared stripe, the next in turn: where a thread counts when every other stripe is
+/// owned.
+fn shared() -> Place {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    Place {
+        index: NEXT.fetch_add(1, Ordering::Relaxed) % shared_stripes(),
+        owned: false,
+    }
+}
+
+/// Where a thread counts once its claim is gone, while it ends.
+const ENDING: Place = Place {
     index: 0,
     owned: false,
 };
 
-/// Which stripes a thread owns now (stripe 0 never is).
+/// Which stripes a thread owns now (the shared ones never are).
 fn owners() -> &'static [AtomicBool] {
     static OWNERS: OnceLock<Box<[AtomicBool]>> = OnceLock::new();
     OWNERS.get_or_init(|| (0..stripes()).map(|_| AtomicBool::new(false)).collect())
@@ -64,23 +80,24 @@ impl Drop for Claim {
     }
 }
 
-/// Claims a free stripe, the search starting at a different one for each thread.
+/// Claims a free stripe, the search starting at a different one for each thread, or
+/// takes a shared one.
 fn claim() -> Place {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let owners = owners();
-    let n = owners.len();
+    let (first, ownable) = (shared_stripes(), owners.len() - shared_stripes());
     let start = NEXT.fetch_add(1, Ordering::Relaxed);
-    (0..n - 1)
-        .map(|i| 1 + (start + i) % (n - 1))
+    (0..ownable)
+        .map(|i| first + (start + i) % ownable)
         .find(|&i| {
             owners[i]
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
         })
-        .map_or(SHARED, |index| Place { index, owned: true })
+        .map_or_else(shared, |index| Place { index, owned: true })
 }
 
-/// The calling thread's place: its own stripe, claimed when it first counts, or the
+/// The calling thread's place: its own stripe, claimed when it first counts, or a
 /// shared one.
 pub(crate) fn place() -> Place {
     thread_local! {
@@ -95,7 +112,7 @@ pub(crate) fn place() -> Place {
             })
         })
         // The thread is ending and its claim is gone: count atomically.
-        .unwrap_or(SHARED)
+        .unwrap_or(ENDING)
 }
 
 /// The calling thread's stripe, below [`stripes`].
@@ -297,13 +314,13 @@ mod tests {
         assert!(stripes().is_power_of_two());
     }
 
-    /// Threads alive at once own different stripes, and a thread that ends gives its
-    /// stripe back: threads that run one after another, more of them than there are
-    /// stripes, each own one (without the give-back, the later ones would all share).
     /// The two tests that claim many stripes, one at a time: each would take the
     /// other's.
     static MANY_STRIPES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+    /// Threads alive at once own different stripes, and a thread that ends gives its
+    /// stripe back: threads that run one after another, more of them than there are
+    /// stripes, each own one (without the give-back, the later ones would all share).
     #[test]
     fn threads_own_stripes_of_their_own_and_give_them_back() {
         let _one = MANY_STRIPES.lock().unwrap_or_else(|e| e.into_inner());
@@ -325,17 +342,17 @@ mod tests {
         let distinct: std::collections::HashSet<_> = owned.iter().collect();
         assert_eq!(distinct.len(), owned.len(), "{live:?}");
         assert!(
-            owned.iter().all(|&i| i != 0),
-            "stripe 0 is never owned: {live:?}"
+            owned.iter().all(|&i| i >= shared_stripes()),
+            "the shared stripes are never owned: {live:?}"
         );
         for i in 0..2 * stripes() {
             let p = std::thread::spawn(place).join().unwrap();
-            assert!(p.owned && p.index != 0, "thread {i}: {p:?}");
+            assert!(p.owned && p.index >= shared_stripes(), "thread {i}: {p:?}");
         }
     }
 
     /// More threads than stripes count at once: those without a stripe of their own
-    /// share stripe 0 with atomic adds, and no add is lost.
+    /// take the shared stripes in turn and add to them atomically, and no add is lost.
     #[test]
     fn with_every_stripe_owned_the_rest_share_and_nothing_is_lost() {
         let _one = MANY_STRIPES.lock().unwrap_or_else(|e| e.into_inner());
@@ -361,7 +378,15 @@ mod tests {
             .into_iter()
             .map(|t| t.join().unwrap())
             .collect();
-        assert!(places.iter().any(|p| !p.owned), "{places:?}");
+        let shared: std::collections::HashSet<usize> = places
+            .iter()
+            .filter(|p| !p.owned)
+            .map(|p| p.index)
+            .collect();
+        assert!(
+            shared.len() > 1 && shared.iter().all(|&i| i < shared_stripes()),
+            "the threads without a stripe share several: {places:?}"
+        );
         assert_eq!(c.get(), 20_000 * n as u64);
         let snap = b.snapshot();
         assert_eq!(snap.count, 20_000 * n as u64);
