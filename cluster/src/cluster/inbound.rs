@@ -334,9 +334,9 @@ impl Inner {
                             OpId(op.id),
                             OpStatus::Failed,
                             format!(
-                                "node `{me}` ran the operation but dropped its reply: its buffer \
-                             of unacknowledged replies to `{peer}` (cluster.reply_buffer_bytes) \
-                             was full"
+                                "node `{me}` ran the operation but dropped its reply: its \
+                                 buffer of unacknowledged replies to `{peer}` \
+                                 (cluster.reply_buffer_bytes) was full"
                             ),
                         )));
                         false
