@@ -493,22 +493,10 @@ impl Node {
         track: bool,
     ) -> Vec<Result<Ticket, SubmitError>> {
         let now = Instant::now();
-        let mut jobs = Vec::with_capacity(ops.len());
-        let tickets = ops
-            .into_iter()
-            .map(|op| {
-                self.shared
-                    .admit(&self.anchors, op, track, Admit::Routed, now)
-                    .map(|(job, t)| {
-                        jobs.push(job);
-                        t
-                    })
-            })
-            .collect();
-        if !jobs.is_empty() {
-            self.shared.hand_to_router(jobs);
-        }
-        tickets
+        self.start_batch(ops, |_, op| {
+            self.shared
+                .admit(&self.anchors, op, track, Admit::Routed, now)
+        })
     }
 
     /// Accepts a batch like [`enqueue_batch`](Self::enqueue_batch) (untracked) for a
@@ -521,22 +509,38 @@ impl Node {
     ) -> (Vec<Result<(), SubmitError>>, BatchOutcomes) {
         let now = Instant::now();
         let outcomes = BatchOutcomes::new(ops.len());
+        let accepted = self.start_batch(ops, |i, op| {
+            self.shared
+                .admit_to(&self.anchors, op, false, Admit::Routed, now, || {
+                    outcomes.waiter(i)
+                })
+                .map(|(job, _)| (job, ()))
+        });
+        (accepted, outcomes)
+    }
+
+    /// Admits each of `ops` with `admit` (given its index) and hands the accepted ones to
+    /// the Router in one trip; answers what `admit` gave for each, in order.
+    fn start_batch<T>(
+        &self,
+        ops: Vec<Operation>,
+        mut admit: impl FnMut(usize, Operation) -> Result<(Box<Job>, T), SubmitError>,
+    ) -> Vec<Result<T, SubmitError>> {
         let mut jobs = Vec::with_capacity(ops.len());
-        let accepted = ops
+        let answers = ops
             .into_iter()
             .enumerate()
             .map(|(i, op)| {
-                self.shared
-                    .admit_to(&self.anchors, op, false, Admit::Routed, now, || {
-                        outcomes.waiter(i)
-                    })
-                    .map(|(job, _)| jobs.push(job))
+                admit(i, op).map(|(job, t)| {
+                    jobs.push(job);
+                    t
+                })
             })
             .collect();
         if !jobs.is_empty() {
             self.shared.hand_to_router(jobs);
         }
-        (accepted, outcomes)
+        answers
     }
 
     /// Accepts operations like [`enqueue_batch`](Self::enqueue_batch) (tracked when
