@@ -23,9 +23,10 @@
 //! was lost: the receiver counted every span that was sent (the exporter's drop counter
 //! alone is not trusted for this).
 //!
-//! `cargo bench --bench tracing -- [--rounds N] [--ops N] [--concurrency N] [--exporters N]`
-//! (`--exporters`: the node's exporter threads, `telemetry.exporters`; 0, the default:
-//! one per 4 cores and at least 2)
+//! `cargo bench --bench tracing -- [--rounds N] [--ops N] [--concurrency N] [--exporters N]
+//! [--only SETTING]` (`--exporters`: the node's exporter threads, `telemetry.exporters`;
+//! 0, the default: one per 4 cores and at least 2; `--only`: run just the closed loop of
+//! one setting, `untraced`, `100`, `1` or `skim`, say under a profiler)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -197,6 +198,13 @@ fn count_spans(request: &[u8]) -> Option<u64> {
     Some(n)
 }
 
+/// The value after `name` on the command line.
+fn arg_text(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -319,6 +327,8 @@ struct Run {
 #[derive(Clone, Copy)]
 struct Setting {
     label: &'static str,
+    /// What `--only` calls it.
+    name: &'static str,
     /// Sampling ratio; `None`: untraced.
     ratio: Option<f64>,
     /// Whether the receiver only counts spans ([`Skim`]) instead of decoding them.
@@ -328,21 +338,25 @@ struct Setting {
 const SETTINGS: [Setting; 4] = [
     Setting {
         label: "untraced",
+        name: "untraced",
         ratio: None,
         skim: false,
     },
     Setting {
         label: "100 %",
+        name: "100",
         ratio: Some(1.0),
         skim: false,
     },
     Setting {
         label: "1 %",
+        name: "1",
         ratio: Some(0.01),
         skim: false,
     },
     Setting {
         label: "100 % skim",
+        name: "skim",
         ratio: Some(1.0),
         skim: true,
     },
@@ -422,6 +436,12 @@ fn main() {
     let rounds = arg("--rounds", 3);
     let ops = arg("--ops", 1_000_000);
     let concurrency = arg("--concurrency", 1024) as usize;
+    let only = arg_text("--only").map(|name| {
+        SETTINGS
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or_else(|| panic!("--only {name}: not one of untraced, 100, 1, skim"))
+    });
     let (decoded, skimmed) = (Counting::default(), Counting::default());
     let (decode_at, skim_at) = start_receivers(decoded.clone(), skimmed.clone());
     let receivers = Receivers {
@@ -437,6 +457,15 @@ fn main() {
         println!("  receiver: decodes every request; skim: only counts the spans (opmesh's own cost)");
         println!("  cpu µs/op: opmesh = the process but the receivers' threads");
         println!("  spans: sent = handed to the pipeline, received = counted by the receiver, dropped = the exporter's count, unaccounted = sent - received - dropped");
+        if let Some(i) = only {
+            let (endpoint, counted) = receivers.pick(SETTINGS[i].skim);
+            let traces = SETTINGS[i].ratio.map(|ratio| (endpoint.as_str(), ratio));
+            for round in 1..=rounds {
+                let run = measure(counted, &args(ops, concurrency, traces, None)).await;
+                show(&format!("{} ({round})", SETTINGS[i].label), &run, None);
+            }
+            return;
+        }
         for round in 1..=rounds {
             println!("round {round} · closed loop, {concurrency} in flight");
             let mut results: [Option<Run>; SETTINGS.len()] = Default::default();

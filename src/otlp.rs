@@ -16,8 +16,8 @@ use opentelemetry_sdk::Resource;
 use opmesh_actors::trace::{OpSpans, SpanRecord, Stage};
 use opmesh_actors::OpStatus;
 // The protobuf wire primitives (varints, field keys) are prost's.
-use prost::encoding::WireType::{LengthDelimited, SixtyFourBit, ThirtyTwoBit, Varint};
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len};
+use prost::encoding::WireType::{self, LengthDelimited, SixtyFourBit, ThirtyTwoBit, Varint};
+use prost::encoding::{encode_varint, encoded_len_varint, key_len};
 
 /// `Span.SpanKind`.
 const KIND_INTERNAL: u64 = 1;
@@ -31,9 +31,25 @@ const FLAG_SAMPLED: u32 = 0x01;
 const FLAG_HAS_IS_REMOTE: u32 = 0x100;
 const FLAG_IS_REMOTE: u32 = 0x200;
 
+/// A varint, the one-byte case (every key and most lengths here) inline.
+#[inline]
+fn varint(buf: &mut Vec<u8>, v: u64) {
+    if v < 0x80 {
+        buf.push(v as u8);
+    } else {
+        encode_varint(v, buf);
+    }
+}
+
+/// A field's key.
+#[inline]
+fn put_key(buf: &mut Vec<u8>, field: u32, wire: WireType) {
+    varint(buf, u64::from(field << 3 | wire as u32));
+}
+
 fn put_bytes(buf: &mut Vec<u8>, field: u32, bytes: &[u8]) {
-    encode_key(field, LengthDelimited, buf);
-    encode_varint(bytes.len() as u64, buf);
+    put_key(buf, field, LengthDelimited);
+    varint(buf, bytes.len() as u64);
     buf.extend_from_slice(bytes);
 }
 
@@ -42,7 +58,7 @@ fn bytes_len(field: u32, len: usize) -> usize {
 }
 
 fn put_fixed64(buf: &mut Vec<u8>, field: u32, v: u64) {
-    encode_key(field, SixtyFourBit, buf);
+    put_key(buf, field, SixtyFourBit);
     buf.extend_from_slice(&v.to_le_bytes());
 }
 
@@ -70,12 +86,12 @@ impl Attr<'_> {
         match self {
             Attr::Str(s) => put_bytes(buf, 1, s.as_bytes()),
             Attr::Bool(b) => {
-                encode_key(2, Varint, buf);
+                put_key(buf, 2, Varint);
                 buf.push(u8::from(b));
             }
             Attr::Int(i) => {
-                encode_key(3, Varint, buf);
-                encode_varint(i as u64, buf);
+                put_key(buf, 3, Varint);
+                varint(buf, i as u64);
             }
             Attr::Double(d) => put_fixed64(buf, 4, d.to_bits()),
         }
@@ -86,26 +102,48 @@ impl Attr<'_> {
 fn put_attr(buf: &mut Vec<u8>, field: u32, key: &str, value: Attr<'_>) {
     let any = value.len();
     let kv = bytes_len(1, key.len()) + bytes_len(2, any);
-    encode_key(field, LengthDelimited, buf);
-    encode_varint(kv as u64, buf);
+    put_key(buf, field, LengthDelimited);
+    varint(buf, kv as u64);
     put_bytes(buf, 1, key.as_bytes());
-    encode_key(2, LengthDelimited, buf);
-    encode_varint(any as u64, buf);
+    put_key(buf, 2, LengthDelimited);
+    varint(buf, any as u64);
     value.put(buf);
 }
 
-/// Appends field `field` holding the message `f` writes (its length is known after).
-fn put_message(buf: &mut Vec<u8>, field: u32, f: impl FnOnce(&mut Vec<u8>)) {
-    encode_key(field, LengthDelimited, buf);
-    let start = buf.len();
+/// Appends field `field` holding the message `f` writes, with `room` bytes kept for its
+/// length, which is known only after: a message whose length takes other than `room`
+/// bytes moves (one under 128 bytes takes 1, one under 16 KiB 2).
+fn put_message(buf: &mut Vec<u8>, field: u32, room: usize, f: impl FnOnce(&mut Vec<u8>)) {
+    put_key(buf, field, LengthDelimited);
+    let at = buf.len();
+    buf.resize(at + room, 0);
     f(buf);
-    let len = buf.len() - start;
-    let mut prefix = Vec::with_capacity(encoded_len_varint(len as u64));
-    encode_varint(len as u64, &mut prefix);
-    buf.splice(start..start, prefix);
+    let len = (buf.len() - at - room) as u64;
+    let mut prefix = [0u8; 10];
+    let n = {
+        let mut p = &mut prefix[..];
+        encode_varint(len, &mut p);
+        10 - p.len()
+    };
+    if n < room {
+        buf.copy_within(at + room.., at + n);
+        buf.truncate(buf.len() - (room - n));
+    } else if n > room {
+        buf.splice(at..at, std::iter::repeat_n(0, n - room));
+    }
+    buf[at..at + n].copy_from_slice(&prefix[..n]);
+}
+
+/// One `ExportTraceServiceRequest`, encoded, with what it holds.
+pub(crate) struct Chunk {
+    pub body: Bytes,
+    pub spans: u64,
+    /// The operations whose spans it holds.
+    pub ops: u64,
 }
 
 /// Builds `ExportTraceServiceRequest`s from operation span records.
+#[derive(Clone)]
 pub(crate) struct SpanEncoder {
     /// The `Resource` message, encoded once.
     resource: Vec<u8>,
@@ -114,8 +152,7 @@ pub(crate) struct SpanEncoder {
     /// `ScopeSpans.spans` fields written so far.
     spans: Vec<u8>,
     count: usize,
-    /// One span's body, reused.
-    scratch: Vec<u8>,
+    ops: u64,
 }
 
 impl SpanEncoder {
@@ -142,7 +179,7 @@ impl SpanEncoder {
             scope,
             spans: Vec::new(),
             count: 0,
-            scratch: Vec::with_capacity(512),
+            ops: 0,
         }
     }
 
@@ -156,7 +193,7 @@ impl SpanEncoder {
     }
 
     /// Appends the spans of one operation.
-    pub(crate) fn push(&mut self, rec: &OpSpans) {
+    pub(crate) fn push(&mut self, rec: &OpSpans<'_>) {
         let mut id = uuid::Uuid::encode_buffer();
         let op_id = uuid::Uuid::from_u128(rec.op_id.0)
             .hyphenated()
@@ -164,37 +201,49 @@ impl SpanEncoder {
         let failed = rec.status != OpStatus::Succeeded;
         let last = rec.spans.len().saturating_sub(1);
         for (i, s) in rec.spans.iter().enumerate() {
-            let mut body = std::mem::take(&mut self.scratch);
-            body.clear();
             let error = failed && (s.stage == Stage::Submit || i == last);
-            encode_span(&mut body, rec, s, op_id, error);
-            put_bytes(&mut self.spans, 2, &body);
-            self.scratch = body;
+            // `op.submit` and `op.execute` carry the operation's attributes: over 127
+            // bytes; the other spans are under.
+            let room = if matches!(s.stage, Stage::Submit | Stage::Execute) {
+                2
+            } else {
+                1
+            };
+            put_message(&mut self.spans, 2, room, |body| {
+                encode_span(body, rec, s, op_id, error);
+            });
             self.count += 1;
         }
+        self.ops += 1;
     }
 
     /// The request holding every span pushed since the last call; the encoder is then
     /// empty.
-    pub(crate) fn finish(&mut self) -> Bytes {
+    pub(crate) fn finish(&mut self) -> Chunk {
         let scope_spans = bytes_len(1, self.scope.len()) + self.spans.len();
         let resource_spans = bytes_len(1, self.resource.len()) + bytes_len(2, scope_spans);
         let mut out = Vec::with_capacity(bytes_len(1, resource_spans));
-        encode_key(1, LengthDelimited, &mut out);
-        encode_varint(resource_spans as u64, &mut out);
+        put_key(&mut out, 1, LengthDelimited);
+        varint(&mut out, resource_spans as u64);
         put_bytes(&mut out, 1, &self.resource);
-        encode_key(2, LengthDelimited, &mut out);
-        encode_varint(scope_spans as u64, &mut out);
+        put_key(&mut out, 2, LengthDelimited);
+        varint(&mut out, scope_spans as u64);
         put_bytes(&mut out, 1, &self.scope);
         out.put_slice(&self.spans);
         self.spans.clear();
+        let chunk = Chunk {
+            body: Bytes::from(out),
+            spans: self.count as u64,
+            ops: self.ops,
+        };
         self.count = 0;
-        Bytes::from(out)
+        self.ops = 0;
+        chunk
     }
 }
 
 /// One `Span` message: the fields opmesh sets, in field order.
-fn encode_span(buf: &mut Vec<u8>, rec: &OpSpans, s: &SpanRecord, op_id: &str, error: bool) {
+fn encode_span(buf: &mut Vec<u8>, rec: &OpSpans<'_>, s: &SpanRecord, op_id: &str, error: bool) {
     put_bytes(buf, 1, &rec.trace_id.to_be_bytes());
     put_bytes(buf, 2, &s.span_id.to_be_bytes());
     if s.parent_span_id != 0 {
@@ -206,8 +255,8 @@ fn encode_span(buf: &mut Vec<u8>, rec: &OpSpans, s: &SpanRecord, op_id: &str, er
         Stage::Route if rec.target.is_some() => KIND_CLIENT,
         _ => KIND_INTERNAL,
     };
-    encode_key(6, Varint, buf);
-    encode_varint(kind, buf);
+    put_key(buf, 6, Varint);
+    varint(buf, kind);
     put_fixed64(buf, 7, s.start.unix_nanos());
     put_fixed64(buf, 8, s.end.unix_nanos());
     // Operation-wide attributes sit on the operation's two main spans (`op.submit` on
@@ -217,14 +266,14 @@ fn encode_span(buf: &mut Vec<u8>, rec: &OpSpans, s: &SpanRecord, op_id: &str, er
     match s.stage {
         Stage::Submit | Stage::Execute => {
             put_attr(buf, 9, "op.id", Attr::Str(op_id));
-            put_attr(buf, 9, "op.type", Attr::Str(&rec.op_type));
+            put_attr(buf, 9, "op.type", Attr::Str(rec.op_type));
             put_attr(buf, 9, "op.outcome", Attr::Str(rec.status.as_str()));
             if s.stage == Stage::Execute {
                 put_attr(buf, 9, "op.attempts", Attr::Int(i64::from(rec.attempts)));
             }
         }
         Stage::Route => {
-            let target = rec.target.as_ref().unwrap_or(&rec.node);
+            let target = rec.target.unwrap_or(rec.node);
             put_attr(buf, 9, "opmesh.node.target", Attr::Str(target));
         }
         Stage::Cache => {
@@ -235,8 +284,8 @@ fn encode_span(buf: &mut Vec<u8>, rec: &OpSpans, s: &SpanRecord, op_id: &str, er
         Stage::Queue => {}
     }
     if s.stage == Stage::Execute {
-        for e in &rec.events {
-            put_message(buf, 11, |b| {
+        for e in rec.events {
+            put_message(buf, 11, 1, |b| {
                 put_fixed64(b, 1, e.at.unix_nanos());
                 put_bytes(b, 2, e.name.as_bytes());
                 put_attr(b, 3, "op.attempt", Attr::Int(i64::from(e.attempt)));
@@ -245,11 +294,11 @@ fn encode_span(buf: &mut Vec<u8>, rec: &OpSpans, s: &SpanRecord, op_id: &str, er
         }
     }
     if error {
-        let message = rec.error.as_deref().unwrap_or(rec.status.as_str());
-        put_message(buf, 15, |b| {
+        let message = rec.error.unwrap_or(rec.status.as_str());
+        put_message(buf, 15, 1, |b| {
             put_bytes(b, 2, message.as_bytes());
-            encode_key(3, Varint, b);
-            encode_varint(STATUS_ERROR, b);
+            put_key(b, 3, Varint);
+            varint(b, STATUS_ERROR);
         });
     }
     // Exported spans are marked sampled: a failed operation kept despite sampling is
@@ -258,7 +307,7 @@ fn encode_span(buf: &mut Vec<u8>, rec: &OpSpans, s: &SpanRecord, op_id: &str, er
     if s.parent_is_remote {
         flags |= FLAG_IS_REMOTE;
     }
-    encode_key(16, ThirtyTwoBit, buf);
+    put_key(buf, 16, ThirtyTwoBit);
     buf.extend_from_slice(&flags.to_le_bytes());
 }
 
@@ -449,10 +498,10 @@ pub(crate) mod tests {
 
     /// One operation's four spans (submit, route, cache, execute), for tests here and
     /// in `telemetry`.
-    pub(crate) fn record(status: OpStatus, events: Vec<SpanEvent>) -> OpSpans {
+    pub(crate) fn four_spans() -> Vec<SpanRecord> {
         let base = 0x1234_5678_9abc_def0;
         let t0 = Stamp::now();
-        let spans = [Stage::Submit, Stage::Route, Stage::Cache, Stage::Execute]
+        [Stage::Submit, Stage::Route, Stage::Cache, Stage::Execute]
             .iter()
             .enumerate()
             .map(|(i, &stage)| SpanRecord {
@@ -467,16 +516,24 @@ pub(crate) mod tests {
                 start: t0,
                 end: Stamp::now(),
             })
-            .collect();
+            .collect()
+    }
+
+    /// An operation's record holding `spans` and `events`.
+    pub(crate) fn record<'a>(
+        status: OpStatus,
+        spans: &'a [SpanRecord],
+        events: &'a [SpanEvent],
+    ) -> OpSpans<'a> {
         OpSpans {
             trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
             sampled: true,
             op_id: OpId(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
-            op_type: "echo".into(),
-            node: "node-a".into(),
-            target: Some("node-b".into()),
+            op_type: "echo",
+            node: "node-a",
+            target: Some("node-b"),
             status,
-            error: (status != OpStatus::Succeeded).then(|| "handler said no".into()),
+            error: (status != OpStatus::Succeeded).then_some("handler said no"),
             cache: Some(CacheVerdict::Miss),
             attempts: 2,
             spans,
@@ -506,19 +563,20 @@ pub(crate) mod tests {
     #[test]
     fn requests_decode_as_otlp_with_every_field() {
         let mut enc = encoder();
-        let rec = record(
-            OpStatus::Failed,
-            vec![SpanEvent {
-                at: Stamp::now(),
-                name: "retry",
-                attempt: 1,
-                message: "first try failed".into(),
-            }],
-        );
+        let spans = four_spans();
+        let events = [SpanEvent {
+            at: Stamp::now(),
+            name: "retry",
+            attempt: 1,
+            message: "first try failed".into(),
+        }];
+        let rec = record(OpStatus::Failed, &spans, &events);
         enc.push(&rec);
-        enc.push(&record(OpStatus::Succeeded, Vec::new()));
+        enc.push(&record(OpStatus::Succeeded, &spans, &[]));
         assert_eq!(enc.len(), 8);
-        let req = ExportTraceServiceRequest::decode(enc.finish()).expect("valid protobuf");
+        let chunk = enc.finish();
+        assert_eq!((chunk.spans, chunk.ops), (8, 2));
+        let req = ExportTraceServiceRequest::decode(chunk.body).expect("valid protobuf");
         assert!(enc.is_empty());
         assert_eq!(req.resource_spans.len(), 1);
         let rs = &req.resource_spans[0];
@@ -627,8 +685,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_message_of_any_length_gets_its_exact_length() {
+        for (n, room) in [0, 1, 127, 128, 300, 16_383, 16_384, 100_000]
+            .into_iter()
+            .flat_map(|n| [(n, 1), (n, 2), (n, 3)])
+        {
+            let mut buf = vec![0xaa];
+            put_message(&mut buf, 2, room, |b| b.extend(std::iter::repeat_n(7u8, n)));
+            let mut rest = &buf[1..];
+            let (field, wire) = prost::encoding::decode_key(&mut rest).unwrap();
+            assert_eq!((field, wire), (2, LengthDelimited));
+            let len = prost::encoding::decode_varint(&mut rest).unwrap();
+            assert_eq!(len as usize, n, "length of a {n}-byte message");
+            assert_eq!(rest.len(), n, "{n}: nothing before or after the body");
+            assert!(rest.iter().all(|&b| b == 7));
+            // The shortest encoding of the length, as protobuf writes it.
+            assert_eq!(buf.len(), 1 + 1 + encoded_len_varint(n as u64) + n);
+        }
+    }
+
+    #[test]
     fn an_empty_request_is_still_valid() {
-        let req = ExportTraceServiceRequest::decode(encoder().finish()).unwrap();
+        let req = ExportTraceServiceRequest::decode(encoder().finish().body).unwrap();
         assert!(req.resource_spans[0].scope_spans[0].spans.is_empty());
     }
 

@@ -1,22 +1,26 @@
 //! Telemetry set up once, at the edge: the OTLP trace pipeline the engine's spans go
 //! to, the counters that tell how it fares, and the settings the dashboard needs.
 //!
-//! The engine does not build OpenTelemetry spans while an operation runs: it hands each
-//! finished operation's spans to [`Telemetry::tracing`]'s sink as one plain record. A
-//! bounded queue takes the record, or counts its spans dropped when full, so a slow or
-//! unreachable receiver never slows operations. Every span handed to the pipeline is
-//! counted ([`TelemetryStats::spans_recorded`]), so that each one is accounted for as
-//! exported, dropped, or still pending (queued, being encoded, or in a request not yet
-//! answered): a span is never counted in none of them. Exporter threads
-//! (`telemetry.exporters`: by default one per 4 cores, at least 2) write the records as
-//! OTLP requests ([`crate::otlp`]: protobuf straight from the records, no per-span
-//! allocation) and send them in batches over gRPC or http/protobuf, a few requests in
-//! flight each. Each exporter has its own queue, encoder and connection; a thread that
-//! finishes operations always records into the same queue (threads take queues in turn),
-//! so exporters share nothing and a busy node's encoding spreads over cores. `tracing` spans (route writes,
-//! cluster changes) reach the first exporter's queue through tracing-opentelemetry and an
-//! SDK tracer whose span processor is that queue, and are exported with
-//! opentelemetry-otlp.
+//! The engine does not build OpenTelemetry spans while an operation runs: it lends each
+//! finished operation's spans to [`Telemetry::tracing`]'s sink as one plain record, and
+//! the sink encodes them at once, on the thread that finished the operation, into that
+//! thread's OTLP request ([`crate::otlp`]: protobuf straight from the record, no
+//! allocation per operation or span). Threads take encoders ("stripes") in turn as they
+//! first record, so the threads that finish operations encode in parallel and share
+//! nothing but a stripe's uncontended lock. A request that reaches `telemetry.batch_spans`
+//! spans is handed to the stripe's exporter thread, and each exporter also sweeps its
+//! stripes' partial requests every `telemetry.export_interval_ms`, so no span waits
+//! longer than that. At most `telemetry.queue_ops` operations' spans wait in handed-over
+//! requests (queued or being sent); beyond, a request is dropped and its spans counted,
+//! so a slow or unreachable receiver never slows operations. Every span handed to the
+//! pipeline is counted ([`TelemetryStats::spans_recorded`]), so that each one is
+//! accounted for as exported, dropped, or still pending (in a stripe, queued, or in a
+//! request not yet answered): a span is never counted in none of them. Exporter threads
+//! (`telemetry.exporters`: by default one per 4 cores, at least 2) send the requests
+//! over gRPC or http/protobuf, a few in flight each, each on its own connection.
+//! `tracing` spans (route writes, cluster changes) reach the first exporter's queue
+//! through tracing-opentelemetry and an SDK tracer whose span processor is that queue,
+//! and are exported with opentelemetry-otlp.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
@@ -30,9 +34,11 @@ use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter as _, S
 use opentelemetry_sdk::Resource;
 use opmesh_actors::counter::Counter;
 use opmesh_actors::trace::OpSpans;
+
+use crate::otlp::{Chunk, SpanEncoder};
 use opmesh_actors::{Sampler, SpanSink, Tracing};
 use serde::Serialize;
-use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// How spans travel to the receiver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,11 +77,11 @@ pub struct TraceSettings {
     /// Share of new traces sampled (parent-based: a caller's decision wins). Failed
     /// operations are exported whatever the ratio.
     pub sampling_ratio: f64,
-    /// Operations whose spans may wait for export (shared out among the exporters'
-    /// queues); beyond, spans are dropped (counted).
+    /// Operations whose spans may wait for export in encoded requests (queued or being
+    /// sent); beyond, a request is dropped and its spans counted.
     pub queue_ops: usize,
-    /// Exporter threads, each with its own queue, encoder and connection; 0: one per 4
-    /// cores, at least 2 and at most 8.
+    /// Exporter threads, each with its own queue and connection; 0: one per 4 cores, at
+    /// least 2 and at most 8.
     pub exporters: usize,
     /// Most spans in one export request.
     pub batch_spans: usize,
@@ -122,9 +128,9 @@ impl TelemetryCounters {
 }
 
 /// This thread's number, taken in turn by the threads that record spans as they first
-/// do: what spreads them over the exporters' queues. A sequence of its own (not the
-/// engine's counter stripes), so that the few threads that finish operations take
-/// consecutive numbers, hence different queues.
+/// do: which encoder stripe (and so which exporter) they use. A sequence of its own (not
+/// the engine's counter stripes), so that the few threads that finish operations take
+/// consecutive numbers, hence different stripes and exporters.
 fn thread_number() -> usize {
     use std::cell::Cell;
     use std::sync::atomic::AtomicUsize;
@@ -171,17 +177,80 @@ pub struct TelemetryStats {
 
 /// What an exporter thread receives.
 enum Item {
-    Op(OpSpans),
+    /// A full request of operation spans, encoded by the thread that finished them.
+    Chunk(Chunk),
+    /// A `tracing` span (first exporter only).
     Span(Box<SpanData>),
-    /// Export everything received so far, then answer.
+    /// Sweep the stripes, export everything received so far, then answer.
     Flush(SyncSender<()>),
 }
 
 struct Pipeline {
     /// One queue per exporter thread.
-    queues: Arc<[tokio::sync::mpsc::Sender<Item>]>,
+    queues: Arc<[UnboundedSender<Item>]>,
+    encoders: Arc<Encoders>,
     sampler: Sampler,
     provider: SdkTracerProvider,
+}
+
+/// The engine's span encoders, one per stripe, and the bound on what waits for export.
+struct Encoders {
+    stripes: Box<[Stripe]>,
+    /// Spans in a full request.
+    batch_spans: usize,
+    /// Most operations whose spans may wait in handed-over requests.
+    queue_ops: u64,
+    /// Operations (and `tracing` spans) in requests handed over and not yet answered.
+    waiting: AtomicU64,
+}
+
+impl std::fmt::Debug for Encoders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoders")
+            .field("stripes", &self.stripes.len())
+            .field("waiting", &self.waiting)
+            .finish()
+    }
+}
+
+/// One encoder, on a cache line of its own.
+#[repr(align(128))]
+struct Stripe(parking_lot::Mutex<SpanEncoder>);
+
+impl Encoders {
+    fn new(template: &SpanEncoder, batch_spans: usize, queue_ops: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Encoders {
+            stripes: (0..(4 * cores).clamp(8, 256))
+                .map(|_| Stripe(parking_lot::Mutex::new(template.clone())))
+                .collect(),
+            batch_spans,
+            queue_ops: queue_ops as u64,
+            waiting: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes room for `ops` more waiting operations: refused when the queue would pass
+    /// `queue_ops`, unless nothing waits (so a request larger than the bound still goes).
+    fn admit(&self, ops: u64) -> bool {
+        let before = self.waiting.fetch_add(ops, Ordering::Relaxed);
+        if before > 0 && before + ops > self.queue_ops {
+            self.waiting.fetch_sub(ops, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back the room of `ops` operations whose request was answered.
+    fn release(&self, ops: u64) {
+        self.waiting.fetch_sub(ops, Ordering::Relaxed);
+    }
+
+    /// Stripe `i`'s request so far, if it holds any span.
+    fn take(&self, i: usize) -> Option<Chunk> {
+        let mut encoder = self.stripes[i].0.lock();
+        (!encoder.is_empty()).then(|| encoder.finish())
+    }
 }
 
 struct Inner {
@@ -280,6 +349,7 @@ impl Telemetry {
             Some(p) => Tracing {
                 sampler: p.sampler,
                 sink: Arc::new(QueueSink {
+                    encoders: p.encoders.clone(),
                     queues: p.queues.clone(),
                     counters: self.inner.counters.clone(),
                 }),
@@ -314,17 +384,8 @@ impl Telemetry {
         let (done_tx, done_rx) = mpsc::sync_channel(p.queues.len());
         let deadline = Instant::now() + timeout;
         for queue in p.queues.iter() {
-            // The queue may be full: keep offering the flush until the deadline.
-            let mut item = Item::Flush(done_tx.clone());
-            loop {
-                match queue.try_send(item) {
-                    Ok(()) => break,
-                    Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                        item = back;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(_) => return false,
-                }
+            if queue.send(Item::Flush(done_tx.clone())).is_err() {
+                return false;
             }
         }
         p.queues.iter().all(|_| {
@@ -358,31 +419,51 @@ impl Telemetry {
 struct Discard;
 
 impl SpanSink for Discard {
-    fn record(&self, _spans: OpSpans) {}
+    fn record(&self, _spans: &OpSpans<'_>) {}
 }
 
-/// The engine's sink: one non-blocking queue push per finished operation, into the
-/// queue of the calling thread's exporter.
+/// The engine's sink: encodes each finished operation's spans into the calling thread's
+/// stripe, and hands a full request to that stripe's exporter.
 struct QueueSink {
-    queues: Arc<[tokio::sync::mpsc::Sender<Item>]>,
+    encoders: Arc<Encoders>,
+    queues: Arc<[UnboundedSender<Item>]>,
     counters: Arc<TelemetryCounters>,
 }
 
 impl SpanSink for QueueSink {
-    fn record(&self, spans: OpSpans) {
-        let n = spans.spans.len() as u64;
-        self.counters.record(n);
-        let queue = &self.queues[thread_number() % self.queues.len()];
-        if queue.try_send(Item::Op(spans)).is_err() {
-            self.counters.spans_dropped.fetch_add(n, Ordering::Release);
+    fn record(&self, spans: &OpSpans<'_>) {
+        self.counters.record(spans.spans.len() as u64);
+        let e = &self.encoders;
+        let i = thread_number() % e.stripes.len();
+        let full = {
+            let mut encoder = e.stripes[i].0.lock();
+            encoder.push(spans);
+            (encoder.len() >= e.batch_spans).then(|| encoder.finish())
+        };
+        let Some(chunk) = full else {
+            return;
+        };
+        let (spans, ops) = (chunk.spans, chunk.ops);
+        if e.admit(ops) {
+            if self.queues[i % self.queues.len()]
+                .send(Item::Chunk(chunk))
+                .is_ok()
+            {
+                return;
+            }
+            e.release(ops);
         }
+        self.counters
+            .spans_dropped
+            .fetch_add(spans, Ordering::Release);
     }
 }
 
 /// The SDK side: `tracing` spans (through tracing-opentelemetry) join the same queue.
 #[derive(Debug)]
 struct QueueProcessor {
-    tx: tokio::sync::mpsc::Sender<Item>,
+    tx: UnboundedSender<Item>,
+    encoders: Arc<Encoders>,
     counters: Arc<TelemetryCounters>,
 }
 
@@ -391,9 +472,13 @@ impl SpanProcessor for QueueProcessor {
 
     fn on_end(&self, span: SpanData) {
         self.counters.record(1);
-        if self.tx.try_send(Item::Span(Box::new(span))).is_err() {
-            self.counters.spans_dropped.fetch_add(1, Ordering::Release);
+        if self.encoders.admit(1) {
+            if self.tx.send(Item::Span(Box::new(span))).is_ok() {
+                return;
+            }
+            self.encoders.release(1);
         }
+        self.counters.spans_dropped.fetch_add(1, Ordering::Release);
     }
 
     fn force_flush(&self) -> OTelSdkResult {
@@ -439,10 +524,18 @@ fn start_pipeline(
 ) -> Result<Pipeline, TelemetryError> {
     let n = exporter_count(t.exporters);
     let resource = resource(&t.service_name, node_id);
+    let template = SpanEncoder::new(&resource, "opmesh", env!("CARGO_PKG_VERSION"));
+    let encoders = Arc::new(Encoders::new(&template, t.batch_spans, t.queue_ops));
     let queues: Arc<[_]> = (0..n)
         .map(|i| {
-            let (tx, rx) = tokio::sync::mpsc::channel::<Item>(t.queue_ops.div_ceil(n).max(1));
-            start_exporter(i, t, &resource, counters.clone(), rx)?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Item>();
+            let exporter = ExporterPlace {
+                index: i,
+                of: n,
+                encoders: encoders.clone(),
+                counters: counters.clone(),
+            };
+            start_exporter(exporter, t, &resource, rx)?;
             Ok(tx)
         })
         .collect::<Result<_, TelemetryError>>()?;
@@ -451,6 +544,7 @@ fn start_pipeline(
     let provider = SdkTracerProvider::builder()
         .with_span_processor(QueueProcessor {
             tx: queues[0].clone(),
+            encoders: encoders.clone(),
             counters,
         })
         .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
@@ -460,9 +554,19 @@ fn start_pipeline(
         .build();
     Ok(Pipeline {
         queues,
+        encoders,
         sampler: Sampler::ratio(ratio),
         provider,
     })
+}
+
+/// Which exporter a thread is, and what it shares with the sink.
+struct ExporterPlace {
+    /// This exporter's number, of `of`: it sweeps stripes `index`, `index + of`, …
+    index: usize,
+    of: usize,
+    encoders: Arc<Encoders>,
+    counters: Arc<TelemetryCounters>,
 }
 
 /// Starts exporter thread `i` on `rx`; answers once its exporter is built (tonic needs
@@ -470,12 +574,12 @@ fn start_pipeline(
 /// dropped it exports what is left and ends; `Telemetry::shutdown` flushes before the
 /// process exits.
 fn start_exporter(
-    i: usize,
+    place: ExporterPlace,
     t: &TraceSettings,
     resource: &Resource,
-    counters: Arc<TelemetryCounters>,
-    rx: tokio::sync::mpsc::Receiver<Item>,
+    rx: UnboundedReceiver<Item>,
 ) -> Result<(), TelemetryError> {
+    let i = place.index;
     let (ready_tx, ready_rx) = mpsc::sync_channel(1);
     let settings = t.clone();
     let resource = resource.clone();
@@ -493,7 +597,7 @@ fn start_exporter(
                 }
             };
             rt.block_on(async move {
-                match Exporter::new(settings, &resource, counters, i == 0) {
+                match Exporter::new(settings, &resource, place) {
                     Ok(exporter) => {
                         let _ = ready_tx.send(Ok(()));
                         exporter.run(rx).await;
@@ -545,33 +649,24 @@ fn sdk_exporter(t: &TraceSettings) -> Result<opentelemetry_otlp::SpanExporter, S
     .map_err(|e| e.to_string())
 }
 
-/// Export requests sent at once: encoding the next batch overlaps the receiver
-/// reading the last ones.
-/// How long the exporter lets records gather after draining its queue: under load it
-/// wakes at most 500 times a second, and a span waits at most this much longer.
-const GATHER: Duration = Duration::from_millis(2);
-
-/// Records the exporter takes from its queue at a time.
-const RECV_BATCH: usize = 256;
-
+/// Export requests an exporter has outstanding at once.
 const IN_FLIGHT: usize = 4;
 
-/// An exporter thread's state: operation spans are encoded into OTLP requests as they
-/// arrive ([`crate::otlp::SpanEncoder`]) and sent with up to [`IN_FLIGHT`] requests
-/// outstanding; `tracing` spans (first exporter only) go through opentelemetry-otlp's
-/// exporter.
+/// An exporter thread's state: the requests the engine's threads encoded are sent as
+/// they arrive, with up to [`IN_FLIGHT`] outstanding; every export interval (and on a
+/// flush) the exporter sweeps its stripes' partial requests. `tracing` spans (first
+/// exporter only) go through opentelemetry-otlp's exporter.
 struct Exporter {
     t: TraceSettings,
-    counters: Arc<TelemetryCounters>,
-    encoder: crate::otlp::SpanEncoder,
+    place: ExporterPlace,
     sender: crate::otlp::Sender,
     /// The first exporter's: where `tracing` spans go.
     sdk: Option<opentelemetry_otlp::SpanExporter>,
     sdk_batch: Vec<SpanData>,
     in_flight: tokio::task::JoinSet<Result<(), String>>,
-    /// Spans of each export request in flight, so that a request whose task failed is
-    /// still counted (dropped).
-    in_flight_spans: std::collections::HashMap<tokio::task::Id, u64>,
+    /// Spans and operations of each export request in flight, so that a request whose
+    /// task failed is still counted (dropped) and its room in the queue given back.
+    in_flight_spans: std::collections::HashMap<tokio::task::Id, (u64, u64)>,
     last_warning: Option<Instant>,
 }
 
@@ -579,8 +674,7 @@ impl Exporter {
     fn new(
         t: TraceSettings,
         resource: &Resource,
-        counters: Arc<TelemetryCounters>,
-        with_sdk: bool,
+        place: ExporterPlace,
     ) -> Result<Exporter, String> {
         let headers = crate::otlp::env_headers();
         let sender = match t.protocol {
@@ -589,7 +683,7 @@ impl Exporter {
                 crate::otlp::Sender::http(http_traces_url(&t.endpoint), t.export_timeout, headers)?
             }
         };
-        let sdk = if with_sdk {
+        let sdk = if place.index == 0 {
             let mut sdk = sdk_exporter(&t)?;
             sdk.set_resource(resource);
             Some(sdk)
@@ -597,7 +691,6 @@ impl Exporter {
             None
         };
         Ok(Exporter {
-            encoder: crate::otlp::SpanEncoder::new(resource, "opmesh", env!("CARGO_PKG_VERSION")),
             sender,
             sdk,
             sdk_batch: Vec::new(),
@@ -605,27 +698,17 @@ impl Exporter {
             in_flight_spans: std::collections::HashMap::new(),
             last_warning: None,
             t,
-            counters,
+            place,
         })
     }
 
-    async fn run(mut self, mut rx: tokio::sync::mpsc::Receiver<Item>) {
-        let mut items = Vec::with_capacity(RECV_BATCH);
-        // When the oldest span waiting to be sent arrived, plus the export interval.
-        let mut due: Option<tokio::time::Instant> = None;
+    async fn run(mut self, mut rx: UnboundedReceiver<Item>) {
+        let mut sweep = tokio::time::interval(self.t.export_interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Once the queue is drained, let spans gather for a moment before waiting on
-            // it again: a receiver that waits is woken by every record (a futex wake and
-            // a context switch each, thousands a second at 1 % of a busy node), one that
-            // comes back finds them all at once.
-            if rx.len() < RECV_BATCH && !rx.is_closed() {
-                tokio::time::sleep(GATHER).await;
-            }
-            let waiting =
-                due.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                n = rx.recv_many(&mut items, RECV_BATCH) => {
-                    if n == 0 {
+                item = rx.recv() => match item {
+                    None => {
                         self.send_all().await;
                         self.settle_all().await;
                         if let Some(sdk) = &mut self.sdk {
@@ -633,38 +716,20 @@ impl Exporter {
                         }
                         return;
                     }
-                    for item in items.drain(..) {
-                        match item {
-                            Item::Op(rec) => {
-                                self.encoder.push(&rec);
-                                if self.encoder.len() >= self.t.batch_spans {
-                                    self.send_ops().await;
-                                }
-                            }
-                            Item::Span(s) => {
-                                self.sdk_batch.push(*s);
-                                if self.sdk_batch.len() >= self.t.batch_spans {
-                                    self.send_sdk().await;
-                                }
-                            }
-                            Item::Flush(done) => {
-                                self.send_all().await;
-                                self.settle_all().await;
-                                let _ = done.try_send(());
-                            }
+                    Some(Item::Chunk(chunk)) => self.send_chunk(chunk).await,
+                    Some(Item::Span(s)) => {
+                        self.sdk_batch.push(*s);
+                        if self.sdk_batch.len() >= self.t.batch_spans {
+                            self.send_sdk().await;
                         }
                     }
-                    let pending = !self.encoder.is_empty() || !self.sdk_batch.is_empty();
-                    due = match (pending, due) {
-                        (false, _) => None,
-                        (true, None) => Some(tokio::time::Instant::now() + self.t.export_interval),
-                        (true, Some(d)) => Some(d),
-                    };
-                }
-                _ = tokio::time::sleep_until(waiting), if due.is_some() => {
-                    self.send_all().await;
-                    due = None;
-                }
+                    Some(Item::Flush(done)) => {
+                        self.send_all().await;
+                        self.settle_all().await;
+                        let _ = done.try_send(());
+                    }
+                },
+                _ = sweep.tick() => self.send_all().await,
                 Some(done) = self.in_flight.join_next_with_id(), if !self.in_flight.is_empty() => {
                     self.settle(done);
                 }
@@ -672,33 +737,44 @@ impl Exporter {
         }
     }
 
+    /// Sends this exporter's stripes' partial requests and the `tracing` spans waiting.
     async fn send_all(&mut self) {
-        self.send_ops().await;
+        let (index, of) = (self.place.index, self.place.of);
+        for i in (index..self.place.encoders.stripes.len()).step_by(of) {
+            let Some(chunk) = self.place.encoders.take(i) else {
+                continue;
+            };
+            if self.place.encoders.admit(chunk.ops) {
+                self.send_chunk(chunk).await;
+            } else {
+                self.place
+                    .counters
+                    .spans_dropped
+                    .fetch_add(chunk.spans, Ordering::Release);
+            }
+        }
         self.send_sdk().await;
     }
 
-    /// Sends the operation spans encoded so far, once fewer than [`IN_FLIGHT`]
-    /// requests are outstanding.
-    async fn send_ops(&mut self) {
-        if self.encoder.is_empty() {
-            return;
-        }
+    /// Sends one request (its room in the queue already taken), once fewer than
+    /// [`IN_FLIGHT`] requests are outstanding.
+    async fn send_chunk(&mut self, chunk: Chunk) {
         while self.in_flight.len() >= IN_FLIGHT {
             if let Some(done) = self.in_flight.join_next_with_id().await {
                 self.settle(done);
             }
         }
-        let n = self.encoder.len() as u64;
-        let body = self.encoder.finish();
         let sender = self.sender.clone();
         let timeout = self.t.export_timeout;
+        let body = chunk.body;
         let task = self.in_flight.spawn(async move {
             match tokio::time::timeout(timeout, sender.send(body)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {timeout:?}")),
             }
         });
-        self.in_flight_spans.insert(task.id(), n);
+        self.in_flight_spans
+            .insert(task.id(), (chunk.spans, chunk.ops));
     }
 
     async fn send_sdk(&mut self) {
@@ -707,6 +783,8 @@ impl Exporter {
         }
         let spans = std::mem::take(&mut self.sdk_batch);
         let n = spans.len() as u64;
+        // Their room in the queue, taken when they were queued.
+        self.place.encoders.release(n);
         let Some(sdk) = &mut self.sdk else {
             // Only the first exporter's queue takes them.
             self.account(n, Err("this exporter takes no `tracing` spans".into()));
@@ -734,20 +812,28 @@ impl Exporter {
             Ok((id, result)) => (id, result),
             Err(e) => (e.id(), Err(format!("the export task failed: {e}"))),
         };
-        let n = self.in_flight_spans.remove(&id).unwrap_or(0);
+        let (n, ops) = self.in_flight_spans.remove(&id).unwrap_or((0, 0));
+        self.place.encoders.release(ops);
         self.account(n, result);
     }
 
     fn account(&mut self, n: u64, result: Result<(), String>) {
         match result {
             Ok(()) => {
-                self.counters.spans_exported.fetch_add(n, Ordering::Release);
+                self.place
+                    .counters
+                    .spans_exported
+                    .fetch_add(n, Ordering::Release);
             }
             Err(e) => {
-                self.counters
+                self.place
+                    .counters
                     .export_failures
                     .fetch_add(1, Ordering::Relaxed);
-                self.counters.spans_dropped.fetch_add(n, Ordering::Release);
+                self.place
+                    .counters
+                    .spans_dropped
+                    .fetch_add(n, Ordering::Release);
                 // One warning a minute: an unreachable receiver must not flood the log.
                 if self
                     .last_warning
@@ -786,8 +872,13 @@ mod tests {
         };
         let t = Telemetry::start(&settings, "node-a").unwrap();
         let sink = t.tracing().sink;
+        let spans = crate::otlp::tests::four_spans();
         for _ in 0..100 {
-            sink.record(crate::otlp::tests::record(OpStatus::Succeeded, Vec::new()));
+            sink.record(&crate::otlp::tests::record(
+                OpStatus::Succeeded,
+                &spans,
+                &[],
+            ));
         }
         assert_eq!(t.stats().spans_recorded, 400);
         let s = t.shutdown(Duration::from_secs(10));

@@ -352,9 +352,14 @@ fn thread_names(pid: u32) -> Vec<String> {
 #[tokio::test]
 async fn several_exporters_deliver_every_span_and_account_for_each() {
     let (received, addr) = grpc_receiver().await;
+    // Requests of 64 spans: the threads that finish operations hand full ones to their
+    // exporter, and the exporters sweep up what is left in the encoders.
     let env = otel_env(
         &format!("http://{addr}"),
-        &[("OPMESH_TELEMETRY__EXPORTERS", "3")],
+        &[
+            ("OPMESH_TELEMETRY__EXPORTERS", "3"),
+            ("OPMESH_TELEMETRY__BATCH_SPANS", "64"),
+        ],
     );
     let s = start(&[], &env);
     let mut exporters: Vec<String> = thread_names(s.pid())

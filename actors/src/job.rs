@@ -25,7 +25,7 @@ use crate::handler::TypeEntry;
 use crate::op::{Json, NodeId, OpId, OpOutcome, OpStatus, Operation, TraceContext, TraceId};
 use crate::shared::NodeShared;
 use crate::slots::QueueSlot;
-use crate::trace::{CacheVerdict, OpSpans, OpTrace, SpanEvent, Stage, Stamp};
+use crate::trace::{CacheVerdict, OpSpans, OpTrace, SpanEvent, SpanRecord, Stage, Stamp};
 
 /// An accepted operation travelling Router → (Cache) → Scheduler → Executor.
 pub struct Job {
@@ -231,14 +231,9 @@ impl Reply {
             }
         }
         self.publish_finished(&outcome, latency);
-        let keep = self
-            .trace
-            .as_ref()
-            .is_some_and(|tr| tr.sampled || outcome.status != OpStatus::Succeeded);
-        if keep {
-            let events = std::mem::take(&mut self.retry_events);
-            if let Some(t) = self.shared.tracing() {
-                t.sink.record(self.spans(&outcome, end, events));
+        if let Some(tr) = &self.trace {
+            if tr.sampled || outcome.status != OpStatus::Succeeded {
+                self.record_spans(tr, &outcome, end);
             }
         }
         self.shared.metrics().completed(outcome.status);
@@ -284,18 +279,45 @@ impl Reply {
         });
     }
 
-    /// The spans this operation left on this node, ending at `end`.
-    fn spans(&self, outcome: &OpOutcome, end: Stamp, events: Vec<SpanEvent>) -> OpSpans {
-        let tr = self.trace.as_ref().expect("called for traced operations");
+    /// Lends this operation's spans, ending at `end`, to the node's span sink.
+    fn record_spans(&self, tr: &OpTrace, outcome: &OpOutcome, end: Stamp) {
+        let Some(t) = self.shared.tracing() else {
+            return;
+        };
+        let mut spans = [SpanRecord::EMPTY; Stage::ALL.len()];
+        let n = self.spans(tr, end, &mut spans);
+        t.sink.record(&OpSpans {
+            trace_id: tr.trace_id,
+            sampled: tr.sampled,
+            op_id: self.id,
+            op_type: &self.entry().name,
+            node: self.shared.node_id(),
+            target: self.target.as_deref(),
+            status: outcome.status,
+            error: outcome.error.as_deref(),
+            cache: self.cache_verdict,
+            attempts: outcome.attempts,
+            spans: &spans[..n],
+            events: &self.retry_events,
+        });
+    }
+
+    /// Writes the spans this operation left on this node, ending at `end`, into `out`;
+    /// answers how many.
+    fn spans(&self, tr: &OpTrace, end: Stamp, out: &mut [SpanRecord; Stage::ALL.len()]) -> usize {
         let st = self.stamps;
-        let mut spans = Vec::with_capacity(5);
+        let mut n = 0;
+        let mut push = |span| {
+            out[n] = span;
+            n += 1;
+        };
         if tr.origin {
-            spans.push(tr.span(Stage::Submit, Stamp::from_instant(self.accepted_at), end));
+            push(tr.span(Stage::Submit, Stamp::from_instant(self.accepted_at), end));
             // Only a route to another node is a span (it lasts until the owner's answer
             // came back, and the owner's spans hang under it); a local route takes a
             // few hundred nanoseconds, which ride on `op.submit`.
             if st.routed.is_set() && self.target.is_some() {
-                spans.push(tr.span(Stage::Route, st.routed, end));
+                push(tr.span(Stage::Route, st.routed, end));
             }
         }
         if st.cache_in.is_set() {
@@ -304,29 +326,16 @@ impl Reply {
             } else {
                 end
             };
-            spans.push(tr.span(Stage::Cache, st.cache_in, out));
+            push(tr.span(Stage::Cache, st.cache_in, out));
         }
         if st.queued.is_set() {
             let out = if st.started.is_set() { st.started } else { end };
-            spans.push(tr.span(Stage::Queue, st.queued, out));
+            push(tr.span(Stage::Queue, st.queued, out));
         }
         if st.started.is_set() {
-            spans.push(tr.span(Stage::Execute, st.started, end));
+            push(tr.span(Stage::Execute, st.started, end));
         }
-        OpSpans {
-            trace_id: tr.trace_id,
-            sampled: tr.sampled,
-            op_id: self.id,
-            op_type: self.entry().name.clone(),
-            node: self.shared.node_id().clone(),
-            target: self.target.clone(),
-            status: outcome.status,
-            error: outcome.error.clone(),
-            cache: self.cache_verdict,
-            attempts: outcome.attempts,
-            spans,
-            events,
-        }
+        n
     }
 }
 

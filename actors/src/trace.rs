@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::op::{NodeId, OpId, OpStatus, OpType, TraceContext};
+use crate::op::{OpId, OpStatus, TraceContext};
 
 /// A point in time, as nanoseconds since the process's clock anchor: 8 bytes, one
 /// monotonic clock read, and convertible to wall-clock time for export.
@@ -194,7 +194,7 @@ pub struct SpanEvent {
 }
 
 /// One finished span.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct SpanRecord {
     pub stage: Stage,
     pub span_id: u64,
@@ -205,32 +205,47 @@ pub struct SpanRecord {
     pub end: Stamp,
 }
 
-/// The spans one operation left on this node, handed to the [`SpanSink`] when it
-/// finished.
-#[derive(Clone, Debug)]
-pub struct OpSpans {
+impl SpanRecord {
+    /// A placeholder, for fixed-size lists of spans.
+    pub const EMPTY: SpanRecord = SpanRecord {
+        stage: Stage::Submit,
+        span_id: 0,
+        parent_span_id: 0,
+        parent_is_remote: false,
+        start: Stamp::NONE,
+        end: Stamp::NONE,
+    };
+}
+
+/// The spans one operation left on this node, lent to the [`SpanSink`] when it
+/// finished. Everything is borrowed from the operation's own record: handing spans over
+/// allocates nothing and touches no shared reference count.
+#[derive(Clone, Copy, Debug)]
+pub struct OpSpans<'a> {
     pub trace_id: u128,
     /// Sampled by the trace's decision (false: kept only because it failed).
     pub sampled: bool,
     pub op_id: OpId,
-    pub op_type: OpType,
+    pub op_type: &'a str,
     /// This node.
-    pub node: NodeId,
+    pub node: &'a str,
     /// The node the Router picked, when it is another one.
-    pub target: Option<NodeId>,
+    pub target: Option<&'a str>,
     pub status: OpStatus,
-    pub error: Option<String>,
+    pub error: Option<&'a str>,
     pub cache: Option<CacheVerdict>,
     pub attempts: u32,
-    pub spans: Vec<SpanRecord>,
+    /// At most one per [`Stage`].
+    pub spans: &'a [SpanRecord],
     /// Retries, on the `op.execute` span.
-    pub events: Vec<SpanEvent>,
+    pub events: &'a [SpanEvent],
 }
 
 /// Receives finished operations' spans. Called on the thread that completed the
-/// operation: it must not block (queue the record and return).
+/// operation, with the spans lent for the call: it must not block (encode or copy what
+/// it keeps, and return).
 pub trait SpanSink: Send + Sync + 'static {
-    fn record(&self, spans: OpSpans);
+    fn record(&self, spans: &OpSpans<'_>);
 }
 
 /// Tracing settings of a node: which operations are sampled, and where their spans go.
