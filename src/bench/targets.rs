@@ -282,6 +282,16 @@ fn failure_of(answer: &[u8], good: &str) -> Option<String> {
     }
 }
 
+/// A batch answer's entries. The body is checked to be UTF-8 once, up front (with it
+/// known to be text, the parser does not check each entry's strings again); a body that
+/// is not is parsed as bytes, for the parser to say where.
+fn batch_answer(body: &[u8]) -> serde_json::Result<BatchAnswer<'_>> {
+    match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    }
+}
+
 /// Reads a 2xx answer to a request of `ops` operations.
 fn judge(route: Route, ops: u32, body: &[u8]) -> Done {
     let good = route.good();
@@ -291,7 +301,7 @@ fn judge(route: Route, ops: u32, body: &[u8]) -> Done {
             None => Done::ok(ops),
             Some(e) => Done::failed(ops, e),
         },
-        Route::Batch { .. } => match serde_json::from_slice::<BatchAnswer<'_>>(body) {
+        Route::Batch { .. } => match batch_answer(body) {
             Ok(b) if b.results.len() == ops as usize => {
                 let mut done = Done::ok(0);
                 for entry in &b.results {
@@ -440,6 +450,14 @@ mod tests {
         let done = judge(Route::Batch { wait: true }, 7, all.as_bytes());
         assert_eq!((done.ok, done.failed), (2, 5));
         assert_eq!(done.error.as_deref(), Some("operation failed: boom"));
+    }
+
+    #[test]
+    fn a_batch_answer_that_is_not_text_is_unreadable() {
+        let done = judge(Route::Batch { wait: true }, 1, b"{\"results\":[\"\xff\"]}");
+        assert_eq!((done.ok, done.failed), (0, 1));
+        let error = done.error.unwrap();
+        assert!(error.starts_with("unreadable answer"), "{error}");
     }
 
     #[test]
