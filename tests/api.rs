@@ -430,6 +430,19 @@ async fn bad_input_gets_a_json_error_naming_what_was_wrong() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    // A batch that is JSON but not text (a byte that is not UTF-8 inside a string).
+    let r = c
+        .post(s.url("/v1/ops/batch?wait=true"))
+        .body(b"{\"ops\":[{\"type\":\"echo\",\"payload\":\"\xff\"}]}".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["message"].as_str().unwrap().contains("request body"),
+        "{v}"
+    );
     let (st, v, _) = post(
         &s,
         "/v1/ops?wait=true",

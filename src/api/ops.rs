@@ -237,9 +237,13 @@ pub(super) async fn submit_batch(
     let share = q.wait.then_some(&bytes);
     let mut entries = Entries::default();
     let mut types = TypeNames::default();
-    // Fast path: every entry is well formed, parsed in one pass. Otherwise parse entry by
+    // Fast path: the body is text (checked once, so the parser does not check each string
+    // again) and every entry is well formed, parsed in one pass. Otherwise parse entry by
     // entry so each refusal names its own field.
-    if let Ok(b) = serde_json::from_slice::<TypedBatch>(&bytes) {
+    let typed = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|text| serde_json::from_str::<TypedBatch>(text).ok());
+    if let Some(b) = typed {
         check_batch_len(b.ops.len(), st.max_batch_ops)?;
         st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
         entries.reserve(b.ops.len());
