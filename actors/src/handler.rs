@@ -6,7 +6,6 @@
 //! [`RetryPolicy`] holds the pure retry decision ([`RetryPolicy::decide`]): the Executor
 //! only runs, waits and counts.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +16,7 @@ use crate::backoff::{Backoff, Jitter};
 use crate::breaker::TypeBreaker;
 use crate::counter::{stripe, stripes, Padded, StripedArc};
 use crate::metrics::TypeMetrics;
-use crate::op::{Json, OpType, Operation};
+use crate::op::{Json, OpType, Operation, TypeMap};
 use crate::type_limits::TypeLimits;
 
 /// Why a handler did not produce a result.
@@ -338,7 +337,7 @@ fn take_one(lease: &AtomicUsize) -> bool {
 #[derive(Clone, Default)]
 pub struct HandlerRegistry {
     /// Each entry striped: every operation holds its type's entry (see `QueueSlot`).
-    types: HashMap<OpType, StripedArc<TypeEntry>>,
+    types: TypeMap<StripedArc<TypeEntry>>,
 }
 
 impl HandlerRegistry {

@@ -17,6 +17,13 @@ use serde::{Deserialize, Serialize};
 /// The name of an operation type (`"echo"`, `"resize"`). Cheap to clone.
 pub type OpType = Arc<str>;
 
+/// A map keyed by operation type names: hashed with foldhash (seeded per process), not
+/// SipHash. Every operation looks its type up in a few of these (the handler registry,
+/// the Scheduler's queues), and SipHash over the name was 2-5 % of a node's CPU. Only
+/// registered (or routed) types are ever inserted, never names a client chose, so the
+/// maps stay small and a chosen name cannot flood them.
+pub type TypeMap<V> = std::collections::HashMap<OpType, V, foldhash::fast::RandomState>;
+
 /// The id of a node in the cluster. Cheap to clone.
 pub type NodeId = Arc<str>;
 

@@ -15,7 +15,7 @@
 //! flush.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::events::{now_ms, Event, EventKind};
 use crate::executor::ExecutorMsg;
 use crate::job::Job;
-use crate::op::{OpStatus, OpType};
+use crate::op::{OpStatus, OpType, TypeMap};
 use crate::shared::NodeShared;
 use crate::slots::{QueueSlot, Started};
 use crate::trace::Stamp;
@@ -145,7 +145,7 @@ pub struct Dispatch<T> {
 
 /// All per-type queues of a node, served round robin across types.
 pub struct Queues<T> {
-    queues: HashMap<OpType, TypeQueue<T>>,
+    queues: TypeMap<TypeQueue<T>>,
     /// Types with waiting items, in service order.
     ready: VecDeque<OpType>,
     policy: BatchPolicy,
@@ -154,7 +154,7 @@ pub struct Queues<T> {
 impl<T: Queued> Queues<T> {
     pub fn new(policy: BatchPolicy) -> Self {
         Queues {
-            queues: HashMap::new(),
+            queues: TypeMap::default(),
             ready: VecDeque::new(),
             policy,
         }
@@ -169,6 +169,8 @@ impl<T: Queued> Queues<T> {
         if !self.queues.contains_key(op_type) {
             self.queues.insert(op_type.into(), TypeQueue::new(op_type));
         }
+        // Looked up again (the borrow checker will not return the first lookup's
+        // reference from one branch); the type's name hashes fast.
         let q = self.queues.get_mut(op_type).expect("made above");
         if q.len == 0 {
             self.ready.push_back(q.name.clone());

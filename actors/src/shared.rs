@@ -92,7 +92,7 @@ pub(crate) struct NodeShared {
     /// Live events for watchers.
     events: Arc<EventBus>,
     /// Types this node accepts and forwards but has no handler for (cluster only).
-    remote_types: DashMap<OpType, StripedArc<TypeEntry>>,
+    remote_types: DashMap<OpType, StripedArc<TypeEntry>, foldhash::fast::RandomState>,
     store: OpStore,
     /// The copies of the hot path: intakes and actors.
     shards: Shards,
@@ -174,7 +174,7 @@ impl NodeShared {
             forwarder: parts.forwarder,
             tracing: parts.tracing,
             events: Arc::new(EventBus::default()),
-            remote_types: DashMap::new(),
+            remote_types: DashMap::default(),
             shards: Shards::new(shards, runtimes),
             plan,
             shared_slots: RunningSlots::new(shards, plan.shared),
@@ -230,7 +230,9 @@ impl NodeShared {
     pub(crate) fn store(&self) -> &OpStore {
         &self.store
     }
-    pub(crate) fn remote_types(&self) -> &DashMap<OpType, StripedArc<TypeEntry>> {
+    pub(crate) fn remote_types(
+        &self,
+    ) -> &DashMap<OpType, StripedArc<TypeEntry>, foldhash::fast::RandomState> {
         &self.remote_types
     }
     /// Operations running now, all types: those on the shared slots, and those of each

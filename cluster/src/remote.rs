@@ -34,7 +34,7 @@ pub fn to_wire(job: &Job, now: Instant) -> WireOp {
     let (op, deadline) = (&job.op, job.deadline);
     WireOp {
         id: op.id.0,
-        op_type: op.op_type.to_string(),
+        op_type: String::from(&*op.op_type),
         key: op.key.clone(),
         idempotency_key: op.idempotency_key.clone(),
         payload: op.payload.as_bytes().to_vec(),
@@ -163,16 +163,18 @@ impl Outbox {
         let Some(slot) = self.by_peer.get(peer) else {
             return Vec::new();
         };
-        let jobs: Vec<(Box<Job>, WireReply)> = {
+        // Only the jobs are gathered under the lock (a pointer each, in reply order);
+        // the replies stay where they are.
+        let jobs: Vec<Option<Box<Job>>> = {
             let mut held = slot.lock();
-            replies
-                .into_iter()
-                .filter_map(|r| held.remove(&r.id).map(|j| (j, r)))
-                .collect()
+            replies.iter().map(|r| held.remove(&r.id)).collect()
         };
         drop(slot);
         let mut refused = Vec::new();
-        for (job, reply) in jobs {
+        for (job, reply) in jobs.into_iter().zip(replies) {
+            let Some(job) = job else {
+                continue;
+            };
             if reply.status == REFUSED_OVERLOADED {
                 refused.push((job, reply.error.unwrap_or_default()));
                 continue;
