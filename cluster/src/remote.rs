@@ -291,7 +291,13 @@ impl ReplyCollector {
     }
 
     fn flush(&self) {
-        let batch = std::mem::take(&mut *self.pending.lock());
+        // The next batch starts with room for as many as this one: no regrowing copies
+        // of the list while it fills again.
+        let batch = {
+            let mut pending = self.pending.lock();
+            let room = pending.len();
+            std::mem::replace(&mut *pending, Vec::with_capacity(room))
+        };
         if !batch.is_empty() {
             (self.send)(batch);
         }
@@ -300,9 +306,10 @@ impl ReplyCollector {
 
 impl OutcomeSink for ReplyCollector {
     fn deliver(&self, outcome: OpOutcome) {
+        let reply = reply_to_wire(outcome);
         let first = {
             let mut pending = self.pending.lock();
-            pending.push(reply_to_wire(outcome));
+            pending.push(reply);
             pending.len() == 1
         };
         // The first outcome since the last flush schedules the next one, after the

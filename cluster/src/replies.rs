@@ -19,6 +19,7 @@
 //!
 //! Everything here is a plain struct driven by its caller, with time as an input.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
@@ -109,18 +110,22 @@ impl Ledger {
     /// Decides what to do with operation `id` the origin sent. A new one (or a dropped
     /// one that `rerun_dropped` says to run again) is noted as running.
     pub fn admit(&mut self, id: u128, rerun_dropped: bool) -> Admit {
-        match self.ops.get(&id).copied() {
-            None => {
-                self.ops.insert(id, OpState::Running);
+        // One lookup per operation (the map holds every operation running or answered
+        // and not acknowledged: a probe is a likely cache miss).
+        match self.ops.entry(id) {
+            Entry::Vacant(v) => {
+                v.insert(OpState::Running);
                 Admit::Run
             }
-            Some(OpState::Running) => Admit::Running,
-            Some(OpState::Answered(seq)) => Admit::Answered(seq),
-            Some(OpState::Dropped) if rerun_dropped => {
-                self.ops.insert(id, OpState::Running);
-                Admit::Run
-            }
-            Some(OpState::Dropped) => Admit::Dropped,
+            Entry::Occupied(mut o) => match *o.get() {
+                OpState::Running => Admit::Running,
+                OpState::Answered(seq) => Admit::Answered(seq),
+                OpState::Dropped if rerun_dropped => {
+                    o.insert(OpState::Running);
+                    Admit::Run
+                }
+                OpState::Dropped => Admit::Dropped,
+            },
         }
     }
 
@@ -179,8 +184,10 @@ impl Ledger {
         };
         self.bytes -= p.bytes;
         for r in p.replies.iter() {
-            if self.ops.get(&r.id) == Some(&OpState::Answered(seq)) {
-                self.ops.remove(&r.id);
+            if let Entry::Occupied(o) = self.ops.entry(r.id) {
+                if *o.get() == OpState::Answered(seq) {
+                    o.remove();
+                }
             }
         }
     }
