@@ -186,8 +186,10 @@ impl Reply {
         self.finish_at(outcome, Instant::now());
     }
 
-    /// [`finish`](Self::finish), ended at `now` (a clock read the caller already has).
-    pub(crate) fn finish_at(mut self, outcome: OpOutcome, now: Instant) {
+    /// [`finish`](Self::finish), ended at `now` (a clock read the caller already has:
+    /// the operations of one batch of replies from another node all ended when it
+    /// arrived).
+    pub fn finish_at(mut self, outcome: OpOutcome, now: Instant) {
         let outcome = self.stamp(outcome);
         self.complete(outcome, now);
     }

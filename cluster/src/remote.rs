@@ -155,8 +155,9 @@ impl Outbox {
         wire
     }
 
-    /// Completes the operations `peer` answered. Replies to unknown ids (answered
-    /// already: a repeat after a re-send) are ignored. Answers the operations `peer`
+    /// Completes the operations `peer` answered, all ended as the replies arrived (one
+    /// clock read for the batch). Replies to unknown ids (answered already: a repeat
+    /// after a re-send) are ignored. Answers the operations `peer`
     /// refused because its queue was full ([`REFUSED_OVERLOADED`]), with its reason,
     /// for the caller to route again or fail.
     pub fn complete(&self, peer: &NodeId, replies: Vec<WireReply>) -> Vec<(Box<Job>, String)> {
@@ -170,6 +171,7 @@ impl Outbox {
             replies.iter().map(|r| held.remove(&r.id)).collect()
         };
         drop(slot);
+        let arrived = Instant::now();
         let mut refused = Vec::new();
         for (job, reply) in jobs.into_iter().zip(replies) {
             let Some(job) = job else {
@@ -180,7 +182,7 @@ impl Outbox {
                 continue;
             }
             let Job { reply: done, .. } = *job;
-            done.finish(reply_from_wire(reply, peer));
+            done.finish_at(reply_from_wire(reply, peer), arrived);
         }
         refused
     }
