@@ -156,10 +156,12 @@ fn start_one<'a>(
     job.reply.mark_running(&job.op.op_type, *clock);
     let first = match &job.reply.entry().handler {
         HandlerKind::Async(h) => {
-            let ctx = job.reply.execute_context();
-            let mut call = trace::in_context(ctx, || h.call(job.op.clone()));
-            let polled = trace::in_context(ctx, || {
-                std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx)))
+            // The call and its first poll run as the operation (one context switch of
+            // the thread's current operation for both).
+            let (call, polled) = trace::in_context(job.reply.execute_context(), || {
+                let mut call = h.call(job.op.clone());
+                let polled = std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx)));
+                (call, polled)
             });
             match polled {
                 Ok(Poll::Pending) => First::Running(call),
