@@ -145,42 +145,61 @@ pub struct Dispatch<T> {
 
 /// All per-type queues of a node, served round robin across types.
 pub struct Queues<T> {
-    queues: TypeMap<TypeQueue<T>>,
-    /// Types with waiting items, in service order.
-    ready: VecDeque<OpType>,
+    /// Each type's queue, in the order the types first came (never removed).
+    queues: Vec<TypeQueue<T>>,
+    /// Where each type's queue is in `queues`.
+    index: TypeMap<usize>,
+    /// The type of the last push and where its queue is. Operations come in runs of one
+    /// type whose name is one shared `Arc` (a batch's, see `TypeNames`): comparing the
+    /// pointer finds the queue without hashing and comparing the name for each.
+    last: Option<(OpType, usize)>,
+    /// Queues with waiting items, in service order.
+    ready: VecDeque<usize>,
     policy: BatchPolicy,
 }
 
 impl<T: Queued> Queues<T> {
     pub fn new(policy: BatchPolicy) -> Self {
         Queues {
-            queues: TypeMap::default(),
+            queues: Vec::new(),
+            index: TypeMap::default(),
+            last: None,
             ready: VecDeque::new(),
             policy,
         }
     }
 
-    pub fn push(&mut self, op_type: &str, item: T, now: Instant) {
+    pub fn push(&mut self, op_type: &OpType, item: T, now: Instant) {
         self.queue_of(op_type).push(item, now);
     }
 
     /// The queue of `op_type`, made on first use, marked ready: the caller adds an item.
-    fn queue_of(&mut self, op_type: &str) -> &mut TypeQueue<T> {
-        if !self.queues.contains_key(op_type) {
-            self.queues.insert(op_type.into(), TypeQueue::new(op_type));
-        }
-        // Looked up again (the borrow checker will not return the first lookup's
-        // reference from one branch); the type's name hashes fast.
-        let q = self.queues.get_mut(op_type).expect("made above");
+    fn queue_of(&mut self, op_type: &OpType) -> &mut TypeQueue<T> {
+        let i = match &self.last {
+            Some((last, i)) if Arc::ptr_eq(last, op_type) => *i,
+            _ => {
+                let i = match self.index.get(&**op_type) {
+                    Some(&i) => i,
+                    None => {
+                        self.queues.push(TypeQueue::new(op_type));
+                        self.index.insert(op_type.clone(), self.queues.len() - 1);
+                        self.queues.len() - 1
+                    }
+                };
+                self.last = Some((op_type.clone(), i));
+                i
+            }
+        };
+        let q = &mut self.queues[i];
         if q.len == 0 {
-            self.ready.push_back(q.name.clone());
+            self.ready.push_back(i);
         }
         q
     }
 
     /// Items waiting, all types.
     pub fn len(&self) -> usize {
-        self.queues.values().map(|q| q.len).sum()
+        self.queues.iter().map(|q| q.len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -205,7 +224,7 @@ impl<T: Queued> Queues<T> {
         };
         let mut waiting = VecDeque::new();
         while let Some(t) = self.ready.pop_front() {
-            let q = self.queues.get_mut(&t).expect("ready types have a queue");
+            let q = &mut self.queues[t];
             q.drain_expired(now, &mut out.expired);
             if q.len == 0 {
                 continue;
@@ -229,7 +248,7 @@ impl<T: Queued> Queues<T> {
                 batch.push(q.pop().expect("len counted"));
             }
             let more = q.len > 0;
-            out.batches.push((t.clone(), batch));
+            out.batches.push((q.name.clone(), batch));
             if more {
                 // Served; goes behind the other types that wait.
                 self.ready.push_back(t);
@@ -240,7 +259,7 @@ impl<T: Queued> Queues<T> {
         if out.blocked_on_slots {
             let next_deadline = self
                 .queues
-                .values()
+                .iter()
                 .flat_map(|q| q.by_priority.values())
                 .flat_map(|q| q.iter().map(|(_, i)| i.deadline()))
                 .min();
@@ -441,6 +460,22 @@ mod tests {
         }
         let d = q.dispatch(t0, all);
         assert_eq!(ids(&d), vec![vec![2, 4, 1, 3, 5]]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn one_name_is_one_queue_whichever_arc_carries_it() {
+        let t0 = Instant::now();
+        let mut q = Queues::new(policy(10, 0, 100));
+        let (a1, a2, b): (OpType, OpType, OpType) = ("a".into(), "a".into(), "b".into());
+        q.push(&a1, item(1, 0, t0), t0);
+        q.push(&a2, item(2, 0, t0), t0);
+        q.push(&b, item(3, 0, t0), t0);
+        q.push(&a1, item(4, 0, t0), t0);
+        assert_eq!(q.len(), 4);
+        let d = q.dispatch(t0, all);
+        assert_eq!(ids(&d), vec![vec![1, 2, 4], vec![3]]);
+        assert_eq!(d.batches[0].0.as_ref(), "a");
         assert!(q.is_empty());
     }
 
