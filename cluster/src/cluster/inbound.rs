@@ -203,9 +203,13 @@ impl Inner {
         );
     }
 
-    /// Whether `name` is in the Raft group (a voter or a learner).
+    /// Whether `name` is in the Raft group (a voter or a learner). No one is while this
+    /// node's Raft has not started.
     fn is_member(&self, name: &str) -> bool {
-        let m = self.raft().metrics();
+        let Some(raft) = self.raft.get() else {
+            return false;
+        };
+        let m = raft.metrics();
         let m = m.borrow();
         m.membership_config
             .membership()
@@ -398,7 +402,9 @@ impl Inner {
     }
 
     async fn answer(&self, body: Rpc) -> RpcReply {
-        let raft = self.raft();
+        let Some(raft) = self.started_raft().await else {
+            return RpcReply::Error(format!("node `{}` is still starting", self.me.name));
+        };
         match body {
             Rpc::AppendEntries(r) => match raft.append_entries(r).await {
                 Ok(r) => RpcReply::AppendEntries(r),
