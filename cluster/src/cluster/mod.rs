@@ -530,7 +530,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_waits_for_raft_set_a_moment_later_or_gives_up() {
-        let (cell, set) = (Arc::new(OnceLock::new()), Arc::new(tokio::sync::Notify::new()));
+        let (cell, set) = (
+            Arc::new(OnceLock::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
         let setter = {
             let (cell, set) = (cell.clone(), set.clone());
             tokio::spawn(async move {
@@ -540,7 +543,10 @@ mod tests {
             })
         };
         let waited = Instant::now();
-        assert_eq!(once_set(&cell, &set, Duration::from_secs(10)).await, Some(&7));
+        assert_eq!(
+            once_set(&cell, &set, Duration::from_secs(10)).await,
+            Some(&7)
+        );
         assert!(waited.elapsed() < Duration::from_secs(5), "woken when set");
         setter.await.unwrap();
         // Set already: answered at once.
@@ -548,7 +554,10 @@ mod tests {
         // Never set: none, after the wait.
         let never: OnceLock<u8> = OnceLock::new();
         let started = Instant::now();
-        assert_eq!(once_set(&never, &set, Duration::from_millis(50)).await, None);
+        assert_eq!(
+            once_set(&never, &set, Duration::from_millis(50)).await,
+            None
+        );
         assert!(started.elapsed() >= Duration::from_millis(50));
     }
 }
