@@ -43,6 +43,7 @@ pub mod flow;
 pub mod formation;
 pub mod membership;
 pub mod network;
+mod notified;
 pub mod remote;
 pub mod replies;
 pub mod secret;

@@ -67,27 +67,6 @@ const LINK_BACK_WAIT: Duration = Duration::from_secs(2);
 /// transport listens, and peers' requests arrive, while Raft opens its log).
 const RAFT_START_WAIT: Duration = Duration::from_secs(5);
 
-/// The value of `cell`, waiting up to `wait` for it to be set (`set` is notified after).
-async fn once_set<'a, T>(
-    cell: &'a OnceLock<T>,
-    set: &tokio::sync::Notify,
-    wait: Duration,
-) -> Option<&'a T> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        // Registered before the check, so a value set in between wakes it.
-        let notified = set.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if let Some(v) = cell.get() {
-            return Some(v);
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return cell.get();
-        }
-    }
-}
-
 /// What the parts of a node's cluster share.
 struct Inner {
     cfg: ClusterConfig,
@@ -400,7 +379,7 @@ impl Inner {
     /// transport (and so peers' messages) comes up a moment before Raft does. `None`
     /// when it is still not up after [`RAFT_START_WAIT`].
     async fn started_raft(&self) -> Option<&Raft> {
-        once_set(&self.raft, &self.raft_started, RAFT_START_WAIT).await
+        crate::notified::until(&self.raft_started, RAFT_START_WAIT, || self.raft.get()).await
     }
 
     fn raft(&self) -> &Raft {
@@ -521,43 +500,5 @@ impl Forwarder for ClusterForwarder {
                 refused.into_iter().map(|j| (j, why.clone())).collect(),
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_request_waits_for_raft_set_a_moment_later_or_gives_up() {
-        let (cell, set) = (
-            Arc::new(OnceLock::new()),
-            Arc::new(tokio::sync::Notify::new()),
-        );
-        let setter = {
-            let (cell, set) = (cell.clone(), set.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                let _ = cell.set(7);
-                set.notify_waiters();
-            })
-        };
-        let waited = Instant::now();
-        assert_eq!(
-            once_set(&cell, &set, Duration::from_secs(10)).await,
-            Some(&7)
-        );
-        assert!(waited.elapsed() < Duration::from_secs(5), "woken when set");
-        setter.await.unwrap();
-        // Set already: answered at once.
-        assert_eq!(once_set(&cell, &set, Duration::ZERO).await, Some(&7));
-        // Never set: none, after the wait.
-        let never: OnceLock<u8> = OnceLock::new();
-        let started = Instant::now();
-        assert_eq!(
-            once_set(&never, &set, Duration::from_millis(50)).await,
-            None
-        );
-        assert!(started.elapsed() >= Duration::from_millis(50));
     }
 }

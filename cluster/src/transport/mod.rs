@@ -413,19 +413,10 @@ impl Transport {
     /// Waits until the outbound link to `peer` is up, for at most `timeout`; returns
     /// whether it is. A peer not added yet may be added while this waits.
     pub async fn wait_connected(&self, peer: &str, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            // Registered before the check, so a link that comes up in between wakes it.
-            let up = self.shared().link_up.notified();
-            tokio::pin!(up);
-            up.as_mut().enable();
-            if self.is_connected(peer) {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, up).await.is_err() {
-                return self.is_connected(peer);
-            }
-        }
+        let up = || self.is_connected(peer).then_some(());
+        crate::notified::until(&self.shared().link_up, timeout, up)
+            .await
+            .is_some()
     }
 
     /// Every peer's link, sorted by name.
