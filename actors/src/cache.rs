@@ -217,7 +217,13 @@ impl<W> ResultCache<W> {
         let size = entry_bytes(&key, outcome);
         if outcome.status == OpStatus::Succeeded && size <= self.max_bytes {
             self.add_bytes(size);
-            match self.done.push(key.clone(), (outcome.clone(), print, now)) {
+            // Kept for long: its result a copy of its own, not a slice that holds a
+            // larger buffer.
+            let kept = OpOutcome {
+                result: outcome.result.as_ref().map(Json::detached),
+                ..outcome.clone()
+            };
+            match self.done.push(key.clone(), (kept, print, now)) {
                 // Replaced the same key's older result: the size stays.
                 Some((old_key, (old, _, _))) if old_key == key => {
                     self.take_bytes(entry_bytes(&old_key, &old));
@@ -583,6 +589,30 @@ mod tests {
         assert!(c.bytes() <= 10_000);
         assert_eq!(c.len(), 3);
         assert_eq!(c.lookup(key("huge"), 0, 9, t0), Lookup::Miss(9));
+    }
+
+    /// A result that is a slice of a larger buffer (a forwarded batch's block) is kept
+    /// as a copy of its own.
+    #[test]
+    fn a_stored_result_holds_no_part_of_a_larger_buffer() {
+        let t0 = Instant::now();
+        let mut c = cache(10, 10_000);
+        let block = bytes::Bytes::from(vec![b'7'; 4096]);
+        let mut o = outcome(OpStatus::Succeeded);
+        o.result = Some(Json::from_trusted(block.slice(100..102)));
+        c.lookup(key("a"), 0, 0, t0);
+        c.complete(key("a"), &o, t0);
+        let Lookup::Hit(_, kept) = c.lookup(key("a"), 0, 1, t0) else {
+            panic!("not stored");
+        };
+        let kept = kept.result.unwrap();
+        assert_eq!(kept.as_str(), "77");
+        let at = kept.as_bytes().as_ptr() as usize;
+        let span = block.as_ptr() as usize..block.as_ptr() as usize + block.len();
+        assert!(
+            !span.contains(&at),
+            "the stored result points into the block"
+        );
     }
 
     proptest::proptest! {

@@ -558,6 +558,8 @@ impl OpStore {
                 self.limits.max_result_bytes
             ));
         }
+        // Kept for long: a copy of its own, not a slice that holds a larger buffer.
+        outcome.result = outcome.result.as_ref().map(Json::detached);
         let bytes = outcome.result.as_ref().map_or(0, Json::len)
             + outcome.error.as_ref().map_or(0, String::len);
         t.stored.store(bytes, Ordering::Relaxed);
@@ -681,6 +683,30 @@ mod tests {
         let e = o.error.as_deref().unwrap();
         assert!(e.starts_with(TOO_LARGE) && e.contains("5000 bytes"), "{e}");
         assert_eq!(s.bytes(), e.len(), "only the error is held");
+    }
+
+    /// A result that is a slice of a larger buffer (a forwarded batch's block) is kept
+    /// as a copy of its own: the store counts what it holds.
+    #[test]
+    fn a_stored_result_holds_no_part_of_a_larger_buffer() {
+        let s = store(1 << 20, 1 << 20, 60_000);
+        let block = bytes::Bytes::from(vec![b'7'; 4096]);
+        let op = Operation::new("t", Json::null());
+        let t = Arc::new(Tracked::new(&op, None));
+        s.insert(t.clone());
+        let mut o = OpOutcome::new(op.id, OpStatus::Succeeded);
+        o.result = Some(Json::from_trusted(block.slice(100..102)));
+        s.finished(&t, o);
+        let kept = s.get(&op.id).unwrap();
+        let kept = kept.outcome().unwrap().result.as_ref().unwrap();
+        assert_eq!(kept.as_str(), "77");
+        let at = kept.as_bytes().as_ptr() as usize;
+        let span = block.as_ptr() as usize..block.as_ptr() as usize + block.len();
+        assert!(
+            !span.contains(&at),
+            "the stored result points into the block"
+        );
+        assert_eq!(s.bytes(), 2);
     }
 
     #[test]

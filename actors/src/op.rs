@@ -137,6 +137,23 @@ impl Json {
         &self.0
     }
 
+    /// The encoded text, shared (no copy).
+    pub fn to_bytes(&self) -> Bytes {
+        self.0.clone()
+    }
+
+    /// The encoded text, given up.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    /// A copy in an allocation of its own. What a store that keeps results for long
+    /// holds: a document read off a cluster link may be part of a larger shared buffer
+    /// (a batch's block of small payloads), which a stored slice would keep alive.
+    pub fn detached(&self) -> Json {
+        Json(Bytes::copy_from_slice(&self.0))
+    }
+
     /// The encoded text as a `str` (valid JSON is valid UTF-8).
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).unwrap_or("null")

@@ -26,8 +26,8 @@ fn small_op(id: u128) -> WireOp {
         op_type: "echo".into(),
         key: Some(format!("key-{id}")),
         idempotency_key: None,
-        payload: br#"{"n":42}"#.to_vec(),
-        metadata: vec![],
+        payload: bytes::Bytes::from_static(br#"{"n":42}"#),
+        metadata: Default::default(),
         priority: 0,
         remaining_us: Some(30_000_000),
         trace: Some(WireTrace {

@@ -12,8 +12,8 @@
 //! | 2   | `Welcome`             | [`Welcome`]                                                     |
 //! | 3   | `Refused`             | `reason: String`                                                |
 //! | 4   | `DialerNonce`         | `nonce: [u8; 32], lane: u16`                                    |
-//! | 16  | `Message::OpBatch`    | `u64` count, then that many [`WireOp`]                          |
-//! | 17  | `Message::ReplyBatch` | `seq: u64`, then a `u64` count and that many [`WireReply`]      |
+//! | 16  | `Message::OpBatch`    | a varint count, then that many [`WireOp`] (see below)           |
+//! | 17  | `Message::ReplyBatch` | `seq: u64`, then a varint count and that many [`WireReply`]     |
 //! | 18  | `Message::Request`    | `id: u64`, then the [`Rpc`] as postcard, to the end of the body |
 //! | 19  | `Message::Response`   | `id: u64`, then the [`RpcReply`] as postcard, to the end        |
 //! | 20  | `Message::Ping`       | `seq: u64, load: u64`, a `u64` count of overloaded types and    |
@@ -21,8 +21,11 @@
 //! | 21  | `Message::Pong`       | the same as `Ping`                                              |
 //! | 22  | `Message::ReplyAck`   | `u64` count, then that many `seq: u64`                          |
 //!
-//! opmesh's own frames derive wincode; openraft's RPC types implement only serde, so they
-//! travel as postcard inside the frame.
+//! opmesh's own frames derive wincode, but for the records of the two that carry the
+//! traffic: operations and their outcomes are written and read by hand (the `ops`
+//! module: varint lengths, a flags byte for absent fields, payloads shared rather than
+//! copied). openraft's RPC types implement only serde, so they travel as postcard inside
+//! the frame.
 //!
 //! The envelope is versioned by the handshake: a dialer's `Hello` names the
 //! [`PROTOCOL_VERSION`] it speaks and a link opens only when both sides speak the same one.
@@ -35,12 +38,16 @@
 //! with its own prefix, as above) and an HMAC tag (see the transport's `record` module).
 //!
 //! Decoding never panics and never trusts a declared length: a sequence of records may not
-//! declare more records than the rest of the body could hold, byte strings are checked
-//! against the body before they are allocated, and metadata lists are capped, so a frame
-//! never makes `decode` reserve more than a small multiple of its own size.
+//! declare more records than the rest of the body could hold and byte strings are checked
+//! against the body before they are allocated, so a frame never makes `decode` reserve
+//! more than a small multiple of its own size.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+
+use bytes::Bytes;
+use opmesh_actors::OpType;
 
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -48,9 +55,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 use wincode::config::DefaultConfig;
-use wincode::containers;
 use wincode::context;
-use wincode::len::BincodeLen;
 use wincode::{SchemaRead, SchemaReadContext, SchemaWrite};
 
 use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfig};
@@ -66,7 +71,8 @@ use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfi
 /// 6: records are authenticated with keyed BLAKE3 instead of HMAC-SHA256.
 /// 7: a node opens several connections to a peer (lanes): `DialerNonce` names the lane,
 /// and the proofs and the link key cover it.
-pub const PROTOCOL_VERSION: u16 = 7;
+/// 8: operations and replies in their compact hand-written layout (varints, flags).
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Bytes of the length prefix in front of every frame body.
 pub const LEN_PREFIX: usize = 4;
@@ -163,14 +169,14 @@ impl WireOp {
                 .iter()
                 .map(|(k, v)| 16 + k.len() + v.len())
                 .sum::<usize>()
-            + self.owner.as_ref().map_or(0, String::len)
+            + self.owner.as_ref().map_or(0, |o| o.len())
     }
 }
 
 impl WireReply {
     /// About the bytes it takes: its result, its error and a fixed part for the rest.
     pub fn size_hint(&self) -> usize {
-        64 + self.result.as_ref().map_or(0, Vec::len) + self.error.as_ref().map_or(0, String::len)
+        64 + self.result.as_ref().map_or(0, Bytes::len) + self.error.as_ref().map_or(0, String::len)
     }
 }
 
@@ -185,29 +191,29 @@ pub struct OpenBreaker {
 /// Bytes of the smallest [`OpenBreaker`]: an empty type name's length and `open_ms`.
 const MIN_OPEN_BREAKER: usize = 16;
 
-/// One operation, as forwarded to its owner.
-#[derive(Debug, Clone, PartialEq, SchemaWrite, SchemaRead)]
+/// One operation, as forwarded to its owner. Its type name, payload and owner are shared
+/// with the operation it was made from (and, read back, a batch's operations of one type
+/// share one name).
+#[derive(Debug, Clone, PartialEq)]
 pub struct WireOp {
     pub id: u128,
-    pub op_type: String,
+    pub op_type: OpType,
     pub key: Option<String>,
     pub idempotency_key: Option<String>,
     /// The operation's JSON payload, as bytes.
-    #[wincode(with = "containers::Vec<u8, Unbounded>")]
-    pub payload: Vec<u8>,
-    #[wincode(with = "containers::Vec<(String, String), MetadataLen>")]
-    pub metadata: Vec<(String, String)>,
+    pub payload: Bytes,
+    pub metadata: BTreeMap<String, String>,
     pub priority: i32,
     /// Time left until the deadline when the frame was sent; `None`: no deadline.
     pub remaining_us: Option<u64>,
     /// The sender's span, so the owner's span is its child.
     pub trace: Option<WireTrace>,
     /// Who submitted it (the API token's name), when the origin checks tokens.
-    pub owner: Option<String>,
+    pub owner: Option<Arc<str>>,
 }
 
 /// A span context carried across nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, SchemaWrite, SchemaRead)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WireTrace {
     pub trace_id: u128,
     pub span_id: u64,
@@ -215,12 +221,12 @@ pub struct WireTrace {
 }
 
 /// The outcome of one [`WireOp`], back to the node it came from.
-#[derive(Debug, Clone, PartialEq, SchemaWrite, SchemaRead)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WireReply {
     pub id: u128,
     pub status: u8,
-    #[wincode(with = "Option<containers::Vec<u8, Unbounded>>")]
-    pub result: Option<Vec<u8>>,
+    /// The result's JSON, as bytes (shared with the outcome it was made from).
+    pub result: Option<Bytes>,
     pub error: Option<String>,
     /// Answered from the idempotency cache.
     pub cached: bool,
@@ -443,10 +449,10 @@ pub fn decode(body: &[u8]) -> Result<Frame, CodecError> {
             nonce: read(&mut rest)?,
             lane: read(&mut rest)?,
         },
-        tag::OP_BATCH => Frame::Message(Message::OpBatch(read_records(&mut rest, MIN_WIRE_OP)?)),
+        tag::OP_BATCH => Frame::Message(Message::OpBatch(ops::read_ops(&mut rest)?)),
         tag::REPLY_BATCH => {
             let seq = read(&mut rest)?;
-            let replies = Arc::new(read_records(&mut rest, MIN_WIRE_REPLY)?);
+            let replies = Arc::new(ops::read_replies(&mut rest)?);
             Frame::Message(Message::ReplyBatch { seq, replies })
         }
         tag::REPLY_ACK => Frame::Message(Message::ReplyAck {
@@ -497,20 +503,6 @@ mod tag {
     pub const REPLY_ACK: u8 = 22;
 }
 
-/// Byte strings are read only after the body is checked to hold them, so they need no
-/// preallocation cap of their own beyond the frame limit.
-type Unbounded = BincodeLen<{ wincode::config::PREALLOCATION_SIZE_LIMIT_DISABLED }>;
-
-/// Metadata pairs are preallocated before they are read; the cap (in bytes of
-/// `(String, String)`, 48 each) bounds what a lying count can reserve: 1365 pairs.
-type MetadataLen = BincodeLen<{ 64 * 1024 }>;
-
-/// The fewest bytes a [`WireOp`] encodes to (every string and list empty, every option
-/// `None`): a count larger than the rest of the body divided by this is a lie.
-const MIN_WIRE_OP: usize = 16 + 8 + 1 + 1 + 8 + 8 + 4 + 1 + 1 + 1;
-/// The same for a [`WireReply`].
-const MIN_WIRE_REPLY: usize = 16 + 1 + 1 + 1 + 1 + 4;
-
 impl Encode for Frame {
     fn encode_body(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
         match self {
@@ -545,14 +537,16 @@ impl Encode for Frame {
 impl Encode for Message {
     fn encode_body(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
         match self {
-            Message::OpBatch(ops) => {
+            Message::OpBatch(batch) => {
                 out.push(tag::OP_BATCH);
-                write_records(out, ops)
+                ops::put_ops(out, batch);
+                Ok(())
             }
             Message::ReplyBatch { seq, replies } => {
                 out.push(tag::REPLY_BATCH);
                 out.extend_from_slice(&seq.to_le_bytes());
-                write_records(out, replies)
+                ops::put_replies(out, replies);
+                Ok(())
             }
             Message::ReplyAck { seqs } => {
                 out.push(tag::REPLY_ACK);
@@ -676,6 +670,8 @@ fn postcard_exact<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, Codec
     }
     Ok(value)
 }
+
+mod ops;
 
 #[cfg(test)]
 mod tests;

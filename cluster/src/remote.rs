@@ -21,7 +21,6 @@ use opmesh_actors::job::Job;
 use opmesh_actors::trace::Stage;
 use opmesh_actors::{
     Json, NodeId, OpId, OpOutcome, OpStatus, Operation, OutcomeSink, SubmitError, TraceContext,
-    TypeNames,
 };
 use parking_lot::Mutex;
 
@@ -34,15 +33,11 @@ pub fn to_wire(job: &Job, now: Instant) -> WireOp {
     let (op, deadline) = (&job.op, job.deadline);
     WireOp {
         id: op.id.0,
-        op_type: String::from(&*op.op_type),
+        op_type: op.op_type.clone(),
         key: op.key.clone(),
         idempotency_key: op.idempotency_key.clone(),
-        payload: op.payload.as_bytes().to_vec(),
-        metadata: op
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        payload: op.payload.to_bytes(),
+        metadata: op.metadata.clone(),
         priority: op.priority,
         remaining_us: Some(deadline.saturating_duration_since(now).as_micros() as u64),
         trace: job.reply.trace_context(Stage::Route).map(|t| WireTrace {
@@ -50,20 +45,19 @@ pub fn to_wire(job: &Job, now: Instant) -> WireOp {
             span_id: t.span_id,
             flags: t.flags,
         }),
-        owner: op.owner.as_deref().map(str::to_owned),
+        owner: op.owner.clone(),
     }
 }
 
 /// Turns a forwarded operation back into an [`Operation`]. The payload is trusted as
 /// JSON: it was validated by the origin and came over an authenticated link.
-/// `types` names the types of the batch's operations.
-pub fn from_wire(w: WireOp, now: Instant, types: &mut TypeNames) -> Operation {
+pub fn from_wire(w: WireOp, now: Instant) -> Operation {
     Operation {
         id: OpId(w.id),
-        op_type: types.name(&w.op_type),
+        op_type: w.op_type,
         key: w.key,
         payload: Json::from_trusted(w.payload),
-        metadata: w.metadata.into_iter().collect(),
+        metadata: w.metadata,
         priority: w.priority,
         deadline: w.remaining_us.map(|us| now + Duration::from_micros(us)),
         idempotency_key: w.idempotency_key,
@@ -72,7 +66,7 @@ pub fn from_wire(w: WireOp, now: Instant, types: &mut TypeNames) -> Operation {
             span_id: t.span_id,
             flags: t.flags,
         }),
-        owner: w.owner.map(Into::into),
+        owner: w.owner,
     }
 }
 
@@ -81,7 +75,7 @@ pub fn reply_to_wire(o: OpOutcome) -> WireReply {
     WireReply {
         id: o.id.0,
         status: o.status.to_u8(),
-        result: o.result.map(|j| j.as_bytes().to_vec()),
+        result: o.result.map(Json::into_bytes),
         error: o.error,
         cached: o.cached,
         attempts: o.attempts,
@@ -328,42 +322,5 @@ impl OutcomeSink for ReplyCollector {
                 };
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn wire(id: u128, op_type: &str) -> WireOp {
-        WireOp {
-            id,
-            op_type: op_type.into(),
-            key: None,
-            idempotency_key: None,
-            payload: b"1".to_vec(),
-            metadata: vec![],
-            priority: 0,
-            remaining_us: None,
-            trace: None,
-            owner: None,
-        }
-    }
-
-    /// Operations of one batch keep their own types; a run of one type shares one name.
-    #[test]
-    fn a_batch_of_forwarded_operations_shares_the_name_of_a_type() {
-        let now = Instant::now();
-        let mut types = TypeNames::default();
-        let ops: Vec<Operation> = [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "a")]
-            .into_iter()
-            .map(|(id, t)| from_wire(wire(id, t), now, &mut types))
-            .collect();
-        let types: Vec<&str> = ops.iter().map(|o| &*o.op_type).collect();
-        assert_eq!(types, ["a", "a", "b", "a", "a"]);
-        assert!(Arc::ptr_eq(&ops[0].op_type, &ops[1].op_type));
-        assert!(Arc::ptr_eq(&ops[3].op_type, &ops[4].op_type));
-        assert_eq!(ops[2].id, OpId(3));
-        assert_eq!(ops[2].payload.as_str(), "1");
     }
 }

@@ -243,7 +243,7 @@ mod tests {
         WireReply {
             id,
             status: 2,
-            result: Some(vec![b'x'; result]),
+            result: Some(vec![b'x'; result].into()),
             error: None,
             cached: false,
             attempts: 1,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use openraft::Vote;
 use opmesh_actors::job::Job;
 use opmesh_actors::routing::affinity;
-use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus, OpType, OutcomeSink, TypeNames};
+use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus, OpType, OutcomeSink};
 
 use super::{Inner, LINK_BACK_WAIT};
 use crate::codec::{Message, OpenBreaker, Rpc, RpcReply, WireOp, WireReply, WriteRefused};
@@ -356,10 +356,7 @@ impl Inner {
                 .send(&peer, Message::ReplyBatch { seq, replies });
         }
         let ids: Vec<u128> = fresh.iter().map(|o| o.id).collect();
-        let mut types = TypeNames::default();
-        let ops = fresh
-            .into_iter()
-            .map(move |w| from_wire(w, now, &mut types));
+        let ops = fresh.into_iter().map(move |w| from_wire(w, now));
         let inner = self.clone();
         let to = peer.clone();
         let sink: Arc<dyn OutcomeSink> =

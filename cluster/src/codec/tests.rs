@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use openraft::testing::log_id;
 use openraft::{Entry, EntryPayload, Membership, SnapshotMeta, StoredMembership, Vote};
 use opmesh_actors::{Route, Strategy as RouteStrategy};
@@ -19,8 +21,8 @@ fn op(id: u128) -> WireOp {
         op_type: "resize".into(),
         key: Some(format!("img-{id}")),
         idempotency_key: None,
-        payload: br#"{"w":64}"#.to_vec(),
-        metadata: vec![("tenant".into(), "a".into())],
+        payload: Bytes::from_static(br#"{"w":64}"#),
+        metadata: BTreeMap::from([("tenant".into(), "a".into())]),
         priority: -3,
         remaining_us: Some(250_000),
         trace: Some(WireTrace {
@@ -35,11 +37,11 @@ fn op(id: u128) -> WireOp {
 fn bare_op() -> WireOp {
     WireOp {
         id: 0,
-        op_type: String::new(),
+        op_type: "".into(),
         key: None,
         idempotency_key: None,
-        payload: Vec::new(),
-        metadata: Vec::new(),
+        payload: Bytes::new(),
+        metadata: BTreeMap::new(),
         priority: 0,
         remaining_us: None,
         trace: None,
@@ -51,7 +53,7 @@ fn reply(id: u128) -> WireReply {
     WireReply {
         id,
         status: 2,
-        result: Some(b"{}".to_vec()),
+        result: Some(Bytes::from_static(b"{}")),
         error: Some("late".into()),
         cached: true,
         attempts: 3,
@@ -392,28 +394,101 @@ fn the_layout_is_as_documented() {
     expected.extend_from_slice(&0u64.to_le_bytes());
     assert_eq!(body, expected);
 
-    // A batch is a wincode `Vec`: what bincode-compatible readers expect.
-    let ops = vec![op(1), op(2)];
-    let body = body_of(&Message::OpBatch(ops.clone()));
-    assert_eq!(body[0], tag::OP_BATCH);
-    assert_eq!(&body[1..], wincode::serialize(&ops).unwrap().as_slice());
+    // Operations: every field, then none but the required ones.
+    let body = body_of(&Message::OpBatch(vec![op(300), bare_op()]));
+    let mut expected = vec![tag::OP_BATCH, 2];
+    expected.extend_from_slice(&300u128.to_le_bytes());
+    expected.push(0b11_1101); // key, metadata, remaining, trace, owner
+    expected.push(5); // priority -3, zigzag
+    expected.extend_from_slice(b"\x06resize\x08{\"w\":64}\x07img-300");
+    expected.extend_from_slice(b"\x01\x06tenant\x01a");
+    expected.extend_from_slice(&[0x90, 0xA1, 0x0F]); // 250,000
+    expected.extend_from_slice(&(u128::MAX - 300).to_le_bytes());
+    expected.extend_from_slice(&7u64.to_le_bytes());
+    expected.push(1);
+    expected.extend_from_slice(b"\x08deployer");
+    expected.extend_from_slice(&0u128.to_le_bytes());
+    expected.extend_from_slice(&[0, 0, 0, 0]);
+    assert_eq!(body, expected);
+    assert_eq!(
+        body_of(&Message::OpBatch(vec![bare_op()])).len(),
+        2 + ops::MIN_WIRE_OP
+    );
 
-    assert_eq!(
-        wincode::serialized_size(&bare_op()).unwrap(),
-        MIN_WIRE_OP as u64
-    );
-    let bare_reply = WireReply {
-        id: 0,
-        status: 0,
-        result: None,
-        error: None,
-        cached: false,
-        attempts: 0,
+    let mut bare = reply(1);
+    bare.result = None;
+    bare.error = None;
+    bare.cached = false;
+    let body = body_of(&Message::ReplyBatch {
+        seq: 9,
+        replies: Arc::new(vec![reply(1), bare]),
+    });
+    let mut expected = vec![tag::REPLY_BATCH];
+    expected.extend_from_slice(&9u64.to_le_bytes());
+    expected.push(2);
+    expected.extend_from_slice(&1u128.to_le_bytes());
+    expected.extend_from_slice(&[0b111, 2, 3]); // result, error, cached; status; attempts
+    expected.extend_from_slice(b"\x02{}\x04late");
+    expected.extend_from_slice(&1u128.to_le_bytes());
+    expected.extend_from_slice(&[0, 2, 3]);
+    assert_eq!(body, expected);
+    assert_eq!(body.len(), 1 + 8 + 1 + 16 + 3 + 3 + 5 + ops::MIN_WIRE_REPLY);
+}
+
+/// Varints at every width: the shortest form, and back.
+#[test]
+fn varints_round_trip_at_every_width() {
+    for shift in 0..64 {
+        for v in [1u64 << shift, (1u64 << shift) - 1, u64::MAX >> shift] {
+            let mut out = Vec::new();
+            ops::put_varint(&mut out, v);
+            assert_eq!(
+                out.len(),
+                (64 - v.leading_zeros() as usize).div_ceil(7).max(1)
+            );
+            let mut rest = out.as_slice();
+            assert_eq!(ops::read_varint(&mut rest).unwrap(), v);
+            assert!(rest.is_empty());
+        }
+    }
+    // Eleven bytes, or a tenth byte with more than bit 63.
+    let mut rest: &[u8] = &[0xFF; 11];
+    assert!(matches!(
+        ops::read_varint(&mut rest),
+        Err(CodecError::Malformed(_))
+    ));
+    let mut rest: &[u8] = &[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02];
+    assert!(matches!(
+        ops::read_varint(&mut rest),
+        Err(CodecError::Malformed(_))
+    ));
+    let mut rest: &[u8] = &[0x80, 0x80];
+    assert!(matches!(
+        ops::read_varint(&mut rest),
+        Err(CodecError::Truncated)
+    ));
+}
+
+/// A batch read back shares one name per run of a type, and its operations keep their
+/// own types.
+#[test]
+fn a_batch_read_back_shares_the_name_of_a_type() {
+    let ops: Vec<WireOp> = [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "a")]
+        .into_iter()
+        .map(|(id, t)| WireOp {
+            op_type: t.into(),
+            ..op(id)
+        })
+        .collect();
+    let Frame::Message(Message::OpBatch(back)) =
+        decode(&body_of(&Message::OpBatch(ops.clone()))).unwrap()
+    else {
+        panic!("not an operation batch");
     };
-    assert_eq!(
-        wincode::serialized_size(&bare_reply).unwrap(),
-        MIN_WIRE_REPLY as u64
-    );
+    assert_eq!(back, ops);
+    assert!(Arc::ptr_eq(&back[0].op_type, &back[1].op_type));
+    assert!(Arc::ptr_eq(&back[3].op_type, &back[4].op_type));
+    assert!(!Arc::ptr_eq(&back[1].op_type, &back[3].op_type));
 }
 
 #[test]
@@ -468,39 +543,58 @@ fn bad_bodies_are_named() {
 /// size is reserved (a reservation of 2^60 bytes would abort the test).
 #[test]
 fn lying_lengths_fail_before_allocating() {
-    for tag in [tag::OP_BATCH, tag::REPLY_BATCH, tag::REPLY_ACK] {
-        for count in [1u64, 1 << 20, 1 << 40, u64::MAX] {
+    for count in [1u64, 1 << 20, 1 << 40, u64::MAX] {
+        let mut body = vec![tag::REPLY_ACK];
+        body.extend_from_slice(&count.to_le_bytes());
+        body.extend_from_slice(&[0; 7]);
+        assert!(
+            matches!(decode(&body), Err(CodecError::Truncated)),
+            "{count}"
+        );
+    }
+
+    // Varint counts of batches claiming more records than the body holds.
+    for tag in [tag::OP_BATCH, tag::REPLY_BATCH] {
+        for count in [4u64, 1 << 20, 1 << 40, u64::MAX] {
             let mut body = vec![tag];
             if tag == tag::REPLY_BATCH {
                 body.extend_from_slice(&9u64.to_le_bytes()); // its seq
             }
-            body.extend_from_slice(&count.to_le_bytes());
-            body.extend_from_slice(&[0; 7]);
+            ops::put_varint(&mut body, count);
+            body.extend_from_slice(&[0; 64]);
             assert!(
                 matches!(decode(&body), Err(CodecError::Truncated)),
-                "{count}"
+                "{tag} {count}"
             );
         }
     }
 
-    // The first op's `op_type` claims 2^60 bytes: over wincode's preallocation cap for
-    // strings (4 MiB), and past the end of the body.
-    let mut body = body_of(&Message::OpBatch(vec![bare_op()]));
-    body[1 + 8 + 16..1 + 8 + 16 + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
-    assert!(matches!(decode(&body), Err(CodecError::Malformed(_))));
-    body[1 + 8 + 16..1 + 8 + 16 + 8].copy_from_slice(&(1u64 << 20).to_le_bytes());
-    assert!(matches!(decode(&body), Err(CodecError::Truncated)));
-
-    // Its payload claims 2^60 bytes.
-    let at = 1 + 8 + 16 + 8 + 1 + 1;
-    body[1 + 8 + 16..1 + 8 + 16 + 8].copy_from_slice(&0u64.to_le_bytes());
-    body[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
-    assert!(matches!(decode(&body), Err(CodecError::Truncated)));
-
-    // Its metadata claims 2^40 pairs: over the metadata cap.
-    body[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
-    body[at + 8..at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
-    assert!(matches!(decode(&body), Err(CodecError::Malformed(_))));
+    // An operation's type name, payload, key or metadata claims 2^60 bytes (or pairs).
+    let long = |len: u64| {
+        let mut v = Vec::new();
+        ops::put_varint(&mut v, len);
+        v
+    };
+    let head = |flags: u8| {
+        let mut body = vec![tag::OP_BATCH, 1];
+        body.extend_from_slice(&[0; 16]);
+        body.extend_from_slice(&[flags, 0]);
+        body
+    };
+    let huge = long(1 << 60);
+    let cases = [
+        [head(0), huge.clone()].concat(),
+        [head(0), vec![0], huge.clone()].concat(),
+        [head(1), vec![0, 0], huge.clone()].concat(),
+        [head(4), vec![0, 0], huge.clone()].concat(),
+    ];
+    for mut body in cases {
+        body.extend_from_slice(&[0; 40]);
+        assert!(
+            matches!(decode(&body), Err(CodecError::Truncated)),
+            "{body:?}"
+        );
+    }
 
     // A postcard payload whose entry list claims 2^60 entries.
     let mut body = vec![tag::REQUEST];
@@ -521,20 +615,114 @@ fn lying_lengths_fail_before_allocating() {
     assert!(matches!(decode(&body), Err(CodecError::Payload(_))));
 }
 
+/// Fields the layout does not allow: flags this version does not know, names that are
+/// not UTF-8, numbers past 32 bits.
 #[test]
-fn a_metadata_list_over_the_cap_does_not_encode() {
-    let mut big = bare_op();
-    big.metadata = vec![(String::new(), String::new()); 2000];
-    let mut out = vec![1, 2, 3];
-    assert!(matches!(
-        encode(&Message::OpBatch(vec![big]), &mut out),
-        Err(CodecError::Encode(_))
-    ));
-    assert_eq!(
-        out,
-        [1, 2, 3],
-        "a failed encode leaves the buffer as it was"
+fn malformed_records_are_named() {
+    let body = body_of(&Message::OpBatch(vec![bare_op()]));
+    let flags = 2 + 16;
+    let mut bad = body.clone();
+    bad[flags] = 0x40;
+    let err = decode(&bad).unwrap_err().to_string();
+    assert!(err.contains("unknown operation flags 0x40"), "{err}");
+
+    let typed = body_of(&Message::OpBatch(vec![WireOp {
+        op_type: "é".into(),
+        ..bare_op()
+    }]));
+    let mut bad = typed.clone();
+    bad[flags + 3] = 0xFF;
+    let err = decode(&bad).unwrap_err().to_string();
+    assert!(err.contains("op_type is not UTF-8"), "{err}");
+
+    let mut bad = body[..flags + 1].to_vec();
+    ops::put_varint(&mut bad, 1 << 33);
+    bad.extend_from_slice(&[0, 0]);
+    let err = decode(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("priority 8589934592 does not fit 32 bits"),
+        "{err}"
     );
+
+    let mut bare = reply(1);
+    bare.result = None;
+    bare.error = None;
+    bare.cached = false;
+    let mut bad = body_of(&Message::ReplyBatch {
+        seq: 1,
+        replies: Arc::new(vec![bare]),
+    });
+    bad[1 + 8 + 1 + 16] = 0x08;
+    let err = decode(&bad).unwrap_err().to_string();
+    assert!(err.contains("unknown reply flags 0x08"), "{err}");
+}
+
+/// Small payloads read back are packed into shared blocks, one after the other, a new
+/// block when one is full; a large one gets an allocation of its own. Results too.
+#[test]
+fn small_payloads_share_blocks_and_large_ones_do_not() {
+    let sizes = [10, 20, 1000, 1000, 1000, 1000, 100, 2000, 30];
+    let ops: Vec<WireOp> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| WireOp {
+            payload: vec![b'a' + i as u8; n].into(),
+            ..op(i as u128)
+        })
+        .collect();
+    let Frame::Message(Message::OpBatch(back)) =
+        decode(&body_of(&Message::OpBatch(ops.clone()))).unwrap()
+    else {
+        panic!("not an operation batch");
+    };
+    assert_eq!(back, ops);
+    let at = |i: usize| back[i].payload.as_ptr() as usize;
+    let follows = |i: usize| at(i) == at(i - 1) + sizes[i - 1];
+    // 4,030 bytes fill the first block; 100 more would pass 4,096 and start the next.
+    assert!((1..=5).all(follows));
+    assert!(!follows(6), "a block holds 4096 bytes at most");
+    // 2,000 bytes: copied alone; the 30 after it goes on in the second block.
+    assert!(!follows(7));
+    assert_eq!(at(8), at(6) + 100);
+
+    let replies: Vec<WireReply> = [5, 5, 3000]
+        .iter()
+        .map(|&n| WireReply {
+            result: Some(vec![b'r'; n].into()),
+            ..reply(n as u128)
+        })
+        .collect();
+    let Frame::Message(Message::ReplyBatch { replies: back, .. }) =
+        decode(&body_of(&Message::ReplyBatch {
+            seq: 1,
+            replies: Arc::new(replies.clone()),
+        }))
+        .unwrap()
+    else {
+        panic!("not a reply batch");
+    };
+    assert_eq!(*back, replies);
+    let at = |i: usize| back[i].result.as_ref().unwrap().as_ptr() as usize;
+    assert_eq!(at(1), at(0) + 5);
+    assert_ne!(at(2), at(1) + 5);
+}
+
+/// Every priority survives the zigzag varint.
+#[test]
+fn priorities_round_trip_at_the_extremes() {
+    let ops: Vec<WireOp> = [i32::MIN, -1, 0, 1, i32::MAX]
+        .into_iter()
+        .map(|priority| WireOp {
+            priority,
+            ..bare_op()
+        })
+        .collect();
+    let Frame::Message(Message::OpBatch(back)) =
+        decode(&body_of(&Message::OpBatch(ops.clone()))).unwrap()
+    else {
+        panic!("not an operation batch");
+    };
+    assert_eq!(back, ops);
 }
 
 fn sample_bodies() -> Vec<Vec<u8>> {
@@ -585,8 +773,90 @@ fn apply(body: &mut Vec<u8>, m: &Mutation) {
     }
 }
 
+fn any_op() -> impl Strategy<Value = WireOp> {
+    let text = || proptest::option::of(".{0,12}");
+    (
+        (any::<u128>(), ".{0,16}", text(), text()),
+        (
+            proptest::collection::vec(any::<u8>(), 0..200),
+            proptest::collection::btree_map(".{0,8}", ".{0,8}", 0..4),
+        ),
+        (
+            any::<i32>(),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of((any::<u128>(), any::<u64>(), any::<u8>())),
+            text(),
+        ),
+    )
+        .prop_map(
+            |(
+                (id, op_type, key, idempotency_key),
+                (payload, metadata),
+                (priority, remaining_us, trace, owner),
+            )| {
+                WireOp {
+                    id,
+                    op_type: op_type.as_str().into(),
+                    key,
+                    idempotency_key,
+                    payload: payload.into(),
+                    metadata,
+                    priority,
+                    remaining_us,
+                    trace: trace.map(|(trace_id, span_id, flags)| WireTrace {
+                        trace_id,
+                        span_id,
+                        flags,
+                    }),
+                    owner: owner.map(|o| o.as_str().into()),
+                }
+            },
+        )
+}
+
+fn any_reply() -> impl Strategy<Value = WireReply> {
+    (
+        any::<u128>(),
+        any::<u8>(),
+        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..200)),
+        proptest::option::of(".{0,20}"),
+        any::<bool>(),
+        any::<u32>(),
+    )
+        .prop_map(|(id, status, result, error, cached, attempts)| WireReply {
+            id,
+            status,
+            result: result.map(Bytes::from),
+            error,
+            cached,
+            attempts,
+        })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    #[test]
+    fn any_operations_and_replies_round_trip(
+        ops in proptest::collection::vec(any_op(), 0..8),
+        replies in proptest::collection::vec(any_reply(), 0..8),
+        seq in any::<u64>(),
+    ) {
+        let Frame::Message(Message::OpBatch(back)) =
+            decode(&body_of(&Message::OpBatch(ops.clone()))).unwrap()
+        else {
+            panic!("not an operation batch");
+        };
+        prop_assert_eq!(back, ops);
+        let replies = Arc::new(replies);
+        let Frame::Message(Message::ReplyBatch { seq: s, replies: r }) =
+            decode(&body_of(&Message::ReplyBatch { seq, replies: replies.clone() })).unwrap()
+        else {
+            panic!("not a reply batch");
+        };
+        prop_assert_eq!(s, seq);
+        prop_assert_eq!(r, replies);
+    }
 
     #[test]
     fn random_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -648,7 +648,7 @@ mod tests {
                 replies: std::sync::Arc::new(vec![WireReply {
                     id: 5,
                     status: 0,
-                    result: Some(b"{}".to_vec()),
+                    result: Some(bytes::Bytes::from_static(b"{}")),
                     error: None,
                     cached: false,
                     attempts: 1,

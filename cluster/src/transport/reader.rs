@@ -290,7 +290,7 @@ mod tests {
         c.add_peer("a", &a.local_addr().to_string());
         until("c's link", || c.is_connected("a")).await;
         let big = WireOp {
-            payload: vec![b'x'; 2000],
+            payload: vec![b'x'; 2000].into(),
             ..small_op(1)
         };
         c.send("a", Message::OpBatch(vec![big])).unwrap();
