@@ -233,6 +233,7 @@ fn args(ops: u64, concurrency: usize, traces: Option<(&str, f64)>, rate: Option<
         json: true,
         remote: false,
         shard_threads: false,
+        client_threads: None,
         otlp_endpoint: traces.map(|(e, _)| e.to_string()),
         sampling: traces.map_or(1.0, |(_, r)| r),
         exporters: arg("--exporters", 0) as usize,

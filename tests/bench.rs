@@ -84,6 +84,72 @@ fn in_process_bench_reports_one_json_line() {
     }
 }
 
+/// `--client-threads 3`: the bench process runs three threads of its own, each of which
+/// carries part of the load (read from `/proc` while it runs: a thread that only waits
+/// runs for microseconds), and they are all it uses to send.
+#[cfg(target_os = "linux")]
+#[test]
+fn http_bench_sends_from_threads_of_its_own() {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    let s = Server::start(&[], &[]);
+    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_opmesh"))
+        .args([
+            "bench",
+            "--target",
+            &s.base,
+            "--ops",
+            "300000",
+            "--batch",
+            "100",
+            "--concurrency",
+            "6",
+            "--client-threads",
+            "3",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the opmesh binary runs");
+    let task = format!("/proc/{}/task", bench.id());
+    // Each client thread (names are cut at 15 bytes) and the nanoseconds it has run.
+    let threads = || -> BTreeMap<String, u64> {
+        let Ok(dir) = std::fs::read_dir(&task) else {
+            return BTreeMap::new();
+        };
+        dir.filter_map(|t| {
+            let t = t.ok()?.path();
+            let name = std::fs::read_to_string(t.join("comm")).ok()?;
+            let ran = std::fs::read_to_string(t.join("schedstat")).ok()?;
+            let ran: u64 = ran.split_whitespace().next()?.parse().ok()?;
+            let tid = t.file_name()?.to_str()?.to_owned();
+            (name.trim() == "opmesh-bench-cl").then_some((tid, ran))
+        })
+        .collect()
+    };
+    let mut seen = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while bench.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the bench did not end");
+        seen.extend(threads());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = bench.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v = last_json(&String::from_utf8_lossy(&out.stdout));
+    check(&v, 300_000);
+    assert_eq!(v["client_threads"], 3, "{v}");
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen.values().all(|&ns| ns > 1_000_000),
+        "a client thread sat idle: {seen:?}"
+    );
+}
+
 #[test]
 fn http_bench_single_batch_and_baseline() {
     let s = Server::start(&[], &[]);

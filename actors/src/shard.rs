@@ -219,13 +219,20 @@ const SHARD_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 impl ShardThreads {
     /// Starts `n` threads, `opmesh-shard-<i>`, and waits until each runtime runs.
     pub fn start(n: usize) -> std::io::Result<Self> {
+        Self::start_named(n, "opmesh-shard")
+    }
+
+    /// [`start`](Self::start), the threads named `<name>-<i>`: for other work that wants
+    /// one event loop per thread, each thread the home of its number (a load generator's
+    /// connections, say).
+    pub fn start_named(n: usize, name: &str) -> std::io::Result<Self> {
         let mut handles = Vec::with_capacity(n);
         let mut stops = Vec::with_capacity(n);
         for i in 0..n {
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let (ready, handle) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
-                .name(format!("opmesh-shard-{i}"))
+                .name(format!("{name}-{i}"))
                 .spawn(move || {
                     make_home(i);
                     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -245,7 +252,7 @@ impl ShardThreads {
                     rt.shutdown_timeout(SHARD_STOP_WAIT);
                 })?;
             let handle = handle.recv().map_err(|_| {
-                std::io::Error::other(format!("shard thread {i} stopped before its runtime ran"))
+                std::io::Error::other(format!("thread {name}-{i} stopped before its runtime ran"))
             })??;
             handles.push(handle);
             stops.push(stop);

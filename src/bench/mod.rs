@@ -191,6 +191,13 @@ pub struct BenchArgs {
     )]
     pub exporters: usize,
 
+    /// HTTP only: generate the load from N threads of its own, each with its own event
+    /// loop, HTTP client and connections (as wrk does), the drivers spread over them:
+    /// no request or answer crosses threads on the client's side [default: one per
+    /// core, at most --concurrency].
+    #[arg(long, value_name = "N")]
+    pub client_threads: Option<usize>,
+
     /// The share of operations that may fail, 0.0..=1.0: above it the bench exits
     /// non-zero after its report, naming the share and the first reasons.
     #[arg(long, value_name = "RATIO", default_value_t = 0.0)]
@@ -256,6 +263,8 @@ struct Plan {
     remote: bool,
     /// `--shard-threads`.
     shard_threads: bool,
+    /// `--client-threads` (HTTP only; one per core unless given).
+    client_threads: Option<usize>,
     /// `--otlp-endpoint`, `--sampling` and `--exporters`.
     traces: Option<(String, f64, usize)>,
     max_error_ratio: f64,
@@ -290,6 +299,13 @@ impl BenchArgs {
         }
         if self.baseline && !http {
             bail!("--baseline needs --target: it measures the server's plain hello route");
+        }
+        match self.client_threads {
+            Some(_) if !http => {
+                bail!("--client-threads needs --target: it sets the HTTP client's threads")
+            }
+            Some(0) => bail!("--client-threads must be at least 1, got 0"),
+            _ => {}
         }
         let batch = match self.batch {
             None => None,
@@ -331,6 +347,10 @@ impl BenchArgs {
             warmup: self.warmup.unwrap_or((self.ops / 10).min(10_000)),
             remote: self.remote,
             shard_threads: self.shard_threads,
+            client_threads: match self.client_threads {
+                None if http => Some(cores()),
+                n => n,
+            },
             token: self.token.clone(),
             traces: match &self.otlp_endpoint {
                 None => None,
@@ -344,6 +364,10 @@ impl BenchArgs {
             max_error_ratio: self.max_error_ratio,
         })
     }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 fn parse_target(t: &str) -> anyhow::Result<reqwest::Url> {
@@ -368,10 +392,13 @@ impl Plan {
         self.batch.unwrap_or(1)
     }
 
-    /// Driver tasks: one per core, so completions are handled where they land.
+    /// Driver tasks: one per core (or per client thread), so completions are handled
+    /// where they land.
     fn drivers(&self) -> usize {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        cores.min(self.concurrency).max(1)
+        self.client_threads
+            .unwrap_or_else(cores)
+            .min(self.concurrency)
+            .max(1)
     }
 
     fn arrivals(&self) -> Arrivals {
@@ -758,15 +785,24 @@ async fn http(
     trust: &[CertificateDer<'static>],
     progress: bool,
 ) -> anyhow::Result<BenchReport> {
-    let client = http_client(plan.concurrency, trust, plan.token.as_ref())
+    // The client's threads (as many as the drivers), one HTTP client each, so each
+    // thread's connections stay its own.
+    let threads =
+        opmesh_actors::shard::ShardThreads::start_named(plan.drivers(), "opmesh-bench-client")
+            .context("starting the client's threads")?;
+    let runtimes = threads.handles();
+    let clients = (0..runtimes.len())
+        .map(|_| http_client(plan.concurrency, trust, plan.token.as_ref()))
+        .collect::<anyhow::Result<Vec<_>>>()
         .context("building the HTTP client")?;
     let batch = plan.per_request();
     let target = base.as_str().trim_end_matches('/').to_owned();
     let measure = |route: Route, label: &'static str| {
-        let client = client.clone();
+        let clients = clients.clone();
         async move {
             let load = Arc::new(Http::new(
-                client,
+                clients,
+                runtimes,
                 base,
                 route,
                 &plan.op_type,
@@ -801,6 +837,7 @@ async fn http(
     let mut report = report(plan, "http", Some(target), &measured);
     report.baseline = baseline;
     report.accepted_only = !plan.wait;
+    report.client_threads = Some(runtimes.len());
     Ok(report)
 }
 

@@ -129,6 +129,9 @@ pub struct BenchReport {
     /// drivers on them.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub shard_threads: bool,
+    /// `--client-threads`: the HTTP load came from that many threads of its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_threads: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampling: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -247,6 +250,7 @@ pub(super) fn report(
         rss_peak_source: None,
         baseline: None,
         shard_threads: false,
+        client_threads: None,
         sampling: None,
         trace_export: None,
     }
@@ -289,6 +293,13 @@ pub fn render_text(report: &BenchReport) -> String {
     }
     if report.shard_threads {
         batch.push_str(" · shards on threads of their own");
+    }
+    if let Some(n) = report.client_threads {
+        let _ = write!(
+            batch,
+            " · client on {n} thread{}",
+            if n == 1 { "" } else { "s" }
+        );
     }
     let _ = writeln!(
         out,

@@ -143,7 +143,10 @@ impl Route {
 
 /// Drives a running node over HTTP/1.1 with keep-alive (reqwest pools the connections).
 pub(crate) struct Http {
-    client: reqwest::Client,
+    /// One per thread of `runtimes` (a request takes its thread's), or one.
+    clients: Vec<reqwest::Client>,
+    /// The client's own threads (`--client-threads`); empty: the bench's runtime.
+    runtimes: Vec<tokio::runtime::Handle>,
     url: reqwest::Url,
     route: Route,
     /// `{"type":…,"payload":…}`, the one operation every request carries.
@@ -175,7 +178,8 @@ pub(crate) fn http_client(
 impl Http {
     /// `base` is the target without a trailing slash (`http://host:port`).
     pub(crate) fn new(
-        client: reqwest::Client,
+        clients: Vec<reqwest::Client>,
+        runtimes: &[tokio::runtime::Handle],
         base: &reqwest::Url,
         route: Route,
         op_type: &str,
@@ -195,7 +199,8 @@ impl Http {
             op.clone()
         };
         Ok(Http {
-            client,
+            clients,
+            runtimes: runtimes.to_vec(),
             url,
             route,
             op,
@@ -344,6 +349,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 impl Load for Http {
     type Fut = Pin<Box<dyn Future<Output = Done> + Send>>;
 
+    fn runtimes(&self) -> &[tokio::runtime::Handle] {
+        &self.runtimes
+    }
+
     fn issue(&self, ops: u32) -> Self::Fut {
         let body = if ops == self.batch {
             self.body.clone()
@@ -351,8 +360,9 @@ impl Load for Http {
             // The last, short batch of a run.
             batch_body(&self.op, ops)
         };
-        let req = self
-            .client
+        // A client thread is the home of its number ([`ShardThreads::start_named`]).
+        let client = &self.clients[opmesh_actors::shard::home_index() % self.clients.len()];
+        let req = client
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);

@@ -26,7 +26,7 @@ pub(super) fn parse(argv: &[&str]) -> BenchArgs {
         .args
 }
 
-const EXTRAS: [&str; 34] = [
+const EXTRAS: [&str; 35] = [
     "latency_from",
     "service_p50_us",
     "service_p95_us",
@@ -61,6 +61,7 @@ const EXTRAS: [&str; 34] = [
     "baseline",
     "sampling",
     "trace_export",
+    "client_threads",
 ];
 
 pub(super) fn assert_report_shape(v: &serde_json::Value) {
@@ -170,6 +171,11 @@ fn invalid_arguments_are_clear_errors() {
         "{cacert}"
     );
     assert!(err(&["--target", "not a url"]).contains("not a URL"));
+    assert!(
+        err(&["--in-process", "--client-threads", "2"]).contains("--client-threads needs --target")
+    );
+    assert!(err(&["--target", "http://h:1", "--client-threads", "0"])
+        .contains("--client-threads must be at least 1"));
     assert!(err(&["--in-process", "--ops", "0"]).contains("--ops"));
     assert!(err(&["--in-process", "--concurrency", "0"]).contains("--concurrency"));
     assert!(err(&["--in-process", "--rate", "0"]).contains("--rate"));
@@ -490,6 +496,37 @@ async fn http_run_uses_keep_alive_and_counts_every_op() {
         conns <= 64,
         "{conns} connections for 16 in flight: no keep-alive?"
     );
+}
+
+/// With `--client-threads`, the load comes from that many threads of the client's own
+/// (that they carry it is checked on a bench process alone, in `tests/bench.rs`): every
+/// operation counted, the report says how many threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_load_from_threads_of_its_own() {
+    let server = FakeServer::start().await;
+    let args = parse(&[
+        "--target",
+        &server.url(),
+        "--ops",
+        "20000",
+        "--batch",
+        "10",
+        "--concurrency",
+        "6",
+        "--warmup",
+        "0",
+        "--client-threads",
+        "3",
+        "--json",
+    ]);
+    let r = run_report(&args).await.unwrap();
+    assert_eq!((r.ops, r.errors, r.requests), (20_000, 0, 2_000));
+    assert_eq!(r.client_threads, Some(3));
+    // One pool per thread: each of the three opened its own connections.
+    assert!(server.connections.load(Ordering::Relaxed) >= 3);
+    let v = serde_json::to_value(&r).unwrap();
+    assert_report_shape(&v);
+    assert!(render_text(&r).contains("client on 3 threads"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
