@@ -82,6 +82,9 @@ pub const LEN_PREFIX: usize = 4;
 pub enum Message {
     /// Operations forwarded to the node that owns them.
     OpBatch(Vec<WireOp>),
+    /// The same, encoded by the sender where it holds them (the origin's outbox): sent
+    /// as an `OpBatch` frame, read back as [`Message::OpBatch`], never decoded as this.
+    EncodedOps(EncodedOps),
     /// Their outcomes, back to the node they came from: batch `seq` of the sender's
     /// replies to that node, kept by the sender until acknowledged.
     ReplyBatch {
@@ -124,6 +127,7 @@ impl Message {
     pub fn size_hint(&self) -> usize {
         match self {
             Message::OpBatch(ops) => 16 + ops.iter().map(WireOp::size_hint).sum::<usize>(),
+            Message::EncodedOps(ops) => 16 + ops.body.len(),
             Message::ReplyBatch { replies, .. } => {
                 16 + replies.iter().map(WireReply::size_hint).sum::<usize>()
             }
@@ -153,11 +157,30 @@ impl Message {
     /// Whether it carries operations or their outcomes (what a full link refuses: see
     /// `Transport::send`), rather than the cluster's own upkeep.
     pub fn is_bulk(&self) -> bool {
-        matches!(self, Message::OpBatch(_) | Message::ReplyBatch { .. })
+        matches!(
+            self,
+            Message::OpBatch(_) | Message::EncodedOps(_) | Message::ReplyBatch { .. }
+        )
     }
 }
 
 impl WireOp {
+    /// Its fields, lent to the encoder.
+    pub fn fields(&self) -> OpFields<'_> {
+        OpFields {
+            id: self.id,
+            op_type: &self.op_type,
+            key: self.key.as_deref(),
+            idempotency_key: self.idempotency_key.as_deref(),
+            payload: &self.payload,
+            metadata: &self.metadata,
+            priority: self.priority,
+            remaining_us: self.remaining_us,
+            trace: self.trace,
+            owner: self.owner.as_deref(),
+        }
+    }
+
     /// About the bytes it takes: its strings, payload and metadata and a fixed part.
     pub fn size_hint(&self) -> usize {
         96 + self.op_type.len()
@@ -210,6 +233,57 @@ pub struct WireOp {
     pub trace: Option<WireTrace>,
     /// Who submitted it (the API token's name), when the origin checks tokens.
     pub owner: Option<Arc<str>>,
+}
+
+/// A [`WireOp`]'s fields, borrowed from wherever the operation is kept: what is encoded.
+#[derive(Debug, Clone, Copy)]
+pub struct OpFields<'a> {
+    pub id: u128,
+    pub op_type: &'a str,
+    pub key: Option<&'a str>,
+    pub idempotency_key: Option<&'a str>,
+    pub payload: &'a [u8],
+    pub metadata: &'a BTreeMap<String, String>,
+    pub priority: i32,
+    pub remaining_us: Option<u64>,
+    pub trace: Option<WireTrace>,
+    pub owner: Option<&'a str>,
+}
+
+/// Operations encoded once, where the sender holds them: an `OpBatch` frame's body,
+/// and the operations' ids (what a refused batch hands back).
+#[derive(Debug, Clone)]
+pub struct EncodedOps {
+    body: Vec<u8>,
+    ids: Vec<u128>,
+}
+
+impl EncodedOps {
+    /// Encodes `ops` as the body of an `OpBatch` frame.
+    pub fn new<'a>(ops: impl ExactSizeIterator<Item = OpFields<'a>>) -> EncodedOps {
+        let mut body = Vec::with_capacity(16 + 96 * ops.len());
+        body.push(tag::OP_BATCH);
+        let mut ids = Vec::with_capacity(ops.len());
+        ops::put_count(&mut body, ops.len());
+        for op in ops {
+            ids.push(op.id);
+            ops::put_op(&mut body, &op);
+        }
+        EncodedOps { body, ids }
+    }
+
+    /// The operations' ids, in order.
+    pub fn ids(&self) -> &[u128] {
+        &self.ids
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
 }
 
 /// A span context carried across nodes.
@@ -539,7 +613,14 @@ impl Encode for Message {
         match self {
             Message::OpBatch(batch) => {
                 out.push(tag::OP_BATCH);
-                ops::put_ops(out, batch);
+                ops::put_count(out, batch.len());
+                for op in batch {
+                    ops::put_op(out, &op.fields());
+                }
+                Ok(())
+            }
+            Message::EncodedOps(ops) => {
+                out.extend_from_slice(&ops.body);
                 Ok(())
             }
             Message::ReplyBatch { seq, replies } => {

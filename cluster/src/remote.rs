@@ -24,20 +24,21 @@ use opmesh_actors::{
 };
 use parking_lot::Mutex;
 
-use crate::codec::{WireOp, WireReply, WireTrace};
+use crate::codec::{EncodedOps, OpFields, WireOp, WireReply, WireTrace};
 use crate::replies::Ids;
 
-/// Turns an accepted operation into its wire form; the deadline travels as time left,
-/// the trace context as the origin's `op.route` span (the parent of the owner's spans).
-pub fn to_wire(job: &Job, now: Instant) -> WireOp {
+/// An accepted operation's wire form, lent from its job; the deadline travels as time
+/// left, the trace context as the origin's `op.route` span (the parent of the owner's
+/// spans).
+pub fn wire_fields(job: &Job, now: Instant) -> OpFields<'_> {
     let (op, deadline) = (&job.op, job.deadline);
-    WireOp {
+    OpFields {
         id: op.id.0,
-        op_type: op.op_type.clone(),
-        key: op.key.clone(),
-        idempotency_key: op.idempotency_key.clone(),
-        payload: op.payload.to_bytes(),
-        metadata: op.metadata.clone(),
+        op_type: &op.op_type,
+        key: op.key.as_deref(),
+        idempotency_key: op.idempotency_key.as_deref(),
+        payload: op.payload.as_bytes(),
+        metadata: &op.metadata,
         priority: op.priority,
         remaining_us: Some(deadline.saturating_duration_since(now).as_micros() as u64),
         trace: job.reply.trace_context(Stage::Route).map(|t| WireTrace {
@@ -45,7 +46,7 @@ pub fn to_wire(job: &Job, now: Instant) -> WireOp {
             span_id: t.span_id,
             flags: t.flags,
         }),
-        owner: op.owner.clone(),
+        owner: op.owner.as_deref(),
     }
 }
 
@@ -137,10 +138,11 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Keeps `jobs` until `peer` answers them; returns their wire form.
-    pub fn hold(&self, peer: &NodeId, jobs: Vec<Box<Job>>) -> Vec<WireOp> {
+    /// Keeps `jobs` until `peer` answers them; returns them encoded (once, here: no
+    /// wire value per operation).
+    pub fn hold(&self, peer: &NodeId, jobs: Vec<Box<Job>>) -> EncodedOps {
         let now = Instant::now();
-        let wire = jobs.iter().map(|j| to_wire(j, now)).collect();
+        let wire = EncodedOps::new(jobs.iter().map(|j| wire_fields(j, now)));
         let slot = self.by_peer.entry(peer.clone()).or_default();
         let mut held = slot.lock();
         for j in jobs {
@@ -187,7 +189,7 @@ impl Outbox {
     /// has queued the repeat. Both go on lane 0 (see [`crate::transport`]), so the owner
     /// reads the repeat before the acknowledgement that lets it forget the operation, and
     /// never runs it again. Returns how many were handed over.
-    pub fn send_waiting(&self, peer: &NodeId, send: impl FnOnce(Vec<WireOp>)) -> usize {
+    pub fn send_waiting(&self, peer: &NodeId, send: impl FnOnce(EncodedOps)) -> usize {
         let now = Instant::now();
         let Some(slot) = self.by_peer.get(peer) else {
             return 0;
@@ -196,7 +198,7 @@ impl Outbox {
         if held.is_empty() {
             return 0;
         }
-        let wire: Vec<WireOp> = held.values().map(|j| to_wire(j, now)).collect();
+        let wire = EncodedOps::new(held.values().map(|j| wire_fields(j, now)));
         let n = wire.len();
         send(wire);
         n

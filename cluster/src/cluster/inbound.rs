@@ -77,6 +77,8 @@ impl Inner {
     fn on_message(self: &Arc<Self>, from: &str, msg: Message) {
         match msg {
             Message::OpBatch(ops) => self.run_forwarded(from, ops),
+            // Sent, never read: it arrives as an `OpBatch`.
+            Message::EncodedOps(_) => {}
             Message::ReplyBatch { seq, replies } => {
                 let replies = Arc::try_unwrap(replies).unwrap_or_else(|r| (*r).clone());
                 let peer = NodeId::from(from);
@@ -262,7 +264,7 @@ impl Inner {
         let count = self.outbox.send_waiting(&peer, |ops| {
             let _ = self
                 .transport()
-                .try_send_on(&peer, 0, Message::OpBatch(ops));
+                .try_send_on(&peer, 0, Message::EncodedOps(ops));
         });
         if count > 0 {
             tracing::info!(node = %peer, count, "link is back: sent waiting operations again");

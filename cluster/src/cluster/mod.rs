@@ -484,16 +484,16 @@ impl Forwarder for ClusterForwarder {
         let refused = self
             .0
             .transport()
-            .try_send_on(node, lane, Message::OpBatch(wire));
+            .try_send_on(node, lane, Message::EncodedOps(wire));
         if let Err(refused) = refused {
-            let (SendError::Full { queued }, Message::OpBatch(wire)) = *refused else {
+            let (SendError::Full { queued }, Message::EncodedOps(wire)) = *refused else {
                 return;
             };
             let why = format!(
                 "the link to node `{node}` holds {queued} bytes unsent, the most \
                  cluster.link_buffer_bytes allows"
             );
-            let refused = self.0.outbox.release(node, wire.iter().map(|w| w.id));
+            let refused = self.0.outbox.release(node, wire.ids().iter().copied());
             self.0.link_full(node);
             self.0.route_again(
                 node,

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use opmesh_actors::TypeNames;
 
-use super::{CodecError, WireOp, WireReply, WireTrace};
+use super::{CodecError, OpFields, WireOp, WireReply, WireTrace};
 
 /// The bits of a [`WireOp`]'s flags.
 mod op_flag {
@@ -75,15 +75,12 @@ fn unzigzag(v: u32) -> i32 {
     ((v >> 1) as i32) ^ -((v & 1) as i32)
 }
 
-/// A count, then the operations.
-pub(super) fn put_ops(out: &mut Vec<u8>, ops: &[WireOp]) {
-    put_varint(out, ops.len() as u64);
-    for op in ops {
-        put_op(out, op);
-    }
+/// A batch's count of records.
+pub(super) fn put_count(out: &mut Vec<u8>, count: usize) {
+    put_varint(out, count as u64);
 }
 
-fn put_op(out: &mut Vec<u8>, op: &WireOp) {
+pub(super) fn put_op(out: &mut Vec<u8>, op: &OpFields<'_>) {
     let mut flags = 0;
     for (present, bit) in [
         (op.key.is_some(), op_flag::KEY),
@@ -101,7 +98,7 @@ fn put_op(out: &mut Vec<u8>, op: &WireOp) {
     out.push(flags);
     put_varint(out, zigzag(op.priority));
     put_bytes(out, op.op_type.as_bytes());
-    put_bytes(out, &op.payload);
+    put_bytes(out, op.payload);
     if let Some(key) = &op.key {
         put_bytes(out, key.as_bytes());
     }
@@ -110,7 +107,7 @@ fn put_op(out: &mut Vec<u8>, op: &WireOp) {
     }
     if !op.metadata.is_empty() {
         put_varint(out, op.metadata.len() as u64);
-        for (k, v) in &op.metadata {
+        for (k, v) in op.metadata {
             put_bytes(out, k.as_bytes());
             put_bytes(out, v.as_bytes());
         }
@@ -118,12 +115,12 @@ fn put_op(out: &mut Vec<u8>, op: &WireOp) {
     if let Some(us) = op.remaining_us {
         put_varint(out, us);
     }
-    if let Some(t) = &op.trace {
+    if let Some(t) = op.trace {
         out.extend_from_slice(&t.trace_id.to_le_bytes());
         out.extend_from_slice(&t.span_id.to_le_bytes());
         out.push(t.flags);
     }
-    if let Some(owner) = &op.owner {
+    if let Some(owner) = op.owner {
         put_bytes(out, owner.as_bytes());
     }
 }

@@ -323,6 +323,28 @@ fn a_message_encodes_as_its_frame() {
     }
 }
 
+/// Operations encoded where they are held are the same frame as the batch of their wire
+/// values, read back as one, and keep their ids for a refused send.
+#[test]
+fn encoded_operations_are_an_op_batch_frame() {
+    for ops in [
+        vec![],
+        vec![op(1)],
+        (0..256).map(op).chain([bare_op()]).collect::<Vec<_>>(),
+    ] {
+        let encoded = EncodedOps::new(ops.iter().map(WireOp::fields));
+        let ids: Vec<u128> = ops.iter().map(|o| o.id).collect();
+        assert_eq!(encoded.ids(), ids.as_slice());
+        assert_eq!(encoded.len(), ops.len());
+        let body = body_of(&Message::EncodedOps(encoded));
+        assert_eq!(body, body_of(&Message::OpBatch(ops.clone())));
+        let Frame::Message(Message::OpBatch(back)) = decode(&body).unwrap() else {
+            panic!("not read back as an operation batch");
+        };
+        assert_eq!(back, ops);
+    }
+}
+
 #[test]
 fn raft_types_survive_postcard_field_by_field() {
     let req = append_entries();

@@ -362,7 +362,9 @@ impl Transport {
     /// messages large).
     pub fn try_send(&self, peer: &str, msg: Message) -> Result<(), Box<(SendError, Message)>> {
         let lane = match msg {
-            Message::OpBatch(_) | Message::ReplyBatch { .. } => opmesh_actors::shard::home_index(),
+            Message::OpBatch(_) | Message::EncodedOps(_) | Message::ReplyBatch { .. } => {
+                opmesh_actors::shard::home_index()
+            }
             _ => 0,
         };
         self.try_send_on(peer, lane, msg)
