@@ -646,6 +646,18 @@ impl Limits {
     }
 }
 
+/// Asserts that `json` holds `text` in an allocation of its own, not in `block`.
+#[cfg(test)]
+pub(crate) fn assert_detached(json: &Json, text: &str, block: &Bytes) {
+    assert_eq!(json.as_str(), text);
+    let at = json.as_bytes().as_ptr() as usize;
+    let span = block.as_ptr() as usize..block.as_ptr() as usize + block.len();
+    assert!(
+        !span.contains(&at),
+        "the stored result points into the block"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,16 @@ fn bare_op() -> WireOp {
     }
 }
 
+/// `ops` as one batch, encoded and decoded.
+fn read_back(ops: &[WireOp]) -> Vec<WireOp> {
+    let Frame::Message(Message::OpBatch(back)) =
+        decode(&body_of(&Message::OpBatch(ops.to_vec()))).unwrap()
+    else {
+        panic!("not an operation batch");
+    };
+    back
+}
+
 fn reply(id: u128) -> WireReply {
     WireReply {
         id,
@@ -502,11 +512,7 @@ fn a_batch_read_back_shares_the_name_of_a_type() {
             ..op(id)
         })
         .collect();
-    let Frame::Message(Message::OpBatch(back)) =
-        decode(&body_of(&Message::OpBatch(ops.clone()))).unwrap()
-    else {
-        panic!("not an operation batch");
-    };
+    let back = read_back(&ops);
     assert_eq!(back, ops);
     assert!(Arc::ptr_eq(&back[0].op_type, &back[1].op_type));
     assert!(Arc::ptr_eq(&back[3].op_type, &back[4].op_type));
@@ -692,11 +698,7 @@ fn small_payloads_share_blocks_and_large_ones_do_not() {
             ..op(i as u128)
         })
         .collect();
-    let Frame::Message(Message::OpBatch(back)) =
-        decode(&body_of(&Message::OpBatch(ops.clone()))).unwrap()
-    else {
-        panic!("not an operation batch");
-    };
+    let back = read_back(&ops);
     assert_eq!(back, ops);
     let at = |i: usize| back[i].payload.as_ptr() as usize;
     let follows = |i: usize| at(i) == at(i - 1) + sizes[i - 1];
@@ -739,11 +741,7 @@ fn priorities_round_trip_at_the_extremes() {
             ..bare_op()
         })
         .collect();
-    let Frame::Message(Message::OpBatch(back)) =
-        decode(&body_of(&Message::OpBatch(ops.clone()))).unwrap()
-    else {
-        panic!("not an operation batch");
-    };
+    let back = read_back(&ops);
     assert_eq!(back, ops);
 }
 
@@ -864,11 +862,7 @@ proptest! {
         replies in proptest::collection::vec(any_reply(), 0..8),
         seq in any::<u64>(),
     ) {
-        let Frame::Message(Message::OpBatch(back)) =
-            decode(&body_of(&Message::OpBatch(ops.clone()))).unwrap()
-        else {
-            panic!("not an operation batch");
-        };
+        let back = read_back(&ops);
         prop_assert_eq!(back, ops);
         let replies = Arc::new(replies);
         let Frame::Message(Message::ReplyBatch { seq: s, replies: r }) =
