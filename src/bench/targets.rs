@@ -288,12 +288,81 @@ fn failure_of(answer: &[u8], good: &str) -> Option<String> {
 }
 
 /// A batch answer's entries. The body is checked to be UTF-8 once, up front (with it
-/// known to be text, the parser does not check each entry's strings again); a body that
-/// is not is parsed as bytes, for the parser to say where.
-fn batch_answer(body: &[u8]) -> serde_json::Result<BatchAnswer<'_>> {
-    match std::str::from_utf8(body) {
-        Ok(text) => serde_json::from_str(text),
-        Err(_) => serde_json::from_slice(body),
+/// known to be text, the parser does not check each string again); a body that is not
+/// is parsed as bytes, for the parser to say where. An answer laid out as the api writes
+/// it is split into its entries without a parser ([`split_results`]).
+fn batch_answer(body: &[u8]) -> serde_json::Result<Vec<&[u8]>> {
+    let text = match std::str::from_utf8(body) {
+        Ok(text) => text,
+        Err(_) => return serde_json::from_slice::<BatchAnswer<'_>>(body).map(entries),
+    };
+    match split_results(text.as_bytes()) {
+        Some(entries) => Ok(entries),
+        None => serde_json::from_str::<BatchAnswer<'_>>(text).map(entries),
+    }
+}
+
+fn entries(b: BatchAnswer<'_>) -> Vec<&[u8]> {
+    b.results.into_iter().map(|r| r.get().as_bytes()).collect()
+}
+
+/// The entries of `{"results":[…]}` written as the api writes it (no space outside
+/// strings), each an object: found by the brackets outside strings, strings skipped to
+/// their closing quote (`memchr` for the quote or an escape). Outside strings only what
+/// JSON allows there is taken (brackets, separators, numbers, `true`, `false`, `null`).
+/// `None` for anything else, which the parser then reads (and names what is wrong). Each
+/// entry is then judged on its own ([`failure_of`]).
+fn split_results(body: &[u8]) -> Option<Vec<&[u8]>> {
+    let rest = body.strip_prefix(br#"{"results":["#)?;
+    let mut entries = Vec::new();
+    let mut i = 0;
+    if rest.first() != Some(&b']') {
+        loop {
+            let start = i;
+            if rest.get(i) != Some(&b'{') {
+                return None;
+            }
+            let mut depth = 0usize;
+            loop {
+                match *rest.get(i)? {
+                    b'"' => {
+                        i = end_of_string(rest, i + 1)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            i += 1;
+                            break;
+                        }
+                    }
+                    b':' | b',' | b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E' => {}
+                    b't' | b'r' | b'u' | b'f' | b'a' | b'l' | b's' | b'n' => {}
+                    _ => return None,
+                }
+                i += 1;
+            }
+            entries.push(&rest[start..i]);
+            match rest.get(i)? {
+                b',' => i += 1,
+                b']' => break,
+                _ => return None,
+            }
+        }
+    }
+    (&rest[i..] == b"]}").then_some(entries)
+}
+
+/// The index just past the closing quote of the string whose text starts at `from`.
+fn end_of_string(bytes: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let at = from + memchr::memchr2(b'"', b'\\', bytes.get(from..)?)?;
+        if bytes[at] == b'"' {
+            return Some(at + 1);
+        }
+        // An escape: the next character is taken as it is.
+        from = at + 2;
     }
 }
 
@@ -307,10 +376,10 @@ fn judge(route: Route, ops: u32, body: &[u8]) -> Done {
             Some(e) => Done::failed(ops, e),
         },
         Route::Batch { .. } => match batch_answer(body) {
-            Ok(b) if b.results.len() == ops as usize => {
+            Ok(results) if results.len() == ops as usize => {
                 let mut done = Done::ok(0);
-                for entry in &b.results {
-                    match failure_of(entry.get().as_bytes(), good) {
+                for entry in results {
+                    match failure_of(entry, good) {
                         None => done.ok += 1,
                         Some(e) => {
                             done.failed += 1;
@@ -320,9 +389,9 @@ fn judge(route: Route, ops: u32, body: &[u8]) -> Done {
                 }
                 done
             }
-            Ok(b) => Done::failed(
+            Ok(results) => Done::failed(
                 ops,
-                format!("batch of {ops} answered with {} results", b.results.len()),
+                format!("batch of {ops} answered with {} results", results.len()),
             ),
             Err(e) => Done::failed(ops, format!("unreadable answer: {e}: {}", snippet(body))),
         },
@@ -460,6 +529,82 @@ mod tests {
         let done = judge(Route::Batch { wait: true }, 7, all.as_bytes());
         assert_eq!((done.ok, done.failed), (2, 5));
         assert_eq!(done.error.as_deref(), Some("operation failed: boom"));
+    }
+
+    /// Any JSON value as a compact string: what the api writes inside an entry.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
+            // Quotes, escapes, brackets and commas inside strings, and any character.
+            "[\\\\\"{}\\[\\],:a-z\u{0}-\u{1f}é😀]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z\"\\\\]{0,6}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The entries found without a parser are the parser's, for any entries.
+        #[test]
+        fn an_answer_as_the_api_writes_it_splits_as_the_parser_reads_it(
+            entries in proptest::collection::vec(
+                proptest::collection::btree_map("[a-z\"]{0,6}", any_json(), 0..5), 0..6),
+        ) {
+            let entries: Vec<String> = entries
+                .into_iter()
+                .map(|m| serde_json::Value::Object(m.into_iter().collect()).to_string())
+                .collect();
+            let body = format!(r#"{{"results":[{}]}}"#, entries.join(","));
+            let split = split_results(body.as_bytes()).expect("the api's layout");
+            let parsed = entries_of(&body);
+            proptest::prop_assert_eq!(split, parsed);
+        }
+    }
+
+    fn entries_of(body: &str) -> Vec<&[u8]> {
+        entries(serde_json::from_str::<BatchAnswer<'_>>(body).unwrap())
+    }
+
+    /// What is not laid out as the api writes it is left to the parser: spaces, another
+    /// key, a truncated or extended body, an entry that is not an object, a bare word.
+    #[test]
+    fn other_layouts_are_left_to_the_parser() {
+        for body in [
+            r#"{ "results":[{"a":1}]}"#,
+            r#"{"results":[{"a":1} ]}"#,
+            r#"{"results":[{"a": 1}]}"#,
+            r#"{"results":[{"a":1}]} "#,
+            r#"{"results":[{"a":1}],"more":2}"#,
+            r#"{"results":[{"a":1}"#,
+            r#"{"results":[{"a":"1}]}"#,
+            r#"{"results":[1,2]}"#,
+            r#"{"results":[{"a":1},]}"#,
+            r#"{"results":[{"a":1}{"b":2}]}"#,
+            r#"{"results":[{"a":yes}]}"#,
+            r#"{"others":[]}"#,
+        ] {
+            assert_eq!(split_results(body.as_bytes()), None, "{body}");
+        }
+        assert_eq!(split_results(br#"{"results":[]}"#), Some(vec![]));
+        // Judged all the same, by the parser.
+        let done = judge(
+            Route::Batch { wait: true },
+            2,
+            br#"{ "results": [{"status":"succeeded"}, {"status":"failed"}] }"#,
+        );
+        assert_eq!((done.ok, done.failed), (1, 1));
+        let done = judge(Route::Batch { wait: true }, 1, br#"{"results":[{"a":1}"#);
+        assert!(done.error.unwrap().starts_with("unreadable answer"));
     }
 
     #[test]
