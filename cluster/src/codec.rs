@@ -264,11 +264,7 @@ impl EncodedOps {
         let mut body = Vec::with_capacity(16 + 96 * ops.len());
         body.push(tag::OP_BATCH);
         let mut ids = Vec::with_capacity(ops.len());
-        ops::put_count(&mut body, ops.len());
-        for op in ops {
-            ids.push(op.id);
-            ops::put_op(&mut body, &op);
-        }
+        ops::put_ops(&mut body, ops.inspect(|op| ids.push(op.id)));
         EncodedOps { body, ids }
     }
 
@@ -613,10 +609,7 @@ impl Encode for Message {
         match self {
             Message::OpBatch(batch) => {
                 out.push(tag::OP_BATCH);
-                ops::put_count(out, batch.len());
-                for op in batch {
-                    ops::put_op(out, &op.fields());
-                }
+                ops::put_ops(out, batch.iter().map(WireOp::fields));
                 Ok(())
             }
             Message::EncodedOps(ops) => {

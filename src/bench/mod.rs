@@ -263,7 +263,7 @@ struct Plan {
     remote: bool,
     /// `--shard-threads`.
     shard_threads: bool,
-    /// `--client-threads` (HTTP only; one per core unless given).
+    /// `--client-threads` (HTTP only; else one per core: see [`Plan::drivers`]).
     client_threads: Option<usize>,
     /// `--otlp-endpoint`, `--sampling` and `--exporters`.
     traces: Option<(String, f64, usize)>,
@@ -347,10 +347,7 @@ impl BenchArgs {
             warmup: self.warmup.unwrap_or((self.ops / 10).min(10_000)),
             remote: self.remote,
             shard_threads: self.shard_threads,
-            client_threads: match self.client_threads {
-                None if http => Some(cores()),
-                n => n,
-            },
+            client_threads: self.client_threads,
             token: self.token.clone(),
             traces: match &self.otlp_endpoint {
                 None => None,

@@ -143,9 +143,9 @@ impl Route {
 
 /// Drives a running node over HTTP/1.1 with keep-alive (reqwest pools the connections).
 pub(crate) struct Http {
-    /// One per thread of `runtimes` (a request takes its thread's), or one.
+    /// One per thread of `runtimes`: a request takes its thread's.
     clients: Vec<reqwest::Client>,
-    /// The client's own threads (`--client-threads`); empty: the bench's runtime.
+    /// The client's own threads (`--client-threads`), where the drivers run.
     runtimes: Vec<tokio::runtime::Handle>,
     url: reqwest::Url,
     route: Route,

@@ -75,12 +75,15 @@ fn unzigzag(v: u32) -> i32 {
     ((v >> 1) as i32) ^ -((v & 1) as i32)
 }
 
-/// A batch's count of records.
-pub(super) fn put_count(out: &mut Vec<u8>, count: usize) {
-    put_varint(out, count as u64);
+/// A count, then the operations.
+pub(super) fn put_ops<'a>(out: &mut Vec<u8>, ops: impl ExactSizeIterator<Item = OpFields<'a>>) {
+    put_varint(out, ops.len() as u64);
+    for op in ops {
+        put_op(out, &op);
+    }
 }
 
-pub(super) fn put_op(out: &mut Vec<u8>, op: &OpFields<'_>) {
+fn put_op(out: &mut Vec<u8>, op: &OpFields<'_>) {
     let mut flags = 0;
     for (present, bit) in [
         (op.key.is_some(), op_flag::KEY),
