@@ -35,7 +35,8 @@
 //!
 //! Frames 0–4 are the handshake and travel bare. Once a link is open, messages travel
 //! inside authenticated records: a `u32` LE length, the frames a writer coalesced (each
-//! with its own prefix, as above) and an HMAC tag (see the transport's `record` module).
+//! with its own prefix, as above) and a keyed BLAKE3 tag (see the transport's `record`
+//! module).
 //!
 //! Decoding never panics and never trusts a declared length: a sequence of records may not
 //! declare more records than the rest of the body could hold and byte strings are checked

@@ -163,19 +163,16 @@ pub(super) fn read_ops(rest: &mut &[u8]) -> Result<Vec<WireOp>, CodecError> {
     let mut ops = Vec::with_capacity(count);
     let mut blocks = Blocks::default();
     for _ in 0..count {
-        read_op(rest, &mut types, &mut blocks, &mut ops)?;
+        ops.push(read_op(rest, &mut types, &mut blocks)?);
     }
     Ok(ops)
 }
 
-/// Reads one operation onto the end of `ops` (built in its place there, not returned
-/// and moved: an operation is a couple of hundred bytes).
 fn read_op(
     rest: &mut &[u8],
     types: &mut TypeNames,
     blocks: &mut Blocks,
-    ops: &mut Vec<WireOp>,
-) -> Result<(), CodecError> {
+) -> Result<WireOp, CodecError> {
     let id = u128::from_le_bytes(read_array(rest)?);
     let flags = read_u8(rest)?;
     if flags & !op_flag::ALL != 0 {
@@ -216,7 +213,7 @@ fn read_op(
     let owner = has(op_flag::OWNER)
         .then(|| read_str(rest, "owner").map(Arc::<str>::from))
         .transpose()?;
-    ops.push(WireOp {
+    Ok(WireOp {
         id,
         op_type,
         key,
@@ -227,8 +224,7 @@ fn read_op(
         remaining_us,
         trace,
         owner,
-    });
-    Ok(())
+    })
 }
 
 /// Reads a count and that many replies.
