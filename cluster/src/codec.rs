@@ -92,6 +92,13 @@ pub enum Message {
         seq: u64,
         replies: Arc<Vec<WireReply>>,
     },
+    /// The same, encoded by the sender as the outcomes completed (the owner's reply
+    /// collector) and kept so until acknowledged: sent as a `ReplyBatch` frame, read back
+    /// as [`Message::ReplyBatch`], never decoded as this.
+    EncodedReplies {
+        seq: u64,
+        replies: Arc<EncodedReplies>,
+    },
     /// The reply batches with these sequence numbers arrived.
     ReplyAck {
         seqs: Vec<u64>,
@@ -132,6 +139,7 @@ impl Message {
             Message::ReplyBatch { replies, .. } => {
                 16 + replies.iter().map(WireReply::size_hint).sum::<usize>()
             }
+            Message::EncodedReplies { replies, .. } => 16 + replies.records.len(),
             Message::ReplyAck { seqs } => 16 + 8 * seqs.len(),
             // Raft's messages are small but for entries and snapshots, which carry
             // routes and registry changes: kilobytes, not what fills a link.
@@ -160,7 +168,10 @@ impl Message {
     pub fn is_bulk(&self) -> bool {
         matches!(
             self,
-            Message::OpBatch(_) | Message::EncodedOps(_) | Message::ReplyBatch { .. }
+            Message::OpBatch(_)
+                | Message::EncodedOps(_)
+                | Message::ReplyBatch { .. }
+                | Message::EncodedReplies { .. }
         )
     }
 }
@@ -201,6 +212,84 @@ impl WireReply {
     /// About the bytes it takes: its result, its error and a fixed part for the rest.
     pub fn size_hint(&self) -> usize {
         64 + self.result.as_ref().map_or(0, Bytes::len) + self.error.as_ref().map_or(0, String::len)
+    }
+
+    /// Its fields, lent to the encoder.
+    pub fn fields(&self) -> ReplyFields<'_> {
+        ReplyFields {
+            id: self.id,
+            status: self.status,
+            result: self.result.as_deref(),
+            error: self.error.as_deref(),
+            cached: self.cached,
+            attempts: self.attempts,
+        }
+    }
+}
+
+/// What a [`WireReply`] carries, borrowed from wherever it lives: what the encoder
+/// reads.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyFields<'a> {
+    pub id: u128,
+    pub status: u8,
+    pub result: Option<&'a [u8]>,
+    pub error: Option<&'a str>,
+    pub cached: bool,
+    pub attempts: u32,
+}
+
+/// Replies encoded one by one as their operations complete, where the sender gathers
+/// them: the records of a `ReplyBatch` frame (its count and sequence number are written
+/// when it is sent), and their ids (what the sender's ledger walks when the batch is
+/// acknowledged or dropped). Kept so, not as wire values, until acknowledged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedReplies {
+    records: Vec<u8>,
+    ids: Vec<u128>,
+}
+
+impl EncodedReplies {
+    /// Room for `replies` replies of `bytes` bytes in all.
+    pub fn with_capacity(replies: usize, bytes: usize) -> EncodedReplies {
+        EncodedReplies {
+            records: Vec::with_capacity(bytes),
+            ids: Vec::with_capacity(replies),
+        }
+    }
+
+    /// Encodes one more reply.
+    pub fn push(&mut self, reply: &ReplyFields<'_>) {
+        ops::put_reply(&mut self.records, reply);
+        self.ids.push(reply.id);
+    }
+
+    /// The replies' ids, in order.
+    pub fn ids(&self) -> &[u128] {
+        &self.ids
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The bytes of its records: what it takes in a frame, less a few of the header.
+    pub fn bytes(&self) -> usize {
+        self.records.len()
+    }
+}
+
+impl<'a> FromIterator<ReplyFields<'a>> for EncodedReplies {
+    fn from_iter<I: IntoIterator<Item = ReplyFields<'a>>>(replies: I) -> Self {
+        let mut encoded = EncodedReplies::default();
+        for r in replies {
+            encoded.push(&r);
+        }
+        encoded
     }
 }
 
@@ -621,6 +710,13 @@ impl Encode for Message {
                 out.push(tag::REPLY_BATCH);
                 out.extend_from_slice(&seq.to_le_bytes());
                 ops::put_replies(out, replies);
+                Ok(())
+            }
+            Message::EncodedReplies { seq, replies } => {
+                out.push(tag::REPLY_BATCH);
+                out.extend_from_slice(&seq.to_le_bytes());
+                ops::put_varint(out, replies.ids.len() as u64);
+                out.extend_from_slice(&replies.records);
                 Ok(())
             }
             Message::ReplyAck { seqs } => {

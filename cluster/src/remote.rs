@@ -24,7 +24,9 @@ use opmesh_actors::{
 };
 use parking_lot::Mutex;
 
-use crate::codec::{EncodedOps, OpFields, WireOp, WireReply, WireTrace};
+use crate::codec::{
+    EncodedOps, EncodedReplies, OpFields, ReplyFields, WireOp, WireReply, WireTrace,
+};
 use crate::replies::Ids;
 
 /// An accepted operation's wire form, lent from its job; the deadline travels as time
@@ -68,6 +70,18 @@ pub fn from_wire(w: WireOp, now: Instant) -> Operation {
             flags: t.flags,
         }),
         owner: w.owner,
+    }
+}
+
+/// The fields of `o`'s reply, lent to the encoder.
+pub fn reply_fields(o: &OpOutcome) -> ReplyFields<'_> {
+    ReplyFields {
+        id: o.id.0,
+        status: o.status.to_u8(),
+        result: o.result.as_ref().map(|r| r.as_str().as_bytes()),
+        error: o.error.as_deref(),
+        cached: o.cached,
+        attempts: o.attempts,
     }
 }
 
@@ -266,23 +280,23 @@ impl Outbox {
 
 /// Gathers the outcomes of operations run here for another node (the engine delivers
 /// each as it completes: an [`OutcomeSink`]) and hands them to `send` in batches: what
-/// completed before the flush task ran goes in one `ReplyBatch`. No ticket or future
-/// per operation.
+/// completed before the flush task ran goes in one `ReplyBatch`. Each is encoded as it
+/// arrives, into the batch's records: no wire value, ticket or future per operation.
 pub struct ReplyCollector {
     me: Weak<ReplyCollector>,
-    pending: Mutex<Vec<WireReply>>,
+    pending: Mutex<EncodedReplies>,
     runtime: tokio::runtime::Handle,
-    send: Box<dyn Fn(Vec<WireReply>) + Send + Sync>,
+    send: Box<dyn Fn(EncodedReplies) + Send + Sync>,
 }
 
 impl ReplyCollector {
     /// A collector whose flushes run on the runtime of the thread that completes an
     /// operation (a shard's own thread, with `engine.shard_threads`: waking another
     /// thread for each flush costs more than the flush), or else on the current one.
-    pub fn new(send: impl Fn(Vec<WireReply>) + Send + Sync + 'static) -> Arc<ReplyCollector> {
+    pub fn new(send: impl Fn(EncodedReplies) + Send + Sync + 'static) -> Arc<ReplyCollector> {
         Arc::new_cyclic(|me| ReplyCollector {
             me: me.clone(),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(EncodedReplies::default()),
             runtime: tokio::runtime::Handle::current(),
             send: Box::new(send),
         })
@@ -293,8 +307,8 @@ impl ReplyCollector {
         // of the list while it fills again.
         let batch = {
             let mut pending = self.pending.lock();
-            let room = pending.len();
-            std::mem::replace(&mut *pending, Vec::with_capacity(room))
+            let room = EncodedReplies::with_capacity(pending.len(), pending.bytes());
+            std::mem::replace(&mut *pending, room)
         };
         if !batch.is_empty() {
             (self.send)(batch);
@@ -304,12 +318,13 @@ impl ReplyCollector {
 
 impl OutcomeSink for ReplyCollector {
     fn deliver(&self, outcome: OpOutcome) {
-        let reply = reply_to_wire(outcome);
         let first = {
             let mut pending = self.pending.lock();
-            pending.push(reply);
+            pending.push(&reply_fields(&outcome));
             pending.len() == 1
         };
+        // Its result and error go here, outside the lock.
+        drop(outcome);
         // The first outcome since the last flush schedules the next one, after the
         // completing task yields: the rest of its batch of outcomes joins it.
         if first {

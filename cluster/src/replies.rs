@@ -25,7 +25,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::codec::WireReply;
+use crate::codec::EncodedReplies;
 
 /// Most ids of operations whose reply was dropped that a ledger remembers.
 const MAX_DROPPED_IDS: usize = 100_000;
@@ -72,7 +72,7 @@ pub struct Ledger {
 
 #[derive(Debug)]
 struct Pending {
-    replies: Arc<Vec<WireReply>>,
+    replies: Arc<EncodedReplies>,
     bytes: usize,
     sent: Instant,
 }
@@ -103,7 +103,7 @@ pub enum Admit {
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub seq: u64,
-    pub replies: Arc<Vec<WireReply>>,
+    pub replies: Arc<EncodedReplies>,
 }
 
 impl Ledger {
@@ -135,15 +135,15 @@ impl Ledger {
     /// when it alone is over the budget (it is then not kept).
     pub fn answered(
         &mut self,
-        replies: Vec<WireReply>,
+        replies: EncodedReplies,
         now: Instant,
         budget: usize,
     ) -> (Batch, usize) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let bytes = replies.iter().map(WireReply::size_hint).sum();
-        for r in &replies {
-            self.ops.insert(r.id, OpState::Answered(seq));
+        let bytes = replies.bytes();
+        for &id in replies.ids() {
+            self.ops.insert(id, OpState::Answered(seq));
         }
         let replies = Arc::new(replies);
         self.unacked.insert(
@@ -162,9 +162,9 @@ impl Ledger {
             };
             self.bytes -= oldest.bytes;
             dropped += oldest.replies.len();
-            for r in oldest.replies.iter() {
-                self.ops.insert(r.id, OpState::Dropped);
-                self.dropped_ids.push_back(r.id);
+            for &id in oldest.replies.ids() {
+                self.ops.insert(id, OpState::Dropped);
+                self.dropped_ids.push_back(id);
             }
         }
         while self.dropped_ids.len() > MAX_DROPPED_IDS {
@@ -183,8 +183,8 @@ impl Ledger {
             return;
         };
         self.bytes -= p.bytes;
-        for r in p.replies.iter() {
-            if let Entry::Occupied(o) = self.ops.entry(r.id) {
+        for &id in p.replies.ids() {
+            if let Entry::Occupied(o) = self.ops.entry(id) {
                 if *o.get() == OpState::Answered(seq) {
                     o.remove();
                 }
@@ -239,7 +239,9 @@ impl Ledger {
 mod tests {
     use super::*;
 
-    fn reply(id: u128, result: usize) -> WireReply {
+    use crate::codec::WireReply;
+
+    fn wire(id: u128, result: usize) -> WireReply {
         WireReply {
             id,
             status: 2,
@@ -248,6 +250,17 @@ mod tests {
             cached: false,
             attempts: 1,
         }
+    }
+
+    /// A batch of `replies` (id, result bytes).
+    fn batch(replies: &[(u128, usize)]) -> EncodedReplies {
+        let wires: Vec<WireReply> = replies.iter().map(|&(id, n)| wire(id, n)).collect();
+        wires.iter().map(WireReply::fields).collect()
+    }
+
+    /// The bytes one reply with `result` bytes of result takes.
+    fn size(result: usize) -> usize {
+        batch(&[(0, result)]).bytes()
     }
 
     const BIG: usize = usize::MAX;
@@ -262,7 +275,7 @@ mod tests {
             Admit::Running,
             "sent again while running"
         );
-        let (b, dropped) = l.answered(vec![reply(1, 10)], t, BIG);
+        let (b, dropped) = l.answered(batch(&[(1, 10)]), t, BIG);
         assert_eq!((b.seq, dropped), (0, 0));
         assert_eq!(
             l.admit(1, false),
@@ -270,7 +283,7 @@ mod tests {
             "sent again before the ack"
         );
         let again = l.batch(0, t).expect("still held");
-        assert_eq!(again.replies[0].id, 1);
+        assert_eq!(again.replies.ids()[0], 1);
         l.acked(0);
         assert_eq!(l.held(), (0, 0));
         assert!(l.is_stale(t, Duration::from_secs(60)));
@@ -286,8 +299,8 @@ mod tests {
         for id in 0..3 {
             l.admit(id, false);
         }
-        l.answered(vec![reply(0, 1), reply(1, 1)], t, BIG);
-        l.answered(vec![reply(2, 1)], t + Duration::from_secs(1), BIG);
+        l.answered(batch(&[(0, 1), (1, 1)]), t, BIG);
+        l.answered(batch(&[(2, 1)]), t + Duration::from_secs(1), BIG);
         let wait = Duration::from_secs(2);
         assert!(l.due(t + Duration::from_millis(1500), wait).is_empty());
         let due = l.due(t + Duration::from_secs(2), wait);
@@ -303,21 +316,21 @@ mod tests {
         l.acked(1);
         let all = l.due(t + Duration::from_secs(3), Duration::ZERO);
         assert_eq!(all.iter().map(|b| b.seq).collect::<Vec<_>>(), [0]);
-        assert_eq!(l.held(), (2, 2 * reply(0, 1).size_hint()));
+        assert_eq!(l.held(), (2, 2 * size(1)));
     }
 
     #[test]
     fn past_the_budget_the_oldest_batches_go_and_their_operations_are_not_run_blindly() {
         let mut l = Ledger::default();
         let t = Instant::now();
-        let one = reply(0, 100).size_hint();
+        let one = size(100);
         for id in 0..4 {
             l.admit(id, false);
         }
         let budget = 2 * one + one / 2;
-        assert_eq!(l.answered(vec![reply(0, 100)], t, budget).1, 0);
-        assert_eq!(l.answered(vec![reply(1, 100)], t, budget).1, 0);
-        let (b, dropped) = l.answered(vec![reply(2, 100)], t, budget);
+        assert_eq!(l.answered(batch(&[(0, 100)]), t, budget).1, 0);
+        assert_eq!(l.answered(batch(&[(1, 100)]), t, budget).1, 0);
+        let (b, dropped) = l.answered(batch(&[(2, 100)]), t, budget);
         assert_eq!((b.seq, dropped), (2, 1));
         assert_eq!(l.held(), (2, 2 * one));
         assert_eq!(l.admit(0, false), Admit::Dropped);
@@ -328,7 +341,7 @@ mod tests {
         );
         assert_eq!(l.admit(1, false), Admit::Answered(1));
         // A batch alone over the budget is sent once and not kept.
-        let (b, dropped) = l.answered(vec![reply(3, 10 * budget)], t, budget);
+        let (b, dropped) = l.answered(batch(&[(3, 10 * budget)]), t, budget);
         assert_eq!(b.replies.len(), 1);
         assert_eq!(dropped, 3, "the two older ones and itself");
         assert_eq!(l.held(), (0, 0));
@@ -339,7 +352,7 @@ mod tests {
         let mut l = Ledger::default();
         let t = Instant::now();
         l.admit(7, false);
-        l.answered(vec![reply(7, 3)], t, BIG);
+        l.answered(batch(&[(7, 3)]), t, BIG);
         l.acked(41);
         assert_eq!(l.held().0, 1);
         l.acked(0);
@@ -353,9 +366,9 @@ mod tests {
         let mut l = Ledger::default();
         let t = Instant::now();
         l.admit(1, false);
-        l.answered(vec![reply(1, 1)], t, BIG);
+        l.answered(batch(&[(1, 1)]), t, BIG);
         // Answered again (a re-run after a dropped reply, say) in a later batch.
-        l.answered(vec![reply(1, 1)], t, BIG);
+        l.answered(batch(&[(1, 1)]), t, BIG);
         l.acked(0);
         assert_eq!(l.admit(1, false), Admit::Answered(1));
     }

@@ -25,7 +25,9 @@ use opmesh_actors::routing::affinity;
 use opmesh_actors::{NodeId, OpId, OpOutcome, OpStatus, OpType, OutcomeSink};
 
 use super::{Inner, LINK_BACK_WAIT};
-use crate::codec::{Message, OpenBreaker, Rpc, RpcReply, WireOp, WireReply, WriteRefused};
+use crate::codec::{
+    EncodedReplies, Message, OpenBreaker, Rpc, RpcReply, WireOp, WireReply, WriteRefused,
+};
 use crate::flow::{breakers_from_wire, breakers_to_wire, same_breakers};
 use crate::remote::{from_wire, refused_reply, reply_to_wire, ReplyCollector, REFUSED_OVERLOADED};
 use crate::replies::{Admit, Batch};
@@ -77,8 +79,8 @@ impl Inner {
     fn on_message(self: &Arc<Self>, from: &str, msg: Message) {
         match msg {
             Message::OpBatch(ops) => self.run_forwarded(from, ops),
-            // Sent, never read: it arrives as an `OpBatch`.
-            Message::EncodedOps(_) => {}
+            // Sent, never read: they arrive as an `OpBatch` and a `ReplyBatch`.
+            Message::EncodedOps(_) | Message::EncodedReplies { .. } => {}
             Message::ReplyBatch { seq, replies } => {
                 let replies = Arc::try_unwrap(replies).unwrap_or_else(|r| (*r).clone());
                 let peer = NodeId::from(from);
@@ -285,7 +287,7 @@ impl Inner {
         for Batch { seq, replies } in due {
             if self
                 .transport()
-                .send(peer, Message::ReplyBatch { seq, replies })
+                .send(peer, Message::EncodedReplies { seq, replies })
                 .is_err()
             {
                 return;
@@ -304,7 +306,7 @@ impl Inner {
             // Starting: the cluster is up before the engine is attached. Not a refusal
             // for good: the origin routes them to another node of the route, or fails
             // them naming this one when there is none.
-            let replies = ops
+            let replies: Vec<WireReply> = ops
                 .iter()
                 .map(|o| {
                     let mut r = reply_to_wire(OpOutcome::failure(
@@ -316,7 +318,7 @@ impl Inner {
                     r
                 })
                 .collect();
-            self.send_replies(&peer, replies);
+            self.send_replies(&peer, replies.iter().map(WireReply::fields).collect());
             return;
         };
         let now = Instant::now();
@@ -355,7 +357,7 @@ impl Inner {
         for Batch { seq, replies } in again {
             let _ = self
                 .transport()
-                .send(&peer, Message::ReplyBatch { seq, replies });
+                .send(&peer, Message::EncodedReplies { seq, replies });
         }
         let ids: Vec<u128> = fresh.iter().map(|o| o.id).collect();
         let ops = fresh.into_iter().map(move |w| from_wire(w, now));
@@ -369,13 +371,13 @@ impl Inner {
             }
         }
         if !refusals.is_empty() {
-            self.send_replies(&peer, refusals);
+            self.send_replies(&peer, refusals.iter().map(WireReply::fields).collect());
         }
     }
 
     /// Sends `replies` to `peer` as its next batch, kept until acknowledged (sent again
     /// when the link comes back or it stays unacknowledged, see [`Inner::send_again`]).
-    fn send_replies(&self, peer: &NodeId, replies: Vec<WireReply>) {
+    fn send_replies(&self, peer: &NodeId, replies: EncodedReplies) {
         let (batch, dropped) = {
             let ledger = self.ledgers.entry(peer.clone()).or_default();
             let mut ledger = ledger.lock();
@@ -397,7 +399,7 @@ impl Inner {
         // Not connected: the batch waits in the ledger.
         let _ = self
             .transport()
-            .send(peer, Message::ReplyBatch { seq, replies });
+            .send(peer, Message::EncodedReplies { seq, replies });
     }
 
     async fn answer(&self, body: Rpc) -> RpcReply {

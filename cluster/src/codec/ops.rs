@@ -27,7 +27,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use opmesh_actors::TypeNames;
 
-use super::{CodecError, OpFields, WireOp, WireReply, WireTrace};
+use super::{CodecError, OpFields, ReplyFields, WireOp, WireReply, WireTrace};
 
 /// The bits of a [`WireOp`]'s flags.
 mod op_flag {
@@ -132,26 +132,32 @@ fn put_op(out: &mut Vec<u8>, op: &OpFields<'_>) {
 pub(super) fn put_replies(out: &mut Vec<u8>, replies: &[WireReply]) {
     put_varint(out, replies.len() as u64);
     for r in replies {
-        let mut flags = 0;
-        if r.result.is_some() {
-            flags |= reply_flag::RESULT;
-        }
-        if r.error.is_some() {
-            flags |= reply_flag::ERROR;
-        }
-        if r.cached {
-            flags |= reply_flag::CACHED;
-        }
-        out.extend_from_slice(&r.id.to_le_bytes());
-        out.push(flags);
-        out.push(r.status);
-        put_varint(out, u64::from(r.attempts));
-        if let Some(result) = &r.result {
-            put_bytes(out, result);
-        }
-        if let Some(error) = &r.error {
-            put_bytes(out, error.as_bytes());
-        }
+        put_reply(out, &r.fields());
+    }
+}
+
+/// One reply's record (no count: see [`put_replies`], or the records an
+/// [`EncodedReplies`](super::EncodedReplies) gathers one by one).
+pub(super) fn put_reply(out: &mut Vec<u8>, r: &ReplyFields<'_>) {
+    let mut flags = 0;
+    if r.result.is_some() {
+        flags |= reply_flag::RESULT;
+    }
+    if r.error.is_some() {
+        flags |= reply_flag::ERROR;
+    }
+    if r.cached {
+        flags |= reply_flag::CACHED;
+    }
+    out.extend_from_slice(&r.id.to_le_bytes());
+    out.push(flags);
+    out.push(r.status);
+    put_varint(out, u64::from(r.attempts));
+    if let Some(result) = r.result {
+        put_bytes(out, result);
+    }
+    if let Some(error) = r.error {
+        put_bytes(out, error.as_bytes());
     }
 }
 

@@ -355,6 +355,55 @@ fn encoded_operations_are_an_op_batch_frame() {
     }
 }
 
+/// Replies encoded one by one as they complete are the same frame as the batch of
+/// their wire values, read back as one, and keep their ids for the ledger.
+#[test]
+fn encoded_replies_are_a_reply_batch_frame() {
+    let bare = WireReply {
+        id: 9,
+        status: 1,
+        result: None,
+        error: None,
+        cached: false,
+        attempts: 0,
+    };
+    for replies in [
+        vec![],
+        vec![reply(1)],
+        (0..256).map(reply).chain([bare]).collect::<Vec<_>>(),
+    ] {
+        let encoded: EncodedReplies = replies.iter().map(WireReply::fields).collect();
+        let ids: Vec<u128> = replies.iter().map(|r| r.id).collect();
+        assert_eq!(encoded.ids(), ids.as_slice());
+        assert_eq!(
+            (encoded.len(), encoded.is_empty()),
+            (replies.len(), replies.is_empty())
+        );
+        let seq = 77;
+        let body = body_of(&Message::EncodedReplies {
+            seq,
+            replies: Arc::new(encoded.clone()),
+        });
+        let as_wire = body_of(&Message::ReplyBatch {
+            seq,
+            replies: Arc::new(replies.clone()),
+        });
+        assert_eq!(body, as_wire);
+        // The header is the tag, the sequence number and a varint count (one or two
+        // bytes here): the rest is the records, which is what the ledger counts.
+        let count_len = if replies.len() < 128 { 1 } else { 2 };
+        assert_eq!(encoded.bytes(), body.len() - 1 - 8 - count_len);
+        let Frame::Message(Message::ReplyBatch {
+            seq: s,
+            replies: back,
+        }) = decode(&body).unwrap()
+        else {
+            panic!("not read back as a reply batch");
+        };
+        assert_eq!((s, &*back), (seq, &replies));
+    }
+}
+
 #[test]
 fn raft_types_survive_postcard_field_by_field() {
     let req = append_entries();

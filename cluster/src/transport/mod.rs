@@ -361,11 +361,10 @@ impl Transport {
     /// [`send`](Self::send), handing a refused message back (boxed: refusals are rare,
     /// messages large).
     pub fn try_send(&self, peer: &str, msg: Message) -> Result<(), Box<(SendError, Message)>> {
-        let lane = match msg {
-            Message::OpBatch(_) | Message::EncodedOps(_) | Message::ReplyBatch { .. } => {
-                opmesh_actors::shard::home_index()
-            }
-            _ => 0,
+        let lane = if msg.is_bulk() {
+            opmesh_actors::shard::home_index()
+        } else {
+            0
         };
         self.try_send_on(peer, lane, msg)
     }
