@@ -1,7 +1,7 @@
 //! API tokens against the real binary: every endpoint of the api's own table answers each
 //! kind of caller as its access says, a tokens file edited while the node runs takes
 //! effect, operations belong to the token that submitted them, an idempotency key reused
-//! with another payload is refused, the CLI sends `--token`, and a node that would serve
+//! with another payload is refused, the CLI and the bench send `--token`, and a node that would serve
 //! anyone on a public address refuses to start.
 
 mod common;
@@ -353,6 +353,35 @@ async fn the_cli_sends_its_token() {
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["result"], 5);
+    // The bench sends it with every request, batched or not; without it every request
+    // is refused, and the run fails naming why.
+    for batch in [None, Some("10")] {
+        let mut argv = vec![
+            "bench",
+            "--target",
+            &s.base,
+            "--ops",
+            "100",
+            "--concurrency",
+            "4",
+            "--warmup",
+            "0",
+            "--json",
+        ];
+        argv.extend(batch.map(|b| ["--batch", b]).into_iter().flatten());
+        let (code, _, err) = cli(&argv);
+        assert_ne!(code, 0);
+        assert!(err.contains("HTTP 401"), "{err}");
+        argv.extend(["--token", SUBMIT]);
+        let (code, out, err) = cli(&argv);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            (v["ops"].as_u64(), v["errors"].as_u64()),
+            (Some(100), Some(0)),
+            "{v}"
+        );
+    }
 }
 
 #[test]

@@ -789,7 +789,7 @@ async fn http(
             .context("starting the client's threads")?;
     let runtimes = threads.handles();
     let clients = (0..runtimes.len())
-        .map(|_| http_client(plan.concurrency, trust, plan.token.as_ref()))
+        .map(|_| http_client(base, plan.concurrency, trust, plan.token.as_ref()))
         .collect::<anyhow::Result<Vec<_>>>()
         .context("building the HTTP client")?;
     let batch = plan.per_request();

@@ -11,10 +11,18 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper::StatusCode;
+use hyper_util::rt::TokioIo;
 use opmesh_actors::{Json, Node, OpOutcome, OpType, Operation, Ticket};
+use parking_lot::Mutex;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
+use tokio::net::TcpStream;
 
 use super::driver::{Done, Load};
 
@@ -141,13 +149,15 @@ impl Route {
     }
 }
 
-/// Drives a running node over HTTP/1.1 with keep-alive (reqwest pools the connections).
+/// Drives a running node over HTTP/1.1 with keep-alive.
 pub(crate) struct Http {
     /// One per thread of `runtimes`: a request takes its thread's.
-    clients: Vec<reqwest::Client>,
+    clients: Vec<Client>,
     /// The client's own threads (`--client-threads`), where the drivers run.
     runtimes: Vec<tokio::runtime::Handle>,
     url: reqwest::Url,
+    /// `url`'s path and query: what a request line names.
+    path: hyper::Uri,
     route: Route,
     /// `{"type":…,"payload":…}`, the one operation every request carries.
     op: Bytes,
@@ -156,29 +166,154 @@ pub(crate) struct Http {
     batch: u32,
 }
 
-/// Builds the HTTP client every HTTP load of one run shares; an https target's
-/// certificate may chain to the system's roots or to `trust` (`--cacert`); `token` goes
-/// with every request.
+/// How the requests of one client thread reach the target.
+#[derive(Clone)]
+pub(crate) enum Client {
+    /// An http:// target: HTTP/1.1 over connections of the thread's own ([`Conns`]).
+    Plain(Arc<Conns>),
+    /// An https:// target: reqwest (rustls; the system's roots and `--cacert`), which
+    /// pools the thread's connections.
+    Tls(reqwest::Client),
+}
+
+/// Builds one client thread's HTTP client for `base`; an https target's certificate may
+/// chain to the system's roots or to `trust` (`--cacert`); `token` goes with every
+/// request.
 pub(crate) fn http_client(
+    base: &reqwest::Url,
     concurrency: usize,
     trust: &[CertificateDer<'static>],
     token: Option<&crate::config::Secret>,
-) -> anyhow::Result<reqwest::Client> {
+) -> anyhow::Result<Client> {
+    let auth = token
+        .map(crate::cli::bearer_header)
+        .transpose()?
+        .and_then(|h| h.get(reqwest::header::AUTHORIZATION).cloned());
+    if base.scheme() == "http" {
+        return Ok(Client::Plain(Arc::new(Conns::new(base, auth)?)));
+    }
     let mut builder = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
         .timeout(HTTP_TIMEOUT);
-    if let Some(token) = token {
-        builder = builder.default_headers(crate::cli::bearer_header(token)?);
+    if let Some(auth) = auth {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, auth);
+        builder = builder.default_headers(headers);
     }
-    Ok(crate::tls::trust(builder, trust)?.build()?)
+    Ok(Client::Tls(crate::tls::trust(builder, trust)?.build()?))
+}
+
+/// How long connecting to the target may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One client thread's connections to a plain-HTTP target, each carrying one request at
+/// a time (HTTP/1.1 with keep-alive, no pipelining, as wrk): a request takes an idle one
+/// or opens another, and gives it back once its answer is read to the end. Through
+/// hyper's connection API, each connection's task on the thread that uses it: what
+/// reqwest adds over hyper (its pool, a redirect layer, the URL it parses again for every
+/// answer) cost the bench's client about a tenth of its CPU.
+pub(crate) struct Conns {
+    /// `host:port`, resolved at each connect.
+    addr: String,
+    /// The `Host` header.
+    host: hyper::header::HeaderValue,
+    /// `Authorization: Bearer …`, with `--token`.
+    auth: Option<hyper::header::HeaderValue>,
+    idle: Mutex<Vec<http1::SendRequest<Full<Bytes>>>>,
+}
+
+impl Conns {
+    fn new(base: &reqwest::Url, auth: Option<hyper::header::HeaderValue>) -> anyhow::Result<Conns> {
+        let host = base
+            .host_str()
+            .ok_or_else(|| anyhow::anyhow!("the target `{base}` names no host"))?;
+        let port = base
+            .port_or_known_default()
+            .ok_or_else(|| anyhow::anyhow!("the target `{base}` names no port"))?;
+        let authority = match base.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_owned(),
+        };
+        Ok(Conns {
+            addr: format!("{host}:{port}"),
+            host: hyper::header::HeaderValue::from_str(&authority)?,
+            auth,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Posts `body` to `path`: the answer's status and body.
+    async fn post(&self, path: &hyper::Uri, body: Bytes) -> Result<(StatusCode, Bytes), String> {
+        use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+        let mut conn = self.ready().await?;
+        let mut req = hyper::Request::new(Full::new(body));
+        *req.method_mut() = hyper::Method::POST;
+        *req.uri_mut() = path.clone();
+        let headers = req.headers_mut();
+        headers.insert(HOST, self.host.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(auth) = &self.auth {
+            headers.insert(AUTHORIZATION, auth.clone());
+        }
+        let resp = conn.send_request(req).await.map_err(|e| chain(&e))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {}", chain(&e)))?
+            .to_bytes();
+        // Read to its end: the connection can carry the next request.
+        self.idle.lock().push(conn);
+        Ok((status, body))
+    }
+
+    /// An idle connection that takes a request (one the server closed is dropped), or a
+    /// new one.
+    async fn ready(&self) -> Result<http1::SendRequest<Full<Bytes>>, String> {
+        loop {
+            let idle = self.idle.lock().pop();
+            let Some(mut conn) = idle else {
+                return self.connect().await;
+            };
+            if conn.ready().await.is_ok() {
+                return Ok(conn);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<Full<Bytes>>, String> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| {
+                format!(
+                    "connecting to {}: no answer within {} s",
+                    self.addr,
+                    CONNECT_TIMEOUT.as_secs()
+                )
+            })?
+            .map_err(|e| format!("connecting to {}: {e}", self.addr))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("connecting to {}: {e}", self.addr))?;
+        let (conn, task) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("connecting to {}: {}", self.addr, chain(&e)))?;
+        // Its task runs on this client thread, beside the drivers that use it; it ends
+        // when the connection closes or its last handle is dropped.
+        tokio::spawn(async move {
+            let _ = task.await;
+        });
+        Ok(conn)
+    }
 }
 
 impl Http {
     /// `base` is the target without a trailing slash (`http://host:port`).
     pub(crate) fn new(
-        clients: Vec<reqwest::Client>,
+        clients: Vec<Client>,
         runtimes: &[tokio::runtime::Handle],
         base: &reqwest::Url,
         route: Route,
@@ -187,6 +322,11 @@ impl Http {
         batch: u32,
     ) -> anyhow::Result<Self> {
         let url = base.join(route.path())?;
+        let path = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        }
+        .parse()?;
         let op = Bytes::from(format!(
             r#"{{"type":{},"payload":{}}}"#,
             serde_json::to_string(op_type)?,
@@ -202,6 +342,7 @@ impl Http {
             clients,
             runtimes: runtimes.to_vec(),
             url,
+            path,
             route,
             op,
             body,
@@ -431,27 +572,48 @@ impl Load for Http {
         };
         // A client thread is the home of its number ([`ShardThreads::start_named`]).
         let client = &self.clients[opmesh_actors::shard::home_index() % self.clients.len()];
-        let req = client
-            .post(self.url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
         let route = self.route;
-        Box::pin(async move {
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) => return Done::failed(ops, chain(&e)),
-            };
-            let status = resp.status();
-            let body = match resp.bytes().await {
-                Ok(b) => b,
-                Err(e) => return Done::failed(ops, format!("reading the answer: {}", chain(&e))),
-            };
-            if !status.is_success() {
-                return Done::failed(ops, format!("HTTP {status}: {}", snippet(&body)));
+        match client {
+            Client::Plain(conns) => {
+                let (conns, path) = (Arc::clone(conns), self.path.clone());
+                Box::pin(async move {
+                    match tokio::time::timeout(HTTP_TIMEOUT, conns.post(&path, body)).await {
+                        Ok(Ok((status, body))) => answered(route, ops, status, &body),
+                        Ok(Err(e)) => Done::failed(ops, e),
+                        Err(_) => Done::failed(
+                            ops,
+                            format!("no answer within {} s", HTTP_TIMEOUT.as_secs()),
+                        ),
+                    }
+                })
             }
-            judge(route, ops, &body)
-        })
+            Client::Tls(client) => {
+                let req = client
+                    .post(self.url.clone())
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body);
+                Box::pin(async move {
+                    let resp = match req.send().await {
+                        Ok(r) => r,
+                        Err(e) => return Done::failed(ops, chain(&e)),
+                    };
+                    let status = resp.status();
+                    match resp.bytes().await {
+                        Ok(body) => answered(route, ops, status, &body),
+                        Err(e) => Done::failed(ops, format!("reading the answer: {}", chain(&e))),
+                    }
+                })
+            }
+        }
     }
+}
+
+/// Reads an answer of `status` to a request of `ops` operations.
+fn answered(route: Route, ops: u32, status: StatusCode, body: &[u8]) -> Done {
+    if !status.is_success() {
+        return Done::failed(ops, format!("HTTP {status}: {}", snippet(body)));
+    }
+    judge(route, ops, body)
 }
 
 #[cfg(test)]
