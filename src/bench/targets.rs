@@ -184,11 +184,9 @@ pub(crate) fn http_client(
     trust: &[CertificateDer<'static>],
     token: Option<&crate::config::Secret>,
 ) -> anyhow::Result<Client> {
-    let auth = token
-        .map(crate::cli::bearer_header)
-        .transpose()?
-        .and_then(|h| h.get(reqwest::header::AUTHORIZATION).cloned());
+    let headers = token.map(crate::cli::bearer_header).transpose()?;
     if base.scheme() == "http" {
+        let auth = headers.and_then(|h| h.get(reqwest::header::AUTHORIZATION).cloned());
         return Ok(Client::Plain(Arc::new(Conns::new(base, auth)?)));
     }
     let mut builder = reqwest::Client::builder()
@@ -196,9 +194,7 @@ pub(crate) fn http_client(
         .tcp_nodelay(true)
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(HTTP_TIMEOUT);
-    if let Some(auth) = auth {
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(reqwest::header::AUTHORIZATION, auth);
+    if let Some(headers) = headers {
         builder = builder.default_headers(headers);
     }
     Ok(Client::Tls(crate::tls::trust(builder, trust)?.build()?))
