@@ -2,9 +2,11 @@
 # Needs BIN (the opmesh binary) and WORK (a scratch directory); sets NODE (its pid) and
 # TARGET (its URL). The caller's EXIT trap should call stop_node.
 
+# Below the kernel's range for outgoing connections (32768-60999 on Linux), which no
+# connection of another process takes between the check and the node's bind.
 free_port() {
     local p
-    for p in $(shuf -i 20000-60000 -n 100); do
+    for p in $(shuf -i 20000-32767 -n 100); do
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             echo "$p"
             return

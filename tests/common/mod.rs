@@ -160,13 +160,27 @@ pub async fn try_get_json(url: &str) -> Option<serde_json::Value> {
         .ok()
 }
 
-/// A free loopback port (bound, then released; the node binds it right after).
+/// A free loopback port (bound, then released; the node binds it right after), below
+/// the kernel's range for outgoing connections (32768-60999 on Linux): a port the kernel
+/// hands out for binding to 0 comes from that range, and an outgoing connection of a
+/// test running beside this one could take it before the node binds it (CI saw a node
+/// fail so, "Address already in use"). Picks in this process never repeat until the
+/// 12,768 ports below that range are used up.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 32_768 - FIRST;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries of one run start apart: the process id spreads their picks.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % COUNT;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port from {FIRST} to 32767");
 }
 
 /// Runs an operation with `POST {base}/v1/ops?wait=true`; asserts 200 and answers the
