@@ -35,10 +35,26 @@ pub(crate) enum Admit {
 }
 
 impl NodeShared {
+    /// The door for operations arriving at `now`, `how`; `node` is this node's striped
+    /// handle: each accepted operation holds a reference to it taken on the calling
+    /// thread's stripe.
+    pub(crate) fn door<'a>(
+        &'a self,
+        node: &'a StripedArc<NodeShared>,
+        how: Admit,
+        now: Instant,
+    ) -> Door<'a> {
+        Door {
+            shared: self,
+            node,
+            how,
+            now,
+            seen: None,
+        }
+    }
+
     /// Accepts `op` (tracked in the store when `track`), or says why not: the job and
     /// the caller's [`Ticket`].
-    /// `node` is this node's striped handle: the accepted operation holds a reference
-    /// to it taken on the calling thread's stripe.
     pub(crate) fn admit(
         &self,
         node: &StripedArc<NodeShared>,
@@ -47,9 +63,43 @@ impl NodeShared {
         how: Admit,
         now: Instant,
     ) -> Result<(Box<Job>, Ticket), SubmitError> {
+        self.door(node, how, now).admit(op, track)
+    }
+}
+
+/// The door of one batch: its operations are admitted at one instant, and what it looks
+/// up for an operation's type (its registry entry, whether the node the routes send it to
+/// takes it) is kept for the next operation of that type. Most batches are of one type:
+/// those are read once per batch instead of once per operation. Every operation still
+/// passes its own checks (its fields, the type's breaker, a slot of its queue, its rate).
+pub(crate) struct Door<'a> {
+    shared: &'a NodeShared,
+    node: &'a StripedArc<NodeShared>,
+    how: Admit,
+    now: Instant,
+    seen: Option<Seen>,
+}
+
+/// The type of the operation before, as the door found it.
+struct Seen {
+    op_type: OpType,
+    entry: Anchor<TypeEntry>,
+    /// The node its route sends an operation without an idempotency key to takes it
+    /// (checked once; one with a key goes where its key is placed, checked each time).
+    owner_takes: bool,
+}
+
+impl Door<'_> {
+    /// Accepts `op` (tracked in the store when `track`), or says why not: the job and
+    /// the caller's [`Ticket`].
+    pub(crate) fn admit(
+        &mut self,
+        op: Operation,
+        track: bool,
+    ) -> Result<(Box<Job>, Ticket), SubmitError> {
         let id = op.id;
         let mut rx = None;
-        let (job, submit_ctx) = self.admit_to(node, op, track, how, now, || {
+        let (job, submit_ctx) = self.admit_to(op, track, || {
             let (tx, r) = oneshot::channel();
             rx = Some(r);
             Waiter::Caller(tx)
@@ -62,39 +112,38 @@ impl NodeShared {
     /// makes (called once it is accepted); answers the job and the context of its
     /// `op.submit` span, when it is traced here as the origin.
     pub(crate) fn admit_to(
-        &self,
-        node: &StripedArc<NodeShared>,
+        &mut self,
         op: Operation,
         track: bool,
-        how: Admit,
-        now: Instant,
         waiter: impl FnOnce() -> Waiter,
     ) -> Result<(Box<Job>, Option<TraceContext>), SubmitError> {
-        let (slot, shard) = match self.check(&op, how, now) {
+        let shared = self.shared;
+        let (slot, shard) = match self.check(&op) {
             Ok(checked) => checked,
             Err(e) => {
-                self.metrics().rejected.inc();
+                shared.metrics().rejected.inc();
                 return Err(e);
             }
         };
-        self.op_accepted();
-        let origin = matches!(how, Admit::Routed);
-        let tracing = self.tracing();
+        shared.op_accepted();
+        let origin = matches!(self.how, Admit::Routed);
+        let tracing = shared.tracing();
         let trace = (tracing.is_some() || op.trace_context.is_some())
             .then(|| OpTrace::begin(op.trace_context, tracing.map(|t| &t.sampler), origin));
         let tracked = track.then(|| {
             let t = Arc::new(Tracked::new(&op, trace.as_ref().map(|t| t.trace_id)));
-            self.store().insert(t.clone());
+            shared.store().insert(t.clone());
             t
         });
         let submit_ctx = trace
             .as_ref()
             .filter(|t| t.origin)
             .map(|t| t.context(Stage::Submit));
+        let now = self.now;
         let deadline = op
             .deadline
             .unwrap_or(now + slot.entry().limits.default_deadline);
-        let reply = Reply::new(&op, trace, slot, node.anchor(), tracked, now, waiter());
+        let reply = Reply::new(&op, trace, slot, self.node.anchor(), tracked, now, waiter());
         Ok((
             Box::new(Job {
                 op,
@@ -107,29 +156,30 @@ impl NodeShared {
     }
 
     /// Checks `op`, picks its shard and takes a slot of its type's queue there.
-    fn check(
-        &self,
-        op: &Operation,
-        how: Admit,
-        now: Instant,
-    ) -> Result<(QueueSlot, usize), SubmitError> {
-        if !self.is_accepting() {
+    fn check(&mut self, op: &Operation) -> Result<(QueueSlot, usize), SubmitError> {
+        let (shared, how, now) = (self.shared, self.how, self.now);
+        if !shared.is_accepting() {
             return Err(SubmitError::ShuttingDown);
         }
-        let config = self.config();
+        let config = shared.config();
         config.limits.check(op, now)?;
-        let entry = match (self.registry().striped(&op.op_type), how) {
-            (Some(e), _) => e.anchor(),
-            (None, Admit::Routed) => self.remote_entry(&op.op_type)?,
-            (None, Admit::Here) => {
-                return Err(SubmitError::NoRoute {
-                    op_type: op.op_type.to_string(),
-                })
-            }
+        let seen = match self.seen.take() {
+            Some(seen) if seen.op_type == op.op_type => seen,
+            _ => Seen {
+                op_type: op.op_type.clone(),
+                entry: shared.entry_of(&op.op_type, how)?,
+                owner_takes: false,
+            },
         };
-        if matches!(how, Admit::Routed) && self.forwarder().is_some() {
-            self.check_owner(op, config.overload_retry_after, now)?;
+        let seen = self.seen.insert(seen);
+        if matches!(how, Admit::Routed) && shared.forwarder().is_some() {
+            let placed = op.idempotency_key.is_some();
+            if placed || !seen.owner_takes {
+                shared.check_owner(op, config.overload_retry_after, now)?;
+                seen.owner_takes = !placed;
+            }
         }
+        let entry = seen.entry.clone();
         if let (Some(max), Some(d)) = (entry.limits.max_deadline, op.deadline) {
             let asked = d.saturating_duration_since(now);
             if asked > max {
@@ -146,8 +196,8 @@ impl NodeShared {
                 });
             }
         }
-        self.breaker_admits(&entry, now)?;
-        let shard = self.shards().of().op(op);
+        shared.breaker_admits(&entry, now)?;
+        let shard = shared.shards().of().op(op);
         let capacity = entry.limits.queue_capacity;
         let slot = QueueSlot::try_take(entry, capacity).ok_or_else(|| SubmitError::Overloaded {
             op_type: op.op_type.to_string(),
@@ -177,6 +227,20 @@ impl NodeShared {
             }
         }
         Ok((slot, shard))
+    }
+}
+
+impl NodeShared {
+    /// The entry of `op_type`: its handler's here, else (for an operation submitted
+    /// here) the one of a type the cluster routes elsewhere.
+    fn entry_of(&self, op_type: &OpType, how: Admit) -> Result<Anchor<TypeEntry>, SubmitError> {
+        match (self.registry().striped(op_type), how) {
+            (Some(e), _) => Ok(e.anchor()),
+            (None, Admit::Routed) => self.remote_entry(op_type),
+            (None, Admit::Here) => Err(SubmitError::NoRoute {
+                op_type: op_type.to_string(),
+            }),
+        }
     }
 
     /// Refuses `op` when the node it would go to has its breaker of the type open (503)

@@ -26,7 +26,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::handler::{
     GiveUpReason, HandlerError, HandlerFuture, HandlerKind, HandlerResult, RetryDecision,
 };
-use crate::job::Job;
+use crate::job::{Handoff, Job};
 use crate::op::{Json, OpOutcome, OpStatus, TraceContext};
 use crate::shared::NodeShared;
 use crate::slots::{RunningSlot, SlotReturns, Started};
@@ -99,17 +99,22 @@ async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
     // (most are: echo, a lookup) completes without a place in the set below, a timer or
     // a state machine of its own; the others go on there. The clock is read once per
     // operation: when one ends (or its first poll returns), which is when the next starts.
+    // Those that end at once are handed to their waiters together, once all started.
     let mut clock = Instant::now();
+    let mut handoff = Handoff::default();
     let mut running: FuturesUnordered<_> = std::future::poll_fn(|cx| {
         Poll::Ready(
             started
                 .by_ref()
-                .filter_map(|(job, slot)| start_one(&shared, job, slot, cx, &mut clock))
+                .filter_map(|(job, slot)| {
+                    start_one(&shared, job, slot, cx, &mut clock, &mut handoff)
+                })
                 .map(|(job, slot, first)| run_one(&shared, job, slot, first))
                 .collect(),
         )
     })
     .await;
+    drop(handoff);
     // Runs the operations; whenever the task is about to wait, the running slots of
     // those that finished go back to the node at once.
     let all_done = std::future::poll_fn(|cx| loop {
@@ -152,6 +157,7 @@ fn start_one<'a>(
     slot: RunningSlot<'a>,
     cx: &mut Context<'_>,
     clock: &mut Instant,
+    handoff: &mut Handoff,
 ) -> Option<(Box<Job>, RunningSlot<'a>, First)> {
     job.reply.mark_running(&job.op.op_type, *clock);
     let first = match &job.reply.entry().handler {
@@ -177,7 +183,7 @@ fn start_one<'a>(
     match first {
         First::Ended(Ok(Ok(result))) => {
             let outcome = (OpStatus::Succeeded, Some(result), None, Some(true));
-            finish(shared, job, slot, outcome, 1, Vec::new(), *clock);
+            finish(shared, job, slot, outcome, 1, Vec::new(), *clock, handoff);
             None
         }
         first => Some((job, slot, first)),
@@ -202,7 +208,17 @@ async fn run_one(shared: &NodeShared, job: Box<Job>, slot: RunningSlot<'_>, firs
             match run_call(call, job.reply.execute_context(), job.deadline).await {
                 Ok(Ok(Ok(result))) => {
                     let outcome = (OpStatus::Succeeded, Some(result), None, Some(true));
-                    return finish(shared, job, slot, outcome, 1, Vec::new(), Instant::now());
+                    let now = Instant::now();
+                    return finish(
+                        shared,
+                        job,
+                        slot,
+                        outcome,
+                        1,
+                        vec![],
+                        now,
+                        &mut Handoff::default(),
+                    );
                 }
                 ran => Some(ran),
             }
@@ -347,6 +363,7 @@ async fn run_attempts(
         attempts,
         retries,
         Instant::now(),
+        &mut Handoff::default(),
     );
 }
 
@@ -367,7 +384,9 @@ fn run_call(
 type Ending = (OpStatus, Option<Json>, Option<String>, Option<bool>);
 
 /// Completes `job` with `outcome` after `attempts` runs, ended at `now`: gives its running
-/// slot back, tells its breaker, records its retries and answers its waiter.
+/// slot back, tells its breaker, records its retries and answers its waiter (through
+/// `handoff`).
+#[allow(clippy::too_many_arguments)]
 fn finish(
     shared: &NodeShared,
     job: Box<Job>,
@@ -376,6 +395,7 @@ fn finish(
     attempts: u32,
     retries: Vec<(u32, trace::Stamp, String)>,
     now: Instant,
+    handoff: &mut Handoff,
 ) {
     drop(slot);
     let (status, result, error, healthy) = outcome;
@@ -386,7 +406,7 @@ fn finish(
     for (attempt, at, message) in retries {
         reply.retrying(attempt, at, message);
     }
-    reply.finish_at(
+    reply.finish_into(
         OpOutcome {
             id: op.id,
             status,
@@ -398,6 +418,7 @@ fn finish(
             trace_id: None,
         },
         now,
+        handoff,
     );
 }
 

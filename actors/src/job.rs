@@ -63,6 +63,14 @@ pub struct Stamps {
 /// completes it (an executor's, or whichever drops it): it must not block.
 pub trait OutcomeSink: Send + Sync {
     fn deliver(&self, outcome: OpOutcome);
+
+    /// Takes the outcomes of several operations that completed together (see
+    /// [`Handoff`]), in the order they completed.
+    fn deliver_all(&self, outcomes: Vec<OpOutcome>) {
+        for outcome in outcomes {
+            self.deliver(outcome);
+        }
+    }
 }
 
 /// Who hears an operation's outcome.
@@ -189,9 +197,15 @@ impl Reply {
     /// [`finish`](Self::finish), ended at `now` (a clock read the caller already has:
     /// the operations of one batch of replies from another node all ended when it
     /// arrived).
-    pub fn finish_at(mut self, outcome: OpOutcome, now: Instant) {
+    pub fn finish_at(self, outcome: OpOutcome, now: Instant) {
+        self.finish_into(outcome, now, &mut Handoff::default());
+    }
+
+    /// [`finish_at`](Self::finish_at), the outcome handed to its waiter through
+    /// `handoff`, with the others completed together.
+    pub fn finish_into(mut self, outcome: OpOutcome, now: Instant, handoff: &mut Handoff) {
         let outcome = self.stamp(outcome);
-        self.complete(outcome, now);
+        self.complete(outcome, now, handoff);
     }
 
     /// Completes the operation as failed or expired with `reason`.
@@ -209,7 +223,7 @@ impl Reply {
         outcome
     }
 
-    fn complete(&mut self, outcome: OpOutcome, now: Instant) {
+    fn complete(&mut self, outcome: OpOutcome, now: Instant, handoff: &mut Handoff) {
         if self.done {
             return;
         }
@@ -245,15 +259,7 @@ impl Reply {
         if let Some(t) = self.tracked.take() {
             self.shared.store().finished(&t, outcome.clone());
         }
-        match self.waiter.take() {
-            Some(Waiter::Caller(tx)) => {
-                let _ = tx.send(outcome);
-            }
-            Some(Waiter::Sink(sink)) => sink.deliver(outcome),
-            Some(Waiter::Batch(wait, index)) => wait.deliver(index, outcome),
-            None => {}
-        }
-        self.shared.op_finished();
+        handoff.hand(self.waiter.take(), outcome, &self.shared);
     }
 }
 
@@ -351,7 +357,7 @@ impl Drop for Reply {
             };
             let outcome = self.stamp(OpOutcome::failure(self.id, OpStatus::Failed, reason));
             tracing::warn!(op.id = %self.id, reason, "operation failed on drop");
-            self.complete(outcome, Instant::now());
+            self.complete(outcome, Instant::now(), &mut Handoff::default());
         }
     }
 }
@@ -427,11 +433,86 @@ impl BatchOutcomes {
 }
 
 impl BatchWait {
-    fn deliver(&self, index: u32, outcome: OpOutcome) {
-        self.outcomes.lock()[index as usize] = Some(outcome);
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+    fn deliver(&self, delivered: impl ExactSizeIterator<Item = (u32, OpOutcome)>) {
+        let n = delivered.len();
+        {
+            let mut outcomes = self.outcomes.lock();
+            for (index, outcome) in delivered {
+                outcomes[index as usize] = Some(outcome);
+            }
+        }
+        if self.left.fetch_sub(n, Ordering::AcqRel) == n {
             self.waker.wake();
         }
+    }
+}
+
+/// Outcomes of operations completed together (the replies of one batch from another
+/// node, the operations one executor task ran at once), handed to their waiters as it is
+/// dropped: the outcomes of one [batch](BatchOutcomes) (or of one [`OutcomeSink`]) in a
+/// row go in under one lock, and the node counts them finished at once, after they are
+/// delivered (as each operation alone: whoever waits for the node to be idle sees every
+/// outcome delivered). A caller's own [`Ticket`] is answered at once.
+#[derive(Default)]
+pub struct Handoff {
+    batch: Option<(Arc<BatchWait>, Vec<(u32, OpOutcome)>)>,
+    sink: Option<(Arc<dyn OutcomeSink>, Vec<OpOutcome>)>,
+    /// The node of the operations handed so far, and how many.
+    finished: Option<(Anchor<NodeShared>, usize)>,
+}
+
+impl Handoff {
+    fn hand(&mut self, waiter: Option<Waiter>, outcome: OpOutcome, node: &Anchor<NodeShared>) {
+        if !matches!(&self.finished, Some((n, _)) if Arc::ptr_eq(&n.0, &node.0)) {
+            self.flush();
+            self.finished = Some((node.clone(), 0));
+        }
+        match waiter {
+            Some(Waiter::Caller(tx)) => {
+                let _ = tx.send(outcome);
+            }
+            Some(Waiter::Sink(sink)) => match &mut self.sink {
+                Some((to, list)) if std::ptr::addr_eq(Arc::as_ptr(to), Arc::as_ptr(&sink)) => {
+                    list.push(outcome)
+                }
+                held => {
+                    if let Some((to, list)) = held.replace((sink, vec![outcome])) {
+                        to.deliver_all(list);
+                    }
+                }
+            },
+            Some(Waiter::Batch(wait, index)) => match &mut self.batch {
+                Some((to, list)) if Arc::ptr_eq(to, &wait) => list.push((index, outcome)),
+                held => {
+                    if let Some((to, list)) = held.replace((wait, vec![(index, outcome)])) {
+                        to.deliver(list.into_iter());
+                    }
+                }
+            },
+            None => {}
+        }
+        if let Some((_, n)) = &mut self.finished {
+            *n += 1;
+        }
+    }
+
+    /// Delivers what it holds, then counts its operations finished.
+    fn flush(&mut self) {
+        if let Some((to, list)) = self.batch.take() {
+            to.deliver(list.into_iter());
+        }
+        if let Some((to, list)) = self.sink.take() {
+            to.deliver_all(list);
+        }
+        if let Some((node, n)) = self.finished.take() {
+            node.ops_finished(n);
+        }
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

@@ -74,7 +74,7 @@ pub use handler::{
     GiveUpReason, Handler, HandlerError, HandlerRegistry, HandlerResult, RetryDecision, RetryPolicy,
 };
 pub use hash::{stable_hash, stable_id};
-pub use job::{BatchOutcomes, OutcomeSink, Ticket, Tracked};
+pub use job::{BatchOutcomes, Handoff, OutcomeSink, Ticket, Tracked};
 pub use node::{CacheConfig, EngineConfig, Node, NodeBuilder, NodeStats, StartError};
 pub use op::{
     Json, Limits, NodeId, OpId, OpOutcome, OpStatus, OpType, Operation, SubmitError, TraceContext,

@@ -492,11 +492,10 @@ impl Node {
         ops: Vec<Operation>,
         track: bool,
     ) -> Vec<Result<Ticket, SubmitError>> {
-        let now = Instant::now();
-        self.start_batch(ops, |_, op| {
-            self.shared
-                .admit(&self.anchors, op, track, Admit::Routed, now)
-        })
+        let mut door = self
+            .shared
+            .door(&self.anchors, Admit::Routed, Instant::now());
+        self.start_batch(ops, |_, op| door.admit(op, track))
     }
 
     /// Accepts a batch like [`enqueue_batch`](Self::enqueue_batch) (untracked) for a
@@ -507,13 +506,12 @@ impl Node {
         &self,
         ops: Vec<Operation>,
     ) -> (Vec<Result<(), SubmitError>>, BatchOutcomes) {
-        let now = Instant::now();
+        let mut door = self
+            .shared
+            .door(&self.anchors, Admit::Routed, Instant::now());
         let outcomes = BatchOutcomes::new(ops.len());
         let accepted = self.start_batch(ops, |i, op| {
-            self.shared
-                .admit_to(&self.anchors, op, false, Admit::Routed, now, || {
-                    outcomes.waiter(i)
-                })
+            door.admit_to(op, false, || outcomes.waiter(i))
                 .map(|(job, _)| (job, ()))
         });
         (accepted, outcomes)
@@ -554,13 +552,10 @@ impl Node {
         ops: Vec<Operation>,
         track: bool,
     ) -> Vec<Result<(Box<Job>, Ticket), SubmitError>> {
-        let now = Instant::now();
-        ops.into_iter()
-            .map(|op| {
-                self.shared
-                    .admit(&self.anchors, op, track, Admit::Routed, now)
-            })
-            .collect()
+        let mut door = self
+            .shared
+            .door(&self.anchors, Admit::Routed, Instant::now());
+        ops.into_iter().map(|op| door.admit(op, track)).collect()
     }
 
     /// Starts operations accepted by [`admit_batch`](Self::admit_batch): hands them to
@@ -596,14 +591,11 @@ impl Node {
         ops: impl ExactSizeIterator<Item = Operation>,
         sink: &Arc<dyn OutcomeSink>,
     ) -> Vec<Result<(), SubmitError>> {
-        let now = Instant::now();
+        let mut door = self.shared.door(&self.anchors, Admit::Here, Instant::now());
         let mut jobs = Vec::with_capacity(ops.len());
         let accepted = ops
             .map(|op| {
-                self.shared
-                    .admit_to(&self.anchors, op, false, Admit::Here, now, || {
-                        Waiter::Sink(Arc::clone(sink))
-                    })
+                door.admit_to(op, false, || Waiter::Sink(Arc::clone(sink)))
                     .map(|(job, _)| jobs.push(job))
             })
             .collect();

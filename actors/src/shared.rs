@@ -478,13 +478,13 @@ impl NodeShared {
         self.metrics.in_flight.add(1, Ordering::SeqCst);
     }
 
-    /// An accepted operation has completed; wakes [`wait_idle`](Self::wait_idle) when
-    /// someone waits and none is left in flight.
-    pub(crate) fn op_finished(&self) {
+    /// `n` accepted operations have completed; wakes [`wait_idle`](Self::wait_idle)
+    /// when someone waits and none is left in flight.
+    pub(crate) fn ops_finished(&self, n: usize) {
         // SeqCst with `wait_idle`: either it sees this count, or this sees its waiter.
         // The in-flight count is striped: of two last operations finishing at once, the
         // later one in that order sees both gone.
-        self.metrics.in_flight.add(-1, Ordering::SeqCst);
+        self.metrics.in_flight.add(-(n as i64), Ordering::SeqCst);
         if self.idle.waiters.load(Ordering::SeqCst) > 0
             && self.metrics.in_flight.get(Ordering::SeqCst) == 0
         {

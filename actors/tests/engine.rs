@@ -9,8 +9,8 @@ use opmesh_actors::job::Job;
 use opmesh_actors::router::Forwarder;
 use opmesh_actors::routing::{LocalRoutes, NodeView};
 use opmesh_actors::{
-    BatchPolicy, ChildKind, EngineConfig, HandlerError, Json, Node, NodeId, OpStatus, Operation,
-    RetryPolicy, Route, RouteError, RoutingTable, Strategy, SubmitError,
+    BatchPolicy, ChildKind, EngineConfig, HandlerError, Json, Node, NodeId, OpId, OpOutcome,
+    OpStatus, Operation, RetryPolicy, Route, RouteError, RoutingTable, Strategy, SubmitError,
 };
 
 mod common;
@@ -527,6 +527,125 @@ async fn a_waited_batch_ends_when_its_last_accepted_operation_does() {
         node.enqueue_batch_waited(vec![Operation::new("nope", Json::null())]);
     assert!(accepted[0].is_err());
     assert_eq!(outcomes.await, [None]);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The door of a batch looks a type up once for a run of it, but every operation still
+/// takes a slot of its own type's queue: with room for one each, the first of each type
+/// passes, whatever the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_batch_each_operation_takes_its_own_types_slot() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let node = Node::builder()
+        .config(EngineConfig {
+            shards: 1,
+            ..small(1, 1)
+        })
+        .handler("echo", echo)
+        .handler("gated", move |op: Operation| {
+            let g = g.clone();
+            async move {
+                g.acquire().await.unwrap().forget();
+                Ok::<_, HandlerError>(op.payload)
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    // One gated operation holds the only running slot; the next waits in its queue.
+    let first = node
+        .enqueue(Operation::new("gated", json(0.into())))
+        .unwrap();
+    wait_for("the first runs", Duration::from_secs(10), || {
+        node.stats().active_operations == 1
+    })
+    .await;
+    let answers = node.enqueue_batch(
+        ["gated", "echo", "nope", "gated", "echo", "echo"]
+            .into_iter()
+            .map(|t| Operation::new(t, Json::null()))
+            .collect(),
+        false,
+    );
+    let refusals: Vec<&str> = answers
+        .iter()
+        .map(|a| match a {
+            Ok(_) => "ok",
+            Err(SubmitError::Overloaded { op_type, .. }) if op_type == "gated" => "gated full",
+            Err(SubmitError::Overloaded { op_type, .. }) if op_type == "echo" => "echo full",
+            Err(SubmitError::NoRoute { .. }) => "no route",
+            Err(e) => panic!("{e:?}"),
+        })
+        .collect();
+    assert_eq!(
+        refusals,
+        [
+            "ok",
+            "ok",
+            "no route",
+            "gated full",
+            "echo full",
+            "echo full"
+        ]
+    );
+    gate.add_permits(2);
+    assert!(first.await.is_success());
+    for a in answers.into_iter().flatten() {
+        assert!(a.await.is_success());
+    }
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Operations forwarded here that end together reach their sink together (one lock of
+/// the sink per group), each once, and the node counts them finished only once their
+/// sink has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_that_end_together_reach_their_sink_together() {
+    #[derive(Default)]
+    struct Groups(parking_lot::Mutex<Vec<Vec<OpId>>>);
+    impl opmesh_actors::OutcomeSink for Groups {
+        fn deliver(&self, o: OpOutcome) {
+            self.deliver_all(vec![o]);
+        }
+        fn deliver_all(&self, outcomes: Vec<OpOutcome>) {
+            for o in &outcomes {
+                assert_eq!(o.status, OpStatus::Succeeded, "{o:?}");
+            }
+            self.0.lock().push(outcomes.iter().map(|o| o.id).collect());
+        }
+    }
+    let node = Node::builder()
+        .config(EngineConfig {
+            shards: 1,
+            ..small(64, 100)
+        })
+        .handler("echo", echo)
+        .start()
+        .await
+        .unwrap();
+    let groups = Arc::new(Groups::default());
+    let sink: Arc<dyn opmesh_actors::OutcomeSink> = groups.clone();
+    let ops: Vec<Operation> = (0..20)
+        .map(|i| Operation::new("echo", json(i.into())))
+        .collect();
+    let mut ids: Vec<OpId> = ops.iter().map(|o| o.id).collect();
+    let accepted = node.enqueue_forwarded(ops.into_iter(), &sink);
+    assert!(accepted.iter().all(Result::is_ok));
+    wait_for("every outcome delivered", Duration::from_secs(10), || {
+        groups.0.lock().iter().map(Vec::len).sum::<usize>() == 20
+    })
+    .await;
+    wait_for("none in flight", Duration::from_secs(10), || {
+        node.in_flight() == 0
+    })
+    .await;
+    let groups = groups.0.lock().clone();
+    assert!(groups.iter().any(|g| g.len() > 1), "{groups:?}");
+    let mut got: Vec<OpId> = groups.concat();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "each once");
     node.shutdown(Duration::from_secs(1)).await;
 }
 

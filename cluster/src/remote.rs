@@ -17,7 +17,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use opmesh_actors::job::Job;
+use opmesh_actors::job::{Handoff, Job};
 use opmesh_actors::trace::Stage;
 use opmesh_actors::{
     Json, NodeId, OpId, OpOutcome, OpStatus, Operation, OutcomeSink, SubmitError, TraceContext,
@@ -183,6 +183,8 @@ impl Outbox {
         drop(slot);
         let arrived = Instant::now();
         let mut refused = Vec::new();
+        // Their callers hear them together (one lock per caller's batch).
+        let mut handoff = Handoff::default();
         for (job, reply) in jobs.into_iter().zip(replies) {
             let Some(job) = job else {
                 continue;
@@ -192,7 +194,7 @@ impl Outbox {
                 continue;
             }
             let Job { reply: done, .. } = *job;
-            done.finish_at(reply_from_wire(reply, peer), arrived);
+            done.finish_into(reply_from_wire(reply, peer), arrived, &mut handoff);
         }
         refused
     }
@@ -316,6 +318,23 @@ impl ReplyCollector {
     }
 }
 
+impl ReplyCollector {
+    /// The first outcome since the last flush schedules the next one, after the
+    /// completing task yields: the rest of its batch of outcomes joins it.
+    fn flush_soon(&self) {
+        if let Some(me) = self.me.upgrade() {
+            let flush = async move {
+                tokio::task::yield_now().await;
+                me.flush();
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(here) => here.spawn(flush),
+                Err(_) => self.runtime.spawn(flush),
+            };
+        }
+    }
+}
+
 impl OutcomeSink for ReplyCollector {
     fn deliver(&self, outcome: OpOutcome) {
         let first = {
@@ -325,19 +344,23 @@ impl OutcomeSink for ReplyCollector {
         };
         // Its result and error go here, outside the lock.
         drop(outcome);
-        // The first outcome since the last flush schedules the next one, after the
-        // completing task yields: the rest of its batch of outcomes joins it.
         if first {
-            if let Some(me) = self.me.upgrade() {
-                let flush = async move {
-                    tokio::task::yield_now().await;
-                    me.flush();
-                };
-                match tokio::runtime::Handle::try_current() {
-                    Ok(here) => here.spawn(flush),
-                    Err(_) => self.runtime.spawn(flush),
-                };
+            self.flush_soon();
+        }
+    }
+
+    fn deliver_all(&self, outcomes: Vec<OpOutcome>) {
+        let first = {
+            let mut pending = self.pending.lock();
+            let was_empty = pending.is_empty();
+            for outcome in &outcomes {
+                pending.push(&reply_fields(outcome));
             }
+            was_empty && !pending.is_empty()
+        };
+        drop(outcomes);
+        if first {
+            self.flush_soon();
         }
     }
 }
