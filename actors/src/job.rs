@@ -455,11 +455,16 @@ impl BatchWait {
 /// outcome delivered). A caller's own [`Ticket`] is answered at once.
 #[derive(Default)]
 pub struct Handoff {
-    batch: Option<(Arc<BatchWait>, Vec<(u32, OpOutcome)>)>,
-    sink: Option<(Arc<dyn OutcomeSink>, Vec<OpOutcome>)>,
+    batch: Option<ForBatch>,
+    sink: Option<ForSink>,
     /// The node of the operations handed so far, and how many.
     finished: Option<(Anchor<NodeShared>, usize)>,
 }
+
+/// Outcomes held for a batch's caller, each with its place in the batch.
+type ForBatch = (Arc<BatchWait>, Vec<(u32, OpOutcome)>);
+/// Outcomes held for a sink.
+type ForSink = (Arc<dyn OutcomeSink>, Vec<OpOutcome>);
 
 impl Handoff {
     fn hand(&mut self, waiter: Option<Waiter>, outcome: OpOutcome, node: &Anchor<NodeShared>) {
