@@ -73,7 +73,8 @@ use crate::types::{CommandResult, Member, NodeRecord, RaftId, Request, TypeConfi
 /// 7: a node opens several connections to a peer (lanes): `DialerNonce` names the lane,
 /// and the proofs and the link key cover it.
 /// 8: operations and replies in their compact hand-written layout (varints, flags).
-pub const PROTOCOL_VERSION: u16 = 8;
+/// 9: a record's tag covers its frames first, then its sequence number and length.
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Bytes of the length prefix in front of every frame body.
 pub const LEN_PREFIX: usize = 4;

@@ -4,8 +4,10 @@
 //! one record: a `u32` LE length (of what follows it), the frames (each with its own
 //! length prefix, as the [`codec`](crate::codec) lays them out), then a 32-byte tag:
 //! BLAKE3 in keyed mode (a MAC, as HMAC-SHA256 is, several times faster on the records
-//! of a busy link) under the link's key over the record's sequence number, its length
-//! and its frames. The key is derived in the [`handshake`](super::handshake) from the
+//! of a busy link) under the link's key over the record's frames, then its sequence
+//! number and its length (each fixed-size, little-endian). The frames come first so that
+//! they lie on BLAKE3's 1 KiB chunks and all but the last are hashed several at a time
+//! (with the 12 bytes first, a record of 8-16 KB took a third longer). The key is derived in the [`handshake`](super::handshake) from the
 //! secret, both nonces and both names, so it is new on every connection; the sequence
 //! number counts records from 0 on each connection and is never sent. A reader checks
 //! the tag before it decodes anything in the record: a record altered on the way,
@@ -53,13 +55,14 @@ impl LinkKey {
         LinkKey(blake3::Hasher::new_keyed(key))
     }
 
-    /// The MAC of record `seq` of `len` bytes, fed with everything but its frames.
-    fn record(&self, seq: u64, len: usize) -> blake3::Hasher {
+    /// The tag of record `seq` of `len` bytes holding `frames`.
+    fn tag(&self, frames: &[u8], seq: u64, len: usize) -> blake3::Hash {
         let len = u32::try_from(len).expect("a record fits its u32 length (checked by the config)");
         let mut mac = self.0.clone();
+        mac.update(frames);
         mac.update(&seq.to_le_bytes());
         mac.update(&len.to_le_bytes());
-        mac
+        mac.finalize()
     }
 }
 
@@ -90,10 +93,9 @@ impl Sealer {
     /// then holds the whole record, ready to write.
     pub(super) fn seal(&mut self, buf: &mut Vec<u8>) {
         let len = buf.len() - LEN_PREFIX + TAG_LEN;
-        let mut mac = self.key.record(self.seq, len);
+        let tag = self.key.tag(&buf[LEN_PREFIX..], self.seq, len);
         buf[..LEN_PREFIX].copy_from_slice(&(len as u32).to_le_bytes());
-        mac.update(&buf[LEN_PREFIX..]);
-        buf.extend_from_slice(mac.finalize().as_bytes());
+        buf.extend_from_slice(tag.as_bytes());
         self.seq += 1;
     }
 }
@@ -120,11 +122,9 @@ impl Opener {
             });
         };
         let (frames, tag) = body.split_at(end);
-        let mut mac = self.key.record(seq, body.len());
-        mac.update(frames);
         let tag: [u8; TAG_LEN] = tag.try_into().expect("split at TAG_LEN from the end");
         // `Hash`'s equality is constant time.
-        if mac.finalize() != blake3::Hash::from_bytes(tag) {
+        if self.key.tag(frames, seq, body.len()) != blake3::Hash::from_bytes(tag) {
             return Err(RecordError::BadTag { seq });
         }
         self.seq += 1;
@@ -191,6 +191,21 @@ mod tests {
             let r = record(&mut sealer, batch);
             assert_eq!(pings(opener.open(body(&r)).unwrap()), batch);
         }
+    }
+
+    /// The tag as the protocol states it: keyed BLAKE3 over the frames, the sequence
+    /// number (u64 LE) and the record's length (u32 LE, tag included).
+    #[test]
+    fn the_tag_covers_the_frames_then_the_sequence_number_and_length() {
+        let mut sealer = Sealer::new(key(3));
+        let _ = record(&mut sealer, &[]);
+        let r = record(&mut sealer, &[7, 8]);
+        let (frames, tag) = r[4..].split_at(r.len() - 4 - TAG_LEN);
+        let mut expect = blake3::Hasher::new_keyed(&[3; 32]);
+        expect.update(frames);
+        expect.update(&1u64.to_le_bytes());
+        expect.update(&((r.len() - 4) as u32).to_le_bytes());
+        assert_eq!(expect.finalize().as_bytes(), tag);
     }
 
     #[test]
