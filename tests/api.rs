@@ -156,6 +156,56 @@ async fn batches_answer_in_order_with_per_item_errors() {
     .await;
 }
 
+/// A batch whose entries all read well but some cannot be submitted (a deadline already
+/// passed, a type no node serves): each answer stays in its entry's place, waited or not.
+#[tokio::test]
+async fn a_well_formed_batch_answers_each_entry_in_its_place() {
+    let s = Server::start(&[], &[]);
+    let body = json!({"ops": [
+        {"type": "echo", "payload": 1},
+        {"type": "echo", "payload": 2, "deadline_ms": 0},
+        {"type": "nope"},
+        {"type": "echo", "payload": 4},
+        {"type": "echo", "payload": 5, "deadline_ms": -3},
+        {"type": "echo", "payload": 6},
+    ]});
+    let (status, v, _) = post(&s, "/v1/ops/batch?wait=true", &body).await;
+    assert_eq!(status, 200);
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r.len(), 6, "{v}");
+    assert_eq!(r[0]["result"], 1);
+    assert_error(&r[1], "deadline_in_past", "deadline_ms");
+    assert_error(&r[2], "no_route", "nope");
+    assert_eq!(r[3]["result"], 4);
+    assert_error(&r[4], "deadline_in_past", "deadline_ms");
+    assert_eq!(r[5]["result"], 6);
+    let (status, v, _) = post(&s, "/v1/ops/batch", &body).await;
+    assert_eq!(status, 202);
+    let r = v["results"].as_array().unwrap();
+    let statuses: Vec<&str> = r
+        .iter()
+        .map(|e| e["status"].as_str().or(e["error"].as_str()).unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "queued",
+            "deadline_in_past",
+            "no_route",
+            "queued",
+            "deadline_in_past",
+            "queued"
+        ]
+    );
+    let id = r[5]["id"].as_str().unwrap().to_owned();
+    wait_until(
+        "the last entry to finish",
+        Duration::from_secs(5),
+        || async { get(&s, &format!("/v1/ops/{id}")).await.1["result"] == 6 },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn routes_can_be_set_read_and_deleted() {
     let s = Server::start(&["--node-id", "n1"], &[]);

@@ -94,6 +94,7 @@ async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
     };
     // Declared first, dropped last: it gives back whatever the operations below left.
     let returns = SlotReturns::new(&shared, entry);
+    let n = batch.len();
     let mut started = batch.run(&returns);
     // Each operation's handler is called and polled once here: one that is done at once
     // (most are: echo, a lookup) completes without a place in the set below, a timer or
@@ -101,7 +102,7 @@ async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
     // operation: when one ends (or its first poll returns), which is when the next starts.
     // Those that end at once are handed to their waiters together, once all started.
     let mut clock = Instant::now();
-    let mut handoff = Handoff::default();
+    let mut handoff = Handoff::with_capacity(n);
     let mut running: FuturesUnordered<_> = std::future::poll_fn(|cx| {
         Poll::Ready(
             started

@@ -403,6 +403,8 @@ impl Future for Ticket {
 /// the outcomes in the batch's order, `None` where an operation was not accepted.
 pub struct BatchOutcomes {
     wait: Arc<BatchWait>,
+    /// Its places (one per operation).
+    places: std::cell::Cell<usize>,
 }
 
 pub(crate) struct BatchWait {
@@ -421,14 +423,27 @@ impl BatchOutcomes {
                 left: AtomicUsize::new(0),
                 waker: futures::task::AtomicWaker::new(),
             }),
+            places: std::cell::Cell::new(n),
         }
     }
 
     /// The waiter of operation `index`, which was accepted: the batch now waits for it.
+    /// (Called before any operation of the batch starts; a place past those the batch was
+    /// made with is added.)
     pub(crate) fn waiter(&self, index: usize) -> Waiter {
         self.wait.left.fetch_add(1, Ordering::AcqRel);
         let index = u32::try_from(index).expect("a batch holds fewer than 2^32 operations");
+        if index as usize >= self.places.get() {
+            self.fit(index as usize + 1);
+        }
         Waiter::Batch(Arc::clone(&self.wait), index)
+    }
+
+    /// Makes the batch `n` places long: a place added has no operation, and one taken
+    /// away must have had none (no waiter was made for it).
+    pub(crate) fn fit(&self, n: usize) {
+        self.wait.outcomes.lock().resize_with(n, || None);
+        self.places.set(n);
     }
 }
 
@@ -459,6 +474,8 @@ pub struct Handoff {
     sink: Option<ForSink>,
     /// The node of the operations handed so far, and how many.
     finished: Option<(Anchor<NodeShared>, usize)>,
+    /// Room a list of outcomes starts with.
+    room: usize,
 }
 
 /// Outcomes held for a batch's caller, each with its place in the batch.
@@ -467,6 +484,19 @@ type ForBatch = (Arc<BatchWait>, Vec<(u32, OpOutcome)>);
 type ForSink = (Arc<dyn OutcomeSink>, Vec<OpOutcome>);
 
 impl Handoff {
+    /// For about `n` operations (its lists start with room for them).
+    pub fn with_capacity(n: usize) -> Handoff {
+        let mut handoff = Handoff::default();
+        handoff.room = n;
+        handoff
+    }
+
+    fn list<T>(&self, first: T) -> Vec<T> {
+        let mut list = Vec::with_capacity(self.room.max(1));
+        list.push(first);
+        list
+    }
+
     fn hand(&mut self, waiter: Option<Waiter>, outcome: OpOutcome, node: &Anchor<NodeShared>) {
         if !matches!(&self.finished, Some((n, _)) if Arc::ptr_eq(&n.0, &node.0)) {
             self.flush();
@@ -480,16 +510,18 @@ impl Handoff {
                 Some((to, list)) if std::ptr::addr_eq(Arc::as_ptr(to), Arc::as_ptr(&sink)) => {
                     list.push(outcome)
                 }
-                held => {
-                    if let Some((to, list)) = held.replace((sink, vec![outcome])) {
+                _ => {
+                    let list = self.list(outcome);
+                    if let Some((to, list)) = self.sink.replace((sink, list)) {
                         to.deliver_all(list);
                     }
                 }
             },
             Some(Waiter::Batch(wait, index)) => match &mut self.batch {
                 Some((to, list)) if Arc::ptr_eq(to, &wait) => list.push((index, outcome)),
-                held => {
-                    if let Some((to, list)) = held.replace((wait, vec![(index, outcome)])) {
+                _ => {
+                    let list = self.list((index, outcome));
+                    if let Some((to, list)) = self.batch.replace((wait, list)) {
                         to.deliver(list.into_iter());
                     }
                 }

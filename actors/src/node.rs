@@ -502,18 +502,23 @@ impl Node {
     /// caller that waits for all of it: answers whether each was accepted, in order, and
     /// a future of the outcomes, in the same order (`None` for those refused). Cheaper
     /// per operation than a [`Ticket`] each.
+    ///
+    /// `ops` may build each operation as it is taken (the api reads each from its entry
+    /// as the door takes it); its size hint's upper bound, when it has one, sizes the lists.
     pub fn enqueue_batch_waited(
         &self,
-        ops: Vec<Operation>,
+        ops: impl IntoIterator<Item = Operation>,
     ) -> (Vec<Result<(), SubmitError>>, BatchOutcomes) {
+        let ops = ops.into_iter();
         let mut door = self
             .shared
             .door(&self.anchors, Admit::Routed, Instant::now());
-        let outcomes = BatchOutcomes::new(ops.len());
+        let outcomes = BatchOutcomes::new(bound(&ops));
         let accepted = self.start_batch(ops, |i, op| {
             door.admit_to(op, false, || outcomes.waiter(i))
                 .map(|(job, _)| (job, ()))
         });
+        outcomes.fit(accepted.len());
         (accepted, outcomes)
     }
 
@@ -521,12 +526,12 @@ impl Node {
     /// the Router in one trip; answers what `admit` gave for each, in order.
     fn start_batch<T>(
         &self,
-        ops: Vec<Operation>,
+        ops: impl IntoIterator<Item = Operation>,
         mut admit: impl FnMut(usize, Operation) -> Result<(Box<Job>, T), SubmitError>,
     ) -> Vec<Result<T, SubmitError>> {
-        let mut jobs = Vec::with_capacity(ops.len());
+        let ops = ops.into_iter();
+        let mut jobs = Vec::with_capacity(bound(&ops));
         let answers = ops
-            .into_iter()
             .enumerate()
             .map(|(i, op)| {
                 admit(i, op).map(|(job, t)| {
@@ -898,4 +903,10 @@ impl Node {
             c.kill();
         }
     }
+}
+
+/// How many items `it` yields at most, as far as its size hint tells (else at least).
+fn bound(it: &impl Iterator) -> usize {
+    let (low, high) = it.size_hint();
+    high.unwrap_or(low)
 }

@@ -184,7 +184,7 @@ impl Outbox {
         let arrived = Instant::now();
         let mut refused = Vec::new();
         // Their callers hear them together (one lock per caller's batch).
-        let mut handoff = Handoff::default();
+        let mut handoff = Handoff::with_capacity(jobs.len());
         for (job, reply) in jobs.into_iter().zip(replies) {
             let Some(job) = job else {
                 continue;

@@ -243,59 +243,45 @@ pub(super) async fn submit_batch(
     let typed = std::str::from_utf8(&bytes)
         .ok()
         .and_then(|text| serde_json::from_str::<TypedBatch>(text).ok());
-    if let Some(b) = typed {
-        check_batch_len(b.ops.len(), st.max_batch_ops)?;
-        st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
-        entries.reserve(b.ops.len());
-        for r in b.ops {
-            entries.add(to_operation(r, share, parent, &caller, now, &mut types));
-        }
-    } else {
-        let b: BatchRequest = parse(&bytes, "request body")?;
-        check_batch_len(b.ops.len(), st.max_batch_ops)?;
-        st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
-        entries.reserve(b.ops.len());
-        for (i, raw) in b.ops.iter().enumerate() {
-            entries.add(
-                parse::<OpRequest<'_>>(raw.get().as_bytes(), &format!("ops[{i}]"))
-                    .and_then(|r| to_operation(r, share, parent, &caller, now, &mut types)),
-            );
-        }
-    }
-    let Entries { slots, ops } = entries;
-    if !q.wait {
-        // Kept for `GET /v1/ops/{id}`; with the journal on, answered once it holds them.
-        let accepted: Vec<Result<Receipt, SubmitError>> = match &st.journal {
-            Some(journal) => journal.accept(ops).await?,
-            None => st
-                .node
-                .enqueue_batch(ops, true)
-                .into_iter()
-                .map(|t| {
-                    t.map(|t| Receipt {
-                        id: t.id,
-                        trace: t.trace,
-                    })
-                })
-                .collect(),
-        };
-        let mut accepted: Vec<Option<Result<Receipt, SubmitError>>> =
-            accepted.into_iter().map(Some).collect();
-        let mut answer = BatchWriter::new(slots.len());
-        for slot in slots {
-            match slot {
-                Err(body) => answer.refused(&body),
-                Ok(i) => match accepted[i].take().expect("each answer is used once") {
-                    Err(e) => answer.refused(&ApiError::from(e).body()),
-                    Ok(r) => answer.answer(&Answer::queued(r.id, r.trace.map(|c| c.trace_id))),
-                },
+    let mut ops = Vec::new();
+    let (accepted, outcomes) = match typed {
+        Some(b) => {
+            check_batch_len(b.ops.len(), st.max_batch_ops)?;
+            st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
+            entries.slots.reserve_exact(b.ops.len());
+            let parsed = b.ops.into_iter().filter_map(|r| {
+                entries.place(to_operation(r, share, parent, &caller, now, &mut types))
+            });
+            if q.wait {
+                // Each operation goes from its entry straight to the door, not first into
+                // a list of its own.
+                st.node.enqueue_batch_waited(parsed)
+            } else {
+                ops.reserve_exact(parsed.size_hint().1.unwrap_or(0));
+                ops.extend(parsed);
+                return submit_unwaited(&st, entries, ops).await;
             }
         }
-        return Ok(answer.respond(StatusCode::ACCEPTED));
-    }
+        None => {
+            let b: BatchRequest = parse(&bytes, "request body")?;
+            check_batch_len(b.ops.len(), st.max_batch_ops)?;
+            st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
+            entries.slots.reserve_exact(b.ops.len());
+            ops.reserve_exact(b.ops.len());
+            for (i, raw) in b.ops.iter().enumerate() {
+                let parsed = parse::<OpRequest<'_>>(raw.get().as_bytes(), &format!("ops[{i}]"))
+                    .and_then(|r| to_operation(r, share, parent, &caller, now, &mut types));
+                ops.extend(entries.place(parsed));
+            }
+            if !q.wait {
+                return submit_unwaited(&st, entries, ops).await;
+            }
+            st.node.enqueue_batch_waited(ops)
+        }
+    };
     // A waited batch gets its results in the answer, and is not tracked for
     // `GET /v1/ops/{id}` (tracking costs about a tenth of a batch's time).
-    let (accepted, outcomes) = st.node.enqueue_batch_waited(ops);
+    let Entries { slots, .. } = entries;
     let mut outcomes = outcomes.await;
     let mut answer = BatchWriter::new(slots.len());
     for slot in slots {
@@ -318,27 +304,64 @@ pub(super) async fn submit_batch(
     Ok(answer.respond(StatusCode::OK))
 }
 
+/// Starts a batch whose caller does not wait: kept for `GET /v1/ops/{id}`; with the
+/// journal on, answered once it holds them.
+async fn submit_unwaited(
+    st: &AppState,
+    entries: Entries,
+    ops: Vec<Operation>,
+) -> Result<HttpResponse, ApiError> {
+    let accepted: Vec<Result<Receipt, SubmitError>> = match &st.journal {
+        Some(journal) => journal.accept(ops).await?,
+        None => st
+            .node
+            .enqueue_batch(ops, true)
+            .into_iter()
+            .map(|t| {
+                t.map(|t| Receipt {
+                    id: t.id,
+                    trace: t.trace,
+                })
+            })
+            .collect(),
+    };
+    let mut accepted: Vec<Option<Result<Receipt, SubmitError>>> =
+        accepted.into_iter().map(Some).collect();
+    let mut answer = BatchWriter::new(entries.slots.len());
+    for slot in entries.slots {
+        match slot {
+            Err(body) => answer.refused(&body),
+            Ok(i) => match accepted[i].take().expect("each answer is used once") {
+                Err(e) => answer.refused(&ApiError::from(e).body()),
+                Ok(r) => answer.answer(&Answer::queued(r.id, r.trace.map(|c| c.trace_id))),
+            },
+        }
+    }
+    Ok(answer.respond(StatusCode::ACCEPTED))
+}
+
 /// A batch's entries as read: each keeps its place, holding the index of its operation
-/// in `ops`, or why it was refused.
+/// among those read, or why it was refused.
 #[derive(Default)]
 struct Entries {
     slots: Vec<Result<usize, ErrorBody>>,
-    ops: Vec<Operation>,
+    /// Operations read so far.
+    read: usize,
 }
 
 impl Entries {
-    fn reserve(&mut self, n: usize) {
-        self.slots.reserve_exact(n);
-        self.ops.reserve_exact(n);
-    }
-
-    fn add(&mut self, parsed: Result<Operation, ApiError>) {
+    /// Places the next entry: its operation, handed back, or why it was refused.
+    fn place(&mut self, parsed: Result<Operation, ApiError>) -> Option<Operation> {
         match parsed {
             Ok(op) => {
-                self.slots.push(Ok(self.ops.len()));
-                self.ops.push(op);
+                self.slots.push(Ok(self.read));
+                self.read += 1;
+                Some(op)
             }
-            Err(e) => self.slots.push(Err(e.body())),
+            Err(e) => {
+                self.slots.push(Err(e.body()));
+                None
+            }
         }
     }
 }
