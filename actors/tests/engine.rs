@@ -30,6 +30,23 @@ async fn sleepy(op: Operation) -> Result<Json, HandlerError> {
     Ok(op.payload)
 }
 
+/// A handler that answers its payload once `gate` gives it a permit.
+fn gated(
+    gate: &Arc<tokio::sync::Semaphore>,
+) -> impl Fn(Operation) -> futures::future::BoxFuture<'static, Result<Json, HandlerError>>
+       + Send
+       + Sync
+       + 'static {
+    let gate = gate.clone();
+    move |op: Operation| {
+        let g = gate.clone();
+        Box::pin(async move {
+            g.acquire().await.unwrap().forget();
+            Ok(op.payload)
+        })
+    }
+}
+
 /// A node of `max_concurrent` running slots, all of which one type may take (these tests
 /// are about the node's total, not the share between types: see `types.rs`).
 fn small(max_concurrent: usize, queue_capacity: usize) -> EngineConfig {
@@ -477,16 +494,9 @@ async fn unknown_types_and_bad_operations_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waited_batch_ends_when_its_last_accepted_operation_does() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let g = gate.clone();
     let node = Node::builder()
         .handler("echo", echo)
-        .handler("gated", move |op: Operation| {
-            let g = g.clone();
-            async move {
-                g.acquire().await.unwrap().forget();
-                Ok::<_, HandlerError>(op.payload)
-            }
-        })
+        .handler("gated", gated(&gate))
         .start()
         .await
         .unwrap();
@@ -536,20 +546,13 @@ async fn a_waited_batch_ends_when_its_last_accepted_operation_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_batch_each_operation_takes_its_own_types_slot() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let g = gate.clone();
     let node = Node::builder()
         .config(EngineConfig {
             shards: 1,
             ..small(1, 1)
         })
         .handler("echo", echo)
-        .handler("gated", move |op: Operation| {
-            let g = g.clone();
-            async move {
-                g.acquire().await.unwrap().forget();
-                Ok::<_, HandlerError>(op.payload)
-            }
-        })
+        .handler("gated", gated(&gate))
         .start()
         .await
         .unwrap();
