@@ -403,8 +403,9 @@ impl Future for Ticket {
 /// the outcomes in the batch's order, `None` where an operation was not accepted.
 pub struct BatchOutcomes {
     wait: Arc<BatchWait>,
-    /// Its places (one per operation).
-    places: std::cell::Cell<usize>,
+    /// Its places (one per operation). Only the thread admitting the batch changes it
+    /// (atomic so that the future stays `Sync`).
+    places: AtomicUsize,
 }
 
 pub(crate) struct BatchWait {
@@ -423,7 +424,7 @@ impl BatchOutcomes {
                 left: AtomicUsize::new(0),
                 waker: futures::task::AtomicWaker::new(),
             }),
-            places: std::cell::Cell::new(n),
+            places: AtomicUsize::new(n),
         }
     }
 
@@ -433,7 +434,7 @@ impl BatchOutcomes {
     pub(crate) fn waiter(&self, index: usize) -> Waiter {
         self.wait.left.fetch_add(1, Ordering::AcqRel);
         let index = u32::try_from(index).expect("a batch holds fewer than 2^32 operations");
-        if index as usize >= self.places.get() {
+        if index as usize >= self.places.load(Ordering::Relaxed) {
             self.fit(index as usize + 1);
         }
         Waiter::Batch(Arc::clone(&self.wait), index)
@@ -443,7 +444,7 @@ impl BatchOutcomes {
     /// away must have had none (no waiter was made for it).
     pub(crate) fn fit(&self, n: usize) {
         self.wait.outcomes.lock().resize_with(n, || None);
-        self.places.set(n);
+        self.places.store(n, Ordering::Relaxed);
     }
 }
 

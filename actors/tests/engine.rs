@@ -1015,3 +1015,11 @@ async fn shutdown_drains_then_fails_what_is_left_with_a_reason() {
         "one operation was left at the end of the grace period"
     );
 }
+
+/// A batch's future can be shared between threads, as any future of the engine's.
+#[test]
+fn a_batch_future_is_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<opmesh_actors::BatchOutcomes>();
+    send_sync::<opmesh_actors::Ticket>();
+}
