@@ -316,51 +316,41 @@ impl ReplyCollector {
             (self.send)(batch);
         }
     }
-}
 
-impl ReplyCollector {
-    /// The first outcome since the last flush schedules the next one, after the
-    /// completing task yields: the rest of its batch of outcomes joins it.
-    fn flush_soon(&self) {
-        if let Some(me) = self.me.upgrade() {
-            let flush = async move {
-                tokio::task::yield_now().await;
-                me.flush();
-            };
-            match tokio::runtime::Handle::try_current() {
-                Ok(here) => here.spawn(flush),
-                Err(_) => self.runtime.spawn(flush),
-            };
-        }
-    }
-}
-
-impl OutcomeSink for ReplyCollector {
-    fn deliver(&self, outcome: OpOutcome) {
-        let first = {
-            let mut pending = self.pending.lock();
-            pending.push(&reply_fields(&outcome));
-            pending.len() == 1
-        };
-        // Its result and error go here, outside the lock.
-        drop(outcome);
-        if first {
-            self.flush_soon();
-        }
-    }
-
-    fn deliver_all(&self, outcomes: Vec<OpOutcome>) {
+    /// Encodes `outcomes` into the pending batch. The first outcome since the last flush
+    /// schedules the next one, after the completing task yields: the rest of its batch
+    /// of outcomes joins it.
+    fn take(&self, outcomes: &[OpOutcome]) {
         let first = {
             let mut pending = self.pending.lock();
             let was_empty = pending.is_empty();
-            for outcome in &outcomes {
+            for outcome in outcomes {
                 pending.push(&reply_fields(outcome));
             }
             was_empty && !pending.is_empty()
         };
-        drop(outcomes);
         if first {
-            self.flush_soon();
+            if let Some(me) = self.me.upgrade() {
+                let flush = async move {
+                    tokio::task::yield_now().await;
+                    me.flush();
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(here) => here.spawn(flush),
+                    Err(_) => self.runtime.spawn(flush),
+                };
+            }
         }
+    }
+}
+
+// The outcomes' results and errors are dropped here, after `take` let the lock go.
+impl OutcomeSink for ReplyCollector {
+    fn deliver(&self, outcome: OpOutcome) {
+        self.take(std::slice::from_ref(&outcome));
+    }
+
+    fn deliver_all(&self, outcomes: Vec<OpOutcome>) {
+        self.take(&outcomes);
     }
 }
