@@ -246,9 +246,10 @@ pub(super) async fn submit_batch(
     let mut ops = Vec::new();
     let (accepted, outcomes) = match typed {
         Some(b) => {
-            check_batch_len(b.ops.len(), st.max_batch_ops)?;
-            st.admission.check(&req, &caller, b.ops.len(), &st.node)?;
-            entries.slots.reserve_exact(b.ops.len());
+            let n = b.ops.len();
+            check_batch_len(n, st.max_batch_ops)?;
+            st.admission.check(&req, &caller, n, &st.node)?;
+            entries.slots.reserve_exact(n);
             let parsed = b.ops.into_iter().filter_map(|r| {
                 entries.place(to_operation(r, share, parent, &caller, now, &mut types))
             });
@@ -257,7 +258,7 @@ pub(super) async fn submit_batch(
                 // a list of its own.
                 st.node.enqueue_batch_waited(parsed)
             } else {
-                ops.reserve_exact(parsed.size_hint().1.unwrap_or(0));
+                ops.reserve_exact(n);
                 ops.extend(parsed);
                 return submit_unwaited(&st, entries, ops).await;
             }
