@@ -91,7 +91,8 @@ pub struct Reply {
     trace: Option<OpTrace>,
     pub(crate) stamps: Stamps,
     pub(crate) cache_verdict: Option<CacheVerdict>,
-    /// The owner, when the Router picked another node.
+    /// The owner, when the Router picked another node and the operation is traced (its
+    /// spans name it; nothing else reads it).
     pub(crate) target: Option<NodeId>,
     /// Retries, for the `op.execute` span (allocated only when there is one and the
     /// operation is traced).
@@ -170,6 +171,11 @@ impl Reply {
     /// what travels to a remote owner), when it is traced.
     pub fn trace_context(&self, stage: Stage) -> Option<TraceContext> {
         self.trace.as_ref().map(|t| t.context(stage))
+    }
+
+    /// Whether the operation is traced: only then are its spans recorded.
+    pub(crate) fn is_traced(&self) -> bool {
+        self.trace.is_some()
     }
 
     /// The context a handler runs in: its `op.execute` span.

@@ -222,7 +222,9 @@ fn route(state: &mut RouterState) {
                 local.push(job);
             }
             Ok(node) => {
-                job.reply.target = Some(node.clone());
+                // Only spans name it: an untraced operation takes no reference to the
+                // name (whose count every forwarding thread would share).
+                job.reply.target = job.reply.is_traced().then(|| node.clone());
                 match remote.iter_mut().find(|(n, _)| n == node) {
                     Some((_, v)) => v.push(job),
                     None => remote.push((node.clone(), vec![job])),
