@@ -74,8 +74,10 @@ impl Actor for Executor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ExecutorMsg::Run(mut batch) => {
-                // A batch runs as several tasks so every worker thread can take a share.
-                while batch.len() > TASK_CHUNK {
+                // A batch runs as several tasks so every worker thread can take a share:
+                // on a runtime of one thread (the HTTP server's workers) it is one task,
+                // as there is nobody to share with.
+                while batch.len() > TASK_CHUNK && shares_tasks() {
                     let rest = batch.split_off(TASK_CHUNK);
                     tokio::spawn(run_batch(state.shared.clone(), batch));
                     batch = rest;
@@ -85,6 +87,12 @@ impl Actor for Executor {
         }
         Ok(())
     }
+}
+
+/// Whether the runtime this runs on has more than one worker thread to run tasks on.
+fn shares_tasks() -> bool {
+    tokio::runtime::Handle::current().runtime_flavor()
+        != tokio::runtime::RuntimeFlavor::CurrentThread
 }
 
 async fn run_batch(shared: Arc<NodeShared>, batch: Started) {
