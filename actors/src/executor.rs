@@ -40,7 +40,8 @@ pub enum ExecutorMsg {
 
 pub struct Executor;
 
-/// Operations one task runs; a larger batch is split over several tasks.
+/// Operations one task runs where the runtime has several threads; a larger batch is
+/// split over several tasks there (on a runtime of one thread it is one task).
 const TASK_CHUNK: usize = 32;
 
 pub struct ExecutorArgs {
