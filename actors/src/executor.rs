@@ -78,7 +78,8 @@ impl Actor for Executor {
                 // A batch runs as several tasks so every worker thread can take a share:
                 // on a runtime of one thread (the HTTP server's workers) it is one task,
                 // as there is nobody to share with.
-                while batch.len() > TASK_CHUNK && shares_tasks() {
+                let share = shares_tasks();
+                while share && batch.len() > TASK_CHUNK {
                     let rest = batch.split_off(TASK_CHUNK);
                     tokio::spawn(run_batch(state.shared.clone(), batch));
                     batch = rest;
